@@ -1,0 +1,798 @@
+//! The ledger: one Automerge document per fridge holding its units and orders, replicated to
+//! the fridge's agent, every POS serving it and the hub.
+//!
+//! Layout: six flat root maps, created by a deterministic genesis change that every replica
+//! builds locally (same actor, time and ops, so the same hash), so no replica ever creates a
+//! root object concurrently with another:
+//!
+//! | map       | key                                   | value (JSON string)        |
+//! |-----------|---------------------------------------|----------------------------|
+//! | `units`   | unit id                               | [`UnitFacts`]              |
+//! | `sold`    | unit id                               | order id                   |
+//! | `taken`   | unit id                               | door session id            |
+//! | `removed` | unit id                               | [`RemovalReason`]          |
+//! | `orders`  | order id                              | [`OrderRecord`]            |
+//! | `events`  | `{order}/{at_ms:016}/{device}/{status}` | [`StatusEvent`]          |
+//!
+//! A transition writes its own key instead of overwriting a shared state field, so two devices
+//! that sell one unit offline both write `sold[unit]` and Automerge keeps both values: the
+//! double sale is visible on every replica. Keys are flat so that a POS can record the sale of a
+//! unit whose refill it has not seen yet without creating a conflicting object.
+//!
+//! Every device writes with the actor id [`actor_for`] its device id, which lets the hub check
+//! that a change was authored by the device that sent it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, Change, ObjId, ObjType, PatchLog, ROOT, ReadDoc};
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Catalog;
+use crate::domain::{
+    Channel, DoorSession, OrderLine, OrderRecord, OrderStatus, OrderView, Payment, Refill,
+    RefillUnit, RemovalReason, Sale, StatusEvent, TakenMatch, UnitFacts, UnitState, UnitView,
+};
+use crate::ids::{DeviceId, FridgeId, OrderId, Sku, UnitId};
+
+/// Units one order line may ask for.
+pub const LINE_QUANTITY_MAX: u32 = 100;
+/// Lines one order may have.
+pub const ORDER_LINES_MAX: usize = 50;
+/// Units one refill or door session may carry.
+pub const UNITS_PER_REQUEST_MAX: usize = 1000;
+
+const MAP_NAMES: [&str; 6] = ["units", "sold", "taken", "removed", "orders", "events"];
+
+/// The Automerge actor a device writes with.
+pub fn actor_for(device: &DeviceId) -> ActorId {
+    ActorId::from(device.as_str().as_bytes())
+}
+
+/// The actor of a ledger's genesis change. Starts with a zero byte, which no device id has.
+fn genesis_actor(fridge: &FridgeId) -> ActorId {
+    let mut bytes = vec![0u8];
+    bytes.extend_from_slice(b"genesis:");
+    bytes.extend_from_slice(fridge.as_str().as_bytes());
+    ActorId::from(bytes)
+}
+
+/// Why a command or change could not be applied to a ledger.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("unit {unit} is not available here: it is {state}")]
+    UnitNotAvailable { unit: UnitId, state: &'static str },
+    #[error("unit {0} is already in this fridge's ledger")]
+    UnitExists(UnitId),
+    #[error("only {available} unit(s) of {sku} available here, {wanted} asked for")]
+    InsufficientStock {
+        sku: Sku,
+        wanted: u32,
+        available: u32,
+    },
+    #[error("sku {0} is not in the catalog version this device holds")]
+    UnknownSku(Sku),
+    #[error("payment of {got} {currency} does not match the total of {expected}")]
+    AmountMismatch {
+        expected: i64,
+        got: i64,
+        currency: String,
+    },
+    #[error("order {0} already exists")]
+    OrderExists(OrderId),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("change bytes are not a valid Automerge change: {0}")]
+    BadChange(String),
+    #[error("change is authored by another actor than the sender's")]
+    ForeignActor,
+    #[error("document error: {0}")]
+    Document(String),
+}
+
+impl From<automerge::AutomergeError> for LedgerError {
+    fn from(e: automerge::AutomergeError) -> Self {
+        LedgerError::Document(e.to_string())
+    }
+}
+
+/// Units and orders a command or merged change touched, for updating projections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub units: BTreeSet<UnitId>,
+    pub orders: BTreeSet<OrderId>,
+}
+
+impl Touched {
+    pub fn extend(&mut self, other: Touched) {
+        self.units.extend(other.units);
+        self.orders.extend(other.orders);
+    }
+}
+
+/// A change made locally: its bytes go to the store and the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalChange {
+    pub bytes: Vec<u8>,
+    pub touched: Touched,
+}
+
+#[derive(Debug, Clone)]
+struct Maps {
+    units: ObjId,
+    sold: ObjId,
+    taken: ObjId,
+    removed: ObjId,
+    orders: ObjId,
+    events: ObjId,
+}
+
+/// One fridge's ledger document with an index of available units per sku.
+#[derive(Debug)]
+pub struct Ledger {
+    fridge: FridgeId,
+    doc: Automerge,
+    maps: Maps,
+    /// Units neither sold, taken nor removed, by sku, ordered by expiry. Expiry is checked on use.
+    unsold: HashMap<Sku, BTreeSet<(i64, UnitId)>>,
+}
+
+fn genesis(fridge: &FridgeId) -> Result<Automerge, LedgerError> {
+    let mut doc = Automerge::new().with_actor(genesis_actor(fridge));
+    let mut tx = doc.transaction();
+    for name in MAP_NAMES {
+        tx.put_object(ROOT, name, ObjType::Map)?;
+    }
+    tx.commit_with(CommitOptions::default().with_time(0));
+    Ok(doc)
+}
+
+fn find_maps(doc: &Automerge) -> Result<Maps, LedgerError> {
+    let get = |name: &str| -> Result<ObjId, LedgerError> {
+        match doc.get(ROOT, name)? {
+            Some((automerge::Value::Object(ObjType::Map), id)) => Ok(id),
+            _ => Err(LedgerError::Document(format!("root map {name} missing"))),
+        }
+    };
+    Ok(Maps {
+        units: get("units")?,
+        sold: get("sold")?,
+        taken: get("taken")?,
+        removed: get("removed")?,
+        orders: get("orders")?,
+        events: get("events")?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising plain data structs to a string cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn event_key(order: &OrderId, event: &StatusEvent) -> String {
+    format!(
+        "{order}/{:016}/{}/{}",
+        event.at_ms.max(0),
+        event.by,
+        event.status.as_str()
+    )
+}
+
+impl Ledger {
+    /// A fresh ledger: the genesis change only, writing as `actor` from now on.
+    pub fn new(fridge: FridgeId, actor: ActorId) -> Result<Self, LedgerError> {
+        let doc = genesis(&fridge)?.with_actor(actor);
+        Self::from_doc(fridge, doc)
+    }
+
+    /// Rebuilds a ledger from an optional saved snapshot plus changes saved after it.
+    pub fn load(
+        fridge: FridgeId,
+        actor: ActorId,
+        snapshot: Option<&[u8]>,
+        changes: &[Vec<u8>],
+    ) -> Result<Self, LedgerError> {
+        let mut doc = match snapshot {
+            Some(bytes) => Automerge::load(bytes)?,
+            None => genesis(&fridge)?,
+        };
+        let mut parsed = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            parsed.push(
+                Change::from_bytes(bytes.clone())
+                    .map_err(|e| LedgerError::BadChange(e.to_string()))?,
+            );
+        }
+        doc.apply_changes(parsed)?;
+        Self::from_doc(fridge, doc.with_actor(actor))
+    }
+
+    fn from_doc(fridge: FridgeId, doc: Automerge) -> Result<Self, LedgerError> {
+        let maps = find_maps(&doc)?;
+        let mut ledger = Self {
+            fridge,
+            doc,
+            maps,
+            unsold: HashMap::new(),
+        };
+        let ids: Vec<UnitId> = ledger.unit_ids();
+        for id in ids {
+            ledger.reindex(&id);
+        }
+        Ok(ledger)
+    }
+
+    pub fn fridge(&self) -> &FridgeId {
+        &self.fridge
+    }
+
+    /// The whole document, compressed.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// The number of changes in the document (including genesis).
+    pub fn change_count(&self) -> usize {
+        self.doc.stats().num_changes as usize
+    }
+
+    /// A digest of the document's heads: equal on two replicas iff they hold the same changes.
+    pub fn heads_digest(&self) -> String {
+        let mut heads = self.doc.get_heads();
+        heads.sort();
+        let mut h = Sha256::new();
+        for head in heads {
+            h.update(head.0);
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// A digest of the visible state (every key and every conflicting value of every map).
+    pub fn state_digest(&self) -> String {
+        let mut h = Sha256::new();
+        for (name, obj) in self.named_maps() {
+            h.update(name.as_bytes());
+            for key in self.doc.keys(obj) {
+                h.update(key.as_bytes());
+                let mut values: Vec<String> = self
+                    .doc
+                    .get_all(obj, key.as_str())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(v, _)| v.as_str().unwrap_or_default().to_owned())
+                    .collect();
+                values.sort();
+                for v in values {
+                    h.update([0]);
+                    h.update(v.as_bytes());
+                }
+                h.update([1]);
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
+    fn named_maps(&self) -> [(&'static str, &ObjId); 6] {
+        [
+            ("units", &self.maps.units),
+            ("sold", &self.maps.sold),
+            ("taken", &self.maps.taken),
+            ("removed", &self.maps.removed),
+            ("orders", &self.maps.orders),
+            ("events", &self.maps.events),
+        ]
+    }
+
+    fn get_str(&self, obj: &ObjId, key: &str) -> Option<String> {
+        match self.doc.get(obj, key) {
+            Ok(Some((value, _))) => value.as_str().map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    fn has(&self, obj: &ObjId, key: &str) -> bool {
+        matches!(self.doc.get(obj, key), Ok(Some(_)))
+    }
+
+    /// Merges changes from another replica (already checked for authorship by the caller).
+    /// Changes already present are ignored.
+    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<Touched, LedgerError> {
+        let mut parsed = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            parsed.push(
+                Change::from_bytes(bytes.clone())
+                    .map_err(|e| LedgerError::BadChange(e.to_string()))?,
+            );
+        }
+        let mut log = PatchLog::active();
+        self.doc.apply_changes_log_patches(parsed, &mut log)?;
+        let patches = self.doc.make_patches(&mut log);
+        let mut touched = Touched::default();
+        for patch in patches {
+            let automerge::PatchAction::PutMap { key, .. } = &patch.action else {
+                continue;
+            };
+            if patch.obj == self.maps.orders || patch.obj == self.maps.events {
+                let order = key.split('/').next().unwrap_or_default();
+                if let Ok(id) = OrderId::new(order) {
+                    touched.orders.insert(id);
+                }
+            } else if let Ok(id) = UnitId::new(key.as_str()) {
+                touched.units.insert(id);
+            }
+        }
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        Ok(touched)
+    }
+
+    /// Checks that every change parses and is authored by `actor`, without applying anything.
+    pub fn check_authors(changes: &[Vec<u8>], actor: &ActorId) -> Result<(), LedgerError> {
+        for bytes in changes {
+            let change = Change::try_from(bytes.as_slice())
+                .map_err(|e| LedgerError::BadChange(e.to_string()))?;
+            if change.actor_id() != actor {
+                return Err(LedgerError::ForeignActor);
+            }
+        }
+        Ok(())
+    }
+
+    fn last_local_change(&self, touched: Touched) -> Result<LocalChange, LedgerError> {
+        let change = self
+            .doc
+            .get_last_local_change()
+            .ok_or_else(|| LedgerError::Document("committed change not found".into()))?;
+        Ok(LocalChange {
+            bytes: change.raw_bytes().to_vec(),
+            touched,
+        })
+    }
+
+    fn reindex(&mut self, unit: &UnitId) {
+        let facts = self.unit_facts(unit);
+        let gone = self.has(&self.maps.sold, unit.as_str())
+            || self.has(&self.maps.taken, unit.as_str())
+            || self.has(&self.maps.removed, unit.as_str());
+        if let Some(facts) = facts {
+            let set = self.unsold.entry(facts.sku.clone()).or_default();
+            let key = (facts.expires_at_ms, unit.clone());
+            if gone {
+                set.remove(&key);
+            } else {
+                set.insert(key);
+            }
+        }
+    }
+
+    fn unit_facts(&self, unit: &UnitId) -> Option<UnitFacts> {
+        self.get_str(&self.maps.units, unit.as_str())
+            .and_then(|json| serde_json::from_str(&json).ok())
+    }
+
+    fn unit_ids(&self) -> Vec<UnitId> {
+        self.doc
+            .keys(&self.maps.units)
+            .filter_map(|k| UnitId::new(k).ok())
+            .collect()
+    }
+
+    /// The state of a unit at `now_ms`, or `None` if this replica has never heard of it.
+    fn unit_state(&self, unit: &UnitId, facts: Option<&UnitFacts>, now_ms: i64) -> UnitState {
+        if self.has(&self.maps.removed, unit.as_str()) {
+            UnitState::Removed
+        } else if self.has(&self.maps.sold, unit.as_str()) {
+            UnitState::Sold
+        } else if self.has(&self.maps.taken, unit.as_str()) {
+            UnitState::Taken
+        } else if facts.is_some_and(|f| f.expires_at_ms <= now_ms) {
+            UnitState::Expired
+        } else {
+            UnitState::Available
+        }
+    }
+
+    /// A unit as the stock view shows it, if its refill is known here.
+    pub fn unit(&self, unit: &UnitId, now_ms: i64) -> Option<UnitView> {
+        let facts = self.unit_facts(unit)?;
+        let state = self.unit_state(unit, Some(&facts), now_ms);
+        let sold_in = self
+            .get_str(&self.maps.sold, unit.as_str())
+            .and_then(|o| OrderId::new(o).ok());
+        Some(UnitView {
+            unit_id: unit.clone(),
+            facts,
+            state,
+            sold_in,
+        })
+    }
+
+    /// Every unit whose refill is known here.
+    pub fn units(&self, now_ms: i64) -> Vec<UnitView> {
+        self.unit_ids()
+            .iter()
+            .filter_map(|id| self.unit(id, now_ms))
+            .collect()
+    }
+
+    /// An order with its status history.
+    pub fn order(&self, order: &OrderId) -> Option<OrderView> {
+        let record: OrderRecord = self
+            .get_str(&self.maps.orders, order.as_str())
+            .and_then(|json| serde_json::from_str(&json).ok())?;
+        let start = format!("{order}/");
+        let end = format!("{order}0");
+        let mut history: Vec<StatusEvent> = self
+            .doc
+            .map_range(&self.maps.events, start..end)
+            .filter_map(|item| match item.value {
+                automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(s)) => {
+                    serde_json::from_str(&s).ok()
+                }
+                _ => None,
+            })
+            .collect();
+        history.sort_by(|a, b| (a.at_ms, a.status as u8).cmp(&(b.at_ms, b.status as u8)));
+        let status = history
+            .iter()
+            .map(|e| e.status)
+            .max_by_key(|s| status_rank(*s))
+            .unwrap_or(OrderStatus::Completed);
+        Some(OrderView {
+            record,
+            status,
+            history,
+        })
+    }
+
+    /// Every order id in the ledger.
+    pub fn order_ids(&self) -> Vec<OrderId> {
+        self.doc
+            .keys(&self.maps.orders)
+            .filter_map(|k| OrderId::new(k).ok())
+            .collect()
+    }
+
+    /// Loads units into the fridge.
+    pub fn refill(
+        &mut self,
+        refill: &Refill,
+        by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<LocalChange, LedgerError> {
+        self.check_new_units(&refill.units)?;
+        let mut touched = Touched::default();
+        let mut tx = self.doc.transaction();
+        for unit in &refill.units {
+            let facts = UnitFacts {
+                sku: unit.sku.clone(),
+                expires_at_ms: unit.expires_at_ms,
+                batch: unit.batch.clone(),
+                loaded_at_ms: now_ms,
+                loaded_by: by.clone(),
+                order_id: refill.order_id.clone(),
+            };
+            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts))?;
+            touched.units.insert(unit.unit_id.clone());
+        }
+        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        self.last_local_change(touched)
+    }
+
+    fn check_new_units(&self, units: &[RefillUnit]) -> Result<(), LedgerError> {
+        if units.len() > UNITS_PER_REQUEST_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "at most {UNITS_PER_REQUEST_MAX} units per request"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for unit in units {
+            if !seen.insert(&unit.unit_id) {
+                return Err(LedgerError::Invalid(format!(
+                    "unit {} appears twice",
+                    unit.unit_id
+                )));
+            }
+            if self.has(&self.maps.units, unit.unit_id.as_str()) {
+                return Err(LedgerError::UnitExists(unit.unit_id.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a walk-up sale priced from `catalog`. Lines with a unit id sell that unit; lines
+    /// without sell the available units of the sku that expire first.
+    pub fn sell(
+        &mut self,
+        sale: &Sale,
+        catalog: &Catalog,
+        by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<(LocalChange, OrderView), LedgerError> {
+        let lines = self.plan_sale(sale, catalog, now_ms)?;
+        let total_minor: i64 = lines
+            .iter()
+            .map(|l| l.unit_price_minor * i64::from(l.quantity))
+            .sum();
+        check_payment(&sale.payment, catalog, total_minor)?;
+        let record = OrderRecord {
+            order_id: sale.order_id.clone(),
+            fridge_id: self.fridge.clone(),
+            channel: sale.channel,
+            lines,
+            payment: sale.payment.clone(),
+            total_minor,
+            catalog_version: catalog.version,
+            created_at_ms: now_ms,
+            created_by: by.clone(),
+        };
+        let event = StatusEvent {
+            status: OrderStatus::Completed,
+            at_ms: now_ms,
+            by: by.clone(),
+            note: None,
+        };
+        let mut touched = Touched::default();
+        touched.orders.insert(sale.order_id.clone());
+        let mut tx = self.doc.transaction();
+        tx.put(&self.maps.orders, sale.order_id.as_str(), to_json(&record))?;
+        tx.put(
+            &self.maps.events,
+            event_key(&sale.order_id, &event),
+            to_json(&event),
+        )?;
+        for unit in record.lines.iter().flat_map(|l| &l.unit_ids) {
+            tx.put(&self.maps.sold, unit.as_str(), sale.order_id.as_str())?;
+            touched.units.insert(unit.clone());
+        }
+        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        let view = OrderView {
+            record,
+            status: OrderStatus::Completed,
+            history: vec![event],
+        };
+        Ok((self.last_local_change(touched)?, view))
+    }
+
+    fn plan_sale(
+        &self,
+        sale: &Sale,
+        catalog: &Catalog,
+        now_ms: i64,
+    ) -> Result<Vec<OrderLine>, LedgerError> {
+        if sale.lines.is_empty() || sale.lines.len() > ORDER_LINES_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "a sale has 1 to {ORDER_LINES_MAX} lines"
+            )));
+        }
+        if self.has(&self.maps.orders, sale.order_id.as_str()) {
+            return Err(LedgerError::OrderExists(sale.order_id.clone()));
+        }
+        let mut picked: BTreeSet<UnitId> = BTreeSet::new();
+        let mut lines = Vec::with_capacity(sale.lines.len());
+        for line in &sale.lines {
+            if line.quantity == 0 || line.quantity > LINE_QUANTITY_MAX {
+                return Err(LedgerError::Invalid(format!(
+                    "quantity must be 1 to {LINE_QUANTITY_MAX}"
+                )));
+            }
+            let item = catalog
+                .item(&line.sku)
+                .ok_or_else(|| LedgerError::UnknownSku(line.sku.clone()))?;
+            let unit_ids = match &line.unit_id {
+                Some(unit) => {
+                    self.check_sellable(unit, &line.sku, line.quantity, &picked, now_ms)?;
+                    vec![unit.clone()]
+                }
+                None => self.pick_units(&line.sku, line.quantity, &picked, now_ms)?,
+            };
+            picked.extend(unit_ids.iter().cloned());
+            lines.push(OrderLine {
+                sku: line.sku.clone(),
+                quantity: line.quantity,
+                unit_price_minor: item.price_minor,
+                unit_ids,
+            });
+        }
+        Ok(lines)
+    }
+
+    fn check_sellable(
+        &self,
+        unit: &UnitId,
+        sku: &Sku,
+        quantity: u32,
+        picked: &BTreeSet<UnitId>,
+        now_ms: i64,
+    ) -> Result<(), LedgerError> {
+        if quantity != 1 {
+            return Err(LedgerError::Invalid(
+                "a line naming a unit_id has quantity 1".into(),
+            ));
+        }
+        if picked.contains(unit) {
+            return Err(LedgerError::Invalid(format!(
+                "unit {unit} appears twice in the sale"
+            )));
+        }
+        let facts = self.unit_facts(unit);
+        if let Some(f) = &facts
+            && &f.sku != sku
+        {
+            return Err(LedgerError::Invalid(format!(
+                "unit {unit} is a {}, not a {sku}",
+                f.sku
+            )));
+        }
+        match self.unit_state(unit, facts.as_ref(), now_ms) {
+            UnitState::Available => Ok(()),
+            state => Err(LedgerError::UnitNotAvailable {
+                unit: unit.clone(),
+                state: state.as_str(),
+            }),
+        }
+    }
+
+    fn pick_units(
+        &self,
+        sku: &Sku,
+        quantity: u32,
+        picked: &BTreeSet<UnitId>,
+        now_ms: i64,
+    ) -> Result<Vec<UnitId>, LedgerError> {
+        let available: Vec<UnitId> = self
+            .unsold
+            .get(sku)
+            .into_iter()
+            .flatten()
+            .filter(|(expires, id)| *expires > now_ms && !picked.contains(id))
+            .take(quantity as usize)
+            .map(|(_, id)| id.clone())
+            .collect();
+        if available.len() < quantity as usize {
+            return Err(LedgerError::InsufficientStock {
+                sku: sku.clone(),
+                wanted: quantity,
+                available: available.len() as u32,
+            });
+        }
+        Ok(available)
+    }
+
+    /// Records a door session: each unit taken is matched to the sale that paid for it, or
+    /// recorded as taken unpaid; units added are loaded like a refill.
+    pub fn door_session(
+        &mut self,
+        session: &DoorSession,
+        by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<(LocalChange, Vec<(UnitId, TakenMatch)>), LedgerError> {
+        if session.units_taken.len() > UNITS_PER_REQUEST_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "at most {UNITS_PER_REQUEST_MAX} units per request"
+            )));
+        }
+        self.check_new_units(&session.units_added)?;
+        let mut matches = Vec::with_capacity(session.units_taken.len());
+        let mut picked_up: BTreeMap<OrderId, ()> = BTreeMap::new();
+        let mut touched = Touched::default();
+        let mut seen = BTreeSet::new();
+        for unit in &session.units_taken {
+            if !seen.insert(unit) {
+                return Err(LedgerError::Invalid(format!("unit {unit} appears twice")));
+            }
+            if self.has(&self.maps.taken, unit.as_str()) {
+                return Err(LedgerError::UnitNotAvailable {
+                    unit: unit.clone(),
+                    state: UnitState::Taken.as_str(),
+                });
+            }
+            let m = match self
+                .get_str(&self.maps.sold, unit.as_str())
+                .and_then(|o| OrderId::new(o).ok())
+            {
+                Some(order_id) => {
+                    picked_up.insert(order_id.clone(), ());
+                    TakenMatch::Sale { order_id }
+                }
+                None => TakenMatch::Unpaid,
+            };
+            matches.push((unit.clone(), m));
+        }
+        let mut tx = self.doc.transaction();
+        for (unit, _) in &matches {
+            tx.put(&self.maps.taken, unit.as_str(), session.session_id.as_str())?;
+            touched.units.insert(unit.clone());
+        }
+        for order in picked_up.keys() {
+            let event = StatusEvent {
+                status: OrderStatus::PickedUp,
+                at_ms: now_ms,
+                by: by.clone(),
+                note: Some(format!("door session {}", session.session_id)),
+            };
+            tx.put(&self.maps.events, event_key(order, &event), to_json(&event))?;
+            touched.orders.insert(order.clone());
+        }
+        for unit in &session.units_added {
+            let facts = UnitFacts {
+                sku: unit.sku.clone(),
+                expires_at_ms: unit.expires_at_ms,
+                batch: unit.batch.clone(),
+                loaded_at_ms: now_ms,
+                loaded_by: by.clone(),
+                order_id: None,
+            };
+            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts))?;
+            touched.units.insert(unit.unit_id.clone());
+        }
+        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        Ok((self.last_local_change(touched)?, matches))
+    }
+
+    /// Records units leaving the fridge unsold.
+    pub fn remove(
+        &mut self,
+        units: &[UnitId],
+        reason: RemovalReason,
+        now_ms: i64,
+    ) -> Result<LocalChange, LedgerError> {
+        if units.is_empty() || units.len() > UNITS_PER_REQUEST_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "1 to {UNITS_PER_REQUEST_MAX} units per request"
+            )));
+        }
+        let mut touched = Touched::default();
+        let mut tx = self.doc.transaction();
+        for unit in units {
+            tx.put(&self.maps.removed, unit.as_str(), to_json(&reason))?;
+            touched.units.insert(unit.clone());
+        }
+        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        self.last_local_change(touched)
+    }
+}
+
+fn status_rank(status: OrderStatus) -> u8 {
+    match status {
+        OrderStatus::Completed => 0,
+        OrderStatus::Cancelled => 1,
+        OrderStatus::PickedUp => 2,
+    }
+}
+
+fn check_payment(payment: &Payment, catalog: &Catalog, total: i64) -> Result<(), LedgerError> {
+    if payment.currency != catalog.currency || payment.amount_minor != total {
+        return Err(LedgerError::AmountMismatch {
+            expected: total,
+            got: payment.amount_minor,
+            currency: payment.currency.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The channel a device's own sales have.
+pub fn channel_for(role: crate::domain::Role) -> Channel {
+    match role {
+        crate::domain::Role::Fridge => Channel::Fridge,
+        crate::domain::Role::Pos => Channel::Pos,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! Table-driven tests of the ledger document: commands, merges, conflicts and reloads.
+
+use super::*;
+use crate::catalog::CatalogItem;
+use crate::domain::{PaymentMethod, SaleLine};
+
+const NOW: i64 = 1_700_000_000_000;
+const DAY: i64 = 86_400_000;
+
+fn fridge() -> FridgeId {
+    FridgeId::new("fridge-1").expect("id")
+}
+
+fn dev(name: &str) -> DeviceId {
+    DeviceId::new(name).expect("id")
+}
+
+fn catalog() -> Catalog {
+    Catalog {
+        version: 3,
+        currency: "EUR".into(),
+        items: vec![
+            CatalogItem {
+                sku: Sku::new("lasagna").expect("sku"),
+                name: "Lasagna".into(),
+                price_minor: 850,
+                allergens: vec![],
+                shelf_life_hours: 72,
+            },
+            CatalogItem {
+                sku: Sku::new("salad").expect("sku"),
+                name: "Salad".into(),
+                price_minor: 600,
+                allergens: vec![],
+                shelf_life_hours: 48,
+            },
+        ],
+    }
+}
+
+fn unit(id: &str, sku: &str, expires_at_ms: i64) -> RefillUnit {
+    RefillUnit {
+        unit_id: UnitId::new(id).expect("id"),
+        sku: Sku::new(sku).expect("sku"),
+        expires_at_ms,
+        batch: None,
+    }
+}
+
+fn sale(order: &str, lines: &[(&str, Option<&str>, u32)], amount: i64) -> Sale {
+    Sale {
+        order_id: OrderId::new(order).expect("id"),
+        channel: Channel::Pos,
+        lines: lines
+            .iter()
+            .map(|(sku, unit, q)| SaleLine {
+                sku: Sku::new(*sku).expect("sku"),
+                unit_id: unit.map(|u| UnitId::new(u).expect("id")),
+                quantity: *q,
+            })
+            .collect(),
+        payment: Payment {
+            method: PaymentMethod::Card,
+            amount_minor: amount,
+            currency: "EUR".into(),
+        },
+    }
+}
+
+fn stocked() -> Ledger {
+    let mut l = Ledger::new(fridge(), actor_for(&dev("fr-1"))).expect("ledger");
+    l.refill(
+        &Refill {
+            units: vec![
+                unit("u1", "lasagna", NOW + 2 * DAY),
+                unit("u2", "lasagna", NOW + DAY),
+                unit("u3", "salad", NOW + DAY),
+                unit("u4", "salad", NOW - 1),
+            ],
+            order_id: None,
+        },
+        &dev("fr-1"),
+        NOW,
+    )
+    .expect("refill");
+    l
+}
+
+#[test]
+fn genesis_is_the_same_on_every_replica() {
+    let a = Ledger::new(fridge(), actor_for(&dev("a"))).expect("ledger");
+    let b = Ledger::new(fridge(), actor_for(&dev("b"))).expect("ledger");
+    assert_eq!(a.heads_digest(), b.heads_digest());
+    let other = Ledger::new(FridgeId::new("fridge-2").expect("id"), actor_for(&dev("a")))
+        .expect("ledger");
+    assert_ne!(a.heads_digest(), other.heads_digest());
+}
+
+#[test]
+fn sale_outcomes_by_table() {
+    type Case = (&'static str, Sale, Result<Vec<&'static str>, &'static str>);
+    let cases: Vec<Case> = vec![
+        ("by unit", sale("o1", &[("lasagna", Some("u1"), 1)], 850), Ok(vec!["u1"])),
+        ("count picks earliest expiry", sale("o2", &[("lasagna", None, 1)], 850), Ok(vec!["u2"])),
+        ("count skips expired", sale("o3", &[("salad", None, 1)], 600), Ok(vec!["u3"])),
+        ("expired unit", sale("o4", &[("salad", Some("u4"), 1)], 600), Err("unit_not_available")),
+        ("too many", sale("o5", &[("salad", None, 2)], 1200), Err("insufficient_stock")),
+        ("wrong amount", sale("o6", &[("lasagna", Some("u1"), 1)], 1), Err("amount_mismatch")),
+        ("unknown sku", sale("o7", &[("soup", None, 1)], 1), Err("unknown_sku")),
+        ("wrong sku", sale("o8", &[("salad", Some("u1"), 1)], 600), Err("invalid")),
+        ("zero quantity", sale("o9", &[("salad", None, 0)], 0), Err("invalid")),
+        ("unit twice", sale("o10", &[("lasagna", Some("u1"), 1), ("lasagna", Some("u1"), 1)], 1700), Err("invalid")),
+        ("unknown unit is sold", sale("o11", &[("lasagna", Some("u99"), 1)], 850), Ok(vec!["u99"])),
+    ];
+    for (name, s, want) in cases {
+        let mut l = stocked();
+        let got = l
+            .sell(&s, &catalog(), &dev("pos-1"), NOW)
+            .map(|(_, view)| {
+                view.record
+                    .lines
+                    .iter()
+                    .flat_map(|line| line.unit_ids.iter().map(|u| u.as_str().to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| match e {
+                LedgerError::UnitNotAvailable { .. } => "unit_not_available",
+                LedgerError::InsufficientStock { .. } => "insufficient_stock",
+                LedgerError::AmountMismatch { .. } => "amount_mismatch",
+                LedgerError::UnknownSku(_) => "unknown_sku",
+                LedgerError::Invalid(_) => "invalid",
+                other => panic!("{name}: unexpected {other:?}"),
+            });
+        let want = want.map(|v| v.into_iter().map(str::to_owned).collect::<Vec<_>>());
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+#[test]
+fn sold_unit_cannot_be_sold_again_and_state_shows_it() {
+    let mut l = stocked();
+    l.sell(&sale("o1", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
+        .expect("first sale");
+    let again = l.sell(&sale("o2", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW);
+    assert!(matches!(again, Err(LedgerError::UnitNotAvailable { state: "sold", .. })));
+    let dup = l.sell(&sale("o1", &[("lasagna", Some("u2"), 1)], 850), &catalog(), &dev("pos-1"), NOW);
+    assert!(matches!(dup, Err(LedgerError::OrderExists(_))));
+    let u1 = l.unit(&UnitId::new("u1").expect("id"), NOW).expect("known");
+    assert_eq!(u1.state, UnitState::Sold);
+    assert_eq!(u1.sold_in, Some(OrderId::new("o1").expect("id")));
+}
+
+#[test]
+fn replicas_converge_and_double_sale_is_kept() {
+    let mut fridge_l = stocked();
+    let mut pos = Ledger::new(fridge(), actor_for(&dev("pos-1"))).expect("ledger");
+    let mut pos2 = Ledger::new(fridge(), actor_for(&dev("pos-2"))).expect("ledger");
+    let refill = fridge_l.save();
+    // Ship the refill as change bytes, as sync does.
+    let loaded = Ledger::load(fridge(), actor_for(&dev("x")), Some(&refill), &[]).expect("load");
+    assert_eq!(loaded.state_digest(), fridge_l.state_digest());
+    let refill_changes: Vec<Vec<u8>> = fridge_l
+        .doc
+        .get_changes(&[])
+        .iter()
+        .filter(|c| c.actor_id() == &actor_for(&dev("fr-1")))
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let touched = pos.apply_changes(&refill_changes).expect("merge");
+    assert_eq!(touched.units.len(), 4);
+    pos2.apply_changes(&refill_changes).expect("merge");
+    let (a, _) = pos
+        .sell(&sale("pa", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
+        .expect("sale a");
+    let (b, _) = pos2
+        .sell(&sale("pb", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-2"), NOW)
+        .expect("sale b offline");
+    for l in [&mut fridge_l, &mut pos, &mut pos2] {
+        // Duplicates and either order are fine.
+        l.apply_changes(&[b.bytes.clone(), a.bytes.clone(), b.bytes.clone()]).expect("merge");
+    }
+    assert_eq!(fridge_l.state_digest(), pos.state_digest());
+    assert_eq!(pos.state_digest(), pos2.state_digest());
+    assert_eq!(fridge_l.heads_digest(), pos2.heads_digest());
+    let sold = fridge_l.doc.get_all(&fridge_l.maps.sold, "u1").expect("get_all");
+    assert_eq!(sold.len(), 2, "both sales of u1 are kept");
+    assert_eq!(fridge_l.order_ids().len(), 2);
+}
+
+#[test]
+fn authorship_is_checked() {
+    let mut l = Ledger::new(fridge(), actor_for(&dev("pos-1"))).expect("ledger");
+    let c = l
+        .refill(&Refill { units: vec![unit("u1", "salad", NOW + DAY)], order_id: None }, &dev("pos-1"), NOW)
+        .expect("refill");
+    assert_eq!(Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-1"))), Ok(()));
+    assert_eq!(
+        Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-2"))),
+        Err(LedgerError::ForeignActor)
+    );
+    assert!(matches!(
+        Ledger::check_authors(&[vec![1, 2, 3]], &actor_for(&dev("pos-1"))),
+        Err(LedgerError::BadChange(_))
+    ));
+}
+
+#[test]
+fn door_session_matches_sales_and_records_unpaid() {
+    let mut l = stocked();
+    l.sell(&sale("o1", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
+        .expect("sale");
+    let (_, matches) = l
+        .door_session(
+            &DoorSession {
+                session_id: "s1".into(),
+                units_taken: vec![UnitId::new("u1").expect("id"), UnitId::new("u3").expect("id")],
+                units_added: vec![],
+            },
+            &dev("fr-1"),
+            NOW + 1,
+        )
+        .expect("door");
+    assert_eq!(
+        matches,
+        vec![
+            (UnitId::new("u1").expect("id"), TakenMatch::Sale { order_id: OrderId::new("o1").expect("id") }),
+            (UnitId::new("u3").expect("id"), TakenMatch::Unpaid),
+        ]
+    );
+    let order = l.order(&OrderId::new("o1").expect("id")).expect("order");
+    assert_eq!(order.status, OrderStatus::PickedUp);
+    assert_eq!(order.history.len(), 2);
+    assert_eq!(l.unit(&UnitId::new("u3").expect("id"), NOW).expect("u3").state, UnitState::Taken);
+}
+
+#[test]
+fn reload_from_snapshot_and_changes_is_identical() {
+    let mut l = stocked();
+    let snapshot = l.save();
+    let (c, _) = l
+        .sell(&sale("o1", &[("salad", None, 1)], 600), &catalog(), &dev("fr-1"), NOW)
+        .expect("sale");
+    let back = Ledger::load(fridge(), actor_for(&dev("fr-1")), Some(&snapshot), &[c.bytes])
+        .expect("reload");
+    assert_eq!(back.state_digest(), l.state_digest());
+    assert_eq!(back.units(NOW), l.units(NOW));
+}
