@@ -1,1 +1,231 @@
-//! placeholder
+//! The Larder agent: runs on a fridge or a POS terminal, keeps the device's ledgers in SQLite,
+//! answers the local HTTP API and syncs with the hub over MQTT.
+//!
+//! Data flow: HTTP handlers ([`api`]) → bounded channel → the single [`writer`] thread (group
+//! commit into [`store`]) → outbox → [`sync`] task → MQTT → hub; and back: hub → [`sync`] →
+//! [`writer`] → store. Reads go to the store's read connections.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod store;
+pub mod sync;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use larder_shared::{FridgeId, SecretKey};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::info;
+
+use crate::config::AgentConfig;
+use crate::metrics::Shared;
+use crate::store::{ReadPool, Store};
+use crate::writer::{Command, Writer};
+
+/// Read connections for the HTTP API and the sync task.
+const READ_CONNECTIONS: usize = 4;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path}: {message}")]
+    Key { path: String, message: String },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Reads the device key, or creates it (mode 0600) if the file does not exist.
+pub fn load_or_create_key(path: &Path) -> Result<SecretKey, StartError> {
+    let err = |message: String| StartError::Key {
+        path: path.display().to_string(),
+        message,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => SecretKey::from_file_text(&text).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate().map_err(|e| err(e.to_string()))?;
+            write_key(path, &key).map_err(|e| err(e.to_string()))?;
+            info!(path = %path.display(), public_key = %key.public(), "created a new device key");
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Writes a key file readable by its owner only; refuses to overwrite.
+pub fn write_key(path: &Path, key: &SecretKey) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(key.to_file_text().as_bytes())?;
+    f.sync_all()
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    pub http_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub config: AgentConfig,
+    writer_tx: mpsc::Sender<Command>,
+    shutdown_tx: watch::Sender<bool>,
+    network_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One ledger's digests, for convergence checks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerDigest {
+    pub fridge_id: FridgeId,
+    pub state_digest: String,
+}
+
+impl AgentHandle {
+    /// Cuts the agent off the network (`false`) or lets it reconnect (`true`).
+    pub fn set_network(&self, online: bool) {
+        self.network_tx.send_replace(online);
+    }
+
+    /// Local changes not yet acknowledged by the hub.
+    pub fn pending_changes(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shared
+            .outbox_head
+            .load(Relaxed)
+            .saturating_sub(self.shared.up_acked.load(Relaxed))
+    }
+
+    /// The state digest of every ledger held here, as the writer sees it now.
+    pub async fn digests(&self) -> Vec<LedgerDigest> {
+        let (reply, rx) = oneshot::channel();
+        if self.writer_tx.send(Command::Digests { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Stops the sync task and the HTTP server, then the writer once every command is done.
+    pub async fn shutdown(mut self) {
+        self.shutdown_tx.send_replace(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        drop(self.writer_tx);
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Starts an agent: opens the store, loads the ledgers, binds the HTTP API and starts syncing.
+pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let db = config.database_path();
+    let store = Store::open(&db)?;
+    let env_seq_reserved = store.meta_u64(store::META_ENV_SEQ_RESERVED)?;
+    let shared = Arc::new(Shared::default());
+    let (writer, outbox_head) = Writer::open(
+        store,
+        config.device_id.clone(),
+        config.role,
+        config.fridges.clone(),
+        config.writer.clone(),
+        shared.clone(),
+    )?;
+    let reads = Arc::new(ReadPool::open(&db, READ_CONNECTIONS)?);
+    let (writer_tx, writer_rx) = mpsc::channel(config.writer.queue_depth_max);
+    let writer_thread = std::thread::Builder::new()
+        .name(format!("writer-{}", config.device_id))
+        .spawn(move || writer.run(writer_rx))
+        .map_err(StartError::Thread)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (network_tx, network_rx) = watch::channel(true);
+
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.http.listen,
+        source,
+    })?;
+    let state = api::ApiState {
+        device_id: config.device_id.clone(),
+        role: config.role,
+        region: config.region.clone(),
+        fridges: config.fridges.clone(),
+        writer: writer_tx.clone(),
+        reads: reads.clone(),
+        shared: shared.clone(),
+    };
+    let app = api::router(state, config.http.request_body_bytes_max);
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    let ctx = sync::SyncContext {
+        device: config.device_id.clone(),
+        region: config.region.clone(),
+        key,
+        hub_key: config.hub_public_key,
+        mqtt: config.mqtt.clone(),
+        sync: config.sync.clone(),
+        writer: writer_tx.clone(),
+        reads,
+        shared: shared.clone(),
+        outbox_head,
+        network: network_rx,
+        env_seq_reserved,
+    };
+    let sync = tokio::spawn(sync::run(ctx, shutdown_rx));
+    info!(device = %config.device_id, role = config.role.as_str(), http = %http_addr, "agent started");
+    Ok(AgentHandle {
+        http_addr,
+        shared,
+        config,
+        writer_tx,
+        shutdown_tx,
+        network_tx,
+        tasks: vec![sync, http],
+        writer_thread: Some(writer_thread),
+    })
+}

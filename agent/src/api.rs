@@ -1,0 +1,458 @@
+//! The agent's local HTTP API for fridge firmware and the POS app (CONTRACT.md): JSON in and
+//! out, errors as `{"error": {"code", "message"}}`, `Idempotency-Key` on every POST, and a 2xx
+//! only after the change is durable on disk.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use larder_shared::domain::{
+    DoorSession, Payment, Refill, RefillUnit, RemovalReason, Role, SaleLine,
+};
+use larder_shared::ledger::LedgerError;
+use larder_shared::{DeviceId, FridgeId, OrderId, RegionId, Sku, UnitId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::metrics::Shared;
+use crate::store::ReadPool;
+use crate::writer::{self, Action, Command, CommandError, Idem, Outcome};
+
+/// Longest Idempotency-Key accepted, in bytes.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
+/// Most orders one listing returns.
+pub const ORDER_LIST_MAX: u32 = 500;
+
+/// What every handler needs.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub device_id: DeviceId,
+    pub role: Role,
+    pub region: RegionId,
+    pub fridges: Vec<FridgeId>,
+    pub writer: mpsc::Sender<Command>,
+    pub reads: Arc<ReadPool>,
+    pub shared: Arc<Shared>,
+}
+
+/// An error in the contract's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            warn!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        use StatusCode as S;
+        let message = e.to_string();
+        let (status, code) = match &e {
+            CommandError::UnknownFridge(_) => (S::NOT_FOUND, "unknown_fridge"),
+            CommandError::IdempotencyConflict => (S::CONFLICT, "idempotency_key_reused"),
+            CommandError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            CommandError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            CommandError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+            CommandError::Ledger(l) => match l {
+                LedgerError::UnitNotAvailable { .. } => (S::CONFLICT, "unit_not_available"),
+                LedgerError::UnitExists(_) => (S::CONFLICT, "unit_exists"),
+                LedgerError::InsufficientStock { .. } => (S::CONFLICT, "insufficient_stock"),
+                LedgerError::OrderExists(_) => (S::CONFLICT, "order_exists"),
+                LedgerError::UnknownSku(_) => (S::UNPROCESSABLE_ENTITY, "unknown_sku"),
+                LedgerError::AmountMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "amount_mismatch"),
+                LedgerError::Invalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
+                _ => (S::INTERNAL_SERVER_ERROR, "internal"),
+            },
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+    }
+}
+
+/// Parses a JSON body: 413 past the limit, 400 for broken JSON, 422 for wrong values.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Bytes), ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is too large")
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
+        }
+    })?;
+    let value = serde_json::from_slice(&bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
+        }
+    })?;
+    Ok((value, bytes))
+}
+
+fn idempotency(headers: &HeaderMap, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= IDEMPOTENCY_KEY_LEN_MAX)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_idempotency_key",
+                format!("Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters"),
+            )
+        })?;
+    let mut h = Sha256::new();
+    h.update(path.as_bytes());
+    h.update([0]);
+    h.update(body);
+    Ok(Some(Idem {
+        key: key.to_owned(),
+        request_sha256: hex::encode(h.finalize()),
+    }))
+}
+
+/// Builds the router.
+pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/refills", post(refill))
+        .route("/v1/sales", post(sale))
+        .route("/v1/door-sessions", post(door_session))
+        .route("/v1/removals", post(removal))
+        .route("/v1/stock", get(stock))
+        .route("/v1/orders", get(orders))
+        .route("/v1/orders/{order_id}", get(order))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let response = next.run(req).await;
+    state
+        .shared
+        .metrics
+        .http_requests
+        .get_or_create(&vec![
+            ("method", method),
+            ("route", route),
+            ("status", response.status().as_u16().to_string()),
+        ])
+        .inc();
+    response
+}
+
+fn rfc3339(ms: i64) -> Option<String> {
+    Timestamp::from_millisecond(ms).ok().map(|t| t.to_string())
+}
+
+async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let head = s.shared.outbox_head.load(Ordering::Relaxed);
+    let acked = s.shared.up_acked.load(Ordering::Relaxed);
+    let last = s.shared.last_sync_at_ms.load(Ordering::Relaxed);
+    Json(json!({
+        "device_id": s.device_id,
+        "role": s.role,
+        "region": s.region,
+        "fridges": s.fridges,
+        "online": s.shared.online.load(Ordering::Relaxed),
+        "last_sync_at": if last > 0 { rfc3339(last) } else { None },
+        "pending_changes": head.saturating_sub(acked),
+        "catalog_version": s.shared.catalog_version.load(Ordering::Relaxed),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefillUnitBody {
+    unit_id: UnitId,
+    sku: Sku,
+    expires_at: Timestamp,
+    #[serde(default)]
+    batch: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefillBody {
+    fridge_id: FridgeId,
+    units: Vec<RefillUnitBody>,
+    #[serde(default)]
+    order_id: Option<OrderId>,
+}
+
+fn refill_units(units: Vec<RefillUnitBody>) -> Vec<RefillUnit> {
+    units
+        .into_iter()
+        .map(|u| RefillUnit {
+            unit_id: u.unit_id,
+            sku: u.sku,
+            expires_at_ms: u.expires_at.as_millisecond(),
+            batch: u.batch,
+        })
+        .collect()
+}
+
+async fn run(
+    s: &ApiState,
+    fridge: FridgeId,
+    action: Action,
+    idem: Option<Idem>,
+) -> Result<Outcome, ApiError> {
+    Ok(writer::submit(&s.writer, fridge, action, idem).await?)
+}
+
+async fn refill(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, bytes): (RefillBody, _) = parse_body(body)?;
+    if req.units.is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "units is empty"));
+    }
+    let idem = idempotency(&headers, "/v1/refills", &bytes)?;
+    let action = Action::Refill(Refill {
+        units: refill_units(req.units),
+        order_id: req.order_id,
+    });
+    let outcome = run(&s, req.fridge_id, action, idem).await?;
+    Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleLineBody {
+    sku: Sku,
+    #[serde(default)]
+    unit_id: Option<UnitId>,
+    #[serde(default = "one")]
+    quantity: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleBody {
+    fridge_id: FridgeId,
+    lines: Vec<SaleLineBody>,
+    payment: Payment,
+}
+
+async fn sale(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, bytes): (SaleBody, _) = parse_body(body)?;
+    let idem = idempotency(&headers, "/v1/sales", &bytes)?;
+    let action = Action::Sale {
+        lines: req
+            .lines
+            .into_iter()
+            .map(|l| SaleLine {
+                sku: l.sku,
+                unit_id: l.unit_id,
+                quantity: l.quantity,
+            })
+            .collect(),
+        payment: req.payment,
+    };
+    let outcome = run(&s, req.fridge_id, action, idem).await?;
+    Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DoorSessionBody {
+    fridge_id: FridgeId,
+    session_id: String,
+    units_taken: Vec<UnitId>,
+    #[serde(default)]
+    units_added: Vec<RefillUnitBody>,
+}
+
+async fn door_session(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, bytes): (DoorSessionBody, _) = parse_body(body)?;
+    if req.session_id.is_empty() || req.session_id.len() > 128 {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "session_id must be 1 to 128 bytes"));
+    }
+    let idem = idempotency(&headers, "/v1/door-sessions", &bytes)?;
+    let action = Action::DoorSession(DoorSession {
+        session_id: req.session_id,
+        units_taken: req.units_taken,
+        units_added: refill_units(req.units_added),
+    });
+    let outcome = run(&s, req.fridge_id, action, idem).await?;
+    Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemovalBody {
+    fridge_id: FridgeId,
+    units: Vec<UnitId>,
+    reason: RemovalReason,
+}
+
+async fn removal(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, bytes): (RemovalBody, _) = parse_body(body)?;
+    let idem = idempotency(&headers, "/v1/removals", &bytes)?;
+    let action = Action::Removal {
+        units: req.units,
+        reason: req.reason,
+    };
+    let outcome = run(&s, req.fridge_id, action, idem).await?;
+    Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
+}
+
+/// The answer a POST gives for an outcome; the same outcome always gives the same answer.
+fn outcome_json(outcome: &Outcome) -> serde_json::Value {
+    match outcome {
+        Outcome::Sold(view) => json!({
+            "order_id": view.record.order_id,
+            "status": view.status,
+            "total_minor": view.record.total_minor,
+            "currency": view.record.payment.currency,
+            "catalog_version": view.record.catalog_version,
+            "lines": view.record.lines,
+            "created_at": rfc3339(view.record.created_at_ms),
+        }),
+        Outcome::Refilled { fridge_id, units } => json!({"fridge_id": fridge_id, "units_loaded": units}),
+        Outcome::Removed { fridge_id, units } => json!({"fridge_id": fridge_id, "units_removed": units}),
+        Outcome::DoorSession { fridge_id, session_id, matches } => json!({
+            "fridge_id": fridge_id,
+            "session_id": session_id,
+            "units_taken": matches,
+        }),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StockQuery {
+    fridge_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StockAnswer {
+    fridge_id: FridgeId,
+    skus: Vec<crate::store::SkuStock>,
+    units: Vec<larder_shared::domain::UnitView>,
+}
+
+async fn stock(State(s): State<ApiState>, Query(q): Query<StockQuery>) -> Result<Json<StockAnswer>, ApiError> {
+    let fridge = match q.fridge_id {
+        Some(f) => FridgeId::new(f).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()))?,
+        None if s.fridges.len() == 1 => s.fridges[0].clone(),
+        None => return Err(ApiError::new(StatusCode::BAD_REQUEST, "missing_fridge_id", "fridge_id is required: this device serves several fridges")),
+    };
+    if !s.fridges.contains(&fridge) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_fridge", format!("fridge {fridge} is not served by this device")));
+    }
+    let reads = s.reads.clone();
+    let f = fridge.clone();
+    let now = writer::now_ms();
+    let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&f, now))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(StockAnswer { fridge_id: fridge, skus, units }))
+}
+
+async fn order(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = OrderId::new(id).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
+    let reads = s.reads.clone();
+    let found = tokio::task::spawn_blocking(move || reads.order(&id))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    match found {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_order", "no such order here")),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct OrdersQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn orders(State(s): State<ApiState>, Query(q): Query<OrdersQuery>) -> Result<Response, ApiError> {
+    if let Some(status) = &q.status {
+        status
+            .parse::<larder_shared::domain::OrderStatus>()
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e))?;
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, ORDER_LIST_MAX);
+    let reads = s.reads.clone();
+    let list = tokio::task::spawn_blocking(move || reads.orders(q.status.as_deref(), limit))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(json!({ "orders": list })).into_response())
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.shared.metrics.encode(),
+    )
+        .into_response()
+}

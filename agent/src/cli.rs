@@ -1,0 +1,219 @@
+//! The `larder-agent` command line: `run`, `keygen`, `config check` and `status`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::AgentConfig;
+
+/// Larder's agent for smart fridges and POS terminals.
+#[derive(Debug, Parser)]
+#[command(name = "larder-agent", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run a fridge or POS agent.
+    Run {
+        /// The agent's TOML config (see firmware-config/).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create the device key (file mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Work with config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// Ask the local agent for its health and print it for a person.
+    Status {
+        /// The agent's local API.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        url: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate a config: exit 0, or one line per problem and exit 1.
+    Check { file: PathBuf },
+}
+
+/// Installs the tracing subscriber writing to stderr.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Entry point of the `larder-agent` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Cmd::Config {
+            command: ConfigCmd::Check { file },
+        } => match AgentConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Keygen { out } => {
+            let key = match larder_shared::SecretKey::generate() {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match crate::write_key(&out, &key) {
+                Ok(()) => {
+                    println!("{}", key.public());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: cannot write {}: {e}", out.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run { config } => run_agent(config),
+        Cmd::Status { url } => status(&url),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_agent(path: PathBuf) -> ExitCode {
+    let config = match AgentConfig::load(&path) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let key = match crate::load_or_create_key(&config.key_path()) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let agent = match crate::start(config, key).await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        println!("listening on http://{}", agent.http_addr);
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        agent.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn status(url: &str) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("{}/v1/health", url.trim_end_matches('/'));
+    let result = rt.block_on(async {
+        reqwest::get(&url)
+            .await?
+            .error_for_status()?
+            .json::<serde_json::Value>()
+            .await
+    });
+    match result {
+        Ok(h) => {
+            let field = |k: &str| match &h[k] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "never".into(),
+                v => v.to_string(),
+            };
+            println!("device           {} ({}, region {})", field("device_id"), field("role"), field("region"));
+            println!("online           {}", field("online"));
+            println!("last sync        {}", field("last_sync_at"));
+            println!("pending changes  {}", field("pending_changes"));
+            println!("catalog version  {}", field("catalog_version"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot reach the agent at {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

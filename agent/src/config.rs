@@ -1,0 +1,266 @@
+//! The agent's TOML configuration: one struct per table, unknown keys refused, every limit
+//! named with its unit, every path and address with a working default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use larder_shared::domain::Role;
+use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
+use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SiteId};
+use serde::Deserialize;
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub device_id: DeviceId,
+    pub role: Role,
+    pub region: RegionId,
+    #[serde(default)]
+    pub site: Option<SiteId>,
+    /// The fridges whose ledgers this device holds: its own for a fridge, those it sells from
+    /// for a POS.
+    pub fridges: Vec<FridgeId>,
+    /// Where the database lives (created if missing). Relative paths are relative to the
+    /// config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The device's Ed25519 key; created on first start if missing. Default: `device.key` in
+    /// `data_dir`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The hub's public key (64 hex digits), to verify everything the hub sends.
+    pub hub_public_key: PublicKey,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub writer: WriterConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub request_body_bytes_max: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            request_body_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `host:port` of the hub's broker.
+    pub broker: String,
+    pub keepalive_seconds: u64,
+    pub reconnect_delay_ms_min: u64,
+    pub reconnect_delay_ms_max: u64,
+    pub max_message_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker: "127.0.0.1:1883".into(),
+            keepalive_seconds: 15,
+            reconnect_delay_ms_min: 200,
+            reconnect_delay_ms_max: 10_000,
+            max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub retransmit_after_ms: u64,
+    pub batch_entries_max: u64,
+    pub inflight_entries_max: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            retransmit_after_ms: 5_000,
+            batch_entries_max: 512,
+            inflight_entries_max: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WriterConfig {
+    /// Commands waiting for the writer; past it, requests get 503 `overloaded`.
+    pub queue_depth_max: usize,
+    /// Commands committed together in one transaction.
+    pub group_commit_max: usize,
+    /// Changes kept per ledger before they are folded into a snapshot.
+    pub snapshot_every_changes: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            queue_depth_max: 4_096,
+            group_commit_max: 256,
+            snapshot_every_changes: 5_000,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("larder-agent-data")
+}
+
+/// A configuration problem, one per line for `config check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Problem(pub String);
+
+impl AgentConfig {
+    /// Reads, parses and checks a config file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
+        let mut config = Self::parse(&text)
+            .map_err(|e| vec![Problem(format!("{}: {e}", path.display()))])?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().replace('\n', " ").trim().to_owned())
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.data_dir.is_relative() {
+            self.data_dir = base.join(&self.data_dir);
+        }
+        if let Some(key) = &self.key_file
+            && key.is_relative()
+        {
+            self.key_file = Some(base.join(key));
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("device.key"))
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("agent.db")
+    }
+
+    /// Every value problem, one line each.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        match (self.role, self.fridges.len()) {
+            (Role::Fridge, 1) => {}
+            (Role::Fridge, n) => p.push(Problem(format!(
+                "fridges: a fridge agent holds exactly its own fridge's ledger, {n} listed"
+            ))),
+            (Role::Pos, 0) => p.push(Problem(
+                "fridges: a POS agent must list at least one fridge it sells from".into(),
+            )),
+            (Role::Pos, _) => {}
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &self.fridges {
+            if !seen.insert(f) {
+                p.push(Problem(format!("fridges: {f} is listed twice")));
+            }
+        }
+        let key = self.key_path();
+        if key.exists()
+            && let Err(e) = std::fs::read_to_string(&key)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    larder_shared::SecretKey::from_file_text(&t).map_err(|e| e.to_string())
+                })
+        {
+            p.push(Problem(format!("key_file: {}: {e}", key.display())));
+        }
+        if self.mqtt.broker.parse::<SocketAddr>().is_err()
+            && !self.mqtt.broker.contains(':')
+        {
+            p.push(Problem(format!(
+                "mqtt.broker: {:?} is not host:port",
+                self.mqtt.broker
+            )));
+        }
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("mqtt.keepalive_seconds", self.mqtt.keepalive_seconds, 5, 3600),
+            ("mqtt.reconnect_delay_ms_min", self.mqtt.reconnect_delay_ms_min, 10, 60_000),
+            ("mqtt.reconnect_delay_ms_max", self.mqtt.reconnect_delay_ms_max, self.mqtt.reconnect_delay_ms_min, 600_000),
+            ("mqtt.max_message_bytes", self.mqtt.max_message_bytes as u64, 16 * 1024, 16 * 1024 * 1024),
+            ("sync.batch_entries_max", self.sync.batch_entries_max, 1, 100_000),
+            ("writer.group_commit_max", self.writer.group_commit_max as u64, 1, 10_000),
+            ("writer.queue_depth_max", self.writer.queue_depth_max as u64, 1, 1_000_000),
+        ];
+        for (name, value, min, max) in ranges {
+            if value < min || value > max {
+                p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
+            }
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+device_id = "pos-1"
+role = "pos"
+region = "north"
+fridges = ["fridge-1"]
+hub_public_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::parse(MINIMAL).expect("parses");
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert_eq!(c.http.listen.port(), 7070);
+        assert_eq!(c.mqtt.max_message_bytes, MAX_MESSAGE_BYTES_DEFAULT);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = AgentConfig::parse(&format!("{MINIMAL}\ncolour = \"red\"\n")).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let err = AgentConfig::parse(&format!("{MINIMAL}\n[mqtt]\nbrokr = \"x\"\n")).unwrap_err();
+        assert!(err.contains("brokr"), "{err}");
+    }
+
+    #[test]
+    fn value_problems_are_all_reported() {
+        let text = MINIMAL.replace("role = \"pos\"", "role = \"fridge\"").replace(
+            "fridges = [\"fridge-1\"]",
+            "fridges = [\"a\", \"a\"]\n[mqtt]\nkeepalive_seconds = 1\n",
+        );
+        let c = AgentConfig::parse(&text).expect("parses");
+        let problems = c.problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+}

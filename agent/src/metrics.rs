@@ -1,0 +1,137 @@
+//! The agent's health counters and Prometheus metrics, shared by the writer, the sync task and
+//! the HTTP API.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-reason counters.
+pub type ReasonLabels = Vec<(&'static str, String)>;
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub sales: Counter,
+    pub pending_changes: Gauge,
+    pub commit_seconds: Histogram,
+    pub commit_group_size: Histogram,
+    pub commit_failures: Counter,
+    pub downlink_batches: Counter,
+    pub downlink_rejected: Counter,
+    pub envelopes_sent: Counter,
+    pub envelopes_rejected: Family<ReasonLabels, Counter>,
+    pub mqtt_connected: Gauge,
+    pub mqtt_connects: Counter,
+    pub http_requests: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("larder_agent");
+        let m = Self {
+            sales: Counter::default(),
+            pending_changes: Gauge::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            commit_group_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            commit_failures: Counter::default(),
+            downlink_batches: Counter::default(),
+            downlink_rejected: Counter::default(),
+            envelopes_sent: Counter::default(),
+            envelopes_rejected: Family::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_connects: Counter::default(),
+            http_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sales", "Sales committed", m.sales.clone());
+        registry.register(
+            "pending_changes",
+            "Local changes not yet acknowledged by the hub",
+            m.pending_changes.clone(),
+        );
+        registry.register(
+            "commit_seconds",
+            "Duration of one group commit",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "commit_group_size",
+            "Commands per group commit",
+            m.commit_group_size.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Group commits that failed (storage)",
+            m.commit_failures.clone(),
+        );
+        registry.register(
+            "downlink_batches",
+            "Batches of other replicas' changes applied",
+            m.downlink_batches.clone(),
+        );
+        registry.register(
+            "downlink_rejected",
+            "Downlink batches or changes refused",
+            m.downlink_rejected.clone(),
+        );
+        registry.register(
+            "envelopes_sent",
+            "Envelopes published to the hub",
+            m.envelopes_sent.clone(),
+        );
+        registry.register(
+            "envelopes_rejected",
+            "Envelopes from the broker refused, by reason",
+            m.envelopes_rejected.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_connects",
+            "Successful broker connections",
+            m.mqtt_connects.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reject(&self, reason: &str) {
+        self.envelopes_rejected
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+}
+
+/// State the writer, sync task and HTTP API share.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub metrics: Metrics,
+    pub outbox_head: AtomicU64,
+    pub up_acked: AtomicU64,
+    pub online: AtomicBool,
+    pub last_sync_at_ms: AtomicI64,
+    pub catalog_version: AtomicU64,
+}

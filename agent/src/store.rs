@@ -1,0 +1,384 @@
+//! The agent's SQLite store: ledger changes and snapshots (the write model), the outbox, the
+//! stream positions, idempotency records and the stock and order projections (the read model).
+//!
+//! One [`Store`] (the writer's) writes; [`ReadPool`] connections read in WAL mode. Every write
+//! goes through [`Store::commit_batch`], one transaction and one fsync (`synchronous=FULL`).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use larder_shared::catalog::Catalog;
+use larder_shared::domain::{OrderView, UnitView};
+use larder_shared::envelope::Entry;
+use larder_shared::{FridgeId, OrderId};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Store errors: the disk or the database file said no.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_changes (
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, bytes BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS ledger_changes_fridge ON ledger_changes (fridge, id);
+CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, fridge TEXT NOT NULL, bytes BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL, created_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS units (
+    fridge TEXT NOT NULL, unit_id TEXT NOT NULL, sku TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
+    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id));
+CREATE INDEX IF NOT EXISTS units_stock ON units (fridge, sku, state, expires_at_ms);
+CREATE TABLE IF NOT EXISTS orders (
+    order_id TEXT PRIMARY KEY, fridge TEXT NOT NULL, status TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS orders_status ON orders (status, created_at_ms);
+";
+
+/// Meta keys.
+pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
+pub(crate) const META_OUTBOX_HEAD: &str = "outbox_head";
+pub(crate) const META_UP_ACKED: &str = "up_acked";
+pub(crate) const META_DOWN_HWM: &str = "down_hwm";
+pub(crate) const META_ORDER_COUNTER: &str = "order_counter";
+pub(crate) const META_CATALOG: &str = "catalog";
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// What the writer loads on start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub snapshot: Option<Vec<u8>>,
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// One transaction's worth of writes.
+#[derive(Debug, Default)]
+pub struct WriteBatch {
+    /// Changes applied to a ledger (local and merged), to replay on start.
+    pub changes: Vec<(FridgeId, Vec<u8>)>,
+    /// Local changes to ship, with their outbox sequence numbers.
+    pub outbox: Vec<(u64, FridgeId, Vec<u8>)>,
+    pub units: Vec<(FridgeId, UnitView)>,
+    pub orders: Vec<OrderView>,
+    pub idempotency: Vec<(String, String, String)>,
+    pub meta: Vec<(&'static str, String)>,
+    /// Forget outbox entries up to this seq (the hub acknowledged them).
+    pub outbox_forget_up_to: Option<u64>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+            && self.outbox.is_empty()
+            && self.units.is_empty()
+            && self.orders.is_empty()
+            && self.idempotency.is_empty()
+            && self.meta.is_empty()
+            && self.outbox_forget_up_to.is_none()
+    }
+}
+
+/// The writer's connection.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_connection(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    pub fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+        match self.meta(key)? {
+            None => Ok(0),
+            Some(v) => v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("meta {key} = {v:?}"))),
+        }
+    }
+
+    pub fn catalog(&self) -> Result<Catalog, StoreError> {
+        match self.meta(META_CATALOG)? {
+            None => Ok(Catalog::default()),
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("catalog: {e}"))),
+        }
+    }
+
+    pub fn load_ledger(&self, fridge: &FridgeId) -> Result<Loaded, StoreError> {
+        let snapshot = self
+            .conn
+            .query_row(
+                "SELECT bytes FROM ledger_snapshots WHERE fridge = ?1",
+                [fridge.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT bytes FROM ledger_changes WHERE fridge = ?1 ORDER BY id")?;
+        let changes = stmt
+            .query_map([fridge.as_str()], |r| r.get(0))?
+            .collect::<Result<Vec<Vec<u8>>, _>>()?;
+        Ok(Loaded { snapshot, changes })
+    }
+
+    /// The stored outcome for an idempotency key: `(request_sha256, outcome)`.
+    pub fn idempotency(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT request_sha256, outcome FROM idempotency WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Writes a batch in one transaction and commits it (one fsync).
+    pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut change = tx.prepare_cached(
+                "INSERT INTO ledger_changes (fridge, bytes) VALUES (?1, ?2)",
+            )?;
+            for (fridge, bytes) in &batch.changes {
+                change.execute(params![fridge.as_str(), bytes])?;
+            }
+            let mut outbox =
+                tx.prepare_cached("INSERT INTO outbox (seq, fridge, bytes) VALUES (?1, ?2, ?3)")?;
+            for (seq, fridge, bytes) in &batch.outbox {
+                outbox.execute(params![*seq as i64, fridge.as_str(), bytes])?;
+            }
+            let mut unit = tx.prepare_cached(
+                "INSERT OR REPLACE INTO units (fridge, unit_id, sku, expires_at_ms, state, view)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (fridge, view) in &batch.units {
+                unit.execute(params![
+                    fridge.as_str(),
+                    view.unit_id.as_str(),
+                    view.facts.sku.as_str(),
+                    view.facts.expires_at_ms,
+                    view.state.as_str(),
+                    serde_json::to_string(view).unwrap_or_default(),
+                ])?;
+            }
+            let mut order = tx.prepare_cached(
+                "INSERT OR REPLACE INTO orders (order_id, fridge, status, created_at_ms, view)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for view in &batch.orders {
+                order.execute(params![
+                    view.record.order_id.as_str(),
+                    view.record.fridge_id.as_str(),
+                    view.status.as_str(),
+                    view.record.created_at_ms,
+                    serde_json::to_string(view).unwrap_or_default(),
+                ])?;
+            }
+            let mut idem = tx.prepare_cached(
+                "INSERT INTO idempotency (key, request_sha256, outcome, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (key, hash, outcome) in &batch.idempotency {
+                idem.execute(params![key, hash, outcome, now_ms])?;
+            }
+            let mut meta =
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+            for (key, value) in &batch.meta {
+                meta.execute(params![key, value])?;
+            }
+            if let Some(up_to) = batch.outbox_forget_up_to {
+                tx.execute("DELETE FROM outbox WHERE seq <= ?1", [up_to as i64])?;
+                meta.execute(params![META_UP_ACKED, up_to.to_string()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a ledger's change log by a snapshot of the whole document.
+    pub fn compact_ledger(&mut self, fridge: &FridgeId, snapshot: &[u8]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO ledger_snapshots (fridge, bytes) VALUES (?1, ?2)",
+            params![fridge.as_str(), snapshot],
+        )?;
+        tx.execute(
+            "DELETE FROM ledger_changes WHERE fridge = ?1",
+            [fridge.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+/// Stock of one sku at one fridge.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkuStock {
+    pub sku: String,
+    pub available: u64,
+    pub reserved: u64,
+    pub expiring_24h: u64,
+}
+
+/// Read-only connections for the HTTP API and the sync task.
+#[derive(Debug)]
+pub struct ReadPool {
+    conns: Vec<Mutex<Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl ReadPool {
+    pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
+        let mut conns = Vec::with_capacity(size.max(1));
+        for _ in 0..size.max(1) {
+            let conn = open_connection(path)?;
+            conn.pragma_update(None, "query_only", "ON")?;
+            conns.push(Mutex::new(conn));
+        }
+        Ok(Self {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        let conn = self.conns[i]
+            .lock()
+            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
+        Ok(f(&conn)?)
+    }
+
+    /// Outbox entries after `after`, at most `limit`, in order.
+    pub fn outbox_after(&self, after: u64, limit: u64) -> Result<Vec<Entry>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, fridge, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+                let seq: i64 = r.get(0)?;
+                let fridge: String = r.get(1)?;
+                let change: Vec<u8> = r.get(2)?;
+                Ok((seq, fridge, change))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, fridge, change) = row?;
+                // Ids were validated before they were stored.
+                if let Ok(ledger) = FridgeId::new(fridge) {
+                    out.push(Entry {
+                        seq: seq as u64,
+                        ledger,
+                        change,
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn stock(&self, fridge: &FridgeId, now_ms: i64) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
+        let day = 86_400_000i64;
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT sku,
+                    SUM(state = 'available' AND expires_at_ms > ?2),
+                    SUM(state = 'available' AND expires_at_ms > ?2 AND expires_at_ms <= ?3)
+                 FROM units WHERE fridge = ?1 GROUP BY sku ORDER BY sku",
+            )?;
+            let skus = stmt
+                .query_map(params![fridge.as_str(), now_ms, now_ms + day], |r| {
+                    Ok(SkuStock {
+                        sku: r.get(0)?,
+                        available: r.get::<_, i64>(1)? as u64,
+                        reserved: 0,
+                        expiring_24h: r.get::<_, i64>(2)? as u64,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = c.prepare_cached(
+                "SELECT view FROM units WHERE fridge = ?1 ORDER BY expires_at_ms, unit_id",
+            )?;
+            let units = stmt
+                .query_map([fridge.as_str()], |r| r.get::<_, String>(0))?
+                .filter_map(|v| v.ok().and_then(|json| serde_json::from_str::<UnitView>(&json).ok()))
+                .map(|mut u| {
+                    if u.state == larder_shared::domain::UnitState::Available
+                        && u.facts.expires_at_ms <= now_ms
+                    {
+                        u.state = larder_shared::domain::UnitState::Expired;
+                    }
+                    u
+                })
+                .collect();
+            Ok((skus, units))
+        })
+    }
+
+    pub fn order(&self, order: &OrderId) -> Result<Option<OrderView>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT view FROM orders WHERE order_id = ?1", [order.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+        })
+    }
+
+    pub fn orders(&self, status: Option<&str>, limit: u32) -> Result<Vec<OrderView>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT view FROM orders WHERE (?1 IS NULL OR status = ?1)
+                 ORDER BY created_at_ms DESC, order_id LIMIT ?2",
+            )?;
+            let views = stmt
+                .query_map(params![status, limit], |r| r.get::<_, String>(0))?
+                .filter_map(|v| v.ok().and_then(|json| serde_json::from_str(&json).ok()))
+                .collect();
+            Ok(views)
+        })
+    }
+
+    pub fn order_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+    }
+}

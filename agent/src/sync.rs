@@ -1,0 +1,394 @@
+//! The sync task: the agent's side of MQTT.
+//!
+//! Data flow: one poller task owns the rumqttc event loop and polls it all the time, forwarding
+//! connection events and incoming publishes over a bounded channel → this task verifies each
+//! envelope from the hub and hands it to the writer (downlink changes, acks, catalogs) → after
+//! the writer commits, it publishes the stream acknowledgement. Outgoing, it wakes when the
+//! outbox grows, when acks move the window or on a timer, reads the outbox from a read
+//! connection and publishes signed `Changes` envelopes within the sender's window.
+//!
+//! Reconnects back off exponentially with jitter. The outbox is forgotten only on the hub's
+//! signed acknowledgement, never on a broker PUBACK.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use larder_shared::auth::connect_token;
+use larder_shared::envelope::{self, Ack, Body, Envelope, Header, Party};
+use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
+use larder_shared::topics::{self, DeviceTopic};
+use larder_shared::{DeviceId, PublicKey, RegionId, SecretKey};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{MqttConfig, SyncConfig};
+use crate::metrics::Shared;
+use crate::store::ReadPool;
+use crate::writer::{Command, now_ms};
+
+/// Envelope sequence numbers reserved per persisted block.
+const ENV_SEQ_BLOCK: u64 = 1_000;
+/// Events buffered between the poller and the sync task.
+const EVENT_QUEUE_MAX: usize = 256;
+
+/// Everything the sync task needs.
+#[derive(Debug)]
+pub struct SyncContext {
+    pub device: DeviceId,
+    pub region: RegionId,
+    pub key: SecretKey,
+    pub hub_key: PublicKey,
+    pub mqtt: MqttConfig,
+    pub sync: SyncConfig,
+    pub writer: mpsc::Sender<Command>,
+    pub reads: Arc<ReadPool>,
+    pub shared: Arc<Shared>,
+    pub outbox_head: watch::Receiver<u64>,
+    /// `false` cuts the agent off the network (the demo's partitions); `true` reconnects.
+    pub network: watch::Receiver<bool>,
+    pub env_seq_reserved: u64,
+}
+
+enum LinkEvent {
+    Connected,
+    Lost(String),
+    Message(String, bytes::Bytes),
+}
+
+/// Why the session loop ended.
+enum SessionEnd {
+    Shutdown,
+    NetworkOff,
+}
+
+struct Sync {
+    ctx: SyncContext,
+    sender: StreamSender,
+    seqs: SeqAllocator,
+    up_topic: String,
+    down_topic: String,
+    presence_topic: String,
+    catalog_topic: String,
+}
+
+fn split_host_port(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.parse().unwrap_or(1883)),
+        None => (addr.to_owned(), 1883),
+    }
+}
+
+/// A reconnect delay: exponential in `attempt`, capped, with up to 50 % jitter.
+pub fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u64 {
+    let base = min_ms.saturating_mul(1u64 << attempt.min(16)).min(max_ms);
+    let jitter = if base == 0 { 0 } else { jitter_seed % (base / 2 + 1) };
+    (base / 2 + jitter).max(min_ms.min(max_ms))
+}
+
+/// Runs the sync task until `shutdown` turns true.
+pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
+    let up_acked = ctx.shared.up_acked.load(Ordering::Relaxed);
+    let limits = SenderLimits {
+        batch_entries_max: ctx.sync.batch_entries_max,
+        batch_bytes_max: ctx
+            .mqtt
+            .max_message_bytes
+            .saturating_sub(envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
+        inflight_entries_max: ctx.sync.inflight_entries_max,
+        retransmit_after_ms: ctx.sync.retransmit_after_ms as i64,
+    };
+    let mut sync = Sync {
+        up_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Up),
+        down_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Down),
+        presence_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Presence),
+        catalog_topic: topics::catalog(&ctx.region),
+        sender: StreamSender::new(up_acked, limits),
+        seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
+        ctx,
+    };
+    loop {
+        // Wait for the network to be allowed.
+        while !*sync.ctx.network.borrow() {
+            tokio::select! {
+                r = sync.ctx.network.changed() => if r.is_err() { return },
+                _ = shutdown.changed() => return,
+            }
+        }
+        match sync.session(&mut shutdown).await {
+            SessionEnd::Shutdown => return,
+            SessionEnd::NetworkOff => continue,
+        }
+    }
+}
+
+impl Sync {
+    fn options(&self) -> MqttOptions {
+        let (host, port) = split_host_port(&self.ctx.mqtt.broker);
+        let mut o = MqttOptions::new(self.ctx.device.as_str(), host, port);
+        o.set_keep_alive(Duration::from_secs(self.ctx.mqtt.keepalive_seconds));
+        o.set_clean_session(false);
+        let mut nonce = [0u8; 16];
+        // A failed RNG gives a zero nonce; the token's time still makes it fresh.
+        let _ = getrandom_nonce(&mut nonce);
+        o.set_credentials(
+            self.ctx.device.as_str(),
+            connect_token(&self.ctx.key, &self.ctx.device, now_ms(), nonce),
+        );
+        o.set_last_will(LastWill::new(
+            &self.presence_topic,
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let max = self.ctx.mqtt.max_message_bytes + 1024;
+        o.set_max_packet_size(max, max);
+        o.set_inflight(64);
+        o
+    }
+
+    async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
+        let (client, mut eventloop) = AsyncClient::new(self.options(), 128);
+        let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+        let (min_ms, max_ms) = (
+            self.ctx.mqtt.reconnect_delay_ms_min,
+            self.ctx.mqtt.reconnect_delay_ms_max,
+        );
+        let poller = tokio::spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        attempt = 0;
+                        LinkEvent::Connected
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        LinkEvent::Message(p.topic.clone(), p.payload.clone())
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        if ev_tx.send(LinkEvent::Lost(e.to_string())).await.is_err() {
+                            return;
+                        }
+                        let mut seed = [0u8; 8];
+                        let _ = getrandom_nonce(&mut seed);
+                        let delay = backoff_ms(min_ms, max_ms, attempt, u64::from_le_bytes(seed));
+                        attempt = attempt.saturating_add(1);
+                        // Reconnect backoff: the next poll reconnects.
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        continue;
+                    }
+                };
+                if ev_tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let end = loop {
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(LinkEvent::Connected) => self.on_connected(&client).await,
+                    Some(LinkEvent::Lost(e)) => self.on_lost(&e),
+                    Some(LinkEvent::Message(topic, payload)) => self.on_message(&client, &topic, &payload).await,
+                    None => break SessionEnd::Shutdown,
+                },
+                r = self.ctx.outbox_head.changed() => if r.is_err() { break SessionEnd::Shutdown },
+                _ = tick.tick() => self.sender.tick(now_ms()),
+                r = self.ctx.network.changed() => {
+                    if r.is_err() { break SessionEnd::Shutdown }
+                    if !*self.ctx.network.borrow() { break SessionEnd::NetworkOff }
+                }
+                _ = shutdown.changed() => break SessionEnd::Shutdown,
+            }
+            self.pump(&client).await;
+        };
+        if self.sender.is_connected() {
+            let _ = client
+                .try_publish(&self.presence_topic, QoS::AtLeastOnce, true, "offline");
+        }
+        let _ = client.try_disconnect();
+        // Give the event loop a moment to flush the disconnect, then stop it.
+        let flush = tokio::time::timeout(Duration::from_millis(200), async {
+            while let Some(ev) = ev_rx.recv().await {
+                if matches!(ev, LinkEvent::Lost(_)) {
+                    break;
+                }
+            }
+        });
+        let _ = flush.await;
+        poller.abort();
+        self.on_lost("session closed");
+        end
+    }
+
+    async fn on_connected(&mut self, client: &AsyncClient) {
+        info!(device = %self.ctx.device, "connected to the hub's broker");
+        self.ctx.shared.metrics.mqtt_connects.inc();
+        self.ctx.shared.metrics.mqtt_connected.set(1);
+        self.ctx.shared.online.store(true, Ordering::Relaxed);
+        for topic in [&self.down_topic, &self.catalog_topic] {
+            if let Err(e) = client.subscribe(topic.as_str(), QoS::AtLeastOnce).await {
+                warn!(topic = %topic, error = %e, "subscribe failed");
+            }
+        }
+        let _ = client
+            .publish(&self.presence_topic, QoS::AtLeastOnce, true, "online")
+            .await;
+        self.sender.on_connected(now_ms());
+    }
+
+    fn on_lost(&mut self, error: &str) {
+        if self.sender.is_connected() {
+            info!(device = %self.ctx.device, error, "disconnected from the hub's broker");
+        }
+        self.ctx.shared.metrics.mqtt_connected.set(0);
+        self.ctx.shared.online.store(false, Ordering::Relaxed);
+        self.sender.on_disconnected();
+    }
+
+    /// Seals an envelope to the hub with a fresh, persisted sequence number.
+    async fn seal(&mut self, body: Body) -> Option<Vec<u8>> {
+        let (seq, reserve) = self.seqs.next();
+        if let Some(up_to) = reserve {
+            let (reply, rx) = oneshot::channel();
+            if self
+                .ctx
+                .writer
+                .send(Command::ReserveEnvSeq { up_to, reply })
+                .await
+                .is_err()
+                || !matches!(rx.await, Ok(Ok(())))
+            {
+                warn!("could not persist the envelope sequence; not sending");
+                self.seqs = SeqAllocator::resume(up_to, ENV_SEQ_BLOCK);
+                return None;
+            }
+        }
+        let env = Envelope {
+            header: Header {
+                region: self.ctx.region.clone(),
+                sender: Party::Device(self.ctx.device.clone()),
+                recipient: Party::Hub,
+                seq,
+                sent_at_ms: now_ms(),
+            },
+            body,
+        };
+        Some(env.seal(&self.ctx.key))
+    }
+
+    /// Publishes outbox batches while the window allows.
+    async fn pump(&mut self, client: &AsyncClient) {
+        loop {
+            let head = *self.ctx.outbox_head.borrow();
+            let Some(window) = self.sender.poll_send(head) else {
+                return;
+            };
+            let reads = self.ctx.reads.clone();
+            let (after, limit) = (window.after, window.entries_max);
+            let entries = match tokio::task::spawn_blocking(move || reads.outbox_after(after, limit)).await {
+                Ok(Ok(entries)) => entries,
+                other => {
+                    warn!(?other, "reading the outbox failed");
+                    return;
+                }
+            };
+            let Some(batch) = build_batch(window, entries, head) else {
+                return;
+            };
+            let up_to = batch.up_to;
+            let Some(bytes) = self.seal(Body::Changes(batch)).await else {
+                return;
+            };
+            if client
+                .try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes)
+                .is_err()
+            {
+                debug!("publish queue full; will retry");
+                return;
+            }
+            self.ctx.shared.metrics.envelopes_sent.inc();
+            self.sender.on_sent(up_to);
+        }
+    }
+
+    async fn on_message(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        let opened = match envelope::open(payload, self.ctx.mqtt.max_message_bytes) {
+            Ok(o) => o,
+            Err(e) => {
+                self.ctx.shared.metrics.reject(e.reason());
+                warn!(topic, error = %e, "envelope refused");
+                return;
+            }
+        };
+        let h = opened.header().clone();
+        let recipient_ok = if topic == self.catalog_topic {
+            h.recipient == Party::Region
+        } else {
+            h.recipient == Party::Device(self.ctx.device.clone())
+        };
+        if h.region != self.ctx.region || h.sender != Party::Hub || !recipient_ok {
+            self.ctx.shared.metrics.reject("wrong_party");
+            warn!(topic, sender = %h.sender, "envelope not from our hub to us; refused");
+            return;
+        }
+        let env = match opened.verify(payload, &self.ctx.hub_key) {
+            Ok(env) => env,
+            Err(e) => {
+                self.ctx.shared.metrics.reject(e.reason());
+                warn!(topic, error = %e, "envelope refused");
+                return;
+            }
+        };
+        match env.body {
+            Body::Ack(ack) => self.on_ack(ack).await,
+            Body::Changes(batch) => {
+                let (reply, rx) = oneshot::channel();
+                if self.ctx.writer.send(Command::Downlink { batch, reply }).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(ack)) => {
+                        self.ctx.shared.last_sync_at_ms.store(now_ms(), Ordering::Relaxed);
+                        if let Some(bytes) = self.seal(Body::Ack(ack)).await {
+                            let _ = client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes);
+                        }
+                    }
+                    other => warn!(?other, "downlink not committed; the hub will resend"),
+                }
+            }
+            Body::Catalog(catalog) => {
+                let _ = self.ctx.writer.send(Command::Catalog(catalog)).await;
+            }
+        }
+    }
+
+    async fn on_ack(&mut self, ack: Ack) {
+        self.ctx.shared.last_sync_at_ms.store(now_ms(), Ordering::Relaxed);
+        if let Some(up_to) = self.sender.on_ack(ack, now_ms()) {
+            let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
+        }
+    }
+}
+
+fn getrandom_nonce(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    getrandom::fill(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        assert_eq!(backoff_ms(200, 10_000, 0, 0), 200);
+        assert!(backoff_ms(200, 10_000, 3, 0) >= 800);
+        for seed in 0..100 {
+            let d = backoff_ms(200, 10_000, 30, seed * 7919);
+            assert!((5_000..=10_000).contains(&d), "{d}");
+        }
+        assert_ne!(backoff_ms(200, 10_000, 5, 1), backoff_ms(200, 10_000, 5, 1234));
+    }
+}

@@ -1,0 +1,588 @@
+//! The single writer: owns the SQLite store and the in-memory ledgers, and commits groups of
+//! commands in one transaction each (group commit).
+//!
+//! Data flow: HTTP handlers and the sync task send [`Command`]s over a bounded channel →
+//! the writer thread takes every command waiting (up to `group_commit_max`) → applies each to
+//! its ledger (one Automerge change each) → writes change bytes, projection rows, outbox entries
+//! and idempotency records for all of them in one transaction → commits (one fsync) → answers
+//! them all → wakes the sync task. Nothing is answered before its commit returns; if the commit
+//! fails, every command of the group gets an error and the ledgers are reloaded from disk, so
+//! memory never runs ahead of the disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use larder_shared::catalog::Catalog;
+use larder_shared::domain::{DoorSession, Payment, Refill, Role, Sale, SaleLine, TakenMatch};
+use larder_shared::envelope::{Ack, Batch};
+use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, Touched};
+use larder_shared::reliable::{Receipt, StreamReceiver};
+use larder_shared::{DeviceId, FridgeId, OrderId, UnitId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::config::WriterConfig;
+use crate::metrics::Shared;
+use crate::store::{self, Store, StoreError, WriteBatch};
+
+/// An idempotency key with the hash of the request it came with.
+#[derive(Debug, Clone)]
+pub struct Idem {
+    pub key: String,
+    pub request_sha256: String,
+}
+
+/// What a successful POST did; stored with its idempotency key and replayed on retries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    Refilled {
+        fridge_id: FridgeId,
+        units: usize,
+    },
+    Sold(Box<larder_shared::domain::OrderView>),
+    DoorSession {
+        fridge_id: FridgeId,
+        session_id: String,
+        matches: Vec<UnitMatch>,
+    },
+    Removed {
+        fridge_id: FridgeId,
+        units: usize,
+    },
+}
+
+/// How one unit taken in a door session was matched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitMatch {
+    pub unit_id: UnitId,
+    #[serde(flatten)]
+    pub matched: TakenMatch,
+}
+
+/// Why a command was not carried out. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    #[error("fridge {0} is not served by this device")]
+    UnknownFridge(FridgeId),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("this Idempotency-Key was used with another request body")]
+    IdempotencyConflict,
+    #[error("storage unavailable: {0}")]
+    Storage(String),
+    #[error("the writer queue is full; retry shortly")]
+    Overloaded,
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+type Reply = oneshot::Sender<Result<Outcome, CommandError>>;
+
+/// What a local command asks for.
+#[derive(Debug)]
+pub enum Action {
+    Refill(Refill),
+    Sale {
+        lines: Vec<SaleLine>,
+        payment: Payment,
+    },
+    DoorSession(DoorSession),
+    Removal {
+        units: Vec<UnitId>,
+        reason: larder_shared::domain::RemovalReason,
+    },
+}
+
+/// A request to the writer.
+#[derive(Debug)]
+pub enum Command {
+    /// A local action from the HTTP API.
+    Local {
+        fridge: FridgeId,
+        action: Action,
+        idem: Option<Idem>,
+        reply: Reply,
+    },
+    /// A batch of other replicas' changes from the hub; answered with the ack to send.
+    Downlink {
+        batch: Batch,
+        reply: oneshot::Sender<Result<Ack, CommandError>>,
+    },
+    /// The hub acknowledged the outbox up to here.
+    UpAcked { up_to: u64 },
+    /// A newer catalog from the hub.
+    Catalog(Catalog),
+    /// Persist an envelope sequence reservation before it is used.
+    ReserveEnvSeq {
+        up_to: u64,
+        reply: oneshot::Sender<Result<(), CommandError>>,
+    },
+    /// The state digest of every ledger, for convergence checks.
+    Digests {
+        reply: oneshot::Sender<Vec<crate::LedgerDigest>>,
+    },
+}
+
+enum Pending {
+    Local(Reply, Outcome),
+    Downlink(oneshot::Sender<Result<Ack, CommandError>>, Ack),
+    Reserve(oneshot::Sender<Result<(), CommandError>>),
+}
+
+/// Where the writer's counters stand; copied before a group and restored if its commit fails.
+#[derive(Debug, Clone)]
+struct Counters {
+    outbox_head: u64,
+    order_counter: u64,
+    up_acked: u64,
+    down: StreamReceiver,
+}
+
+/// The writer's state. Lives on its own thread.
+#[derive(Debug)]
+pub struct Writer {
+    store: Store,
+    device: DeviceId,
+    role: Role,
+    fridges: Vec<FridgeId>,
+    ledgers: BTreeMap<FridgeId, Ledger>,
+    catalog: Catalog,
+    counters: Counters,
+    changes_since_snapshot: HashMap<FridgeId, usize>,
+    config: WriterConfig,
+    shared: Arc<Shared>,
+    outbox_head_tx: watch::Sender<u64>,
+}
+
+/// Milliseconds since the Unix epoch from the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    /// Opens the store and loads every ledger this device holds.
+    pub fn open(
+        store: Store,
+        device: DeviceId,
+        role: Role,
+        fridges: Vec<FridgeId>,
+        config: WriterConfig,
+        shared: Arc<Shared>,
+    ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let catalog = store.catalog()?;
+        let counters = Counters {
+            outbox_head: store.meta_u64(store::META_OUTBOX_HEAD)?,
+            order_counter: store.meta_u64(store::META_ORDER_COUNTER)?,
+            up_acked: store.meta_u64(store::META_UP_ACKED)?,
+            down: StreamReceiver::new(store.meta_u64(store::META_DOWN_HWM)?),
+        };
+        let (outbox_head_tx, outbox_head_rx) = watch::channel(counters.outbox_head);
+        let mut writer = Self {
+            store,
+            device,
+            role,
+            fridges,
+            ledgers: BTreeMap::new(),
+            catalog,
+            counters,
+            changes_since_snapshot: HashMap::new(),
+            config,
+            shared,
+            outbox_head_tx,
+        };
+        writer.reload_ledgers()?;
+        writer.publish_counters();
+        Ok((writer, outbox_head_rx))
+    }
+
+    fn reload_ledgers(&mut self) -> Result<(), StoreError> {
+        self.ledgers.clear();
+        for fridge in self.fridges.clone() {
+            let loaded = self.store.load_ledger(&fridge)?;
+            let ledger = Ledger::load(
+                fridge.clone(),
+                ledger::actor_for(&self.device),
+                loaded.snapshot.as_deref(),
+                &loaded.changes,
+            )
+            .map_err(|e| StoreError::Corrupt(format!("ledger {fridge}: {e}")))?;
+            self.changes_since_snapshot
+                .insert(fridge.clone(), loaded.changes.len());
+            self.ledgers.insert(fridge, ledger);
+        }
+        Ok(())
+    }
+
+    fn publish_counters(&self) {
+        let s = &self.shared;
+        s.outbox_head
+            .store(self.counters.outbox_head, Ordering::Relaxed);
+        s.up_acked.store(self.counters.up_acked, Ordering::Relaxed);
+        s.catalog_version
+            .store(self.catalog.version, Ordering::Relaxed);
+        s.metrics
+            .pending_changes
+            .set((self.counters.outbox_head - self.counters.up_acked.min(self.counters.outbox_head)) as i64);
+        self.outbox_head_tx.send_replace(self.counters.outbox_head);
+    }
+
+    fn digests(&self) -> Vec<crate::LedgerDigest> {
+        self.ledgers
+            .iter()
+            .map(|(f, l)| crate::LedgerDigest {
+                fridge_id: f.clone(),
+                state_digest: l.state_digest(),
+            })
+            .collect()
+    }
+
+    /// Runs until every sender of the channel is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = Vec::with_capacity(self.config.group_commit_max.min(64));
+            group.push(first);
+            while group.len() < self.config.group_commit_max {
+                match rx.try_recv() {
+                    Ok(cmd) => group.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.process(group);
+        }
+        info!("writer stopped");
+    }
+
+    fn process(&mut self, group: Vec<Command>) {
+        let now = now_ms();
+        let saved = self.counters.clone();
+        let catalog_before = self.catalog.clone();
+        let mut batch = WriteBatch::default();
+        let mut pending = Vec::with_capacity(group.len());
+        let mut in_group: HashMap<String, (String, Outcome)> = HashMap::new();
+        let mut touched_fridges: HashMap<FridgeId, usize> = HashMap::new();
+        let size = group.len();
+        for cmd in group {
+            match cmd {
+                Command::Local { fridge, action, idem, reply } => {
+                    match self.local(&fridge, action, idem.as_ref(), &mut in_group, &mut batch, now) {
+                        Ok((outcome, changed)) => {
+                            if changed {
+                                *touched_fridges.entry(fridge).or_default() += 1;
+                            }
+                            pending.push(Pending::Local(reply, outcome));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Command::Downlink { batch: down, reply } => {
+                    let ack = self.downlink(down, &mut batch, &mut touched_fridges, now);
+                    pending.push(Pending::Downlink(reply, ack));
+                }
+                Command::UpAcked { up_to } => {
+                    if up_to > self.counters.up_acked && up_to <= self.counters.outbox_head {
+                        self.counters.up_acked = up_to;
+                        batch.outbox_forget_up_to = Some(up_to);
+                    }
+                }
+                Command::Catalog(catalog) => {
+                    if catalog.version > self.catalog.version {
+                        batch.meta.push((
+                            store::META_CATALOG,
+                            serde_json::to_string(&catalog).unwrap_or_default(),
+                        ));
+                        info!(version = catalog.version, "catalog updated");
+                        self.catalog = catalog;
+                    }
+                }
+                Command::Digests { reply } => {
+                    let _ = reply.send(self.digests());
+                }
+                Command::ReserveEnvSeq { up_to, reply } => {
+                    batch
+                        .meta
+                        .push((store::META_ENV_SEQ_RESERVED, up_to.to_string()));
+                    pending.push(Pending::Reserve(reply));
+                }
+            }
+        }
+        if batch.is_empty() && pending.is_empty() {
+            return;
+        }
+        self.counters_to_meta(&saved, &mut batch);
+        let started = std::time::Instant::now();
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.store.commit_batch(&batch, now)
+        };
+        self.shared
+            .metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.shared.metrics.commit_group_size.observe(size as f64);
+        match result {
+            Ok(()) => {
+                for p in pending {
+                    match p {
+                        Pending::Local(reply, outcome) => {
+                            let _ = reply.send(Ok(outcome));
+                        }
+                        Pending::Downlink(reply, ack) => {
+                            let _ = reply.send(Ok(ack));
+                        }
+                        Pending::Reserve(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                }
+                for (fridge, n) in touched_fridges {
+                    self.maybe_snapshot(&fridge, n);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, commands = size, "commit failed; group refused, ledgers reloaded");
+                self.shared.metrics.commit_failures.inc();
+                self.counters = saved;
+                self.catalog = catalog_before;
+                if let Err(e) = self.reload_ledgers() {
+                    error!(error = %e, "reloading ledgers after a failed commit failed");
+                }
+                let err = CommandError::Storage(e.to_string());
+                for p in pending {
+                    match p {
+                        Pending::Local(reply, _) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Pending::Downlink(reply, _) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Pending::Reserve(reply) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        self.publish_counters();
+    }
+
+    fn counters_to_meta(&self, saved: &Counters, batch: &mut WriteBatch) {
+        let c = &self.counters;
+        if c.outbox_head != saved.outbox_head {
+            batch
+                .meta
+                .push((store::META_OUTBOX_HEAD, c.outbox_head.to_string()));
+        }
+        if c.order_counter != saved.order_counter {
+            batch
+                .meta
+                .push((store::META_ORDER_COUNTER, c.order_counter.to_string()));
+        }
+        if c.down.hwm() != saved.down.hwm() {
+            batch
+                .meta
+                .push((store::META_DOWN_HWM, c.down.hwm().to_string()));
+        }
+    }
+
+    fn maybe_snapshot(&mut self, fridge: &FridgeId, added: usize) {
+        let n = self.changes_since_snapshot.entry(fridge.clone()).or_default();
+        *n += added;
+        if *n < self.config.snapshot_every_changes {
+            return;
+        }
+        let Some(ledger) = self.ledgers.get(fridge) else {
+            return;
+        };
+        match self.store.compact_ledger(fridge, &ledger.save()) {
+            Ok(()) => {
+                self.changes_since_snapshot.insert(fridge.clone(), 0);
+            }
+            Err(e) => warn!(fridge = %fridge, error = %e, "ledger snapshot failed; will retry"),
+        }
+    }
+
+    /// Checks idempotency, applies the action to its ledger and adds its writes to `batch`.
+    /// Returns the outcome and whether the ledger changed.
+    fn local(
+        &mut self,
+        fridge: &FridgeId,
+        action: Action,
+        idem: Option<&Idem>,
+        in_group: &mut HashMap<String, (String, Outcome)>,
+        batch: &mut WriteBatch,
+        now: i64,
+    ) -> Result<(Outcome, bool), CommandError> {
+        if let Some(idem) = idem {
+            let known = match in_group.get(&idem.key) {
+                Some((hash, outcome)) => Some((hash.clone(), Some(outcome.clone()))),
+                None => self
+                    .store
+                    .idempotency(&idem.key)
+                    .map_err(|e| CommandError::Storage(e.to_string()))?
+                    .map(|(hash, json)| (hash, serde_json::from_str::<Outcome>(&json).ok())),
+            };
+            if let Some((hash, outcome)) = known {
+                if hash != idem.request_sha256 {
+                    return Err(CommandError::IdempotencyConflict);
+                }
+                let outcome = outcome
+                    .ok_or_else(|| CommandError::Storage("stored outcome unreadable".into()))?;
+                return Ok((outcome, false));
+            }
+        }
+        let device = self.device.clone();
+        let ledger = self
+            .ledgers
+            .get_mut(fridge)
+            .ok_or_else(|| CommandError::UnknownFridge(fridge.clone()))?;
+        let (change, outcome) = match action {
+            Action::Refill(refill) => {
+                let change = ledger.refill(&refill, &device, now)?;
+                let units = refill.units.len();
+                (change, Outcome::Refilled { fridge_id: fridge.clone(), units })
+            }
+            Action::Sale { lines, payment } => {
+                let order_id = OrderId::new(format!("{device}-{}", self.counters.order_counter + 1))
+                    .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
+                let sale = Sale {
+                    order_id,
+                    channel: ledger::channel_for(self.role),
+                    lines,
+                    payment,
+                };
+                let (change, view) = ledger.sell(&sale, &self.catalog, &device, now)?;
+                self.counters.order_counter += 1;
+                (change, Outcome::Sold(Box::new(view)))
+            }
+            Action::DoorSession(session) => {
+                let (change, matches) = ledger.door_session(&session, &device, now)?;
+                let matches = matches
+                    .into_iter()
+                    .map(|(unit_id, matched)| UnitMatch { unit_id, matched })
+                    .collect();
+                (
+                    change,
+                    Outcome::DoorSession {
+                        fridge_id: fridge.clone(),
+                        session_id: session.session_id,
+                        matches,
+                    },
+                )
+            }
+            Action::Removal { units, reason } => {
+                let change = ledger.remove(&units, reason, now)?;
+                (change, Outcome::Removed { fridge_id: fridge.clone(), units: units.len() })
+            }
+        };
+        self.record_local(fridge, change, batch);
+        if let Some(idem) = idem {
+            let json = serde_json::to_string(&outcome).unwrap_or_default();
+            batch
+                .idempotency
+                .push((idem.key.clone(), idem.request_sha256.clone(), json));
+            in_group.insert(idem.key.clone(), (idem.request_sha256.clone(), outcome.clone()));
+        }
+        if matches!(outcome, Outcome::Sold(_)) {
+            self.shared.metrics.sales.inc();
+        }
+        Ok((outcome, true))
+    }
+
+    fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {
+        self.counters.outbox_head += 1;
+        batch
+            .outbox
+            .push((self.counters.outbox_head, fridge.clone(), change.bytes.clone()));
+        batch.changes.push((fridge.clone(), change.bytes));
+        self.project(fridge, &change.touched, batch);
+    }
+
+    fn project(&self, fridge: &FridgeId, touched: &Touched, batch: &mut WriteBatch) {
+        let Some(ledger) = self.ledgers.get(fridge) else {
+            return;
+        };
+        for unit in &touched.units {
+            // Expiry is applied when reading, so project with the earliest time.
+            if let Some(view) = ledger.unit(unit, i64::MIN) {
+                batch.units.push((fridge.clone(), view));
+            }
+        }
+        for order in &touched.orders {
+            if let Some(view) = ledger.order(order) {
+                batch.orders.push(view);
+            }
+        }
+    }
+
+    fn downlink(
+        &mut self,
+        down: Batch,
+        batch: &mut WriteBatch,
+        touched_fridges: &mut HashMap<FridgeId, usize>,
+        _now: i64,
+    ) -> Ack {
+        match self.counters.down.on_batch(down) {
+            Receipt::Apply { entries, up_to } => {
+                let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+                for e in entries {
+                    by_ledger.entry(e.ledger).or_default().push(e.change);
+                }
+                for (fridge, changes) in by_ledger {
+                    let Some(ledger) = self.ledgers.get_mut(&fridge) else {
+                        warn!(fridge = %fridge, "downlink change for a ledger not held here; skipped");
+                        continue;
+                    };
+                    match ledger.apply_changes(&changes) {
+                        Ok(touched) => {
+                            *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
+                            for bytes in changes {
+                                batch.changes.push((fridge.clone(), bytes));
+                            }
+                            self.project(&fridge, &touched, batch);
+                        }
+                        Err(e) => {
+                            self.shared.metrics.downlink_rejected.inc();
+                            error!(fridge = %fridge, error = %e, "hub sent changes that do not apply; skipped");
+                        }
+                    }
+                }
+                self.counters.down.on_committed(up_to);
+                self.shared.metrics.downlink_batches.inc();
+                self.counters.down.ack(false)
+            }
+            Receipt::Duplicate => self.counters.down.ack(false),
+            Receipt::Gap => self.counters.down.ack(true),
+            Receipt::Malformed => {
+                self.shared.metrics.downlink_rejected.inc();
+                warn!("malformed downlink batch refused");
+                self.counters.down.ack(false)
+            }
+        }
+    }
+}
+
+/// Sends a command and waits for its answer; maps a full queue to `Overloaded`.
+pub async fn submit(
+    tx: &mpsc::Sender<Command>,
+    fridge: FridgeId,
+    action: Action,
+    idem: Option<Idem>,
+) -> Result<Outcome, CommandError> {
+    let (reply, rx) = oneshot::channel();
+    tx.try_send(Command::Local { fridge, action, idem, reply })
+        .map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
+        })?;
+    rx.await.map_err(|_| CommandError::ShuttingDown)?
+}
