@@ -1,1 +1,204 @@
-//! placeholder
+//! The Larder hub: owns one or more regions, runs (or joins) the MQTT broker, verifies and merges
+//! what devices send, relays each ledger's changes to every replica, and serves the kitchen and
+//! admin API.
+//!
+//! Data flow: devices → broker → [`mqtt`] task → the region's single [`region`] writer (verify,
+//! merge, commit, then ack) → [`store`] → downlink pump → other replicas. The HTTP API
+//! ([`http`]) reads the region stores through WAL readers and sends admin commands (enroll,
+//! revoke) to the same writer.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
+pub mod region;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use larder_shared::catalog::Catalog;
+use larder_shared::{DeviceId, PublicKey, RegionId, SecretKey};
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+use crate::config::{BrokerMode, HubConfig, RegionConfig};
+use crate::metrics::HubMetrics;
+use crate::region::{RegionCommand, RegionWriter};
+use crate::store::{RegionReads, RegionStore};
+
+const READ_CONNECTIONS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("region {region}: {source}")]
+    Store { region: RegionId, source: store::StoreError },
+    #[error(transparent)]
+    Broker(#[from] mqtt::BrokerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start a writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What the rest of the hub holds of one region.
+#[derive(Debug, Clone)]
+pub struct RegionHandle {
+    pub config: RegionConfig,
+    pub tx: mpsc::Sender<RegionCommand>,
+    pub reads: Arc<RegionReads>,
+    pub head: watch::Receiver<u64>,
+    pub catalog: Catalog,
+    pub env_seq_reserved: u64,
+    /// Devices whose presence is online, as the MQTT task last heard.
+    pub presence: Arc<RwLock<HashMap<DeviceId, bool>>>,
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct HubHandle {
+    pub http_addr: SocketAddr,
+    pub broker: String,
+    pub public_key: PublicKey,
+    pub regions: BTreeMap<RegionId, RegionHandle>,
+    pub metrics: Arc<HubMetrics>,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HubHandle {
+    /// Stops the MQTT client and HTTP server, then the region writers. The embedded broker
+    /// has no shutdown and lives until the process ends.
+    pub async fn shutdown(mut self) {
+        self.shutdown_tx.send_replace(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        self.regions.clear();
+        for t in self.writer_threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Reads the hub key, or creates it (mode 0600) if missing.
+pub fn load_or_create_key(path: &std::path::Path) -> Result<SecretKey, String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => SecretKey::from_file_text(&t).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate().map_err(|e| e.to_string())?;
+            larder_agent::write_key(path, &key).map_err(|e| format!("{}: {e}", path.display()))?;
+            info!(path = %path.display(), public_key = %key.public(), "created a new hub key");
+            Ok(key)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Starts a hub: region stores and writers, the broker (if embedded), the MQTT client and the
+/// HTTP API.
+pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let metrics = Arc::new(HubMetrics::default());
+    let mut regions = BTreeMap::new();
+    let mut writer_threads = Vec::new();
+    for rc in &config.regions {
+        let path = config.region_db(&rc.id);
+        let store_err = |source| StartError::Store { region: rc.id.clone(), source };
+        let store = RegionStore::open(&path).map_err(store_err)?;
+        let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
+        let (mut writer, head) = RegionWriter::open(
+            rc.id.clone(),
+            store,
+            fridges,
+            config.mqtt.max_message_bytes,
+            config.sync.group_commit_max,
+            metrics.clone(),
+        )
+        .map_err(store_err)?;
+        let catalog = match &rc.catalog {
+            Some(c) => writer.ensure_catalog(&c.currency, &c.items).map_err(store_err)?,
+            None => writer.ensure_catalog("EUR", &[]).map_err(store_err)?,
+        };
+        let env_seq_reserved = writer.env_seq_reserved().map_err(store_err)?;
+        let reads = Arc::new(RegionReads::open(&path, READ_CONNECTIONS).map_err(store_err)?);
+        let (tx, rx) = mpsc::channel(config.sync.queue_depth_max);
+        writer_threads.push(
+            std::thread::Builder::new()
+                .name(format!("region-{}", rc.id))
+                .spawn(move || writer.run(rx))
+                .map_err(StartError::Thread)?,
+        );
+        regions.insert(
+            rc.id.clone(),
+            RegionHandle {
+                config: rc.clone(),
+                tx,
+                reads,
+                head,
+                catalog,
+                env_seq_reserved,
+                presence: Arc::new(RwLock::new(HashMap::new())),
+            },
+        );
+    }
+    if config.mqtt.mode == BrokerMode::Embedded {
+        let addr: SocketAddr = config.mqtt.broker.parse().map_err(|_| {
+            StartError::Broker(mqtt::BrokerError::NotReady(SocketAddr::from(([127, 0, 0, 1], 0))))
+        })?;
+        mqtt::start_embedded_broker(addr, config.mqtt.max_message_bytes + 1024, config.mqtt.connections_max)?;
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.http.listen, source })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr: config.http.listen, source })?;
+    let state = http::HubState {
+        regions: Arc::new(regions.clone()),
+        tokens: Arc::new(config.tokens.clone()),
+        metrics: metrics.clone(),
+    };
+    let app = http::router(state, config.http.request_body_bytes_max);
+    let mut http_stop = shutdown_rx.clone();
+    let http_task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    let ctx = mqtt::MqttContext {
+        regions: regions.clone(),
+        key: key.clone(),
+        config: config.mqtt.clone(),
+        sync: config.sync.clone(),
+        metrics: metrics.clone(),
+    };
+    let mqtt_task = tokio::spawn(mqtt::run(ctx, shutdown_rx));
+    info!(http = %http_addr, broker = %config.mqtt.broker, regions = regions.len(), "hub started");
+    Ok(HubHandle {
+        http_addr,
+        broker: config.mqtt.broker.clone(),
+        public_key: key.public(),
+        regions,
+        metrics,
+        shutdown_tx,
+        tasks: vec![mqtt_task, http_task],
+        writer_threads,
+    })
+}

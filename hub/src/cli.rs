@@ -1,0 +1,308 @@
+//! The `larder-hub` command line: `demo`, `run`, `config check`, `device add/list/revoke` and
+//! `token create`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use larder_shared::domain::Role;
+use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SiteId};
+
+use crate::config::{HubConfig, TokenRole};
+use crate::store::{DeviceRecord, RegionBatch, RegionStore};
+
+/// Larder's regional hub.
+#[derive(Debug, Parser)]
+#[command(name = "larder-hub", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// A hub with its embedded broker plus a simulated fleet of fridges and POS agents.
+    Demo(crate::demo::DemoOptions),
+    /// Run a hub for the regions in a config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Work with config files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// Enroll, list and revoke devices (directly in the region's store).
+    Device {
+        #[command(subcommand)]
+        command: DeviceCmd,
+    },
+    /// Create API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate a config: exit 0, or one line per problem and exit 1.
+    Check { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCmd {
+    /// Enroll a device.
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: RegionId,
+        #[arg(long)]
+        id: DeviceId,
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        site: Option<SiteId>,
+        /// Fridges the device serves, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        fridges: Vec<FridgeId>,
+        /// The device's public key (what `larder-agent keygen` printed).
+        #[arg(long)]
+        public_key: PublicKey,
+    },
+    /// List a region's devices.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: RegionId,
+    },
+    /// Revoke a device: its next envelope is rejected.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: RegionId,
+        #[arg(long)]
+        id: DeviceId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Print a new random token and the config entry that admits it.
+    Create {
+        #[arg(long, value_enum)]
+        role: CliTokenRole,
+        /// Regions it may touch, comma separated, or `*`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        regions: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliTokenRole {
+    Admin,
+    Kitchen,
+    App,
+}
+
+impl From<CliTokenRole> for TokenRole {
+    fn from(r: CliTokenRole) -> Self {
+        match r {
+            CliTokenRole::Admin => TokenRole::Admin,
+            CliTokenRole::Kitchen => TokenRole::Kitchen,
+            CliTokenRole::App => TokenRole::App,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default: &str) {
+    // rumqttd logs every client disconnect as an error; the hub reports connections itself.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default},rumqttd::server::broker=off"))
+    });
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+fn fail(lines: impl IntoIterator<Item = String>) -> ExitCode {
+    for l in lines {
+        eprintln!("{l}");
+    }
+    ExitCode::FAILURE
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Entry point of the `larder-hub` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Cmd::Demo(_)) { "warn" } else { "info" };
+    init_logging(cli.log_format, default_level);
+    match cli.command {
+        Cmd::Demo(opts) => match runtime() {
+            Ok(rt) => match rt.block_on(crate::demo::run(opts)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail([format!("error: {e:#}")]),
+            },
+            Err(e) => fail([format!("error: {e}")]),
+        },
+        Cmd::Run { config } => run_hub(config),
+        Cmd::Config { command: ConfigCmd::Check { file } } => match HubConfig::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(problems) => fail(problems.into_iter().map(|p| p.to_string())),
+        },
+        Cmd::Device { command } => device(command),
+        Cmd::Token { command: TokenCmd::Create { role, regions } } => {
+            let mut bytes = [0u8; 24];
+            if let Err(e) = getrandom::fill(&mut bytes) {
+                return fail([format!("error: {e}")]);
+            }
+            let token = hex::encode(bytes);
+            let role: TokenRole = role.into();
+            println!("token: {token}");
+            println!("add to the hub config:");
+            println!("[[tokens]]");
+            println!("sha256 = \"{}\"", crate::http::token_sha256(&token));
+            println!("role = \"{}\"", serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
+            println!("regions = {:?}", regions);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn run_hub(path: PathBuf) -> ExitCode {
+    let config = match HubConfig::load(&path) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail([format!("error: {e}")]),
+    };
+    rt.block_on(async move {
+        let key = match crate::load_or_create_key(&config.key_path()) {
+            Ok(k) => k,
+            Err(e) => return fail([format!("error: {e}")]),
+        };
+        let hub = match crate::start(config, key).await {
+            Ok(h) => h,
+            Err(e) => return fail([format!("error: {e}")]),
+        };
+        println!("hub http://{}  broker mqtt://{}  public key {}", hub.http_addr, hub.broker, hub.public_key);
+        larder_agent::cli::wait_for_signal().await;
+        tracing::info!("shutting down");
+        hub.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn open_region(config: &PathBuf, region: &RegionId) -> Result<(HubConfig, RegionStore), Vec<String>> {
+    let c = HubConfig::load(config).map_err(|p| p.into_iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
+    if c.region(region).is_none() {
+        return Err(vec![format!("region {region} is not in {}", config.display())]);
+    }
+    std::fs::create_dir_all(&c.data_dir).map_err(|e| vec![format!("{}: {e}", c.data_dir.display())])?;
+    let store = RegionStore::open(&c.region_db(region)).map_err(|e| vec![e.to_string()])?;
+    Ok((c, store))
+}
+
+fn device(cmd: DeviceCmd) -> ExitCode {
+    match cmd {
+        DeviceCmd::Add { config, region, id, role, site, fridges, public_key } => {
+            let (c, mut store) = match open_region(&config, &region) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
+            let rc = c.region(&region).cloned();
+            let known: Vec<&FridgeId> = rc.iter().flat_map(|r| r.fridges.iter().map(|f| &f.id)).collect();
+            let unknown: Vec<String> = fridges.iter().filter(|f| !known.contains(f)).map(|f| format!("fridge {f} is not in region {region}")).collect();
+            if !unknown.is_empty() {
+                return fail(unknown);
+            }
+            if role == Role::Fridge && fridges.len() != 1 {
+                return fail(["a fridge device serves exactly one fridge".to_owned()]);
+            }
+            match store.device(&id) {
+                Ok(Some(_)) => return fail([format!("device {id} is already enrolled")]),
+                Ok(None) => {}
+                Err(e) => return fail([e.to_string()]),
+            }
+            let record = DeviceRecord {
+                device_id: id.clone(),
+                role,
+                site,
+                fridges,
+                public_key,
+                enrolled_at_ms: larder_agent::writer::now_ms(),
+                revoked_at_ms: None,
+                last_seen_ms: None,
+            };
+            match store.commit(&RegionBatch { enroll: vec![record], ..RegionBatch::default() }) {
+                Ok(()) => {
+                    println!("enrolled {id} in {region}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail([e.to_string()]),
+            }
+        }
+        DeviceCmd::List { config, region } => {
+            let (_, store) = match open_region(&config, &region) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
+            match store.devices() {
+                Ok(list) => {
+                    println!("{:<24} {:<7} {:<10} {:<30} public key", "device", "role", "status", "fridges");
+                    for (d, _) in list {
+                        let fridges: Vec<&str> = d.fridges.iter().map(|f| f.as_str()).collect();
+                        let status = if d.revoked_at_ms.is_some() { "revoked" } else { "enrolled" };
+                        println!("{:<24} {:<7} {:<10} {:<30} {}", d.device_id, d.role.as_str(), status, fridges.join(","), d.public_key);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail([e.to_string()]),
+            }
+        }
+        DeviceCmd::Revoke { config, region, id } => {
+            let (_, mut store) = match open_region(&config, &region) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
+            match store.device(&id) {
+                Ok(Some(_)) => {}
+                Ok(None) => return fail([format!("device {id} is not enrolled in {region}")]),
+                Err(e) => return fail([e.to_string()]),
+            }
+            let batch = RegionBatch { revoke: vec![(id.clone(), larder_agent::writer::now_ms())], ..RegionBatch::default() };
+            match store.commit(&batch) {
+                Ok(()) => {
+                    println!("revoked {id}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail([e.to_string()]),
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The hub's TOML configuration: the regions it owns (with their fridges and catalog), the HTTP
+//! and MQTT endpoints, the bearer tokens and the limits. Unknown keys are refused.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use larder_shared::catalog::CatalogItem;
+use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
+use larder_shared::{FridgeId, RegionId, SiteId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where the region databases and the hub key live. Relative to the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The hub's Ed25519 key; created on first start if missing. Default: `hub.key` in data_dir.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    pub regions: Vec<RegionConfig>,
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub request_body_bytes_max: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            request_body_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
+/// Embedded broker, or an external one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerMode {
+    Embedded,
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub mode: BrokerMode,
+    /// Where the embedded broker listens, or the external broker's `host:port`.
+    pub broker: String,
+    /// The hub's own MQTT client id.
+    pub client_id: String,
+    pub keepalive_seconds: u64,
+    pub max_message_bytes: usize,
+    /// Most client connections the embedded broker accepts.
+    pub connections_max: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            mode: BrokerMode::Embedded,
+            broker: "127.0.0.1:1883".into(),
+            client_id: "larder-hub".into(),
+            keepalive_seconds: 15,
+            max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
+            connections_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub retransmit_after_ms: u64,
+    pub batch_entries_max: u64,
+    pub inflight_entries_max: u64,
+    /// Commands a region writer commits together.
+    pub group_commit_max: usize,
+    /// Commands waiting for a region writer; past it, uplinks wait and API calls get 503.
+    pub queue_depth_max: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            retransmit_after_ms: 5_000,
+            batch_entries_max: 512,
+            inflight_entries_max: 4_096,
+            group_commit_max: 256,
+            queue_depth_max: 4_096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub id: RegionId,
+    #[serde(default)]
+    pub fridges: Vec<FridgeConfig>,
+    #[serde(default)]
+    pub catalog: Option<CatalogConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FridgeConfig {
+    pub id: FridgeId,
+    pub site: SiteId,
+    /// Units per sku under which the fridge counts as low on stock.
+    #[serde(default = "default_low_stock")]
+    pub low_stock_units: u32,
+}
+
+fn default_low_stock() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    pub currency: String,
+    pub items: Vec<CatalogItem>,
+}
+
+/// Who may call the API: a token (stored as its SHA-256), a role and the regions.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// SHA-256 of the token, 64 hex digits (`larder-hub token create` prints one).
+    pub sha256: String,
+    pub role: TokenRole,
+    /// Regions this token may touch; `["*"]` for all.
+    pub regions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenRole {
+    Admin,
+    Kitchen,
+    App,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("larder-hub-data")
+}
+
+/// A configuration problem, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Problem(pub String);
+
+impl HubConfig {
+    pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
+        let mut config: HubConfig = toml::from_str(&text).map_err(|e| {
+            vec![Problem(format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().replace('\n', " ").trim()
+            ))]
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.data_dir.is_relative() {
+            config.data_dir = base.join(&config.data_dir);
+        }
+        if let Some(k) = &config.key_file
+            && k.is_relative()
+        {
+            config.key_file = Some(base.join(k));
+        }
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("hub.key"))
+    }
+
+    pub fn region_db(&self, region: &RegionId) -> PathBuf {
+        self.data_dir.join(format!("region-{region}.db"))
+    }
+
+    pub fn region(&self, id: &RegionId) -> Option<&RegionConfig> {
+        self.regions.iter().find(|r| &r.id == id)
+    }
+
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        if self.regions.is_empty() {
+            p.push(Problem("regions: a hub owns at least one region".into()));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &self.regions {
+            if !seen.insert(&r.id) {
+                p.push(Problem(format!("regions: {} is listed twice", r.id)));
+            }
+            let mut fridges = std::collections::BTreeSet::new();
+            for f in &r.fridges {
+                if !fridges.insert(&f.id) {
+                    p.push(Problem(format!("regions.{}.fridges: {} is listed twice", r.id, f.id)));
+                }
+            }
+            if let Some(c) = &r.catalog {
+                if c.currency.len() != 3 || !c.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                    p.push(Problem(format!(
+                        "regions.{}.catalog.currency: {:?} is not an ISO 4217 code",
+                        r.id, c.currency
+                    )));
+                }
+                for item in &c.items {
+                    if item.price_minor < 0 {
+                        p.push(Problem(format!(
+                            "regions.{}.catalog: {} has a negative price",
+                            r.id, item.sku
+                        )));
+                    }
+                }
+            }
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                p.push(Problem(format!("tokens[{i}].sha256: not 64 hex digits")));
+            }
+            for r in &t.regions {
+                if r != "*" && RegionId::new(r.as_str()).map_or(true, |id| self.region(&id).is_none()) {
+                    p.push(Problem(format!("tokens[{i}].regions: {r} is not a region of this hub")));
+                }
+            }
+        }
+        if self.mqtt.mode == BrokerMode::Embedded && self.mqtt.broker.parse::<SocketAddr>().is_err() {
+            p.push(Problem(format!(
+                "mqtt.broker: the embedded broker needs an ip:port to listen on, got {:?}",
+                self.mqtt.broker
+            )));
+        }
+        if !(16 * 1024..=16 * 1024 * 1024).contains(&self.mqtt.max_message_bytes) {
+            p.push(Problem(format!(
+                "mqtt.max_message_bytes: {} is outside 16384..=16777216",
+                self.mqtt.max_message_bytes
+            )));
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_and_refuses_unknown_keys() {
+        let ok: HubConfig = toml::from_str("[[regions]]\nid = \"north\"\n").expect("parses");
+        assert!(ok.problems().is_empty());
+        let err = toml::from_str::<HubConfig>("[[regions]]\nid = \"north\"\nsize = 3\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("size"), "{err}");
+    }
+
+    #[test]
+    fn value_problems_are_reported() {
+        let c: HubConfig = toml::from_str(
+            "[[regions]]\nid = \"north\"\n[[regions]]\nid = \"north\"\n[[tokens]]\nsha256 = \"x\"\nrole = \"admin\"\nregions = [\"south\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(c.problems().len(), 3, "{:?}", c.problems());
+    }
+}

@@ -1,0 +1,351 @@
+//! The hub's HTTP API for kitchens, apps and admins (CONTRACT.md): bearer tokens with a role and
+//! regions, errors as `{"error": {"code", "message"}}`, reads from the region stores' WAL
+//! readers, admin writes through the region writer.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use larder_shared::domain::Role;
+use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SiteId};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::RegionHandle;
+use crate::config::{TokenConfig, TokenRole};
+use crate::metrics::HubMetrics;
+use crate::region::{RegionCommand, RegionError};
+use crate::store::DeviceRecord;
+
+#[derive(Debug, Clone)]
+pub struct HubState {
+    pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
+    pub tokens: Arc<Vec<TokenConfig>>,
+    pub metrics: Arc<HubMetrics>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            warn!(code = self.code, message = %self.message, "request failed");
+        }
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<RegionError> for ApiError {
+    fn from(e: RegionError) -> Self {
+        use StatusCode as S;
+        let (status, code) = match &e {
+            RegionError::DeviceExists(_) => (S::CONFLICT, "device_exists"),
+            RegionError::UnknownDevice(_) => (S::NOT_FOUND, "unknown_device"),
+            RegionError::UnknownFridge(_) => (S::UNPROCESSABLE_ENTITY, "unknown_fridge"),
+            RegionError::Invalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
+            RegionError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            RegionError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+/// SHA-256 of a bearer token, as the config stores it.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The caller's token, checked for role and region: 401 without a valid token, 403 otherwise.
+fn authorize<'a>(
+    s: &'a HubState,
+    headers: &HeaderMap,
+    region: Option<&str>,
+    roles: &[TokenRole],
+) -> Result<&'a TokenConfig, ApiError> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required"))?;
+    let hash = token_sha256(token.trim());
+    let t = s
+        .tokens
+        .iter()
+        .find(|t| t.sha256.eq_ignore_ascii_case(&hash))
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))?;
+    if !roles.contains(&t.role) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token's role may not do that"));
+    }
+    if let Some(r) = region
+        && !t.regions.iter().any(|x| x == "*" || x == r)
+    {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may not touch region {r}")));
+    }
+    Ok(t)
+}
+
+fn region<'a>(s: &'a HubState, r: &str) -> Result<&'a RegionHandle, ApiError> {
+    RegionId::new(r)
+        .ok()
+        .and_then(|id| s.regions.get(&id))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_region", format!("this hub does not own region {r}")))
+}
+
+pub fn router(state: HubState, body_bytes_max: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/regions", get(regions))
+        .route("/v1/regions/{r}/fridges", get(fridges))
+        .route("/v1/regions/{r}/fridges/{f}/stock", get(stock))
+        .route("/v1/regions/{r}/orders", get(orders))
+        .route("/v1/regions/{r}/devices", get(devices).post(enroll))
+        .route("/v1/regions/{r}/devices/{d}", delete(revoke))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
+        .with_state(state)
+}
+
+async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let response = next.run(req).await;
+    s.metrics
+        .http_requests
+        .get_or_create(&vec![("method", method), ("route", route), ("status", response.status().as_u16().to_string())])
+        .inc();
+    response
+}
+
+fn rfc3339(ms: i64) -> Option<String> {
+    Timestamp::from_millisecond(ms).ok().map(|t| t.to_string())
+}
+
+async fn healthz(State(s): State<HubState>) -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "regions": s.regions.keys().collect::<Vec<_>>()}))
+}
+
+async fn metrics(State(s): State<HubState>) -> Response {
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode()).into_response()
+}
+
+async fn regions(State(s): State<HubState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    let t = authorize(&s, &headers, None, &[TokenRole::Admin, TokenRole::Kitchen, TokenRole::App])?;
+    let list: Vec<_> = s
+        .regions
+        .iter()
+        .filter(|(id, _)| t.regions.iter().any(|r| r == "*" || r == id.as_str()))
+        .map(|(id, h)| json!({"region": id, "fridges": h.config.fridges.len(), "catalog_version": h.catalog.version}))
+        .collect();
+    Ok(Json(json!({"regions": list})))
+}
+
+async fn fridges(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+    let h = region(&s, &r)?.clone();
+    let now = larder_agent::writer::now_ms();
+    let reads = h.reads.clone();
+    let config = h.config.clone();
+    let (devices, stocks) = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let devices = reads.devices()?;
+        let mut stocks = Vec::new();
+        for f in &config.fridges {
+            stocks.push(reads.stock(&f.id, now)?.0);
+        }
+        Ok((devices, stocks))
+    })
+    .await
+    .map_err(internal)??;
+    let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
+    let list: Vec<_> = h
+        .config
+        .fridges
+        .iter()
+        .zip(stocks)
+        .map(|(f, skus)| {
+            let device = devices.iter().find(|(d, _)| d.role == Role::Fridge && d.fridges.contains(&f.id));
+            let online = device.is_some_and(|(d, _)| presence.get(&d.device_id).copied().unwrap_or(false));
+            let last_seen = device.and_then(|(d, _)| d.last_seen_ms).and_then(rfc3339);
+            let units: u64 = skus.iter().map(|k| k.available).sum();
+            let low: Vec<&str> = skus.iter().filter(|k| k.available < u64::from(f.low_stock_units)).map(|k| k.sku.as_str()).collect();
+            json!({
+                "fridge_id": f.id, "site": f.site, "device_id": device.map(|(d, _)| &d.device_id),
+                "online": online, "last_seen_at": last_seen, "units_in_stock": units, "low_stock_skus": low,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"fridges": list})))
+}
+
+async fn stock(State(s): State<HubState>, headers: HeaderMap, Path((r, f)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+    let h = region(&s, &r)?;
+    let fridge = FridgeId::new(f.as_str())
+        .ok()
+        .filter(|id| h.config.fridges.iter().any(|c| &c.id == id))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_fridge", format!("no fridge {f} in region {r}")))?;
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(RegionCommand::Digest { fridge: fridge.clone(), reply }).await.map_err(internal)?;
+    let digest = rx.await.map_err(internal)?;
+    let reads = h.reads.clone();
+    let now = larder_agent::writer::now_ms();
+    let fid = fridge.clone();
+    let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&fid, now)).await.map_err(internal)??;
+    Ok(Json(json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest})))
+}
+
+#[derive(Debug, Deserialize)]
+struct OrdersQuery {
+    fridge_id: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn orders(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>, Query(q): Query<OrdersQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+    let h = region(&s, &r)?;
+    let fridge = q
+        .fridge_id
+        .map(FridgeId::new)
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()))?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let reads = h.reads.clone();
+    let list = tokio::task::spawn_blocking(move || reads.orders(fridge.as_ref(), limit)).await.map_err(internal)??;
+    Ok(Json(json!({"orders": list})))
+}
+
+fn device_json(d: &DeviceRecord, online: bool) -> serde_json::Value {
+    json!({
+        "device_id": d.device_id, "role": d.role, "site": d.site, "fridges": d.fridges,
+        "public_key": d.public_key, "enrolled_at": rfc3339(d.enrolled_at_ms),
+        "revoked_at": d.revoked_at_ms.and_then(rfc3339), "last_seen_at": d.last_seen_ms.and_then(rfc3339),
+        "online": online,
+    })
+}
+
+async fn devices(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let reads = h.reads.clone();
+    let list = tokio::task::spawn_blocking(move || reads.devices()).await.map_err(internal)??;
+    let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
+    let list: Vec<_> = list
+        .iter()
+        .map(|(d, _)| device_json(d, presence.get(&d.device_id).copied().unwrap_or(false)))
+        .collect();
+    Ok(Json(json!({"devices": list})))
+}
+
+/// The body of `POST /v1/regions/{r}/devices`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    pub device_id: DeviceId,
+    pub role: Role,
+    #[serde(default)]
+    pub site: Option<SiteId>,
+    pub fridges: Vec<FridgeId>,
+    pub public_key: PublicKey,
+}
+
+/// Enrolls a device through the region writer (used by the API, the CLI and the demo).
+pub async fn enroll_device(h: &RegionHandle, body: EnrollBody) -> Result<DeviceRecord, RegionError> {
+    let record = DeviceRecord {
+        device_id: body.device_id,
+        role: body.role,
+        site: body.site,
+        fridges: body.fridges,
+        public_key: body.public_key,
+        enrolled_at_ms: larder_agent::writer::now_ms(),
+        revoked_at_ms: None,
+        last_seen_ms: None,
+    };
+    let (reply, rx) = oneshot::channel();
+    h.tx.try_send(RegionCommand::Enroll { record, reply }).map_err(|_| RegionError::Overloaded)?;
+    rx.await.map_err(|_| RegionError::Overloaded)?
+}
+
+/// Revokes a device through the region writer.
+pub async fn revoke_device(h: &RegionHandle, device: DeviceId) -> Result<(), RegionError> {
+    let (reply, rx) = oneshot::channel();
+    h.tx.try_send(RegionCommand::Revoke { device, reply }).map_err(|_| RegionError::Overloaded)?;
+    rx.await.map_err(|_| RegionError::Overloaded)?
+}
+
+async fn enroll(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is too large")
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
+        }
+    })?;
+    let body: EnrollBody = serde_json::from_slice(&bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
+        }
+    })?;
+    match enroll_device(h, body.clone()).await {
+        Ok(d) => Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response()),
+        Err(RegionError::DeviceExists(id)) => {
+            // A retry of the same enrollment answers as the first did; another body is a conflict.
+            let reads = h.reads.clone();
+            let list = tokio::task::spawn_blocking(move || reads.devices()).await.map_err(internal)??;
+            match list.into_iter().find(|(d, _)| d.device_id == id) {
+                Some((d, _)) if d.public_key == body.public_key && d.role == body.role && d.fridges == body.fridges && d.site == body.site => {
+                    Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response())
+                }
+                _ => Err(RegionError::DeviceExists(id).into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn revoke(State(s): State<HubState>, headers: HeaderMap, Path((r, d)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let id = DeviceId::new(d.as_str()).map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {d}")))?;
+    revoke_device(h, id.clone()).await?;
+    Ok(Json(json!({"device_id": id, "revoked": true})))
+}

@@ -1,0 +1,70 @@
+//! The hub's Prometheus metrics.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+pub struct HubMetrics {
+    registry: Registry,
+    pub envelopes_accepted: Family<Labels, Counter>,
+    pub envelopes_rejected: Family<Labels, Counter>,
+    pub changes_merged: Family<Labels, Counter>,
+    pub downlink_envelopes: Family<Labels, Counter>,
+    pub devices_online: Family<Labels, Gauge>,
+    pub commit_seconds: Histogram,
+    pub commit_failures: Counter,
+    pub http_requests: Family<Labels, Counter>,
+}
+
+impl Default for HubMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("larder_hub");
+        let m = Self {
+            registry: Registry::default(),
+            envelopes_accepted: Family::default(),
+            envelopes_rejected: Family::default(),
+            changes_merged: Family::default(),
+            downlink_envelopes: Family::default(),
+            devices_online: Family::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            commit_failures: Counter::default(),
+            http_requests: Family::default(),
+        };
+        registry.register("envelopes_accepted", "Envelopes accepted, by region and kind", m.envelopes_accepted.clone());
+        registry.register("envelopes_rejected", "Envelopes rejected, by region and reason", m.envelopes_rejected.clone());
+        registry.register("changes_merged", "Ledger changes merged, by region", m.changes_merged.clone());
+        registry.register("downlink_envelopes", "Envelopes sent down to devices, by region and kind", m.downlink_envelopes.clone());
+        registry.register("devices_online", "Devices whose presence is online, by region", m.devices_online.clone());
+        registry.register("commit_seconds", "Duration of one region group commit", m.commit_seconds.clone());
+        registry.register("commit_failures", "Region commits that failed", m.commit_failures.clone());
+        registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl HubMetrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn rejected(&self, region: &str, reason: &str) {
+        self.envelopes_rejected
+            .get_or_create(&vec![("region", region.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// How many envelopes were rejected for `reason` in `region` (for tests and the demo).
+    pub fn rejected_count(&self, region: &str, reason: &str) -> u64 {
+        self.envelopes_rejected
+            .get_or_create(&vec![("region", region.to_owned()), ("reason", reason.to_owned())])
+            .get()
+    }
+}

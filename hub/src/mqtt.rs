@@ -1,0 +1,443 @@
+//! The hub's side of MQTT: the embedded broker, and the hub's own client.
+//!
+//! Data flow: a poller task owns the rumqttc event loop and forwards connection events and
+//! publishes → the hub task routes `up` publishes to their region's writer (never blocking on
+//! the answer: a small task waits for it and hands the outcome back) → on an outcome it
+//! publishes the signed `Ack` to the device's `down` topic, or moves that device's downlink
+//! window. The downlink pump wakes on new changes, acks, presence and a timer, and for every
+//! online device sends the changes of its ledgers authored by others, within its window.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use larder_shared::envelope::{Body, Envelope, Header, Party};
+use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
+use larder_shared::topics::{self, DeviceTopic};
+use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{MqttConfig, SyncConfig};
+use crate::metrics::HubMetrics;
+use crate::region::{RegionCommand, UplinkOutcome};
+use crate::RegionHandle;
+
+/// Envelope sequence numbers reserved per persisted block.
+const ENV_SEQ_BLOCK: u64 = 1_000;
+const EVENT_QUEUE_MAX: usize = 1_024;
+
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the broker on {0} did not accept connections within 10 s")]
+    NotReady(SocketAddr),
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Starts rumqttd on its own thread and waits until it accepts TCP connections.
+///
+/// rumqttd only logs bind errors and never reports readiness, so the address is checked free
+/// first and then polled until it answers.
+pub fn start_embedded_broker(
+    addr: SocketAddr,
+    max_payload_bytes: usize,
+    connections_max: usize,
+) -> Result<(), BrokerError> {
+    std::net::TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    let mut v4 = HashMap::new();
+    v4.insert(
+        "v4".to_owned(),
+        rumqttd::ServerSettings {
+            name: "v4".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: max_payload_bytes,
+                max_inflight_count: 500,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        },
+    );
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: connections_max,
+            max_outgoing_packet_count: 1_000,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            info!(%addr, "embedded MQTT broker ready");
+            return Ok(());
+        }
+        // Readiness poll of a broker that offers no ready signal.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(BrokerError::NotReady(addr))
+}
+
+/// A free loopback port (for the demo and tests); the caller retries if it is taken meanwhile.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub struct MqttContext {
+    pub regions: BTreeMap<RegionId, RegionHandle>,
+    pub key: SecretKey,
+    pub config: MqttConfig,
+    pub sync: SyncConfig,
+    pub metrics: Arc<HubMetrics>,
+}
+
+impl std::fmt::Debug for MqttContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttContext").field("regions", &self.regions.keys()).finish()
+    }
+}
+
+enum LinkEvent {
+    Connected,
+    Lost(String),
+    Message(String, bytes::Bytes),
+}
+
+struct Downlink {
+    sender: StreamSender,
+    fridges: Vec<FridgeId>,
+    /// `(after, head)` of the last read that found nothing for this device, so the pump does
+    /// not read the same empty range again.
+    idle: Option<(u64, u64)>,
+}
+
+struct HubLink {
+    ctx: MqttContext,
+    limits: SenderLimits,
+    devices: HashMap<(RegionId, DeviceId), Downlink>,
+    seqs: HashMap<RegionId, SeqAllocator>,
+    outcomes_tx: mpsc::Sender<(RegionId, DeviceId, UplinkOutcome)>,
+    connected: bool,
+}
+
+fn split_host_port(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(1883)),
+        None => (addr.to_owned(), 1883),
+    }
+}
+
+/// Runs the hub's MQTT client until `shutdown` turns true.
+pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
+    let (host, port) = split_host_port(&ctx.config.broker);
+    let mut opts = MqttOptions::new(ctx.config.client_id.clone(), host, port);
+    opts.set_keep_alive(Duration::from_secs(ctx.config.keepalive_seconds));
+    opts.set_clean_session(false);
+    let max = ctx.config.max_message_bytes + 1024;
+    opts.set_max_packet_size(max, max);
+    opts.set_inflight(200);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1_024);
+    let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+    let poller = tokio::spawn(async move {
+        loop {
+            let ev = match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => LinkEvent::Connected,
+                Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p.topic.clone(), p.payload.clone()),
+                Ok(_) => continue,
+                Err(e) => {
+                    if ev_tx.send(LinkEvent::Lost(e.to_string())).await.is_err() {
+                        return;
+                    }
+                    // Reconnect delay; the next poll reconnects.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            if ev_tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    let limits = SenderLimits {
+        batch_entries_max: ctx.sync.batch_entries_max,
+        batch_bytes_max: ctx.config.max_message_bytes.saturating_sub(larder_shared::envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
+        inflight_entries_max: ctx.sync.inflight_entries_max,
+        retransmit_after_ms: ctx.sync.retransmit_after_ms as i64,
+    };
+    let (outcomes_tx, mut outcomes_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+    let mut heads: Vec<(RegionId, watch::Receiver<u64>)> =
+        ctx.regions.iter().map(|(r, h)| (r.clone(), h.head.clone())).collect();
+    let seqs = ctx
+        .regions
+        .iter()
+        .map(|(r, h)| (r.clone(), SeqAllocator::resume(h.env_seq_reserved, ENV_SEQ_BLOCK)))
+        .collect();
+    let mut link = HubLink { ctx, limits, devices: HashMap::new(), seqs, outcomes_tx, connected: false };
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
+    for (_, mut rx) in heads.drain(..) {
+        let tx = head_tx.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if tx.send(()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            ev = ev_rx.recv() => match ev {
+                Some(LinkEvent::Connected) => link.on_connected(&client).await,
+                Some(LinkEvent::Lost(e)) => {
+                    if link.connected { warn!(error = %e, "hub lost its broker connection"); }
+                    link.connected = false;
+                }
+                Some(LinkEvent::Message(topic, payload)) => link.on_message(&topic, payload).await,
+                None => break,
+            },
+            Some((region, device, outcome)) = outcomes_rx.recv() => link.on_outcome(&client, region, device, outcome).await,
+            Some(()) = head_rx.recv() => {}
+            _ = tick.tick() => {
+                let now = larder_agent::writer::now_ms();
+                for d in link.devices.values_mut() { d.sender.tick(now); }
+            }
+            _ = shutdown.changed() => break,
+        }
+        link.pump(&client).await;
+    }
+    let _ = client.try_disconnect();
+    poller.abort();
+}
+
+impl HubLink {
+    async fn on_connected(&mut self, client: &AsyncClient) {
+        info!("hub connected to the broker");
+        self.connected = true;
+        let regions: Vec<(RegionId, larder_shared::catalog::Catalog)> = self
+            .ctx
+            .regions
+            .iter()
+            .map(|(r, h)| (r.clone(), h.catalog.clone()))
+            .collect();
+        for (region, catalog) in &regions {
+            for which in [DeviceTopic::Up, DeviceTopic::Presence] {
+                let filter = topics::region_devices_filter(region, which);
+                if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                    warn!(error = %e, "subscribe failed");
+                }
+            }
+            if let Some(bytes) = self.seal(region, Party::Region, Body::Catalog(catalog.clone())).await {
+                let _ = client.publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes).await;
+            }
+        }
+    }
+
+    /// Seals an envelope from the hub with a fresh, persisted sequence number.
+    async fn seal(&mut self, region: &RegionId, to: Party, body: Body) -> Option<Vec<u8>> {
+        let handle = self.ctx.regions.get(region)?;
+        let alloc = self.seqs.get_mut(region)?;
+        let (seq, reserve) = alloc.next();
+        if let Some(up_to) = reserve {
+            let (reply, rx) = oneshot::channel();
+            let ok = handle.tx.send(RegionCommand::ReserveEnvSeq { up_to, reply }).await.is_ok()
+                && matches!(rx.await, Ok(Ok(())));
+            if !ok {
+                warn!(region = %region, "could not persist the hub's envelope sequence");
+                *alloc = SeqAllocator::resume(up_to, ENV_SEQ_BLOCK);
+                return None;
+            }
+        }
+        let kind = body.kind();
+        let env = Envelope {
+            header: Header {
+                region: region.clone(),
+                sender: Party::Hub,
+                recipient: to,
+                seq,
+                sent_at_ms: larder_agent::writer::now_ms(),
+            },
+            body,
+        };
+        self.ctx
+            .metrics
+            .downlink_envelopes
+            .get_or_create(&vec![("region", region.to_string()), ("kind", kind.to_owned())])
+            .inc();
+        Some(env.seal(&self.ctx.key))
+    }
+
+    async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) {
+        let Some((region, device, which)) = topics::parse_device(topic) else {
+            debug!(topic, "publish on an unknown topic ignored");
+            return;
+        };
+        let Some(handle) = self.ctx.regions.get(&region) else {
+            self.ctx.metrics.rejected(region.as_str(), "unknown_region");
+            return;
+        };
+        match which {
+            DeviceTopic::Presence => {
+                let online = payload.as_ref() == b"online";
+                self.set_presence(&region, &device, online).await;
+            }
+            DeviceTopic::Up => {
+                let (reply, rx) = oneshot::channel();
+                let cmd = RegionCommand::Uplink { topic_device: device.clone(), payload, reply };
+                if handle.tx.send(cmd).await.is_err() {
+                    return;
+                }
+                let tx = self.outcomes_tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(outcome) = rx.await {
+                        let _ = tx.send((region, device, outcome)).await;
+                    }
+                });
+            }
+            DeviceTopic::Down => {}
+        }
+    }
+
+    async fn set_presence(&mut self, region: &RegionId, device: &DeviceId, online: bool) {
+        let key = (region.clone(), device.clone());
+        let now = larder_agent::writer::now_ms();
+        if online {
+            if let Some(d) = self.devices.get_mut(&key) {
+                d.sender.on_connected(now);
+            } else if let Some(mut d) = self.load_downlink(region, device).await {
+                d.sender.on_connected(now);
+                self.devices.insert(key, d);
+            }
+        } else if let Some(d) = self.devices.get_mut(&key) {
+            d.sender.on_disconnected();
+        }
+        if let Some(handle) = self.ctx.regions.get(region)
+            && let Ok(mut presence) = handle.presence.write()
+        {
+            presence.insert(device.clone(), online);
+        }
+        let online_count = self
+            .devices
+            .iter()
+            .filter(|((r, _), d)| r == region && d.sender.is_connected())
+            .count();
+        self.ctx
+            .metrics
+            .devices_online
+            .get_or_create(&vec![("region", region.to_string())])
+            .set(online_count as i64);
+    }
+
+    async fn load_downlink(&self, region: &RegionId, device: &DeviceId) -> Option<Downlink> {
+        let reads = self.ctx.regions.get(region)?.reads.clone();
+        let devices = tokio::task::spawn_blocking(move || reads.devices()).await.ok()?.ok()?;
+        let (record, progress) = devices.into_iter().find(|(d, _)| &d.device_id == device)?;
+        if record.revoked_at_ms.is_some() {
+            return None;
+        }
+        Some(Downlink {
+            sender: StreamSender::new(progress.down_acked, self.limits),
+            fridges: record.fridges,
+            idle: None,
+        })
+    }
+
+    async fn on_outcome(&mut self, client: &AsyncClient, region: RegionId, device: DeviceId, outcome: UplinkOutcome) {
+        let key = (region.clone(), device.clone());
+        if !matches!(outcome, UplinkOutcome::Rejected(_))
+            && !self.devices.get(&key).is_some_and(|d| d.sender.is_connected())
+        {
+            // Accepted traffic means the device is online even if its presence was missed.
+            self.set_presence(&region, &device, true).await;
+        }
+        match outcome {
+            UplinkOutcome::Ack(ack) => {
+                let to = Party::Device(device.clone());
+                if let Some(bytes) = self.seal(&region, to, Body::Ack(ack)).await {
+                    let topic = topics::device(&region, &device, DeviceTopic::Down);
+                    if client.try_publish(topic, QoS::AtLeastOnce, false, bytes).is_err() {
+                        debug!(device = %device, "ack not queued; the device will resend");
+                    }
+                }
+            }
+            UplinkOutcome::DownAcked(up_to) => {
+                if let Some(d) = self.devices.get_mut(&key) {
+                    let ack = larder_shared::envelope::Ack { up_to, gap: false };
+                    d.sender.on_ack(ack, larder_agent::writer::now_ms());
+                }
+            }
+            UplinkOutcome::Rejected(_) => {}
+        }
+    }
+
+    /// Sends every online device the changes it lacks, within its window.
+    async fn pump(&mut self, client: &AsyncClient) {
+        if !self.connected {
+            return;
+        }
+        let keys: Vec<(RegionId, DeviceId)> = self.devices.keys().cloned().collect();
+        for key in keys {
+            let Some(handle) = self.ctx.regions.get(&key.0) else { continue };
+            let head = *handle.head.borrow();
+            let reads_pool = handle.reads.clone();
+            loop {
+                let Some(d) = self.devices.get(&key) else { break };
+                let Some(window) = d.sender.poll_send(head) else { break };
+                if d.idle == Some((window.after, head)) {
+                    break;
+                }
+                let reads = reads_pool.clone();
+                let (device, fridges) = (key.1.clone(), d.fridges.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    reads.downlink_after(&device, &fridges, window.after, window.entries_max)
+                })
+                .await;
+                let Ok(Ok(entries)) = read else {
+                    warn!(device = %key.1, "reading the downlink failed");
+                    break;
+                };
+                let Some(batch) = build_batch(window, entries, head) else { break };
+                let up_to = batch.up_to;
+                if batch.entries.is_empty() {
+                    // Nothing for this device yet; the range is covered by its next batch.
+                    if let Some(d) = self.devices.get_mut(&key) {
+                        d.idle = Some((window.after, head));
+                    }
+                    break;
+                }
+                let Some(bytes) = self.seal(&key.0, Party::Device(key.1.clone()), Body::Changes(batch)).await else { break };
+                let topic = topics::device(&key.0, &key.1, DeviceTopic::Down);
+                if client.try_publish(topic, QoS::AtLeastOnce, false, bytes).is_err() {
+                    break;
+                }
+                if let Some(d) = self.devices.get_mut(&key) {
+                    d.sender.on_sent(up_to);
+                }
+            }
+        }
+    }
+}
