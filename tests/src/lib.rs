@@ -1,1 +1,272 @@
-//! placeholder
+//! Helpers for Larder's end-to-end tests: start hubs and agents in-process or as real processes,
+//! enroll devices, and talk to them over real HTTP. Nothing here fakes a component.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use larder_agent::AgentHandle;
+use larder_hub::HubHandle;
+use larder_hub::demo::{REGION, agent_config, seeded_key};
+use larder_shared::domain::Role;
+use larder_shared::{DeviceId, FridgeId, PublicKey, SecretKey};
+use serde_json::{Value, json};
+
+/// The admin token every test hub accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Waits until `check` returns `Some`, polling an observable condition until `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("http client")
+}
+
+/// Starts an in-process hub with the embedded broker on a free port.
+pub async fn start_hub(dir: &Path, fridges: u32) -> Result<HubHandle> {
+    larder_hub::demo::start_hub(dir, fridges, &larder_hub::http::token_sha256(ADMIN_TOKEN), seeded_key(7, "hub")).await
+}
+
+/// Enrolls a device over the hub's HTTP API.
+pub async fn enroll(hub_http: &str, device: &str, role: Role, fridges: &[&str], key: &PublicKey) -> Result<()> {
+    let resp = http()
+        .post(format!("{hub_http}/v1/regions/{REGION}/devices"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"device_id": device, "role": role, "fridges": fridges, "public_key": key}))
+        .send()
+        .await?;
+    if resp.status().as_u16() != 201 {
+        bail!("enroll {device}: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(())
+}
+
+pub fn fridge_ids(names: &[&str]) -> Vec<FridgeId> {
+    names.iter().map(|n| FridgeId::new(*n).expect("fridge id")).collect()
+}
+
+/// Starts an in-process agent (after enrolling it).
+pub async fn start_agent(dir: &Path, hub: &HubHandle, device: &str, role: Role, fridges: &[&str]) -> Result<AgentHandle> {
+    let key = seeded_key(7, device);
+    enroll(&format!("http://{}", hub.http_addr), device, role, fridges, &key.public()).await?;
+    let config = agent_config(&dir.join(device), device, role, &fridge_ids(fridges), hub.public_key, &hub.broker)?;
+    Ok(larder_agent::start(config, key).await?)
+}
+
+/// The agent's health document.
+pub async fn health(url: &str) -> Result<Value> {
+    Ok(http().get(format!("{url}/v1/health")).send().await?.json().await?)
+}
+
+/// Waits until an agent is online, has the catalog and has nothing pending.
+pub async fn synced(url: &str, limit: Duration) -> Result<()> {
+    eventually(limit, &format!("{url} to sync"), || async {
+        let h = health(url).await.ok()?;
+        (h["online"] == true && h["pending_changes"] == 0 && h["catalog_version"].as_u64()? > 0).then_some(())
+    })
+    .await
+}
+
+/// Refills `n` units named `{prefix}-{i}` of `sku` at a fridge through an agent.
+pub async fn refill(url: &str, fridge: &str, prefix: &str, sku: &str, n: usize) -> Result<()> {
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let units: Vec<Value> = (0..n)
+        .map(|i| json!({"unit_id": format!("{prefix}-{i}"), "sku": sku, "expires_at": expires.to_string()}))
+        .collect();
+    let resp = http()
+        .post(format!("{url}/v1/refills"))
+        .header("Idempotency-Key", format!("refill-{prefix}"))
+        .json(&json!({"fridge_id": fridge, "units": units}))
+        .send()
+        .await?;
+    if resp.status().as_u16() != 201 {
+        bail!("refill: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(())
+}
+
+/// The price of a demo sku.
+pub fn price(sku: &str) -> i64 {
+    larder_hub::demo::demo_catalog()
+        .items
+        .iter()
+        .find(|i| i.sku.as_str() == sku)
+        .map_or(0, |i| i.price_minor)
+}
+
+/// Sells one unit; returns the HTTP status and body.
+pub async fn sell_unit(client: &reqwest::Client, url: &str, fridge: &str, unit: &str, sku: &str, key: &str) -> Result<(u16, Value)> {
+    let resp = client
+        .post(format!("{url}/v1/sales"))
+        .header("Idempotency-Key", key)
+        .json(&json!({
+            "fridge_id": fridge,
+            "lines": [{"sku": sku, "unit_id": unit, "quantity": 1}],
+            "payment": {"method": "card", "amount_minor": price(sku), "currency": "EUR"},
+        }))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// Per-sku available counts from a stock answer.
+pub fn available(stock: &Value, sku: &str) -> u64 {
+    stock["skus"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["sku"] == sku))
+        .and_then(|s| s["available"].as_u64())
+        .unwrap_or(0)
+}
+
+/// An agent's stock view.
+pub async fn agent_stock(url: &str, fridge: &str) -> Result<Value> {
+    Ok(http().get(format!("{url}/v1/stock?fridge_id={fridge}")).send().await?.json().await?)
+}
+
+/// The hub's stock view (with its ledger digest).
+pub async fn hub_stock(hub_http: &str, fridge: &str) -> Result<Value> {
+    Ok(http()
+        .get(format!("{hub_http}/v1/regions/{REGION}/fridges/{fridge}/stock"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// The order ids the hub holds.
+pub async fn hub_order_ids(hub_http: &str) -> Result<Vec<String>> {
+    let v: Value = http()
+        .get(format!("{hub_http}/v1/regions/{REGION}/orders?limit=10000"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["orders"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no orders in {v}"))?
+        .iter()
+        .filter_map(|o| o["order_id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// A real process whose stdout announces its address.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Process {
+    /// Spawns `exe args`, and waits for a stdout line containing `marker` followed by an URL.
+    pub fn spawn(exe: &str, args: &[&str], marker: &str) -> Result<Self> {
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {exe}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let marker = marker.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split(&marker).nth(1) {
+                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("{exe} did not announce its address"))?;
+        Ok(Self { child, url })
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes a hub config for the test region and returns its path.
+pub fn write_hub_config(dir: &Path, broker_port: u16, http_port: u16, fridges: u32) -> Result<PathBuf> {
+    let mut c = larder_hub::demo::hub_config(&dir.join("data"), broker_port, fridges, larder_hub::http::token_sha256(ADMIN_TOKEN))?;
+    c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    std::fs::create_dir_all(dir)?;
+    let key = seeded_key(7, "hub");
+    let key_path = dir.join("hub.key");
+    if !key_path.exists() {
+        larder_agent::write_key(&key_path, &key)?;
+    }
+    let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
+    let text = format!(
+        "data_dir = {:?}\nkey_file = {:?}\n[http]\nlisten = \"{}\"\n[mqtt]\nbroker = \"{}\"\n[sync]\nretransmit_after_ms = 2000\n[[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
+        c.data_dir, key_path, c.http.listen, c.mqtt.broker, c.tokens[0].sha256,
+    );
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// Writes an agent config and its key; returns the config path.
+pub fn write_agent_config(dir: &Path, device: &str, role: Role, fridges: &[&str], hub_key: PublicKey, broker: &str) -> Result<(PathBuf, SecretKey)> {
+    std::fs::create_dir_all(dir)?;
+    let key = seeded_key(7, device);
+    let key_path = dir.join("device.key");
+    if !key_path.exists() {
+        larder_agent::write_key(&key_path, &key)?;
+    }
+    let text = format!(
+        "device_id = \"{device}\"\nrole = \"{}\"\nregion = \"{REGION}\"\nfridges = {}\nhub_public_key = \"{hub_key}\"\ndata_dir = {:?}\nkey_file = {:?}\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nbroker = \"{broker}\"\nreconnect_delay_ms_min = 50\nreconnect_delay_ms_max = 1000\n[sync]\nretransmit_after_ms = 2000\n",
+        role.as_str(),
+        serde_json::to_string(fridges)?,
+        dir.join("data"),
+        key_path,
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text)?;
+    Ok((path, key))
+}
+
+/// The hub public key tests use.
+pub fn hub_public_key() -> PublicKey {
+    seeded_key(7, "hub").public()
+}
+
+/// A device id.
+pub fn device(name: &str) -> DeviceId {
+    DeviceId::new(name).expect("device id")
+}
