@@ -1,0 +1,59 @@
+//! `config check` through the real binaries: every example config passes, and a file with an
+//! unknown key fails with a line that names the key.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn check(exe: &str, file: &Path) -> (bool, String) {
+    let out = Command::new(exe).args(["config", "check"]).arg(file).output().expect("run config check");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn every_firmware_config_passes() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("firmware-config")).expect("firmware-config") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (ok, out) = check(env!("CARGO_BIN_EXE_agent-node"), &path);
+            assert!(ok, "{}: {out}", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "the fridge and POS examples are there");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &root().join("hub/hub.example.toml"));
+    assert!(ok, "hub example: {out}");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = std::fs::read_to_string(root().join("firmware-config/fridge.example.toml")).expect("example");
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, example.replace("[mqtt]", "[mqtt]\nbroker_colour = \"blue\"")).expect("write");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_agent-node"), &unknown);
+    assert!(!ok);
+    assert!(out.contains("broker_colour"), "{out}");
+
+    let bad = dir.path().join("bad.toml");
+    let text = example
+        .replace("keepalive_seconds = 15", "keepalive_seconds = 1")
+        .replace("group_commit_max = 256", "group_commit_max = 0")
+        .replace("fridges = [\"fridge-lobby-1\"]", "fridges = []");
+    std::fs::write(&bad, text).expect("write");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_agent-node"), &bad);
+    assert!(!ok);
+    assert_eq!(out.lines().count(), 3, "one line per problem: {out}");
+    for key in ["keepalive_seconds", "group_commit_max", "fridges"] {
+        assert!(out.contains(key), "{key} named: {out}");
+    }
+
+    let missing = dir.path().join("missing.toml");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &missing);
+    assert!(!ok);
+    assert!(out.contains("missing.toml"), "{out}");
+}
