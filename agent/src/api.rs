@@ -102,22 +102,36 @@ impl From<CommandError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.to_string(),
+        )
     }
 }
 
 /// Parses a JSON body: 413 past the limit, 400 for broken JSON, 422 for wrong values.
-fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<(T, Bytes), ApiError> {
+fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, Bytes), ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is too large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is too large",
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
         }
     })?;
     let value = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
         }
@@ -162,10 +176,11 @@ pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{order_id}", get(order))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-        })
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
 }
@@ -257,7 +272,11 @@ async fn refill(
 ) -> Result<Response, ApiError> {
     let (req, bytes): (RefillBody, _) = parse_body(body)?;
     if req.units.is_empty() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "units is empty"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "units is empty",
+        ));
     }
     let idem = idempotency(&headers, "/v1/refills", &bytes)?;
     let action = Action::Refill(Refill {
@@ -330,7 +349,11 @@ async fn door_session(
 ) -> Result<Response, ApiError> {
     let (req, bytes): (DoorSessionBody, _) = parse_body(body)?;
     if req.session_id.is_empty() || req.session_id.len() > 128 {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", "session_id must be 1 to 128 bytes"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "session_id must be 1 to 128 bytes",
+        ));
     }
     let idem = idempotency(&headers, "/v1/door-sessions", &bytes)?;
     let action = Action::DoorSession(DoorSession {
@@ -377,9 +400,17 @@ fn outcome_json(outcome: &Outcome) -> serde_json::Value {
             "lines": view.record.lines,
             "created_at": rfc3339(view.record.created_at_ms),
         }),
-        Outcome::Refilled { fridge_id, units } => json!({"fridge_id": fridge_id, "units_loaded": units}),
-        Outcome::Removed { fridge_id, units } => json!({"fridge_id": fridge_id, "units_removed": units}),
-        Outcome::DoorSession { fridge_id, session_id, matches } => json!({
+        Outcome::Refilled { fridge_id, units } => {
+            json!({"fridge_id": fridge_id, "units_loaded": units})
+        }
+        Outcome::Removed { fridge_id, units } => {
+            json!({"fridge_id": fridge_id, "units_removed": units})
+        }
+        Outcome::DoorSession {
+            fridge_id,
+            session_id,
+            matches,
+        } => json!({
             "fridge_id": fridge_id,
             "session_id": session_id,
             "units_taken": matches,
@@ -399,33 +430,65 @@ struct StockAnswer {
     units: Vec<larder_shared::domain::UnitView>,
 }
 
-async fn stock(State(s): State<ApiState>, Query(q): Query<StockQuery>) -> Result<Json<StockAnswer>, ApiError> {
+async fn stock(
+    State(s): State<ApiState>,
+    Query(q): Query<StockQuery>,
+) -> Result<Json<StockAnswer>, ApiError> {
     let fridge = match q.fridge_id {
-        Some(f) => FridgeId::new(f).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()))?,
+        Some(f) => FridgeId::new(f).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            )
+        })?,
         None if s.fridges.len() == 1 => s.fridges[0].clone(),
-        None => return Err(ApiError::new(StatusCode::BAD_REQUEST, "missing_fridge_id", "fridge_id is required: this device serves several fridges")),
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_fridge_id",
+                "fridge_id is required: this device serves several fridges",
+            ));
+        }
     };
     if !s.fridges.contains(&fridge) {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_fridge", format!("fridge {fridge} is not served by this device")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_fridge",
+            format!("fridge {fridge} is not served by this device"),
+        ));
     }
     let reads = s.reads.clone();
     let f = fridge.clone();
     let now = writer::now_ms();
     let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&f, now))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    Ok(Json(StockAnswer { fridge_id: fridge, skus, units }))
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    Ok(Json(StockAnswer {
+        fridge_id: fridge,
+        skus,
+        units,
+    }))
 }
 
 async fn order(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id = OrderId::new(id).map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
+    let id = OrderId::new(id)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
     let reads = s.reads.clone();
     let found = tokio::task::spawn_blocking(move || reads.order(&id))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     match found {
         Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_order", "no such order here")),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_order",
+            "no such order here",
+        )),
     }
 }
 
@@ -435,7 +498,10 @@ struct OrdersQuery {
     limit: Option<u32>,
 }
 
-async fn orders(State(s): State<ApiState>, Query(q): Query<OrdersQuery>) -> Result<Response, ApiError> {
+async fn orders(
+    State(s): State<ApiState>,
+    Query(q): Query<OrdersQuery>,
+) -> Result<Response, ApiError> {
     if let Some(status) = &q.status {
         status
             .parse::<larder_shared::domain::OrderStatus>()
@@ -445,13 +511,18 @@ async fn orders(State(s): State<ApiState>, Query(q): Query<OrdersQuery>) -> Resu
     let reads = s.reads.clone();
     let list = tokio::task::spawn_blocking(move || reads.orders(q.status.as_deref(), limit))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     Ok(Json(json!({ "orders": list })).into_response())
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.shared.metrics.encode(),
     )
         .into_response()

@@ -204,7 +204,12 @@ fn status(url: &str) -> ExitCode {
                 serde_json::Value::Null => "never".into(),
                 v => v.to_string(),
             };
-            println!("device           {} ({}, region {})", field("device_id"), field("role"), field("region"));
+            println!(
+                "device           {} ({}, region {})",
+                field("device_id"),
+                field("role"),
+                field("region")
+            );
             println!("online           {}", field("online"));
             println!("last sync        {}", field("last_sync_at"));
             println!("pending changes  {}", field("pending_changes"));

@@ -133,8 +133,8 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
-        let mut config = Self::parse(&text)
-            .map_err(|e| vec![Problem(format!("{}: {e}", path.display()))])?;
+        let mut config =
+            Self::parse(&text).map_err(|e| vec![Problem(format!("{}: {e}", path.display()))])?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         let problems = config.problems();
@@ -199,22 +199,55 @@ impl AgentConfig {
         {
             p.push(Problem(format!("key_file: {}: {e}", key.display())));
         }
-        if self.mqtt.broker.parse::<SocketAddr>().is_err()
-            && !self.mqtt.broker.contains(':')
-        {
+        if self.mqtt.broker.parse::<SocketAddr>().is_err() && !self.mqtt.broker.contains(':') {
             p.push(Problem(format!(
                 "mqtt.broker: {:?} is not host:port",
                 self.mqtt.broker
             )));
         }
         let ranges: [(&str, u64, u64, u64); 7] = [
-            ("mqtt.keepalive_seconds", self.mqtt.keepalive_seconds, 5, 3600),
-            ("mqtt.reconnect_delay_ms_min", self.mqtt.reconnect_delay_ms_min, 10, 60_000),
-            ("mqtt.reconnect_delay_ms_max", self.mqtt.reconnect_delay_ms_max, self.mqtt.reconnect_delay_ms_min, 600_000),
-            ("mqtt.max_message_bytes", self.mqtt.max_message_bytes as u64, 16 * 1024, 16 * 1024 * 1024),
-            ("sync.batch_entries_max", self.sync.batch_entries_max, 1, 100_000),
-            ("writer.group_commit_max", self.writer.group_commit_max as u64, 1, 10_000),
-            ("writer.queue_depth_max", self.writer.queue_depth_max as u64, 1, 1_000_000),
+            (
+                "mqtt.keepalive_seconds",
+                self.mqtt.keepalive_seconds,
+                5,
+                3600,
+            ),
+            (
+                "mqtt.reconnect_delay_ms_min",
+                self.mqtt.reconnect_delay_ms_min,
+                10,
+                60_000,
+            ),
+            (
+                "mqtt.reconnect_delay_ms_max",
+                self.mqtt.reconnect_delay_ms_max,
+                self.mqtt.reconnect_delay_ms_min,
+                600_000,
+            ),
+            (
+                "mqtt.max_message_bytes",
+                self.mqtt.max_message_bytes as u64,
+                16 * 1024,
+                16 * 1024 * 1024,
+            ),
+            (
+                "sync.batch_entries_max",
+                self.sync.batch_entries_max,
+                1,
+                100_000,
+            ),
+            (
+                "writer.group_commit_max",
+                self.writer.group_commit_max as u64,
+                1,
+                10_000,
+            ),
+            (
+                "writer.queue_depth_max",
+                self.writer.queue_depth_max as u64,
+                1,
+                1_000_000,
+            ),
         ];
         for (name, value, min, max) in ranges {
             if value < min || value > max {
@@ -247,18 +280,20 @@ hub_public_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f70751
 
     #[test]
     fn unknown_key_is_named() {
-        let err = AgentConfig::parse(&format!("{MINIMAL}\ncolour = \"red\"\n")).unwrap_err();
+        let err =
+            AgentConfig::parse(&format!("{MINIMAL}\ncolour = \"red\"\n")).expect_err("unknown key");
         assert!(err.contains("colour"), "{err}");
-        let err = AgentConfig::parse(&format!("{MINIMAL}\n[mqtt]\nbrokr = \"x\"\n")).unwrap_err();
+        let err = AgentConfig::parse(&format!("{MINIMAL}\n[mqtt]\nbrokr = \"x\"\n"))
+            .expect_err("unknown key");
         assert!(err.contains("brokr"), "{err}");
     }
 
     #[test]
     fn value_problems_are_all_reported() {
-        let text = MINIMAL.replace("role = \"pos\"", "role = \"fridge\"").replace(
-            "fridges = [\"fridge-1\"]",
-            "fridges = [\"a\", \"a\"]\n[mqtt]\nkeepalive_seconds = 1\n",
-        );
+        let text = MINIMAL
+            .replace("role = \"pos\"", "role = \"fridge\"")
+            .replace("fridges = [\"fridge-1\"]", "fridges = [\"a\", \"a\"]")
+            + "[mqtt]\nkeepalive_seconds = 1\n";
         let c = AgentConfig::parse(&text).expect("parses");
         let problems = c.problems();
         assert_eq!(problems.len(), 3, "{problems:?}");

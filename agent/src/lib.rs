@@ -127,7 +127,12 @@ impl AgentHandle {
     /// The state digest of every ledger held here, as the writer sees it now.
     pub async fn digests(&self) -> Vec<LedgerDigest> {
         let (reply, rx) = oneshot::channel();
-        if self.writer_tx.send(Command::Digests { reply }).await.is_err() {
+        if self
+            .writer_tx
+            .send(Command::Digests { reply })
+            .await
+            .is_err()
+        {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -198,7 +203,10 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
         let stop = async move {
             let _ = http_shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });

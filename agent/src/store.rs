@@ -164,9 +164,8 @@ impl Store {
     pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut change = tx.prepare_cached(
-                "INSERT INTO ledger_changes (fridge, bytes) VALUES (?1, ?2)",
-            )?;
+            let mut change =
+                tx.prepare_cached("INSERT INTO ledger_changes (fridge, bytes) VALUES (?1, ?2)")?;
             for (fridge, bytes) in &batch.changes {
                 change.execute(params![fridge.as_str(), bytes])?;
             }
@@ -314,7 +313,11 @@ impl ReadPool {
         })
     }
 
-    pub fn stock(&self, fridge: &FridgeId, now_ms: i64) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
+    pub fn stock(
+        &self,
+        fridge: &FridgeId,
+        now_ms: i64,
+    ) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
         let day = 86_400_000i64;
         self.with(|c| {
             let mut stmt = c.prepare_cached(
@@ -338,7 +341,10 @@ impl ReadPool {
             )?;
             let units = stmt
                 .query_map([fridge.as_str()], |r| r.get::<_, String>(0))?
-                .filter_map(|v| v.ok().and_then(|json| serde_json::from_str::<UnitView>(&json).ok()))
+                .filter_map(|v| {
+                    v.ok()
+                        .and_then(|json| serde_json::from_str::<UnitView>(&json).ok())
+                })
                 .map(|mut u| {
                     if u.state == larder_shared::domain::UnitState::Available
                         && u.facts.expires_at_ms <= now_ms
@@ -355,9 +361,11 @@ impl ReadPool {
     pub fn order(&self, order: &OrderId) -> Result<Option<OrderView>, StoreError> {
         self.with(|c| {
             let json: Option<String> = c
-                .query_row("SELECT view FROM orders WHERE order_id = ?1", [order.as_str()], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT view FROM orders WHERE order_id = ?1",
+                    [order.as_str()],
+                    |r| r.get(0),
+                )
                 .optional()?;
             Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
         })

@@ -83,7 +83,11 @@ fn split_host_port(addr: &str) -> (String, u16) {
 /// A reconnect delay: exponential in `attempt`, capped, with up to 50 % jitter.
 pub fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u64 {
     let base = min_ms.saturating_mul(1u64 << attempt.min(16)).min(max_ms);
-    let jitter = if base == 0 { 0 } else { jitter_seed % (base / 2 + 1) };
+    let jitter = if base == 0 {
+        0
+    } else {
+        jitter_seed % (base / 2 + 1)
+    };
     (base / 2 + jitter).max(min_ms.min(max_ms))
 }
 
@@ -205,8 +209,7 @@ impl Sync {
             self.pump(&client).await;
         };
         if self.sender.is_connected() {
-            let _ = client
-                .try_publish(&self.presence_topic, QoS::AtLeastOnce, true, "offline");
+            let _ = client.try_publish(&self.presence_topic, QoS::AtLeastOnce, true, "offline");
         }
         let _ = client.try_disconnect();
         // Give the event loop a moment to flush the disconnect, then stop it.
@@ -250,7 +253,7 @@ impl Sync {
 
     /// Seals an envelope to the hub with a fresh, persisted sequence number.
     async fn seal(&mut self, body: Body) -> Option<Vec<u8>> {
-        let (seq, reserve) = self.seqs.next();
+        let (seq, reserve) = self.seqs.allocate();
         if let Some(up_to) = reserve {
             let (reply, rx) = oneshot::channel();
             if self
@@ -288,13 +291,14 @@ impl Sync {
             };
             let reads = self.ctx.reads.clone();
             let (after, limit) = (window.after, window.entries_max);
-            let entries = match tokio::task::spawn_blocking(move || reads.outbox_after(after, limit)).await {
-                Ok(Ok(entries)) => entries,
-                other => {
-                    warn!(?other, "reading the outbox failed");
-                    return;
-                }
-            };
+            let entries =
+                match tokio::task::spawn_blocking(move || reads.outbox_after(after, limit)).await {
+                    Ok(Ok(entries)) => entries,
+                    other => {
+                        warn!(?other, "reading the outbox failed");
+                        return;
+                    }
+                };
             let Some(batch) = build_batch(window, entries, head) else {
                 return;
             };
@@ -346,14 +350,24 @@ impl Sync {
             Body::Ack(ack) => self.on_ack(ack).await,
             Body::Changes(batch) => {
                 let (reply, rx) = oneshot::channel();
-                if self.ctx.writer.send(Command::Downlink { batch, reply }).await.is_err() {
+                if self
+                    .ctx
+                    .writer
+                    .send(Command::Downlink { batch, reply })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 match rx.await {
                     Ok(Ok(ack)) => {
-                        self.ctx.shared.last_sync_at_ms.store(now_ms(), Ordering::Relaxed);
+                        self.ctx
+                            .shared
+                            .last_sync_at_ms
+                            .store(now_ms(), Ordering::Relaxed);
                         if let Some(bytes) = self.seal(Body::Ack(ack)).await {
-                            let _ = client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes);
+                            let _ =
+                                client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes);
                         }
                     }
                     other => warn!(?other, "downlink not committed; the hub will resend"),
@@ -366,7 +380,10 @@ impl Sync {
     }
 
     async fn on_ack(&mut self, ack: Ack) {
-        self.ctx.shared.last_sync_at_ms.store(now_ms(), Ordering::Relaxed);
+        self.ctx
+            .shared
+            .last_sync_at_ms
+            .store(now_ms(), Ordering::Relaxed);
         if let Some(up_to) = self.sender.on_ack(ack, now_ms()) {
             let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
         }
@@ -389,6 +406,9 @@ mod tests {
             let d = backoff_ms(200, 10_000, 30, seed * 7919);
             assert!((5_000..=10_000).contains(&d), "{d}");
         }
-        assert_ne!(backoff_ms(200, 10_000, 5, 1), backoff_ms(200, 10_000, 5, 1234));
+        assert_ne!(
+            backoff_ms(200, 10_000, 5, 1),
+            backoff_ms(200, 10_000, 5, 1234)
+        );
     }
 }

@@ -227,9 +227,10 @@ impl Writer {
         s.up_acked.store(self.counters.up_acked, Ordering::Relaxed);
         s.catalog_version
             .store(self.catalog.version, Ordering::Relaxed);
-        s.metrics
-            .pending_changes
-            .set((self.counters.outbox_head - self.counters.up_acked.min(self.counters.outbox_head)) as i64);
+        s.metrics.pending_changes.set(
+            (self.counters.outbox_head - self.counters.up_acked.min(self.counters.outbox_head))
+                as i64,
+        );
         self.outbox_head_tx.send_replace(self.counters.outbox_head);
     }
 
@@ -270,8 +271,20 @@ impl Writer {
         let size = group.len();
         for cmd in group {
             match cmd {
-                Command::Local { fridge, action, idem, reply } => {
-                    match self.local(&fridge, action, idem.as_ref(), &mut in_group, &mut batch, now) {
+                Command::Local {
+                    fridge,
+                    action,
+                    idem,
+                    reply,
+                } => {
+                    match self.local(
+                        &fridge,
+                        action,
+                        idem.as_ref(),
+                        &mut in_group,
+                        &mut batch,
+                        now,
+                    ) {
                         Ok((outcome, changed)) => {
                             if changed {
                                 *touched_fridges.entry(fridge).or_default() += 1;
@@ -395,7 +408,10 @@ impl Writer {
     }
 
     fn maybe_snapshot(&mut self, fridge: &FridgeId, added: usize) {
-        let n = self.changes_since_snapshot.entry(fridge.clone()).or_default();
+        let n = self
+            .changes_since_snapshot
+            .entry(fridge.clone())
+            .or_default();
         *n += added;
         if *n < self.config.snapshot_every_changes {
             return;
@@ -449,11 +465,18 @@ impl Writer {
             Action::Refill(refill) => {
                 let change = ledger.refill(&refill, &device, now)?;
                 let units = refill.units.len();
-                (change, Outcome::Refilled { fridge_id: fridge.clone(), units })
+                (
+                    change,
+                    Outcome::Refilled {
+                        fridge_id: fridge.clone(),
+                        units,
+                    },
+                )
             }
             Action::Sale { lines, payment } => {
-                let order_id = OrderId::new(format!("{device}-{}", self.counters.order_counter + 1))
-                    .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
+                let order_id =
+                    OrderId::new(format!("{device}-{}", self.counters.order_counter + 1))
+                        .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
                 let sale = Sale {
                     order_id,
                     channel: ledger::channel_for(self.role),
@@ -481,7 +504,13 @@ impl Writer {
             }
             Action::Removal { units, reason } => {
                 let change = ledger.remove(&units, reason, now)?;
-                (change, Outcome::Removed { fridge_id: fridge.clone(), units: units.len() })
+                (
+                    change,
+                    Outcome::Removed {
+                        fridge_id: fridge.clone(),
+                        units: units.len(),
+                    },
+                )
             }
         };
         self.record_local(fridge, change, batch);
@@ -490,7 +519,10 @@ impl Writer {
             batch
                 .idempotency
                 .push((idem.key.clone(), idem.request_sha256.clone(), json));
-            in_group.insert(idem.key.clone(), (idem.request_sha256.clone(), outcome.clone()));
+            in_group.insert(
+                idem.key.clone(),
+                (idem.request_sha256.clone(), outcome.clone()),
+            );
         }
         if matches!(outcome, Outcome::Sold(_)) {
             self.shared.metrics.sales.inc();
@@ -500,9 +532,11 @@ impl Writer {
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {
         self.counters.outbox_head += 1;
-        batch
-            .outbox
-            .push((self.counters.outbox_head, fridge.clone(), change.bytes.clone()));
+        batch.outbox.push((
+            self.counters.outbox_head,
+            fridge.clone(),
+            change.bytes.clone(),
+        ));
         batch.changes.push((fridge.clone(), change.bytes));
         self.project(fridge, &change.touched, batch);
     }
@@ -579,10 +613,15 @@ pub async fn submit(
     idem: Option<Idem>,
 ) -> Result<Outcome, CommandError> {
     let (reply, rx) = oneshot::channel();
-    tx.try_send(Command::Local { fridge, action, idem, reply })
-        .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
-        })?;
+    tx.try_send(Command::Local {
+        fridge,
+        action,
+        idem,
+        reply,
+    })
+    .map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => CommandError::Overloaded,
+        mpsc::error::TrySendError::Closed(_) => CommandError::ShuttingDown,
+    })?;
     rx.await.map_err(|_| CommandError::ShuttingDown)?
 }

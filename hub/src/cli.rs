@@ -29,6 +29,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Cmd {
     /// A hub with its embedded broker plus a simulated fleet of fridges and POS agents.
     Demo(crate::demo::DemoOptions),
@@ -61,6 +62,7 @@ pub enum ConfigCmd {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum DeviceCmd {
     /// Enroll a device.
     Add {
@@ -133,7 +135,9 @@ fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{default},rumqttd::server::broker=off"))
     });
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().try_init(),
@@ -148,13 +152,19 @@ fn fail(lines: impl IntoIterator<Item = String>) -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 /// Entry point of the `larder-hub` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Cmd::Demo(_)) { "warn" } else { "info" };
+    let default_level = if matches!(cli.command, Cmd::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     init_logging(cli.log_format, default_level);
     match cli.command {
         Cmd::Demo(opts) => match runtime() {
@@ -166,7 +176,9 @@ pub fn main() -> ExitCode {
             Err(e) => fail([format!("error: {e}")]),
         },
         Cmd::Run { config } => run_hub(config),
-        Cmd::Config { command: ConfigCmd::Check { file } } => match HubConfig::load(&file) {
+        Cmd::Config {
+            command: ConfigCmd::Check { file },
+        } => match HubConfig::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -174,7 +186,9 @@ pub fn main() -> ExitCode {
             Err(problems) => fail(problems.into_iter().map(|p| p.to_string())),
         },
         Cmd::Device { command } => device(command),
-        Cmd::Token { command: TokenCmd::Create { role, regions } } => {
+        Cmd::Token {
+            command: TokenCmd::Create { role, regions },
+        } => {
             let mut bytes = [0u8; 24];
             if let Err(e) = getrandom::fill(&mut bytes) {
                 return fail([format!("error: {e}")]);
@@ -185,7 +199,13 @@ pub fn main() -> ExitCode {
             println!("add to the hub config:");
             println!("[[tokens]]");
             println!("sha256 = \"{}\"", crate::http::token_sha256(&token));
-            println!("role = \"{}\"", serde_json::to_value(role).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
+            println!(
+                "role = \"{}\"",
+                serde_json::to_value(role)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            );
             println!("regions = {:?}", regions);
             ExitCode::SUCCESS
         }
@@ -210,7 +230,10 @@ fn run_hub(path: PathBuf) -> ExitCode {
             Ok(h) => h,
             Err(e) => return fail([format!("error: {e}")]),
         };
-        println!("hub http://{}  broker mqtt://{}  public key {}", hub.http_addr, hub.broker, hub.public_key);
+        println!(
+            "hub http://{}  broker mqtt://{}  public key {}",
+            hub.http_addr, hub.broker, hub.public_key
+        );
         larder_agent::cli::wait_for_signal().await;
         tracing::info!("shutting down");
         hub.shutdown().await;
@@ -218,26 +241,49 @@ fn run_hub(path: PathBuf) -> ExitCode {
     })
 }
 
-fn open_region(config: &PathBuf, region: &RegionId) -> Result<(HubConfig, RegionStore), Vec<String>> {
-    let c = HubConfig::load(config).map_err(|p| p.into_iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
+fn open_region(
+    config: &std::path::Path,
+    region: &RegionId,
+) -> Result<(HubConfig, RegionStore), Vec<String>> {
+    let c = HubConfig::load(config)
+        .map_err(|p| p.into_iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
     if c.region(region).is_none() {
-        return Err(vec![format!("region {region} is not in {}", config.display())]);
+        return Err(vec![format!(
+            "region {region} is not in {}",
+            config.display()
+        )]);
     }
-    std::fs::create_dir_all(&c.data_dir).map_err(|e| vec![format!("{}: {e}", c.data_dir.display())])?;
+    std::fs::create_dir_all(&c.data_dir)
+        .map_err(|e| vec![format!("{}: {e}", c.data_dir.display())])?;
     let store = RegionStore::open(&c.region_db(region)).map_err(|e| vec![e.to_string()])?;
     Ok((c, store))
 }
 
 fn device(cmd: DeviceCmd) -> ExitCode {
     match cmd {
-        DeviceCmd::Add { config, region, id, role, site, fridges, public_key } => {
+        DeviceCmd::Add {
+            config,
+            region,
+            id,
+            role,
+            site,
+            fridges,
+            public_key,
+        } => {
             let (c, mut store) = match open_region(&config, &region) {
                 Ok(x) => x,
                 Err(e) => return fail(e),
             };
             let rc = c.region(&region).cloned();
-            let known: Vec<&FridgeId> = rc.iter().flat_map(|r| r.fridges.iter().map(|f| &f.id)).collect();
-            let unknown: Vec<String> = fridges.iter().filter(|f| !known.contains(f)).map(|f| format!("fridge {f} is not in region {region}")).collect();
+            let known: Vec<&FridgeId> = rc
+                .iter()
+                .flat_map(|r| r.fridges.iter().map(|f| &f.id))
+                .collect();
+            let unknown: Vec<String> = fridges
+                .iter()
+                .filter(|f| !known.contains(f))
+                .map(|f| format!("fridge {f} is not in region {region}"))
+                .collect();
             if !unknown.is_empty() {
                 return fail(unknown);
             }
@@ -259,7 +305,10 @@ fn device(cmd: DeviceCmd) -> ExitCode {
                 revoked_at_ms: None,
                 last_seen_ms: None,
             };
-            match store.commit(&RegionBatch { enroll: vec![record], ..RegionBatch::default() }) {
+            match store.commit(&RegionBatch {
+                enroll: vec![record],
+                ..RegionBatch::default()
+            }) {
                 Ok(()) => {
                     println!("enrolled {id} in {region}");
                     ExitCode::SUCCESS
@@ -274,11 +323,25 @@ fn device(cmd: DeviceCmd) -> ExitCode {
             };
             match store.devices() {
                 Ok(list) => {
-                    println!("{:<24} {:<7} {:<10} {:<30} public key", "device", "role", "status", "fridges");
+                    println!(
+                        "{:<24} {:<7} {:<10} {:<30} public key",
+                        "device", "role", "status", "fridges"
+                    );
                     for (d, _) in list {
                         let fridges: Vec<&str> = d.fridges.iter().map(|f| f.as_str()).collect();
-                        let status = if d.revoked_at_ms.is_some() { "revoked" } else { "enrolled" };
-                        println!("{:<24} {:<7} {:<10} {:<30} {}", d.device_id, d.role.as_str(), status, fridges.join(","), d.public_key);
+                        let status = if d.revoked_at_ms.is_some() {
+                            "revoked"
+                        } else {
+                            "enrolled"
+                        };
+                        println!(
+                            "{:<24} {:<7} {:<10} {:<30} {}",
+                            d.device_id,
+                            d.role.as_str(),
+                            status,
+                            fridges.join(","),
+                            d.public_key
+                        );
                     }
                     ExitCode::SUCCESS
                 }
@@ -295,7 +358,10 @@ fn device(cmd: DeviceCmd) -> ExitCode {
                 Ok(None) => return fail([format!("device {id} is not enrolled in {region}")]),
                 Err(e) => return fail([e.to_string()]),
             }
-            let batch = RegionBatch { revoke: vec![(id.clone(), larder_agent::writer::now_ms())], ..RegionBatch::default() };
+            let batch = RegionBatch {
+                revoke: vec![(id.clone(), larder_agent::writer::now_ms())],
+                ..RegionBatch::default()
+            };
             match store.commit(&batch) {
                 Ok(()) => {
                     println!("revoked {id}");

@@ -218,7 +218,10 @@ impl HubConfig {
             let mut fridges = std::collections::BTreeSet::new();
             for f in &r.fridges {
                 if !fridges.insert(&f.id) {
-                    p.push(Problem(format!("regions.{}.fridges: {} is listed twice", r.id, f.id)));
+                    p.push(Problem(format!(
+                        "regions.{}.fridges: {} is listed twice",
+                        r.id, f.id
+                    )));
                 }
             }
             if let Some(c) = &r.catalog {
@@ -243,12 +246,17 @@ impl HubConfig {
                 p.push(Problem(format!("tokens[{i}].sha256: not 64 hex digits")));
             }
             for r in &t.regions {
-                if r != "*" && RegionId::new(r.as_str()).map_or(true, |id| self.region(&id).is_none()) {
-                    p.push(Problem(format!("tokens[{i}].regions: {r} is not a region of this hub")));
+                if r != "*"
+                    && RegionId::new(r.as_str()).map_or(true, |id| self.region(&id).is_none())
+                {
+                    p.push(Problem(format!(
+                        "tokens[{i}].regions: {r} is not a region of this hub"
+                    )));
                 }
             }
         }
-        if self.mqtt.mode == BrokerMode::Embedded && self.mqtt.broker.parse::<SocketAddr>().is_err() {
+        if self.mqtt.mode == BrokerMode::Embedded && self.mqtt.broker.parse::<SocketAddr>().is_err()
+        {
             p.push(Problem(format!(
                 "mqtt.broker: the embedded broker needs an ip:port to listen on, got {:?}",
                 self.mqtt.broker

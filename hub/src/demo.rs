@@ -22,8 +22,8 @@ use sha2::Digest;
 
 use crate::HubHandle;
 use crate::config::{
-    BrokerMode, CatalogConfig, FridgeConfig, HttpConfig, HubConfig, MqttConfig, RegionConfig, SyncConfig,
-    TokenConfig, TokenRole,
+    BrokerMode, CatalogConfig, FridgeConfig, HttpConfig, HubConfig, MqttConfig, RegionConfig,
+    SyncConfig, TokenConfig, TokenRole,
 };
 use crate::http::{EnrollBody, enroll_device};
 
@@ -83,25 +83,59 @@ pub fn demo_catalog() -> CatalogConfig {
 }
 
 /// A hub config for one region with `fridges` fridges, loopback addresses and one admin token.
-pub fn hub_config(data_dir: &Path, broker_port: u16, fridges: u32, admin_token_sha256: String) -> anyhow::Result<HubConfig> {
+pub fn hub_config(
+    data_dir: &Path,
+    broker_port: u16,
+    fridges: u32,
+    admin_token_sha256: String,
+) -> anyhow::Result<HubConfig> {
     let fridges = (1..=fridges)
         .map(|i| -> anyhow::Result<FridgeConfig> {
-            Ok(FridgeConfig { id: FridgeId::new(format!("fridge-{i}"))?, site: SiteId::new(format!("site-{i}"))?, low_stock_units: 2 })
+            Ok(FridgeConfig {
+                id: FridgeId::new(format!("fridge-{i}"))?,
+                site: SiteId::new(format!("site-{i}"))?,
+                low_stock_units: 2,
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(HubConfig {
         data_dir: data_dir.to_path_buf(),
         key_file: None,
-        http: HttpConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..HttpConfig::default() },
-        mqtt: MqttConfig { mode: BrokerMode::Embedded, broker: format!("127.0.0.1:{broker_port}"), ..MqttConfig::default() },
-        sync: SyncConfig { retransmit_after_ms: 2_000, ..SyncConfig::default() },
-        regions: vec![RegionConfig { id: RegionId::new(REGION)?, fridges, catalog: Some(demo_catalog()) }],
-        tokens: vec![TokenConfig { sha256: admin_token_sha256, role: TokenRole::Admin, regions: vec!["*".into()] }],
+        http: HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..HttpConfig::default()
+        },
+        mqtt: MqttConfig {
+            mode: BrokerMode::Embedded,
+            broker: format!("127.0.0.1:{broker_port}"),
+            ..MqttConfig::default()
+        },
+        sync: SyncConfig {
+            retransmit_after_ms: 2_000,
+            ..SyncConfig::default()
+        },
+        regions: vec![RegionConfig {
+            id: RegionId::new(REGION)?,
+            fridges,
+            catalog: Some(demo_catalog()),
+        }],
+        tokens: vec![TokenConfig {
+            sha256: admin_token_sha256,
+            role: TokenRole::Admin,
+            regions: vec!["*".into()],
+        }],
     })
 }
 
 /// An agent config on loopback for the demo and tests.
-pub fn agent_config(data_dir: &Path, device: &str, role: Role, fridges: &[FridgeId], hub_key: PublicKey, broker: &str) -> anyhow::Result<AgentConfig> {
+pub fn agent_config(
+    data_dir: &Path,
+    device: &str,
+    role: Role,
+    fridges: &[FridgeId],
+    hub_key: PublicKey,
+    broker: &str,
+) -> anyhow::Result<AgentConfig> {
     let mut c = AgentConfig::parse(&format!(
         "device_id = \"{device}\"\nrole = \"{}\"\nregion = \"{REGION}\"\nfridges = {}\nhub_public_key = \"{hub_key}\"\n\
          [http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nbroker = \"{broker}\"\nreconnect_delay_ms_min = 50\nreconnect_delay_ms_max = 1000\n\
@@ -115,7 +149,12 @@ pub fn agent_config(data_dir: &Path, device: &str, role: Role, fridges: &[Fridge
 }
 
 /// Starts a hub on a free broker port, retrying if the port was taken meanwhile.
-pub async fn start_hub(dir: &Path, fridges: u32, admin_token_sha256: &str, key: SecretKey) -> anyhow::Result<HubHandle> {
+pub async fn start_hub(
+    dir: &Path,
+    fridges: u32,
+    admin_token_sha256: &str,
+    key: SecretKey,
+) -> anyhow::Result<HubHandle> {
     let mut last = None;
     for _ in 0..5 {
         let port = crate::mqtt::free_port()?;
@@ -146,14 +185,14 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 { 0 } else { self.next_u64() % n }
     }
 }
 
@@ -174,10 +213,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let mut token_bytes = [0u8; 16];
     getrandom::fill(&mut token_bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
     let admin_token = hex::encode(token_bytes);
-    let hub = start_hub(&tmp.path().join("hub"), opts.fridges, &crate::http::token_sha256(&admin_token), seeded_key(opts.seed, "hub")).await?;
+    let hub = start_hub(
+        &tmp.path().join("hub"),
+        opts.fridges,
+        &crate::http::token_sha256(&admin_token),
+        seeded_key(opts.seed, "hub"),
+    )
+    .await?;
     let region_id = RegionId::new(REGION)?;
     let region = hub.regions.get(&region_id).context("demo region")?.clone();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
 
     let mut devices = Vec::new();
     for i in 1..=opts.fridges {
@@ -189,32 +236,82 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             .filter(|i| (i - 1) % opts.pos.max(1) == j - 1)
             .map(|i| FridgeId::new(format!("fridge-{i}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let fridges = if fridges.is_empty() { vec![FridgeId::new(format!("fridge-{}", (j - 1) % opts.fridges + 1))?] } else { fridges };
+        let fridges = if fridges.is_empty() {
+            vec![FridgeId::new(format!(
+                "fridge-{}",
+                (j - 1) % opts.fridges + 1
+            ))?]
+        } else {
+            fridges
+        };
         devices.push((format!("pos-{j}"), Role::Pos, fridges));
     }
     let mut fleet = Vec::new();
     for (name, role, fridges) in devices {
         let key = seeded_key(opts.seed, &name);
-        enroll_device(&region, EnrollBody { device_id: DeviceId::new(name.as_str())?, role, site: None, fridges: fridges.clone(), public_key: key.public() })
+        enroll_device(
+            &region,
+            EnrollBody {
+                device_id: DeviceId::new(name.as_str())?,
+                role,
+                site: None,
+                fridges: fridges.clone(),
+                public_key: key.public(),
+            },
+        )
+        .await
+        .with_context(|| format!("enrolling {name}"))?;
+        let config = agent_config(
+            &tmp.path().join(&name),
+            &name,
+            role,
+            &fridges,
+            hub.public_key,
+            &hub.broker,
+        )?;
+        let agent = larder_agent::start(config, key)
             .await
-            .with_context(|| format!("enrolling {name}"))?;
-        let config = agent_config(&tmp.path().join(&name), &name, role, &fridges, hub.public_key, &hub.broker)?;
-        let agent = larder_agent::start(config, key).await.with_context(|| format!("starting {name}"))?;
-        fleet.push(Device { url: format!("http://{}", agent.http_addr), name, role, fridges, agent, rejoin_at: None });
+            .with_context(|| format!("starting {name}"))?;
+        fleet.push(Device {
+            url: format!("http://{}", agent.http_addr),
+            name,
+            role,
+            fridges,
+            agent,
+            rejoin_at: None,
+        });
     }
 
     println!("Larder demo (seed {})", opts.seed);
     println!("  hub          http://{}", hub.http_addr);
     println!("  broker       mqtt://{}", hub.broker);
     println!("  admin token  {admin_token}");
-    println!("  try          curl -H 'Authorization: Bearer {admin_token}' http://{}/v1/regions/{REGION}/fridges", hub.http_addr);
+    println!(
+        "  try          curl -H 'Authorization: Bearer {admin_token}' http://{}/v1/regions/{REGION}/fridges",
+        hub.http_addr
+    );
     for d in &fleet {
         let fridges: Vec<&str> = d.fridges.iter().map(|f| f.as_str()).collect();
-        println!("  {:<6} {:<10} {}  (fridges {})", d.role.as_str(), d.name, d.url, fridges.join(", "));
+        println!(
+            "  {:<6} {:<10} {}  (fridges {})",
+            d.role.as_str(),
+            d.name,
+            d.url,
+            fridges.join(", ")
+        );
     }
     println!();
 
-    wait_until(Duration::from_secs(20), || fleet.iter().all(|d| d.agent.shared.catalog_version.load(std::sync::atomic::Ordering::Relaxed) > 0)).await;
+    wait_until(Duration::from_secs(20), || {
+        fleet.iter().all(|d| {
+            d.agent
+                .shared
+                .catalog_version
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        })
+    })
+    .await;
 
     let mut rng = Rng::new(opts.seed);
     let mut tally = Tally::default();
@@ -226,8 +323,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     // Stock the fridges first.
-    for i in 0..fleet.iter().filter(|d| d.role == Role::Fridge).count() {
-        refill(&http, &fleet[i], &mut rng, &mut unit_counter, 12, &mut tally).await;
+    for d in fleet.iter().filter(|d| d.role == Role::Fridge) {
+        refill(&http, d, &mut rng, &mut unit_counter, 12, &mut tally).await;
     }
     loop {
         tokio::select! {
@@ -282,7 +379,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
             tally.acked_orders.len()
         );
     } else {
-        println!("FAILED: converged = {ok_converged}; acknowledged sales missing at the hub: {}", missing.len());
+        println!(
+            "FAILED: converged = {ok_converged}; acknowledged sales missing at the hub: {}",
+            missing.len()
+        );
         for m in missing.iter().take(20) {
             println!("  missing {m}");
         }
@@ -303,7 +403,15 @@ async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn summary(started: Instant, fleet: &[Device], t: &Tally, converged: bool) {
-    let online = fleet.iter().filter(|d| d.agent.shared.online.load(std::sync::atomic::Ordering::Relaxed)).count();
+    let online = fleet
+        .iter()
+        .filter(|d| {
+            d.agent
+                .shared
+                .online
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .count();
     let pending: u64 = fleet.iter().map(|d| d.agent.pending_changes()).sum();
     println!(
         "[{:>4}s] sales {} (refused {}), refills {}, pickups {}, partitions {}, devices online {}/{}, pending changes {}, converged {}",
@@ -322,16 +430,29 @@ fn summary(started: Instant, fleet: &[Device], t: &Tally, converged: bool) {
 
 /// Whether every replica of every ledger (hub, fridge, POS) has the same state digest.
 async fn converged(hub: &HubHandle, fleet: &[Device]) -> bool {
-    let Some(region) = RegionId::new(REGION).ok().and_then(|r| hub.regions.get(&r)) else { return false };
+    let Some(region) = RegionId::new(REGION).ok().and_then(|r| hub.regions.get(&r)) else {
+        return false;
+    };
     let mut digests: BTreeMap<FridgeId, Vec<String>> = BTreeMap::new();
     for d in fleet {
         for ld in d.agent.digests().await {
-            digests.entry(ld.fridge_id).or_default().push(ld.state_digest);
+            digests
+                .entry(ld.fridge_id)
+                .or_default()
+                .push(ld.state_digest);
         }
     }
     for (fridge, list) in &mut digests {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        if region.tx.send(crate::region::RegionCommand::Digest { fridge: fridge.clone(), reply }).await.is_err() {
+        if region
+            .tx
+            .send(crate::region::RegionCommand::Digest {
+                fridge: fridge.clone(),
+                reply,
+            })
+            .await
+            .is_err()
+        {
             return false;
         }
         match rx.await {
@@ -343,12 +464,25 @@ async fn converged(hub: &HubHandle, fleet: &[Device]) -> bool {
 }
 
 async fn post(http: &reqwest::Client, url: &str, key: String, body: Value) -> Option<(u16, Value)> {
-    let resp = http.post(url).header("Idempotency-Key", key).json(&body).send().await.ok()?;
+    let resp = http
+        .post(url)
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
     let status = resp.status().as_u16();
     Some((status, resp.json().await.unwrap_or(Value::Null)))
 }
 
-async fn refill(http: &reqwest::Client, d: &Device, rng: &mut Rng, counter: &mut u64, n: u64, t: &mut Tally) {
+async fn refill(
+    http: &reqwest::Client,
+    d: &Device,
+    rng: &mut Rng,
+    counter: &mut u64,
+    n: u64,
+    t: &mut Tally,
+) {
     let catalog = demo_catalog();
     let now = jiff::Timestamp::now();
     let units: Vec<Value> = (0..n)
@@ -361,33 +495,78 @@ async fn refill(http: &reqwest::Client, d: &Device, rng: &mut Rng, counter: &mut
         })
         .collect();
     let body = json!({"fridge_id": d.fridges[0], "units": units});
-    match post(http, &format!("{}/v1/refills", d.url), format!("refill-{}-{counter}", d.name), body).await {
+    match post(
+        http,
+        &format!("{}/v1/refills", d.url),
+        format!("refill-{}-{counter}", d.name),
+        body,
+    )
+    .await
+    {
         Some((201, _)) => t.refills += 1,
         _ => t.errors += 1,
     }
 }
 
-async fn available_unit(http: &reqwest::Client, d: &Device, fridge: &FridgeId, rng: &mut Rng) -> Option<(String, String)> {
-    let stock: Value = http.get(format!("{}/v1/stock?fridge_id={fridge}", d.url)).send().await.ok()?.json().await.ok()?;
-    let units: Vec<&Value> = stock["units"].as_array()?.iter().filter(|u| u["state"] == "available").collect();
+async fn available_unit(
+    http: &reqwest::Client,
+    d: &Device,
+    fridge: &FridgeId,
+    rng: &mut Rng,
+) -> Option<(String, String)> {
+    let stock: Value = http
+        .get(format!("{}/v1/stock?fridge_id={fridge}", d.url))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let units: Vec<&Value> = stock["units"]
+        .as_array()?
+        .iter()
+        .filter(|u| u["state"] == "available")
+        .collect();
     if units.is_empty() {
         return None;
     }
     let u = units[rng.below(units.len() as u64) as usize];
-    Some((u["unit_id"].as_str()?.to_owned(), u["sku"].as_str()?.to_owned()))
+    Some((
+        u["unit_id"].as_str()?.to_owned(),
+        u["sku"].as_str()?.to_owned(),
+    ))
 }
 
 async fn sell(http: &reqwest::Client, d: &Device, rng: &mut Rng, t: &mut Tally) {
     let fridge = d.fridges[rng.below(d.fridges.len() as u64) as usize].clone();
-    let Some((unit, sku)) = available_unit(http, d, &fridge, rng).await else { return };
-    let price = demo_catalog().items.iter().find(|i| i.sku.as_str() == sku).map_or(0, |i| i.price_minor);
-    let method = if d.role == Role::Fridge { "fridge_card" } else if rng.below(3) == 0 { "cash" } else { "card" };
+    let Some((unit, sku)) = available_unit(http, d, &fridge, rng).await else {
+        return;
+    };
+    let price = demo_catalog()
+        .items
+        .iter()
+        .find(|i| i.sku.as_str() == sku)
+        .map_or(0, |i| i.price_minor);
+    let method = if d.role == Role::Fridge {
+        "fridge_card"
+    } else if rng.below(3) == 0 {
+        "cash"
+    } else {
+        "card"
+    };
     let body = json!({
         "fridge_id": fridge,
         "lines": [{"sku": sku, "unit_id": unit, "quantity": 1}],
         "payment": {"method": method, "amount_minor": price, "currency": "EUR"},
     });
-    match post(http, &format!("{}/v1/sales", d.url), format!("sale-{}-{}", d.name, rng.next()), body).await {
+    match post(
+        http,
+        &format!("{}/v1/sales", d.url),
+        format!("sale-{}-{}", d.name, rng.next_u64()),
+        body,
+    )
+    .await
+    {
         Some((201, v)) => {
             t.sales_ok += 1;
             if let Some(o) = v["order_id"].as_str() {
@@ -400,27 +579,55 @@ async fn sell(http: &reqwest::Client, d: &Device, rng: &mut Rng, t: &mut Tally) 
 }
 
 async fn pickup(http: &reqwest::Client, d: &Device, rng: &mut Rng, t: &mut Tally) {
-    let Some(fridge) = d.fridges.first() else { return };
-    let Ok(resp) = http.get(format!("{}/v1/stock?fridge_id={fridge}", d.url)).send().await else { return };
-    let Ok(stock) = resp.json::<Value>().await else { return };
+    let Some(fridge) = d.fridges.first() else {
+        return;
+    };
+    let Ok(resp) = http
+        .get(format!("{}/v1/stock?fridge_id={fridge}", d.url))
+        .send()
+        .await
+    else {
+        return;
+    };
+    let Ok(stock) = resp.json::<Value>().await else {
+        return;
+    };
     let sold: Vec<String> = stock["units"]
         .as_array()
-        .map(|a| a.iter().filter(|u| u["state"] == "sold").filter_map(|u| u["unit_id"].as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|u| u["state"] == "sold")
+                .filter_map(|u| u["unit_id"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     if sold.is_empty() {
         return;
     }
     let taken = &sold[rng.below(sold.len() as u64) as usize];
-    let session = format!("door-{}", rng.next());
+    let session = format!("door-{}", rng.next_u64());
     let body = json!({"fridge_id": fridge, "session_id": session, "units_taken": [taken]});
-    match post(http, &format!("{}/v1/door-sessions", d.url), session.clone(), body).await {
+    match post(
+        http,
+        &format!("{}/v1/door-sessions", d.url),
+        session.clone(),
+        body,
+    )
+    .await
+    {
         Some((201, _)) => t.pickups += 1,
         Some((409, _)) => {}
         _ => t.errors += 1,
     }
 }
 
-async fn step(http: &reqwest::Client, fleet: &mut [Device], rng: &mut Rng, counter: &mut u64, t: &mut Tally) {
+async fn step(
+    http: &reqwest::Client,
+    fleet: &mut [Device],
+    rng: &mut Rng,
+    counter: &mut u64,
+    t: &mut Tally,
+) {
     let now = Instant::now();
     for d in fleet.iter_mut() {
         if d.rejoin_at.is_some_and(|at| now >= at) {

@@ -44,7 +44,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -53,7 +57,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             warn!(code = self.code, message = %self.message, "request failed");
         }
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
     }
 }
 
@@ -74,7 +82,11 @@ impl From<RegionError> for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_unavailable",
+            e.to_string(),
+        )
     }
 }
 
@@ -98,7 +110,13 @@ fn authorize<'a>(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a bearer token is required"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a bearer token is required",
+            )
+        })?;
     let hash = token_sha256(token.trim());
     let t = s
         .tokens
@@ -106,12 +124,20 @@ fn authorize<'a>(
         .find(|t| t.sha256.eq_ignore_ascii_case(&hash))
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))?;
     if !roles.contains(&t.role) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token's role may not do that"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token's role may not do that",
+        ));
     }
     if let Some(r) = region
         && !t.regions.iter().any(|x| x == "*" || x == r)
     {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("this token may not touch region {r}")));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token may not touch region {r}"),
+        ));
     }
     Ok(t)
 }
@@ -120,7 +146,13 @@ fn region<'a>(s: &'a HubState, r: &str) -> Result<&'a RegionHandle, ApiError> {
     RegionId::new(r)
         .ok()
         .and_then(|id| s.regions.get(&id))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_region", format!("this hub does not own region {r}")))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_region",
+                format!("this hub does not own region {r}"),
+            )
+        })
 }
 
 pub fn router(state: HubState, body_bytes_max: usize) -> Router {
@@ -134,7 +166,10 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .route("/v1/regions/{r}/devices", get(devices).post(enroll))
         .route("/v1/regions/{r}/devices/{d}", delete(revoke))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
 }
@@ -148,7 +183,11 @@ async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> 
     let response = next.run(req).await;
     s.metrics
         .http_requests
-        .get_or_create(&vec![("method", method), ("route", route), ("status", response.status().as_u16().to_string())])
+        .get_or_create(&vec![
+            ("method", method),
+            ("route", route),
+            ("status", response.status().as_u16().to_string()),
+        ])
         .inc();
     response
 }
@@ -162,11 +201,26 @@ async fn healthz(State(s): State<HubState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(s): State<HubState>) -> Response {
-    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode()).into_response()
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
 }
 
-async fn regions(State(s): State<HubState>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    let t = authorize(&s, &headers, None, &[TokenRole::Admin, TokenRole::Kitchen, TokenRole::App])?;
+async fn regions(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let t = authorize(
+        &s,
+        &headers,
+        None,
+        &[TokenRole::Admin, TokenRole::Kitchen, TokenRole::App],
+    )?;
     let list: Vec<_> = s
         .regions
         .iter()
@@ -176,22 +230,32 @@ async fn regions(State(s): State<HubState>, headers: HeaderMap) -> Result<Json<s
     Ok(Json(json!({"regions": list})))
 }
 
-async fn fridges(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+async fn fridges(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
     let h = region(&s, &r)?.clone();
     let now = larder_agent::writer::now_ms();
     let reads = h.reads.clone();
     let config = h.config.clone();
-    let (devices, stocks) = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
-        let devices = reads.devices()?;
-        let mut stocks = Vec::new();
-        for f in &config.fridges {
-            stocks.push(reads.stock(&f.id, now)?.0);
-        }
-        Ok((devices, stocks))
-    })
-    .await
-    .map_err(internal)??;
+    let (devices, stocks) =
+        tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+            let devices = reads.devices()?;
+            let mut stocks = Vec::new();
+            for f in &config.fridges {
+                stocks.push(reads.stock(&f.id, now)?.0);
+            }
+            Ok((devices, stocks))
+        })
+        .await
+        .map_err(internal)??;
     let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
     let list: Vec<_> = h
         .config
@@ -213,21 +277,45 @@ async fn fridges(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<St
     Ok(Json(json!({"fridges": list})))
 }
 
-async fn stock(State(s): State<HubState>, headers: HeaderMap, Path((r, f)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+async fn stock(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, f)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
     let h = region(&s, &r)?;
     let fridge = FridgeId::new(f.as_str())
         .ok()
         .filter(|id| h.config.fridges.iter().any(|c| &c.id == id))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_fridge", format!("no fridge {f} in region {r}")))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_fridge",
+                format!("no fridge {f} in region {r}"),
+            )
+        })?;
     let (reply, rx) = oneshot::channel();
-    h.tx.send(RegionCommand::Digest { fridge: fridge.clone(), reply }).await.map_err(internal)?;
+    h.tx.send(RegionCommand::Digest {
+        fridge: fridge.clone(),
+        reply,
+    })
+    .await
+    .map_err(internal)?;
     let digest = rx.await.map_err(internal)?;
     let reads = h.reads.clone();
     let now = larder_agent::writer::now_ms();
     let fid = fridge.clone();
-    let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&fid, now)).await.map_err(internal)??;
-    Ok(Json(json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest})))
+    let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&fid, now))
+        .await
+        .map_err(internal)??;
+    Ok(Json(
+        json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,17 +324,31 @@ struct OrdersQuery {
     limit: Option<u32>,
 }
 
-async fn orders(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>, Query(q): Query<OrdersQuery>) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::Kitchen])?;
+async fn orders(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    Query(q): Query<OrdersQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
     let h = region(&s, &r)?;
-    let fridge = q
-        .fridge_id
-        .map(FridgeId::new)
-        .transpose()
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()))?;
+    let fridge = q.fridge_id.map(FridgeId::new).transpose().map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            e.to_string(),
+        )
+    })?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let reads = h.reads.clone();
-    let list = tokio::task::spawn_blocking(move || reads.orders(fridge.as_ref(), limit)).await.map_err(internal)??;
+    let list = tokio::task::spawn_blocking(move || reads.orders(fridge.as_ref(), limit))
+        .await
+        .map_err(internal)??;
     Ok(Json(json!({"orders": list})))
 }
 
@@ -259,11 +361,17 @@ fn device_json(d: &DeviceRecord, online: bool) -> serde_json::Value {
     })
 }
 
-async fn devices(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn devices(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
     let reads = h.reads.clone();
-    let list = tokio::task::spawn_blocking(move || reads.devices()).await.map_err(internal)??;
+    let list = tokio::task::spawn_blocking(move || reads.devices())
+        .await
+        .map_err(internal)??;
     let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
     let list: Vec<_> = list
         .iter()
@@ -285,7 +393,10 @@ pub struct EnrollBody {
 }
 
 /// Enrolls a device through the region writer (used by the API, the CLI and the demo).
-pub async fn enroll_device(h: &RegionHandle, body: EnrollBody) -> Result<DeviceRecord, RegionError> {
+pub async fn enroll_device(
+    h: &RegionHandle,
+    body: EnrollBody,
+) -> Result<DeviceRecord, RegionError> {
     let record = DeviceRecord {
         device_id: body.device_id,
         role: body.role,
@@ -297,30 +408,48 @@ pub async fn enroll_device(h: &RegionHandle, body: EnrollBody) -> Result<DeviceR
         last_seen_ms: None,
     };
     let (reply, rx) = oneshot::channel();
-    h.tx.try_send(RegionCommand::Enroll { record, reply }).map_err(|_| RegionError::Overloaded)?;
+    h.tx.try_send(RegionCommand::Enroll {
+        record: Box::new(record),
+        reply,
+    })
+    .map_err(|_| RegionError::Overloaded)?;
     rx.await.map_err(|_| RegionError::Overloaded)?
 }
 
 /// Revokes a device through the region writer.
 pub async fn revoke_device(h: &RegionHandle, device: DeviceId) -> Result<(), RegionError> {
     let (reply, rx) = oneshot::channel();
-    h.tx.try_send(RegionCommand::Revoke { device, reply }).map_err(|_| RegionError::Overloaded)?;
+    h.tx.try_send(RegionCommand::Revoke { device, reply })
+        .map_err(|_| RegionError::Overloaded)?;
     rx.await.map_err(|_| RegionError::Overloaded)?
 }
 
-async fn enroll(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<String>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn enroll(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body is too large")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body is too large",
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
         }
     })?;
     let body: EnrollBody = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string())
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            )
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
         }
@@ -330,9 +459,16 @@ async fn enroll(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<Str
         Err(RegionError::DeviceExists(id)) => {
             // A retry of the same enrollment answers as the first did; another body is a conflict.
             let reads = h.reads.clone();
-            let list = tokio::task::spawn_blocking(move || reads.devices()).await.map_err(internal)??;
+            let list = tokio::task::spawn_blocking(move || reads.devices())
+                .await
+                .map_err(internal)??;
             match list.into_iter().find(|(d, _)| d.device_id == id) {
-                Some((d, _)) if d.public_key == body.public_key && d.role == body.role && d.fridges == body.fridges && d.site == body.site => {
+                Some((d, _))
+                    if d.public_key == body.public_key
+                        && d.role == body.role
+                        && d.fridges == body.fridges
+                        && d.site == body.site =>
+                {
                     Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response())
                 }
                 _ => Err(RegionError::DeviceExists(id).into()),
@@ -342,10 +478,20 @@ async fn enroll(State(s): State<HubState>, headers: HeaderMap, Path(r): Path<Str
     }
 }
 
-async fn revoke(State(s): State<HubState>, headers: HeaderMap, Path((r, d)): Path<(String, String)>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn revoke(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, d)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
-    let id = DeviceId::new(d.as_str()).map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {d}")))?;
+    let id = DeviceId::new(d.as_str()).map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            format!("no device {d}"),
+        )
+    })?;
     revoke_device(h, id.clone()).await?;
     Ok(Json(json!({"device_id": id, "revoked": true})))
 }

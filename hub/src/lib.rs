@@ -38,13 +38,22 @@ const READ_CONNECTIONS: usize = 4;
 #[non_exhaustive]
 pub enum StartError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("region {region}: {source}")]
-    Store { region: RegionId, source: store::StoreError },
+    Store {
+        region: RegionId,
+        source: store::StoreError,
+    },
     #[error(transparent)]
     Broker(#[from] mqtt::BrokerError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start a writer thread: {0}")]
     Thread(std::io::Error),
 }
@@ -116,7 +125,10 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
     let mut writer_threads = Vec::new();
     for rc in &config.regions {
         let path = config.region_db(&rc.id);
-        let store_err = |source| StartError::Store { region: rc.id.clone(), source };
+        let store_err = |source| StartError::Store {
+            region: rc.id.clone(),
+            source,
+        };
         let store = RegionStore::open(&path).map_err(store_err)?;
         let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
         let (mut writer, head) = RegionWriter::open(
@@ -129,7 +141,9 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         )
         .map_err(store_err)?;
         let catalog = match &rc.catalog {
-            Some(c) => writer.ensure_catalog(&c.currency, &c.items).map_err(store_err)?,
+            Some(c) => writer
+                .ensure_catalog(&c.currency, &c.items)
+                .map_err(store_err)?,
             None => writer.ensure_catalog("EUR", &[]).map_err(store_err)?,
         };
         let env_seq_reserved = writer.env_seq_reserved().map_err(store_err)?;
@@ -156,17 +170,28 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
     }
     if config.mqtt.mode == BrokerMode::Embedded {
         let addr: SocketAddr = config.mqtt.broker.parse().map_err(|_| {
-            StartError::Broker(mqtt::BrokerError::NotReady(SocketAddr::from(([127, 0, 0, 1], 0))))
+            StartError::Broker(mqtt::BrokerError::NotReady(SocketAddr::from((
+                [127, 0, 0, 1],
+                0,
+            ))))
         })?;
-        mqtt::start_embedded_broker(addr, config.mqtt.max_message_bytes + 1024, config.mqtt.connections_max)?;
+        mqtt::start_embedded_broker(
+            addr,
+            config.mqtt.max_message_bytes + 1024,
+            config.mqtt.connections_max,
+        )?;
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
-        .map_err(|source| StartError::Listen { addr: config.http.listen, source })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Listen { addr: config.http.listen, source })?;
+        .map_err(|source| StartError::Listen {
+            addr: config.http.listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.http.listen,
+        source,
+    })?;
     let state = http::HubState {
         regions: Arc::new(regions.clone()),
         tokens: Arc::new(config.tokens.clone()),
@@ -178,7 +203,10 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });

@@ -36,14 +36,46 @@ impl Default for HubMetrics {
             commit_failures: Counter::default(),
             http_requests: Family::default(),
         };
-        registry.register("envelopes_accepted", "Envelopes accepted, by region and kind", m.envelopes_accepted.clone());
-        registry.register("envelopes_rejected", "Envelopes rejected, by region and reason", m.envelopes_rejected.clone());
-        registry.register("changes_merged", "Ledger changes merged, by region", m.changes_merged.clone());
-        registry.register("downlink_envelopes", "Envelopes sent down to devices, by region and kind", m.downlink_envelopes.clone());
-        registry.register("devices_online", "Devices whose presence is online, by region", m.devices_online.clone());
-        registry.register("commit_seconds", "Duration of one region group commit", m.commit_seconds.clone());
-        registry.register("commit_failures", "Region commits that failed", m.commit_failures.clone());
-        registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
+        registry.register(
+            "envelopes_accepted",
+            "Envelopes accepted, by region and kind",
+            m.envelopes_accepted.clone(),
+        );
+        registry.register(
+            "envelopes_rejected",
+            "Envelopes rejected, by region and reason",
+            m.envelopes_rejected.clone(),
+        );
+        registry.register(
+            "changes_merged",
+            "Ledger changes merged, by region",
+            m.changes_merged.clone(),
+        );
+        registry.register(
+            "downlink_envelopes",
+            "Envelopes sent down to devices, by region and kind",
+            m.downlink_envelopes.clone(),
+        );
+        registry.register(
+            "devices_online",
+            "Devices whose presence is online, by region",
+            m.devices_online.clone(),
+        );
+        registry.register(
+            "commit_seconds",
+            "Duration of one region group commit",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Region commits that failed",
+            m.commit_failures.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -57,14 +89,20 @@ impl HubMetrics {
 
     pub fn rejected(&self, region: &str, reason: &str) {
         self.envelopes_rejected
-            .get_or_create(&vec![("region", region.to_owned()), ("reason", reason.to_owned())])
+            .get_or_create(&vec![
+                ("region", region.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .inc();
     }
 
     /// How many envelopes were rejected for `reason` in `region` (for tests and the demo).
     pub fn rejected_count(&self, region: &str, reason: &str) -> u64 {
         self.envelopes_rejected
-            .get_or_create(&vec![("region", region.to_owned()), ("reason", reason.to_owned())])
+            .get_or_create(&vec![
+                ("region", region.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .get()
     }
 }

@@ -20,10 +20,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::RegionHandle;
 use crate::config::{MqttConfig, SyncConfig};
 use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, UplinkOutcome};
-use crate::RegionHandle;
 
 /// Envelope sequence numbers reserved per persisted block.
 const ENV_SEQ_BLOCK: u64 = 1_000;
@@ -34,7 +34,10 @@ const EVENT_QUEUE_MAX: usize = 1_024;
 #[non_exhaustive]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the broker on {0} did not accept connections within 10 s")]
     NotReady(SocketAddr),
     #[error("cannot start the broker thread: {0}")]
@@ -104,7 +107,9 @@ pub fn start_embedded_broker(
 
 /// A free loopback port (for the demo and tests); the caller retries if it is taken meanwhile.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 pub struct MqttContext {
@@ -117,7 +122,9 @@ pub struct MqttContext {
 
 impl std::fmt::Debug for MqttContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MqttContext").field("regions", &self.regions.keys()).finish()
+        f.debug_struct("MqttContext")
+            .field("regions", &self.regions.keys())
+            .finish()
     }
 }
 
@@ -166,7 +173,9 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         loop {
             let ev = match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => LinkEvent::Connected,
-                Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p.topic.clone(), p.payload.clone()),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    LinkEvent::Message(p.topic.clone(), p.payload.clone())
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     if ev_tx.send(LinkEvent::Lost(e.to_string())).await.is_err() {
@@ -184,19 +193,37 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
     });
     let limits = SenderLimits {
         batch_entries_max: ctx.sync.batch_entries_max,
-        batch_bytes_max: ctx.config.max_message_bytes.saturating_sub(larder_shared::envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
+        batch_bytes_max: ctx
+            .config
+            .max_message_bytes
+            .saturating_sub(larder_shared::envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
         inflight_entries_max: ctx.sync.inflight_entries_max,
         retransmit_after_ms: ctx.sync.retransmit_after_ms as i64,
     };
     let (outcomes_tx, mut outcomes_rx) = mpsc::channel(EVENT_QUEUE_MAX);
-    let mut heads: Vec<(RegionId, watch::Receiver<u64>)> =
-        ctx.regions.iter().map(|(r, h)| (r.clone(), h.head.clone())).collect();
+    let mut heads: Vec<(RegionId, watch::Receiver<u64>)> = ctx
+        .regions
+        .iter()
+        .map(|(r, h)| (r.clone(), h.head.clone()))
+        .collect();
     let seqs = ctx
         .regions
         .iter()
-        .map(|(r, h)| (r.clone(), SeqAllocator::resume(h.env_seq_reserved, ENV_SEQ_BLOCK)))
+        .map(|(r, h)| {
+            (
+                r.clone(),
+                SeqAllocator::resume(h.env_seq_reserved, ENV_SEQ_BLOCK),
+            )
+        })
         .collect();
-    let mut link = HubLink { ctx, limits, devices: HashMap::new(), seqs, outcomes_tx, connected: false };
+    let mut link = HubLink {
+        ctx,
+        limits,
+        devices: HashMap::new(),
+        seqs,
+        outcomes_tx,
+        connected: false,
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
     for (_, mut rx) in heads.drain(..) {
@@ -251,8 +278,13 @@ impl HubLink {
                     warn!(error = %e, "subscribe failed");
                 }
             }
-            if let Some(bytes) = self.seal(region, Party::Region, Body::Catalog(catalog.clone())).await {
-                let _ = client.publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes).await;
+            if let Some(bytes) = self
+                .seal(region, Party::Region, Body::Catalog(catalog.clone()))
+                .await
+            {
+                let _ = client
+                    .publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes)
+                    .await;
             }
         }
     }
@@ -261,10 +293,14 @@ impl HubLink {
     async fn seal(&mut self, region: &RegionId, to: Party, body: Body) -> Option<Vec<u8>> {
         let handle = self.ctx.regions.get(region)?;
         let alloc = self.seqs.get_mut(region)?;
-        let (seq, reserve) = alloc.next();
+        let (seq, reserve) = alloc.allocate();
         if let Some(up_to) = reserve {
             let (reply, rx) = oneshot::channel();
-            let ok = handle.tx.send(RegionCommand::ReserveEnvSeq { up_to, reply }).await.is_ok()
+            let ok = handle
+                .tx
+                .send(RegionCommand::ReserveEnvSeq { up_to, reply })
+                .await
+                .is_ok()
                 && matches!(rx.await, Ok(Ok(())));
             if !ok {
                 warn!(region = %region, "could not persist the hub's envelope sequence");
@@ -286,7 +322,10 @@ impl HubLink {
         self.ctx
             .metrics
             .downlink_envelopes
-            .get_or_create(&vec![("region", region.to_string()), ("kind", kind.to_owned())])
+            .get_or_create(&vec![
+                ("region", region.to_string()),
+                ("kind", kind.to_owned()),
+            ])
             .inc();
         Some(env.seal(&self.ctx.key))
     }
@@ -307,7 +346,11 @@ impl HubLink {
             }
             DeviceTopic::Up => {
                 let (reply, rx) = oneshot::channel();
-                let cmd = RegionCommand::Uplink { topic_device: device.clone(), payload, reply };
+                let cmd = RegionCommand::Uplink {
+                    topic_device: device.clone(),
+                    payload,
+                    reply,
+                };
                 if handle.tx.send(cmd).await.is_err() {
                     return;
                 }
@@ -354,7 +397,10 @@ impl HubLink {
 
     async fn load_downlink(&self, region: &RegionId, device: &DeviceId) -> Option<Downlink> {
         let reads = self.ctx.regions.get(region)?.reads.clone();
-        let devices = tokio::task::spawn_blocking(move || reads.devices()).await.ok()?.ok()?;
+        let devices = tokio::task::spawn_blocking(move || reads.devices())
+            .await
+            .ok()?
+            .ok()?;
         let (record, progress) = devices.into_iter().find(|(d, _)| &d.device_id == device)?;
         if record.revoked_at_ms.is_some() {
             return None;
@@ -366,10 +412,19 @@ impl HubLink {
         })
     }
 
-    async fn on_outcome(&mut self, client: &AsyncClient, region: RegionId, device: DeviceId, outcome: UplinkOutcome) {
+    async fn on_outcome(
+        &mut self,
+        client: &AsyncClient,
+        region: RegionId,
+        device: DeviceId,
+        outcome: UplinkOutcome,
+    ) {
         let key = (region.clone(), device.clone());
         if !matches!(outcome, UplinkOutcome::Rejected(_))
-            && !self.devices.get(&key).is_some_and(|d| d.sender.is_connected())
+            && !self
+                .devices
+                .get(&key)
+                .is_some_and(|d| d.sender.is_connected())
         {
             // Accepted traffic means the device is online even if its presence was missed.
             self.set_presence(&region, &device, true).await;
@@ -379,7 +434,10 @@ impl HubLink {
                 let to = Party::Device(device.clone());
                 if let Some(bytes) = self.seal(&region, to, Body::Ack(ack)).await {
                     let topic = topics::device(&region, &device, DeviceTopic::Down);
-                    if client.try_publish(topic, QoS::AtLeastOnce, false, bytes).is_err() {
+                    if client
+                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                        .is_err()
+                    {
                         debug!(device = %device, "ack not queued; the device will resend");
                     }
                 }
@@ -401,12 +459,15 @@ impl HubLink {
         }
         let keys: Vec<(RegionId, DeviceId)> = self.devices.keys().cloned().collect();
         for key in keys {
-            let Some(handle) = self.ctx.regions.get(&key.0) else { continue };
+            let Some(handle) = self.ctx.regions.get(&key.0) else {
+                continue;
+            };
             let head = *handle.head.borrow();
             let reads_pool = handle.reads.clone();
-            loop {
-                let Some(d) = self.devices.get(&key) else { break };
-                let Some(window) = d.sender.poll_send(head) else { break };
+            while let Some(d) = self.devices.get(&key) {
+                let Some(window) = d.sender.poll_send(head) else {
+                    break;
+                };
                 if d.idle == Some((window.after, head)) {
                     break;
                 }
@@ -420,7 +481,9 @@ impl HubLink {
                     warn!(device = %key.1, "reading the downlink failed");
                     break;
                 };
-                let Some(batch) = build_batch(window, entries, head) else { break };
+                let Some(batch) = build_batch(window, entries, head) else {
+                    break;
+                };
                 let up_to = batch.up_to;
                 if batch.entries.is_empty() {
                     // Nothing for this device yet; the range is covered by its next batch.
@@ -429,9 +492,17 @@ impl HubLink {
                     }
                     break;
                 }
-                let Some(bytes) = self.seal(&key.0, Party::Device(key.1.clone()), Body::Changes(batch)).await else { break };
+                let Some(bytes) = self
+                    .seal(&key.0, Party::Device(key.1.clone()), Body::Changes(batch))
+                    .await
+                else {
+                    break;
+                };
                 let topic = topics::device(&key.0, &key.1, DeviceTopic::Down);
-                if client.try_publish(topic, QoS::AtLeastOnce, false, bytes).is_err() {
+                if client
+                    .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                    .is_err()
+                {
                     break;
                 }
                 if let Some(d) = self.devices.get_mut(&key) {

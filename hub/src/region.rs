@@ -62,7 +62,7 @@ pub enum RegionCommand {
         reply: oneshot::Sender<UplinkOutcome>,
     },
     Enroll {
-        record: DeviceRecord,
+        record: Box<DeviceRecord>,
         reply: Reply<DeviceRecord>,
     },
     Revoke {
@@ -81,7 +81,7 @@ pub enum RegionCommand {
 
 enum Pending {
     Uplink(oneshot::Sender<UplinkOutcome>, UplinkOutcome),
-    Enroll(Reply<DeviceRecord>, DeviceRecord),
+    Enroll(Reply<DeviceRecord>, Box<DeviceRecord>),
     Unit(Reply<()>),
 }
 
@@ -147,9 +147,15 @@ impl RegionWriter {
 
     /// Stores the catalog as a new version if it differs from the current one; returns the
     /// current catalog.
-    pub fn ensure_catalog(&mut self, currency: &str, items: &[larder_shared::catalog::CatalogItem]) -> Result<Catalog, StoreError> {
+    pub fn ensure_catalog(
+        &mut self,
+        currency: &str,
+        items: &[larder_shared::catalog::CatalogItem],
+    ) -> Result<Catalog, StoreError> {
         let current: Catalog = match self.store.meta(crate::store::META_CATALOG)? {
-            Some(json) => serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            Some(json) => {
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?
+            }
             None => Catalog::default(),
         };
         if current.currency == currency && current.items == items {
@@ -161,7 +167,10 @@ impl RegionWriter {
             items: items.to_vec(),
         };
         let batch = RegionBatch {
-            meta: vec![(crate::store::META_CATALOG, serde_json::to_string(&next).unwrap_or_default())],
+            meta: vec![(
+                crate::store::META_CATALOG,
+                serde_json::to_string(&next).unwrap_or_default(),
+            )],
             ..RegionBatch::default()
         };
         self.store.commit(&batch)?;
@@ -200,8 +209,13 @@ impl RegionWriter {
         let mut snapshots_due: Vec<FridgeId> = Vec::new();
         for cmd in group {
             match cmd {
-                RegionCommand::Uplink { topic_device, payload, reply } => {
-                    let outcome = self.uplink(&topic_device, &payload, &mut progress, &mut batch, now);
+                RegionCommand::Uplink {
+                    topic_device,
+                    payload,
+                    reply,
+                } => {
+                    let outcome =
+                        self.uplink(&topic_device, &payload, &mut progress, &mut batch, now);
                     match outcome {
                         UplinkOutcome::Rejected(reason) => {
                             self.metrics.rejected(self.region.as_str(), reason);
@@ -211,9 +225,10 @@ impl RegionWriter {
                         ok => pending.push(Pending::Uplink(reply, ok)),
                     }
                 }
-                RegionCommand::Enroll { record, reply } => match self.enroll_check(&record, &batch) {
+                RegionCommand::Enroll { record, reply } => match self.enroll_check(&record, &batch)
+                {
                     Ok(()) => {
-                        batch.enroll.push(record.clone());
+                        batch.enroll.push((*record).clone());
                         pending.push(Pending::Enroll(reply, record));
                     }
                     Err(e) => {
@@ -233,7 +248,9 @@ impl RegionWriter {
                     }
                 },
                 RegionCommand::ReserveEnvSeq { up_to, reply } => {
-                    batch.meta.push((crate::store::META_ENV_SEQ_RESERVED, up_to.to_string()));
+                    batch
+                        .meta
+                        .push((crate::store::META_ENV_SEQ_RESERVED, up_to.to_string()));
                     pending.push(Pending::Unit(reply));
                 }
                 RegionCommand::Digest { fridge, reply } => {
@@ -259,7 +276,9 @@ impl RegionWriter {
         }
         let started = std::time::Instant::now();
         let result = self.store.commit(&batch);
-        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 if !batch.changes.is_empty() {
@@ -300,7 +319,7 @@ impl RegionWriter {
                     let _ = reply.send(UplinkOutcome::Rejected("storage"));
                 }
                 (Pending::Enroll(reply, record), Ok(())) => {
-                    let _ = reply.send(Ok(record));
+                    let _ = reply.send(Ok(*record));
                 }
                 (Pending::Enroll(reply, _), Err(e)) => {
                     let _ = reply.send(Err(e.clone()));

@@ -71,6 +71,9 @@ pub struct DeviceRecord {
     pub last_seen_ms: Option<i64>,
 }
 
+/// A ledger's snapshot (if any) and the change bytes stored after it.
+pub type LoadedLedger = (Option<Vec<u8>>, Vec<Vec<u8>>);
+
 /// A device's stream positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
@@ -129,7 +132,9 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeviceRecord, Pro
             .transpose()
             .map_err(|e| bad(2, e.to_string()))?,
         fridges: serde_json::from_str(&fridges).map_err(|e| bad(3, e.to_string()))?,
-        public_key: key.parse().map_err(|e: larder_shared::keys::KeyError| bad(4, e.to_string()))?,
+        public_key: key
+            .parse()
+            .map_err(|e: larder_shared::keys::KeyError| bad(4, e.to_string()))?,
         enrolled_at_ms: r.get(5)?,
         revoked_at_ms: r.get(6)?,
         last_seen_ms: r.get(10)?,
@@ -177,15 +182,15 @@ impl RegionStore {
     }
 
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"))?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+        ))?;
         let rows = stmt.query_map([], device_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// A ledger's snapshot and the changes stored after it.
-    pub fn load_ledger(&self, fridge: &FridgeId) -> Result<(Option<Vec<u8>>, Vec<Vec<u8>>), StoreError> {
+    pub fn load_ledger(&self, fridge: &FridgeId) -> Result<LoadedLedger, StoreError> {
         let snap: Option<(Vec<u8>, i64)> = self
             .conn
             .query_row(
@@ -208,8 +213,9 @@ impl RegionStore {
     pub fn head(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| r.get::<_, i64>(0))?
-            as u64)
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 
     pub fn snapshot_ledger(&mut self, fridge: &FridgeId, bytes: &[u8]) -> Result<(), StoreError> {
@@ -228,7 +234,12 @@ impl RegionStore {
                 "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes) VALUES (?1, ?2, ?3, ?4)",
             )?;
             for c in &b.changes {
-                change.execute(params![c.ledger.as_str(), c.author.as_str(), &c.hash[..], c.bytes])?;
+                change.execute(params![
+                    c.ledger.as_str(),
+                    c.author.as_str(),
+                    &c.hash[..],
+                    c.bytes
+                ])?;
             }
             let mut progress = tx.prepare_cached(
                 "UPDATE devices SET last_env_seq = ?2, up_hwm = ?3, down_acked = ?4, last_seen_ms = ?5
@@ -341,8 +352,9 @@ impl RegionReads {
 
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
         self.with(|c| {
-            let mut stmt =
-                c.prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
+            ))?;
             let rows = stmt.query_map([], device_from_row)?;
             rows.collect()
         })
@@ -365,13 +377,23 @@ impl RegionReads {
             )?;
             let rows = stmt.query_map(
                 params![after as i64, device.as_str(), ledgers, limit as i64],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                },
             )?;
             let mut out = Vec::new();
             for row in rows {
                 let (id, ledger, change) = row?;
                 if let Ok(ledger) = FridgeId::new(ledger) {
-                    out.push(Entry { seq: id as u64, ledger, change });
+                    out.push(Entry {
+                        seq: id as u64,
+                        ledger,
+                        change,
+                    });
                 }
             }
             Ok(out)
@@ -379,11 +401,19 @@ impl RegionReads {
     }
 
     pub fn head(&self) -> Result<u64, StoreError> {
-        self.with(|c| c.query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
+        self.with(|c| {
+            c.query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map(|n| n as u64)
     }
 
-    pub fn stock(&self, fridge: &FridgeId, now_ms: i64) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
+    pub fn stock(
+        &self,
+        fridge: &FridgeId,
+        now_ms: i64,
+    ) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
         let day = 86_400_000i64;
         self.with(|c| {
             let mut stmt = c.prepare_cached(
@@ -406,7 +436,10 @@ impl RegionReads {
             )?;
             let units = stmt
                 .query_map([fridge.as_str()], |r| r.get::<_, String>(0))?
-                .filter_map(|v| v.ok().and_then(|j| serde_json::from_str::<UnitView>(&j).ok()))
+                .filter_map(|v| {
+                    v.ok()
+                        .and_then(|j| serde_json::from_str::<UnitView>(&j).ok())
+                })
                 .map(|mut u| {
                     if u.state == UnitState::Available && u.facts.expires_at_ms <= now_ms {
                         u.state = UnitState::Expired;
@@ -419,14 +452,20 @@ impl RegionReads {
     }
 
     /// Orders of one fridge or all, newest first.
-    pub fn orders(&self, fridge: Option<&FridgeId>, limit: u32) -> Result<Vec<OrderView>, StoreError> {
+    pub fn orders(
+        &self,
+        fridge: Option<&FridgeId>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT view FROM orders WHERE (?1 IS NULL OR fridge = ?1)
                  ORDER BY created_at_ms DESC, order_id LIMIT ?2",
             )?;
             let rows = stmt
-                .query_map(params![fridge.map(|f| f.as_str()), limit], |r| r.get::<_, String>(0))?
+                .query_map(params![fridge.map(|f| f.as_str()), limit], |r| {
+                    r.get::<_, String>(0)
+                })?
                 .filter_map(|v| v.ok().and_then(|j| serde_json::from_str(&j).ok()))
                 .collect();
             Ok(rows)
@@ -435,9 +474,11 @@ impl RegionReads {
 
     pub fn order_exists(&self, order: &str) -> Result<bool, StoreError> {
         self.with(|c| {
-            c.query_row("SELECT 1 FROM orders WHERE order_id = ?1", [order], |_| Ok(()))
-                .optional()
-                .map(|r| r.is_some())
+            c.query_row("SELECT 1 FROM orders WHERE order_id = ?1", [order], |_| {
+                Ok(())
+            })
+            .optional()
+            .map(|r| r.is_some())
         })
     }
 

@@ -65,8 +65,12 @@ pub fn verify_connect_token(
             max_ms: max_age_ms,
         });
     }
-    key.verify(CONNECT_DOMAIN, &message(device, at_ms, &nonce), &Signature(sig))
-        .map_err(|_| TokenError::BadSignature)?;
+    key.verify(
+        CONNECT_DOMAIN,
+        &message(device, at_ms, &nonce),
+        &Signature(sig),
+    )
+    .map_err(|_| TokenError::BadSignature)?;
     Ok(nonce)
 }
 
@@ -85,10 +89,22 @@ mod tests {
         };
         assert_eq!(check(&token, &key, "pos-1", 1_000_000), Ok([1; 16]));
         assert_eq!(check(&token, &key, "pos-1", 1_030_000), Ok([1; 16]));
-        assert!(matches!(check(&token, &key, "pos-1", 1_070_000), Err(TokenError::Stale { .. })));
-        assert_eq!(check(&token, &other, "pos-1", 1_000_000), Err(TokenError::BadSignature));
-        assert_eq!(check(&token, &key, "pos-2", 1_000_000), Err(TokenError::BadSignature));
+        assert!(matches!(
+            check(&token, &key, "pos-1", 1_070_000),
+            Err(TokenError::Stale { .. })
+        ));
+        assert_eq!(
+            check(&token, &other, "pos-1", 1_000_000),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            check(&token, &key, "pos-2", 1_000_000),
+            Err(TokenError::BadSignature)
+        );
         assert_eq!(check("1.2", &key, "pos-1", 1), Err(TokenError::Malformed));
-        assert_eq!(check("x.00.00", &key, "pos-1", 1), Err(TokenError::Malformed));
+        assert_eq!(
+            check("x.00.00", &key, "pos-1", 1),
+            Err(TokenError::Malformed)
+        );
     }
 }

@@ -159,7 +159,11 @@ mod tests {
     fn sign_verify_and_domain_separation() {
         let key = SecretKey::from_seed([7; 32]);
         let sig = key.sign(b"larder/test/v1", b"hello");
-        assert!(key.public().verify(b"larder/test/v1", b"hello", &sig).is_ok());
+        assert!(
+            key.public()
+                .verify(b"larder/test/v1", b"hello", &sig)
+                .is_ok()
+        );
         assert_eq!(
             key.public().verify(b"larder/other/v1", b"hello", &sig),
             Err(KeyError::BadSignature)

@@ -434,7 +434,7 @@ impl Ledger {
                 _ => None,
             })
             .collect();
-        history.sort_by(|a, b| (a.at_ms, a.status as u8).cmp(&(b.at_ms, b.status as u8)));
+        history.sort_by_key(|e| (e.at_ms, status_rank(e.status)));
         let status = history
             .iter()
             .map(|e| e.status)

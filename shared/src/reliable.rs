@@ -273,7 +273,7 @@ impl SeqAllocator {
     }
 
     /// The next number, and a new reservation the shell must persist before signing with it.
-    pub fn next(&mut self) -> (u64, Option<u64>) {
+    pub fn allocate(&mut self) -> (u64, Option<u64>) {
         let seq = self.next;
         self.next += 1;
         if seq > self.reserved_up_to {
@@ -311,14 +311,32 @@ mod tests {
     fn receiver_table() {
         let r = StreamReceiver::new(5);
         let cases: Vec<(Batch, Receipt)> = vec![
-            (batch(5, &[6, 7], 7), Receipt::Apply { entries: vec![entry(6), entry(7)], up_to: 7 }),
-            (batch(3, &[4, 5, 6], 6), Receipt::Apply { entries: vec![entry(6)], up_to: 6 }),
+            (
+                batch(5, &[6, 7], 7),
+                Receipt::Apply {
+                    entries: vec![entry(6), entry(7)],
+                    up_to: 7,
+                },
+            ),
+            (
+                batch(3, &[4, 5, 6], 6),
+                Receipt::Apply {
+                    entries: vec![entry(6)],
+                    up_to: 6,
+                },
+            ),
             (batch(2, &[3, 4], 4), Receipt::Duplicate),
             (batch(6, &[7], 7), Receipt::Gap),
             (batch(5, &[7, 6], 7), Receipt::Malformed),
             (batch(5, &[5], 7), Receipt::Malformed),
             (batch(5, &[9], 8), Receipt::Malformed),
-            (batch(5, &[], 9), Receipt::Apply { entries: vec![], up_to: 9 }),
+            (
+                batch(5, &[], 9),
+                Receipt::Apply {
+                    entries: vec![],
+                    up_to: 9,
+                },
+            ),
         ];
         for (i, (b, want)) in cases.into_iter().enumerate() {
             assert_eq!(r.on_batch(b), want, "case {i}");
@@ -344,14 +362,39 @@ mod tests {
         assert_eq!((w.after, w.entries_max), (20, 5), "in-flight cap");
         s.on_sent(25);
         assert_eq!(s.poll_send(50), None, "at the in-flight cap");
-        assert_eq!(s.on_ack(Ack { up_to: 10, gap: false }, 10), Some(10));
-        assert_eq!(s.on_ack(Ack { up_to: 5, gap: false }, 11), None, "old ack");
+        assert_eq!(
+            s.on_ack(
+                Ack {
+                    up_to: 10,
+                    gap: false
+                },
+                10
+            ),
+            Some(10)
+        );
+        assert_eq!(
+            s.on_ack(
+                Ack {
+                    up_to: 5,
+                    gap: false
+                },
+                11
+            ),
+            None,
+            "old ack"
+        );
         s.tick(50);
         assert_eq!(s.sent_up_to(), 25, "not stalled yet");
         s.tick(111);
         assert_eq!(s.sent_up_to(), 10, "stalled: rewound");
         s.on_sent(25);
-        s.on_ack(Ack { up_to: 12, gap: true }, 120);
+        s.on_ack(
+            Ack {
+                up_to: 12,
+                gap: true,
+            },
+            120,
+        );
         assert_eq!(s.sent_up_to(), 12, "gap: rewound to the ack");
         s.on_disconnected();
         assert_eq!(s.poll_send(50), None);
@@ -359,13 +402,25 @@ mod tests {
 
     #[test]
     fn build_batch_respects_limits_and_covers_skipped_numbers() {
-        let w = SendWindow { after: 3, entries_max: 2, bytes_max: 1 << 20 };
+        let w = SendWindow {
+            after: 3,
+            entries_max: 2,
+            bytes_max: 1 << 20,
+        };
         let b = build_batch(w, vec![entry(5), entry(9), entry(12)], 20).expect("batch");
         assert_eq!((b.after, b.up_to, b.entries.len()), (3, 9, 2));
-        let w = SendWindow { after: 3, entries_max: 10, bytes_max: 1 << 20 };
+        let w = SendWindow {
+            after: 3,
+            entries_max: 10,
+            bytes_max: 1 << 20,
+        };
         let b = build_batch(w, vec![entry(5)], 20).expect("batch");
         assert_eq!(b.up_to, 20, "complete read covers to the head");
-        let w = SendWindow { after: 3, entries_max: 10, bytes_max: 1 };
+        let w = SendWindow {
+            after: 3,
+            entries_max: 10,
+            bytes_max: 1,
+        };
         let b = build_batch(w, vec![entry(5), entry(6)], 20).expect("batch");
         assert_eq!(b.entries.len(), 1, "one entry always fits");
         assert_eq!(build_batch(w, vec![], 3), None);
@@ -374,11 +429,11 @@ mod tests {
     #[test]
     fn seq_allocator_never_reuses_after_restart() {
         let mut a = SeqAllocator::resume(0, 4);
-        assert_eq!(a.next(), (1, Some(4)));
-        assert_eq!(a.next(), (2, None));
+        assert_eq!(a.allocate(), (1, Some(4)));
+        assert_eq!(a.allocate(), (2, None));
         // Crash after persisting 4: resume hands out 5 onwards.
         let mut b = SeqAllocator::resume(4, 4);
-        assert_eq!(b.next(), (5, Some(8)));
+        assert_eq!(b.allocate(), (5, Some(8)));
     }
 
     proptest! {

@@ -53,7 +53,11 @@ pub fn parse_device(topic: &str) -> Option<(RegionId, DeviceId, DeviceTopic)> {
         "presence" => DeviceTopic::Presence,
         _ => return None,
     };
-    Some((RegionId::new(region).ok()?, DeviceId::new(device).ok()?, which))
+    Some((
+        RegionId::new(region).ok()?,
+        DeviceId::new(device).ok()?,
+        which,
+    ))
 }
 
 #[cfg(test)]

@@ -45,11 +45,23 @@ pub fn http() -> reqwest::Client {
 
 /// Starts an in-process hub with the embedded broker on a free port.
 pub async fn start_hub(dir: &Path, fridges: u32) -> Result<HubHandle> {
-    larder_hub::demo::start_hub(dir, fridges, &larder_hub::http::token_sha256(ADMIN_TOKEN), seeded_key(7, "hub")).await
+    larder_hub::demo::start_hub(
+        dir,
+        fridges,
+        &larder_hub::http::token_sha256(ADMIN_TOKEN),
+        seeded_key(7, "hub"),
+    )
+    .await
 }
 
 /// Enrolls a device over the hub's HTTP API.
-pub async fn enroll(hub_http: &str, device: &str, role: Role, fridges: &[&str], key: &PublicKey) -> Result<()> {
+pub async fn enroll(
+    hub_http: &str,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+    key: &PublicKey,
+) -> Result<()> {
     let resp = http()
         .post(format!("{hub_http}/v1/regions/{REGION}/devices"))
         .bearer_auth(ADMIN_TOKEN)
@@ -63,27 +75,56 @@ pub async fn enroll(hub_http: &str, device: &str, role: Role, fridges: &[&str], 
 }
 
 pub fn fridge_ids(names: &[&str]) -> Vec<FridgeId> {
-    names.iter().map(|n| FridgeId::new(*n).expect("fridge id")).collect()
+    names
+        .iter()
+        .map(|n| FridgeId::new(*n).expect("fridge id"))
+        .collect()
 }
 
 /// Starts an in-process agent (after enrolling it).
-pub async fn start_agent(dir: &Path, hub: &HubHandle, device: &str, role: Role, fridges: &[&str]) -> Result<AgentHandle> {
+pub async fn start_agent(
+    dir: &Path,
+    hub: &HubHandle,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+) -> Result<AgentHandle> {
     let key = seeded_key(7, device);
-    enroll(&format!("http://{}", hub.http_addr), device, role, fridges, &key.public()).await?;
-    let config = agent_config(&dir.join(device), device, role, &fridge_ids(fridges), hub.public_key, &hub.broker)?;
+    enroll(
+        &format!("http://{}", hub.http_addr),
+        device,
+        role,
+        fridges,
+        &key.public(),
+    )
+    .await?;
+    let config = agent_config(
+        &dir.join(device),
+        device,
+        role,
+        &fridge_ids(fridges),
+        hub.public_key,
+        &hub.broker,
+    )?;
     Ok(larder_agent::start(config, key).await?)
 }
 
 /// The agent's health document.
 pub async fn health(url: &str) -> Result<Value> {
-    Ok(http().get(format!("{url}/v1/health")).send().await?.json().await?)
+    Ok(http()
+        .get(format!("{url}/v1/health"))
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 /// Waits until an agent is online, has the catalog and has nothing pending.
 pub async fn synced(url: &str, limit: Duration) -> Result<()> {
     eventually(limit, &format!("{url} to sync"), || async {
         let h = health(url).await.ok()?;
-        (h["online"] == true && h["pending_changes"] == 0 && h["catalog_version"].as_u64()? > 0).then_some(())
+        (h["online"] == true && h["pending_changes"] == 0 && h["catalog_version"].as_u64()? > 0)
+            .then_some(())
     })
     .await
 }
@@ -116,7 +157,14 @@ pub fn price(sku: &str) -> i64 {
 }
 
 /// Sells one unit; returns the HTTP status and body.
-pub async fn sell_unit(client: &reqwest::Client, url: &str, fridge: &str, unit: &str, sku: &str, key: &str) -> Result<(u16, Value)> {
+pub async fn sell_unit(
+    client: &reqwest::Client,
+    url: &str,
+    fridge: &str,
+    unit: &str,
+    sku: &str,
+    key: &str,
+) -> Result<(u16, Value)> {
     let resp = client
         .post(format!("{url}/v1/sales"))
         .header("Idempotency-Key", key)
@@ -142,13 +190,20 @@ pub fn available(stock: &Value, sku: &str) -> u64 {
 
 /// An agent's stock view.
 pub async fn agent_stock(url: &str, fridge: &str) -> Result<Value> {
-    Ok(http().get(format!("{url}/v1/stock?fridge_id={fridge}")).send().await?.json().await?)
+    Ok(http()
+        .get(format!("{url}/v1/stock?fridge_id={fridge}"))
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 /// The hub's stock view (with its ledger digest).
 pub async fn hub_stock(hub_http: &str, fridge: &str) -> Result<Value> {
     Ok(http()
-        .get(format!("{hub_http}/v1/regions/{REGION}/fridges/{fridge}/stock"))
+        .get(format!(
+            "{hub_http}/v1/regions/{REGION}/fridges/{fridge}/stock"
+        ))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await?
@@ -196,7 +251,11 @@ impl Process {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split(&marker).nth(1) {
-                    let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send(url);
                 }
             }
@@ -221,8 +280,18 @@ impl Drop for Process {
 }
 
 /// Writes a hub config for the test region and returns its path.
-pub fn write_hub_config(dir: &Path, broker_port: u16, http_port: u16, fridges: u32) -> Result<PathBuf> {
-    let mut c = larder_hub::demo::hub_config(&dir.join("data"), broker_port, fridges, larder_hub::http::token_sha256(ADMIN_TOKEN))?;
+pub fn write_hub_config(
+    dir: &Path,
+    broker_port: u16,
+    http_port: u16,
+    fridges: u32,
+) -> Result<PathBuf> {
+    let mut c = larder_hub::demo::hub_config(
+        &dir.join("data"),
+        broker_port,
+        fridges,
+        larder_hub::http::token_sha256(ADMIN_TOKEN),
+    )?;
     c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
     std::fs::create_dir_all(dir)?;
     let key = seeded_key(7, "hub");
@@ -241,7 +310,14 @@ pub fn write_hub_config(dir: &Path, broker_port: u16, http_port: u16, fridges: u
 }
 
 /// Writes an agent config and its key; returns the config path.
-pub fn write_agent_config(dir: &Path, device: &str, role: Role, fridges: &[&str], hub_key: PublicKey, broker: &str) -> Result<(PathBuf, SecretKey)> {
+pub fn write_agent_config(
+    dir: &Path,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+    hub_key: PublicKey,
+    broker: &str,
+) -> Result<(PathBuf, SecretKey)> {
     std::fs::create_dir_all(dir)?;
     let key = seeded_key(7, device);
     let key_path = dir.join("device.key");

@@ -9,8 +9,19 @@ fn root() -> PathBuf {
 }
 
 fn check(exe: &str, file: &Path) -> (bool, String) {
-    let out = Command::new(exe).args(["config", "check"]).arg(file).output().expect("run config check");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(exe)
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .expect("run config check");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -25,16 +36,24 @@ fn every_firmware_config_passes() {
         }
     }
     assert!(seen >= 2, "the fridge and POS examples are there");
-    let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &root().join("hub/hub.example.toml"));
+    let (ok, out) = check(
+        env!("CARGO_BIN_EXE_hub-node"),
+        &root().join("hub/hub.example.toml"),
+    );
     assert!(ok, "hub example: {out}");
 }
 
 #[test]
 fn unknown_keys_and_bad_values_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let example = std::fs::read_to_string(root().join("firmware-config/fridge.example.toml")).expect("example");
+    let example = std::fs::read_to_string(root().join("firmware-config/fridge.example.toml"))
+        .expect("example");
     let unknown = dir.path().join("unknown.toml");
-    std::fs::write(&unknown, example.replace("[mqtt]", "[mqtt]\nbroker_colour = \"blue\"")).expect("write");
+    std::fs::write(
+        &unknown,
+        example.replace("[mqtt]", "[mqtt]\nbroker_colour = \"blue\""),
+    )
+    .expect("write");
     let (ok, out) = check(env!("CARGO_BIN_EXE_agent-node"), &unknown);
     assert!(!ok);
     assert!(out.contains("broker_colour"), "{out}");

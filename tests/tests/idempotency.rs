@@ -26,7 +26,9 @@ async fn same_key_same_order_other_body_conflict() -> anyhow::Result<()> {
     let mut retries = tokio::task::JoinSet::new();
     for _ in 0..8 {
         let (client, url) = (client.clone(), url.clone());
-        retries.spawn(async move { sell_unit(&client, &url, "fridge-1", "u-1", "soup-lentil", "key-B").await });
+        retries.spawn(async move {
+            sell_unit(&client, &url, "fridge-1", "u-1", "soup-lentil", "key-B").await
+        });
     }
     let mut ids = std::collections::BTreeSet::new();
     while let Some(answer) = retries.join_next().await {
@@ -36,14 +38,28 @@ async fn same_key_same_order_other_body_conflict() -> anyhow::Result<()> {
     }
     assert_eq!(ids.len(), 1, "eight retries made one order");
 
-    let (s3, conflict) = sell_unit(&client, &url, "fridge-1", "u-2", "soup-lentil", "key-A").await?;
+    let (s3, conflict) =
+        sell_unit(&client, &url, "fridge-1", "u-2", "soup-lentil", "key-A").await?;
     assert_eq!(s3, 409, "{conflict}");
     assert_eq!(conflict["error"]["code"], "idempotency_key_reused");
 
-    let orders: serde_json::Value = client.get(format!("{url}/v1/orders")).send().await?.json().await?;
-    assert_eq!(orders["orders"].as_array().map(Vec::len), Some(2), "{orders}");
+    let orders: serde_json::Value = client
+        .get(format!("{url}/v1/orders"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        orders["orders"].as_array().map(Vec::len),
+        Some(2),
+        "{orders}"
+    );
     let stock = agent_stock(&url, "fridge-1").await?;
-    assert_eq!(available(&stock, "soup-lentil"), 3, "u-2 was not sold by the conflicting request");
+    assert_eq!(
+        available(&stock, "soup-lentil"),
+        3,
+        "u-2 was not sold by the conflicting request"
+    );
     fridge.shutdown().await;
     hub.shutdown().await;
     Ok(())

@@ -22,32 +22,78 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
 
     let fridge_key = larder_hub::demo::seeded_key(7, "fridge-1");
     let pos_key = larder_hub::demo::seeded_key(7, "pos-1");
-    enroll(&hub_url, "fridge-1", Role::Fridge, &["fridge-1"], &fridge_key.public()).await?;
-    enroll(&hub_url, "pos-1", Role::Pos, &["fridge-1"], &pos_key.public()).await?;
-    let fridge_cfg = larder_hub::demo::agent_config(&dir.path().join("fridge"), "fridge-1", Role::Fridge, &fridge_ids(&["fridge-1"]), hub_public_key(), &broker)?;
-    let pos_cfg = larder_hub::demo::agent_config(&dir.path().join("pos"), "pos-1", Role::Pos, &fridge_ids(&["fridge-1"]), hub_public_key(), &broker)?;
+    enroll(
+        &hub_url,
+        "fridge-1",
+        Role::Fridge,
+        &["fridge-1"],
+        &fridge_key.public(),
+    )
+    .await?;
+    enroll(
+        &hub_url,
+        "pos-1",
+        Role::Pos,
+        &["fridge-1"],
+        &pos_key.public(),
+    )
+    .await?;
+    let fridge_cfg = larder_hub::demo::agent_config(
+        &dir.path().join("fridge"),
+        "fridge-1",
+        Role::Fridge,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &broker,
+    )?;
+    let pos_cfg = larder_hub::demo::agent_config(
+        &dir.path().join("pos"),
+        "pos-1",
+        Role::Pos,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &broker,
+    )?;
     let fridge = larder_agent::start(fridge_cfg, fridge_key).await?;
     let pos = larder_agent::start(pos_cfg, pos_key).await?;
-    let (fridge_url, pos_url) = (format!("http://{}", fridge.http_addr), format!("http://{}", pos.http_addr));
+    let (fridge_url, pos_url) = (
+        format!("http://{}", fridge.http_addr),
+        format!("http://{}", pos.http_addr),
+    );
     synced(&fridge_url, Duration::from_secs(20)).await?;
     synced(&pos_url, Duration::from_secs(20)).await?;
 
     refill(&fridge_url, "fridge-1", "unit", "lasagna", 100).await?;
-    eventually(Duration::from_secs(20), "the POS to see the refill", || async {
-        (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 100).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the POS to see the refill",
+        || async {
+            (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 100)
+                .then_some(())
+        },
+    )
     .await?;
 
     hub.kill();
-    eventually(Duration::from_secs(20), "the POS to notice the hub is gone", || async {
-        (health(&pos_url).await.ok()?["online"] == false).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the POS to notice the hub is gone",
+        || async { (health(&pos_url).await.ok()?["online"] == false).then_some(()) },
+    )
     .await?;
 
     let client = http();
     let mut acked = BTreeSet::new();
     for i in 0..100 {
-        let (status, body) = sell_unit(&client, &pos_url, "fridge-1", &format!("unit-{i}"), "lasagna", &format!("sale-{i}")).await?;
+        let (status, body) = sell_unit(
+            &client,
+            &pos_url,
+            "fridge-1",
+            &format!("unit-{i}"),
+            "lasagna",
+            &format!("sale-{i}"),
+        )
+        .await?;
         assert_eq!(status, 201, "offline sale {i}: {body}");
         acked.insert(body["order_id"].as_str().expect("order id").to_owned());
     }
@@ -56,11 +102,15 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
 
     let _hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
     synced(&pos_url, Duration::from_secs(30)).await?;
-    eventually(Duration::from_secs(30), "the fridge and hub stock to converge", || async {
-        let f = agent_stock(&fridge_url, "fridge-1").await.ok()?;
-        let h = hub_stock(&hub_url, "fridge-1").await.ok()?;
-        (available(&f, "lasagna") == 0 && available(&h, "lasagna") == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the fridge and hub stock to converge",
+        || async {
+            let f = agent_stock(&fridge_url, "fridge-1").await.ok()?;
+            let h = hub_stock(&hub_url, "fridge-1").await.ok()?;
+            (available(&f, "lasagna") == 0 && available(&h, "lasagna") == 0).then_some(())
+        },
+    )
     .await?;
 
     let at_hub = hub_order_ids(&hub_url).await?;

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use larder_shared::domain::{Refill, RefillUnit, Role};
-use larder_shared::envelope::{Batch, Body, Entry, Envelope, Header, MAX_MESSAGE_BYTES_DEFAULT, Party};
+use larder_shared::envelope::{
+    Batch, Body, Entry, Envelope, Header, MAX_MESSAGE_BYTES_DEFAULT, Party,
+};
 use larder_shared::ledger::{Ledger, actor_for};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{FridgeId, RegionId, SecretKey, Sku, UnitId};
@@ -16,7 +18,11 @@ use rumqttc::{AsyncClient, MqttOptions, QoS};
 const FLOOD: u64 = 20;
 
 fn change(author: &str, unit: &str) -> Vec<u8> {
-    let mut l = Ledger::new(FridgeId::new("fridge-1").expect("id"), actor_for(&device(author))).expect("ledger");
+    let mut l = Ledger::new(
+        FridgeId::new("fridge-1").expect("id"),
+        actor_for(&device(author)),
+    )
+    .expect("ledger");
     l.refill(
         &Refill {
             units: vec![RefillUnit {
@@ -34,11 +40,21 @@ fn change(author: &str, unit: &str) -> Vec<u8> {
     .bytes
 }
 
-fn envelope(region: &str, sender: &str, seq: u64, changes: Vec<Vec<u8>>, key: &SecretKey) -> Vec<u8> {
+fn envelope(
+    region: &str,
+    sender: &str,
+    seq: u64,
+    changes: Vec<Vec<u8>>,
+    key: &SecretKey,
+) -> Vec<u8> {
     let entries = changes
         .into_iter()
         .enumerate()
-        .map(|(i, change)| Entry { seq: i as u64 + 1, ledger: FridgeId::new("fridge-1").expect("id"), change })
+        .map(|(i, change)| Entry {
+            seq: i as u64 + 1,
+            ledger: FridgeId::new("fridge-1").expect("id"),
+            change,
+        })
         .collect::<Vec<_>>();
     let up_to = entries.len() as u64;
     Envelope {
@@ -49,13 +65,21 @@ fn envelope(region: &str, sender: &str, seq: u64, changes: Vec<Vec<u8>>, key: &S
             seq,
             sent_at_ms: 0,
         },
-        body: Body::Changes(Batch { after: 0, up_to, entries }),
+        body: Body::Changes(Batch {
+            after: 0,
+            up_to,
+            entries,
+        }),
     }
     .seal(key)
 }
 
 fn up(device_name: &str) -> String {
-    topics::device(&RegionId::new("demo").expect("id"), &device(device_name), DeviceTopic::Up)
+    topics::device(
+        &RegionId::new("demo").expect("id"),
+        &device(device_name),
+        DeviceTopic::Up,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,20 +89,42 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     let hub_url = format!("http://{}", hub.http_addr);
     let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
     let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
-    let (fridge_url, pos_url) = (format!("http://{}", fridge.http_addr), format!("http://{}", pos.http_addr));
+    let (fridge_url, pos_url) = (
+        format!("http://{}", fridge.http_addr),
+        format!("http://{}", pos.http_addr),
+    );
     synced(&fridge_url, Duration::from_secs(20)).await?;
     synced(&pos_url, Duration::from_secs(20)).await?;
     refill(&fridge_url, "fridge-1", "honest", "lasagna", 40).await?;
-    eventually(Duration::from_secs(20), "the POS to see the refill", || async {
-        (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 40).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the POS to see the refill",
+        || async {
+            (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 40)
+                .then_some(())
+        },
+    )
     .await?;
 
     let evil = larder_hub::demo::seeded_key(9, "evil-pos");
     let gone = larder_hub::demo::seeded_key(9, "gone-pos");
     let ghost = larder_hub::demo::seeded_key(9, "ghost");
-    enroll(&hub_url, "evil-pos", Role::Pos, &["fridge-1"], &evil.public()).await?;
-    enroll(&hub_url, "gone-pos", Role::Pos, &["fridge-1"], &gone.public()).await?;
+    enroll(
+        &hub_url,
+        "evil-pos",
+        Role::Pos,
+        &["fridge-1"],
+        &evil.public(),
+    )
+    .await?;
+    enroll(
+        &hub_url,
+        "gone-pos",
+        Role::Pos,
+        &["fridge-1"],
+        &gone.public(),
+    )
+    .await?;
     let revoked = http()
         .delete(format!("{hub_url}/v1/regions/demo/devices/gone-pos"))
         .bearer_auth(ADMIN_TOKEN)
@@ -88,17 +134,77 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
 
     let forged_unit = change("pos-1", "forged-unit");
     let cases: Vec<(&str, String, Vec<u8>)> = vec![
-        ("bad_signature", up("pos-1"), envelope("demo", "pos-1", 1_000, vec![forged_unit.clone()], &evil)),
-        ("unknown_device", up("ghost"), envelope("demo", "ghost", 1, vec![change("ghost", "ghost-unit")], &ghost)),
-        ("revoked_device", up("gone-pos"), envelope("demo", "gone-pos", 1, vec![change("gone-pos", "gone-unit")], &gone)),
-        ("wrong_topic", up("pos-1"), envelope("demo", "evil-pos", 1, vec![change("evil-pos", "topic-unit")], &evil)),
-        ("foreign_actor", up("evil-pos"), envelope("demo", "evil-pos", 2, vec![forged_unit.clone()], &evil)),
-        ("wrong_region", up("evil-pos"), envelope("elsewhere", "evil-pos", 3, vec![change("evil-pos", "region-unit")], &evil)),
-        ("oversized", up("evil-pos"), vec![1u8; MAX_MESSAGE_BYTES_DEFAULT + 100]),
-        ("malformed", up("evil-pos"), [vec![1u8], vec![0xff; 200]].concat()),
+        (
+            "bad_signature",
+            up("pos-1"),
+            envelope("demo", "pos-1", 1_000, vec![forged_unit.clone()], &evil),
+        ),
+        (
+            "unknown_device",
+            up("ghost"),
+            envelope(
+                "demo",
+                "ghost",
+                1,
+                vec![change("ghost", "ghost-unit")],
+                &ghost,
+            ),
+        ),
+        (
+            "revoked_device",
+            up("gone-pos"),
+            envelope(
+                "demo",
+                "gone-pos",
+                1,
+                vec![change("gone-pos", "gone-unit")],
+                &gone,
+            ),
+        ),
+        (
+            "wrong_topic",
+            up("pos-1"),
+            envelope(
+                "demo",
+                "evil-pos",
+                1,
+                vec![change("evil-pos", "topic-unit")],
+                &evil,
+            ),
+        ),
+        (
+            "foreign_actor",
+            up("evil-pos"),
+            envelope("demo", "evil-pos", 2, vec![forged_unit.clone()], &evil),
+        ),
+        (
+            "wrong_region",
+            up("evil-pos"),
+            envelope(
+                "elsewhere",
+                "evil-pos",
+                3,
+                vec![change("evil-pos", "region-unit")],
+                &evil,
+            ),
+        ),
+        (
+            "oversized",
+            up("evil-pos"),
+            vec![1u8; MAX_MESSAGE_BYTES_DEFAULT + 100],
+        ),
+        (
+            "malformed",
+            up("evil-pos"),
+            [vec![1u8], vec![0xff; 200]].concat(),
+        ),
     ];
 
-    let mut opts = MqttOptions::new("attacker", "127.0.0.1", hub.broker.rsplit(':').next().unwrap_or("1883").parse()?);
+    let mut opts = MqttOptions::new(
+        "attacker",
+        "127.0.0.1",
+        hub.broker.rsplit(':').next().unwrap_or("1883").parse()?,
+    );
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (attacker, mut events) = AsyncClient::new(opts, 1_024);
     let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
@@ -109,7 +215,15 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         async move {
             let client = http();
             for i in 0..30 {
-                let (s, b) = sell_unit(&client, &pos_url, "fridge-1", &format!("honest-{i}"), "lasagna", &format!("h{i}")).await?;
+                let (s, b) = sell_unit(
+                    &client,
+                    &pos_url,
+                    "fridge-1",
+                    &format!("honest-{i}"),
+                    "lasagna",
+                    &format!("h{i}"),
+                )
+                .await?;
                 anyhow::ensure!(s == 201, "honest sale {i}: {b}");
             }
             anyhow::Ok(())
@@ -117,46 +231,98 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     });
     for _ in 0..FLOOD {
         for (_, topic, bytes) in &cases {
-            attacker.publish(topic.as_str(), QoS::AtLeastOnce, false, bytes.clone()).await?;
+            attacker
+                .publish(topic.as_str(), QoS::AtLeastOnce, false, bytes.clone())
+                .await?;
         }
     }
     let counts = |reason: &str| hub.metrics.rejected_count("demo", reason);
     for (reason, _, _) in &cases {
-        eventually(Duration::from_secs(30), &format!("{FLOOD} rejections for {reason}"), || async {
-            (counts(reason) == FLOOD).then_some(())
-        })
+        eventually(
+            Duration::from_secs(30),
+            &format!("{FLOOD} rejections for {reason}"),
+            || async { (counts(reason) == FLOOD).then_some(()) },
+        )
         .await?;
     }
     honest.await??;
 
     // A valid envelope is accepted once; its replays change nothing.
     let region = hub.regions.get(&RegionId::new("demo")?).expect("region");
-    let valid = envelope("demo", "evil-pos", 50, vec![change("evil-pos", "evil-unit")], &evil);
-    attacker.publish(up("evil-pos"), QoS::AtLeastOnce, false, valid.clone()).await?;
-    eventually(Duration::from_secs(20), "the valid envelope to be merged", || async {
-        let s = hub_stock(&hub_url, "fridge-1").await.ok()?;
-        s["units"].as_array()?.iter().any(|u| u["unit_id"] == "evil-unit").then_some(())
-    })
+    let valid = envelope(
+        "demo",
+        "evil-pos",
+        50,
+        vec![change("evil-pos", "evil-unit")],
+        &evil,
+    );
+    attacker
+        .publish(up("evil-pos"), QoS::AtLeastOnce, false, valid.clone())
+        .await?;
+    eventually(
+        Duration::from_secs(20),
+        "the valid envelope to be merged",
+        || async {
+            let s = hub_stock(&hub_url, "fridge-1").await.ok()?;
+            s["units"]
+                .as_array()?
+                .iter()
+                .any(|u| u["unit_id"] == "evil-unit")
+                .then_some(())
+        },
+    )
     .await?;
     let head_before = *region.head.borrow();
     for _ in 0..FLOOD {
-        attacker.publish(up("evil-pos"), QoS::AtLeastOnce, false, valid.clone()).await?;
+        attacker
+            .publish(up("evil-pos"), QoS::AtLeastOnce, false, valid.clone())
+            .await?;
     }
-    eventually(Duration::from_secs(20), "the replays to be rejected", || async {
-        (counts("replayed") == FLOOD).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the replays to be rejected",
+        || async { (counts("replayed") == FLOOD).then_some(()) },
+    )
     .await?;
-    assert_eq!(*region.head.borrow(), head_before, "a replay changed nothing");
+    assert_eq!(
+        *region.head.borrow(),
+        head_before,
+        "a replay changed nothing"
+    );
 
     synced(&pos_url, Duration::from_secs(30)).await?;
     let stock = hub_stock(&hub_url, "fridge-1").await?;
-    let ids: Vec<&str> = stock["units"].as_array().expect("units").iter().filter_map(|u| u["unit_id"].as_str()).collect();
-    for forged in ["forged-unit", "ghost-unit", "gone-unit", "topic-unit", "region-unit"] {
+    let ids: Vec<&str> = stock["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .filter_map(|u| u["unit_id"].as_str())
+        .collect();
+    for forged in [
+        "forged-unit",
+        "ghost-unit",
+        "gone-unit",
+        "topic-unit",
+        "region-unit",
+    ] {
         assert!(!ids.contains(&forged), "{forged} reached the hub");
     }
-    assert_eq!(available(&stock, "lasagna"), 40 - 30 + 1, "honest sales and the one valid refill only");
-    assert_eq!(hub_order_ids(&hub_url).await?.len(), 30, "every honest sale reached the hub");
-    let metrics = http().get(format!("{hub_url}/metrics")).send().await?.text().await?;
+    assert_eq!(
+        available(&stock, "lasagna"),
+        40 - 30 + 1,
+        "honest sales and the one valid refill only"
+    );
+    assert_eq!(
+        hub_order_ids(&hub_url).await?.len(),
+        30,
+        "every honest sale reached the hub"
+    );
+    let metrics = http()
+        .get(format!("{hub_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     assert!(metrics.contains("reason=\"bad_signature\""), "{metrics}");
     poller.abort();
     pos.shutdown().await;

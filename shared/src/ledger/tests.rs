@@ -91,8 +91,8 @@ fn genesis_is_the_same_on_every_replica() {
     let a = Ledger::new(fridge(), actor_for(&dev("a"))).expect("ledger");
     let b = Ledger::new(fridge(), actor_for(&dev("b"))).expect("ledger");
     assert_eq!(a.heads_digest(), b.heads_digest());
-    let other = Ledger::new(FridgeId::new("fridge-2").expect("id"), actor_for(&dev("a")))
-        .expect("ledger");
+    let other =
+        Ledger::new(FridgeId::new("fridge-2").expect("id"), actor_for(&dev("a"))).expect("ledger");
     assert_ne!(a.heads_digest(), other.heads_digest());
 }
 
@@ -100,17 +100,65 @@ fn genesis_is_the_same_on_every_replica() {
 fn sale_outcomes_by_table() {
     type Case = (&'static str, Sale, Result<Vec<&'static str>, &'static str>);
     let cases: Vec<Case> = vec![
-        ("by unit", sale("o1", &[("lasagna", Some("u1"), 1)], 850), Ok(vec!["u1"])),
-        ("count picks earliest expiry", sale("o2", &[("lasagna", None, 1)], 850), Ok(vec!["u2"])),
-        ("count skips expired", sale("o3", &[("salad", None, 1)], 600), Ok(vec!["u3"])),
-        ("expired unit", sale("o4", &[("salad", Some("u4"), 1)], 600), Err("unit_not_available")),
-        ("too many", sale("o5", &[("salad", None, 2)], 1200), Err("insufficient_stock")),
-        ("wrong amount", sale("o6", &[("lasagna", Some("u1"), 1)], 1), Err("amount_mismatch")),
-        ("unknown sku", sale("o7", &[("soup", None, 1)], 1), Err("unknown_sku")),
-        ("wrong sku", sale("o8", &[("salad", Some("u1"), 1)], 600), Err("invalid")),
-        ("zero quantity", sale("o9", &[("salad", None, 0)], 0), Err("invalid")),
-        ("unit twice", sale("o10", &[("lasagna", Some("u1"), 1), ("lasagna", Some("u1"), 1)], 1700), Err("invalid")),
-        ("unknown unit is sold", sale("o11", &[("lasagna", Some("u99"), 1)], 850), Ok(vec!["u99"])),
+        (
+            "by unit",
+            sale("o1", &[("lasagna", Some("u1"), 1)], 850),
+            Ok(vec!["u1"]),
+        ),
+        (
+            "count picks earliest expiry",
+            sale("o2", &[("lasagna", None, 1)], 850),
+            Ok(vec!["u2"]),
+        ),
+        (
+            "count skips expired",
+            sale("o3", &[("salad", None, 1)], 600),
+            Ok(vec!["u3"]),
+        ),
+        (
+            "expired unit",
+            sale("o4", &[("salad", Some("u4"), 1)], 600),
+            Err("unit_not_available"),
+        ),
+        (
+            "too many",
+            sale("o5", &[("salad", None, 2)], 1200),
+            Err("insufficient_stock"),
+        ),
+        (
+            "wrong amount",
+            sale("o6", &[("lasagna", Some("u1"), 1)], 1),
+            Err("amount_mismatch"),
+        ),
+        (
+            "unknown sku",
+            sale("o7", &[("soup", None, 1)], 1),
+            Err("unknown_sku"),
+        ),
+        (
+            "wrong sku",
+            sale("o8", &[("salad", Some("u1"), 1)], 600),
+            Err("invalid"),
+        ),
+        (
+            "zero quantity",
+            sale("o9", &[("salad", None, 0)], 0),
+            Err("invalid"),
+        ),
+        (
+            "unit twice",
+            sale(
+                "o10",
+                &[("lasagna", Some("u1"), 1), ("lasagna", Some("u1"), 1)],
+                1700,
+            ),
+            Err("invalid"),
+        ),
+        (
+            "unknown unit is sold",
+            sale("o11", &[("lasagna", Some("u99"), 1)], 850),
+            Ok(vec!["u99"]),
+        ),
     ];
     for (name, s, want) in cases {
         let mut l = stocked();
@@ -139,11 +187,29 @@ fn sale_outcomes_by_table() {
 #[test]
 fn sold_unit_cannot_be_sold_again_and_state_shows_it() {
     let mut l = stocked();
-    l.sell(&sale("o1", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
-        .expect("first sale");
-    let again = l.sell(&sale("o2", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW);
-    assert!(matches!(again, Err(LedgerError::UnitNotAvailable { state: "sold", .. })));
-    let dup = l.sell(&sale("o1", &[("lasagna", Some("u2"), 1)], 850), &catalog(), &dev("pos-1"), NOW);
+    l.sell(
+        &sale("o1", &[("lasagna", Some("u1"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("first sale");
+    let again = l.sell(
+        &sale("o2", &[("lasagna", Some("u1"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    );
+    assert!(matches!(
+        again,
+        Err(LedgerError::UnitNotAvailable { state: "sold", .. })
+    ));
+    let dup = l.sell(
+        &sale("o1", &[("lasagna", Some("u2"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    );
     assert!(matches!(dup, Err(LedgerError::OrderExists(_))));
     let u1 = l.unit(&UnitId::new("u1").expect("id"), NOW).expect("known");
     assert_eq!(u1.state, UnitState::Sold);
@@ -170,19 +236,33 @@ fn replicas_converge_and_double_sale_is_kept() {
     assert_eq!(touched.units.len(), 4);
     pos2.apply_changes(&refill_changes).expect("merge");
     let (a, _) = pos
-        .sell(&sale("pa", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
+        .sell(
+            &sale("pa", &[("lasagna", Some("u1"), 1)], 850),
+            &catalog(),
+            &dev("pos-1"),
+            NOW,
+        )
         .expect("sale a");
     let (b, _) = pos2
-        .sell(&sale("pb", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-2"), NOW)
+        .sell(
+            &sale("pb", &[("lasagna", Some("u1"), 1)], 850),
+            &catalog(),
+            &dev("pos-2"),
+            NOW,
+        )
         .expect("sale b offline");
     for l in [&mut fridge_l, &mut pos, &mut pos2] {
         // Duplicates and either order are fine.
-        l.apply_changes(&[b.bytes.clone(), a.bytes.clone(), b.bytes.clone()]).expect("merge");
+        l.apply_changes(&[b.bytes.clone(), a.bytes.clone(), b.bytes.clone()])
+            .expect("merge");
     }
     assert_eq!(fridge_l.state_digest(), pos.state_digest());
     assert_eq!(pos.state_digest(), pos2.state_digest());
     assert_eq!(fridge_l.heads_digest(), pos2.heads_digest());
-    let sold = fridge_l.doc.get_all(&fridge_l.maps.sold, "u1").expect("get_all");
+    let sold = fridge_l
+        .doc
+        .get_all(&fridge_l.maps.sold, "u1")
+        .expect("get_all");
     assert_eq!(sold.len(), 2, "both sales of u1 are kept");
     assert_eq!(fridge_l.order_ids().len(), 2);
 }
@@ -191,9 +271,19 @@ fn replicas_converge_and_double_sale_is_kept() {
 fn authorship_is_checked() {
     let mut l = Ledger::new(fridge(), actor_for(&dev("pos-1"))).expect("ledger");
     let c = l
-        .refill(&Refill { units: vec![unit("u1", "salad", NOW + DAY)], order_id: None }, &dev("pos-1"), NOW)
+        .refill(
+            &Refill {
+                units: vec![unit("u1", "salad", NOW + DAY)],
+                order_id: None,
+            },
+            &dev("pos-1"),
+            NOW,
+        )
         .expect("refill");
-    assert_eq!(Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-1"))), Ok(()));
+    assert_eq!(
+        Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-1"))),
+        Ok(())
+    );
     assert_eq!(
         Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-2"))),
         Err(LedgerError::ForeignActor)
@@ -207,13 +297,21 @@ fn authorship_is_checked() {
 #[test]
 fn door_session_matches_sales_and_records_unpaid() {
     let mut l = stocked();
-    l.sell(&sale("o1", &[("lasagna", Some("u1"), 1)], 850), &catalog(), &dev("pos-1"), NOW)
-        .expect("sale");
+    l.sell(
+        &sale("o1", &[("lasagna", Some("u1"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("sale");
     let (_, matches) = l
         .door_session(
             &DoorSession {
                 session_id: "s1".into(),
-                units_taken: vec![UnitId::new("u1").expect("id"), UnitId::new("u3").expect("id")],
+                units_taken: vec![
+                    UnitId::new("u1").expect("id"),
+                    UnitId::new("u3").expect("id"),
+                ],
                 units_added: vec![],
             },
             &dev("fr-1"),
@@ -223,14 +321,24 @@ fn door_session_matches_sales_and_records_unpaid() {
     assert_eq!(
         matches,
         vec![
-            (UnitId::new("u1").expect("id"), TakenMatch::Sale { order_id: OrderId::new("o1").expect("id") }),
+            (
+                UnitId::new("u1").expect("id"),
+                TakenMatch::Sale {
+                    order_id: OrderId::new("o1").expect("id")
+                }
+            ),
             (UnitId::new("u3").expect("id"), TakenMatch::Unpaid),
         ]
     );
     let order = l.order(&OrderId::new("o1").expect("id")).expect("order");
     assert_eq!(order.status, OrderStatus::PickedUp);
     assert_eq!(order.history.len(), 2);
-    assert_eq!(l.unit(&UnitId::new("u3").expect("id"), NOW).expect("u3").state, UnitState::Taken);
+    assert_eq!(
+        l.unit(&UnitId::new("u3").expect("id"), NOW)
+            .expect("u3")
+            .state,
+        UnitState::Taken
+    );
 }
 
 #[test]
@@ -238,10 +346,20 @@ fn reload_from_snapshot_and_changes_is_identical() {
     let mut l = stocked();
     let snapshot = l.save();
     let (c, _) = l
-        .sell(&sale("o1", &[("salad", None, 1)], 600), &catalog(), &dev("fr-1"), NOW)
+        .sell(
+            &sale("o1", &[("salad", None, 1)], 600),
+            &catalog(),
+            &dev("fr-1"),
+            NOW,
+        )
         .expect("sale");
-    let back = Ledger::load(fridge(), actor_for(&dev("fr-1")), Some(&snapshot), &[c.bytes])
-        .expect("reload");
+    let back = Ledger::load(
+        fridge(),
+        actor_for(&dev("fr-1")),
+        Some(&snapshot),
+        &[c.bytes],
+    )
+    .expect("reload");
     assert_eq!(back.state_digest(), l.state_digest());
     assert_eq!(back.units(NOW), l.units(NOW));
 }
