@@ -25,6 +25,7 @@ pub struct Metrics {
     pub downlink_batches: Counter,
     pub downlink_rejected: Counter,
     pub envelopes_sent: Counter,
+    pub envelope_bytes_sent: Counter,
     pub envelopes_rejected: Family<ReasonLabels, Counter>,
     pub mqtt_connected: Gauge,
     pub mqtt_connects: Counter,
@@ -43,6 +44,7 @@ impl Default for Metrics {
             downlink_batches: Counter::default(),
             downlink_rejected: Counter::default(),
             envelopes_sent: Counter::default(),
+            envelope_bytes_sent: Counter::default(),
             envelopes_rejected: Family::default(),
             mqtt_connected: Gauge::default(),
             mqtt_connects: Counter::default(),
@@ -84,6 +86,11 @@ impl Default for Metrics {
             "envelopes_sent",
             "Envelopes published to the hub",
             m.envelopes_sent.clone(),
+        );
+        registry.register(
+            "envelope_bytes_sent",
+            "Bytes of envelopes published to the hub",
+            m.envelope_bytes_sent.clone(),
         );
         registry.register(
             "envelopes_rejected",

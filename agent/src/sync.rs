@@ -306,6 +306,7 @@ impl Sync {
             let Some(bytes) = self.seal(Body::Changes(batch)).await else {
                 return;
             };
+            let len = bytes.len() as u64;
             if client
                 .try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes)
                 .is_err()
@@ -314,6 +315,7 @@ impl Sync {
                 return;
             }
             self.ctx.shared.metrics.envelopes_sent.inc();
+            self.ctx.shared.metrics.envelope_bytes_sent.inc_by(len);
             self.sender.on_sent(up_to);
         }
     }

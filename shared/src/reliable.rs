@@ -157,13 +157,15 @@ impl StreamSender {
     }
 }
 
-/// Builds a batch from the entries after `window.after`, stopping at the window's limits.
-/// `stream_head` is the stream's last seq at the time `entries` were read; when every entry up
-/// to it fits, the batch covers the whole range (a stream may skip numbers).
+/// Builds a batch from the entries after `window.after`, as read with a limit of
+/// `window.entries_max`, stopping at the window's byte limit. `stream_head` is the stream's
+/// last seq when `entries` were read. Only when the read returned fewer entries than its limit
+/// and all of them fit does the batch claim the whole range up to `stream_head` (a stream may
+/// skip numbers); otherwise it ends at its last entry, so nothing unsent is ever covered.
 pub fn build_batch(window: SendWindow, entries: Vec<Entry>, stream_head: u64) -> Option<Batch> {
     let mut taken = Vec::new();
     let mut bytes = 0usize;
-    let mut complete = true;
+    let mut complete = (entries.len() as u64) < window.entries_max;
     for entry in entries {
         let len = entry.encoded_len_max();
         if taken.len() as u64 >= window.entries_max
@@ -418,6 +420,16 @@ mod tests {
         assert_eq!(b.up_to, 20, "complete read covers to the head");
         let w = SendWindow {
             after: 3,
+            entries_max: 2,
+            bytes_max: 1 << 20,
+        };
+        let b = build_batch(w, vec![entry(4), entry(5)], 20).expect("batch");
+        assert_eq!(
+            b.up_to, 5,
+            "a read cut by its limit may have more: stop at its last entry"
+        );
+        let w = SendWindow {
+            after: 3,
             entries_max: 10,
             bytes_max: 1,
         };
@@ -454,7 +466,12 @@ mod tests {
                 if sender.acked() == head { break; }
                 sender.tick(now);
                 if let Some(w) = sender.poll_send(head) {
-                    let entries = (w.after + 1..=head).map(entry).collect();
+                    // Read as the shells do: with a limit, from a stream that skips numbers.
+                    let entries = (w.after + 1..=head)
+                        .filter(|s| s % 3 != 0)
+                        .take(w.entries_max as usize)
+                        .map(entry)
+                        .collect();
                     if let Some(b) = build_batch(w, entries, head) {
                         sender.on_sent(b.up_to);
                         let copies = 1 + next() % 3;
@@ -483,7 +500,7 @@ mod tests {
                 }
             }
             prop_assert_eq!(sender.acked(), head, "seed {} did not finish", seed);
-            prop_assert_eq!(applied, (1..=head).collect::<Vec<_>>());
+            prop_assert_eq!(applied, (1..=head).filter(|s| s % 3 != 0).collect::<Vec<_>>());
         }
     }
 }

@@ -14,6 +14,9 @@ use larder_shared::domain::Role;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SecretKey};
 use serde_json::{Value, json};
 
+/// Small batches in tests, so that every sync spans many envelopes.
+pub const TEST_BATCH_ENTRIES_MAX: u64 = 16;
+
 /// The admin token every test hub accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -98,7 +101,7 @@ pub async fn start_agent(
         &key.public(),
     )
     .await?;
-    let config = agent_config(
+    let mut config = agent_config(
         &dir.join(device),
         device,
         role,
@@ -106,6 +109,7 @@ pub async fn start_agent(
         hub.public_key,
         &hub.broker,
     )?;
+    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
     Ok(larder_agent::start(config, key).await?)
 }
 
@@ -326,7 +330,7 @@ pub fn write_agent_config(
     }
     let text = format!(
         "device_id = \"{device}\"\nrole = \"{}\"\nregion = \"{REGION}\"\nfridges = {}\nhub_public_key = \"{hub_key}\"\ndata_dir = {:?}\nkey_file = {:?}\n\
-         [http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nbroker = \"{broker}\"\nreconnect_delay_ms_min = 50\nreconnect_delay_ms_max = 1000\n[sync]\nretransmit_after_ms = 2000\n",
+         [http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nbroker = \"{broker}\"\nreconnect_delay_ms_min = 50\nreconnect_delay_ms_max = 1000\n[sync]\nretransmit_after_ms = 2000\nbatch_entries_max = {TEST_BATCH_ENTRIES_MAX}\n",
         role.as_str(),
         serde_json::to_string(fridges)?,
         dir.join("data"),

@@ -38,7 +38,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
         &pos_key.public(),
     )
     .await?;
-    let fridge_cfg = larder_hub::demo::agent_config(
+    let mut fridge_cfg = larder_hub::demo::agent_config(
         &dir.path().join("fridge"),
         "fridge-1",
         Role::Fridge,
@@ -46,7 +46,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
         hub_public_key(),
         &broker,
     )?;
-    let pos_cfg = larder_hub::demo::agent_config(
+    let mut pos_cfg = larder_hub::demo::agent_config(
         &dir.path().join("pos"),
         "pos-1",
         Role::Pos,
@@ -54,6 +54,8 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
         hub_public_key(),
         &broker,
     )?;
+    fridge_cfg.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    pos_cfg.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
     let fridge = larder_agent::start(fridge_cfg, fridge_key).await?;
     let pos = larder_agent::start(pos_cfg, pos_key).await?;
     let (fridge_url, pos_url) = (
