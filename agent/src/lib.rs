@@ -100,6 +100,7 @@ pub struct AgentHandle {
     network_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 /// One ledger's digests, for convergence checks.
@@ -148,6 +149,10 @@ impl AgentHandle {
         if let Some(thread) = self.writer_thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        if let Some((stop, thread)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }
 
@@ -170,6 +175,8 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
         shared.clone(),
     )?;
     let reads = Arc::new(ReadPool::open(&db, READ_CONNECTIONS)?);
+    let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel();
+    let checkpointer = store::spawn_checkpointer(&db, checkpoint_rx)?;
     let (writer_tx, writer_rx) = mpsc::channel(config.writer.queue_depth_max);
     let writer_thread = std::thread::Builder::new()
         .name(format!("writer-{}", config.device_id))
@@ -235,5 +242,6 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
         network_tx,
         tasks: vec![sync, http],
         writer_thread: Some(writer_thread),
+        checkpointer: Some((checkpoint_stop, checkpointer)),
     })
 }

@@ -26,19 +26,21 @@ pub enum StoreError {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL);
+-- Every change applied to a ledger since its snapshot. Local changes carry their outbox
+-- sequence number: the outbox is the rows with outbox_seq above the hub's acknowledgement.
 CREATE TABLE IF NOT EXISTS ledger_changes (
-    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, bytes BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, outbox_seq INTEGER UNIQUE, bytes BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS ledger_changes_fridge ON ledger_changes (fridge, id);
-CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, fridge TEXT NOT NULL, bytes BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL, created_at_ms INTEGER NOT NULL);
+    key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS units (
     fridge TEXT NOT NULL, unit_id TEXT NOT NULL, sku TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id));
+    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS units_stock ON units (fridge, sku, state, expires_at_ms);
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, fridge TEXT NOT NULL, status TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL);
+    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS orders_status ON orders (status, created_at_ms);
 ";
 
@@ -49,6 +51,9 @@ pub(crate) const META_UP_ACKED: &str = "up_acked";
 pub(crate) const META_DOWN_HWM: &str = "down_hwm";
 pub(crate) const META_ORDER_COUNTER: &str = "order_counter";
 pub(crate) const META_CATALOG: &str = "catalog";
+
+/// How often the checkpointer moves the WAL into the database file.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
@@ -69,10 +74,9 @@ pub struct Loaded {
 /// One transaction's worth of writes.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
-    /// Changes applied to a ledger (local and merged), to replay on start.
-    pub changes: Vec<(FridgeId, Vec<u8>)>,
-    /// Local changes to ship, with their outbox sequence numbers.
-    pub outbox: Vec<(u64, FridgeId, Vec<u8>)>,
+    /// Changes applied to a ledger (local and merged), to replay on start; local ones with
+    /// their outbox sequence number.
+    pub changes: Vec<(FridgeId, Option<u64>, Vec<u8>)>,
     pub units: Vec<(FridgeId, UnitView)>,
     pub orders: Vec<OrderView>,
     pub idempotency: Vec<(String, String, String)>,
@@ -84,7 +88,6 @@ pub struct WriteBatch {
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
-            && self.outbox.is_empty()
             && self.units.is_empty()
             && self.orders.is_empty()
             && self.idempotency.is_empty()
@@ -103,6 +106,8 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
+        // Checkpoints run on the checkpointer's connection, not in the writer's commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self { conn })
     }
 
@@ -164,15 +169,11 @@ impl Store {
     pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut change =
-                tx.prepare_cached("INSERT INTO ledger_changes (fridge, bytes) VALUES (?1, ?2)")?;
-            for (fridge, bytes) in &batch.changes {
-                change.execute(params![fridge.as_str(), bytes])?;
-            }
-            let mut outbox =
-                tx.prepare_cached("INSERT INTO outbox (seq, fridge, bytes) VALUES (?1, ?2, ?3)")?;
-            for (seq, fridge, bytes) in &batch.outbox {
-                outbox.execute(params![*seq as i64, fridge.as_str(), bytes])?;
+            let mut change = tx.prepare_cached(
+                "INSERT INTO ledger_changes (fridge, outbox_seq, bytes) VALUES (?1, ?2, ?3)",
+            )?;
+            for (fridge, seq, bytes) in &batch.changes {
+                change.execute(params![fridge.as_str(), seq.map(|s| s as i64), bytes])?;
             }
             let mut unit = tx.prepare_cached(
                 "INSERT OR REPLACE INTO units (fridge, unit_id, sku, expires_at_ms, state, view)
@@ -214,7 +215,6 @@ impl Store {
                 meta.execute(params![key, value])?;
             }
             if let Some(up_to) = batch.outbox_forget_up_to {
-                tx.execute("DELETE FROM outbox WHERE seq <= ?1", [up_to as i64])?;
                 meta.execute(params![META_UP_ACKED, up_to.to_string()])?;
             }
         }
@@ -222,16 +222,23 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a ledger's change log by a snapshot of the whole document.
-    pub fn compact_ledger(&mut self, fridge: &FridgeId, snapshot: &[u8]) -> Result<(), StoreError> {
+    /// Replaces a ledger's change log by a snapshot of the whole document, keeping the local
+    /// changes the hub has not acknowledged (the outbox).
+    pub fn compact_ledger(
+        &mut self,
+        fridge: &FridgeId,
+        snapshot: &[u8],
+        up_acked: u64,
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT OR REPLACE INTO ledger_snapshots (fridge, bytes) VALUES (?1, ?2)",
             params![fridge.as_str(), snapshot],
         )?;
         tx.execute(
-            "DELETE FROM ledger_changes WHERE fridge = ?1",
-            [fridge.as_str()],
+            "DELETE FROM ledger_changes
+             WHERE fridge = ?1 AND (outbox_seq IS NULL OR outbox_seq <= ?2)",
+            params![fridge.as_str(), up_acked as i64],
         )?;
         tx.commit()?;
         Ok(())
@@ -289,7 +296,8 @@ impl ReadPool {
     pub fn outbox_after(&self, after: u64, limit: u64) -> Result<Vec<Entry>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, fridge, bytes FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT outbox_seq, fridge, bytes FROM ledger_changes
+                 WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
                 let seq: i64 = r.get(0)?;
@@ -389,4 +397,27 @@ impl ReadPool {
         self.with(|c| c.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get::<_, i64>(0)))
             .map(|n| n as u64)
     }
+}
+
+/// Moves the WAL into the database file every [`CHECKPOINT_INTERVAL_MS`] on its own thread and
+/// connection, so that checkpoints never run inside the writer's commits. Stops when the sender
+/// of `stop` is dropped.
+pub fn spawn_checkpointer(
+    path: &Path,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    let conn = open_connection(path)?;
+    std::thread::Builder::new()
+        .name("checkpointer".into())
+        .spawn(move || {
+            let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpointer: {e}")))
 }

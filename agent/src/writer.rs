@@ -256,6 +256,9 @@ impl Writer {
                 }
             }
             self.process(group);
+            // Snapshots are maintenance: done when no command waits, or when overdue.
+            let idle = rx.is_empty();
+            self.snapshot_due(idle);
         }
         info!("writer stopped");
     }
@@ -358,7 +361,7 @@ impl Writer {
                     }
                 }
                 for (fridge, n) in touched_fridges {
-                    self.maybe_snapshot(&fridge, n);
+                    *self.changes_since_snapshot.entry(fridge).or_default() += n;
                 }
             }
             Err(e) => {
@@ -407,23 +410,30 @@ impl Writer {
         }
     }
 
-    fn maybe_snapshot(&mut self, fridge: &FridgeId, added: usize) {
-        let n = self
+    /// Folds the change logs of ledgers past `snapshot_every_changes` into snapshots: when the
+    /// writer is idle, or regardless once a log is four times past the threshold.
+    fn snapshot_due(&mut self, idle: bool) {
+        let threshold = self.config.snapshot_every_changes;
+        let due: Vec<FridgeId> = self
             .changes_since_snapshot
-            .entry(fridge.clone())
-            .or_default();
-        *n += added;
-        if *n < self.config.snapshot_every_changes {
-            return;
-        }
-        let Some(ledger) = self.ledgers.get(fridge) else {
-            return;
-        };
-        match self.store.compact_ledger(fridge, &ledger.save()) {
-            Ok(()) => {
-                self.changes_since_snapshot.insert(fridge.clone(), 0);
+            .iter()
+            .filter(|(_, n)| (idle && **n >= threshold) || **n >= threshold.saturating_mul(4))
+            .map(|(f, _)| f.clone())
+            .collect();
+        for fridge in due {
+            let Some(ledger) = self.ledgers.get(&fridge) else {
+                continue;
+            };
+            let snapshot = ledger.save();
+            match self
+                .store
+                .compact_ledger(&fridge, &snapshot, self.counters.up_acked)
+            {
+                Ok(()) => {
+                    self.changes_since_snapshot.insert(fridge, 0);
+                }
+                Err(e) => warn!(fridge = %fridge, error = %e, "ledger snapshot failed; will retry"),
             }
-            Err(e) => warn!(fridge = %fridge, error = %e, "ledger snapshot failed; will retry"),
         }
     }
 
@@ -532,12 +542,11 @@ impl Writer {
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {
         self.counters.outbox_head += 1;
-        batch.outbox.push((
-            self.counters.outbox_head,
+        batch.changes.push((
             fridge.clone(),
-            change.bytes.clone(),
+            Some(self.counters.outbox_head),
+            change.bytes,
         ));
-        batch.changes.push((fridge.clone(), change.bytes));
         self.project(fridge, &change.touched, batch);
     }
 
@@ -580,7 +589,7 @@ impl Writer {
                         Ok(touched) => {
                             *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
                             for bytes in changes {
-                                batch.changes.push((fridge.clone(), bytes));
+                                batch.changes.push((fridge.clone(), None, bytes));
                             }
                             self.project(&fridge, &touched, batch);
                         }

@@ -226,8 +226,9 @@ async fn catch_up() -> Result<()> {
     }
     let change_bytes: i64 = {
         let conn = rusqlite::Connection::open(dir.path().join("pos-1").join("agent.db"))?;
+        // Every local change of this POS is unacknowledged: it sold offline from the start.
         conn.query_row(
-            "SELECT COALESCE(SUM(LENGTH(bytes)), 0) FROM outbox",
+            "SELECT COALESCE(SUM(LENGTH(bytes)), 0) FROM ledger_changes WHERE outbox_seq IS NOT NULL",
             [],
             |r| r.get(0),
         )?
