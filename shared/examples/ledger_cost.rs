@@ -31,6 +31,7 @@ fn main() {
         }],
     };
     let start = Instant::now();
+    let mut refill_changes = Vec::new();
     for chunk in 0..n.div_ceil(1000) {
         let units = (chunk * 1000..((chunk + 1) * 1000).min(n))
             .map(|i| RefillUnit {
@@ -54,6 +55,7 @@ fn main() {
     let mut samples = Vec::with_capacity(n);
     let mut view_samples = Vec::with_capacity(n);
     let mut bytes = 0usize;
+    let mut all_changes = Vec::with_capacity(n);
     for i in 0..n {
         let sale = Sale {
             order_id: OrderId::new(format!("o{i}")).expect("id"),
@@ -73,6 +75,7 @@ fn main() {
         let (change, _) = l.sell(&sale, &catalog, &dev, 1).expect("sale");
         samples.push(t.elapsed());
         bytes += change.bytes.len();
+        all_changes.push(change.bytes);
         let t = Instant::now();
         let _ = l.unit(&UnitId::new(format!("u{i}")).expect("id"), 0);
         let _ = l.order(&OrderId::new(format!("o{i}")).expect("id"));
@@ -94,6 +97,19 @@ fn main() {
         );
     }
     println!("change bytes per sale: {}", bytes / n);
+    // A replica that has the refills merges the sales in batches, as the hub does.
+    let mut replica = Ledger::load(FridgeId::new("fridge-1").expect("id"), actor_for(&DeviceId::new("hub").expect("id")), None, &[])
+        .expect("replica");
+    replica.apply_changes(&refill_changes).expect("refills");
+    let t = Instant::now();
+    let mut check = std::time::Duration::ZERO;
+    for batch in all_changes.chunks(512) {
+        let c = Instant::now();
+        Ledger::check_authors(batch, &actor_for(&dev)).expect("authors");
+        check += c.elapsed();
+        replica.apply_changes(batch).expect("merge");
+    }
+    println!("merge of {n} sale changes in batches of 512: {:?} (author checks {:?})", t.elapsed(), check);
     let t = Instant::now();
     let saved = l.save();
     println!("save: {} bytes in {:?}", saved.len(), t.elapsed());

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, Change, ObjId, ObjType, PatchLog, ROOT, ReadDoc};
+use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ROOT, ReadDoc};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
@@ -297,31 +297,40 @@ impl Ledger {
 
     /// Merges changes from another replica (already checked for authorship by the caller).
     /// Changes already present are ignored.
+    ///
+    /// What a change touched is read from its own ops (every op of a ledger is a put into one
+    /// of the flat root maps), which costs far less than asking Automerge for patches.
     pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<Touched, LedgerError> {
         let mut parsed = Vec::with_capacity(changes.len());
-        for bytes in changes {
-            parsed.push(
-                Change::from_bytes(bytes.clone())
-                    .map_err(|e| LedgerError::BadChange(e.to_string()))?,
-            );
-        }
-        let mut log = PatchLog::active();
-        self.doc.apply_changes_log_patches(parsed, &mut log)?;
-        let patches = self.doc.make_patches(&mut log);
         let mut touched = Touched::default();
-        for patch in patches {
-            let automerge::PatchAction::PutMap { key, .. } = &patch.action else {
-                continue;
-            };
-            if patch.obj == self.maps.orders || patch.obj == self.maps.events {
-                let order = key.split('/').next().unwrap_or_default();
-                if let Ok(id) = OrderId::new(order) {
-                    touched.orders.insert(id);
+        for bytes in changes {
+            let change = Change::from_bytes(bytes.clone())
+                .map_err(|e| LedgerError::BadChange(e.to_string()))?;
+            for op in change.decode().operations {
+                let automerge::legacy::Key::Map(key) = op.key else {
+                    continue;
+                };
+                // Keys of `events` are `{order}/...`; other keys are unit or order ids, and
+                // projecting an id that is not one is a cheap no-op.
+                match key.split_once('/') {
+                    Some((order, _)) => {
+                        if let Ok(id) = OrderId::new(order) {
+                            touched.orders.insert(id);
+                        }
+                    }
+                    None => {
+                        if let Ok(id) = UnitId::new(key.as_str()) {
+                            touched.units.insert(id);
+                        }
+                        if let Ok(id) = OrderId::new(key.as_str()) {
+                            touched.orders.insert(id);
+                        }
+                    }
                 }
-            } else if let Ok(id) = UnitId::new(key.as_str()) {
-                touched.units.insert(id);
             }
+            parsed.push(change);
         }
+        self.doc.apply_changes(parsed)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
