@@ -133,12 +133,9 @@ impl Sync {
         let mut o = MqttOptions::new(self.ctx.device.as_str(), host, port);
         o.set_keep_alive(Duration::from_secs(self.ctx.mqtt.keepalive_seconds));
         o.set_clean_session(false);
-        let mut nonce = [0u8; 16];
-        // A failed RNG gives a zero nonce; the token's time still makes it fresh.
-        let _ = getrandom_nonce(&mut nonce);
         o.set_credentials(
             self.ctx.device.as_str(),
-            connect_token(&self.ctx.key, &self.ctx.device, now_ms(), nonce),
+            fresh_token(&self.ctx.key, &self.ctx.device),
         );
         o.set_last_will(LastWill::new(
             &self.presence_topic,
@@ -159,6 +156,7 @@ impl Sync {
             self.ctx.mqtt.reconnect_delay_ms_min,
             self.ctx.mqtt.reconnect_delay_ms_max,
         );
+        let (key, device) = (self.ctx.key.clone(), self.ctx.device.clone());
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
             loop {
@@ -179,6 +177,10 @@ impl Sync {
                         let _ = getrandom_nonce(&mut seed);
                         let delay = backoff_ms(min_ms, max_ms, attempt, u64::from_le_bytes(seed));
                         attempt = attempt.saturating_add(1);
+                        // A connect token is accepted once: every attempt carries a fresh one.
+                        eventloop
+                            .mqtt_options
+                            .set_credentials(device.as_str(), fresh_token(&key, &device));
                         // Reconnect backoff: the next poll reconnects.
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                         continue;
@@ -394,6 +396,14 @@ impl Sync {
 
 fn getrandom_nonce(buf: &mut [u8]) -> Result<(), getrandom::Error> {
     getrandom::fill(buf)
+}
+
+/// A connect token for now with a random nonce (a failed RNG leaves a zero nonce; the token's
+/// time still makes it fresh, and the hub refuses a repeat).
+fn fresh_token(key: &SecretKey, device: &DeviceId) -> String {
+    let mut nonce = [0u8; 16];
+    let _ = getrandom_nonce(&mut nonce);
+    connect_token(key, device, now_ms(), nonce)
 }
 
 #[cfg(test)]

@@ -271,6 +271,7 @@ impl Writer {
         let mut pending = Vec::with_capacity(group.len());
         let mut in_group: HashMap<String, (String, Outcome)> = HashMap::new();
         let mut touched_fridges: HashMap<FridgeId, usize> = HashMap::new();
+        let mut remote: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
         let size = group.len();
         for cmd in group {
             match cmd {
@@ -300,7 +301,7 @@ impl Writer {
                     }
                 }
                 Command::Downlink { batch: down, reply } => {
-                    let ack = self.downlink(down, &mut batch, &mut touched_fridges, now);
+                    let ack = self.downlink(down, &mut remote);
                     pending.push(Pending::Downlink(reply, ack));
                 }
                 Command::UpAcked { up_to } => {
@@ -333,6 +334,7 @@ impl Writer {
         if batch.is_empty() && pending.is_empty() {
             return;
         }
+        self.apply_remote(remote, &mut batch, &mut touched_fridges);
         self.counters_to_meta(&saved, &mut batch);
         let started = std::time::Instant::now();
         let result = if batch.is_empty() {
@@ -567,36 +569,16 @@ impl Writer {
         }
     }
 
-    fn downlink(
-        &mut self,
-        down: Batch,
-        batch: &mut WriteBatch,
-        touched_fridges: &mut HashMap<FridgeId, usize>,
-        _now: i64,
-    ) -> Ack {
+    /// Takes a downlink batch: its new entries are staged in `remote` and merged once per
+    /// group by [`Writer::apply_remote`]. Returns the ack to send once the group committed.
+    fn downlink(&mut self, down: Batch, remote: &mut BTreeMap<FridgeId, Vec<Vec<u8>>>) -> Ack {
         match self.counters.down.on_batch(down) {
             Receipt::Apply { entries, up_to } => {
-                let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
                 for e in entries {
-                    by_ledger.entry(e.ledger).or_default().push(e.change);
-                }
-                for (fridge, changes) in by_ledger {
-                    let Some(ledger) = self.ledgers.get_mut(&fridge) else {
-                        warn!(fridge = %fridge, "downlink change for a ledger not held here; skipped");
-                        continue;
-                    };
-                    match ledger.apply_changes(&changes) {
-                        Ok(touched) => {
-                            *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
-                            for bytes in changes {
-                                batch.changes.push((fridge.clone(), None, bytes));
-                            }
-                            self.project(&fridge, &touched, batch);
-                        }
-                        Err(e) => {
-                            self.shared.metrics.downlink_rejected.inc();
-                            error!(fridge = %fridge, error = %e, "hub sent changes that do not apply; skipped");
-                        }
+                    if self.ledgers.contains_key(&e.ledger) {
+                        remote.entry(e.ledger).or_default().push(e.change);
+                    } else {
+                        warn!(fridge = %e.ledger, "downlink change for a ledger not held here; skipped");
                     }
                 }
                 self.counters.down.on_committed(up_to);
@@ -609,6 +591,34 @@ impl Writer {
                 self.shared.metrics.downlink_rejected.inc();
                 warn!("malformed downlink batch refused");
                 self.counters.down.ack(false)
+            }
+        }
+    }
+
+    /// Merges the group's downlink changes, one Automerge apply per ledger (an apply walks the
+    /// maps it touches), and stages their rows and projections.
+    fn apply_remote(
+        &mut self,
+        remote: BTreeMap<FridgeId, Vec<Vec<u8>>>,
+        batch: &mut WriteBatch,
+        touched_fridges: &mut HashMap<FridgeId, usize>,
+    ) {
+        for (fridge, changes) in remote {
+            let Some(ledger) = self.ledgers.get_mut(&fridge) else {
+                continue;
+            };
+            match ledger.apply_changes(&changes) {
+                Ok(touched) => {
+                    *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
+                    for bytes in changes {
+                        batch.changes.push((fridge.clone(), None, bytes));
+                    }
+                    self.project(&fridge, &touched, batch);
+                }
+                Err(e) => {
+                    self.shared.metrics.downlink_rejected.inc();
+                    error!(fridge = %fridge, error = %e, "hub sent changes that do not apply; skipped");
+                }
             }
         }
     }

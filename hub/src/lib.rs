@@ -175,10 +175,17 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
                 0,
             ))))
         })?;
+        let admission = Arc::new(mqtt::Admission::new(
+            config.mqtt.client_id.clone(),
+            key.public(),
+            regions.values().map(|r| r.reads.clone()).collect(),
+        ));
         mqtt::start_embedded_broker(
             addr,
             config.mqtt.max_message_bytes + 1024,
             config.mqtt.connections_max,
+            admission,
+            metrics.clone(),
         )?;
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

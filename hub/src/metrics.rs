@@ -19,6 +19,7 @@ pub struct HubMetrics {
     pub devices_online: Family<Labels, Gauge>,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
+    pub connections_refused: Family<Labels, Counter>,
     pub http_requests: Family<Labels, Counter>,
 }
 
@@ -34,6 +35,7 @@ impl Default for HubMetrics {
             devices_online: Family::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             commit_failures: Counter::default(),
+            connections_refused: Family::default(),
             http_requests: Family::default(),
         };
         registry.register(
@@ -65,6 +67,11 @@ impl Default for HubMetrics {
             "commit_seconds",
             "Duration of one region group commit",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Broker connections refused, by reason",
+            m.connections_refused.clone(),
         );
         registry.register(
             "commit_failures",

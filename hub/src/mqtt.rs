@@ -44,6 +44,77 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
+/// Longest a connect token stays valid, either side of the hub's clock.
+pub const CONNECT_TOKEN_AGE_MS_MAX: i64 = 5 * 60 * 1000;
+/// Connect-token nonces remembered to refuse replays (older ones are stale anyway).
+const NONCES_MAX: usize = 100_000;
+
+/// Who may connect to the embedded broker: the hub's own client and enrolled, unrevoked devices
+/// of its regions, each proving its key with a fresh connect token as the MQTT password
+/// (checked through rumqttd's external authentication hook). A token is accepted once.
+#[derive(Debug)]
+pub struct Admission {
+    pub hub_client_id: String,
+    pub hub_key: larder_shared::PublicKey,
+    pub regions: Vec<Arc<crate::store::RegionReads>>,
+    nonces: std::sync::Mutex<HashMap<[u8; 16], i64>>,
+}
+
+impl Admission {
+    pub fn new(
+        hub_client_id: String,
+        hub_key: larder_shared::PublicKey,
+        regions: Vec<Arc<crate::store::RegionReads>>,
+    ) -> Self {
+        Self {
+            hub_client_id,
+            hub_key,
+            regions,
+            nonces: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this CONNECT may proceed.
+    pub fn admit(&self, client_id: &str, password: &str, now_ms: i64) -> Result<(), &'static str> {
+        let device = DeviceId::new(client_id).map_err(|_| "bad_client_id")?;
+        let key = if client_id == self.hub_client_id {
+            self.hub_key
+        } else {
+            let record = self
+                .regions
+                .iter()
+                .find_map(|r| r.device(&device).ok().flatten())
+                .ok_or("unknown_device")?;
+            if record.revoked_at_ms.is_some() {
+                return Err("revoked_device");
+            }
+            record.public_key
+        };
+        let nonce = larder_shared::auth::verify_connect_token(
+            password,
+            &key,
+            &device,
+            now_ms,
+            CONNECT_TOKEN_AGE_MS_MAX,
+        )
+        .map_err(|e| match e {
+            larder_shared::auth::TokenError::Stale { .. } => "stale_token",
+            _ => "bad_token",
+        })?;
+        let mut nonces = self.nonces.lock().map_err(|_| "internal")?;
+        if nonces.len() >= NONCES_MAX {
+            nonces.retain(|_, at| now_ms - *at <= CONNECT_TOKEN_AGE_MS_MAX);
+        }
+        if nonces.len() >= NONCES_MAX {
+            return Err("busy");
+        }
+        if nonces.insert(nonce, now_ms).is_some() {
+            return Err("replayed_token");
+        }
+        Ok(())
+    }
+}
+
 /// Starts rumqttd on its own thread and waits until it accepts TCP connections.
 ///
 /// rumqttd only logs bind errors and never reports readiness, so the address is checked free
@@ -52,8 +123,35 @@ pub fn start_embedded_broker(
     addr: SocketAddr,
     max_payload_bytes: usize,
     connections_max: usize,
+    admission: Arc<Admission>,
+    metrics: Arc<HubMetrics>,
 ) -> Result<(), BrokerError> {
     std::net::TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+    let mut connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: max_payload_bytes,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    connections.set_auth_handler(move |client_id: String, _user: String, password: String| {
+        let (admission, metrics) = (admission.clone(), metrics.clone());
+        async move {
+            let now = larder_agent::writer::now_ms();
+            match admission.admit(&client_id, &password, now) {
+                Ok(()) => true,
+                Err(reason) => {
+                    metrics
+                        .connections_refused
+                        .get_or_create(&vec![("reason", reason.to_owned())])
+                        .inc();
+                    warn!(client_id = %client_id, reason, "broker connection refused");
+                    false
+                }
+            }
+        }
+    });
     let mut v4 = HashMap::new();
     v4.insert(
         "v4".to_owned(),
@@ -62,14 +160,7 @@ pub fn start_embedded_broker(
             listen: addr,
             tls: None,
             next_connection_delay_ms: 1,
-            connections: rumqttd::ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: max_payload_bytes,
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
+            connections,
         },
     );
     let config = rumqttd::Config {
@@ -162,6 +253,16 @@ fn split_host_port(addr: &str) -> (String, u16) {
 pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
     let (host, port) = split_host_port(&ctx.config.broker);
     let mut opts = MqttOptions::new(ctx.config.client_id.clone(), host, port);
+    let hub_id = DeviceId::new(ctx.config.client_id.as_str()).ok();
+    let token = |key: &SecretKey, id: &DeviceId| {
+        let mut nonce = [0u8; 16];
+        let _ = getrandom::fill(&mut nonce);
+        larder_shared::auth::connect_token(key, id, larder_agent::writer::now_ms(), nonce)
+    };
+    if let Some(id) = &hub_id {
+        opts.set_credentials(ctx.config.client_id.clone(), token(&ctx.key, id));
+    }
+    let key = ctx.key.clone();
     opts.set_keep_alive(Duration::from_secs(ctx.config.keepalive_seconds));
     opts.set_clean_session(false);
     let max = ctx.config.max_message_bytes + 1024;
@@ -180,6 +281,12 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                 Err(e) => {
                     if ev_tx.send(LinkEvent::Lost(e.to_string())).await.is_err() {
                         return;
+                    }
+                    // A connect token is accepted once: every attempt carries a fresh one.
+                    if let Some(id) = &hub_id {
+                        eventloop
+                            .mqtt_options
+                            .set_credentials(id.as_str(), token(&key, id));
                     }
                     // Reconnect delay; the next poll reconnects.
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -96,8 +96,6 @@ pub struct RegionWriter {
     group_commit_max: usize,
     metrics: Arc<HubMetrics>,
     head_tx: watch::Sender<u64>,
-    /// A merge failed half-way: memory may hold changes the disk does not; reload after commit.
-    reload_due: bool,
 }
 
 fn now_ms() -> i64 {
@@ -128,7 +126,6 @@ impl RegionWriter {
             group_commit_max,
             metrics,
             head_tx,
-            reload_due: false,
         };
         w.reload()?;
         Ok((w, head_rx))
@@ -261,11 +258,15 @@ impl RegionWriter {
         for (device, p) in progress {
             batch.progress.push((device, p, now));
         }
-        let reload_due = std::mem::take(&mut self.reload_due);
-        if batch.is_empty() {
-            if reload_due && let Err(e) = self.reload() {
+        if let Err(e) = self.apply_staged(&mut batch) {
+            error!(region = %self.region, error = %e, "merging the group failed; group refused, ledgers reloaded");
+            if let Err(e) = self.reload() {
                 error!(error = %e, "reloading ledgers failed");
             }
+            self.answer(pending, Err(RegionError::Storage(e)));
+            return;
+        }
+        if batch.is_empty() {
             self.answer(pending, Ok(()));
             return;
         }
@@ -292,9 +293,6 @@ impl RegionWriter {
                         }
                         Err(e) => error!(error = %e, "reading the change head failed"),
                     }
-                }
-                if reload_due && let Err(e) = self.reload() {
-                    error!(error = %e, "reloading ledgers failed");
                 }
                 self.answer(pending, Ok(()));
             }
@@ -418,7 +416,6 @@ impl RegionWriter {
                 let gap = match receiver.on_batch(b) {
                     Receipt::Apply { entries, up_to } => {
                         if let Err(reason) = self.merge(sender, entries, batch) {
-                            self.reload_due = true;
                             return UplinkOutcome::Rejected(reason);
                         }
                         receiver.on_committed(up_to);
@@ -446,29 +443,49 @@ impl RegionWriter {
         outcome
     }
 
-    /// Merges accepted entries into the ledgers and stages their rows.
+    /// Stages accepted entries as change rows; they are merged into the ledgers once per
+    /// group by [`RegionWriter::apply_staged`].
     fn merge(
         &mut self,
         author: &DeviceId,
         entries: Vec<larder_shared::envelope::Entry>,
         batch: &mut RegionBatch,
     ) -> Result<(), &'static str> {
-        let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+        if entries
+            .iter()
+            .any(|e| !self.ledgers.contains_key(&e.ledger))
+        {
+            return Err("foreign_ledger");
+        }
         for e in entries {
-            by_ledger.entry(e.ledger).or_default().push(e.change);
+            let hash: [u8; 32] = sha2::Sha256::digest(&e.change).into();
+            batch.changes.push(StoredChange {
+                ledger: e.ledger,
+                author: author.clone(),
+                hash,
+                bytes: e.change,
+            });
+        }
+        Ok(())
+    }
+
+    /// Merges every change staged in the group into its ledger with one Automerge apply per
+    /// ledger (an apply walks the maps it touches, so one per group rather than one per
+    /// envelope), and stages the projection rows.
+    fn apply_staged(&mut self, batch: &mut RegionBatch) -> Result<(), String> {
+        let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+        for c in &batch.changes {
+            by_ledger
+                .entry(c.ledger.clone())
+                .or_default()
+                .push(c.bytes.clone());
         }
         for (fridge, changes) in by_ledger {
-            let ledger = self.ledgers.get_mut(&fridge).ok_or("foreign_ledger")?;
-            let touched: Touched = ledger.apply_changes(&changes).map_err(|_| "malformed")?;
-            for bytes in changes {
-                let hash: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-                batch.changes.push(StoredChange {
-                    ledger: fridge.clone(),
-                    author: author.clone(),
-                    hash,
-                    bytes,
-                });
-            }
+            let ledger = self
+                .ledgers
+                .get_mut(&fridge)
+                .ok_or_else(|| format!("no ledger {fridge}"))?;
+            let touched: Touched = ledger.apply_changes(&changes).map_err(|e| e.to_string())?;
             for unit in &touched.units {
                 if let Some(v) = ledger.unit(unit, i64::MIN) {
                     batch.units.push((fridge.clone(), v));

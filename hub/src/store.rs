@@ -39,11 +39,11 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS units (
     fridge TEXT NOT NULL, unit_id TEXT NOT NULL, sku TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id));
+    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS units_stock ON units (fridge, sku, state, expires_at_ms);
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY, fridge TEXT NOT NULL, status TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL);
+    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS orders_status ON orders (status, created_at_ms);
 ";
 
@@ -348,6 +348,18 @@ impl RegionReads {
             .lock()
             .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
         Ok(f(&c)?)
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"),
+                [id.as_str()],
+                device_from_row,
+            )
+            .optional()
+            .map(|r| r.map(|(d, _)| d))
+        })
     }
 
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {

@@ -1,7 +1,7 @@
 //! Measures the ledger's per-command cost as a document grows: refill N units, then sell them
 //! one by one, timing each sale (the pure core, no IO).
 //!
-//! `cargo run --release -p larder-shared --example ledger_cost -- 20000`
+//! `cargo run --release -p larder-shared --example ledger_cost -- 20000 [merge batch size]`
 
 use std::time::Instant;
 
@@ -41,15 +41,17 @@ fn main() {
                 batch: None,
             })
             .collect();
-        l.refill(
-            &Refill {
-                units,
-                order_id: None,
-            },
-            &dev,
-            0,
-        )
-        .expect("refill");
+        let change = l
+            .refill(
+                &Refill {
+                    units,
+                    order_id: None,
+                },
+                &dev,
+                0,
+            )
+            .expect("refill");
+        refill_changes.push(change.bytes);
     }
     println!("refill of {n} units: {:?}", start.elapsed());
     let mut samples = Vec::with_capacity(n);
@@ -98,18 +100,31 @@ fn main() {
     }
     println!("change bytes per sale: {}", bytes / n);
     // A replica that has the refills merges the sales in batches, as the hub does.
-    let mut replica = Ledger::load(FridgeId::new("fridge-1").expect("id"), actor_for(&DeviceId::new("hub").expect("id")), None, &[])
-        .expect("replica");
+    let mut replica = Ledger::load(
+        FridgeId::new("fridge-1").expect("id"),
+        actor_for(&DeviceId::new("hub").expect("id")),
+        None,
+        &[],
+    )
+    .expect("replica");
     replica.apply_changes(&refill_changes).expect("refills");
     let t = Instant::now();
     let mut check = std::time::Duration::ZERO;
-    for batch in all_changes.chunks(512) {
+    let batch_size: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(512);
+    for batch in all_changes.chunks(batch_size) {
         let c = Instant::now();
         Ledger::check_authors(batch, &actor_for(&dev)).expect("authors");
         check += c.elapsed();
         replica.apply_changes(batch).expect("merge");
     }
-    println!("merge of {n} sale changes in batches of 512: {:?} (author checks {:?})", t.elapsed(), check);
+    println!(
+        "merge of {n} sale changes in batches of {batch_size}: {:?} (author checks {:?})",
+        t.elapsed(),
+        check
+    );
     let t = Instant::now();
     let saved = l.save();
     println!("save: {} bytes in {:?}", saved.len(), t.elapsed());

@@ -17,7 +17,14 @@ async fn call(req: reqwest::RequestBuilder) -> (u16, Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = agent_config(dir.path(), "pos-1", Role::Pos, &fridge_ids(&["fridge-1", "fridge-2"]), hub_public_key(), "127.0.0.1:9")?;
+    let mut config = agent_config(
+        dir.path(),
+        "pos-1",
+        Role::Pos,
+        &fridge_ids(&["fridge-1", "fridge-2"]),
+        hub_public_key(),
+        "127.0.0.1:9",
+    )?;
     config.http.request_body_bytes_max = 4096;
     let agent = larder_agent::start(config, seeded_key(7, "pos-1")).await?;
     let url = format!("http://{}", agent.http_addr);
@@ -43,16 +50,34 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
         let (s, body) = call(req).await;
         assert_eq!(s, status, "{name}: {body}");
         assert_eq!(body["error"]["code"], code, "{name}: {body}");
-        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}: {body}"
+        );
     }
     let (s, h) = call(c.get(format!("{url}/v1/health"))).await;
     assert_eq!(s, 200);
-    assert_eq!(h["pending_changes"], 0, "refused requests changed nothing: {h}");
-    for field in ["device_id", "role", "region", "online", "last_sync_at", "catalog_version"] {
+    assert_eq!(
+        h["pending_changes"], 0,
+        "refused requests changed nothing: {h}"
+    );
+    for field in [
+        "device_id",
+        "role",
+        "region",
+        "online",
+        "last_sync_at",
+        "catalog_version",
+    ] {
         assert!(h.get(field).is_some(), "health has {field}: {h}");
     }
     let metrics = c.get(format!("{url}/metrics")).send().await?.text().await?;
-    assert!(metrics.contains("larder_agent_http_requests_total"), "{metrics}");
+    assert!(
+        metrics.contains("larder_agent_http_requests_total"),
+        "{metrics}"
+    );
     assert!(metrics.contains("status=\"413\""), "{metrics}");
     agent.shutdown().await;
     Ok(())
@@ -62,11 +87,28 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
 async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = larder_hub::mqtt::free_port()?;
-    let mut config = hub_config(dir.path(), port, 1, larder_hub::http::token_sha256(ADMIN_TOKEN))?;
+    let mut config = hub_config(
+        dir.path(),
+        port,
+        1,
+        larder_hub::http::token_sha256(ADMIN_TOKEN),
+    )?;
     let sha = larder_hub::http::token_sha256;
-    config.tokens.push(TokenConfig { sha256: sha("kitchen"), role: TokenRole::Kitchen, regions: vec!["demo".into()] });
-    config.tokens.push(TokenConfig { sha256: sha("app"), role: TokenRole::App, regions: vec!["demo".into()] });
-    config.tokens.push(TokenConfig { sha256: sha("elsewhere"), role: TokenRole::Admin, regions: vec!["south".into()] });
+    config.tokens.push(TokenConfig {
+        sha256: sha("kitchen"),
+        role: TokenRole::Kitchen,
+        regions: vec!["demo".into()],
+    });
+    config.tokens.push(TokenConfig {
+        sha256: sha("app"),
+        role: TokenRole::App,
+        regions: vec!["demo".into()],
+    });
+    config.tokens.push(TokenConfig {
+        sha256: sha("elsewhere"),
+        role: TokenRole::Admin,
+        regions: vec!["south".into()],
+    });
     let hub = larder_hub::start(config, seeded_key(7, "hub")).await?;
     let url = format!("http://{}", hub.http_addr);
     let c = http();
@@ -91,11 +133,19 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
             }
         };
         let (s, b) = call(req(None)).await;
-        assert_eq!((s, b["error"]["code"].as_str()), (401, Some("unauthorized")), "{method} {path} without a token");
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{method} {path} without a token"
+        );
         let (s, _) = call(req(Some("not-a-token"))).await;
         assert_eq!(s, 401, "{method} {path} with an unknown token");
         let (s, b) = call(req(Some("app"))).await;
-        assert_eq!((s, b["error"]["code"].as_str()), (403, Some("forbidden")), "{method} {path} as app");
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{method} {path} as app"
+        );
         let (s, _) = call(req(Some("elsewhere"))).await;
         assert_eq!(s, 403, "{method} {path} with another region's token");
         if least == "admin" {
@@ -107,24 +157,63 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     }
     let (s, b) = call(c.get(format!("{url}/v1/regions")).bearer_auth("elsewhere")).await;
     assert_eq!(s, 200);
-    assert_eq!(b["regions"].as_array().map(Vec::len), Some(0), "a token sees only its regions: {b}");
-    let (s, b) = call(c.get(format!("{url}/v1/regions/south/fridges")).bearer_auth(ADMIN_TOKEN)).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("unknown_region")));
+    assert_eq!(
+        b["regions"].as_array().map(Vec::len),
+        Some(0),
+        "a token sees only its regions: {b}"
+    );
+    let (s, b) = call(
+        c.get(format!("{url}/v1/regions/south/fridges"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (404, Some("unknown_region"))
+    );
     let (s, _) = call(c.get(format!("{url}/healthz"))).await;
     assert_eq!(s, 200, "healthz needs no token");
     // Enrollment: invalid values are 422, a repeat of the same enrollment answers the same.
     let key = seeded_key(7, "pos-9").public();
-    let body = json!({"device_id": "pos-9", "role": "pos", "fridges": ["fridge-1"], "public_key": key});
-    let (s1, first) = call(c.post(format!("{url}/v1/regions/demo/devices")).bearer_auth(ADMIN_TOKEN).json(&body)).await;
-    let (s2, again) = call(c.post(format!("{url}/v1/regions/demo/devices")).bearer_auth(ADMIN_TOKEN).json(&body)).await;
+    let body =
+        json!({"device_id": "pos-9", "role": "pos", "fridges": ["fridge-1"], "public_key": key});
+    let (s1, first) = call(
+        c.post(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body),
+    )
+    .await;
+    let (s2, again) = call(
+        c.post(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body),
+    )
+    .await;
     assert_eq!((s1, s2), (201, 201));
     assert_eq!(first["public_key"], again["public_key"]);
     let other = json!({"device_id": "pos-9", "role": "pos", "fridges": ["fridge-1"], "public_key": seeded_key(8, "x").public()});
-    let (s, b) = call(c.post(format!("{url}/v1/regions/demo/devices")).bearer_auth(ADMIN_TOKEN).json(&other)).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (409, Some("device_exists")));
-    let bad = json!({"device_id": "pos-8", "role": "pos", "fridges": ["fridge-7"], "public_key": key});
-    let (s, b) = call(c.post(format!("{url}/v1/regions/demo/devices")).bearer_auth(ADMIN_TOKEN).json(&bad)).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (422, Some("unknown_fridge")));
+    let (s, b) = call(
+        c.post(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&other),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("device_exists"))
+    );
+    let bad =
+        json!({"device_id": "pos-8", "role": "pos", "fridges": ["fridge-7"], "public_key": key});
+    let (s, b) = call(
+        c.post(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&bad),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (422, Some("unknown_fridge"))
+    );
     hub.shutdown().await;
     Ok(())
 }

@@ -74,6 +74,133 @@ fn envelope(
     .seal(key)
 }
 
+fn broker_port(broker: &str) -> u16 {
+    broker
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("broker port")
+}
+
+fn connect_token(key: &SecretKey, device_name: &str) -> String {
+    larder_shared::auth::connect_token(
+        key,
+        &device(device_name),
+        larder_agent::writer::now_ms(),
+        [7; 16],
+    )
+}
+
+/// Connects with these credentials; true once the broker acknowledged the connection.
+async fn connects(broker: &str, client_id: &str, password: Option<String>) -> bool {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", broker_port(broker));
+    if let Some(p) = password {
+        opts.set_credentials(client_id, p);
+    }
+    let (_client, mut events) = AsyncClient::new(opts, 10);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    return ack.code == rumqttc::ConnectReturnCode::Success;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    });
+    outcome.await.unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_admits_only_enrolled_devices_with_fresh_tokens() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_url = format!("http://{}", hub.http_addr);
+    let pos = larder_hub::demo::seeded_key(9, "pos-1");
+    let gone = larder_hub::demo::seeded_key(9, "gone-pos");
+    enroll(&hub_url, "pos-1", Role::Pos, &["fridge-1"], &pos.public()).await?;
+    enroll(
+        &hub_url,
+        "gone-pos",
+        Role::Pos,
+        &["fridge-1"],
+        &gone.public(),
+    )
+    .await?;
+    http()
+        .delete(format!("{hub_url}/v1/regions/demo/devices/gone-pos"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    let now = larder_agent::writer::now_ms();
+    let token = |key: &SecretKey, name: &str, at: i64, nonce: u8| {
+        larder_shared::auth::connect_token(key, &device(name), at, [nonce; 16])
+    };
+    let fresh = token(&pos, "pos-1", now, 1);
+    let cases: Vec<(&str, &str, Option<String>, bool)> = vec![
+        ("a stranger without credentials", "stranger", None, false),
+        (
+            "a stranger with a made-up password",
+            "stranger",
+            Some("secret".into()),
+            false,
+        ),
+        (
+            "an enrolled device with a fresh token",
+            "pos-1",
+            Some(fresh.clone()),
+            true,
+        ),
+        ("the same token again", "pos-1", Some(fresh), false),
+        (
+            "a token signed by another key",
+            "pos-1",
+            Some(token(&gone, "pos-1", now, 2)),
+            false,
+        ),
+        (
+            "a stale token",
+            "pos-1",
+            Some(token(&pos, "pos-1", now - 10 * 60 * 1000, 3)),
+            false,
+        ),
+        (
+            "a revoked device",
+            "gone-pos",
+            Some(token(&gone, "gone-pos", now, 4)),
+            false,
+        ),
+    ];
+    for (name, client_id, password, admitted) in cases {
+        assert_eq!(
+            connects(&hub.broker, client_id, password).await,
+            admitted,
+            "{name}"
+        );
+    }
+    let metrics = http()
+        .get(format!("{hub_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for reason in [
+        "unknown_device",
+        "replayed_token",
+        "bad_token",
+        "stale_token",
+        "revoked_device",
+    ] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason} counted: {metrics}"
+        );
+    }
+    hub.shutdown().await;
+    Ok(())
+}
+
 fn up(device_name: &str) -> String {
     topics::device(
         &RegionId::new("demo").expect("id"),
@@ -200,11 +327,10 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         ),
     ];
 
-    let mut opts = MqttOptions::new(
-        "attacker",
-        "127.0.0.1",
-        hub.broker.rsplit(':').next().unwrap_or("1883").parse()?,
-    );
+    // The attacker is a compromised but enrolled device: the broker admits it, so everything
+    // below reaches the hub's own checks.
+    let mut opts = MqttOptions::new("evil-pos", "127.0.0.1", broker_port(&hub.broker));
+    opts.set_credentials("evil-pos", connect_token(&evil, "evil-pos"));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (attacker, mut events) = AsyncClient::new(opts, 1_024);
     let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });

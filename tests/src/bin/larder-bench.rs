@@ -45,6 +45,18 @@ async fn fridge_with_stock(
     Ok((hub, agent, url))
 }
 
+/// The mean of a Prometheus histogram of the agent, in milliseconds.
+fn histogram_mean_ms(agent: &AgentHandle, name: &str) -> f64 {
+    let text = agent.shared.metrics.encode();
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_{suffix}")))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    value("sum") / value("count").max(1.0) * 1e3
+}
+
 fn unit(i: usize) -> String {
     format!("c{}-{}", i / 1_000, i % 1_000)
 }
@@ -103,6 +115,19 @@ async fn latency() -> Result<()> {
         }
     }
     samples.sort();
+    let commit = histogram_mean_ms(&agent, "larder_agent_commit_seconds");
+    let mut http_floor = Vec::with_capacity(samples.len());
+    for _ in 0..samples.len() {
+        let start = Instant::now();
+        client
+            .get(format!("{url}/v1/health"))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        http_floor.push(start.elapsed());
+    }
+    http_floor.sort();
     let floor = fsync_floor(dir.path(), samples.len())?;
     println!(
         "## Durable sale latency, one client ({} sales, agent offline)",
@@ -120,6 +145,12 @@ async fn latency() -> Result<()> {
         ms(percentile(&floor, 0.5)),
         ms(percentile(&floor, 0.99))
     );
+    println!(
+        "| HTTP round trip alone: GET /v1/health | {:.3} | {:.3} |",
+        ms(percentile(&http_floor, 0.5)),
+        ms(percentile(&http_floor, 0.99))
+    );
+    println!("mean group commit (SQLite write + fsync) inside a sale: {commit:.3} ms");
     println!(
         "p99 ratio sale / floor: {:.2} (goal at most 2.0)\n",
         percentile(&samples, 0.99).as_secs_f64() / percentile(&floor, 0.99).as_secs_f64()
@@ -243,16 +274,20 @@ async fn catch_up() -> Result<()> {
     pos.set_network(true);
     let mut connected_after = None;
     let mut half_after = None;
-    eventually(Duration::from_secs(120), "the hub to acknowledge every offline sale", || {
-        if connected_after.is_none() && pos.shared.online.load(Ordering::Relaxed) {
-            connected_after = Some(start.elapsed());
-        }
-        if half_after.is_none() && pos.pending_changes() <= CATCH_UP_SALES as u64 / 2 {
-            half_after = Some(start.elapsed());
-        }
-        let done = pos.pending_changes() == 0;
-        async move { done.then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(120),
+        "the hub to acknowledge every offline sale",
+        || {
+            if connected_after.is_none() && pos.shared.online.load(Ordering::Relaxed) {
+                connected_after = Some(start.elapsed());
+            }
+            if half_after.is_none() && pos.pending_changes() <= CATCH_UP_SALES as u64 / 2 {
+                half_after = Some(start.elapsed());
+            }
+            let done = pos.pending_changes() == 0;
+            async move { done.then_some(()) }
+        },
+    )
     .await?;
     let secs = start.elapsed().as_secs_f64();
     let sent = pos.shared.metrics.envelope_bytes_sent.get() - bytes_before;
