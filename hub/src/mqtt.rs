@@ -28,6 +28,8 @@ use crate::region::{RegionCommand, UplinkOutcome};
 /// Envelope sequence numbers reserved per persisted block.
 const ENV_SEQ_BLOCK: u64 = 1_000;
 const EVENT_QUEUE_MAX: usize = 1_024;
+/// How often the downlink pump re-reads which devices were revoked (by the API or the CLI).
+const REVOCATION_CHECK_MS: i64 = 2_000;
 
 /// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -240,6 +242,7 @@ struct HubLink {
     seqs: HashMap<RegionId, SeqAllocator>,
     outcomes_tx: mpsc::Sender<(RegionId, DeviceId, UplinkOutcome)>,
     connected: bool,
+    revocations_checked_ms: i64,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -330,6 +333,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         seqs,
         outcomes_tx,
         connected: false,
+        revocations_checked_ms: 0,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
@@ -359,6 +363,10 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {
                 let now = larder_agent::writer::now_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
+                if now - link.revocations_checked_ms >= REVOCATION_CHECK_MS {
+                    link.revocations_checked_ms = now;
+                    link.drop_revoked().await;
+                }
             }
             _ = shutdown.changed() => break,
         }
@@ -500,6 +508,28 @@ impl HubLink {
             .devices_online
             .get_or_create(&vec![("region", region.to_string())])
             .set(online_count as i64);
+    }
+
+    /// Stops sending to devices revoked since they were loaded.
+    async fn drop_revoked(&mut self) {
+        for (region, handle) in &self.ctx.regions {
+            let reads = handle.reads.clone();
+            let Ok(Ok(devices)) = tokio::task::spawn_blocking(move || reads.devices()).await else {
+                continue;
+            };
+            for (d, _) in devices
+                .into_iter()
+                .filter(|(d, _)| d.revoked_at_ms.is_some())
+            {
+                if self
+                    .devices
+                    .remove(&(region.clone(), d.device_id.clone()))
+                    .is_some()
+                {
+                    info!(region = %region, device = %d.device_id, "revoked device: downlink stopped");
+                }
+            }
+        }
     }
 
     async fn load_downlink(&self, region: &RegionId, device: &DeviceId) -> Option<Downlink> {
