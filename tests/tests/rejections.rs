@@ -398,6 +398,9 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // Honest devices finish syncing first, so that only the replays could move the head.
+    synced(&pos_url, Duration::from_secs(30)).await?;
+    synced(&fridge_url, Duration::from_secs(30)).await?;
     let head_before = *region.head.borrow();
     for _ in 0..FLOOD {
         attacker
