@@ -57,10 +57,10 @@ pub enum ConfigCmd {
     Check { file: PathBuf },
 }
 
-/// Installs the tracing subscriber writing to stderr.
-pub fn init_logging(format: LogFormat) {
+/// Installs the tracing subscriber writing to stderr: `RUST_LOG` if set, else `default`.
+pub fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -73,7 +73,7 @@ pub fn init_logging(format: LogFormat) {
 /// Entry point of the `larder-agent` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, "info");
     match cli.command {
         Cmd::Config {
             command: ConfigCmd::Check { file },

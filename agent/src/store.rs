@@ -13,6 +13,10 @@ use larder_shared::envelope::Entry;
 use larder_shared::{FridgeId, OrderId};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub mod projection;
+
+pub use projection::SkuStock;
+
 /// Store errors: the disk or the database file said no.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -34,14 +38,6 @@ CREATE INDEX IF NOT EXISTS ledger_changes_fridge ON ledger_changes (fridge, id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS units (
-    fridge TEXT NOT NULL, unit_id TEXT NOT NULL, sku TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS units_stock ON units (fridge, sku, state, expires_at_ms);
-CREATE TABLE IF NOT EXISTS orders (
-    order_id TEXT PRIMARY KEY, fridge TEXT NOT NULL, status TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS orders_status ON orders (status, created_at_ms);
 ";
 
 /// Meta keys.
@@ -106,6 +102,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(projection::SCHEMA)?;
         // Checkpoints run on the checkpointer's connection, not in the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self { conn })
@@ -175,32 +172,11 @@ impl Store {
             for (fridge, seq, bytes) in &batch.changes {
                 change.execute(params![fridge.as_str(), seq.map(|s| s as i64), bytes])?;
             }
-            let mut unit = tx.prepare_cached(
-                "INSERT OR REPLACE INTO units (fridge, unit_id, sku, expires_at_ms, state, view)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for (fridge, view) in &batch.units {
-                unit.execute(params![
-                    fridge.as_str(),
-                    view.unit_id.as_str(),
-                    view.facts.sku.as_str(),
-                    view.facts.expires_at_ms,
-                    view.state.as_str(),
-                    serde_json::to_string(view).unwrap_or_default(),
-                ])?;
+                projection::upsert_unit(&tx, fridge, view)?;
             }
-            let mut order = tx.prepare_cached(
-                "INSERT OR REPLACE INTO orders (order_id, fridge, status, created_at_ms, view)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
             for view in &batch.orders {
-                order.execute(params![
-                    view.record.order_id.as_str(),
-                    view.record.fridge_id.as_str(),
-                    view.status.as_str(),
-                    view.record.created_at_ms,
-                    serde_json::to_string(view).unwrap_or_default(),
-                ])?;
+                projection::upsert_order(&tx, view)?;
             }
             let mut idem = tx.prepare_cached(
                 "INSERT INTO idempotency (key, request_sha256, outcome, created_at_ms)
@@ -249,15 +225,6 @@ impl Store {
             .conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
     }
-}
-
-/// Stock of one sku at one fridge.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct SkuStock {
-    pub sku: String,
-    pub available: u64,
-    pub reserved: u64,
-    pub expiring_24h: u64,
 }
 
 /// Read-only connections for the HTTP API and the sync task.
@@ -326,44 +293,7 @@ impl ReadPool {
         fridge: &FridgeId,
         now_ms: i64,
     ) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
-        let day = 86_400_000i64;
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT sku,
-                    SUM(state = 'available' AND expires_at_ms > ?2),
-                    SUM(state = 'available' AND expires_at_ms > ?2 AND expires_at_ms <= ?3)
-                 FROM units WHERE fridge = ?1 GROUP BY sku ORDER BY sku",
-            )?;
-            let skus = stmt
-                .query_map(params![fridge.as_str(), now_ms, now_ms + day], |r| {
-                    Ok(SkuStock {
-                        sku: r.get(0)?,
-                        available: r.get::<_, i64>(1)? as u64,
-                        reserved: 0,
-                        expiring_24h: r.get::<_, i64>(2)? as u64,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut stmt = c.prepare_cached(
-                "SELECT view FROM units WHERE fridge = ?1 ORDER BY expires_at_ms, unit_id",
-            )?;
-            let units = stmt
-                .query_map([fridge.as_str()], |r| r.get::<_, String>(0))?
-                .filter_map(|v| {
-                    v.ok()
-                        .and_then(|json| serde_json::from_str::<UnitView>(&json).ok())
-                })
-                .map(|mut u| {
-                    if u.state == larder_shared::domain::UnitState::Available
-                        && u.facts.expires_at_ms <= now_ms
-                    {
-                        u.state = larder_shared::domain::UnitState::Expired;
-                    }
-                    u
-                })
-                .collect();
-            Ok((skus, units))
-        })
+        self.with(|c| projection::stock(c, fridge, now_ms))
     }
 
     pub fn order(&self, order: &OrderId) -> Result<Option<OrderView>, StoreError> {
@@ -380,17 +310,7 @@ impl ReadPool {
     }
 
     pub fn orders(&self, status: Option<&str>, limit: u32) -> Result<Vec<OrderView>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT view FROM orders WHERE (?1 IS NULL OR status = ?1)
-                 ORDER BY created_at_ms DESC, order_id LIMIT ?2",
-            )?;
-            let views = stmt
-                .query_map(params![status, limit], |r| r.get::<_, String>(0))?
-                .filter_map(|v| v.ok().and_then(|json| serde_json::from_str(&json).ok()))
-                .collect();
-            Ok(views)
-        })
+        self.with(|c| projection::orders(c, None, status, limit))
     }
 
     pub fn order_count(&self) -> Result<u64, StoreError> {

@@ -22,11 +22,7 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use larder_agent::cli::LogFormat;
 
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
@@ -130,20 +126,6 @@ impl From<CliTokenRole> for TokenRole {
     }
 }
 
-fn init_logging(format: LogFormat, default: &str) {
-    // rumqttd logs every client disconnect as an error; the hub reports connections itself.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default},rumqttd::server::broker=off"))
-    });
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => b.try_init(),
-        LogFormat::Json => b.json().try_init(),
-    };
-}
-
 fn fail(lines: impl IntoIterator<Item = String>) -> ExitCode {
     for l in lines {
         eprintln!("{l}");
@@ -165,7 +147,11 @@ pub fn main() -> ExitCode {
     } else {
         "info"
     };
-    init_logging(cli.log_format, default_level);
+    // rumqttd logs every client disconnect as an error; the hub reports connections itself.
+    larder_agent::cli::init_logging(
+        cli.log_format,
+        &format!("{default_level},rumqttd::server::broker=off"),
+    );
     match cli.command {
         Cmd::Demo(opts) => match runtime() {
             Ok(rt) => match rt.block_on(crate::demo::run(opts)) {

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use larder_shared::domain::{OrderView, Role, UnitState, UnitView};
+use larder_agent::store::projection::{self, SkuStock};
+use larder_shared::domain::{OrderView, Role, UnitView};
 use larder_shared::envelope::Entry;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SiteId};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -37,14 +38,6 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE INDEX IF NOT EXISTS changes_ledger ON changes (ledger, id);
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS units (
-    fridge TEXT NOT NULL, unit_id TEXT NOT NULL, sku TEXT NOT NULL, expires_at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL, view TEXT NOT NULL, PRIMARY KEY (fridge, unit_id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS units_stock ON units (fridge, sku, state, expires_at_ms);
-CREATE TABLE IF NOT EXISTS orders (
-    order_id TEXT PRIMARY KEY, fridge TEXT NOT NULL, status TEXT NOT NULL,
-    created_at_ms INTEGER NOT NULL, view TEXT NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS orders_status ON orders (status, created_at_ms);
 ";
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
@@ -160,6 +153,7 @@ impl RegionStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(projection::SCHEMA)?;
         Ok(Self { conn })
     }
 
@@ -254,32 +248,11 @@ impl RegionStore {
                     seen
                 ])?;
             }
-            let mut unit = tx.prepare_cached(
-                "INSERT OR REPLACE INTO units (fridge, unit_id, sku, expires_at_ms, state, view)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
             for (fridge, v) in &b.units {
-                unit.execute(params![
-                    fridge.as_str(),
-                    v.unit_id.as_str(),
-                    v.facts.sku.as_str(),
-                    v.facts.expires_at_ms,
-                    v.state.as_str(),
-                    serde_json::to_string(v).unwrap_or_default()
-                ])?;
+                projection::upsert_unit(&tx, fridge, v)?;
             }
-            let mut order = tx.prepare_cached(
-                "INSERT OR REPLACE INTO orders (order_id, fridge, status, created_at_ms, view)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
             for v in &b.orders {
-                order.execute(params![
-                    v.record.order_id.as_str(),
-                    v.record.fridge_id.as_str(),
-                    v.status.as_str(),
-                    v.record.created_at_ms,
-                    serde_json::to_string(v).unwrap_or_default()
-                ])?;
+                projection::upsert_order(&tx, v)?;
             }
             let mut enroll = tx.prepare_cached(
                 "INSERT INTO devices (device_id, role, site, fridges, public_key, enrolled_at_ms)
@@ -310,15 +283,6 @@ impl RegionStore {
         tx.commit()?;
         Ok(())
     }
-}
-
-/// Per-sku stock at a fridge, as the hub knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SkuStock {
-    pub sku: String,
-    pub available: u64,
-    pub reserved: u64,
-    pub expiring_24h: u64,
 }
 
 /// Read connections of one region.
@@ -426,41 +390,7 @@ impl RegionReads {
         fridge: &FridgeId,
         now_ms: i64,
     ) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
-        let day = 86_400_000i64;
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT sku, SUM(state = 'available' AND expires_at_ms > ?2),
-                        SUM(state = 'available' AND expires_at_ms > ?2 AND expires_at_ms <= ?3)
-                 FROM units WHERE fridge = ?1 GROUP BY sku ORDER BY sku",
-            )?;
-            let skus = stmt
-                .query_map(params![fridge.as_str(), now_ms, now_ms + day], |r| {
-                    Ok(SkuStock {
-                        sku: r.get(0)?,
-                        available: r.get::<_, i64>(1)? as u64,
-                        reserved: 0,
-                        expiring_24h: r.get::<_, i64>(2)? as u64,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut stmt = c.prepare_cached(
-                "SELECT view FROM units WHERE fridge = ?1 ORDER BY expires_at_ms, unit_id",
-            )?;
-            let units = stmt
-                .query_map([fridge.as_str()], |r| r.get::<_, String>(0))?
-                .filter_map(|v| {
-                    v.ok()
-                        .and_then(|j| serde_json::from_str::<UnitView>(&j).ok())
-                })
-                .map(|mut u| {
-                    if u.state == UnitState::Available && u.facts.expires_at_ms <= now_ms {
-                        u.state = UnitState::Expired;
-                    }
-                    u
-                })
-                .collect();
-            Ok((skus, units))
-        })
+        self.with(|c| projection::stock(c, fridge, now_ms))
     }
 
     /// Orders of one fridge or all, newest first.
@@ -469,19 +399,7 @@ impl RegionReads {
         fridge: Option<&FridgeId>,
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT view FROM orders WHERE (?1 IS NULL OR fridge = ?1)
-                 ORDER BY created_at_ms DESC, order_id LIMIT ?2",
-            )?;
-            let rows = stmt
-                .query_map(params![fridge.map(|f| f.as_str()), limit], |r| {
-                    r.get::<_, String>(0)
-                })?
-                .filter_map(|v| v.ok().and_then(|j| serde_json::from_str(&j).ok()))
-                .collect();
-            Ok(rows)
-        })
+        self.with(|c| projection::orders(c, fridge, None, limit))
     }
 
     pub fn order_exists(&self, order: &str) -> Result<bool, StoreError> {
