@@ -150,7 +150,11 @@ pub fn main() -> ExitCode {
     // rumqttd logs every client disconnect as an error; the hub reports connections itself.
     larder_agent::cli::init_logging(
         cli.log_format,
-        &format!("{default_level},rumqttd::server::broker=off"),
+        &if matches!(cli.command, Cmd::Demo(_)) {
+            format!("{default_level},rumqttd=off")
+        } else {
+            format!("{default_level},rumqttd::server::broker=off")
+        },
     );
     match cli.command {
         Cmd::Demo(opts) => match runtime() {

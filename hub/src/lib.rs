@@ -92,6 +92,9 @@ impl HubHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        for region in self.regions.values() {
+            let _ = region.tx.send(region::RegionCommand::Stop).await;
+        }
         self.regions.clear();
         for t in self.writer_threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;

@@ -77,6 +77,8 @@ pub enum RegionCommand {
         fridge: FridgeId,
         reply: oneshot::Sender<Option<String>>,
     },
+    /// Finish the commands taken so far and stop, even if handles to the writer remain.
+    Stop,
 }
 
 enum Pending {
@@ -185,7 +187,8 @@ impl RegionWriter {
 
     /// Runs until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<RegionCommand>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut stopping = false;
+        while !stopping && let Some(first) = rx.blocking_recv() {
             let mut group = vec![first];
             while group.len() < self.group_commit_max {
                 match rx.try_recv() {
@@ -193,6 +196,7 @@ impl RegionWriter {
                     Err(_) => break,
                 }
             }
+            stopping = group.iter().any(|c| matches!(c, RegionCommand::Stop));
             self.process(group);
         }
         info!(region = %self.region, "region writer stopped");
@@ -253,6 +257,7 @@ impl RegionWriter {
                 RegionCommand::Digest { fridge, reply } => {
                     let _ = reply.send(self.ledgers.get(&fridge).map(Ledger::state_digest));
                 }
+                RegionCommand::Stop => {}
             }
         }
         for (device, p) in progress {
