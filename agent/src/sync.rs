@@ -174,7 +174,7 @@ impl Sync {
                             return;
                         }
                         let mut seed = [0u8; 8];
-                        let _ = getrandom_nonce(&mut seed);
+                        let _ = getrandom::fill(&mut seed);
                         let delay = backoff_ms(min_ms, max_ms, attempt, u64::from_le_bytes(seed));
                         attempt = attempt.saturating_add(1);
                         // A connect token is accepted once: every attempt carries a fresh one.
@@ -394,15 +394,11 @@ impl Sync {
     }
 }
 
-fn getrandom_nonce(buf: &mut [u8]) -> Result<(), getrandom::Error> {
-    getrandom::fill(buf)
-}
-
 /// A connect token for now with a random nonce (a failed RNG leaves a zero nonce; the token's
 /// time still makes it fresh, and the hub refuses a repeat).
 fn fresh_token(key: &SecretKey, device: &DeviceId) -> String {
     let mut nonce = [0u8; 16];
-    let _ = getrandom_nonce(&mut nonce);
+    let _ = getrandom::fill(&mut nonce);
     connect_token(key, device, now_ms(), nonce)
 }
 

@@ -426,6 +426,9 @@ impl Writer {
             let Some(ledger) = self.ledgers.get(&fridge) else {
                 continue;
             };
+            if ledger.waits_for_dependencies() {
+                continue;
+            }
             let snapshot = ledger.save();
             match self
                 .store

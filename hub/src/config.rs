@@ -90,6 +90,8 @@ pub struct SyncConfig {
     pub group_commit_max: usize,
     /// Commands waiting for a region writer; past it, uplinks wait and API calls get 503.
     pub queue_depth_max: usize,
+    /// Changes a ledger's log grows by before the hub saves a snapshot of the document.
+    pub snapshot_every_changes: usize,
 }
 
 impl Default for SyncConfig {
@@ -100,6 +102,7 @@ impl Default for SyncConfig {
             inflight_entries_max: 4_096,
             group_commit_max: 256,
             queue_depth_max: 4_096,
+            snapshot_every_changes: 5_000,
         }
     }
 }

@@ -139,7 +139,7 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
             store,
             fridges,
             config.mqtt.max_message_bytes,
-            config.sync.group_commit_max,
+            &config.sync,
             metrics.clone(),
         )
         .map_err(store_err)?;

@@ -98,6 +98,9 @@ pub struct RegionWriter {
     group_commit_max: usize,
     metrics: Arc<HubMetrics>,
     head_tx: watch::Sender<u64>,
+    changes_since_snapshot: HashMap<FridgeId, usize>,
+    /// Changes a ledger's log grows by before a snapshot (`sync.snapshot_every_changes`).
+    snapshot_every_changes: usize,
 }
 
 fn now_ms() -> i64 {
@@ -115,9 +118,11 @@ impl RegionWriter {
         store: RegionStore,
         fridges: Vec<FridgeId>,
         max_message_bytes: usize,
-        group_commit_max: usize,
+        sync: &crate::config::SyncConfig,
         metrics: Arc<HubMetrics>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let (group_commit_max, snapshot_every_changes) =
+            (sync.group_commit_max, sync.snapshot_every_changes);
         let (head_tx, head_rx) = watch::channel(store.head()?);
         let mut w = Self {
             region,
@@ -128,15 +133,46 @@ impl RegionWriter {
             group_commit_max,
             metrics,
             head_tx,
+            changes_since_snapshot: HashMap::new(),
+            snapshot_every_changes,
         };
         w.reload()?;
         Ok((w, head_rx))
+    }
+
+    /// Snapshots ledgers whose change log grew past `snapshot_every_changes`, so a restart
+    /// loads a snapshot plus a short tail: when idle, or regardless once four times past it.
+    /// The change rows stay: they are the downlink streams.
+    fn snapshot_due(&mut self, idle: bool) {
+        let every = self.snapshot_every_changes.max(1);
+        let due: Vec<FridgeId> = self
+            .changes_since_snapshot
+            .iter()
+            .filter(|(_, n)| (idle && **n >= every) || **n >= every.saturating_mul(4))
+            .map(|(f, _)| f.clone())
+            .collect();
+        for fridge in due {
+            let Some(ledger) = self.ledgers.get(&fridge) else {
+                continue;
+            };
+            if ledger.waits_for_dependencies() {
+                continue;
+            }
+            match self.store.snapshot_ledger(&fridge, &ledger.save()) {
+                Ok(()) => {
+                    self.changes_since_snapshot.insert(fridge, 0);
+                }
+                Err(e) => warn!(fridge = %fridge, error = %e, "ledger snapshot failed; will retry"),
+            }
+        }
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
         self.ledgers.clear();
         for fridge in self.fridges.clone() {
             let (snap, changes) = self.store.load_ledger(&fridge)?;
+            self.changes_since_snapshot
+                .insert(fridge.clone(), changes.len());
             let ledger = Ledger::load(fridge.clone(), hub_actor(), snap.as_deref(), &changes)
                 .map_err(|e| StoreError::Corrupt(format!("ledger {fridge}: {e}")))?;
             self.ledgers.insert(fridge, ledger);
@@ -198,6 +234,9 @@ impl RegionWriter {
             }
             stopping = group.iter().any(|c| matches!(c, RegionCommand::Stop));
             self.process(group);
+            // Snapshots are maintenance: done when no command waits, or when overdue.
+            let idle = rx.is_empty();
+            self.snapshot_due(idle);
         }
         info!(region = %self.region, "region writer stopped");
     }
@@ -207,7 +246,6 @@ impl RegionWriter {
         let mut batch = RegionBatch::default();
         let mut pending = Vec::new();
         let mut progress: HashMap<DeviceId, Progress> = HashMap::new();
-        let mut snapshots_due: Vec<FridgeId> = Vec::new();
         for cmd in group {
             match cmd {
                 RegionCommand::Uplink {
@@ -275,11 +313,6 @@ impl RegionWriter {
             self.answer(pending, Ok(()));
             return;
         }
-        for c in &batch.changes {
-            if !snapshots_due.contains(&c.ledger) {
-                snapshots_due.push(c.ledger.clone());
-            }
-        }
         let started = std::time::Instant::now();
         let result = self.store.commit(&batch);
         self.metrics
@@ -287,6 +320,12 @@ impl RegionWriter {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                for c in &batch.changes {
+                    *self
+                        .changes_since_snapshot
+                        .entry(c.ledger.clone())
+                        .or_default() += 1;
+                }
                 if !batch.changes.is_empty() {
                     self.metrics
                         .changes_merged

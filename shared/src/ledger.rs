@@ -232,6 +232,12 @@ impl Ledger {
         self.doc.save()
     }
 
+    /// Whether some merged changes wait for dependencies this replica has not seen. A snapshot
+    /// taken now would leave them out, so callers keep the change log instead.
+    pub fn waits_for_dependencies(&self) -> bool {
+        !self.doc.get_missing_deps(&[]).is_empty()
+    }
+
     /// The number of changes in the document (including genesis).
     pub fn change_count(&self) -> usize {
         self.doc.stats().num_changes as usize

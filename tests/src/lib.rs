@@ -305,7 +305,7 @@ pub fn write_hub_config(
     }
     let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
     let text = format!(
-        "data_dir = {:?}\nkey_file = {:?}\n[http]\nlisten = \"{}\"\n[mqtt]\nbroker = \"{}\"\n[sync]\nretransmit_after_ms = 2000\n[[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
+        "data_dir = {:?}\nkey_file = {:?}\n[http]\nlisten = \"{}\"\n[mqtt]\nbroker = \"{}\"\n[sync]\nretransmit_after_ms = 2000\nsnapshot_every_changes = 16\n[[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
         c.data_dir, key_path, c.http.listen, c.mqtt.broker, c.tokens[0].sha256,
     );
     let path = dir.join("hub.toml");

@@ -102,7 +102,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
     assert_eq!(acked.len(), 100, "every sale got its own order");
     assert_eq!(health(&pos_url).await?["pending_changes"], 100);
 
-    let _hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
     synced(&pos_url, Duration::from_secs(30)).await?;
     eventually(
         Duration::from_secs(30),
@@ -124,6 +124,22 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
     let pos_digest = pos.digests().await[0].state_digest.clone();
     assert_eq!(hub_digest, serde_json::json!(fridge_digest));
     assert_eq!(fridge_digest, pos_digest);
+
+    // The hub folded the ledger into a snapshot (every 16 changes in this config); a restart
+    // loads snapshot plus tail into the same state.
+    let db = dir.path().join("hub").join("data").join("region-demo.db");
+    let snapshots: i64 = rusqlite::Connection::open(&db)?.query_row(
+        "SELECT COUNT(*) FROM ledger_snapshots",
+        [],
+        |r| r.get(0),
+    )?;
+    assert_eq!(snapshots, 1, "the hub snapshotted fridge-1's ledger");
+    hub.kill();
+    let _hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    assert_eq!(
+        hub_stock(&hub_url, "fridge-1").await?["state_digest"],
+        serde_json::json!(pos_digest)
+    );
     pos.shutdown().await;
     fridge.shutdown().await;
     Ok(())
