@@ -123,6 +123,18 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("larder-agent-data")
 }
 
+/// One line for a TOML error: `line N: message` (the message names the key or value).
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", message.trim())
+        }
+        None => message.trim().to_owned(),
+    }
+}
+
 /// A configuration problem, one per line for `config check`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -146,7 +158,7 @@ impl AgentConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().replace('\n', " ").trim().to_owned())
+        toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {

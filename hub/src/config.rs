@@ -174,7 +174,7 @@ impl HubConfig {
             vec![Problem(format!(
                 "{}: {}",
                 path.display(),
-                e.to_string().replace('\n', " ").trim()
+                larder_agent::config::describe_toml_error(&text, &e)
             ))]
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
