@@ -530,10 +530,14 @@ impl Ledger {
         now_ms: i64,
     ) -> Result<(LocalChange, OrderView), LedgerError> {
         let lines = self.plan_sale(sale, catalog, now_ms)?;
-        let total_minor: i64 = lines
+        let total_minor = lines
             .iter()
-            .map(|l| l.unit_price_minor * i64::from(l.quantity))
-            .sum();
+            .try_fold(0i64, |sum, l| {
+                l.unit_price_minor
+                    .checked_mul(i64::from(l.quantity))
+                    .and_then(|line| sum.checked_add(line))
+            })
+            .ok_or_else(|| LedgerError::Invalid("the sale's total overflows".into()))?;
         check_payment(&sale.payment, catalog, total_minor)?;
         let record = OrderRecord {
             order_id: sale.order_id.clone(),
