@@ -34,7 +34,6 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB
 -- sequence number: the outbox is the rows with outbox_seq above the hub's acknowledgement.
 CREATE TABLE IF NOT EXISTS ledger_changes (
     id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, outbox_seq INTEGER UNIQUE, bytes BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS ledger_changes_fridge ON ledger_changes (fridge, id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
@@ -42,10 +41,8 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 /// Meta keys.
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
-pub(crate) const META_OUTBOX_HEAD: &str = "outbox_head";
 pub(crate) const META_UP_ACKED: &str = "up_acked";
 pub(crate) const META_DOWN_HWM: &str = "down_hwm";
-pub(crate) const META_ORDER_COUNTER: &str = "order_counter";
 pub(crate) const META_CATALOG: &str = "catalog";
 
 /// How often the checkpointer moves the WAL into the database file.
@@ -122,6 +119,15 @@ impl Store {
                 .parse()
                 .map_err(|_| StoreError::Corrupt(format!("meta {key} = {v:?}"))),
         }
+    }
+
+    /// The last outbox position handed out: the newest local change still stored, or the
+    /// hub's acknowledgement if every local change was acknowledged and compacted away.
+    pub fn outbox_head(&self) -> Result<u64, StoreError> {
+        let max: Option<i64> =
+            self.conn
+                .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| r.get(0))?;
+        Ok((max.unwrap_or(0) as u64).max(self.meta_u64(META_UP_ACKED)?))
     }
 
     pub fn catalog(&self) -> Result<Catalog, StoreError> {

@@ -137,7 +137,6 @@ enum Pending {
 #[derive(Debug, Clone)]
 struct Counters {
     outbox_head: u64,
-    order_counter: u64,
     up_acked: u64,
     down: StreamReceiver,
 }
@@ -178,8 +177,7 @@ impl Writer {
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
         let catalog = store.catalog()?;
         let counters = Counters {
-            outbox_head: store.meta_u64(store::META_OUTBOX_HEAD)?,
-            order_counter: store.meta_u64(store::META_ORDER_COUNTER)?,
+            outbox_head: store.outbox_head()?,
             up_acked: store.meta_u64(store::META_UP_ACKED)?,
             down: StreamReceiver::new(store.meta_u64(store::META_DOWN_HWM)?),
         };
@@ -395,16 +393,6 @@ impl Writer {
 
     fn counters_to_meta(&self, saved: &Counters, batch: &mut WriteBatch) {
         let c = &self.counters;
-        if c.outbox_head != saved.outbox_head {
-            batch
-                .meta
-                .push((store::META_OUTBOX_HEAD, c.outbox_head.to_string()));
-        }
-        if c.order_counter != saved.order_counter {
-            batch
-                .meta
-                .push((store::META_ORDER_COUNTER, c.order_counter.to_string()));
-        }
         if c.down.hwm() != saved.down.hwm() {
             batch
                 .meta
@@ -489,8 +477,10 @@ impl Writer {
                 )
             }
             Action::Sale { lines, payment } => {
+                // Numbered by the outbox position its change is about to take: unique per
+                // device and persisted with the change itself.
                 let order_id =
-                    OrderId::new(format!("{device}-{}", self.counters.order_counter + 1))
+                    OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
                         .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
                 let sale = Sale {
                     order_id,
@@ -499,7 +489,6 @@ impl Writer {
                     payment,
                 };
                 let (change, view) = ledger.sell(&sale, &self.catalog, &device, now)?;
-                self.counters.order_counter += 1;
                 (change, Outcome::Sold(Box::new(view)))
             }
             Action::DoorSession(session) => {
