@@ -126,7 +126,9 @@ impl Store {
     pub fn outbox_head(&self) -> Result<u64, StoreError> {
         let max: Option<i64> =
             self.conn
-                .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| r.get(0))?;
+                .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| {
+                    r.get(0)
+                })?;
         Ok((max.unwrap_or(0) as u64).max(self.meta_u64(META_UP_ACKED)?))
     }
 

@@ -479,9 +479,8 @@ impl Writer {
             Action::Sale { lines, payment } => {
                 // Numbered by the outbox position its change is about to take: unique per
                 // device and persisted with the change itself.
-                let order_id =
-                    OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
-                        .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
+                let order_id = OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
+                    .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
                 let sale = Sale {
                     order_id,
                     channel: ledger::channel_for(self.role),
