@@ -47,7 +47,7 @@ pub struct ApiState {
     pub shared: Arc<Shared>,
 }
 
-/// An error in the contract's shape.
+/// An error in the contract's shape (the hub's API uses it too).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
@@ -56,7 +56,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -111,7 +111,7 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 /// Parses a JSON body: 413 past the limit, 400 for broken JSON, 422 for wrong values.
-fn parse_body<T: DeserializeOwned>(
+pub fn parse_body<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(T, Bytes), ApiError> {
     let bytes = body.map_err(|e| {

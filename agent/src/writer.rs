@@ -403,13 +403,11 @@ impl Writer {
     /// Folds the change logs of ledgers past `snapshot_every_changes` into snapshots: when the
     /// writer is idle, or regardless once a log is four times past the threshold.
     fn snapshot_due(&mut self, idle: bool) {
-        let threshold = self.config.snapshot_every_changes;
-        let due: Vec<FridgeId> = self
-            .changes_since_snapshot
-            .iter()
-            .filter(|(_, n)| (idle && **n >= threshold) || **n >= threshold.saturating_mul(4))
-            .map(|(f, _)| f.clone())
-            .collect();
+        let due = ledger::snapshots_due(
+            &self.changes_since_snapshot,
+            self.config.snapshot_every_changes,
+            idle,
+        );
         for fridge in due {
             let Some(ledger) = self.ledgers.get(&fridge) else {
                 continue;

@@ -20,7 +20,8 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
-use tracing::warn;
+
+use larder_agent::api::{ApiError, parse_body};
 
 use crate::RegionHandle;
 use crate::config::{TokenConfig, TokenRole};
@@ -33,36 +34,6 @@ pub struct HubState {
     pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
     pub tokens: Arc<Vec<TokenConfig>>,
     pub metrics: Arc<HubMetrics>,
-}
-
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            warn!(code = self.code, message = %self.message, "request failed");
-        }
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
-    }
 }
 
 impl From<RegionError> for ApiError {
@@ -432,28 +403,7 @@ async fn enroll(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
-    let bytes = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "request body is too large",
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
-        }
-    })?;
-    let body: EnrollBody = serde_json::from_slice(&bytes).map_err(|e| {
-        if e.is_data() {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                e.to_string(),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
-        }
-    })?;
+    let (body, _): (EnrollBody, _) = parse_body(body)?;
     match enroll_device(h, body.clone()).await {
         Ok(d) => Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response()),
         Err(RegionError::DeviceExists(id)) => {

@@ -144,13 +144,11 @@ impl RegionWriter {
     /// loads a snapshot plus a short tail: when idle, or regardless once four times past it.
     /// The change rows stay: they are the downlink streams.
     fn snapshot_due(&mut self, idle: bool) {
-        let every = self.snapshot_every_changes.max(1);
-        let due: Vec<FridgeId> = self
-            .changes_since_snapshot
-            .iter()
-            .filter(|(_, n)| (idle && **n >= every) || **n >= every.saturating_mul(4))
-            .map(|(f, _)| f.clone())
-            .collect();
+        let due = ledger::snapshots_due(
+            &self.changes_since_snapshot,
+            self.snapshot_every_changes,
+            idle,
+        );
         for fridge in due {
             let Some(ledger) = self.ledgers.get(&fridge) else {
                 continue;

@@ -805,6 +805,21 @@ fn check_payment(payment: &Payment, catalog: &Catalog, total: i64) -> Result<(),
     Ok(())
 }
 
+/// The ledgers whose change logs are due for a snapshot: past `every` changes while the
+/// writer is idle, or four times past it regardless.
+pub fn snapshots_due(
+    changes_since_snapshot: &HashMap<FridgeId, usize>,
+    every: usize,
+    idle: bool,
+) -> Vec<FridgeId> {
+    let every = every.max(1);
+    changes_since_snapshot
+        .iter()
+        .filter(|(_, n)| (idle && **n >= every) || **n >= every.saturating_mul(4))
+        .map(|(f, _)| f.clone())
+        .collect()
+}
+
 /// The channel a device's own sales have.
 pub fn channel_for(role: crate::domain::Role) -> Channel {
     match role {

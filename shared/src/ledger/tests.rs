@@ -363,3 +363,30 @@ fn reload_from_snapshot_and_changes_is_identical() {
     assert_eq!(back.state_digest(), l.state_digest());
     assert_eq!(back.units(NOW), l.units(NOW));
 }
+
+#[test]
+fn snapshots_are_due_when_idle_or_overdue() {
+    let counts: HashMap<FridgeId, usize> = [
+        (FridgeId::new("a").expect("id"), 4),
+        (FridgeId::new("b").expect("id"), 10),
+        (FridgeId::new("c").expect("id"), 40),
+    ]
+    .into_iter()
+    .collect();
+    let sorted = |mut v: Vec<FridgeId>| {
+        v.sort();
+        v.into_iter()
+            .map(|f| f.as_str().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sorted(snapshots_due(&counts, 10, true)), ["b", "c"]);
+    assert_eq!(
+        sorted(snapshots_due(&counts, 10, false)),
+        ["c"],
+        "busy: only the overdue"
+    );
+    assert_eq!(
+        sorted(snapshots_due(&counts, 100, true)),
+        Vec::<String>::new()
+    );
+}
