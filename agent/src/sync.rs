@@ -71,6 +71,8 @@ struct Sync {
     down_topic: String,
     presence_topic: String,
     catalog_topic: String,
+    /// The last connection failure, so repeats are not logged again.
+    last_error: Option<String>,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -108,6 +110,7 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
         down_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Down),
         presence_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Presence),
         catalog_topic: topics::catalog(&ctx.region),
+        last_error: None,
         sender: StreamSender::new(up_acked, limits),
         seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
         ctx,
@@ -224,11 +227,14 @@ impl Sync {
         });
         let _ = flush.await;
         poller.abort();
-        self.on_lost("session closed");
+        self.ctx.shared.metrics.mqtt_connected.set(0);
+        self.ctx.shared.online.store(false, Ordering::Relaxed);
+        self.sender.on_disconnected();
         end
     }
 
     async fn on_connected(&mut self, client: &AsyncClient) {
+        self.last_error = None;
         info!(device = %self.ctx.device, "connected to the hub's broker");
         self.ctx.shared.metrics.mqtt_connects.inc();
         self.ctx.shared.metrics.mqtt_connected.set(1);
@@ -247,7 +253,18 @@ impl Sync {
     fn on_lost(&mut self, error: &str) {
         if self.sender.is_connected() {
             info!(device = %self.ctx.device, error, "disconnected from the hub's broker");
+        } else if self.last_error.as_deref() != Some(error) {
+            // Said once per kind of failure, not on every retry. The hub's broker closes the
+            // connection of a device it does not admit without a CONNACK.
+            warn!(
+                device = %self.ctx.device,
+                error,
+                "cannot connect to the hub's broker; retrying with backoff. If the broker is up, it \
+                 refused this device: check that it is enrolled and not revoked, and that its \
+                 clock is within 5 minutes of the hub's"
+            );
         }
+        self.last_error = Some(error.to_owned());
         self.ctx.shared.metrics.mqtt_connected.set(0);
         self.ctx.shared.online.store(false, Ordering::Relaxed);
         self.sender.on_disconnected();
