@@ -538,7 +538,10 @@ impl Writer {
             Some(self.counters.outbox_head),
             change.bytes,
         ));
-        self.project(fridge, &change.touched, batch);
+        batch
+            .units
+            .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
+        batch.orders.extend(change.orders);
     }
 
     fn project(&self, fridge: &FridgeId, touched: &Touched, batch: &mut WriteBatch) {

@@ -116,6 +116,9 @@ impl Touched {
 pub struct LocalChange {
     pub bytes: Vec<u8>,
     pub touched: Touched,
+    /// The projection rows of what the change touched, as they are after it.
+    pub units: Vec<UnitView>,
+    pub orders: Vec<OrderView>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +130,9 @@ struct Maps {
     orders: ObjId,
     events: ObjId,
 }
+
+/// A unit a sale takes, with its facts if its refill is known here.
+type SoldUnit = (UnitId, Option<UnitFacts>);
 
 /// One fridge's ledger document with an index of available units per sku.
 #[derive(Debug)]
@@ -355,7 +361,28 @@ impl Ledger {
         Ok(())
     }
 
+    /// The change just committed, with the views of what it touched read back.
     fn last_local_change(&self, touched: Touched) -> Result<LocalChange, LedgerError> {
+        let units = touched
+            .units
+            .iter()
+            .filter_map(|u| self.unit(u, i64::MIN))
+            .collect();
+        let orders = touched
+            .orders
+            .iter()
+            .filter_map(|o| self.order(o))
+            .collect();
+        self.local_change_with(touched, units, orders)
+    }
+
+    /// The change just committed, with views the caller already knows.
+    fn local_change_with(
+        &self,
+        touched: Touched,
+        units: Vec<UnitView>,
+        orders: Vec<OrderView>,
+    ) -> Result<LocalChange, LedgerError> {
         let change = self
             .doc
             .get_last_local_change()
@@ -363,6 +390,8 @@ impl Ledger {
         Ok(LocalChange {
             bytes: change.raw_bytes().to_vec(),
             touched,
+            units,
+            orders,
         })
     }
 
@@ -529,7 +558,7 @@ impl Ledger {
         by: &DeviceId,
         now_ms: i64,
     ) -> Result<(LocalChange, OrderView), LedgerError> {
-        let lines = self.plan_sale(sale, catalog, now_ms)?;
+        let (lines, sold) = self.plan_sale(sale, catalog, now_ms)?;
         let total_minor = lines
             .iter()
             .try_fold(0i64, |sum, l| {
@@ -570,15 +599,28 @@ impl Ledger {
             touched.units.insert(unit.clone());
         }
         tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
-        for unit in &touched.units {
-            self.reindex(unit);
+        // The plan checked every unit available, so their new state is known without reading
+        // the document again: sold in this order, and out of the unsold index.
+        let mut units = Vec::with_capacity(sold.len());
+        for (unit_id, facts) in sold {
+            let Some(facts) = facts else { continue };
+            if let Some(set) = self.unsold.get_mut(&facts.sku) {
+                set.remove(&(facts.expires_at_ms, unit_id.clone()));
+            }
+            units.push(UnitView {
+                unit_id,
+                facts,
+                state: UnitState::Sold,
+                sold_in: Some(sale.order_id.clone()),
+            });
         }
         let view = OrderView {
             record,
             status: OrderStatus::Completed,
             history: vec![event],
         };
-        Ok((self.last_local_change(touched)?, view))
+        let change = self.local_change_with(touched, units, vec![view.clone()])?;
+        Ok((change, view))
     }
 
     fn plan_sale(
@@ -586,7 +628,7 @@ impl Ledger {
         sale: &Sale,
         catalog: &Catalog,
         now_ms: i64,
-    ) -> Result<Vec<OrderLine>, LedgerError> {
+    ) -> Result<(Vec<OrderLine>, Vec<SoldUnit>), LedgerError> {
         if sale.lines.is_empty() || sale.lines.len() > ORDER_LINES_MAX {
             return Err(LedgerError::Invalid(format!(
                 "a sale has 1 to {ORDER_LINES_MAX} lines"
@@ -596,6 +638,7 @@ impl Ledger {
             return Err(LedgerError::OrderExists(sale.order_id.clone()));
         }
         let mut picked: BTreeSet<UnitId> = BTreeSet::new();
+        let mut sold = Vec::new();
         let mut lines = Vec::with_capacity(sale.lines.len());
         for line in &sale.lines {
             if line.quantity == 0 || line.quantity > LINE_QUANTITY_MAX {
@@ -608,10 +651,16 @@ impl Ledger {
                 .ok_or_else(|| LedgerError::UnknownSku(line.sku.clone()))?;
             let unit_ids = match &line.unit_id {
                 Some(unit) => {
-                    self.check_sellable(unit, &line.sku, line.quantity, &picked, now_ms)?;
+                    let facts =
+                        self.check_sellable(unit, &line.sku, line.quantity, &picked, now_ms)?;
+                    sold.push((unit.clone(), facts));
                     vec![unit.clone()]
                 }
-                None => self.pick_units(&line.sku, line.quantity, &picked, now_ms)?,
+                None => {
+                    let ids = self.pick_units(&line.sku, line.quantity, &picked, now_ms)?;
+                    sold.extend(ids.iter().map(|id| (id.clone(), self.unit_facts(id))));
+                    ids
+                }
             };
             picked.extend(unit_ids.iter().cloned());
             lines.push(OrderLine {
@@ -621,7 +670,7 @@ impl Ledger {
                 unit_ids,
             });
         }
-        Ok(lines)
+        Ok((lines, sold))
     }
 
     fn check_sellable(
@@ -631,7 +680,7 @@ impl Ledger {
         quantity: u32,
         picked: &BTreeSet<UnitId>,
         now_ms: i64,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<Option<UnitFacts>, LedgerError> {
         if quantity != 1 {
             return Err(LedgerError::Invalid(
                 "a line naming a unit_id has quantity 1".into(),
@@ -652,7 +701,7 @@ impl Ledger {
             )));
         }
         match self.unit_state(unit, facts.as_ref(), now_ms) {
-            UnitState::Available => Ok(()),
+            UnitState::Available => Ok(facts),
             state => Err(LedgerError::UnitNotAvailable {
                 unit: unit.clone(),
                 state: state.as_str(),

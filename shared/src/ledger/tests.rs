@@ -390,3 +390,38 @@ fn snapshots_are_due_when_idle_or_overdue() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn a_sale_returns_the_views_the_document_gives() {
+    let mut l = stocked();
+    for (order, lines, amount) in [
+        ("o1", vec![("lasagna", Some("u1"), 1)], 850),
+        ("o2", vec![("lasagna", None, 1), ("salad", None, 1)], 1450),
+        ("o3", vec![("lasagna", Some("u-unknown"), 1)], 850),
+    ] {
+        let (change, view) = l
+            .sell(&sale(order, &lines, amount), &catalog(), &dev("pos-1"), NOW)
+            .expect("sale");
+        let read_units: Vec<UnitView> = change
+            .touched
+            .units
+            .iter()
+            .filter_map(|u| l.unit(u, i64::MIN))
+            .collect();
+        let mut given = change.units.clone();
+        given.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+        assert_eq!(given, read_units, "{order}");
+        assert_eq!(
+            change.orders,
+            vec![l.order(&view.record.order_id).expect("order")]
+        );
+    }
+    // The index no longer offers sold units.
+    let again = l.sell(
+        &sale("o4", &[("salad", None, 1)], 600),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    );
+    assert!(matches!(again, Err(LedgerError::InsufficientStock { .. })));
+}
