@@ -186,16 +186,25 @@ pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
 }
 
 async fn count_requests(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    count_into(&state.shared.metrics.http_requests, req, next).await
+}
+
+/// Runs the request and counts it by method, matched route and status (agent and hub).
+pub async fn count_into(
+    requests: &prometheus_client::metrics::family::Family<
+        crate::metrics::ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().to_string();
     let response = next.run(req).await;
-    state
-        .shared
-        .metrics
-        .http_requests
+    requests
         .get_or_create(&vec![
             ("method", method),
             ("route", route),

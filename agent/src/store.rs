@@ -48,7 +48,8 @@ pub(crate) const META_CATALOG: &str = "catalog";
 /// How often the checkpointer moves the WAL into the database file.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+/// Opens a connection in WAL mode with `synchronous=FULL` (the agent's and the hub's stores).
+pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -227,22 +228,22 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
-
-    pub fn integrity_check(&self) -> Result<String, StoreError> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
-    }
 }
 
 /// Read-only connections for the HTTP API and the sync task.
 #[derive(Debug)]
 pub struct ReadPool {
+    readers: Readers,
+}
+
+/// A few read-only WAL connections, used in turn (the agent's and the hub's read side).
+#[derive(Debug)]
+pub struct Readers {
     conns: Vec<Mutex<Connection>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
-impl ReadPool {
+impl Readers {
     pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
         let mut conns = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
@@ -256,7 +257,8 @@ impl ReadPool {
         })
     }
 
-    fn with<T>(
+    /// Runs `f` on the next connection.
+    pub fn with<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
@@ -265,6 +267,21 @@ impl ReadPool {
             .lock()
             .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
         Ok(f(&conn)?)
+    }
+}
+
+impl ReadPool {
+    pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
+        Ok(Self {
+            readers: Readers::open(path, size)?,
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        self.readers.with(f)
     }
 
     /// Outbox entries after `after`, at most `limit`, in order.
@@ -319,11 +336,6 @@ impl ReadPool {
 
     pub fn orders(&self, status: Option<&str>, limit: u32) -> Result<Vec<OrderView>, StoreError> {
         self.with(|c| projection::orders(c, None, status, limit))
-    }
-
-    pub fn order_count(&self) -> Result<u64, StoreError> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -48,16 +48,6 @@ impl From<RegionError> for ApiError {
             RegionError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
         };
         ApiError::new(status, code, e.to_string())
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage_unavailable",
-            e.to_string(),
-        )
     }
 }
 
@@ -146,21 +136,7 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
 }
 
 async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
-    let response = next.run(req).await;
-    s.metrics
-        .http_requests
-        .get_or_create(&vec![
-            ("method", method),
-            ("route", route),
-            ("status", response.status().as_u16().to_string()),
-        ])
-        .inc();
-    response
+    larder_agent::api::count_into(&s.metrics.http_requests, req, next).await
 }
 
 fn rfc3339(ms: i64) -> Option<String> {

@@ -6,24 +6,16 @@
 //! read through [`RegionReads`] (WAL readers).
 
 use std::path::Path;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use larder_agent::store::projection::{self, SkuStock};
+use larder_agent::store::{Readers, open_connection};
 use larder_shared::domain::{OrderView, Role, UnitView};
 use larder_shared::envelope::Entry;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SiteId};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-}
+pub use larder_agent::store::StoreError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,14 +34,6 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
 pub(crate) const META_CATALOG: &str = "catalog";
-
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    Ok(conn)
-}
 
 /// An enrolled device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,30 +272,18 @@ impl RegionStore {
 /// Read connections of one region.
 #[derive(Debug)]
 pub struct RegionReads {
-    conns: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
+    readers: Readers,
 }
 
 impl RegionReads {
     pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
-        let mut conns = Vec::new();
-        for _ in 0..size.max(1) {
-            let c = open_connection(path)?;
-            c.pragma_update(None, "query_only", "ON")?;
-            conns.push(Mutex::new(c));
-        }
         Ok(Self {
-            conns,
-            next: AtomicUsize::new(0),
+            readers: Readers::open(path, size)?,
         })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let c = self.conns[i]
-            .lock()
-            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
-        Ok(f(&c)?)
+        self.readers.with(f)
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
@@ -410,10 +382,5 @@ impl RegionReads {
             .optional()
             .map(|r| r.is_some())
         })
-    }
-
-    pub fn order_count(&self) -> Result<u64, StoreError> {
-        self.with(|c| c.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
     }
 }

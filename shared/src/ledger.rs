@@ -244,11 +244,6 @@ impl Ledger {
         !self.doc.get_missing_deps(&[]).is_empty()
     }
 
-    /// The number of changes in the document (including genesis).
-    pub fn change_count(&self) -> usize {
-        self.doc.stats().num_changes as usize
-    }
-
     /// A digest of the document's heads: equal on two replicas iff they hold the same changes.
     pub fn heads_digest(&self) -> String {
         let mut heads = self.doc.get_heads();
