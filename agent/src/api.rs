@@ -85,6 +85,10 @@ impl From<CommandError> for ApiError {
             CommandError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
             CommandError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             CommandError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+            CommandError::InsufficientStorage { .. } => {
+                (S::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
+            CommandError::OutboxFull { .. } => (S::INSUFFICIENT_STORAGE, "outbox_full"),
             CommandError::Ledger(l) => match l {
                 LedgerError::UnitNotAvailable { .. } => (S::CONFLICT, "unit_not_available"),
                 LedgerError::UnitExists(_) => (S::CONFLICT, "unit_exists"),
@@ -230,6 +234,10 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "online": s.shared.online.load(Ordering::Relaxed),
         "last_sync_at": if last > 0 { rfc3339(last) } else { None },
         "pending_changes": head.saturating_sub(acked),
+        "outbox_limit": s.shared.outbox_limit.load(Ordering::Relaxed),
+        "outbox_full": head.saturating_sub(acked) >= s.shared.outbox_limit.load(Ordering::Relaxed),
+        "disk_free_bytes": s.shared.disk_free_bytes.load(Ordering::Relaxed),
+        "storage_low": s.shared.storage_low.load(Ordering::Relaxed),
         "catalog_version": s.shared.catalog_version.load(Ordering::Relaxed),
     }))
 }

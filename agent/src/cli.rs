@@ -152,7 +152,17 @@ fn run_agent(path: PathBuf) -> ExitCode {
             }
         };
         println!("listening on http://{}", agent.http_addr);
-        wait_for_signal().await;
+        crate::systemd::notify_ready(agent.http_addr);
+        match crate::systemd::watchdog_interval() {
+            Some(interval) => {
+                tokio::select! {
+                    () = wait_for_signal() => {}
+                    () = crate::systemd::feed_watchdog(&agent, interval) => {}
+                }
+            }
+            None => wait_for_signal().await,
+        }
+        crate::systemd::notify_stopping();
         tracing::info!("shutting down");
         agent.shutdown().await;
         ExitCode::SUCCESS

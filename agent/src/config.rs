@@ -39,6 +39,30 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub writer: WriterConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Limits on what the agent keeps on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Free space kept on the database's filesystem. Below it, writes are refused with 507
+    /// `insufficient_storage` (reads keep working) until space returns.
+    pub disk_reserve_bytes: u64,
+    /// Local changes that may wait for the hub's acknowledgement. At the cap, new writes are
+    /// refused with 507 `outbox_full` until the hub acknowledges some: nothing unsynced is
+    /// ever dropped to make room.
+    pub outbox_max_changes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            disk_reserve_bytes: 64 * 1024 * 1024,
+            outbox_max_changes: 1_000_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,7 +241,19 @@ impl AgentConfig {
                 self.mqtt.broker
             )));
         }
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let ranges: [(&str, u64, u64, u64); 9] = [
+            (
+                "store.disk_reserve_bytes",
+                self.store.disk_reserve_bytes,
+                0,
+                1 << 40,
+            ),
+            (
+                "store.outbox_max_changes",
+                self.store.outbox_max_changes,
+                1_000,
+                100_000_000,
+            ),
             (
                 "mqtt.keepalive_seconds",
                 self.mqtt.keepalive_seconds,

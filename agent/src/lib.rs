@@ -13,6 +13,7 @@ pub mod config;
 pub mod metrics;
 pub mod store;
 pub mod sync;
+pub mod systemd;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -139,6 +140,21 @@ impl AgentHandle {
         rx.await.unwrap_or_default()
     }
 
+    /// Whether the writer thread answers a command within `limit`.
+    pub async fn writer_alive(&self, limit: std::time::Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.writer_tx.try_send(Command::Ping { reply }).is_err() {
+            // A full queue means the writer is busy, not stuck: it still counts as alive when
+            // it drains the queue within the limit.
+            return tokio::time::timeout(limit, self.writer_tx.reserve())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        tokio::time::timeout(limit, rx)
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Stops the sync task and the HTTP server, then the writer once every command is done.
     pub async fn shutdown(mut self) {
         self.shutdown_tx.send_replace(true);
@@ -172,6 +188,8 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
         config.role,
         config.fridges.clone(),
         config.writer.clone(),
+        config.store.clone(),
+        store::DiskGuard::new(&config.data_dir, config.store.disk_reserve_bytes),
         shared.clone(),
     )?;
     let reads = Arc::new(ReadPool::open(&db, READ_CONNECTIONS)?);

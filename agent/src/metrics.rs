@@ -30,6 +30,9 @@ pub struct Metrics {
     pub mqtt_connected: Gauge,
     pub mqtt_connects: Counter,
     pub http_requests: Family<ReasonLabels, Counter>,
+    pub disk_free_bytes: Gauge,
+    pub outbox_limit: Gauge,
+    pub writes_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -49,6 +52,9 @@ impl Default for Metrics {
             mqtt_connected: Gauge::default(),
             mqtt_connects: Counter::default(),
             http_requests: Family::default(),
+            disk_free_bytes: Gauge::default(),
+            outbox_limit: Gauge::default(),
+            writes_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales committed", m.sales.clone());
@@ -112,6 +118,21 @@ impl Default for Metrics {
             "HTTP requests by route and status",
             m.http_requests.clone(),
         );
+        registry.register(
+            "disk_free_bytes",
+            "Free bytes on the database's filesystem, as last checked by the writer",
+            m.disk_free_bytes.clone(),
+        );
+        registry.register(
+            "outbox_limit",
+            "The outbox cap: local changes that may wait for the hub's acknowledgement",
+            m.outbox_limit.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "Local writes refused to protect the disk, by reason (insufficient_storage, outbox_full)",
+            m.writes_refused.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -141,4 +162,10 @@ pub struct Shared {
     pub online: AtomicBool,
     pub last_sync_at_ms: AtomicI64,
     pub catalog_version: AtomicU64,
+    /// Free bytes on the database's filesystem at the last write.
+    pub disk_free_bytes: AtomicU64,
+    /// Set while free space is below the disk reserve (writes refused).
+    pub storage_low: AtomicBool,
+    /// The outbox cap (`store.outbox_max_changes`).
+    pub outbox_limit: AtomicU64,
 }

@@ -230,6 +230,39 @@ impl Store {
     }
 }
 
+/// Watches free space on the database's filesystem against the configured reserve.
+#[derive(Debug, Clone)]
+pub struct DiskGuard {
+    dir: std::path::PathBuf,
+    reserve_bytes: u64,
+}
+
+impl DiskGuard {
+    pub fn new(dir: &Path, reserve_bytes: u64) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            reserve_bytes,
+        }
+    }
+
+    pub fn reserve_bytes(&self) -> u64 {
+        self.reserve_bytes
+    }
+
+    /// Bytes an unprivileged writer may still use there, or `None` if the filesystem cannot
+    /// tell (then writes are not held back; SQLite's own disk-full error still refuses them).
+    pub fn free_bytes(&self) -> Option<u64> {
+        rustix::fs::statvfs(&self.dir)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+}
+
+/// Whether a store error means the disk is full.
+pub fn is_disk_full(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
+}
+
 /// Read-only connections for the HTTP API and the sync task.
 #[derive(Debug)]
 pub struct ReadPool {

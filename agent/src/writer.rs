@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::config::WriterConfig;
+use crate::config::{StoreConfig, WriterConfig};
 use crate::metrics::Shared;
-use crate::store::{self, Store, StoreError, WriteBatch};
+use crate::store::{self, DiskGuard, Store, StoreError, WriteBatch};
 
 /// An idempotency key with the hash of the request it came with.
 #[derive(Debug, Clone)]
@@ -76,6 +76,16 @@ pub enum CommandError {
     Storage(String),
     #[error("the writer queue is full; retry shortly")]
     Overloaded,
+    #[error(
+        "only {free_bytes} bytes free on the database's disk, below the reserve of \
+         {reserve_bytes}: writes are refused until space is freed (reads still work)"
+    )]
+    InsufficientStorage { free_bytes: u64, reserve_bytes: u64 },
+    #[error(
+        "{pending} local changes wait for the hub's acknowledgement, the outbox cap: writes \
+         are refused until the hub is reachable again"
+    )]
+    OutboxFull { pending: u64 },
     #[error("the agent is shutting down")]
     ShuttingDown,
 }
@@ -121,6 +131,9 @@ pub enum Command {
         up_to: u64,
         reply: oneshot::Sender<Result<(), CommandError>>,
     },
+    /// Answered as soon as the writer gets to it: proves the writer thread is alive and
+    /// taking commands (the systemd watchdog asks).
+    Ping { reply: oneshot::Sender<()> },
     /// The state digest of every ledger, for convergence checks.
     Digests {
         reply: oneshot::Sender<Vec<crate::LedgerDigest>>,
@@ -153,8 +166,17 @@ pub struct Writer {
     counters: Counters,
     changes_since_snapshot: HashMap<FridgeId, usize>,
     config: WriterConfig,
+    limits: StoreConfig,
+    disk: DiskGuard,
     shared: Arc<Shared>,
     outbox_head_tx: watch::Sender<u64>,
+}
+
+/// Why local writes are held back for this group, if they are.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    None,
+    Disk { free_bytes: u64 },
 }
 
 /// Milliseconds since the Unix epoch from the system clock.
@@ -173,8 +195,17 @@ impl Writer {
         role: Role,
         fridges: Vec<FridgeId>,
         config: WriterConfig,
+        limits: StoreConfig,
+        disk: DiskGuard,
         shared: Arc<Shared>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        shared
+            .outbox_limit
+            .store(limits.outbox_max_changes, Ordering::Relaxed);
+        shared
+            .metrics
+            .outbox_limit
+            .set(limits.outbox_max_changes as i64);
         let catalog = store.catalog()?;
         let counters = Counters {
             outbox_head: store.outbox_head()?,
@@ -192,6 +223,8 @@ impl Writer {
             counters,
             changes_since_snapshot: HashMap::new(),
             config,
+            limits,
+            disk,
             shared,
             outbox_head_tx,
         };
@@ -261,8 +294,58 @@ impl Writer {
         info!("writer stopped");
     }
 
+    /// Checks the disk reserve once per group.
+    fn disk_check(&self) -> Refusal {
+        let Some(free_bytes) = self.disk.free_bytes() else {
+            return Refusal::None;
+        };
+        let low = free_bytes < self.disk.reserve_bytes();
+        self.shared
+            .disk_free_bytes
+            .store(free_bytes, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .disk_free_bytes
+            .set(free_bytes.min(i64::MAX as u64) as i64);
+        if low != self.shared.storage_low.swap(low, Ordering::Relaxed) {
+            if low {
+                warn!(
+                    free_bytes,
+                    reserve_bytes = self.disk.reserve_bytes(),
+                    "free disk space is below the reserve; refusing writes until space returns"
+                );
+            } else {
+                info!(
+                    free_bytes,
+                    "free disk space is back above the reserve; writes resume"
+                );
+            }
+        }
+        if low {
+            Refusal::Disk { free_bytes }
+        } else {
+            Refusal::None
+        }
+    }
+
+    fn refuse(&self, reason: &'static str) {
+        self.shared
+            .metrics
+            .writes_refused
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .inc();
+    }
+
     fn process(&mut self, group: Vec<Command>) {
         let now = now_ms();
+        let refusal = if group
+            .iter()
+            .any(|c| matches!(c, Command::Local { .. } | Command::Downlink { .. }))
+        {
+            self.disk_check()
+        } else {
+            Refusal::None
+        };
         let saved = self.counters.clone();
         let catalog_before = self.catalog.clone();
         let mut batch = WriteBatch::default();
@@ -286,6 +369,7 @@ impl Writer {
                         &mut in_group,
                         &mut batch,
                         now,
+                        refusal,
                     ) {
                         Ok((outcome, changed)) => {
                             if changed {
@@ -299,6 +383,14 @@ impl Writer {
                     }
                 }
                 Command::Downlink { batch: down, reply } => {
+                    if let Refusal::Disk { free_bytes } = refusal {
+                        // Not taken: the hub resends it once there is room.
+                        let _ = reply.send(Err(CommandError::InsufficientStorage {
+                            free_bytes,
+                            reserve_bytes: self.disk.reserve_bytes(),
+                        }));
+                        continue;
+                    }
                     let ack = self.downlink(down, &mut remote);
                     pending.push(Pending::Downlink(reply, ack));
                 }
@@ -320,6 +412,9 @@ impl Writer {
                 }
                 Command::Digests { reply } => {
                     let _ = reply.send(self.digests());
+                }
+                Command::Ping { reply } => {
+                    let _ = reply.send(());
                 }
                 Command::ReserveEnvSeq { up_to, reply } => {
                     batch
@@ -372,7 +467,15 @@ impl Writer {
                 if let Err(e) = self.reload_ledgers() {
                     error!(error = %e, "reloading ledgers after a failed commit failed");
                 }
-                let err = CommandError::Storage(e.to_string());
+                let err = if store::is_disk_full(&e) {
+                    self.refuse("insufficient_storage");
+                    CommandError::InsufficientStorage {
+                        free_bytes: self.disk.free_bytes().unwrap_or(0),
+                        reserve_bytes: self.disk.reserve_bytes(),
+                    }
+                } else {
+                    CommandError::Storage(e.to_string())
+                };
                 for p in pending {
                     match p {
                         Pending::Local(reply, _) => {
@@ -429,7 +532,9 @@ impl Writer {
     }
 
     /// Checks idempotency, applies the action to its ledger and adds its writes to `batch`.
-    /// Returns the outcome and whether the ledger changed.
+    /// Returns the outcome and whether the ledger changed. A retry of a request already done
+    /// gets its answer even when new writes are held back.
+    #[allow(clippy::too_many_arguments)]
     fn local(
         &mut self,
         fridge: &FridgeId,
@@ -438,6 +543,7 @@ impl Writer {
         in_group: &mut HashMap<String, (String, Outcome)>,
         batch: &mut WriteBatch,
         now: i64,
+        refusal: Refusal,
     ) -> Result<(Outcome, bool), CommandError> {
         if let Some(idem) = idem {
             let known = match in_group.get(&idem.key) {
@@ -456,6 +562,21 @@ impl Writer {
                     .ok_or_else(|| CommandError::Storage("stored outcome unreadable".into()))?;
                 return Ok((outcome, false));
             }
+        }
+        if let Refusal::Disk { free_bytes } = refusal {
+            self.refuse("insufficient_storage");
+            return Err(CommandError::InsufficientStorage {
+                free_bytes,
+                reserve_bytes: self.disk.reserve_bytes(),
+            });
+        }
+        let pending = self
+            .counters
+            .outbox_head
+            .saturating_sub(self.counters.up_acked);
+        if pending >= self.limits.outbox_max_changes {
+            self.refuse("outbox_full");
+            return Err(CommandError::OutboxFull { pending });
         }
         let device = self.device.clone();
         let ledger = self

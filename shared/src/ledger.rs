@@ -144,11 +144,20 @@ pub struct Ledger {
     unsold: HashMap<Sku, BTreeSet<(i64, UnitId)>>,
 }
 
-fn genesis(fridge: &FridgeId) -> Result<Automerge, LedgerError> {
-    let mut doc = Automerge::new().with_actor(genesis_actor(fridge));
+/// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
+/// ledger's first document; each compaction starts the next epoch (see [`compaction`]).
+fn genesis(fridge: &FridgeId, epoch: u32) -> Result<Automerge, LedgerError> {
+    let mut actor = genesis_actor(fridge).to_bytes().to_vec();
+    if epoch > 0 {
+        actor.extend_from_slice(format!(":{epoch}").as_bytes());
+    }
+    let mut doc = Automerge::new().with_actor(ActorId::from(actor));
     let mut tx = doc.transaction();
     for name in MAP_NAMES {
         tx.put_object(ROOT, name, ObjType::Map)?;
+    }
+    if epoch > 0 {
+        tx.put(ROOT, "epoch", u64::from(epoch))?;
     }
     tx.commit_with(CommitOptions::default().with_time(0));
     Ok(doc)
@@ -188,7 +197,7 @@ fn event_key(order: &OrderId, event: &StatusEvent) -> String {
 impl Ledger {
     /// A fresh ledger: the genesis change only, writing as `actor` from now on.
     pub fn new(fridge: FridgeId, actor: ActorId) -> Result<Self, LedgerError> {
-        let doc = genesis(&fridge)?.with_actor(actor);
+        let doc = genesis(&fridge, 0)?.with_actor(actor);
         Self::from_doc(fridge, doc)
     }
 
@@ -201,7 +210,7 @@ impl Ledger {
     ) -> Result<Self, LedgerError> {
         let mut doc = match snapshot {
             Some(bytes) => Automerge::load(bytes)?,
-            None => genesis(&fridge)?,
+            None => genesis(&fridge, 0)?,
         };
         let mut parsed = Vec::with_capacity(changes.len());
         for bytes in changes {
@@ -874,3 +883,5 @@ pub fn channel_for(role: crate::domain::Role) -> Channel {
 
 #[cfg(test)]
 mod tests;
+
+pub mod compaction;
