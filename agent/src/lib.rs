@@ -182,16 +182,7 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
     let store = Store::open(&db)?;
     let env_seq_reserved = store.meta_u64(store::META_ENV_SEQ_RESERVED)?;
     let shared = Arc::new(Shared::default());
-    let (writer, outbox_head) = Writer::open(
-        store,
-        config.device_id.clone(),
-        config.role,
-        config.fridges.clone(),
-        config.writer.clone(),
-        config.store.clone(),
-        store::DiskGuard::new(&config.data_dir, config.store.disk_reserve_bytes),
-        shared.clone(),
-    )?;
+    let (writer, outbox_head) = Writer::open(store, &config, shared.clone())?;
     let reads = Arc::new(ReadPool::open(&db, READ_CONNECTIONS)?);
     let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel();
     let checkpointer = store::spawn_checkpointer(&db, checkpoint_rx)?;

@@ -31,9 +31,18 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL);
 -- Every change applied to a ledger since its snapshot. Local changes carry their outbox
--- sequence number: the outbox is the rows with outbox_seq above the hub's acknowledgement.
+-- sequence number and audit-chain link: the outbox is the rows with outbox_seq above the hub's
+-- acknowledgement.
 CREATE TABLE IF NOT EXISTS ledger_changes (
-    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, outbox_seq INTEGER UNIQUE, bytes BLOB NOT NULL);
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, outbox_seq INTEGER UNIQUE, bytes BLOB NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0, chain_prev BLOB, chain_hash BLOB);
+-- Finished records that left the live ledger documents at a compaction (append-only; pruned
+-- after the retention period).
+CREATE TABLE IF NOT EXISTS archive (
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, epoch INTEGER NOT NULL, kind TEXT NOT NULL,
+    record_id TEXT NOT NULL, record TEXT NOT NULL, archived_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS archive_record ON archive (kind, record_id);
+CREATE INDEX IF NOT EXISTS archive_age ON archive (archived_at_ms);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
@@ -44,6 +53,11 @@ pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
 pub(crate) const META_UP_ACKED: &str = "up_acked";
 pub(crate) const META_DOWN_HWM: &str = "down_hwm";
 pub(crate) const META_CATALOG: &str = "catalog";
+/// The audit-chain link `seq:hash` of the newest compacted-away local change.
+pub(crate) const META_CHAIN_ACKED: &str = "chain_acked";
+/// The outbox position a rebase reached: positions are never handed out twice, even when the
+/// rows that held them were replaced.
+pub(crate) const META_OUTBOX_FLOOR: &str = "outbox_floor";
 
 /// How often the checkpointer moves the WAL into the database file.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
@@ -65,12 +79,46 @@ pub struct Loaded {
     pub changes: Vec<Vec<u8>>,
 }
 
+/// A change row: local ones carry their outbox position and audit-chain link.
+#[derive(Debug, Clone)]
+pub struct ChangeRow {
+    pub fridge: FridgeId,
+    pub epoch: u32,
+    pub outbox_seq: Option<u64>,
+    /// `(prev, hash)` of the audit chain, for local changes.
+    pub chain: Option<([u8; 32], [u8; 32])>,
+    pub bytes: Vec<u8>,
+}
+
+/// A ledger moved onto a new epoch: its rows and projections are replaced.
+#[derive(Debug, Clone)]
+pub struct RebaseWrite {
+    pub fridge: FridgeId,
+    pub epoch: u32,
+    /// The new epoch's base document, the ledger's new snapshot.
+    pub base: Vec<u8>,
+    pub archived: Vec<larder_shared::ledger::compaction::Archived>,
+}
+
+/// A local row of the outbox, as a rebase re-links it.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: u64,
+    pub fridge: FridgeId,
+    pub epoch: u32,
+    pub bytes: Vec<u8>,
+}
+
 /// One transaction's worth of writes.
 #[derive(Debug, Default)]
 pub struct WriteBatch {
+    /// Ledgers moved onto a new epoch; written before everything else of the batch.
+    pub rebases: Vec<RebaseWrite>,
+    /// New audit-chain links of outbox rows `(seq, prev, hash)` after a rebase.
+    pub rechain: Vec<(u64, [u8; 32], [u8; 32])>,
     /// Changes applied to a ledger (local and merged), to replay on start; local ones with
     /// their outbox sequence number.
-    pub changes: Vec<(FridgeId, Option<u64>, Vec<u8>)>,
+    pub changes: Vec<ChangeRow>,
     pub units: Vec<(FridgeId, UnitView)>,
     pub orders: Vec<OrderView>,
     pub idempotency: Vec<(String, String, String)>,
@@ -82,6 +130,7 @@ pub struct WriteBatch {
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
+            && self.rebases.is_empty()
             && self.units.is_empty()
             && self.orders.is_empty()
             && self.idempotency.is_empty()
@@ -130,7 +179,9 @@ impl Store {
                 .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| {
                     r.get(0)
                 })?;
-        Ok((max.unwrap_or(0) as u64).max(self.meta_u64(META_UP_ACKED)?))
+        Ok((max.unwrap_or(0) as u64)
+            .max(self.meta_u64(META_UP_ACKED)?)
+            .max(self.meta_u64(META_OUTBOX_FLOOR)?))
     }
 
     pub fn catalog(&self) -> Result<Catalog, StoreError> {
@@ -174,12 +225,51 @@ impl Store {
     /// Writes a batch in one transaction and commits it (one fsync).
     pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        {
-            let mut change = tx.prepare_cached(
-                "INSERT INTO ledger_changes (fridge, outbox_seq, bytes) VALUES (?1, ?2, ?3)",
+        for r in &batch.rebases {
+            tx.execute(
+                "DELETE FROM ledger_changes WHERE fridge = ?1",
+                [r.fridge.as_str()],
             )?;
-            for (fridge, seq, bytes) in &batch.changes {
-                change.execute(params![fridge.as_str(), seq.map(|s| s as i64), bytes])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO ledger_snapshots (fridge, bytes) VALUES (?1, ?2)",
+                params![r.fridge.as_str(), r.base],
+            )?;
+            projection::delete_fridge(&tx, &r.fridge)?;
+            let mut archive = tx.prepare_cached(
+                "INSERT INTO archive (fridge, epoch, kind, record_id, record, archived_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in &r.archived {
+                archive.execute(params![
+                    r.fridge.as_str(),
+                    r.epoch.saturating_sub(1),
+                    a.kind.as_str(),
+                    a.id,
+                    a.record.to_string(),
+                    now_ms
+                ])?;
+            }
+        }
+        {
+            let mut rechain = tx.prepare_cached(
+                "UPDATE ledger_changes SET chain_prev = ?2, chain_hash = ?3 WHERE outbox_seq = ?1",
+            )?;
+            for (seq, prev, hash) in &batch.rechain {
+                rechain.execute(params![*seq as i64, &prev[..], &hash[..]])?;
+            }
+            let mut change = tx.prepare_cached(
+                "INSERT INTO ledger_changes (fridge, outbox_seq, bytes, epoch, chain_prev, chain_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for c in &batch.changes {
+                change.execute(params![
+                    c.fridge.as_str(),
+                    c.outbox_seq.map(|s| s as i64),
+                    c.bytes,
+                    c.epoch,
+                    c.chain.map(|(p, _)| p.to_vec()),
+                    c.chain.map(|(_, h)| h.to_vec()),
+                ])?;
             }
             for (fridge, view) in &batch.units {
                 projection::upsert_unit(&tx, fridge, view)?;
@@ -207,6 +297,88 @@ impl Store {
         Ok(())
     }
 
+    /// The audit-chain link `(seq, hash)` of the newest local change at or before `seq`,
+    /// whether its row is still stored or was compacted away (then recorded in meta).
+    pub fn chain_at_or_before(&self, seq: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let row: Option<(i64, Option<Vec<u8>>)> = self
+            .conn
+            .query_row(
+                "SELECT outbox_seq, chain_hash FROM ledger_changes WHERE outbox_seq <= ?1
+                 ORDER BY outbox_seq DESC LIMIT 1",
+                [seq.min(i64::MAX as u64) as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let row = row.and_then(|(s, h)| Some((s as u64, h?.try_into().ok()?)));
+        let recorded = self.chain_acked()?.filter(|(s, _)| *s <= seq);
+        Ok(match (row, recorded) {
+            (Some(r), Some(m)) => Some(if r.0 >= m.0 { r } else { m }),
+            (r, m) => r.or(m),
+        })
+    }
+
+    /// The audit-chain hash of the newest local change.
+    pub fn chain_head(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(self.chain_at_or_before(u64::MAX)?.map(|(_, h)| h))
+    }
+
+    /// The link of the newest compacted-away local change, as recorded when it was removed.
+    pub fn chain_acked(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        Ok(self.meta(META_CHAIN_ACKED)?.and_then(|v| {
+            let (seq, hash) = v.split_once(':')?;
+            Some((seq.parse().ok()?, hex::decode(hash).ok()?.try_into().ok()?))
+        }))
+    }
+
+    /// Local changes of a ledger after `seq`, in order (what a rebase carries over).
+    pub fn local_changes_after(
+        &self,
+        fridge: &FridgeId,
+        seq: u64,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT bytes FROM ledger_changes WHERE fridge = ?1 AND outbox_seq > ?2
+             ORDER BY outbox_seq",
+        )?;
+        let rows = stmt.query_map(params![fridge.as_str(), seq as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every local change after `seq` (the outbox beyond the hub's acknowledgement), in order.
+    pub fn outbox_rows_after(&self, seq: u64) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT outbox_seq, fridge, epoch, bytes FROM ledger_changes WHERE outbox_seq > ?1
+             ORDER BY outbox_seq",
+        )?;
+        let rows = stmt.query_map([seq as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, fridge, epoch, bytes) = row?;
+            let fridge = FridgeId::new(fridge).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push(OutboxRow {
+                seq: seq as u64,
+                fridge,
+                epoch,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes archived records older than `before_ms` (the retention setting).
+    pub fn prune_archive(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM archive WHERE archived_at_ms < ?1", [before_ms])?)
+    }
+
     /// Replaces a ledger's change log by a snapshot of the whole document, keeping the local
     /// changes the hub has not acknowledged (the outbox).
     pub fn compact_ledger(
@@ -215,7 +387,15 @@ impl Store {
         snapshot: &[u8],
         up_acked: u64,
     ) -> Result<(), StoreError> {
+        // The chain link of the last acknowledged change outlives its row.
+        let acked = self.chain_at_or_before(up_acked)?;
         let tx = self.conn.transaction()?;
+        if let Some(link) = acked {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![META_CHAIN_ACKED, chain_link_text(link)],
+            )?;
+        }
         tx.execute(
             "INSERT OR REPLACE INTO ledger_snapshots (fridge, bytes) VALUES (?1, ?2)",
             params![fridge.as_str(), snapshot],
@@ -228,6 +408,11 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// The meta text of an audit-chain link.
+pub fn chain_link_text((seq, hash): (u64, [u8; 32])) -> String {
+    format!("{seq}:{}", hex::encode(hash))
 }
 
 /// Watches free space on the database's filesystem against the configured reserve.
@@ -317,30 +502,48 @@ impl ReadPool {
         self.readers.with(f)
     }
 
-    /// Outbox entries after `after`, at most `limit`, in order.
-    pub fn outbox_after(&self, after: u64, limit: u64) -> Result<Vec<Entry>, StoreError> {
+    /// Outbox entries after `after`, at most `limit`, in order, each with its audit-chain hash.
+    pub fn outbox_after(
+        &self,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<(Entry, [u8; 32])>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT outbox_seq, fridge, bytes FROM ledger_changes
-                 WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2",
+                "SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash
+                 FROM ledger_changes WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
                 let seq: i64 = r.get(0)?;
                 let fridge: String = r.get(1)?;
                 let change: Vec<u8> = r.get(2)?;
-                Ok((seq, fridge, change))
+                let epoch: u32 = r.get(3)?;
+                let prev: Option<Vec<u8>> = r.get(4)?;
+                let hash: Option<Vec<u8>> = r.get(5)?;
+                Ok((seq, fridge, change, epoch, prev, hash))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (seq, fridge, change) = row?;
+                let (seq, fridge, change, epoch, prev, hash) = row?;
                 // Ids were validated before they were stored.
-                if let Ok(ledger) = FridgeId::new(fridge) {
-                    out.push(Entry {
+                let (Ok(ledger), Some(prev), Some(hash)) = (
+                    FridgeId::new(fridge),
+                    prev.and_then(|p| <[u8; 32]>::try_from(p).ok()),
+                    hash.and_then(|h| <[u8; 32]>::try_from(h).ok()),
+                ) else {
+                    continue;
+                };
+                out.push((
+                    Entry {
                         seq: seq as u64,
                         ledger,
+                        epoch,
+                        kind: larder_shared::envelope::EntryKind::Change,
+                        prev: Some(prev),
                         change,
-                    });
-                }
+                    },
+                    hash,
+                ));
             }
             Ok(out)
         })
@@ -363,7 +566,23 @@ impl ReadPool {
                     |r| r.get(0),
                 )
                 .optional()?;
-            Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+            if let Some(view) = json.and_then(|j| serde_json::from_str(&j).ok()) {
+                return Ok(Some(view));
+            }
+            // An order compacted out of the live ledger is still answered from the archive.
+            let archived: Option<String> = c
+                .query_row(
+                    "SELECT record FROM archive WHERE kind = 'order' AND record_id = ?1
+                     ORDER BY id DESC LIMIT 1",
+                    [order.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(archived
+                .and_then(|j| serde_json::from_str(&j).ok())
+                .and_then(|record| {
+                    larder_shared::ledger::compaction::order_view_from_archive(&record)
+                }))
         })
     }
 

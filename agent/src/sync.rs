@@ -10,6 +10,7 @@
 //! Reconnects back off exponentially with jitter. The outbox is forgotten only on the hub's
 //! signed acknowledgement, never on a broker PUBACK.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -310,17 +311,30 @@ impl Sync {
             };
             let reads = self.ctx.reads.clone();
             let (after, limit) = (window.after, window.entries_max);
-            let entries =
+            let rows =
                 match tokio::task::spawn_blocking(move || reads.outbox_after(after, limit)).await {
-                    Ok(Ok(entries)) => entries,
+                    Ok(Ok(rows)) => rows,
                     other => {
                         warn!(?other, "reading the outbox failed");
                         return;
                     }
                 };
-            let Some(batch) = build_batch(window, entries, head) else {
+            let hashes: HashMap<u64, [u8; 32]> = rows.iter().map(|(e, h)| (e.seq, *h)).collect();
+            let entries = rows.into_iter().map(|(e, _)| e).collect();
+            let Some(mut batch) = build_batch(window, entries, head) else {
                 return;
             };
+            // Sign the audit chain's head as of the batch's last entry.
+            if let Some(last) = batch.entries.last()
+                && let Some(hash) = hashes.get(&last.seq)
+            {
+                batch.head_sig = Some(larder_shared::audit::sign_head(
+                    &self.ctx.key,
+                    &self.ctx.device,
+                    last.seq,
+                    hash,
+                ));
+            }
             let up_to = batch.up_to;
             let Some(bytes) = self.seal(Body::Changes(batch)).await else {
                 return;

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use larder_shared::catalog::Catalog;
 use larder_shared::domain::{DoorSession, Payment, Refill, Role, Sale, SaleLine, TakenMatch};
-use larder_shared::envelope::{Ack, Batch};
+use larder_shared::envelope::{Ack, Batch, EntryKind, Rebase};
 use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
 use larder_shared::{DeviceId, FridgeId, OrderId, UnitId};
@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{StoreConfig, WriterConfig};
 use crate::metrics::Shared;
-use crate::store::{self, DiskGuard, Store, StoreError, WriteBatch};
+use crate::store::{self, ChangeRow, DiskGuard, RebaseWrite, Store, StoreError, WriteBatch};
 
 /// An idempotency key with the hash of the request it came with.
 #[derive(Debug, Clone)]
@@ -152,6 +152,22 @@ struct Counters {
     outbox_head: u64,
     up_acked: u64,
     down: StreamReceiver,
+    /// The audit-chain hash of the newest local change.
+    chain_head: [u8; 32],
+}
+
+/// A downlink entry staged for the group's merge, in stream order.
+#[derive(Debug)]
+enum Remote {
+    Change { epoch: u32, bytes: Vec<u8> },
+    Rebase { epoch: u32, rebase: Rebase },
+}
+
+/// Whether a command is a downlink batch that starts a ledger's new epoch (processed in a
+/// group of its own, so no local change of the group is left on the old epoch).
+fn starts_epoch(cmd: &Command) -> bool {
+    matches!(cmd, Command::Downlink { batch, .. }
+        if batch.entries.iter().any(|e| e.kind == EntryKind::Rebase))
 }
 
 /// The writer's state. Lives on its own thread.
@@ -191,14 +207,12 @@ impl Writer {
     /// Opens the store and loads every ledger this device holds.
     pub fn open(
         store: Store,
-        device: DeviceId,
-        role: Role,
-        fridges: Vec<FridgeId>,
-        config: WriterConfig,
-        limits: StoreConfig,
-        disk: DiskGuard,
+        agent: &crate::config::AgentConfig,
         shared: Arc<Shared>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let (device, role, fridges) = (agent.device_id.clone(), agent.role, agent.fridges.clone());
+        let (config, limits) = (agent.writer.clone(), agent.store.clone());
+        let disk = DiskGuard::new(&agent.data_dir, limits.disk_reserve_bytes);
         shared
             .outbox_limit
             .store(limits.outbox_max_changes, Ordering::Relaxed);
@@ -211,6 +225,7 @@ impl Writer {
             outbox_head: store.outbox_head()?,
             up_acked: store.meta_u64(store::META_UP_ACKED)?,
             down: StreamReceiver::new(store.meta_u64(store::META_DOWN_HWM)?),
+            chain_head: store.chain_head()?.unwrap_or(larder_shared::audit::GENESIS),
         };
         let (outbox_head_tx, outbox_head_rx) = watch::channel(counters.outbox_head);
         let mut writer = Self {
@@ -277,11 +292,17 @@ impl Writer {
 
     /// Runs until every sender of the channel is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut held: Option<Command> = None;
+        while let Some(first) = held.take().or_else(|| rx.blocking_recv()) {
             let mut group = Vec::with_capacity(self.config.group_commit_max.min(64));
+            let alone = starts_epoch(&first);
             group.push(first);
-            while group.len() < self.config.group_commit_max {
+            while !alone && group.len() < self.config.group_commit_max {
                 match rx.try_recv() {
+                    Ok(cmd) if starts_epoch(&cmd) => {
+                        held = Some(cmd);
+                        break;
+                    }
                     Ok(cmd) => group.push(cmd),
                     Err(_) => break,
                 }
@@ -352,7 +373,7 @@ impl Writer {
         let mut pending = Vec::with_capacity(group.len());
         let mut in_group: HashMap<String, (String, Outcome)> = HashMap::new();
         let mut touched_fridges: HashMap<FridgeId, usize> = HashMap::new();
-        let mut remote: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut remote: BTreeMap<FridgeId, Vec<Remote>> = BTreeMap::new();
         let size = group.len();
         for cmd in group {
             match cmd {
@@ -400,6 +421,9 @@ impl Writer {
                         batch.outbox_forget_up_to = Some(up_to);
                     }
                 }
+                Command::Ping { reply } => {
+                    let _ = reply.send(());
+                }
                 Command::Catalog(catalog) => {
                     if catalog.version > self.catalog.version {
                         batch.meta.push((
@@ -413,9 +437,6 @@ impl Writer {
                 Command::Digests { reply } => {
                     let _ = reply.send(self.digests());
                 }
-                Command::Ping { reply } => {
-                    let _ = reply.send(());
-                }
                 Command::ReserveEnvSeq { up_to, reply } => {
                     batch
                         .meta
@@ -427,7 +448,31 @@ impl Writer {
         if batch.is_empty() && pending.is_empty() {
             return;
         }
-        self.apply_remote(remote, &mut batch, &mut touched_fridges);
+        if let Err(e) = self.apply_remote(remote, &mut batch, &mut touched_fridges) {
+            // Only a rebase can fail here, before anything of it was staged in memory that the
+            // disk does not have: the ledgers are reloaded and the downlink is not acknowledged.
+            error!(error = %e, "moving a ledger onto its new epoch failed; the hub will resend");
+            self.counters = saved;
+            if let Err(e) = self.reload_ledgers() {
+                error!(error = %e, "reloading ledgers failed");
+            }
+            let err = CommandError::Storage(e.to_string());
+            for p in pending {
+                match p {
+                    Pending::Local(reply, _) => {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    Pending::Downlink(reply, _) => {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                    Pending::Reserve(reply) => {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            }
+            self.publish_counters();
+            return;
+        }
         self.counters_to_meta(&saved, &mut batch);
         let started = std::time::Instant::now();
         let result = if batch.is_empty() {
@@ -654,11 +699,25 @@ impl Writer {
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {
         self.counters.outbox_head += 1;
-        batch.changes.push((
-            fridge.clone(),
-            Some(self.counters.outbox_head),
-            change.bytes,
-        ));
+        let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
+        let seq = self.counters.outbox_head;
+        let prev = self.counters.chain_head;
+        let hash = larder_shared::audit::entry_hash(
+            &prev,
+            &self.device,
+            seq,
+            fridge,
+            epoch,
+            &larder_shared::audit::change_digest(&change.bytes),
+        );
+        self.counters.chain_head = hash;
+        batch.changes.push(ChangeRow {
+            fridge: fridge.clone(),
+            epoch,
+            outbox_seq: Some(seq),
+            chain: Some((prev, hash)),
+            bytes: change.bytes,
+        });
         batch
             .units
             .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
@@ -684,15 +743,32 @@ impl Writer {
 
     /// Takes a downlink batch: its new entries are staged in `remote` and merged once per
     /// group by [`Writer::apply_remote`]. Returns the ack to send once the group committed.
-    fn downlink(&mut self, down: Batch, remote: &mut BTreeMap<FridgeId, Vec<Vec<u8>>>) -> Ack {
+    fn downlink(&mut self, down: Batch, remote: &mut BTreeMap<FridgeId, Vec<Remote>>) -> Ack {
         match self.counters.down.on_batch(down) {
             Receipt::Apply { entries, up_to } => {
                 for e in entries {
-                    if self.ledgers.contains_key(&e.ledger) {
-                        remote.entry(e.ledger).or_default().push(e.change);
-                    } else {
+                    if !self.ledgers.contains_key(&e.ledger) {
                         warn!(fridge = %e.ledger, "downlink change for a ledger not held here; skipped");
+                        continue;
                     }
+                    let item = match e.kind {
+                        EntryKind::Change => Remote::Change {
+                            epoch: e.epoch,
+                            bytes: e.change,
+                        },
+                        EntryKind::Rebase => match Rebase::decode(&e.change) {
+                            Ok(rebase) => Remote::Rebase {
+                                epoch: e.epoch,
+                                rebase,
+                            },
+                            Err(err) => {
+                                self.shared.metrics.downlink_rejected.inc();
+                                error!(fridge = %e.ledger, error = %err, "unreadable epoch start from the hub; skipped");
+                                continue;
+                            }
+                        },
+                    };
+                    remote.entry(e.ledger).or_default().push(item);
                 }
                 self.counters.down.on_committed(up_to);
                 self.shared.metrics.downlink_batches.inc();
@@ -708,32 +784,182 @@ impl Writer {
         }
     }
 
-    /// Merges the group's downlink changes, one Automerge apply per ledger (an apply walks the
-    /// maps it touches), and stages their rows and projections.
+    /// Merges the group's downlink entries per ledger, in stream order: runs of changes of the
+    /// ledger's current epoch with one Automerge apply each (an apply walks the maps it
+    /// touches), a new epoch by [`Writer::rebase`]; changes of an older epoch are already in the
+    /// newer epoch's base and are skipped. Stages the rows and projections.
     fn apply_remote(
         &mut self,
-        remote: BTreeMap<FridgeId, Vec<Vec<u8>>>,
+        remote: BTreeMap<FridgeId, Vec<Remote>>,
+        batch: &mut WriteBatch,
+        touched_fridges: &mut HashMap<FridgeId, usize>,
+    ) -> Result<(), StoreError> {
+        for (fridge, items) in remote {
+            let mut run: Vec<Vec<u8>> = Vec::new();
+            let mut rebased = false;
+            for item in items {
+                let current = self.ledgers.get(&fridge).map_or(0, Ledger::epoch);
+                match item {
+                    Remote::Change { epoch, bytes } if epoch == current => run.push(bytes),
+                    Remote::Change { epoch, .. } => {
+                        if epoch > current {
+                            warn!(fridge = %fridge, epoch, current, "change of a later epoch before its start; skipped");
+                        }
+                    }
+                    Remote::Rebase { epoch, rebase } => {
+                        if epoch <= current {
+                            continue;
+                        }
+                        self.merge_run(&fridge, std::mem::take(&mut run), batch, touched_fridges);
+                        self.rebase(&fridge, epoch, rebase, batch)?;
+                        rebased = true;
+                    }
+                }
+            }
+            self.merge_run(&fridge, run, batch, touched_fridges);
+            if rebased {
+                // The projection of a rebased ledger is rebuilt whole.
+                batch.units.retain(|(f, _)| f != &fridge);
+                batch.orders.retain(|o| o.record.fridge_id != fridge);
+                if let Some(ledger) = self.ledgers.get(&fridge) {
+                    batch.units.extend(
+                        ledger
+                            .units(i64::MIN)
+                            .into_iter()
+                            .map(|u| (fridge.clone(), u)),
+                    );
+                    batch
+                        .orders
+                        .extend(ledger.order_ids().iter().filter_map(|o| ledger.order(o)));
+                }
+                self.changes_since_snapshot.insert(fridge.clone(), 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn merge_run(
+        &mut self,
+        fridge: &FridgeId,
+        changes: Vec<Vec<u8>>,
         batch: &mut WriteBatch,
         touched_fridges: &mut HashMap<FridgeId, usize>,
     ) {
-        for (fridge, changes) in remote {
-            let Some(ledger) = self.ledgers.get_mut(&fridge) else {
-                continue;
-            };
-            match ledger.apply_changes(&changes) {
-                Ok(touched) => {
-                    *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
-                    for bytes in changes {
-                        batch.changes.push((fridge.clone(), None, bytes));
-                    }
-                    self.project(&fridge, &touched, batch);
+        if changes.is_empty() {
+            return;
+        }
+        let Some(ledger) = self.ledgers.get_mut(fridge) else {
+            return;
+        };
+        let epoch = ledger.epoch();
+        match ledger.apply_changes(&changes) {
+            Ok(touched) => {
+                *touched_fridges.entry(fridge.clone()).or_default() += changes.len();
+                for bytes in changes {
+                    batch.changes.push(ChangeRow {
+                        fridge: fridge.clone(),
+                        epoch,
+                        outbox_seq: None,
+                        chain: None,
+                        bytes,
+                    });
                 }
-                Err(e) => {
-                    self.shared.metrics.downlink_rejected.inc();
-                    error!(fridge = %fridge, error = %e, "hub sent changes that do not apply; skipped");
-                }
+                self.project(fridge, &touched, batch);
+            }
+            Err(e) => {
+                self.shared.metrics.downlink_rejected.inc();
+                error!(fridge = %fridge, error = %e, "hub sent changes that do not apply; skipped");
             }
         }
+    }
+
+    /// Moves a ledger onto the hub's new epoch: loads its base, carries over this device's
+    /// changes the hub did not have when it compacted (as one new local change), archives what
+    /// left the live document, and re-links the outbox's audit chain, whose old-epoch entries
+    /// for this ledger are replaced by the carried change.
+    fn rebase(
+        &mut self,
+        fridge: &FridgeId,
+        epoch: u32,
+        rebase: Rebase,
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let included = rebase
+            .included
+            .iter()
+            .find(|(d, _)| d == &self.device)
+            .map_or(0, |(_, seq)| *seq);
+        let carry = self.store.local_changes_after(fridge, included)?;
+        let Some(ledger) = self.ledgers.get(fridge) else {
+            return Ok(());
+        };
+        let rebased = ledger
+            .rebase(&rebase.base, &carry, ledger::actor_for(&self.device))
+            .map_err(|e| StoreError::Corrupt(format!("rebase of {fridge}: {e}")))?;
+        if rebased.ledger.epoch() != epoch {
+            return Err(StoreError::Corrupt(format!(
+                "rebase of {fridge}: the base is epoch {}, announced as {epoch}",
+                rebased.ledger.epoch()
+            )));
+        }
+        // Re-link the audit chain of the outbox after the last acknowledged change.
+        let acked = self.store.chain_at_or_before(self.counters.up_acked)?;
+        let mut head = acked.map_or(larder_shared::audit::GENESIS, |(_, h)| h);
+        if let Some(link) = acked {
+            batch
+                .meta
+                .push((store::META_CHAIN_ACKED, store::chain_link_text(link)));
+        }
+        for row in self.store.outbox_rows_after(self.counters.up_acked)? {
+            // This ledger's changes the hub did not have are replaced by the carried change;
+            // those it had stay links of the chain, though their rows go with the old epoch.
+            if &row.fridge == fridge && row.seq > included {
+                continue;
+            }
+            let hash = larder_shared::audit::entry_hash(
+                &head,
+                &self.device,
+                row.seq,
+                &row.fridge,
+                row.epoch,
+                &larder_shared::audit::change_digest(&row.bytes),
+            );
+            batch.rechain.push((row.seq, head, hash));
+            head = hash;
+        }
+        self.counters.chain_head = head;
+        batch.meta.push((
+            store::META_OUTBOX_FLOOR,
+            self.counters.outbox_head.to_string(),
+        ));
+        info!(
+            fridge = %fridge,
+            epoch,
+            carried = carry.len(),
+            archived = rebased.archived.len(),
+            skipped = rebased.skipped,
+            "ledger moved onto its new epoch"
+        );
+        batch.rebases.push(RebaseWrite {
+            fridge: fridge.clone(),
+            epoch,
+            base: rebase.base,
+            archived: rebased.archived,
+        });
+        self.ledgers.insert(fridge.clone(), rebased.ledger);
+        if let Some(bytes) = rebased.change {
+            self.record_local(
+                fridge,
+                LocalChange {
+                    bytes,
+                    touched: Touched::default(),
+                    units: Vec::new(),
+                    orders: Vec::new(),
+                },
+                batch,
+            );
+        }
+        Ok(())
     }
 }
 

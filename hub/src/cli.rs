@@ -49,6 +49,23 @@ pub enum Cmd {
         #[command(subcommand)]
         command: TokenCmd,
     },
+    /// Check the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check every device's hash-chained, signed audit log in a region's store: exit 0 if all
+    /// are intact, else one line per gap or tampered entry and exit 1.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        region: RegionId,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +193,39 @@ pub fn main() -> ExitCode {
             Err(problems) => fail(problems.into_iter().map(|p| p.to_string())),
         },
         Cmd::Device { command } => device(command),
+        Cmd::Audit {
+            command: AuditCmd::Verify { config, region },
+        } => {
+            let (_, store) = match open_region(&config, &region) {
+                Ok(x) => x,
+                Err(e) => return fail(e),
+            };
+            let report = match crate::audit::verify(&store) {
+                Ok(r) => r,
+                Err(e) => return fail([format!("error: {e}")]),
+            };
+            let mut broken = 0;
+            for d in &report {
+                if d.problems.is_empty() {
+                    println!(
+                        "{}: {} entries, {} signed heads, chain intact",
+                        d.device, d.entries, d.signed_heads
+                    );
+                } else {
+                    broken += 1;
+                    for p in &d.problems {
+                        println!("{}: {p}", d.device);
+                    }
+                }
+            }
+            if broken == 0 {
+                println!("region {region}: every audit chain is intact");
+                ExitCode::SUCCESS
+            } else {
+                println!("region {region}: {broken} device(s) with a broken audit chain");
+                ExitCode::FAILURE
+            }
+        }
         Cmd::Token {
             command: TokenCmd::Create { role, regions },
         } => {

@@ -24,6 +24,8 @@ pub struct HubConfig {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub sync: SyncConfig,
+    #[serde(default)]
+    pub compaction: CompactionConfig,
     pub regions: Vec<RegionConfig>,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -76,6 +78,34 @@ impl Default for MqttConfig {
             keepalive_seconds: 15,
             max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
             connections_max: 10_000,
+        }
+    }
+}
+
+/// Bounded history: when finished records leave the live ledgers, and how long the archive and
+/// the audit log keep them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompactionConfig {
+    /// Finished records (units sold, taken or removed, and their orders) older than this leave
+    /// the live ledger documents for the archive at the next compaction.
+    pub archive_after_hours: u64,
+    /// How often the hub compacts every ledger that has such records.
+    pub interval_seconds: u64,
+    /// A replica not heard from for this long no longer holds back the retirement of an old
+    /// epoch; when it returns it rebases onto the newest epoch like any other.
+    pub dormant_after_seconds: u64,
+    /// Archived records and audit-log entries older than this are deleted.
+    pub retention_days: u64,
+}
+
+impl Default for CompactionConfig {
+    fn default() -> Self {
+        Self {
+            archive_after_hours: 7 * 24,
+            interval_seconds: 3_600,
+            dormant_after_seconds: 30 * 86_400,
+            retention_days: 730,
         }
     }
 }
@@ -242,6 +272,32 @@ impl HubConfig {
                         )));
                     }
                 }
+            }
+        }
+        let c = &self.compaction;
+        for (name, value, min, max) in [
+            (
+                "compaction.archive_after_hours",
+                c.archive_after_hours,
+                1,
+                24 * 3650,
+            ),
+            (
+                "compaction.interval_seconds",
+                c.interval_seconds,
+                1,
+                7 * 86_400,
+            ),
+            (
+                "compaction.dormant_after_seconds",
+                c.dormant_after_seconds,
+                1,
+                3650 * 86_400,
+            ),
+            ("compaction.retention_days", c.retention_days, 1, 36_500),
+        ] {
+            if value < min || value > max {
+                p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }
         }
         for (i, t) in self.tokens.iter().enumerate() {

@@ -114,6 +114,7 @@ pub fn hub_config(
             retransmit_after_ms: 2_000,
             ..SyncConfig::default()
         },
+        compaction: crate::config::CompactionConfig::default(),
         regions: vec![RegionConfig {
             id: RegionId::new(REGION)?,
             fridges,

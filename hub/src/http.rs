@@ -34,6 +34,8 @@ pub struct HubState {
     pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
     pub tokens: Arc<Vec<TokenConfig>>,
     pub metrics: Arc<HubMetrics>,
+    /// `compaction.archive_after_hours`, the default age of a compaction asked for by API.
+    pub archive_after: std::time::Duration,
 }
 
 impl From<RegionError> for ApiError {
@@ -126,6 +128,10 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .route("/v1/regions/{r}/orders", get(orders))
         .route("/v1/regions/{r}/devices", get(devices).post(enroll))
         .route("/v1/regions/{r}/devices/{d}", delete(revoke))
+        .route(
+            "/v1/regions/{r}/compaction",
+            axum::routing::post(compaction),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -361,6 +367,50 @@ pub async fn enroll_device(
     })
     .map_err(|_| RegionError::Overloaded)?;
     rx.await.map_err(|_| RegionError::Overloaded)?
+}
+
+/// The body of `POST /v1/regions/{r}/compaction`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactionBody {
+    /// Finished records older than this leave the live ledgers (default: the config's
+    /// `compaction.archive_after_hours`).
+    #[serde(default)]
+    archive_after_seconds: Option<u64>,
+}
+
+/// Runs a compaction of the region now (it also runs every `compaction.interval_seconds`).
+pub async fn compact_region(
+    h: &RegionHandle,
+    archive_after: std::time::Duration,
+) -> Result<crate::region::CompactionReport, RegionError> {
+    let (reply, rx) = oneshot::channel();
+    let archive_before_ms = larder_agent::writer::now_ms()
+        - i64::try_from(archive_after.as_millis()).unwrap_or(i64::MAX);
+    h.tx.try_send(RegionCommand::Compact {
+        archive_before_ms,
+        reply,
+    })
+    .map_err(|_| RegionError::Overloaded)?;
+    rx.await.map_err(|_| RegionError::Overloaded)?
+}
+
+async fn compaction(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<crate::region::CompactionReport>, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let body: CompactionBody = match body {
+        Ok(b) if b.is_empty() => CompactionBody::default(),
+        other => parse_body(other)?.0,
+    };
+    let after = body
+        .archive_after_seconds
+        .map_or(s.archive_after, std::time::Duration::from_secs);
+    Ok(Json(compact_region(h, after).await?))
 }
 
 /// Revokes a device through the region writer.

@@ -9,6 +9,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -116,6 +117,36 @@ pub fn load_or_create_key(path: &std::path::Path) -> Result<SecretKey, String> {
     }
 }
 
+/// Compacts every region every `compaction.interval_seconds` until shutdown.
+async fn run_compactions(
+    regions: Vec<RegionHandle>,
+    config: config::CompactionConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = std::time::Duration::from_secs(config.interval_seconds.max(1));
+    let archive_after = std::time::Duration::from_secs(config.archive_after_hours * 3600);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for r in &regions {
+            match http::compact_region(r, archive_after).await {
+                Ok(report) if !report.ledgers.is_empty() || report.retired_rows > 0 => {
+                    info!(region = %r.config.id, ledgers = report.ledgers.len(),
+                        retired_rows = report.retired_rows, "compaction done");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(region = %r.config.id, error = %e, "compaction failed; will retry")
+                }
+            }
+        }
+    }
+}
+
 /// Starts a hub: region stores and writers, the broker (if embedded), the MQTT client and the
 /// HTTP API.
 pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, StartError> {
@@ -140,6 +171,7 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
             fridges,
             config.mqtt.max_message_bytes,
             &config.sync,
+            config.compaction.clone(),
             metrics.clone(),
         )
         .map_err(store_err)?;
@@ -206,6 +238,7 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         regions: Arc::new(regions.clone()),
         tokens: Arc::new(config.tokens.clone()),
         metrics: metrics.clone(),
+        archive_after: std::time::Duration::from_secs(config.compaction.archive_after_hours * 3600),
     };
     let app = http::router(state, config.http.request_body_bytes_max);
     let mut http_stop = shutdown_rx.clone();
@@ -227,6 +260,11 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         sync: config.sync.clone(),
         metrics: metrics.clone(),
     };
+    let compaction_task = tokio::spawn(run_compactions(
+        regions.values().cloned().collect(),
+        config.compaction.clone(),
+        shutdown_rx.clone(),
+    ));
     let mqtt_task = tokio::spawn(mqtt::run(ctx, shutdown_rx));
     info!(http = %http_addr, broker = %config.mqtt.broker, regions = regions.len(), "hub started");
     Ok(HubHandle {
@@ -236,7 +274,7 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         regions,
         metrics,
         shutdown_tx,
-        tasks: vec![mqtt_task, http_task],
+        tasks: vec![mqtt_task, http_task, compaction_task],
         writer_threads,
     })
 }

@@ -21,6 +21,9 @@ pub struct HubMetrics {
     pub commit_failures: Counter,
     pub connections_refused: Family<Labels, Counter>,
     pub http_requests: Family<Labels, Counter>,
+    pub ledgers_compacted: Family<Labels, Counter>,
+    pub records_archived: Family<Labels, Counter>,
+    pub epoch_rows_retired: Family<Labels, Counter>,
 }
 
 impl Default for HubMetrics {
@@ -37,7 +40,25 @@ impl Default for HubMetrics {
             commit_failures: Counter::default(),
             connections_refused: Family::default(),
             http_requests: Family::default(),
+            ledgers_compacted: Family::default(),
+            records_archived: Family::default(),
+            epoch_rows_retired: Family::default(),
         };
+        registry.register(
+            "ledgers_compacted",
+            "Ledgers moved onto a new epoch by compaction, by region",
+            m.ledgers_compacted.clone(),
+        );
+        registry.register(
+            "records_archived",
+            "Finished records moved from live ledgers to the archive, by region",
+            m.records_archived.clone(),
+        );
+        registry.register(
+            "epoch_rows_retired",
+            "Stored rows of retired ledger epochs deleted, by region",
+            m.epoch_rows_retired.clone(),
+        );
         registry.register(
             "envelopes_accepted",
             "Envelopes accepted, by region and kind",

@@ -77,8 +77,35 @@ pub enum RegionCommand {
         fridge: FridgeId,
         reply: oneshot::Sender<Option<String>>,
     },
+    /// Compact every ledger: finished records from before `archive_before_ms` leave the live
+    /// documents for the archive; then retire old epochs and prune past the retention.
+    Compact {
+        archive_before_ms: i64,
+        reply: Reply<CompactionReport>,
+    },
     /// Finish the commands taken so far and stop, even if handles to the writer remain.
     Stop,
+}
+
+/// What one compaction run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompactionReport {
+    pub ledgers: Vec<LedgerCompaction>,
+    /// Rows of retired epochs deleted.
+    pub retired_rows: usize,
+    pub pruned_archive: usize,
+    pub pruned_audit: usize,
+}
+
+/// One ledger moved onto a new epoch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LedgerCompaction {
+    pub fridge_id: FridgeId,
+    pub epoch: u32,
+    pub archived: usize,
+    pub live_units: usize,
+    pub live_orders: usize,
+    pub base_bytes: usize,
 }
 
 enum Pending {
@@ -101,10 +128,54 @@ pub struct RegionWriter {
     changes_since_snapshot: HashMap<FridgeId, usize>,
     /// Changes a ledger's log grows by before a snapshot (`sync.snapshot_every_changes`).
     snapshot_every_changes: usize,
+    compaction: crate::config::CompactionConfig,
+    /// Compactions asked for in the current group, run once it is committed.
+    compactions: Vec<(i64, Reply<CompactionReport>)>,
 }
 
 fn now_ms() -> i64 {
     larder_agent::writer::now_ms()
+}
+
+/// Checks that new entries continue the device's audit chain from `head` and that the batch's
+/// signature covers their last link; returns their audit rows.
+fn audit_rows(
+    device: &DeviceId,
+    key: &larder_shared::PublicKey,
+    mut head: [u8; 32],
+    entries: &[larder_shared::envelope::Entry],
+    head_sig: Option<Vec<u8>>,
+    now: i64,
+) -> Result<Vec<crate::store::AuditRow>, &'static str> {
+    use larder_shared::audit;
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.prev != Some(head) {
+            return Err("chain_broken");
+        }
+        let digest = audit::change_digest(&e.change);
+        let hash = audit::entry_hash(&head, device, e.seq, &e.ledger, e.epoch, &digest);
+        rows.push(crate::store::AuditRow {
+            device: device.clone(),
+            seq: e.seq,
+            ledger: e.ledger.clone(),
+            epoch: e.epoch,
+            prev: head,
+            hash,
+            change_sha256: digest,
+            head_sig: None,
+            received_at_ms: now,
+        });
+        head = hash;
+    }
+    if let Some(last) = rows.last_mut() {
+        let sig = head_sig.ok_or("bad_audit_signature")?;
+        if !audit::verify_head(key, device, last.seq, &last.hash, &sig) {
+            return Err("bad_audit_signature");
+        }
+        last.head_sig = Some(sig);
+    }
+    Ok(rows)
 }
 
 /// The hub's own Automerge actor (for what the hub writes into ledgers in later versions).
@@ -119,6 +190,7 @@ impl RegionWriter {
         fridges: Vec<FridgeId>,
         max_message_bytes: usize,
         sync: &crate::config::SyncConfig,
+        compaction: crate::config::CompactionConfig,
         metrics: Arc<HubMetrics>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
         let (group_commit_max, snapshot_every_changes) =
@@ -135,6 +207,8 @@ impl RegionWriter {
             head_tx,
             changes_since_snapshot: HashMap::new(),
             snapshot_every_changes,
+            compaction,
+            compactions: Vec::new(),
         };
         w.reload()?;
         Ok((w, head_rx))
@@ -232,6 +306,9 @@ impl RegionWriter {
             }
             stopping = group.iter().any(|c| matches!(c, RegionCommand::Stop));
             self.process(group);
+            for (archive_before_ms, reply) in std::mem::take(&mut self.compactions) {
+                let _ = reply.send(self.compact(archive_before_ms));
+            }
             // Snapshots are maintenance: done when no command waits, or when overdue.
             let idle = rx.is_empty();
             self.snapshot_due(idle);
@@ -293,6 +370,10 @@ impl RegionWriter {
                 RegionCommand::Digest { fridge, reply } => {
                     let _ = reply.send(self.ledgers.get(&fridge).map(Ledger::state_digest));
                 }
+                RegionCommand::Compact {
+                    archive_before_ms,
+                    reply,
+                } => self.compactions.push((archive_before_ms, reply)),
                 RegionCommand::Stop => {}
             }
         }
@@ -347,6 +428,89 @@ impl RegionWriter {
                 self.answer(pending, Err(RegionError::Storage(e.to_string())));
             }
         }
+    }
+
+    /// Moves every ledger with finished records from before `archive_before_ms` onto a new
+    /// epoch, announced in each replica's downlink stream; retires old epochs every active
+    /// replica has acknowledged; prunes the archive and the audit log past the retention.
+    fn compact(&mut self, archive_before_ms: i64) -> Result<CompactionReport, RegionError> {
+        let now = now_ms();
+        let storage = |e: StoreError| RegionError::Storage(e.to_string());
+        let mut report = CompactionReport::default();
+        let devices = self.store.devices().map_err(storage)?;
+        for fridge in self.fridges.clone() {
+            let Some(ledger) = self.ledgers.get(&fridge) else {
+                continue;
+            };
+            if ledger.waits_for_dependencies() {
+                continue;
+            }
+            let c = ledger
+                .compact(archive_before_ms)
+                .map_err(|e| RegionError::Storage(format!("compacting {fridge}: {e}")))?;
+            if c.archived.is_empty() {
+                continue;
+            }
+            let rebase = larder_shared::envelope::Rebase {
+                included: devices
+                    .iter()
+                    .filter(|(d, _)| d.fridges.contains(&fridge))
+                    .map(|(d, p)| (d.device_id.clone(), p.up_hwm))
+                    .collect(),
+                base: c.base.clone(),
+            }
+            .encode();
+            if rebase.len() + envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64 > self.max_message_bytes {
+                warn!(fridge = %fridge, bytes = rebase.len(), limit = self.max_message_bytes,
+                    "the live ledger is too large for one message; not compacted (raise mqtt.max_message_bytes)");
+                continue;
+            }
+            self.store
+                .start_epoch(&fridge, c.epoch, &rebase, &c.base, &c.archived, now)
+                .map_err(storage)?;
+            let next = Ledger::load(fridge.clone(), hub_actor(), Some(&c.base), &[])
+                .map_err(|e| RegionError::Storage(format!("loading {fridge}'s new epoch: {e}")))?;
+            self.ledgers.insert(fridge.clone(), next);
+            self.changes_since_snapshot.insert(fridge.clone(), 0);
+            info!(region = %self.region, fridge = %fridge, epoch = c.epoch, archived = c.archived.len(),
+                live_units = c.live_units, base_bytes = c.base.len(), "ledger compacted into a new epoch");
+            report.ledgers.push(LedgerCompaction {
+                fridge_id: fridge,
+                epoch: c.epoch,
+                archived: c.archived.len(),
+                live_units: c.live_units,
+                live_orders: c.live_orders,
+                base_bytes: c.base.len(),
+            });
+        }
+        if !report.ledgers.is_empty() {
+            let head = self.store.head().map_err(storage)?;
+            self.head_tx.send_replace(head);
+        }
+        let active_since = now - (self.compaction.dormant_after_seconds as i64) * 1000;
+        for fridge in &self.fridges {
+            report.retired_rows += self
+                .store
+                .retire_epochs(fridge, active_since)
+                .map_err(storage)?;
+        }
+        let keep_since = now - (self.compaction.retention_days as i64) * 86_400_000;
+        (report.pruned_archive, report.pruned_audit) =
+            self.store.prune(keep_since).map_err(storage)?;
+        let labels = vec![("region", self.region.to_string())];
+        self.metrics
+            .ledgers_compacted
+            .get_or_create(&labels)
+            .inc_by(report.ledgers.len() as u64);
+        self.metrics
+            .records_archived
+            .get_or_create(&labels)
+            .inc_by(report.ledgers.iter().map(|l| l.archived as u64).sum());
+        self.metrics
+            .epoch_rows_retired
+            .get_or_create(&labels)
+            .inc_by(report.retired_rows as u64);
+        Ok(report)
     }
 
     fn answer(&self, pending: Vec<Pending>, result: Result<(), RegionError>) {
@@ -404,7 +568,7 @@ impl RegionWriter {
         payload: &[u8],
         progress: &mut HashMap<DeviceId, Progress>,
         batch: &mut RegionBatch,
-        _now: i64,
+        now: i64,
     ) -> UplinkOutcome {
         let opened = match envelope::open(payload, self.max_message_bytes) {
             Ok(o) => o,
@@ -447,6 +611,26 @@ impl RegionWriter {
                         return UplinkOutcome::Rejected("foreign_ledger");
                     }
                 }
+                for e in &b.entries {
+                    if e.kind != larder_shared::envelope::EntryKind::Change {
+                        return UplinkOutcome::Rejected("malformed");
+                    }
+                    if e.seq <= p.up_hwm {
+                        continue;
+                    }
+                    // A change of an older epoch waits on the device until it has rebased onto
+                    // the new one (its downlink stream brings it) and carried it over.
+                    match self.ledgers.get(&e.ledger).map(Ledger::epoch) {
+                        Some(current) if e.epoch < current => {
+                            return UplinkOutcome::Rejected("stale_epoch");
+                        }
+                        Some(current) if e.epoch > current => {
+                            return UplinkOutcome::Rejected("future_epoch");
+                        }
+                        _ => {}
+                    }
+                }
+                let head_sig = b.head_sig.clone();
                 let changes: Vec<Vec<u8>> = b.entries.iter().map(|e| e.change.clone()).collect();
                 if let Err(e) = Ledger::check_authors(&changes, &actor) {
                     return UplinkOutcome::Rejected(match e {
@@ -457,9 +641,24 @@ impl RegionWriter {
                 let mut receiver = StreamReceiver::new(p.up_hwm);
                 let gap = match receiver.on_batch(b) {
                     Receipt::Apply { entries, up_to } => {
+                        let audit = match audit_rows(
+                            sender,
+                            &record.public_key,
+                            p.chain_head,
+                            &entries,
+                            head_sig,
+                            now,
+                        ) {
+                            Ok(rows) => rows,
+                            Err(reason) => return UplinkOutcome::Rejected(reason),
+                        };
                         if let Err(reason) = self.merge(sender, entries, batch) {
                             return UplinkOutcome::Rejected(reason);
                         }
+                        if let Some(last) = audit.last() {
+                            p.chain_head = last.hash;
+                        }
+                        batch.audit.extend(audit);
                         receiver.on_committed(up_to);
                         false
                     }
@@ -504,6 +703,7 @@ impl RegionWriter {
             batch.changes.push(StoredChange {
                 ledger: e.ledger,
                 author: author.clone(),
+                epoch: e.epoch,
                 hash,
                 bytes: e.change,
             });

@@ -14,6 +14,7 @@ use larder_shared::envelope::Entry;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SiteId};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 pub use larder_agent::store::StoreError;
 
@@ -23,16 +24,35 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, role TEXT NOT NULL, site TEXT, fridges TEXT NOT NULL,
     public_key TEXT NOT NULL, enrolled_at_ms INTEGER NOT NULL, revoked_at_ms INTEGER,
     last_env_seq INTEGER NOT NULL DEFAULT 0, up_hwm INTEGER NOT NULL DEFAULT 0,
-    down_acked INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER);
+    down_acked INTEGER NOT NULL DEFAULT 0, last_seen_ms INTEGER, chain_head BLOB,
+    audit_base_seq INTEGER NOT NULL DEFAULT 0, audit_base_hash BLOB);
+-- Every ledger change received (kind 0), and every new epoch's start (kind 1, author ''):
+-- the source of each device's downlink stream. An old epoch's rows are deleted when it retires.
 CREATE TABLE IF NOT EXISTS changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ledger TEXT NOT NULL, author TEXT NOT NULL,
-    hash BLOB NOT NULL UNIQUE, bytes BLOB NOT NULL);
+    hash BLOB NOT NULL UNIQUE, bytes BLOB NOT NULL, epoch INTEGER NOT NULL DEFAULT 0,
+    kind INTEGER NOT NULL DEFAULT 0);
+-- Each device's audit chain: one row per change it sent, linked by hash, with the device's
+-- signature of the head of each batch. Survives compaction; pruned after the retention period.
+CREATE TABLE IF NOT EXISTS audit (
+    device TEXT NOT NULL, seq INTEGER NOT NULL, ledger TEXT NOT NULL, epoch INTEGER NOT NULL,
+    prev BLOB NOT NULL, hash BLOB NOT NULL, change_sha256 BLOB NOT NULL, head_sig BLOB,
+    received_at_ms INTEGER NOT NULL, PRIMARY KEY (device, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_age ON audit (received_at_ms);
+-- Finished records that left the live ledgers (append-only; pruned after the retention period).
+CREATE TABLE IF NOT EXISTS archive (
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, epoch INTEGER NOT NULL, kind TEXT NOT NULL,
+    record_id TEXT NOT NULL, record TEXT NOT NULL, archived_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS archive_record ON archive (kind, record_id);
+CREATE INDEX IF NOT EXISTS archive_age ON archive (archived_at_ms);
 CREATE INDEX IF NOT EXISTS changes_ledger ON changes (ledger, id);
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
 ";
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
+/// `changes.kind` of a new epoch's start.
+pub const KIND_REBASE: i64 = 1;
 pub(crate) const META_CATALOG: &str = "catalog";
 
 /// An enrolled device.
@@ -57,6 +77,8 @@ pub struct Progress {
     pub last_env_seq: u64,
     pub up_hwm: u64,
     pub down_acked: u64,
+    /// The audit-chain hash of the device's last change the hub stored.
+    pub chain_head: [u8; 32],
 }
 
 /// A change the hub accepted.
@@ -64,14 +86,41 @@ pub struct Progress {
 pub struct StoredChange {
     pub ledger: FridgeId,
     pub author: DeviceId,
+    pub epoch: u32,
     pub hash: [u8; 32],
     pub bytes: Vec<u8>,
+}
+
+/// One entry of a device's audit chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub device: DeviceId,
+    pub seq: u64,
+    pub ledger: FridgeId,
+    pub epoch: u32,
+    pub prev: [u8; 32],
+    pub hash: [u8; 32],
+    pub change_sha256: [u8; 32],
+    pub head_sig: Option<Vec<u8>>,
+    pub received_at_ms: i64,
+}
+
+/// A device's stored audit chain.
+#[derive(Debug, Clone)]
+pub struct AuditChain {
+    /// The last entry pruned (0 and [`larder_shared::audit::GENESIS`] if none was).
+    pub base_seq: u64,
+    pub base_hash: [u8; 32],
+    /// The head the hub recorded when it stored the device's last entry.
+    pub head: Option<[u8; 32]>,
+    pub entries: Vec<AuditRow>,
 }
 
 /// One transaction of the region writer.
 #[derive(Debug, Default)]
 pub struct RegionBatch {
     pub changes: Vec<StoredChange>,
+    pub audit: Vec<AuditRow>,
     pub progress: Vec<(DeviceId, Progress, i64)>,
     pub units: Vec<(FridgeId, UnitView)>,
     pub orders: Vec<OrderView>,
@@ -116,16 +165,20 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeviceRecord, Pro
         revoked_at_ms: r.get(6)?,
         last_seen_ms: r.get(10)?,
     };
+    let chain_head: Option<Vec<u8>> = r.get(11)?;
     let progress = Progress {
         last_env_seq: r.get::<_, i64>(7)? as u64,
         up_hwm: r.get::<_, i64>(8)? as u64,
         down_acked: r.get::<_, i64>(9)? as u64,
+        chain_head: chain_head
+            .and_then(|h| h.try_into().ok())
+            .unwrap_or(larder_shared::audit::GENESIS),
     };
     Ok((record, progress))
 }
 
 const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_key, enrolled_at_ms, \
-     revoked_at_ms, last_env_seq, up_hwm, down_acked, last_seen_ms";
+     revoked_at_ms, last_env_seq, up_hwm, down_acked, last_seen_ms, chain_head";
 
 /// The region writer's connection.
 #[derive(Debug)]
@@ -178,9 +231,9 @@ impl RegionStore {
             )
             .optional()?;
         let after = snap.as_ref().map_or(0, |s| s.1);
-        let mut stmt = self
-            .conn
-            .prepare("SELECT bytes FROM changes WHERE ledger = ?1 AND id > ?2 ORDER BY id")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT bytes FROM changes WHERE ledger = ?1 AND id > ?2 AND kind = 0 ORDER BY id",
+        )?;
         let changes = stmt
             .query_map(params![fridge.as_str(), after], |r| r.get(0))?
             .collect::<Result<Vec<Vec<u8>>, _>>()?;
@@ -205,23 +258,214 @@ impl RegionStore {
         Ok(())
     }
 
+    /// Starts a ledger's new epoch in one transaction: the epoch's start row (every replica's
+    /// downlink stream carries it), the new snapshot, the archived records, and the unit rows
+    /// of archived units leave the projection (orders stay queryable). Returns the start's id.
+    pub fn start_epoch(
+        &mut self,
+        fridge: &FridgeId,
+        epoch: u32,
+        rebase: &[u8],
+        base: &[u8],
+        archived: &[larder_shared::ledger::compaction::Archived],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        use larder_shared::ledger::compaction::ArchivedKind;
+        let tx = self.conn.transaction()?;
+        let hash: [u8; 32] = sha2::Sha256::digest(rebase).into();
+        tx.execute(
+            "INSERT INTO changes (ledger, author, hash, bytes, epoch, kind) VALUES (?1, '', ?2, ?3, ?4, ?5)",
+            params![fridge.as_str(), &hash[..], rebase, epoch, KIND_REBASE],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT OR REPLACE INTO ledger_snapshots (fridge, bytes, up_to_change) VALUES (?1, ?2, ?3)",
+            params![fridge.as_str(), base, id],
+        )?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO archive (fridge, epoch, kind, record_id, record, archived_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for a in archived {
+                stmt.execute(params![
+                    fridge.as_str(),
+                    epoch - 1,
+                    a.kind.as_str(),
+                    a.id,
+                    a.record.to_string(),
+                    now_ms
+                ])?;
+            }
+            let units: Vec<&str> = archived
+                .iter()
+                .filter(|a| a.kind == ArchivedKind::Unit)
+                .map(|a| a.id.as_str())
+                .collect();
+            projection::delete_units(&tx, fridge, &units)?;
+        }
+        tx.commit()?;
+        Ok(id as u64)
+    }
+
+    /// Retires a ledger's old epochs once every replica that is not dormant (heard from since
+    /// `active_since_ms`) and not revoked has acknowledged the newest epoch's start: their rows
+    /// are deleted. Returns the rows deleted.
+    pub fn retire_epochs(
+        &mut self,
+        fridge: &FridgeId,
+        active_since_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let start: Option<i64> = self.conn.query_row(
+            "SELECT MAX(id) FROM changes WHERE ledger = ?1 AND kind = ?2",
+            params![fridge.as_str(), KIND_REBASE],
+            |r| r.get(0),
+        )?;
+        let Some(start) = start else {
+            return Ok(0);
+        };
+        let behind: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM devices
+             WHERE revoked_at_ms IS NULL AND down_acked < ?2
+               AND EXISTS (SELECT 1 FROM json_each(devices.fridges) WHERE value = ?1)
+               AND COALESCE(last_seen_ms, enrolled_at_ms) >= ?3",
+            params![fridge.as_str(), start, active_since_ms],
+            |r| r.get(0),
+        )?;
+        if behind > 0 {
+            return Ok(0);
+        }
+        Ok(self.conn.execute(
+            "DELETE FROM changes WHERE ledger = ?1 AND id < ?2",
+            params![fridge.as_str(), start],
+        )?)
+    }
+
+    /// Deletes archived records and audit entries older than `before_ms`. Each device's audit
+    /// chain then starts at the newest entry deleted, recorded as its base.
+    pub fn prune(&mut self, before_ms: i64) -> Result<(usize, usize), StoreError> {
+        let tx = self.conn.transaction()?;
+        let archived = tx.execute("DELETE FROM archive WHERE archived_at_ms < ?1", [before_ms])?;
+        tx.execute(
+            "UPDATE devices SET
+               audit_base_seq = (SELECT seq FROM audit a WHERE a.device = devices.device_id
+                                 AND a.received_at_ms < ?1 ORDER BY seq DESC LIMIT 1),
+               audit_base_hash = (SELECT hash FROM audit a WHERE a.device = devices.device_id
+                                  AND a.received_at_ms < ?1 ORDER BY seq DESC LIMIT 1)
+             WHERE EXISTS (SELECT 1 FROM audit a WHERE a.device = devices.device_id
+                           AND a.received_at_ms < ?1)",
+            [before_ms],
+        )?;
+        let audit = tx.execute(
+            "DELETE FROM audit WHERE seq <= (SELECT audit_base_seq FROM devices d
+                                             WHERE d.device_id = audit.device)
+               AND received_at_ms < ?1",
+            [before_ms],
+        )?;
+        tx.commit()?;
+        Ok((archived, audit))
+    }
+
+    /// A device's audit chain as stored: where it starts (after pruning) and its entries.
+    pub fn audit_chain(&self, device: &DeviceId) -> Result<AuditChain, StoreError> {
+        let (base_seq, base_hash, head): (i64, Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.conn.query_row(
+                "SELECT audit_base_seq, audit_base_hash, chain_head FROM devices WHERE device_id = ?1",
+                [device.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, ledger, epoch, prev, hash, change_sha256, head_sig, received_at_ms
+             FROM audit WHERE device = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([device.as_str()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, Vec<u8>>(5)?,
+                r.get::<_, Option<Vec<u8>>>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        let bad = |what: &str| StoreError::Corrupt(format!("audit row of {device}: {what}"));
+        let mut entries = Vec::new();
+        for row in rows {
+            let (seq, ledger, epoch, prev, hash, digest, head_sig, at) = row?;
+            entries.push(AuditRow {
+                device: device.clone(),
+                seq: seq as u64,
+                ledger: FridgeId::new(ledger).map_err(|_| bad("ledger id"))?,
+                epoch,
+                prev: prev.try_into().map_err(|_| bad("prev is not 32 bytes"))?,
+                hash: hash.try_into().map_err(|_| bad("hash is not 32 bytes"))?,
+                change_sha256: digest
+                    .try_into()
+                    .map_err(|_| bad("digest is not 32 bytes"))?,
+                head_sig,
+                received_at_ms: at,
+            });
+        }
+        Ok(AuditChain {
+            base_seq: base_seq as u64,
+            base_hash: base_hash
+                .and_then(|h| h.try_into().ok())
+                .unwrap_or(larder_shared::audit::GENESIS),
+            head: head.and_then(|h| h.try_into().ok()),
+            entries,
+        })
+    }
+
+    /// The stored bytes of a change by its SHA-256, while its epoch has not retired.
+    pub fn change_bytes(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT bytes FROM changes WHERE hash = ?1 AND kind = 0",
+                [&sha256[..]],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     pub fn commit(&mut self, b: &RegionBatch) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
             let mut change = tx.prepare_cached(
-                "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes, epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for c in &b.changes {
                 change.execute(params![
                     c.ledger.as_str(),
                     c.author.as_str(),
                     &c.hash[..],
-                    c.bytes
+                    c.bytes,
+                    c.epoch
+                ])?;
+            }
+            let mut audit = tx.prepare_cached(
+                "INSERT OR IGNORE INTO audit (device, seq, ledger, epoch, prev, hash, change_sha256,
+                 head_sig, received_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?;
+            for a in &b.audit {
+                audit.execute(params![
+                    a.device.as_str(),
+                    a.seq as i64,
+                    a.ledger.as_str(),
+                    a.epoch,
+                    &a.prev[..],
+                    &a.hash[..],
+                    &a.change_sha256[..],
+                    a.head_sig,
+                    a.received_at_ms
                 ])?;
             }
             let mut progress = tx.prepare_cached(
-                "UPDATE devices SET last_env_seq = ?2, up_hwm = ?3, down_acked = ?4, last_seen_ms = ?5
-                 WHERE device_id = ?1",
+                "UPDATE devices SET last_env_seq = ?2, up_hwm = ?3, down_acked = ?4, last_seen_ms = ?5,
+                 chain_head = ?6 WHERE device_id = ?1",
             )?;
             for (d, p, seen) in &b.progress {
                 progress.execute(params![
@@ -229,7 +473,8 @@ impl RegionStore {
                     p.last_env_seq as i64,
                     p.up_hwm as i64,
                     p.down_acked as i64,
-                    seen
+                    seen,
+                    &p.chain_head[..]
                 ])?;
             }
             for (fridge, v) in &b.units {
@@ -319,7 +564,7 @@ impl RegionReads {
         let ledgers = serde_json::to_string(fridges).unwrap_or_default();
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, ledger, bytes FROM changes
+                "SELECT id, ledger, bytes, epoch, kind FROM changes
                  WHERE id > ?1 AND author != ?2 AND ledger IN (SELECT value FROM json_each(?3))
                  ORDER BY id LIMIT ?4",
             )?;
@@ -330,18 +575,20 @@ impl RegionReads {
                         r.get::<_, i64>(0)?,
                         r.get::<_, String>(1)?,
                         r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 },
             )?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, ledger, change) = row?;
+                let (id, ledger, change, epoch, kind) = row?;
                 if let Ok(ledger) = FridgeId::new(ledger) {
-                    out.push(Entry {
-                        seq: id as u64,
-                        ledger,
-                        change,
-                    });
+                    let mut entry = Entry::change(id as u64, ledger, epoch, change);
+                    if kind == KIND_REBASE {
+                        entry.kind = larder_shared::envelope::EntryKind::Rebase;
+                    }
+                    out.push(entry);
                 }
             }
             Ok(out)

@@ -65,21 +65,70 @@ pub struct Header {
     pub sent_at_ms: i64,
 }
 
-/// One ledger change in a reliable stream.
+/// What an entry of a reliable stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// An Automerge change of the ledger's epoch `epoch`.
+    #[default]
+    Change,
+    /// The start of epoch `epoch`: a [`Rebase`] (hub to device only).
+    Rebase,
+}
+
+/// One entry of a reliable stream: a ledger change, or the start of a ledger's new epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Position in the sender's stream to this recipient.
     pub seq: u64,
     pub ledger: FridgeId,
-    /// An Automerge change, as `Change::raw_bytes` gives it.
+    /// The ledger epoch the change belongs to (see `ledger::compaction`).
+    pub epoch: u32,
+    pub kind: EntryKind,
+    /// A device's entries: the audit-chain hash of its previous entry (see [`crate::audit`]).
+    pub prev: Option<[u8; 32]>,
+    /// An Automerge change as `Change::raw_bytes` gives it, or a postcard [`Rebase`].
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
 }
 
 impl Entry {
+    /// A ledger change as the hub relays it (no audit link: that is the author's).
+    pub fn change(seq: u64, ledger: FridgeId, epoch: u32, change: Vec<u8>) -> Self {
+        Self {
+            seq,
+            ledger,
+            epoch,
+            kind: EntryKind::Change,
+            prev: None,
+            change,
+        }
+    }
+
     /// An upper bound of this entry's encoded size.
     pub fn encoded_len_max(&self) -> usize {
-        10 + 1 + self.ledger.as_str().len() + 5 + self.change.len()
+        10 + 1 + self.ledger.as_str().len() + 5 + 1 + 33 + 5 + self.change.len()
+    }
+}
+
+/// A ledger's new epoch, as the hub announces it in every replica's downlink stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebase {
+    /// For each replica, the last of its stream entries the hub had merged when it compacted:
+    /// the replica carries its own changes after that over to the new epoch.
+    pub included: Vec<(DeviceId, u64)>,
+    /// The new epoch's document (`Automerge::save`).
+    #[serde(with = "serde_bytes")]
+    pub base: Vec<u8>,
+}
+
+impl Rebase {
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        postcard::from_bytes(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))
     }
 }
 
@@ -90,6 +139,21 @@ pub struct Batch {
     pub after: u64,
     pub up_to: u64,
     pub entries: Vec<Entry>,
+    /// A device's batches: its signature of the audit-chain hash of the last entry
+    /// ([`crate::audit::sign_head`]), kept by the hub as the audit log's checkpoint.
+    #[serde(with = "serde_bytes")]
+    pub head_sig: Option<Vec<u8>>,
+}
+
+impl Batch {
+    pub fn new(after: u64, up_to: u64, entries: Vec<Entry>) -> Self {
+        Self {
+            after,
+            up_to,
+            entries,
+            head_sig: None,
+        }
+    }
 }
 
 /// Acknowledges a reliable stream: everything up to `up_to` is durable at the receiver.
@@ -256,8 +320,12 @@ mod tests {
                 entries: vec![Entry {
                     seq: 4,
                     ledger: FridgeId::new("fridge-1").expect("id"),
+                    epoch: 2,
+                    kind: EntryKind::Change,
+                    prev: Some([7; 32]),
                     change: vec![1, 2, 3, 4],
                 }],
+                head_sig: Some(vec![9; 64]),
             }),
         }
     }
@@ -331,15 +399,16 @@ mod tests {
         fn round_trips_any_batch(after in 0u64..u64::MAX / 2, seqs in proptest::collection::vec((0u64..1000, proptest::collection::vec(any::<u8>(), 0..64)), 0..8)) {
             let key = SecretKey::from_seed([3; 32]);
             let mut env = sample();
-            env.body = Body::Changes(Batch {
+            env.body = Body::Changes(Batch::new(
                 after,
-                up_to: after + 1000,
-                entries: seqs.into_iter().map(|(s, change)| Entry {
-                    seq: after + s + 1,
-                    ledger: FridgeId::new("f").expect("id"),
+                after + 1000,
+                seqs.into_iter().map(|(s, change)| Entry::change(
+                    after + s + 1,
+                    FridgeId::new("f").expect("id"),
+                    0,
                     change,
-                }).collect(),
-            });
+                )).collect(),
+            ));
             let bytes = env.seal(&key);
             let back = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT).and_then(|u| u.verify(&bytes, &key.public()));
             prop_assert_eq!(back, Ok(env));

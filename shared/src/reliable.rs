@@ -182,11 +182,7 @@ pub fn build_batch(window: SendWindow, entries: Vec<Entry>, stream_head: u64) ->
     } else {
         taken.last().map_or(window.after, |e| e.seq)
     };
-    (up_to > window.after).then_some(Batch {
-        after: window.after,
-        up_to,
-        entries: taken,
-    })
+    (up_to > window.after).then_some(Batch::new(window.after, up_to, taken))
 }
 
 /// What a receiver makes of a batch.
@@ -294,19 +290,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn entry(seq: u64) -> Entry {
-        Entry {
-            seq,
-            ledger: FridgeId::new("f").expect("id"),
-            change: vec![seq as u8],
-        }
+        Entry::change(seq, FridgeId::new("f").expect("id"), 0, vec![seq as u8])
     }
 
     fn batch(after: u64, seqs: &[u64], up_to: u64) -> Batch {
-        Batch {
-            after,
-            up_to,
-            entries: seqs.iter().copied().map(entry).collect(),
-        }
+        Batch::new(after, up_to, seqs.iter().copied().map(entry).collect())
     }
 
     #[test]

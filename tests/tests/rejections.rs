@@ -47,16 +47,31 @@ fn envelope(
     changes: Vec<Vec<u8>>,
     key: &SecretKey,
 ) -> Vec<u8> {
+    // A well-formed audit chain from the sender's first entry, signed at its head.
+    let ledger = FridgeId::new("fridge-1").expect("id");
+    let mut head = larder_shared::audit::GENESIS;
     let entries = changes
         .into_iter()
         .enumerate()
-        .map(|(i, change)| Entry {
-            seq: i as u64 + 1,
-            ledger: FridgeId::new("fridge-1").expect("id"),
-            change,
+        .map(|(i, change)| {
+            let seq = i as u64 + 1;
+            let prev = head;
+            head = larder_shared::audit::entry_hash(
+                &prev,
+                &device(sender),
+                seq,
+                &ledger,
+                0,
+                &larder_shared::audit::change_digest(&change),
+            );
+            Entry {
+                prev: Some(prev),
+                ..Entry::change(seq, ledger.clone(), 0, change)
+            }
         })
         .collect::<Vec<_>>();
     let up_to = entries.len() as u64;
+    let head_sig = larder_shared::audit::sign_head(key, &device(sender), up_to, &head);
     Envelope {
         header: Header {
             region: RegionId::new(region).expect("id"),
@@ -69,6 +84,7 @@ fn envelope(
             after: 0,
             up_to,
             entries,
+            head_sig: Some(head_sig),
         }),
     }
     .seal(key)

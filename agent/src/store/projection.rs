@@ -45,6 +45,22 @@ pub fn upsert_unit(c: &Connection, fridge: &FridgeId, v: &UnitView) -> rusqlite:
     Ok(())
 }
 
+/// Deletes a fridge's unit and order rows (before a ledger's projection is rebuilt).
+pub fn delete_fridge(c: &Connection, fridge: &FridgeId) -> rusqlite::Result<()> {
+    c.execute("DELETE FROM units WHERE fridge = ?1", [fridge.as_str()])?;
+    c.execute("DELETE FROM orders WHERE fridge = ?1", [fridge.as_str()])?;
+    Ok(())
+}
+
+/// Deletes the unit rows of units that left a ledger's live document (the hub keeps orders).
+pub fn delete_units(c: &Connection, fridge: &FridgeId, units: &[&str]) -> rusqlite::Result<()> {
+    let mut stmt = c.prepare_cached("DELETE FROM units WHERE fridge = ?1 AND unit_id = ?2")?;
+    for u in units {
+        stmt.execute(params![fridge.as_str(), u])?;
+    }
+    Ok(())
+}
+
 /// Writes an order's row.
 pub fn upsert_order(c: &Connection, v: &OrderView) -> rusqlite::Result<()> {
     c.prepare_cached(

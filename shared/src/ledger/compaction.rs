@@ -77,6 +77,33 @@ pub struct Rebased {
     pub skipped: usize,
 }
 
+/// An archived order's view, from the record [`Ledger::compact`] archived.
+pub fn order_view_from_archive(record: &serde_json::Value) -> Option<crate::domain::OrderView> {
+    let json = record["orders"].get(0)?.as_str()?;
+    let order: OrderRecord = serde_json::from_str(json).ok()?;
+    let mut history: Vec<crate::domain::StatusEvent> = record["events"]
+        .as_object()
+        .map(|events| {
+            events
+                .values()
+                .filter_map(|v| v.get(0)?.as_str())
+                .filter_map(|json| serde_json::from_str(json).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    history.sort_by_key(|e| (e.at_ms, super::status_rank(e.status)));
+    let status = history
+        .iter()
+        .map(|e| e.status)
+        .max_by_key(|s| super::status_rank(*s))
+        .unwrap_or(crate::domain::OrderStatus::Completed);
+    Some(crate::domain::OrderView {
+        record: order,
+        status,
+        history,
+    })
+}
+
 /// The actor of the `n`th base change of an epoch. Starts with a zero byte, which no device id
 /// has, like the genesis actor.
 fn compaction_actor(fridge: &FridgeId, epoch: u32, n: usize) -> ActorId {
