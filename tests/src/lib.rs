@@ -57,6 +57,46 @@ pub async fn start_hub(dir: &Path, fridges: u32) -> Result<HubHandle> {
     .await
 }
 
+/// Starts an in-process hub like [`start_hub`], with its config adjusted by `tweak`.
+pub async fn start_hub_with(
+    dir: &Path,
+    fridges: u32,
+    tweak: impl Fn(&mut larder_hub::config::HubConfig),
+) -> Result<HubHandle> {
+    let mut last = None;
+    for _ in 0..5 {
+        let port = larder_hub::mqtt::free_port()?;
+        let mut config = larder_hub::demo::hub_config(
+            dir,
+            port,
+            fridges,
+            larder_hub::http::token_sha256(ADMIN_TOKEN),
+        )?;
+        tweak(&mut config);
+        match larder_hub::start(config, seeded_key(7, "hub")).await {
+            Ok(h) => return Ok(h),
+            Err(e @ larder_hub::StartError::Broker(_)) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no free port"), Into::into))
+}
+
+/// Runs a compaction of the test region now; finished records older than
+/// `archive_after_seconds` leave the live ledgers. Returns the hub's report.
+pub async fn compact(hub_http: &str, archive_after_seconds: u64) -> Result<Value> {
+    let resp = http()
+        .post(format!("{hub_http}/v1/regions/{REGION}/compaction"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"archive_after_seconds": archive_after_seconds}))
+        .send()
+        .await?;
+    if resp.status().as_u16() != 200 {
+        bail!("compaction: {} {}", resp.status(), resp.text().await?);
+    }
+    Ok(resp.json().await?)
+}
+
 /// Enrolls a device over the hub's HTTP API.
 pub async fn enroll(
     hub_http: &str,
