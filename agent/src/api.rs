@@ -45,6 +45,7 @@ pub struct ApiState {
     pub writer: mpsc::Sender<Command>,
     pub reads: Arc<ReadPool>,
     pub shared: Arc<Shared>,
+    pub clock: writer::Clock,
 }
 
 /// An error in the contract's shape (the hub's API uses it too).
@@ -477,7 +478,7 @@ async fn stock(
     }
     let reads = s.reads.clone();
     let f = fridge.clone();
-    let now = writer::now_ms();
+    let now = s.clock.now_ms();
     let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&f, now))
         .await
         .map_err(|e| {

@@ -114,7 +114,11 @@ pub fn main() -> ExitCode {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // The agent's work is its writer thread plus light HTTP and MQTT: two workers suffice on
+    // any board, and fewer threads mean fewer malloc arenas and stacks.
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
         .enable_all()
         .build()
 }
@@ -222,7 +226,25 @@ fn status(url: &str) -> ExitCode {
             );
             println!("online           {}", field("online"));
             println!("last sync        {}", field("last_sync_at"));
-            println!("pending changes  {}", field("pending_changes"));
+            println!(
+                "pending changes  {} of at most {}{}",
+                field("pending_changes"),
+                field("outbox_limit"),
+                if h["outbox_full"] == true {
+                    " (outbox full: writes refused until the hub acknowledges)"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "disk free        {} bytes{}",
+                field("disk_free_bytes"),
+                if h["storage_low"] == true {
+                    " (below the reserve: writes refused until space is freed)"
+                } else {
+                    ""
+                }
+            );
             println!("catalog version  {}", field("catalog_version"));
             ExitCode::SUCCESS
         }

@@ -54,6 +54,10 @@ pub struct StoreConfig {
     /// refused with 507 `outbox_full` until the hub acknowledges some: nothing unsynced is
     /// ever dropped to make room.
     pub outbox_max_changes: u64,
+    /// Records that left the live ledgers at a compaction stay in the local archive this long.
+    pub archive_retention_days: u64,
+    /// A retry with the same `Idempotency-Key` gets the first answer for this long.
+    pub idempotency_retention_hours: u64,
 }
 
 impl Default for StoreConfig {
@@ -61,6 +65,8 @@ impl Default for StoreConfig {
         Self {
             disk_reserve_bytes: 64 * 1024 * 1024,
             outbox_max_changes: 1_000_000,
+            archive_retention_days: 730,
+            idempotency_retention_hours: 168,
         }
     }
 }
@@ -241,7 +247,19 @@ impl AgentConfig {
                 self.mqtt.broker
             )));
         }
-        let ranges: [(&str, u64, u64, u64); 9] = [
+        let ranges: [(&str, u64, u64, u64); 11] = [
+            (
+                "store.idempotency_retention_hours",
+                self.store.idempotency_retention_hours,
+                1,
+                24 * 365,
+            ),
+            (
+                "store.archive_retention_days",
+                self.store.archive_retention_days,
+                1,
+                36_500,
+            ),
             (
                 "store.disk_reserve_bytes",
                 self.store.disk_reserve_bytes,

@@ -104,6 +104,17 @@ pub struct AgentHandle {
     checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
+/// One ledger document's size, for benchmarks and diagnostics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerStats {
+    pub fridge_id: FridgeId,
+    pub epoch: u32,
+    /// The document saved (compressed), as a snapshot stores it.
+    pub document_bytes: usize,
+    pub units: usize,
+    pub orders: usize,
+}
+
 /// One ledger's digests, for convergence checks.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LedgerDigest {
@@ -155,6 +166,15 @@ impl AgentHandle {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Size and epoch of every ledger document held here.
+    pub async fn ledger_stats(&self) -> Vec<LedgerStats> {
+        let (reply, rx) = oneshot::channel();
+        if self.writer_tx.send(Command::Stats { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Stops the sync task and the HTTP server, then the writer once every command is done.
     pub async fn shutdown(mut self) {
         self.shutdown_tx.send_replace(true);
@@ -174,6 +194,15 @@ impl AgentHandle {
 
 /// Starts an agent: opens the store, loads the ledgers, binds the HTTP API and starts syncing.
 pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, StartError> {
+    start_with_clock(config, key, writer::Clock::system()).await
+}
+
+/// [`start`] with the clock records are stamped with (simulations move it).
+pub async fn start_with_clock(
+    config: AgentConfig,
+    key: SecretKey,
+    clock: writer::Clock,
+) -> Result<AgentHandle, StartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -182,7 +211,7 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
     let store = Store::open(&db)?;
     let env_seq_reserved = store.meta_u64(store::META_ENV_SEQ_RESERVED)?;
     let shared = Arc::new(Shared::default());
-    let (writer, outbox_head) = Writer::open(store, &config, shared.clone())?;
+    let (writer, outbox_head) = Writer::open(store, &config, clock.clone(), shared.clone())?;
     let reads = Arc::new(ReadPool::open(&db, READ_CONNECTIONS)?);
     let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel();
     let checkpointer = store::spawn_checkpointer(&db, checkpoint_rx)?;
@@ -212,6 +241,7 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
         writer: writer_tx.clone(),
         reads: reads.clone(),
         shared: shared.clone(),
+        clock,
     };
     let app = api::router(state, config.http.request_body_bytes_max);
     let mut http_shutdown = shutdown_rx.clone();

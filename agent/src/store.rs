@@ -36,17 +36,40 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB
 CREATE TABLE IF NOT EXISTS ledger_changes (
     id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, outbox_seq INTEGER UNIQUE, bytes BLOB NOT NULL,
     epoch INTEGER NOT NULL DEFAULT 0, chain_prev BLOB, chain_hash BLOB);
--- Finished records that left the live ledger documents at a compaction (append-only; pruned
--- after the retention period).
-CREATE TABLE IF NOT EXISTS archive (
-    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, epoch INTEGER NOT NULL, kind TEXT NOT NULL,
-    record_id TEXT NOT NULL, record TEXT NOT NULL, archived_at_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS archive_record ON archive (kind, record_id);
-CREATE INDEX IF NOT EXISTS archive_age ON archive (archived_at_ms);
+
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, outcome TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at_ms);
 ";
+
+/// The archive lives in its own file (`archive.db` beside `agent.db`, attached as `arc`), so
+/// the database every sale writes to stays the size of the live state however long the
+/// archive's retention: finished records that left the live ledger documents at a compaction
+/// (append-only; pruned after the retention period).
+const ARCHIVE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS arc.archive (
+    id INTEGER PRIMARY KEY, fridge TEXT NOT NULL, epoch INTEGER NOT NULL, kind TEXT NOT NULL,
+    record_id TEXT NOT NULL, record TEXT NOT NULL, archived_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS arc.archive_record ON archive (kind, record_id);
+CREATE INDEX IF NOT EXISTS arc.archive_age ON archive (archived_at_ms);
+";
+
+/// The archive's file for a database at `db`.
+pub fn archive_path(db: &Path) -> std::path::PathBuf {
+    db.with_file_name("archive.db")
+}
+
+/// Attaches the archive file as `arc` (WAL, `synchronous=FULL`), creating it if missing.
+fn attach_archive(conn: &Connection, db: &Path) -> Result<(), StoreError> {
+    conn.execute(
+        "ATTACH DATABASE ?1 AS arc",
+        [archive_path(db).to_string_lossy().as_ref()],
+    )?;
+    conn.pragma_update(Some("arc"), "journal_mode", "WAL")?;
+    conn.pragma_update(Some("arc"), "synchronous", "FULL")?;
+    Ok(())
+}
 
 /// Meta keys.
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
@@ -58,6 +81,10 @@ pub(crate) const META_CHAIN_ACKED: &str = "chain_acked";
 /// The outbox position a rebase reached: positions are never handed out twice, even when the
 /// rows that held them were replaced.
 pub(crate) const META_OUTBOX_FLOOR: &str = "outbox_floor";
+
+/// The page cache of each of the agent's read connections, in KiB: a fridge's stock and order
+/// reads touch few pages, and a board has little memory.
+pub const READ_CACHE_KIB: u32 = 512;
 
 /// How often the checkpointer moves the WAL into the database file.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
@@ -150,6 +177,8 @@ impl Store {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(projection::SCHEMA)?;
+        attach_archive(&conn, path)?;
+        conn.execute_batch(ARCHIVE_SCHEMA)?;
         // Checkpoints run on the checkpointer's connection, not in the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self { conn })
@@ -372,6 +401,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes idempotency records created before `before_ms`.
+    pub fn prune_idempotency(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM idempotency WHERE created_at_ms < ?1",
+            [before_ms],
+        )?)
+    }
+
     /// Deletes archived records older than `before_ms` (the retention setting).
     pub fn prune_archive(&mut self, before_ms: i64) -> Result<usize, StoreError> {
         Ok(self
@@ -462,11 +499,16 @@ pub struct Readers {
 }
 
 impl Readers {
-    pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
+    /// `size` read-only connections; each with a page cache of `cache_kib` KiB if given
+    /// (SQLite's default is 2 MiB per connection).
+    pub fn open(path: &Path, size: usize, cache_kib: Option<u32>) -> Result<Self, StoreError> {
         let mut conns = Vec::with_capacity(size.max(1));
         for _ in 0..size.max(1) {
             let conn = open_connection(path)?;
             conn.pragma_update(None, "query_only", "ON")?;
+            if let Some(kib) = cache_kib {
+                conn.pragma_update(None, "cache_size", -i64::from(kib))?;
+            }
             conns.push(Mutex::new(conn));
         }
         Ok(Self {
@@ -489,10 +531,19 @@ impl Readers {
 }
 
 impl ReadPool {
+    /// Opens after [`Store::open`], which creates the archive file.
     pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
-        Ok(Self {
-            readers: Readers::open(path, size)?,
-        })
+        let readers = Readers::open(path, size, Some(READ_CACHE_KIB))?;
+        for conn in &readers.conns {
+            let conn = conn
+                .lock()
+                .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
+            conn.execute(
+                "ATTACH DATABASE ?1 AS arc",
+                [archive_path(path).to_string_lossy().as_ref()],
+            )?;
+        }
+        Ok(Self { readers })
     }
 
     fn with<T>(
@@ -599,6 +650,10 @@ pub fn spawn_checkpointer(
     stop: std::sync::mpsc::Receiver<()>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     let conn = open_connection(path)?;
+    // Checkpoints copy pages through; they need no cache to speak of.
+    conn.pragma_update(None, "cache_size", -256)?;
+    // A checkpoint on this connection covers the archive's file too.
+    attach_archive(&conn, path)?;
     std::thread::Builder::new()
         .name("checkpointer".into())
         .spawn(move || {

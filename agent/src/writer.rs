@@ -134,6 +134,10 @@ pub enum Command {
     /// Answered as soon as the writer gets to it: proves the writer thread is alive and
     /// taking commands (the systemd watchdog asks).
     Ping { reply: oneshot::Sender<()> },
+    /// Size and epoch of every ledger document, for benchmarks and diagnostics.
+    Stats {
+        reply: oneshot::Sender<Vec<crate::LedgerStats>>,
+    },
     /// The state digest of every ledger, for convergence checks.
     Digests {
         reply: oneshot::Sender<Vec<crate::LedgerDigest>>,
@@ -181,9 +185,12 @@ pub struct Writer {
     catalog: Catalog,
     counters: Counters,
     changes_since_snapshot: HashMap<FridgeId, usize>,
+    /// When idempotency records past their retention were last deleted.
+    idempotency_pruned: std::time::Instant,
     config: WriterConfig,
     limits: StoreConfig,
     disk: DiskGuard,
+    clock: Clock,
     shared: Arc<Shared>,
     outbox_head_tx: watch::Sender<u64>,
 }
@@ -193,6 +200,36 @@ pub struct Writer {
 enum Refusal {
     None,
     Disk { free_bytes: u64 },
+}
+
+/// The time the writer stamps records with and checks expiry against: the system clock, or
+/// for simulations and benchmarks, the system clock moved by an adjustable offset (a simulated
+/// year runs in minutes). The network side (tokens, retransmits) always uses the system clock.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Option<Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self::default()
+    }
+
+    /// The system clock plus `offset_ms` (milliseconds), which the caller may move at any time.
+    pub fn offset(offset_ms: Arc<std::sync::atomic::AtomicI64>) -> Self {
+        Self {
+            offset_ms: Some(offset_ms),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        now_ms()
+            + self
+                .offset_ms
+                .as_ref()
+                .map_or(0, |o| o.load(Ordering::Relaxed))
+    }
 }
 
 /// Milliseconds since the Unix epoch from the system clock.
@@ -208,6 +245,7 @@ impl Writer {
     pub fn open(
         store: Store,
         agent: &crate::config::AgentConfig,
+        clock: Clock,
         shared: Arc<Shared>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
         let (device, role, fridges) = (agent.device_id.clone(), agent.role, agent.fridges.clone());
@@ -237,9 +275,11 @@ impl Writer {
             catalog,
             counters,
             changes_since_snapshot: HashMap::new(),
+            idempotency_pruned: std::time::Instant::now(),
             config,
             limits,
             disk,
+            clock,
             shared,
             outbox_head_tx,
         };
@@ -358,7 +398,7 @@ impl Writer {
     }
 
     fn process(&mut self, group: Vec<Command>) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let refusal = if group
             .iter()
             .any(|c| matches!(c, Command::Local { .. } | Command::Downlink { .. }))
@@ -436,6 +476,23 @@ impl Writer {
                 }
                 Command::Digests { reply } => {
                     let _ = reply.send(self.digests());
+                }
+                Command::Stats { reply } => {
+                    let stats = self
+                        .ledgers
+                        .iter()
+                        .map(|(f, l)| {
+                            let (units, orders) = l.unit_and_order_ids();
+                            crate::LedgerStats {
+                                fridge_id: f.clone(),
+                                epoch: l.epoch(),
+                                document_bytes: l.save().len(),
+                                units: units.len(),
+                                orders: orders.len(),
+                            }
+                        })
+                        .collect();
+                    let _ = reply.send(stats);
                 }
                 Command::ReserveEnvSeq { up_to, reply } => {
                     batch
@@ -548,9 +605,29 @@ impl Writer {
         }
     }
 
+    /// Deletes idempotency records older than `store.idempotency_retention_hours`, when idle
+    /// and at most once a minute, so the table stays the size of that window.
+    fn prune_idempotency(&mut self, idle: bool) {
+        if !idle || self.idempotency_pruned.elapsed() < std::time::Duration::from_secs(60) {
+            return;
+        }
+        self.idempotency_pruned = std::time::Instant::now();
+        let before =
+            self.clock.now_ms() - (self.limits.idempotency_retention_hours as i64) * 3_600_000;
+        match self.store.prune_idempotency(before) {
+            Ok(0) => {}
+            Ok(n) => info!(
+                records = n,
+                "idempotency records past their retention deleted"
+            ),
+            Err(e) => warn!(error = %e, "pruning idempotency records failed; will retry"),
+        }
+    }
+
     /// Folds the change logs of ledgers past `snapshot_every_changes` into snapshots: when the
     /// writer is idle, or regardless once a log is four times past the threshold.
     fn snapshot_due(&mut self, idle: bool) {
+        self.prune_idempotency(idle);
         let due = ledger::snapshots_due(
             &self.changes_since_snapshot,
             self.config.snapshot_every_changes,
@@ -884,6 +961,16 @@ impl Writer {
         rebase: Rebase,
         batch: &mut WriteBatch,
     ) -> Result<(), StoreError> {
+        // The archive grows at rebases only: prune it here past its retention.
+        let keep_since =
+            self.clock.now_ms() - (self.limits.archive_retention_days as i64) * 86_400_000;
+        match self.store.prune_archive(keep_since) {
+            Ok(0) => {}
+            Ok(n) => info!(records = n, "pruned the archive past its retention"),
+            Err(e) => {
+                warn!(error = %e, "pruning the archive failed; will retry at the next rebase")
+            }
+        }
         let included = rebase
             .included
             .iter()

@@ -523,7 +523,7 @@ pub struct RegionReads {
 impl RegionReads {
     pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
         Ok(Self {
-            readers: Readers::open(path, size)?,
+            readers: Readers::open(path, size, None)?,
         })
     }
 

@@ -282,9 +282,20 @@ pub struct Process {
 impl Process {
     /// Spawns `exe args`, and waits for a stdout line containing `marker` followed by an URL.
     pub fn spawn(exe: &str, args: &[&str], marker: &str) -> Result<Self> {
+        Self::spawn_with_env(exe, args, marker, &[])
+    }
+
+    /// [`Process::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        exe: &str,
+        args: &[&str],
+        marker: &str,
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut child = Command::new(exe)
             .args(args)
             .env("RUST_LOG", "warn,rumqttd=off")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

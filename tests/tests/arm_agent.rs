@@ -24,7 +24,7 @@ async fn aarch64_agent_sells_offline_and_converges_with_an_x86_hub() -> anyhow::
         .to_path_buf();
     let agent_bin = std::env::var("LARDER_ARM_AGENT").unwrap_or_else(|_| {
         workspace
-            .join("target/aarch64-unknown-linux-gnu/release/larder-agent")
+            .join("target/aarch64-unknown-linux-gnu/device/larder-agent")
             .to_string_lossy()
             .into_owned()
     });

@@ -170,7 +170,8 @@ async fn a_compaction_carries_offline_sales_over_and_retires_the_old_epoch() -> 
             count(&db, "SELECT COUNT(*) FROM ledger_changes WHERE epoch = 0")?,
             0
         );
-        assert!(count(&db, "SELECT COUNT(*) FROM archive")? >= 30);
+        let archive = dir.path().join(name).join("archive.db");
+        assert!(count(&archive, "SELECT COUNT(*) FROM archive")? >= 30);
         let resp = http()
             .get(format!("{url}/v1/orders/{}", orders[0]))
             .send()
