@@ -119,6 +119,7 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         ("GET", "/v1/regions/demo/devices", "admin"),
         ("POST", "/v1/regions/demo/devices", "admin"),
         ("DELETE", "/v1/regions/demo/devices/pos-1", "admin"),
+        ("POST", "/v1/regions/demo/compaction", "admin"),
     ];
     for (method, path, least) in routes {
         let req = |token: Option<&str>| {
