@@ -42,6 +42,7 @@ pub async fn feed_watchdog(agent: &AgentHandle, interval: Duration) {
             warn!("the writer did not answer in time; not feeding the systemd watchdog");
         }
         debug!("watchdog checked");
+        // The ping period systemd asked for (half of WatchdogSec), not a wait for an event.
         tokio::time::sleep(period).await;
     }
 }
