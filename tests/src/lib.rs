@@ -163,6 +163,24 @@ pub async fn health(url: &str) -> Result<Value> {
         .await?)
 }
 
+/// Waits until an agent reports that it is offline (cut off, or its hub gone).
+pub async fn offline(url: &str, limit: Duration) -> Result<()> {
+    eventually(limit, &format!("{url} to go offline"), || async {
+        (health(url).await.ok()?["online"] == false).then_some(())
+    })
+    .await
+}
+
+/// Cuts an in-process agent off the network and waits until it reports being offline.
+pub async fn cut_off(agent: &AgentHandle) -> Result<()> {
+    agent.set_network(false);
+    offline(
+        &format!("http://{}", agent.http_addr),
+        Duration::from_secs(30),
+    )
+    .await
+}
+
 /// Waits until an agent is online, has the catalog and has nothing pending.
 pub async fn synced(url: &str, limit: Duration) -> Result<()> {
     eventually(limit, &format!("{url} to sync"), || async {

@@ -97,11 +97,7 @@ async fn a_compaction_carries_offline_sales_over_and_retires_the_old_epoch() -> 
     converged(&hub_url, &[&fridge, &pos]).await?;
 
     // The POS goes offline and sells five more, on the old epoch.
-    pos.set_network(false);
-    eventually(Duration::from_secs(20), "the POS to go offline", || async {
-        (health(&pos_url).await.ok()?["online"] == false).then_some(())
-    })
-    .await?;
+    cut_off(&pos).await?;
     let offline = sell(&pos_url, 10..15).await?;
     orders.extend(offline.iter().cloned());
 
@@ -243,11 +239,7 @@ async fn a_dormant_replica_does_not_hold_retirement_back_and_still_merges_when_b
         },
     )
     .await?;
-    pos.set_network(false);
-    eventually(Duration::from_secs(20), "the POS to go offline", || async {
-        (health(&pos_url).await.ok()?["online"] == false).then_some(())
-    })
-    .await?;
+    cut_off(&pos).await?;
     let late = sell(&pos_url, [0]).await?;
     sell(&fridge_url, 1..4).await?;
     synced(&fridge_url, Duration::from_secs(20)).await?;

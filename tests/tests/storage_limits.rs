@@ -143,8 +143,8 @@ async fn below_the_disk_reserve_writes_are_refused_and_resume_when_space_returns
             .is_some_and(|m| m.contains("reserve")),
         "{body}"
     );
-    let health = health(&url).await?;
-    assert_eq!(health["storage_low"], true, "{health}");
+    let low = health(&url).await?;
+    assert_eq!(low["storage_low"], true, "{low}");
     assert_eq!(available(&agent_stock(&url, "fridge-1").await?, SKU), 399);
     let (status, again) = sell_unit(&client, &url, "fridge-1", "unit-0", SKU, "s0").await?;
     assert_eq!(
@@ -167,7 +167,7 @@ async fn below_the_disk_reserve_writes_are_refused_and_resume_when_space_returns
     disk.remove_filler()?;
     let (status, body) = sell_unit(&client, &url, "fridge-1", "unit-1", SKU, "s1").await?;
     assert_eq!(status, 201, "{body}");
-    assert_eq!(health_of(&url).await?["storage_low"], false);
+    assert_eq!(health(&url).await?["storage_low"], false);
     agent.shutdown().await;
 
     // With no reserve, the disk really fills up: SQLite's own disk-full error refuses the
@@ -219,10 +219,6 @@ async fn below_the_disk_reserve_writes_are_refused_and_resume_when_space_returns
     Ok(())
 }
 
-async fn health_of(url: &str) -> anyhow::Result<serde_json::Value> {
-    health(url).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
     const CAP: u64 = 1_000;
@@ -244,11 +240,7 @@ async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
     let url = format!("http://{}", pos.http_addr);
     synced(&url, Duration::from_secs(20)).await?;
     assert_eq!(health(&url).await?["outbox_limit"], CAP);
-    pos.set_network(false);
-    eventually(Duration::from_secs(20), "the POS to go offline", || async {
-        (health(&url).await.ok()?["online"] == false).then_some(())
-    })
-    .await?;
+    cut_off(&pos).await?;
 
     // A POS may sell units it has not seen refilled; each sale is one change.
     let client = http();

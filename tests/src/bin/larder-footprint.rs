@@ -394,11 +394,7 @@ async fn year(days: usize, archive_after_hours: i64) -> Result<()> {
         // the POS is cut off meanwhile, so the hub's and the fridge's work (on this same
         // machine and disk) does not compete with it. It syncs right after.
         if timed {
-            pos.set_network(false);
-            eventually(Duration::from_secs(30), "the POS to go offline", || async {
-                (health(&pos_url).await.ok()?["online"] == false).then_some(())
-            })
-            .await?;
+            cut_off(&pos).await?;
             // Start from a quiet disk: flush what the hub and the fridge (same machine, same
             // disk) left dirty, so their writeback does not land in the POS's fsyncs.
             rustix::fs::sync();
