@@ -72,6 +72,7 @@ fn main() {
                 amount_minor: 890,
                 currency: "EUR".into(),
             },
+            payment_pending: false,
         };
         let t = Instant::now();
         let (change, _) = l.sell(&sale, &catalog, &dev, 1).expect("sale");

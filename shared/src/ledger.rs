@@ -13,6 +13,10 @@
 //! | `removed` | unit id                               | [`RemovalReason`]          |
 //! | `orders`  | order id                              | [`OrderRecord`]            |
 //! | `events`  | `{order}/{at_ms:016}/{device}/{status}` | [`StatusEvent`]          |
+//! | `reserved`| unit id                               | order id holding it        |
+//! | `escrow`  | `{sku}/granted`, `/returned`, `/consumed` | cumulative count       |
+//! | `conflicts` | conflict id                         | [`ConflictRecord`](crate::domain::ConflictRecord) |
+//! | `resolutions` | conflict id                       | [`Resolution`](crate::domain::Resolution) |
 //!
 //! A transition writes its own key instead of overwriting a shared state field, so two devices
 //! that sell one unit offline both write `sold[unit]` and Automerge keeps both values: the
@@ -42,7 +46,18 @@ pub const ORDER_LINES_MAX: usize = 50;
 /// Units one refill or door session may carry.
 pub const UNITS_PER_REQUEST_MAX: usize = 1000;
 
-const MAP_NAMES: [&str; 6] = ["units", "sold", "taken", "removed", "orders", "events"];
+const MAP_NAMES: [&str; 10] = [
+    "units",
+    "sold",
+    "taken",
+    "removed",
+    "orders",
+    "events",
+    "reserved",
+    "escrow",
+    "conflicts",
+    "resolutions",
+];
 
 /// The Automerge actor a device writes with.
 pub fn actor_for(device: &DeviceId) -> ActorId {
@@ -81,6 +96,12 @@ pub enum LedgerError {
     },
     #[error("order {0} already exists")]
     OrderExists(OrderId),
+    #[error("no order {0} in this fridge's ledger")]
+    UnknownOrder(OrderId),
+    #[error("no conflict {0} here")]
+    UnknownConflict(String),
+    #[error("{0}")]
+    WrongStatus(String),
     #[error("{0}")]
     Invalid(String),
     #[error("change bytes are not a valid Automerge change: {0}")]
@@ -129,6 +150,28 @@ struct Maps {
     removed: ObjId,
     orders: ObjId,
     events: ObjId,
+    reserved: ObjId,
+    escrow: ObjId,
+    conflicts: ObjId,
+    resolutions: ObjId,
+}
+
+impl Maps {
+    /// The map of this name (one of [`MAP_NAMES`]).
+    fn get(&self, name: &str) -> &ObjId {
+        match name {
+            "units" => &self.units,
+            "sold" => &self.sold,
+            "taken" => &self.taken,
+            "removed" => &self.removed,
+            "orders" => &self.orders,
+            "reserved" => &self.reserved,
+            "escrow" => &self.escrow,
+            "conflicts" => &self.conflicts,
+            "resolutions" => &self.resolutions,
+            _ => &self.events,
+        }
+    }
 }
 
 /// A unit a sale takes, with its facts if its refill is known here.
@@ -142,6 +185,9 @@ pub struct Ledger {
     maps: Maps,
     /// Units neither sold, taken nor removed, by sku, ordered by expiry. Expiry is checked on use.
     unsold: HashMap<Sku, BTreeSet<(i64, UnitId)>>,
+    /// Every value of the `reserved` map: unit → orders, and order → units.
+    reserved_by_unit: HashMap<UnitId, Vec<OrderId>>,
+    reserved_by_order: HashMap<OrderId, BTreeSet<UnitId>>,
 }
 
 /// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
@@ -177,6 +223,10 @@ fn find_maps(doc: &Automerge) -> Result<Maps, LedgerError> {
         removed: get("removed")?,
         orders: get("orders")?,
         events: get("events")?,
+        reserved: get("reserved")?,
+        escrow: get("escrow")?,
+        conflicts: get("conflicts")?,
+        resolutions: get("resolutions")?,
     })
 }
 
@@ -230,6 +280,8 @@ impl Ledger {
             doc,
             maps,
             unsold: HashMap::new(),
+            reserved_by_unit: HashMap::new(),
+            reserved_by_order: HashMap::new(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {
@@ -289,15 +341,8 @@ impl Ledger {
         hex::encode(h.finalize())
     }
 
-    fn named_maps(&self) -> [(&'static str, &ObjId); 6] {
-        [
-            ("units", &self.maps.units),
-            ("sold", &self.maps.sold),
-            ("taken", &self.maps.taken),
-            ("removed", &self.maps.removed),
-            ("orders", &self.maps.orders),
-            ("events", &self.maps.events),
-        ]
+    fn named_maps(&self) -> impl Iterator<Item = (&'static str, &ObjId)> {
+        MAP_NAMES.into_iter().map(|n| (n, self.maps.get(n)))
     }
 
     fn get_str(&self, obj: &ObjId, key: &str) -> Option<String> {
@@ -350,6 +395,7 @@ impl Ledger {
         for unit in &touched.units {
             self.reindex(unit);
         }
+        self.widen(&mut touched);
         Ok(touched)
     }
 
@@ -366,7 +412,8 @@ impl Ledger {
     }
 
     /// The change just committed, with the views of what it touched read back.
-    fn last_local_change(&self, touched: Touched) -> Result<LocalChange, LedgerError> {
+    fn last_local_change(&self, mut touched: Touched) -> Result<LocalChange, LedgerError> {
+        self.widen(&mut touched);
         let units = touched
             .units
             .iter()
@@ -400,6 +447,7 @@ impl Ledger {
     }
 
     fn reindex(&mut self, unit: &UnitId) {
+        self.reindex_reservation(unit);
         let facts = self.unit_facts(unit);
         let gone = self.has(&self.maps.sold, unit.as_str())
             || self.has(&self.maps.taken, unit.as_str())
@@ -427,7 +475,7 @@ impl Ledger {
             .collect()
     }
 
-    /// The state of a unit at `now_ms`, or `None` if this replica has never heard of it.
+    /// The state of a unit at `now_ms`.
     fn unit_state(&self, unit: &UnitId, facts: Option<&UnitFacts>, now_ms: i64) -> UnitState {
         if self.has(&self.maps.removed, unit.as_str()) {
             UnitState::Removed
@@ -437,9 +485,18 @@ impl Ledger {
             UnitState::Taken
         } else if facts.is_some_and(|f| f.expires_at_ms <= now_ms) {
             UnitState::Expired
+        } else if self.holder(unit).is_some() {
+            UnitState::Reserved
         } else {
             UnitState::Available
         }
+    }
+
+    /// Whether a unit left the fridge's stock for good (sold, taken or removed).
+    fn gone(&self, unit: &UnitId) -> bool {
+        self.has(&self.maps.sold, unit.as_str())
+            || self.has(&self.maps.taken, unit.as_str())
+            || self.has(&self.maps.removed, unit.as_str())
     }
 
     /// A unit as the stock view shows it, if its refill is known here.
@@ -449,11 +506,15 @@ impl Ledger {
         let sold_in = self
             .get_str(&self.maps.sold, unit.as_str())
             .and_then(|o| OrderId::new(o).ok());
+        let reserved_for = (state == UnitState::Reserved)
+            .then(|| self.holder(unit))
+            .flatten();
         Some(UnitView {
             unit_id: unit.clone(),
             facts,
             state,
             sold_in,
+            reserved_for,
         })
     }
 
@@ -482,16 +543,20 @@ impl Ledger {
                 _ => None,
             })
             .collect();
-        history.sort_by_key(|e| (e.at_ms, status_rank(e.status)));
-        let status = history
-            .iter()
-            .map(|e| e.status)
-            .max_by_key(|s| status_rank(*s))
-            .unwrap_or(OrderStatus::Completed);
+        history.sort_by_key(|e| (e.at_ms, e.status.rank()));
+        let status = status_of(&history).unwrap_or(OrderStatus::Completed);
+        let reserved_units = if status.holds_units() {
+            self.effective_reserved(order, &record)
+        } else {
+            Vec::new()
+        };
+        let conflicts = self.conflicts_naming(order);
         Some(OrderView {
             record,
             status,
             history,
+            reserved_units,
+            conflicts,
         })
     }
 
@@ -582,6 +647,11 @@ impl Ledger {
             catalog_version: catalog.version,
             created_at_ms: now_ms,
             created_by: by.clone(),
+            customer_id: None,
+            escrow: false,
+            subscription_id: None,
+            grace_until_ms: None,
+            payment_pending: sale.payment_pending,
         };
         let event = StatusEvent {
             status: OrderStatus::Completed,
@@ -616,14 +686,28 @@ impl Ledger {
                 facts,
                 state: UnitState::Sold,
                 sold_in: Some(sale.order_id.clone()),
+                reserved_for: None,
             });
         }
         let view = OrderView {
             record,
             status: OrderStatus::Completed,
             history: vec![event],
+            reserved_units: Vec::new(),
+            conflicts: Vec::new(),
         };
-        let change = self.local_change_with(touched, units, vec![view.clone()])?;
+        // Selling a unit an order held changes that order's view: read everything back.
+        let held = view
+            .record
+            .lines
+            .iter()
+            .flat_map(|l| &l.unit_ids)
+            .any(|u| self.reserved_by_unit.contains_key(u));
+        let change = if held {
+            self.last_local_change(touched)?
+        } else {
+            self.local_change_with(touched, units, vec![view.clone()])?
+        };
         Ok((change, view))
     }
 
@@ -672,6 +756,7 @@ impl Ledger {
                 quantity: line.quantity,
                 unit_price_minor: item.price_minor,
                 unit_ids,
+                picked: line.unit_id.is_none(),
             });
         }
         Ok((lines, sold))
@@ -704,8 +789,10 @@ impl Ledger {
                 f.sku
             )));
         }
+        // A reserved unit in a walk-up customer's hands is sold: physical reality wins, and the
+        // reservation moves to another unit (or is flagged lost).
         match self.unit_state(unit, facts.as_ref(), now_ms) {
-            UnitState::Available => Ok(facts),
+            UnitState::Available | UnitState::Reserved => Ok(facts),
             state => Err(LedgerError::UnitNotAvailable {
                 unit: unit.clone(),
                 state: state.as_str(),
@@ -720,30 +807,36 @@ impl Ledger {
         picked: &BTreeSet<UnitId>,
         now_ms: i64,
     ) -> Result<Vec<UnitId>, LedgerError> {
-        let available: Vec<UnitId> = self
-            .unsold
-            .get(sku)
+        // Units held for orders are not for walk-up customers, nor are as many free units as the
+        // fridge granted the hub in escrow.
+        let free: Vec<UnitId> = self
+            .free_units(sku, now_ms)
             .into_iter()
-            .flatten()
-            .filter(|(expires, id)| *expires > now_ms && !picked.contains(id))
-            .take(quantity as usize)
-            .map(|(_, id)| id.clone())
+            .filter(|id| !picked.contains(id))
             .collect();
-        if available.len() < quantity as usize {
+        let sellable = free
+            .len()
+            .saturating_sub(usize::try_from(self.allowance(sku)).unwrap_or(0));
+        if sellable < quantity as usize {
             return Err(LedgerError::InsufficientStock {
                 sku: sku.clone(),
                 wanted: quantity,
-                available: available.len() as u32,
+                available: sellable as u32,
             });
         }
-        Ok(available)
+        Ok(free.into_iter().take(quantity as usize).collect())
     }
 
-    /// Records a door session: each unit taken is matched to the sale that paid for it, or
-    /// recorded as taken unpaid; units added are loaded like a refill.
+    /// Records a door session. Each unit taken is matched, in this order: to the sale that paid
+    /// for it; to the reservation of the order the door was opened for (any unit of a sku it
+    /// still lacks counts, so a moved reservation is honoured at the fridge); to the session's
+    /// fridge card, in a new order priced from `catalog`; else it is recorded as taken unpaid.
+    /// Reservations of other orders whose units were taken move to free units of their sku, or
+    /// become `reservation_lost` conflicts. Units added are loaded like a refill.
     pub fn door_session(
         &mut self,
         session: &DoorSession,
+        catalog: &Catalog,
         by: &DeviceId,
         now_ms: i64,
     ) -> Result<(LocalChange, Vec<(UnitId, TakenMatch)>), LedgerError> {
@@ -753,8 +846,28 @@ impl Ledger {
             )));
         }
         self.check_new_units(&session.units_added)?;
+        if let Some(card) = &session.card_order_id
+            && self.has(&self.maps.orders, card.as_str())
+        {
+            return Err(LedgerError::OrderExists(card.clone()));
+        }
+        // What the order the door was opened for still lacks, per sku.
+        let mut lacking: BTreeMap<Sku, u32> = BTreeMap::new();
+        let mut held_for_session: BTreeSet<UnitId> = BTreeSet::new();
+        if let Some(o) = &session.order_id {
+            let record = self
+                .get_str(&self.maps.orders, o.as_str())
+                .and_then(|json| serde_json::from_str::<OrderRecord>(&json).ok())
+                .ok_or_else(|| LedgerError::UnknownOrder(o.clone()))?;
+            for line in &record.lines {
+                *lacking.entry(line.sku.clone()).or_default() += line.quantity;
+            }
+            held_for_session.extend(self.effective_reserved(o, &record));
+        }
         let mut matches = Vec::with_capacity(session.units_taken.len());
-        let mut picked_up: BTreeMap<OrderId, ()> = BTreeMap::new();
+        let mut picked_up: BTreeSet<OrderId> = BTreeSet::new();
+        let mut moved_here: Vec<(UnitId, OrderId)> = Vec::new();
+        let mut card_units: Vec<(UnitId, Sku)> = Vec::new();
         let mut touched = Touched::default();
         let mut seen = BTreeSet::new();
         for unit in &session.units_taken {
@@ -767,24 +880,96 @@ impl Ledger {
                     state: UnitState::Taken.as_str(),
                 });
             }
-            let m = match self
+            let sku = self.unit_facts(unit).map(|f| f.sku);
+            let sold = self
                 .get_str(&self.maps.sold, unit.as_str())
-                .and_then(|o| OrderId::new(o).ok())
-            {
-                Some(order_id) => {
-                    picked_up.insert(order_id.clone(), ());
-                    TakenMatch::Sale { order_id }
+                .and_then(|o| OrderId::new(o).ok());
+            let for_session = session.order_id.as_ref().filter(|_| {
+                held_for_session.contains(unit)
+                    || sku
+                        .as_ref()
+                        .and_then(|s| lacking.get(s))
+                        .is_some_and(|n| *n > 0)
+            });
+            let m = if let Some(order_id) = sold {
+                picked_up.insert(order_id.clone());
+                TakenMatch::Sale { order_id }
+            } else if let (Some(order_id), Some(sku)) = (for_session, &sku) {
+                if let Some(n) = lacking.get_mut(sku) {
+                    *n = n.saturating_sub(1);
                 }
-                None => TakenMatch::Unpaid,
+                if !held_for_session.contains(unit) {
+                    moved_here.push((unit.clone(), order_id.clone()));
+                }
+                picked_up.insert(order_id.clone());
+                TakenMatch::Reservation {
+                    order_id: order_id.clone(),
+                }
+            } else if let (Some(order_id), Some(sku)) = (&session.card_order_id, &sku) {
+                card_units.push((unit.clone(), sku.clone()));
+                TakenMatch::FridgeCard {
+                    order_id: order_id.clone(),
+                }
+            } else {
+                TakenMatch::Unpaid
             };
             matches.push((unit.clone(), m));
         }
+        // Units taken by anyone but their order's customer leave that order short: move it.
+        let taken_from_others: BTreeSet<UnitId> = matches
+            .iter()
+            .filter(|(_, m)| !matches!(m, TakenMatch::Reservation { .. }))
+            .map(|(u, _)| u.clone())
+            .collect();
+        let (moves, _, lost) = if taken_from_others
+            .iter()
+            .any(|u| self.reserved_by_unit.contains_key(u))
+        {
+            self.plan_repairs(&taken_from_others, now_ms)
+        } else {
+            Default::default()
+        };
+        let lost: Vec<_> = lost
+            .into_iter()
+            .filter(|c| !self.has(&self.maps.conflicts, &c.conflict_id))
+            .collect();
+        let card_order = match (&session.card_order_id, card_units.is_empty()) {
+            (Some(id), false) => Some(self.card_order(id, &card_units, catalog, by, now_ms)?),
+            _ => None,
+        };
         let mut tx = self.doc.transaction();
         for (unit, _) in &matches {
             tx.put(&self.maps.taken, unit.as_str(), session.session_id.as_str())?;
             touched.units.insert(unit.clone());
         }
-        for order in picked_up.keys() {
+        for (unit, order) in moved_here.iter().chain(&moves) {
+            tx.put(&self.maps.reserved, unit.as_str(), order.as_str())?;
+            touched.units.insert(unit.clone());
+            touched.orders.insert(order.clone());
+        }
+        for c in &lost {
+            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c))?;
+            touched.orders.extend(c.orders.iter().cloned());
+        }
+        if let Some(record) = &card_order {
+            tx.put(&self.maps.orders, record.order_id.as_str(), to_json(record))?;
+            for (unit, _) in &card_units {
+                tx.put(&self.maps.sold, unit.as_str(), record.order_id.as_str())?;
+            }
+            let event = StatusEvent {
+                status: OrderStatus::Completed,
+                at_ms: now_ms,
+                by: by.clone(),
+                note: Some(format!("fridge card, door session {}", session.session_id)),
+            };
+            tx.put(
+                &self.maps.events,
+                event_key(&record.order_id, &event),
+                to_json(&event),
+            )?;
+            picked_up.insert(record.order_id.clone());
+        }
+        for order in &picked_up {
             let event = StatusEvent {
                 status: OrderStatus::PickedUp,
                 at_ms: now_ms,
@@ -813,6 +998,57 @@ impl Ledger {
         Ok((self.last_local_change(touched)?, matches))
     }
 
+    /// The order a fridge card pays for the units taken in a session, priced from `catalog`.
+    fn card_order(
+        &self,
+        id: &OrderId,
+        units: &[(UnitId, Sku)],
+        catalog: &Catalog,
+        by: &DeviceId,
+        now_ms: i64,
+    ) -> Result<OrderRecord, LedgerError> {
+        let mut lines: BTreeMap<Sku, Vec<UnitId>> = BTreeMap::new();
+        for (u, sku) in units {
+            lines.entry(sku.clone()).or_default().push(u.clone());
+        }
+        let mut order_lines = Vec::new();
+        let mut total = 0i64;
+        for (sku, unit_ids) in lines {
+            let price = catalog
+                .item(&sku)
+                .ok_or_else(|| LedgerError::UnknownSku(sku.clone()))?
+                .price_minor;
+            total = total.saturating_add(price.saturating_mul(unit_ids.len() as i64));
+            order_lines.push(OrderLine {
+                sku,
+                quantity: unit_ids.len() as u32,
+                unit_price_minor: price,
+                unit_ids,
+                picked: false,
+            });
+        }
+        Ok(OrderRecord {
+            order_id: id.clone(),
+            fridge_id: self.fridge.clone(),
+            channel: Channel::Fridge,
+            lines: order_lines,
+            payment: Payment {
+                method: crate::domain::PaymentMethod::FridgeCard,
+                amount_minor: total,
+                currency: catalog.currency.clone(),
+            },
+            total_minor: total,
+            catalog_version: catalog.version,
+            created_at_ms: now_ms,
+            created_by: by.clone(),
+            customer_id: None,
+            escrow: false,
+            subscription_id: None,
+            grace_until_ms: None,
+            payment_pending: false,
+        })
+    }
+
     /// Records units leaving the fridge unsold.
     pub fn remove(
         &mut self,
@@ -839,12 +1075,13 @@ impl Ledger {
     }
 }
 
-fn status_rank(status: OrderStatus) -> u8 {
-    match status {
-        OrderStatus::Completed => 0,
-        OrderStatus::Cancelled => 1,
-        OrderStatus::PickedUp => 2,
-    }
+/// An order's status from its history: the highest-ranked event, the latest among equals.
+fn status_of(history: &[StatusEvent]) -> Option<OrderStatus> {
+    history
+        .iter()
+        .filter_map(|e| e.status.rank().map(|r| (r, e.at_ms, e.status)))
+        .max_by_key(|(r, at, s)| (*r, *at, s.as_str()))
+        .map(|(_, _, s)| s)
 }
 
 fn check_payment(payment: &Payment, catalog: &Catalog, total: i64) -> Result<(), LedgerError> {
@@ -885,3 +1122,6 @@ pub fn channel_for(role: crate::domain::Role) -> Channel {
 mod tests;
 
 pub mod compaction;
+mod orders;
+
+pub use orders::{CancelOutcome, OrderPolicy, PaymentOutcome, grace_end, hub_device};

@@ -26,6 +26,9 @@ use super::{Ledger, LedgerError, MAP_NAMES, genesis};
 use crate::domain::{OrderRecord, UnitFacts};
 use crate::ids::{FridgeId, OrderId, UnitId};
 
+/// The maps keyed by unit id: a unit's record.
+const UNIT_MAPS: [&str; 5] = ["units", "sold", "taken", "removed", "reserved"];
+
 /// What kind of record left the live document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,16 +94,14 @@ pub fn order_view_from_archive(record: &serde_json::Value) -> Option<crate::doma
                 .collect()
         })
         .unwrap_or_default();
-    history.sort_by_key(|e| (e.at_ms, super::status_rank(e.status)));
-    let status = history
-        .iter()
-        .map(|e| e.status)
-        .max_by_key(|s| super::status_rank(*s))
-        .unwrap_or(crate::domain::OrderStatus::Completed);
+    history.sort_by_key(|e| (e.at_ms, e.status.rank()));
+    let status = super::status_of(&history).unwrap_or(crate::domain::OrderStatus::Completed);
     Some(crate::domain::OrderView {
         record: order,
         status,
         history,
+        reserved_units: Vec::new(),
+        conflicts: Vec::new(),
     })
 }
 
@@ -138,14 +139,7 @@ impl Ledger {
     }
 
     fn obj(&self, name: &str) -> &ObjId {
-        match name {
-            "units" => &self.maps.units,
-            "sold" => &self.maps.sold,
-            "taken" => &self.maps.taken,
-            "removed" => &self.maps.removed,
-            "orders" => &self.maps.orders,
-            _ => &self.maps.events,
-        }
+        self.maps.get(name)
     }
 
     fn record_values(&self, names: &[&str], key: &str) -> BTreeMap<String, Vec<String>> {
@@ -173,9 +167,7 @@ impl Ledger {
         Archived {
             kind: ArchivedKind::Unit,
             id: unit.to_owned(),
-            record: serde_json::json!(
-                self.record_values(&["units", "sold", "taken", "removed"], unit)
-            ),
+            record: serde_json::json!(self.record_values(&UNIT_MAPS[..], unit)),
         }
     }
 
@@ -198,11 +190,11 @@ impl Ledger {
         // Orders that a live unit was sold in stay live with it.
         let mut orders_needed: BTreeSet<String> = BTreeSet::new();
         let mut unit_keys: BTreeSet<String> = BTreeSet::new();
-        for name in ["units", "sold", "taken", "removed"] {
+        for name in UNIT_MAPS {
             unit_keys.extend(self.doc.keys(self.obj(name)));
         }
         for unit in unit_keys {
-            let record = self.record_values(&["units", "sold", "taken", "removed"], &unit);
+            let record = self.record_values(&UNIT_MAPS[..], &unit);
             let conflict = record.values().any(|v| v.len() > 1);
             let facts: Option<UnitFacts> = record
                 .get("units")
@@ -251,7 +243,7 @@ impl Ledger {
         let (units, orders) = self.finished_before(cutoff_ms);
         let archived_key = |map: &str, key: &str| -> bool {
             match map {
-                "units" | "sold" | "taken" | "removed" => units.contains(key),
+                "units" | "sold" | "taken" | "removed" | "reserved" => units.contains(key),
                 "orders" => orders.contains(key),
                 _ => key
                     .split_once('/')
@@ -278,14 +270,7 @@ impl Ledger {
             let mut tx = fork.transaction();
             for (name, key, vals) in &live {
                 if let Some(v) = vals.get(n) {
-                    let obj = match *name {
-                        "units" => &maps.units,
-                        "sold" => &maps.sold,
-                        "taken" => &maps.taken,
-                        "removed" => &maps.removed,
-                        "orders" => &maps.orders,
-                        _ => &maps.events,
-                    };
+                    let obj = maps.get(name);
                     tx.put(obj, key.as_str(), v.as_str())?;
                 }
             }
@@ -393,7 +378,7 @@ impl Ledger {
                     continue;
                 };
                 let resurrects = match name {
-                    "units" => gone_units.contains(key),
+                    "units" | "reserved" => gone_units.contains(key),
                     "orders" => gone_orders.contains(key),
                     "events" => key
                         .split_once('/')
@@ -417,14 +402,7 @@ impl Ledger {
             let maps = super::find_maps(&fork)?;
             let mut tx = fork.transaction();
             for (name, key, value) in &puts {
-                let obj = match *name {
-                    "units" => &maps.units,
-                    "sold" => &maps.sold,
-                    "taken" => &maps.taken,
-                    "removed" => &maps.removed,
-                    "orders" => &maps.orders,
-                    _ => &maps.events,
-                };
+                let obj = maps.get(name);
                 tx.put(obj, key.as_str(), value.as_str())?;
             }
             tx.commit_with(CommitOptions::default().with_time(0));
@@ -526,6 +504,7 @@ mod tests {
                 amount_minor: 500,
                 currency: "EUR".into(),
             },
+            payment_pending: false,
         };
         l.sell(&sale, &catalog(), &dev(by), at)
             .expect("sale")

@@ -64,6 +64,7 @@ fn sale(order: &str, lines: &[(&str, Option<&str>, u32)], amount: i64) -> Sale {
             amount_minor: amount,
             currency: "EUR".into(),
         },
+        payment_pending: false,
     }
 }
 
@@ -313,7 +314,10 @@ fn door_session_matches_sales_and_records_unpaid() {
                     UnitId::new("u3").expect("id"),
                 ],
                 units_added: vec![],
+                order_id: None,
+                card_order_id: None,
             },
+            &catalog(),
             &dev("fr-1"),
             NOW + 1,
         )
