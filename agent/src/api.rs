@@ -90,6 +90,7 @@ impl From<CommandError> for ApiError {
                 (S::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
             CommandError::OutboxFull { .. } => (S::INSUFFICIENT_STORAGE, "outbox_full"),
+            CommandError::OfflineLimitReached { .. } => (S::CONFLICT, "offline_limit_reached"),
             CommandError::Ledger(l) => match l {
                 LedgerError::UnitNotAvailable { .. } => (S::CONFLICT, "unit_not_available"),
                 LedgerError::UnitExists(_) => (S::CONFLICT, "unit_exists"),
@@ -98,6 +99,9 @@ impl From<CommandError> for ApiError {
                 LedgerError::UnknownSku(_) => (S::UNPROCESSABLE_ENTITY, "unknown_sku"),
                 LedgerError::AmountMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "amount_mismatch"),
                 LedgerError::Invalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
+                LedgerError::UnknownOrder(_) => (S::NOT_FOUND, "unknown_order"),
+                LedgerError::UnknownConflict(_) => (S::NOT_FOUND, "unknown_conflict"),
+                LedgerError::WrongStatus(_) => (S::CONFLICT, "wrong_status"),
                 _ => (S::INTERNAL_SERVER_ERROR, "internal"),
             },
         };
@@ -144,7 +148,7 @@ pub fn parse_body<T: DeserializeOwned>(
     Ok((value, bytes))
 }
 
-fn idempotency(headers: &HeaderMap, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {
+pub fn idempotency(headers: &HeaderMap, path: &str, body: &[u8]) -> Result<Option<Idem>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -180,6 +184,8 @@ pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
         .route("/v1/stock", get(stock))
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{order_id}", get(order))
+        .route("/v1/orders/{order_id}/cancel", post(cancel))
+        .route("/v1/conflicts", get(conflicts))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
@@ -358,6 +364,13 @@ struct DoorSessionBody {
     units_taken: Vec<UnitId>,
     #[serde(default)]
     units_added: Vec<RefillUnitBody>,
+    /// The app or subscription order the door was opened for.
+    #[serde(default)]
+    order_id: Option<OrderId>,
+    /// A card was presented at the fridge's reader: units matched to nothing else are
+    /// charged to it.
+    #[serde(default)]
+    fridge_card: bool,
 }
 
 async fn door_session(
@@ -374,11 +387,16 @@ async fn door_session(
         ));
     }
     let idem = idempotency(&headers, "/v1/door-sessions", &bytes)?;
-    let action = Action::DoorSession(DoorSession {
-        session_id: req.session_id,
-        units_taken: req.units_taken,
-        units_added: refill_units(req.units_added),
-    });
+    let action = Action::DoorSession {
+        session: DoorSession {
+            session_id: req.session_id,
+            units_taken: req.units_taken,
+            units_added: refill_units(req.units_added),
+            order_id: req.order_id,
+            card_order_id: None,
+        },
+        fridge_card: req.fridge_card,
+    };
     let outcome = run(&s, req.fridge_id, action, idem).await?;
     Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
 }
@@ -404,6 +422,81 @@ async fn removal(
     };
     let outcome = run(&s, req.fridge_id, action, idem).await?;
     Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
+}
+
+/// The contract's code for a refused cancel.
+pub fn cancel_refusal_code(code: &str) -> &'static str {
+    match code {
+        "already_picked_up" => "already_picked_up",
+        "past_grace_window" => "past_grace_window",
+        _ => "not_cancellable",
+    }
+}
+
+async fn cancel(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let bytes =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
+    let id = OrderId::new(id)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
+    let path = format!("/v1/orders/{id}/cancel");
+    let idem = idempotency(&headers, &path, &bytes)?;
+    let reads = s.reads.clone();
+    let lookup = id.clone();
+    let found = tokio::task::spawn_blocking(move || reads.order(&lookup))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let Some(view) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_order",
+            "no such order here",
+        ));
+    };
+    let outcome = run(
+        &s,
+        view.record.fridge_id,
+        Action::Cancel { order: id },
+        idem,
+    )
+    .await?;
+    outcome_response(&outcome, StatusCode::OK)
+}
+
+/// A POST's answer: the outcome's JSON with `created`, or the refusal a recorded outcome
+/// carries (a cancel refused and recorded).
+fn outcome_response(outcome: &Outcome, created: StatusCode) -> Result<Response, ApiError> {
+    if let Outcome::Cancel {
+        refused: Some((code, why)),
+        ..
+    } = outcome
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            cancel_refusal_code(code),
+            why.clone(),
+        ));
+    }
+    Ok((created, Json(outcome_json(outcome))).into_response())
+}
+
+async fn conflicts(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    s.writer
+        .send(Command::Conflicts { reply })
+        .await
+        .map_err(|_| ApiError::from(CommandError::ShuttingDown))?;
+    let list = rx
+        .await
+        .map_err(|_| ApiError::from(CommandError::ShuttingDown))?;
+    let open: Vec<_> = list.iter().filter(|c| c.view.status == "open").collect();
+    Ok(Json(json!({ "conflicts": open, "resolved": list.len() - open.len() })).into_response())
 }
 
 /// The answer a POST gives for an outcome; the same outcome always gives the same answer.
@@ -433,6 +526,7 @@ fn outcome_json(outcome: &Outcome) -> serde_json::Value {
             "session_id": session_id,
             "units_taken": matches,
         }),
+        Outcome::Cancel { order, .. } => json!(order),
     }
 }
 

@@ -41,6 +41,39 @@ pub struct AgentConfig {
     pub writer: WriterConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub orders: OrdersConfig,
+}
+
+/// Escrow and the offline payment risk budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersConfig {
+    /// Share of a fridge's free units per sku it grants the hub in escrow while online, so the
+    /// hub can confirm app orders while the fridge is offline (at least one where two or more
+    /// are free). Fridge agents only.
+    pub escrow_share: f64,
+    /// Card payments taken offline and not yet captured, at most. Past it card sales get 409
+    /// `offline_limit_reached`; cash still works.
+    pub offline_card_payments_max: u64,
+    /// Total of card payments taken offline and not yet captured, in minor units, at most.
+    pub offline_card_total_minor_max: u64,
+    /// How often, while online, payments taken offline are sent for capture.
+    pub capture_interval_ms: u64,
+    /// The simulated payment provider's outcome rates (the provider is simulated).
+    pub simulated_payments: larder_shared::payments::SimulatedRates,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        Self {
+            escrow_share: 0.25,
+            offline_card_payments_max: 20,
+            offline_card_total_minor_max: 20_000,
+            capture_interval_ms: 2_000,
+            simulated_payments: larder_shared::payments::SimulatedRates::default(),
+        }
+    }
 }
 
 /// Limits on what the agent keeps on disk.
@@ -247,7 +280,37 @@ impl AgentConfig {
                 self.mqtt.broker
             )));
         }
-        let ranges: [(&str, u64, u64, u64); 11] = [
+        if !(0.0..=0.9).contains(&self.orders.escrow_share) {
+            p.push(Problem(format!(
+                "orders.escrow_share: {} is outside 0.0..=0.9",
+                self.orders.escrow_share
+            )));
+        }
+        let rates = self.orders.simulated_payments;
+        if rates.refuse_per_mille + rates.no_answer_per_mille + rates.fail_later_per_mille > 1000 {
+            p.push(Problem(
+                "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
+            ));
+        }
+        let ranges: [(&str, u64, u64, u64); 14] = [
+            (
+                "orders.offline_card_payments_max",
+                self.orders.offline_card_payments_max,
+                0,
+                100_000,
+            ),
+            (
+                "orders.offline_card_total_minor_max",
+                self.orders.offline_card_total_minor_max,
+                0,
+                1 << 40,
+            ),
+            (
+                "orders.capture_interval_ms",
+                self.orders.capture_interval_ms,
+                10,
+                3_600_000,
+            ),
             (
                 "store.idempotency_retention_hours",
                 self.store.idempotency_retention_hours,

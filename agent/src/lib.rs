@@ -197,6 +197,65 @@ pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, S
     start_with_clock(config, key, writer::Clock::system()).await
 }
 
+/// A seed for the simulated payment provider: stable per device.
+fn seed_of(device: &larder_shared::DeviceId) -> u64 {
+    device
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
+/// Sends the card payments taken offline for capture, every `every` while online, and records
+/// each answer: captured, or `payment_failed_after_sale` (refused, or failed later). A payment
+/// the provider does not answer stays pending and is asked again.
+async fn capture_offline_payments(
+    writer: mpsc::Sender<writer::Command>,
+    shared: Arc<Shared>,
+    provider: impl larder_shared::payments::PaymentProvider,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use larder_shared::payments::CaptureResult;
+    // A periodic job, not a wait for an event: captures go out at this pace while online.
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !shared.online.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if writer
+            .send(writer::Command::PendingCaptures { reply })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let Ok(pending) = rx.await else { return };
+        for capture in pending {
+            let ok = match provider.capture(&capture.order, capture.amount_minor, &capture.currency)
+            {
+                CaptureResult::Captured => true,
+                CaptureResult::Refused | CaptureResult::CapturedThenFails => false,
+                CaptureResult::NoAnswer => continue,
+            };
+            if writer
+                .send(writer::Command::Captured { capture, ok })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
 /// [`start`] with the clock records are stamped with (simulations move it).
 pub async fn start_with_clock(
     config: AgentConfig,
@@ -270,6 +329,16 @@ pub async fn start_with_clock(
         network: network_rx,
         env_seq_reserved,
     };
+    let captures = tokio::spawn(capture_offline_payments(
+        writer_tx.clone(),
+        shared.clone(),
+        larder_shared::payments::SimulatedProvider::new(
+            seed_of(&config.device_id),
+            config.orders.simulated_payments,
+        ),
+        std::time::Duration::from_millis(config.orders.capture_interval_ms),
+        shutdown_rx.clone(),
+    ));
     let sync = tokio::spawn(sync::run(ctx, shutdown_rx));
     info!(device = %config.device_id, role = config.role.as_str(), http = %http_addr, "agent started");
     Ok(AgentHandle {
@@ -279,7 +348,7 @@ pub async fn start_with_clock(
         writer_tx,
         shutdown_tx,
         network_tx,
-        tasks: vec![sync, http],
+        tasks: vec![sync, http, captures],
         writer_thread: Some(writer_thread),
         checkpointer: Some((checkpoint_stop, checkpointer)),
     })

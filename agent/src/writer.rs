@@ -52,6 +52,13 @@ pub enum Outcome {
         fridge_id: FridgeId,
         units: usize,
     },
+    /// A cancel: done, or refused with the contract's code and why (the refusal is recorded in
+    /// the order's history).
+    Cancel {
+        order: Box<larder_shared::domain::OrderView>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        refused: Option<(String, String)>,
+    },
 }
 
 /// How one unit taken in a door session was matched.
@@ -88,6 +95,11 @@ pub enum CommandError {
     OutboxFull { pending: u64 },
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error(
+        "{count} card payments for {total_minor} (minor units) wait to be captured, at this \
+         device's offline limit: take cash, or wait until the device is online"
+    )]
+    OfflineLimitReached { count: u64, total_minor: i64 },
 }
 
 type Reply = oneshot::Sender<Result<Outcome, CommandError>>;
@@ -100,10 +112,18 @@ pub enum Action {
         lines: Vec<SaleLine>,
         payment: Payment,
     },
-    DoorSession(DoorSession),
+    /// A door session; `fridge_card` charges the units matched to nothing else to the card
+    /// presented at the fridge.
+    DoorSession {
+        session: DoorSession,
+        fridge_card: bool,
+    },
     Removal {
         units: Vec<UnitId>,
         reason: larder_shared::domain::RemovalReason,
+    },
+    Cancel {
+        order: OrderId,
     },
 }
 
@@ -142,6 +162,35 @@ pub enum Command {
     Digests {
         reply: oneshot::Sender<Vec<crate::LedgerDigest>>,
     },
+    /// Card payments taken offline by this device and not yet captured.
+    PendingCaptures {
+        reply: oneshot::Sender<Vec<PendingCapture>>,
+    },
+    /// What the payment provider answered for an offline card payment.
+    Captured { capture: PendingCapture, ok: bool },
+    /// Every conflict record of the ledgers held here, and those noticed here and not yet
+    /// recorded by the hub.
+    Conflicts {
+        reply: oneshot::Sender<Vec<ConflictEntry>>,
+    },
+}
+
+/// An offline card payment waiting to be captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCapture {
+    pub fridge: FridgeId,
+    pub order: OrderId,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+/// A conflict as the agent lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConflictEntry {
+    #[serde(flatten)]
+    pub view: larder_shared::domain::ConflictView,
+    /// False for a conflict this replica sees that the hub has not recorded yet.
+    pub recorded: bool,
 }
 
 enum Pending {
@@ -193,6 +242,9 @@ pub struct Writer {
     clock: Clock,
     shared: Arc<Shared>,
     outbox_head_tx: watch::Sender<u64>,
+    orders: crate::config::OrdersConfig,
+    /// Card payments this device took offline, not yet captured.
+    uncaptured: BTreeMap<OrderId, PendingCapture>,
 }
 
 /// Why local writes are held back for this group, if they are.
@@ -282,6 +334,8 @@ impl Writer {
             clock,
             shared,
             outbox_head_tx,
+            orders: agent.orders.clone(),
+            uncaptured: BTreeMap::new(),
         };
         writer.reload_ledgers()?;
         writer.publish_counters();
@@ -290,6 +344,7 @@ impl Writer {
 
     fn reload_ledgers(&mut self) -> Result<(), StoreError> {
         self.ledgers.clear();
+        self.uncaptured.clear();
         for fridge in self.fridges.clone() {
             let loaded = self.store.load_ledger(&fridge)?;
             let ledger = Ledger::load(
@@ -301,6 +356,17 @@ impl Writer {
             .map_err(|e| StoreError::Corrupt(format!("ledger {fridge}: {e}")))?;
             self.changes_since_snapshot
                 .insert(fridge.clone(), loaded.changes.len());
+            for r in ledger.pending_payments(&self.device) {
+                self.uncaptured.insert(
+                    r.order_id.clone(),
+                    PendingCapture {
+                        fridge: fridge.clone(),
+                        order: r.order_id,
+                        amount_minor: r.total_minor,
+                        currency: r.payment.currency,
+                    },
+                );
+            }
             self.ledgers.insert(fridge, ledger);
         }
         Ok(())
@@ -477,6 +543,45 @@ impl Writer {
                 Command::Digests { reply } => {
                     let _ = reply.send(self.digests());
                 }
+                Command::PendingCaptures { reply } => {
+                    let _ = reply.send(self.uncaptured.values().cloned().collect());
+                }
+                Command::Conflicts { reply } => {
+                    let _ = reply.send(self.conflicts());
+                }
+                Command::Captured { capture, ok } => {
+                    if self.uncaptured.remove(&capture.order).is_some()
+                        && let Some(ledger) = self.ledgers.get_mut(&capture.fridge)
+                    {
+                        let (status, note) = if ok {
+                            (
+                                larder_shared::domain::OrderStatus::PaymentCaptured,
+                                "captured once online",
+                            )
+                        } else {
+                            (
+                                larder_shared::domain::OrderStatus::PaymentFailedAfterSale,
+                                "the card payment taken offline could not be captured",
+                            )
+                        };
+                        match ledger.add_event(
+                            &capture.order,
+                            status,
+                            Some(note.into()),
+                            &self.device,
+                            now,
+                        ) {
+                            Ok(change) => {
+                                let fridge = capture.fridge.clone();
+                                self.record_local(&fridge, change, &mut batch);
+                                *touched_fridges.entry(fridge).or_default() += 1;
+                            }
+                            Err(e) => {
+                                warn!(order = %capture.order, error = %e, "recording a capture outcome failed")
+                            }
+                        }
+                    }
+                }
                 Command::Stats { reply } => {
                     let stats = self
                         .ledgers
@@ -530,6 +635,7 @@ impl Writer {
             self.publish_counters();
             return;
         }
+        self.grant_escrow(&touched_fridges, &mut batch, now);
         self.counters_to_meta(&saved, &mut batch);
         let started = std::time::Instant::now();
         let result = if batch.is_empty() {
@@ -594,6 +700,58 @@ impl Writer {
             }
         }
         self.publish_counters();
+    }
+
+    /// A fridge online tops up the escrow allowance it grants the hub after its stock changed
+    /// (PRODUCT.md, offline-safe promises). Offline it never grants: the hub could not use it.
+    fn grant_escrow(
+        &mut self,
+        touched: &HashMap<FridgeId, usize>,
+        batch: &mut WriteBatch,
+        now: i64,
+    ) {
+        if self.role != Role::Fridge || !self.shared.online.load(Ordering::Relaxed) {
+            return;
+        }
+        let share = self.orders.escrow_share;
+        for fridge in touched.keys() {
+            let Some(ledger) = self.ledgers.get_mut(fridge) else {
+                continue;
+            };
+            match ledger.grant_escrow(share, now) {
+                Ok(Some(change)) => self.record_local(&fridge.clone(), change, batch),
+                Ok(None) => {}
+                Err(e) => warn!(fridge = %fridge, error = %e, "granting escrow failed"),
+            }
+        }
+    }
+
+    fn conflicts(&self) -> Vec<ConflictEntry> {
+        let mut out = Vec::new();
+        for ledger in self.ledgers.values() {
+            let recorded = ledger.conflicts();
+            let known: std::collections::BTreeSet<String> = recorded
+                .iter()
+                .map(|c| c.record.conflict_id.clone())
+                .collect();
+            out.extend(recorded.into_iter().map(|view| ConflictEntry {
+                view,
+                recorded: true,
+            }));
+            for record in ledger.detect_conflicts(None) {
+                if !known.contains(&record.conflict_id) {
+                    out.push(ConflictEntry {
+                        view: larder_shared::domain::ConflictView {
+                            record,
+                            status: "open".into(),
+                            resolution: None,
+                        },
+                        recorded: false,
+                    });
+                }
+            }
+        }
+        out
     }
 
     fn counters_to_meta(&self, saved: &Counters, batch: &mut WriteBatch) {
@@ -722,17 +880,61 @@ impl Writer {
                 // device and persisted with the change itself.
                 let order_id = OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
                     .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
+                let offline_card = payment.method == larder_shared::domain::PaymentMethod::Card
+                    && !self.shared.online.load(Ordering::Relaxed);
+                if offline_card {
+                    let count = self.uncaptured.len() as u64;
+                    let total: i64 = self.uncaptured.values().map(|c| c.amount_minor).sum();
+                    if count >= self.orders.offline_card_payments_max
+                        || total.saturating_add(payment.amount_minor)
+                            > self.orders.offline_card_total_minor_max as i64
+                    {
+                        self.shared
+                            .metrics
+                            .writes_refused
+                            .get_or_create(&vec![("reason", "offline_limit_reached".to_owned())])
+                            .inc();
+                        return Err(CommandError::OfflineLimitReached {
+                            count,
+                            total_minor: total,
+                        });
+                    }
+                }
                 let sale = Sale {
                     order_id,
                     channel: ledger::channel_for(self.role),
                     lines,
                     payment,
+                    payment_pending: offline_card,
                 };
                 let (change, view) = ledger.sell(&sale, &self.catalog, &device, now)?;
+                if offline_card {
+                    self.uncaptured.insert(
+                        view.record.order_id.clone(),
+                        PendingCapture {
+                            fridge: fridge.clone(),
+                            order: view.record.order_id.clone(),
+                            amount_minor: view.record.total_minor,
+                            currency: view.record.payment.currency.clone(),
+                        },
+                    );
+                }
                 (change, Outcome::Sold(Box::new(view)))
             }
-            Action::DoorSession(session) => {
-                let (change, matches) = ledger.door_session(&session, &device, now)?;
+            Action::DoorSession {
+                mut session,
+                fridge_card,
+            } => {
+                if fridge_card {
+                    session.card_order_id = Some(
+                        OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
+                            .map_err(|e| {
+                                CommandError::Ledger(LedgerError::Invalid(e.to_string()))
+                            })?,
+                    );
+                }
+                let (change, matches) =
+                    ledger.door_session(&session, &self.catalog, &device, now)?;
                 let matches = matches
                     .into_iter()
                     .map(|(unit_id, matched)| UnitMatch { unit_id, matched })
@@ -753,6 +955,30 @@ impl Writer {
                     Outcome::Removed {
                         fridge_id: fridge.clone(),
                         units: units.len(),
+                    },
+                )
+            }
+            Action::Cancel { order } => {
+                // The grace window is on the order (the hub set it); the policy's values only
+                // stand in for orders that carry none.
+                let policy = ledger::OrderPolicy {
+                    grace_ms: 0,
+                    payment_timeout_ms: 0,
+                    pickup_hold_ms: 0,
+                };
+                let (change, outcome) = ledger.cancel(&order, &device, &policy, now)?;
+                let view = ledger
+                    .order(&order)
+                    .ok_or(CommandError::Ledger(LedgerError::UnknownOrder(order)))?;
+                let refused = match outcome {
+                    ledger::CancelOutcome::Done(_) => None,
+                    ledger::CancelOutcome::Rejected(code, why) => Some((code.to_owned(), why)),
+                };
+                (
+                    change,
+                    Outcome::Cancel {
+                        order: Box::new(view),
+                        refused,
                     },
                 )
             }

@@ -26,6 +26,8 @@ pub struct HubConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub compaction: CompactionConfig,
+    #[serde(default)]
+    pub orders: OrdersConfig,
     pub regions: Vec<RegionConfig>,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -106,6 +108,61 @@ impl Default for CompactionConfig {
             interval_seconds: 3_600,
             dormant_after_seconds: 30 * 86_400,
             retention_days: 730,
+        }
+    }
+}
+
+/// Where app orders' payments come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentProviderMode {
+    /// The hub asks the simulated provider after each grace window.
+    Simulated,
+    /// A payment service posts outcomes to `POST /v1/regions/{r}/orders/{id}/payment`.
+    External,
+}
+
+/// App orders: the grace window, payments, the pickup hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersConfig {
+    /// An app order may be cancelled free this long after it was placed; payment is captured
+    /// after it.
+    pub grace_window_seconds: u64,
+    /// After the grace window, a payment not answered within this is timed out and the units
+    /// released.
+    pub payment_timeout_seconds: u64,
+    /// A paid order not picked up within this is `expired_no_show` and its units released.
+    pub pickup_hold_hours: u64,
+    /// How often the hub applies what time makes due (captures, timeouts, no-shows, expiry).
+    pub tick_interval_ms: u64,
+    pub payment_provider: PaymentProviderMode,
+    /// Outcome rates of the simulated provider.
+    pub simulated_payments: larder_shared::payments::SimulatedRates,
+    /// A simulated payment that "fails later" is reported failed this long after its capture.
+    pub fail_later_after_seconds: u64,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        Self {
+            grace_window_seconds: 20,
+            payment_timeout_seconds: 60,
+            pickup_hold_hours: 24,
+            tick_interval_ms: 1_000,
+            payment_provider: PaymentProviderMode::Simulated,
+            simulated_payments: larder_shared::payments::SimulatedRates::default(),
+            fail_later_after_seconds: 60,
+        }
+    }
+}
+
+impl OrdersConfig {
+    pub fn policy(&self) -> larder_shared::ledger::OrderPolicy {
+        larder_shared::ledger::OrderPolicy {
+            grace_ms: (self.grace_window_seconds * 1000) as i64,
+            payment_timeout_ms: (self.payment_timeout_seconds * 1000) as i64,
+            pickup_hold_ms: (self.pickup_hold_hours * 3_600_000) as i64,
         }
     }
 }
@@ -295,6 +352,36 @@ impl HubConfig {
                 3650 * 86_400,
             ),
             ("compaction.retention_days", c.retention_days, 1, 36_500),
+            (
+                "orders.grace_window_seconds",
+                self.orders.grace_window_seconds,
+                10,
+                30,
+            ),
+            (
+                "orders.payment_timeout_seconds",
+                self.orders.payment_timeout_seconds,
+                1,
+                86_400,
+            ),
+            (
+                "orders.pickup_hold_hours",
+                self.orders.pickup_hold_hours,
+                1,
+                24 * 14,
+            ),
+            (
+                "orders.tick_interval_ms",
+                self.orders.tick_interval_ms,
+                10,
+                60_000,
+            ),
+            (
+                "orders.fail_later_after_seconds",
+                self.orders.fail_later_after_seconds,
+                1,
+                30 * 86_400,
+            ),
         ] {
             if value < min || value > max {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));

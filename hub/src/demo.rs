@@ -115,6 +115,7 @@ pub fn hub_config(
             ..SyncConfig::default()
         },
         compaction: crate::config::CompactionConfig::default(),
+        orders: crate::config::OrdersConfig::default(),
         regions: vec![RegionConfig {
             id: RegionId::new(REGION)?,
             fridges,
@@ -457,7 +458,7 @@ async fn converged(hub: &HubHandle, fleet: &[Device]) -> bool {
             return false;
         }
         match rx.await {
-            Ok(Some(d)) => list.push(d),
+            Ok(Some((d, _))) => list.push(d),
             _ => return false,
         }
     }

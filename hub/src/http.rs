@@ -29,6 +29,8 @@ use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, RegionError};
 use crate::store::DeviceRecord;
 
+mod orders;
+
 #[derive(Debug, Clone)]
 pub struct HubState {
     pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
@@ -125,7 +127,24 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .route("/v1/regions", get(regions))
         .route("/v1/regions/{r}/fridges", get(fridges))
         .route("/v1/regions/{r}/fridges/{f}/stock", get(stock))
-        .route("/v1/regions/{r}/orders", get(orders))
+        .route(
+            "/v1/regions/{r}/orders",
+            get(list_orders).post(orders::place),
+        )
+        .route("/v1/regions/{r}/orders/{id}", get(orders::get_order))
+        .route(
+            "/v1/regions/{r}/orders/{id}/cancel",
+            axum::routing::post(orders::cancel),
+        )
+        .route(
+            "/v1/regions/{r}/orders/{id}/payment",
+            axum::routing::post(orders::payment),
+        )
+        .route("/v1/regions/{r}/conflicts", get(orders::conflicts))
+        .route(
+            "/v1/regions/{r}/conflicts/{id}/resolve",
+            axum::routing::post(orders::resolve),
+        )
         .route("/v1/regions/{r}/devices", get(devices).post(enroll))
         .route("/v1/regions/{r}/devices/{d}", delete(revoke))
         .route(
@@ -259,7 +278,7 @@ async fn stock(
     })
     .await
     .map_err(internal)?;
-    let digest = rx.await.map_err(internal)?;
+    let (digest, escrow) = rx.await.map_err(internal)?.unzip();
     let reads = h.reads.clone();
     let now = larder_agent::writer::now_ms();
     let fid = fridge.clone();
@@ -267,17 +286,18 @@ async fn stock(
         .await
         .map_err(internal)??;
     Ok(Json(
-        json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest}),
+        json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest, "escrow": escrow}),
     ))
 }
 
 #[derive(Debug, Deserialize)]
 struct OrdersQuery {
     fridge_id: Option<String>,
+    status: Option<String>,
     limit: Option<u32>,
 }
 
-async fn orders(
+async fn list_orders(
     State(s): State<HubState>,
     headers: HeaderMap,
     Path(r): Path<String>,
@@ -297,11 +317,19 @@ async fn orders(
             e.to_string(),
         )
     })?;
+    if let Some(status) = &q.status {
+        status
+            .parse::<larder_shared::domain::OrderStatus>()
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e))?;
+    }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let reads = h.reads.clone();
-    let list = tokio::task::spawn_blocking(move || reads.orders(fridge.as_ref(), limit))
-        .await
-        .map_err(internal)??;
+    let status = q.status;
+    let list = tokio::task::spawn_blocking(move || {
+        reads.orders_with_status(fridge.as_ref(), status.as_deref(), limit)
+    })
+    .await
+    .map_err(internal)??;
     Ok(Json(json!({"orders": list})))
 }
 

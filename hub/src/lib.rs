@@ -150,6 +150,34 @@ async fn run_compactions(
 /// Starts a hub: region stores and writers, the broker (if embedded), the MQTT client and the
 /// HTTP API.
 pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, StartError> {
+    start_with_clock(config, key, larder_agent::writer::Clock::system()).await
+}
+
+/// Sends every region writer a tick every `orders.tick_interval_ms`, so what time makes due
+/// (captures after grace windows, payment timeouts, no-shows) is applied.
+async fn run_ticks(regions: Vec<RegionHandle>, every_ms: u64, mut shutdown: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_millis(every_ms.max(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for r in &regions {
+            // A full queue means the writer is busy; the next tick will do.
+            let _ = r.tx.try_send(RegionCommand::Tick);
+        }
+    }
+}
+
+/// [`start`] with the clock the region writers stamp records with and judge time by (tests
+/// and simulations move it).
+pub async fn start_with_clock(
+    config: HubConfig,
+    key: SecretKey,
+    clock: larder_agent::writer::Clock,
+) -> Result<HubHandle, StartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -172,6 +200,8 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
             config.mqtt.max_message_bytes,
             &config.sync,
             config.compaction.clone(),
+            config.orders.clone(),
+            clock.clone(),
             metrics.clone(),
         )
         .map_err(store_err)?;
@@ -265,6 +295,11 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         config.compaction.clone(),
         shutdown_rx.clone(),
     ));
+    let tick_task = tokio::spawn(run_ticks(
+        regions.values().cloned().collect(),
+        config.orders.tick_interval_ms,
+        shutdown_rx.clone(),
+    ));
     let mqtt_task = tokio::spawn(mqtt::run(ctx, shutdown_rx));
     info!(http = %http_addr, broker = %config.mqtt.broker, regions = regions.len(), "hub started");
     Ok(HubHandle {
@@ -274,7 +309,7 @@ pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, Start
         regions,
         metrics,
         shutdown_tx,
-        tasks: vec![mqtt_task, http_task, compaction_task],
+        tasks: vec![mqtt_task, http_task, compaction_task, tick_task],
         writer_threads,
     })
 }

@@ -24,6 +24,8 @@ pub struct HubMetrics {
     pub ledgers_compacted: Family<Labels, Counter>,
     pub records_archived: Family<Labels, Counter>,
     pub epoch_rows_retired: Family<Labels, Counter>,
+    pub conflicts: Family<Labels, Counter>,
+    pub order_transitions: Family<Labels, Counter>,
 }
 
 impl Default for HubMetrics {
@@ -43,7 +45,19 @@ impl Default for HubMetrics {
             ledgers_compacted: Family::default(),
             records_archived: Family::default(),
             epoch_rows_retired: Family::default(),
+            conflicts: Family::default(),
+            order_transitions: Family::default(),
         };
+        registry.register(
+            "conflicts_detected",
+            "Conflicts the hub noticed while merging (a conflict noticed again is counted again; its record is written once), by region and kind",
+            m.conflicts.clone(),
+        );
+        registry.register(
+            "order_transitions",
+            "App order status changes the hub made, by region and status",
+            m.order_transitions.clone(),
+        );
         registry.register(
             "ledgers_compacted",
             "Ledgers moved onto a new epoch by compaction, by region",

@@ -73,9 +73,10 @@ pub enum RegionCommand {
         up_to: u64,
         reply: Reply<()>,
     },
+    /// A ledger's state digest and the escrow allowance per sku the hub may spend.
     Digest {
         fridge: FridgeId,
-        reply: oneshot::Sender<Option<String>>,
+        reply: oneshot::Sender<Option<(String, BTreeMap<String, i64>)>>,
     },
     /// Compact every ledger: finished records from before `archive_before_ms` leave the live
     /// documents for the archive; then retire old epochs and prune past the retention.
@@ -83,8 +84,66 @@ pub enum RegionCommand {
         archive_before_ms: i64,
         reply: Reply<CompactionReport>,
     },
+    /// An app order placed, cancelled, paid, or a conflict resolved, through the API.
+    Order {
+        fridge: Option<FridgeId>,
+        order: Option<larder_shared::OrderId>,
+        action: OrderAction,
+        /// The request's Idempotency-Key and the hash of its method, path and body.
+        idem: Option<(String, String)>,
+        reply: Reply<ApiAnswer>,
+    },
+    /// Every conflict record of the region's ledgers.
+    Conflicts {
+        reply: oneshot::Sender<Vec<larder_shared::domain::ConflictView>>,
+    },
+    /// Apply what time has made due: payment captures after grace windows, payment timeouts,
+    /// no-shows, reservations on expired units.
+    Tick,
     /// Finish the commands taken so far and stop, even if handles to the writer remain.
     Stop,
+}
+
+/// What the API asked of an order.
+#[derive(Debug)]
+pub enum OrderAction {
+    Place {
+        order: larder_shared::domain::AppOrder,
+        fridge_online: bool,
+    },
+    Cancel,
+    Payment(larder_shared::ledger::PaymentOutcome),
+    Resolve {
+        conflict_id: String,
+        resolution: larder_shared::domain::Resolution,
+    },
+}
+
+/// An HTTP status and JSON body: the API's answer, stored for idempotent retries.
+pub type ApiAnswer = (u16, serde_json::Value);
+
+fn error_answer(status: u16, code: &str, message: impl std::fmt::Display) -> ApiAnswer {
+    (
+        status,
+        serde_json::json!({"error": {"code": code, "message": message.to_string()}}),
+    )
+}
+
+/// The API's answer for a ledger error (nothing was changed).
+fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
+    use larder_shared::ledger::LedgerError as L;
+    let (status, code) = match e {
+        L::InsufficientStock { .. } => (409, "insufficient_stock"),
+        L::OrderExists(_) => (409, "order_exists"),
+        L::UnknownSku(_) => (422, "unknown_sku"),
+        L::UnknownOrder(_) => (404, "unknown_order"),
+        L::UnknownConflict(_) => (404, "unknown_conflict"),
+        L::WrongStatus(_) => (409, "wrong_status"),
+        L::UnitNotAvailable { .. } => (409, "unit_not_available"),
+        L::Invalid(_) => (422, "invalid_request"),
+        _ => (500, "internal"),
+    };
+    error_answer(status, code, e)
 }
 
 /// What one compaction run did.
@@ -109,6 +168,7 @@ pub struct LedgerCompaction {
 }
 
 enum Pending {
+    Answer(Reply<ApiAnswer>, ApiAnswer),
     Uplink(oneshot::Sender<UplinkOutcome>, UplinkOutcome),
     Enroll(Reply<DeviceRecord>, Box<DeviceRecord>),
     Unit(Reply<()>),
@@ -131,10 +191,14 @@ pub struct RegionWriter {
     compaction: crate::config::CompactionConfig,
     /// Compactions asked for in the current group, run once it is committed.
     compactions: Vec<(i64, Reply<CompactionReport>)>,
-}
-
-fn now_ms() -> i64 {
-    larder_agent::writer::now_ms()
+    catalog: Catalog,
+    orders: crate::config::OrdersConfig,
+    clock: larder_agent::writer::Clock,
+    provider: Box<dyn larder_shared::payments::PaymentProvider>,
+    /// App orders whose capture the provider did not answer (they time out).
+    unanswered: std::collections::HashSet<larder_shared::OrderId>,
+    /// Captures to be reported failed later: when, the ledger, the order.
+    fail_later: Vec<(i64, FridgeId, larder_shared::OrderId)>,
 }
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
@@ -184,6 +248,7 @@ pub fn hub_actor() -> automerge::ActorId {
 }
 
 impl RegionWriter {
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         region: RegionId,
         store: RegionStore,
@@ -191,8 +256,17 @@ impl RegionWriter {
         max_message_bytes: usize,
         sync: &crate::config::SyncConfig,
         compaction: crate::config::CompactionConfig,
+        orders: crate::config::OrdersConfig,
+        clock: larder_agent::writer::Clock,
         metrics: Arc<HubMetrics>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let provider = Box::new(larder_shared::payments::SimulatedProvider::new(
+            region
+                .as_str()
+                .bytes()
+                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
+            orders.simulated_payments,
+        ));
         let (group_commit_max, snapshot_every_changes) =
             (sync.group_commit_max, sync.snapshot_every_changes);
         let (head_tx, head_rx) = watch::channel(store.head()?);
@@ -209,6 +283,12 @@ impl RegionWriter {
             snapshot_every_changes,
             compaction,
             compactions: Vec::new(),
+            catalog: Catalog::default(),
+            orders,
+            clock,
+            provider,
+            unanswered: std::collections::HashSet::new(),
+            fail_later: Vec::new(),
         };
         w.reload()?;
         Ok((w, head_rx))
@@ -266,6 +346,7 @@ impl RegionWriter {
             None => Catalog::default(),
         };
         if current.currency == currency && current.items == items {
+            self.catalog = current.clone();
             return Ok(current);
         }
         let next = Catalog {
@@ -282,6 +363,7 @@ impl RegionWriter {
         };
         self.store.commit(&batch)?;
         info!(region = %self.region, version = next.version, "catalog published");
+        self.catalog = next.clone();
         Ok(next)
     }
 
@@ -317,7 +399,8 @@ impl RegionWriter {
     }
 
     fn process(&mut self, group: Vec<RegionCommand>) {
-        let now = now_ms();
+        let now = self.clock.now_ms();
+        let mut in_group: HashMap<String, (String, ApiAnswer)> = HashMap::new();
         let mut batch = RegionBatch::default();
         let mut pending = Vec::new();
         let mut progress: HashMap<DeviceId, Progress> = HashMap::new();
@@ -368,12 +451,71 @@ impl RegionWriter {
                     pending.push(Pending::Unit(reply));
                 }
                 RegionCommand::Digest { fridge, reply } => {
-                    let _ = reply.send(self.ledgers.get(&fridge).map(Ledger::state_digest));
+                    let _ = reply.send(self.ledgers.get(&fridge).map(|l| {
+                        let escrow = l
+                            .escrow_skus()
+                            .into_iter()
+                            .map(|sku| {
+                                let n = l.allowance(&sku);
+                                (sku.to_string(), n)
+                            })
+                            .collect();
+                        (l.state_digest(), escrow)
+                    }));
                 }
                 RegionCommand::Compact {
                     archive_before_ms,
                     reply,
                 } => self.compactions.push((archive_before_ms, reply)),
+                RegionCommand::Order {
+                    fridge,
+                    order,
+                    action,
+                    idem,
+                    reply,
+                } => {
+                    if let Some((key, hash)) = &idem {
+                        let known = match in_group.get(key) {
+                            Some((h, a)) => Some((h.clone(), a.0, a.1.to_string())),
+                            None => self.store.idempotency(key).unwrap_or(None),
+                        };
+                        if let Some((h, status, body)) = known {
+                            let answer = if &h == hash {
+                                (status, serde_json::from_str(&body).unwrap_or_default())
+                            } else {
+                                error_answer(
+                                    409,
+                                    "idempotency_key_reused",
+                                    "this Idempotency-Key was used with another request",
+                                )
+                            };
+                            let _ = reply.send(Ok(answer));
+                            continue;
+                        }
+                    }
+                    match self.order_action(fridge, order, action, &mut batch, now) {
+                        Ok(answer) => {
+                            if let Some((key, hash)) = idem {
+                                batch.idempotency.push((
+                                    key.clone(),
+                                    hash.clone(),
+                                    answer.0,
+                                    answer.1.to_string(),
+                                ));
+                                in_group.insert(key, (hash, answer.clone()));
+                            }
+                            pending.push(Pending::Answer(reply, answer));
+                        }
+                        Err(answer) => {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
+                }
+                RegionCommand::Conflicts { reply } => {
+                    let list = self.ledgers.values().flat_map(Ledger::conflicts).collect();
+                    let _ = reply.send(list);
+                }
+                RegionCommand::Tick => self.tick(&mut batch, now),
                 RegionCommand::Stop => {}
             }
         }
@@ -434,7 +576,7 @@ impl RegionWriter {
     /// epoch, announced in each replica's downlink stream; retires old epochs every active
     /// replica has acknowledged; prunes the archive and the audit log past the retention.
     fn compact(&mut self, archive_before_ms: i64) -> Result<CompactionReport, RegionError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let storage = |e: StoreError| RegionError::Storage(e.to_string());
         let mut report = CompactionReport::default();
         let devices = self.store.devices().map_err(storage)?;
@@ -516,6 +658,12 @@ impl RegionWriter {
     fn answer(&self, pending: Vec<Pending>, result: Result<(), RegionError>) {
         for p in pending {
             match (p, &result) {
+                (Pending::Answer(reply, answer), Ok(())) => {
+                    let _ = reply.send(Ok(answer));
+                }
+                (Pending::Answer(reply, _), Err(e)) => {
+                    let _ = reply.send(Err(e.clone()));
+                }
                 (Pending::Uplink(reply, outcome), Ok(())) => {
                     let _ = reply.send(outcome);
                 }
@@ -536,6 +684,11 @@ impl RegionWriter {
     }
 
     fn enroll_check(&self, record: &DeviceRecord, batch: &RegionBatch) -> Result<(), RegionError> {
+        if record.device_id == ledger::hub_device() {
+            return Err(RegionError::Invalid(
+                "the device id hub names the hub's own writes; choose another".into(),
+            ));
+        }
         for f in &record.fridges {
             if !self.fridges.contains(f) {
                 return Err(RegionError::UnknownFridge(f.clone()));
@@ -715,13 +868,24 @@ impl RegionWriter {
     /// ledger (an apply walks the maps it touches, so one per group rather than one per
     /// envelope), and stages the projection rows.
     fn apply_staged(&mut self, batch: &mut RegionBatch) -> Result<(), String> {
+        let hub = ledger::hub_device();
         let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut authors: BTreeMap<FridgeId, std::collections::BTreeSet<DeviceId>> = BTreeMap::new();
         for c in &batch.changes {
+            // The hub's own changes are in its ledgers already.
+            if c.author == hub {
+                continue;
+            }
             by_ledger
                 .entry(c.ledger.clone())
                 .or_default()
                 .push(c.bytes.clone());
+            authors
+                .entry(c.ledger.clone())
+                .or_default()
+                .insert(c.author.clone());
         }
+        let now = self.clock.now_ms();
         for (fridge, changes) in by_ledger {
             let ledger = self
                 .ledgers
@@ -738,7 +902,230 @@ impl RegionWriter {
                     batch.orders.push(v);
                 }
             }
+            let fridge_online = authors.get(&fridge).is_some_and(|a| {
+                a.iter().any(|d| {
+                    matches!(self.store.device(d), Ok(Some((r, _))) if r.role == larder_shared::domain::Role::Fridge)
+                })
+            });
+            self.after_merge(&fridge, &touched, fridge_online, batch, now)
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// What the hub does after merging a ledger's changes from devices: moves reservations
+    /// whose units left, records the conflicts the merge revealed (one record each), and
+    /// hands back escrow above the target of a fridge that is online (it just sent).
+    fn after_merge(
+        &mut self,
+        fridge: &FridgeId,
+        touched: &Touched,
+        fridge_online: bool,
+        batch: &mut RegionBatch,
+        now: i64,
+    ) -> Result<(), larder_shared::ledger::LedgerError> {
+        let Some(ledger) = self.ledgers.get_mut(fridge) else {
+            return Ok(());
+        };
+        let mut changes = Vec::new();
+        changes.extend(ledger.repair_reservations(now)?);
+        let found = ledger.detect_conflicts(Some(touched));
+        if !found.is_empty() {
+            for c in &found {
+                self.metrics
+                    .conflicts
+                    .get_or_create(&vec![
+                        ("region", self.region.to_string()),
+                        ("kind", c.kind.as_str().to_owned()),
+                    ])
+                    .inc();
+            }
+            changes.extend(ledger.record_conflicts(found, now)?);
+        }
+        if fridge_online {
+            changes.extend(ledger.return_escrow(now)?);
+        }
+        for c in changes {
+            self.hub_change(fridge, c, batch);
+        }
+        Ok(())
+    }
+
+    /// Stages a change the hub made to a ledger: a row of the change table (so it reaches
+    /// every replica through its downlink stream) and the projection rows it touched.
+    fn hub_change(
+        &self,
+        fridge: &FridgeId,
+        change: larder_shared::ledger::LocalChange,
+        batch: &mut RegionBatch,
+    ) {
+        let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
+        batch.changes.push(StoredChange {
+            ledger: fridge.clone(),
+            author: ledger::hub_device(),
+            epoch,
+            hash: sha2::Sha256::digest(&change.bytes).into(),
+            bytes: change.bytes,
+        });
+        batch
+            .units
+            .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
+        batch.orders.extend(change.orders);
+    }
+
+    /// Carries out an order action; `Err` is an answer for a request that changed nothing.
+    fn order_action(
+        &mut self,
+        fridge: Option<FridgeId>,
+        order: Option<larder_shared::OrderId>,
+        action: OrderAction,
+        batch: &mut RegionBatch,
+        now: i64,
+    ) -> Result<ApiAnswer, ApiAnswer> {
+        let policy = self.orders.policy();
+        let fridge = match (&action, fridge) {
+            (OrderAction::Resolve { conflict_id, .. }, _) => self
+                .ledgers
+                .iter()
+                .find(|(_, l)| l.conflict(conflict_id).is_some())
+                .map(|(f, _)| f.clone())
+                .ok_or_else(|| {
+                    error_answer(
+                        404,
+                        "unknown_conflict",
+                        format!("no conflict {conflict_id} in this region"),
+                    )
+                })?,
+            (_, Some(f)) => f,
+            (_, None) => return Err(error_answer(422, "invalid_request", "no fridge given")),
+        };
+        let ledger = self.ledgers.get_mut(&fridge).ok_or_else(|| {
+            error_answer(404, "unknown_fridge", format!("no fridge {fridge} here"))
+        })?;
+        let no_order = || error_answer(404, "unknown_order", "no such order");
+        let (change, answer) = match action {
+            OrderAction::Place {
+                order,
+                fridge_online,
+            } => {
+                let (change, view) = ledger
+                    .place_order(&order, &self.catalog, fridge_online, &policy, now)
+                    .map_err(|e| ledger_error_answer(&e))?;
+                (change, (201, serde_json::json!(view)))
+            }
+            OrderAction::Cancel => {
+                let order = order.ok_or_else(no_order)?;
+                let (change, outcome) = ledger
+                    .cancel(&order, &ledger::hub_device(), &policy, now)
+                    .map_err(|e| ledger_error_answer(&e))?;
+                let answer = match outcome {
+                    ledger::CancelOutcome::Done(_) => {
+                        (200, serde_json::json!(ledger.order(&order)))
+                    }
+                    ledger::CancelOutcome::Rejected(code, why) => error_answer(409, code, why),
+                };
+                (change, answer)
+            }
+            OrderAction::Payment(outcome) => {
+                let order = order.ok_or_else(no_order)?;
+                let change = ledger
+                    .record_payment(&order, outcome, &policy, now)
+                    .map_err(|e| ledger_error_answer(&e))?;
+                (change, (200, serde_json::json!(ledger.order(&order))))
+            }
+            OrderAction::Resolve {
+                conflict_id,
+                mut resolution,
+            } => {
+                resolution.at_ms = now;
+                let (change, view) = ledger
+                    .resolve(&conflict_id, &resolution, now)
+                    .map_err(|e| ledger_error_answer(&e))?;
+                (change, (200, serde_json::json!(view)))
+            }
+        };
+        self.hub_change(&fridge, change, batch);
+        Ok(answer)
+    }
+
+    /// Applies what time has made due in every ledger.
+    fn tick(&mut self, batch: &mut RegionBatch, now: i64) {
+        use larder_shared::payments::CaptureResult;
+        let policy = self.orders.policy();
+        let simulated =
+            self.orders.payment_provider == crate::config::PaymentProviderMode::Simulated;
+        let fail_after = (self.orders.fail_later_after_seconds * 1000) as i64;
+        let mut changes = Vec::new();
+        let due_failures: Vec<(FridgeId, larder_shared::OrderId)> = {
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.fail_later.drain(..).partition(|(at, _, _)| *at <= now);
+            self.fail_later = later;
+            due.into_iter().map(|(_, f, o)| (f, o)).collect()
+        };
+        for (fridge, ledger) in self.ledgers.iter_mut() {
+            let mut result: Result<(), larder_shared::ledger::LedgerError> = Ok(());
+            if simulated {
+                for (o, record, status, _) in ledger.holding_orders() {
+                    if status != larder_shared::domain::OrderStatus::Reserved
+                        || record.channel != larder_shared::domain::Channel::App
+                        || now < ledger::grace_end(&record, &policy)
+                        || self.unanswered.contains(&o)
+                    {
+                        continue;
+                    }
+                    let outcome = match self.provider.capture(
+                        &o,
+                        record.total_minor,
+                        &record.payment.currency,
+                    ) {
+                        CaptureResult::Captured => ledger::PaymentOutcome::Captured,
+                        CaptureResult::Refused => ledger::PaymentOutcome::Refused,
+                        CaptureResult::NoAnswer => {
+                            self.unanswered.insert(o);
+                            continue;
+                        }
+                        CaptureResult::CapturedThenFails => {
+                            self.fail_later
+                                .push((now + fail_after, fridge.clone(), o.clone()));
+                            ledger::PaymentOutcome::Captured
+                        }
+                    };
+                    match ledger.record_payment(&o, outcome, &policy, now) {
+                        Ok(c) => changes.push((fridge.clone(), c)),
+                        Err(e) => result = Err(e),
+                    }
+                }
+            }
+            for (o, status, note) in ledger.due_transitions(&policy, now) {
+                self.unanswered.remove(&o);
+                match ledger.add_event(&o, status, Some(note), &ledger::hub_device(), now) {
+                    Ok(c) => changes.push((fridge.clone(), c)),
+                    Err(e) => result = Err(e),
+                }
+            }
+            for (f, o) in due_failures.iter().filter(|(f, _)| f == fridge) {
+                match ledger.add_event(
+                    o,
+                    larder_shared::domain::OrderStatus::PaymentFailedAfterSale,
+                    Some("the payment provider reported the capture failed".into()),
+                    &ledger::hub_device(),
+                    now,
+                ) {
+                    Ok(c) => changes.push((f.clone(), c)),
+                    Err(e) => result = Err(e),
+                }
+            }
+            match ledger.repair_reservations(now) {
+                Ok(Some(c)) => changes.push((fridge.clone(), c)),
+                Ok(None) => {}
+                Err(e) => result = Err(e),
+            }
+            if let Err(e) = result {
+                warn!(region = %self.region, fridge = %fridge, error = %e, "applying due transitions failed");
+            }
+        }
+        for (fridge, c) in changes {
+            self.hub_change(&fridge, c, batch);
+        }
     }
 }

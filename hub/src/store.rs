@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS archive (
 CREATE INDEX IF NOT EXISTS archive_record ON archive (kind, record_id);
 CREATE INDEX IF NOT EXISTS archive_age ON archive (archived_at_ms);
 CREATE INDEX IF NOT EXISTS changes_ledger ON changes (ledger, id);
+-- Answers to API requests that carried an Idempotency-Key, stored with what they did.
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, status INTEGER NOT NULL,
+    response TEXT NOT NULL, created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
 ";
@@ -127,6 +131,8 @@ pub struct RegionBatch {
     pub enroll: Vec<DeviceRecord>,
     pub revoke: Vec<(DeviceId, i64)>,
     pub meta: Vec<(&'static str, String)>,
+    /// Idempotency records: key, request hash, HTTP status, response body.
+    pub idempotency: Vec<(String, String, u16, String)>,
 }
 
 impl RegionBatch {
@@ -138,6 +144,7 @@ impl RegionBatch {
             && self.enroll.is_empty()
             && self.revoke.is_empty()
             && self.meta.is_empty()
+            && self.idempotency.is_empty()
     }
 }
 
@@ -430,9 +437,29 @@ impl RegionStore {
             .optional()?)
     }
 
+    /// The stored answer to an idempotent request: request hash, status and body.
+    pub fn idempotency(&self, key: &str) -> Result<Option<(String, u16, String)>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT request_sha256, status, response FROM idempotency WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?)
+    }
+
     pub fn commit(&mut self, b: &RegionBatch) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
+            let mut idem = tx.prepare_cached(
+                "INSERT OR IGNORE INTO idempotency (key, request_sha256, status, response, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let now = larder_agent::writer::now_ms();
+            for (k, h, status, body) in &b.idempotency {
+                idem.execute(params![k, h, status, body, now])?;
+            }
             let mut change = tx.prepare_cached(
                 "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes, epoch)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -619,6 +646,29 @@ impl RegionReads {
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError> {
         self.with(|c| projection::orders(c, fridge, None, limit))
+    }
+
+    /// Orders, newest first, optionally of one fridge and one status.
+    pub fn orders_with_status(
+        &self,
+        fridge: Option<&FridgeId>,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        self.with(|c| projection::orders(c, fridge, status, limit))
+    }
+
+    /// One order as the hub's projection holds it.
+    pub fn order(&self, order: &str) -> Result<Option<OrderView>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT view FROM orders WHERE order_id = ?1",
+                [order],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(|v| v.and_then(|json| serde_json::from_str(&json).ok()))
+        })
     }
 
     pub fn order_exists(&self, order: &str) -> Result<bool, StoreError> {

@@ -63,6 +63,17 @@ pub async fn start_hub_with(
     fridges: u32,
     tweak: impl Fn(&mut larder_hub::config::HubConfig),
 ) -> Result<HubHandle> {
+    start_hub_with_clock(dir, fridges, tweak, larder_agent::writer::Clock::system()).await
+}
+
+/// [`start_hub_with`] with the clock the hub judges time by (tests move it instead of
+/// waiting).
+pub async fn start_hub_with_clock(
+    dir: &Path,
+    fridges: u32,
+    tweak: impl Fn(&mut larder_hub::config::HubConfig),
+    clock: larder_agent::writer::Clock,
+) -> Result<HubHandle> {
     let mut last = None;
     for _ in 0..5 {
         let port = larder_hub::mqtt::free_port()?;
@@ -73,7 +84,7 @@ pub async fn start_hub_with(
             larder_hub::http::token_sha256(ADMIN_TOKEN),
         )?;
         tweak(&mut config);
-        match larder_hub::start(config, seeded_key(7, "hub")).await {
+        match larder_hub::start_with_clock(config, seeded_key(7, "hub"), clock.clone()).await {
             Ok(h) => return Ok(h),
             Err(e @ larder_hub::StartError::Broker(_)) => last = Some(e),
             Err(e) => return Err(e.into()),
@@ -151,6 +162,63 @@ pub async fn start_agent(
     )?;
     config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
     Ok(larder_agent::start(config, key).await?)
+}
+
+/// Starts an in-process agent (after enrolling it) with its config adjusted by `tweak` and
+/// its records stamped by `clock`.
+pub async fn start_agent_with(
+    dir: &Path,
+    hub: &HubHandle,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+    tweak: impl Fn(&mut larder_agent::config::AgentConfig),
+    clock: larder_agent::writer::Clock,
+) -> Result<AgentHandle> {
+    let key = seeded_key(7, device);
+    enroll(
+        &format!("http://{}", hub.http_addr),
+        device,
+        role,
+        fridges,
+        &key.public(),
+    )
+    .await?;
+    let mut config = agent_config(
+        &dir.join(device),
+        device,
+        role,
+        &fridge_ids(fridges),
+        hub.public_key,
+        &hub.broker,
+    )?;
+    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    tweak(&mut config);
+    Ok(larder_agent::start_with_clock(config, key, clock).await?)
+}
+
+/// POSTs JSON (with the admin token and an Idempotency-Key); returns the status and body.
+pub async fn post(url: &str, key: &str, body: &Value) -> Result<(u16, Value)> {
+    let resp = http()
+        .post(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// GETs JSON with the admin token.
+pub async fn get(url: &str) -> Result<Value> {
+    Ok(http()
+        .get(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 /// The agent's health document.

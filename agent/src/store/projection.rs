@@ -86,7 +86,8 @@ pub fn stock(
     let mut stmt = c.prepare_cached(
         "SELECT sku,
             SUM(state = 'available' AND expires_at_ms > ?2),
-            SUM(state = 'available' AND expires_at_ms > ?2 AND expires_at_ms <= ?3)
+            SUM(state = 'reserved' AND expires_at_ms > ?2),
+            SUM(state IN ('available', 'reserved') AND expires_at_ms > ?2 AND expires_at_ms <= ?3)
          FROM units WHERE fridge = ?1 GROUP BY sku ORDER BY sku",
     )?;
     let skus = stmt
@@ -94,8 +95,8 @@ pub fn stock(
             Ok(SkuStock {
                 sku: r.get(0)?,
                 available: r.get::<_, i64>(1)? as u64,
-                reserved: 0,
-                expiring_24h: r.get::<_, i64>(2)? as u64,
+                reserved: r.get::<_, i64>(2)? as u64,
+                expiring_24h: r.get::<_, i64>(3)? as u64,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -109,7 +110,9 @@ pub fn stock(
                 .and_then(|json| serde_json::from_str::<UnitView>(&json).ok())
         })
         .map(|mut u| {
-            if u.state == UnitState::Available && u.facts.expires_at_ms <= now_ms {
+            if matches!(u.state, UnitState::Available | UnitState::Reserved)
+                && u.facts.expires_at_ms <= now_ms
+            {
                 u.state = UnitState::Expired;
             }
             u

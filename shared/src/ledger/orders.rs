@@ -63,6 +63,8 @@ pub enum PaymentOutcome {
 const ESCROW_GRANTED: &str = "granted";
 const ESCROW_RETURNED: &str = "returned";
 const ESCROW_CONSUMED: &str = "consumed";
+/// The escrow key holding the share the fridge grants by.
+const ESCROW_SHARE: &str = "share";
 
 /// When an order's free cancellation ends.
 pub fn grace_end(record: &OrderRecord, policy: &OrderPolicy) -> i64 {
@@ -252,6 +254,10 @@ impl Ledger {
         now_ms: i64,
     ) -> Result<Option<LocalChange>, LedgerError> {
         let mut puts = Vec::new();
+        let share_text = format!("{share:.3}");
+        if self.get_str(&self.maps.escrow, ESCROW_SHARE).as_deref() != Some(share_text.as_str()) {
+            puts.push((ESCROW_SHARE.to_owned(), share_text));
+        }
         for sku in self.stocked_skus() {
             let target = self.escrow_target(&sku, share, now_ms);
             let have = self.allowance(&sku);
@@ -263,20 +269,28 @@ impl Ledger {
         self.put_escrow(puts, now_ms)
     }
 
-    /// The hub hands back allowance above the target (only the hub calls this, after merging
-    /// what an online fridge sent). `None` when nothing changes.
-    pub fn return_escrow(
-        &mut self,
-        share: f64,
-        now_ms: i64,
-    ) -> Result<Option<LocalChange>, LedgerError> {
-        let mut puts = Vec::new();
-        let skus: BTreeSet<Sku> = self
-            .doc
+    /// Every sku with escrow counters.
+    pub fn escrow_skus(&self) -> BTreeSet<Sku> {
+        self.doc
             .keys(&self.maps.escrow)
             .filter_map(|k| k.split_once('/').and_then(|(s, _)| Sku::new(s).ok()))
-            .collect();
-        for sku in skus {
+            .collect()
+    }
+
+    /// The share the fridge grants by (it records it with its grants), so both sides aim at
+    /// one target.
+    pub fn escrow_share(&self) -> f64 {
+        self.get_str(&self.maps.escrow, ESCROW_SHARE)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The hub hands back allowance above the fridge's target (only the hub calls this, after
+    /// merging what an online fridge sent). `None` when nothing changes.
+    pub fn return_escrow(&mut self, now_ms: i64) -> Result<Option<LocalChange>, LedgerError> {
+        let share = self.escrow_share();
+        let mut puts = Vec::new();
+        for sku in self.escrow_skus() {
             let target = self.escrow_target(&sku, share, now_ms);
             let have = self.allowance(&sku);
             if have > target {
@@ -531,6 +545,23 @@ impl Ledger {
             PaymentOutcome::Refused => OrderStatus::PaymentRefused,
         };
         self.add_event(order, next, None, &hub_device(), now_ms)
+    }
+
+    /// Card payments `by` took offline that no capture outcome has settled yet.
+    pub fn pending_payments(&self, by: &DeviceId) -> Vec<OrderRecord> {
+        self.order_ids()
+            .iter()
+            .filter_map(|o| self.record(o))
+            .filter(|r| r.payment_pending && &r.created_by == by)
+            .filter(|r| {
+                !self.history(&r.order_id).iter().any(|e| {
+                    matches!(
+                        e.status,
+                        OrderStatus::PaymentCaptured | OrderStatus::PaymentFailedAfterSale
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Orders holding units, with their records and statuses, in id order.

@@ -640,12 +640,7 @@ fn escrow_bounds_what_the_hub_promises_for_an_offline_fridge() {
     assert_eq!(held, vec![id::<UnitId>("l10"), id("l9")]);
     // With the fridge online again, the hub hands back what is above the target.
     assert_eq!(r.hub.allowance(&id("lasagna")), 0);
-    assert!(
-        r.hub
-            .return_escrow(0.25, T0 + 40)
-            .expect("return")
-            .is_none()
-    );
+    assert!(r.hub.return_escrow(T0 + 40).expect("return").is_none());
 }
 
 #[test]
@@ -667,7 +662,7 @@ fn the_hub_returns_allowance_above_the_target() {
     }
     r.sync();
     r.hub
-        .return_escrow(0.5, T0 + 10)
+        .return_escrow(T0 + 10)
         .expect("return")
         .expect("a return");
     r.sync();

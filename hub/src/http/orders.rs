@@ -1,0 +1,341 @@
+//! The hub's order and conflict routes: app orders (place, read, cancel, payment outcome) and
+//! the conflict queue. Writes go through the region writer, which answers only after its
+//! commit; reads come from the projection.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use larder_agent::api::{ApiError, parse_body};
+use larder_shared::domain::{
+    AppOrder, AppOrderLine, Channel, ConflictView, Resolution, ResolutionAction, Role,
+};
+use larder_shared::ledger::PaymentOutcome;
+use larder_shared::{FridgeId, OrderId, Sku};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::{HubState, authorize, internal, region};
+use crate::RegionHandle;
+use crate::config::TokenRole;
+use crate::region::{ApiAnswer, OrderAction, RegionCommand};
+
+const ANYONE: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
+
+/// Sends an order action to the region writer and turns its answer into a response.
+async fn submit(
+    h: &RegionHandle,
+    fridge: Option<FridgeId>,
+    order: Option<OrderId>,
+    action: OrderAction,
+    idem: Option<larder_agent::writer::Idem>,
+) -> Result<Response, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    h.tx.try_send(RegionCommand::Order {
+        fridge,
+        order,
+        action,
+        idem: idem.map(|i| (i.key, i.request_sha256)),
+        reply,
+    })
+    .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
+    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(body)).into_response())
+}
+
+fn unknown_fridge(f: &str, r: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_fridge",
+        format!("no fridge {f} in region {r}"),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    customer_id: String,
+    fridge_id: String,
+    lines: Vec<LineBody>,
+    /// The client's own id for the order (generated when absent).
+    #[serde(default)]
+    order_id: Option<OrderId>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: Sku,
+    quantity: u32,
+}
+
+/// A fresh order id: `app-` and 16 random hex digits.
+fn new_order_id() -> Result<OrderId, ApiError> {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).map_err(internal)?;
+    OrderId::new(format!("app-{}", hex::encode(bytes))).map_err(internal)
+}
+
+/// Whether the fridge's own device is online (its presence, as the MQTT task last heard).
+fn fridge_online(h: &RegionHandle, fridge: &FridgeId) -> Result<bool, ApiError> {
+    let devices = h.reads.devices()?;
+    let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
+    Ok(devices.iter().any(|(d, _)| {
+        d.role == Role::Fridge
+            && d.revoked_at_ms.is_none()
+            && d.fridges.contains(fridge)
+            && presence.get(&d.device_id).copied().unwrap_or(false)
+    }))
+}
+
+pub(super) async fn place(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
+    let h = region(&s, &r)?.clone();
+    let (req, bytes): (PlaceBody, _) = parse_body(body)?;
+    if req.customer_id.is_empty() || req.customer_id.len() > 128 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "customer_id must be 1 to 128 bytes",
+        ));
+    }
+    let fridge = FridgeId::new(req.fridge_id.as_str())
+        .ok()
+        .filter(|f| h.config.fridges.iter().any(|c| &c.id == f))
+        .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
+    let idem =
+        larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
+    let order_id = match req.order_id {
+        Some(id) => id,
+        None => new_order_id()?,
+    };
+    let online = {
+        let h = h.clone();
+        let f = fridge.clone();
+        tokio::task::spawn_blocking(move || fridge_online(&h, &f))
+            .await
+            .map_err(internal)??
+    };
+    let order = AppOrder {
+        order_id,
+        customer_id: req.customer_id,
+        channel: Channel::App,
+        lines: req
+            .lines
+            .into_iter()
+            .map(|l| AppOrderLine {
+                sku: l.sku,
+                quantity: l.quantity,
+            })
+            .collect(),
+        subscription_id: None,
+    };
+    submit(
+        &h,
+        Some(fridge),
+        None,
+        OrderAction::Place {
+            order,
+            fridge_online: online,
+        },
+        idem,
+    )
+    .await
+}
+
+pub(super) async fn get_order(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &ANYONE)?;
+    let h = region(&s, &r)?;
+    let reads = h.reads.clone();
+    let found = tokio::task::spawn_blocking(move || reads.order(&id))
+        .await
+        .map_err(internal)??;
+    match found {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_order",
+            "no such order in this region",
+        )),
+    }
+}
+
+/// The fridge holding an order, from the projection: 404 if the region has no such order.
+async fn fridge_of(h: &RegionHandle, id: &str) -> Result<(OrderId, FridgeId), ApiError> {
+    let reads = h.reads.clone();
+    let key = id.to_owned();
+    let found = tokio::task::spawn_blocking(move || reads.order(&key))
+        .await
+        .map_err(internal)??;
+    let view = found.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_order",
+            "no such order in this region",
+        )
+    })?;
+    Ok((view.record.order_id, view.record.fridge_id))
+}
+
+pub(super) async fn cancel(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
+    let h = region(&s, &r)?.clone();
+    let bytes =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/orders/{id}/cancel"),
+        &bytes,
+    )?;
+    let (order, fridge) = fridge_of(&h, &id).await?;
+    submit(&h, Some(fridge), Some(order), OrderAction::Cancel, idem).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PaymentBody {
+    outcome: PaymentOutcome,
+}
+
+pub(super) async fn payment(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
+    let h = region(&s, &r)?.clone();
+    let (req, bytes): (PaymentBody, _) = parse_body(body)?;
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/orders/{id}/payment"),
+        &bytes,
+    )?;
+    let (order, fridge) = fridge_of(&h, &id).await?;
+    submit(
+        &h,
+        Some(fridge),
+        Some(order),
+        OrderAction::Payment(req.outcome),
+        idem,
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ConflictsQuery {
+    /// `open` (default), `resolved` or `all`.
+    status: Option<String>,
+}
+
+pub(super) async fn conflicts(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    Query(q): Query<ConflictsQuery>,
+) -> Result<Response, ApiError> {
+    authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
+    let h = region(&s, &r)?;
+    let wanted = q.status.unwrap_or_else(|| "open".into());
+    if !matches!(wanted.as_str(), "open" | "resolved" | "all") {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "status is open, resolved or all",
+        ));
+    }
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(RegionCommand::Conflicts { reply })
+        .await
+        .map_err(internal)?;
+    let list: Vec<ConflictView> = rx.await.map_err(internal)?;
+    let list: Vec<ConflictView> = list
+        .into_iter()
+        .filter(|c| wanted == "all" || c.status == wanted)
+        .collect();
+    Ok(Json(json!({ "conflicts": list })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    action: ResolutionAction,
+    #[serde(default)]
+    note: Option<String>,
+    #[serde(default)]
+    unit_id: Option<larder_shared::UnitId>,
+}
+
+pub(super) async fn resolve(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let token = authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
+    let by = match token.role {
+        TokenRole::Admin => "admin",
+        TokenRole::Kitchen => "kitchen",
+        TokenRole::App => "app",
+    };
+    let h = region(&s, &r)?.clone();
+    let (req, bytes): (ResolveBody, _) = parse_body(body)?;
+    if req.note.as_ref().is_some_and(|n| n.len() > 1000) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "note is at most 1000 bytes",
+        ));
+    }
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/conflicts/{id}/resolve"),
+        &bytes,
+    )?;
+    let resolution = Resolution {
+        action: req.action,
+        by: by.into(),
+        at_ms: 0,
+        note: req.note,
+        unit_id: req.unit_id,
+    };
+    submit(
+        &h,
+        None,
+        None,
+        OrderAction::Resolve {
+            conflict_id: id,
+            resolution,
+        },
+        idem,
+    )
+    .await
+}
