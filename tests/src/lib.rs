@@ -286,7 +286,7 @@ pub fn price(sku: &str) -> i64 {
         .map_or(0, |i| i.price_minor)
 }
 
-/// Sells one unit; returns the HTTP status and body.
+/// Sells one unit, paid in cash; returns the HTTP status and body.
 pub async fn sell_unit(
     client: &reqwest::Client,
     url: &str,
@@ -301,7 +301,7 @@ pub async fn sell_unit(
         .json(&json!({
             "fridge_id": fridge,
             "lines": [{"sku": sku, "unit_id": unit, "quantity": 1}],
-            "payment": {"method": "card", "amount_minor": price(sku), "currency": "EUR"},
+            "payment": {"method": "cash", "amount_minor": price(sku), "currency": "EUR"},
         }))
         .send()
         .await?;
