@@ -42,7 +42,7 @@ async fn the_hub_promises_an_offline_fridge_only_its_escrow() -> anyhow::Result<
 
     cut_off(&fridge).await?;
     eventually(WAIT, "the hub to see the fridge offline", || async {
-        (fridge_online(&hub_http).await? == false).then_some(())
+        (!fridge_online(&hub_http).await?).then_some(())
     })
     .await?;
     let place = |id: &'static str| {
