@@ -181,6 +181,7 @@ pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
         .route("/v1/sales", post(sale))
         .route("/v1/door-sessions", post(door_session))
         .route("/v1/removals", post(removal))
+        .route("/v1/temperature", post(temperature))
         .route("/v1/stock", get(stock))
         .route("/v1/orders", get(orders))
         .route("/v1/orders/{order_id}", get(order))
@@ -424,6 +425,36 @@ async fn removal(
     Ok((StatusCode::CREATED, Json(outcome_json(&outcome))).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemperatureBody {
+    fridge_id: FridgeId,
+    celsius: f64,
+    at: Timestamp,
+}
+
+async fn temperature(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (req, bytes): (TemperatureBody, _) = parse_body(body)?;
+    if !req.celsius.is_finite() || !(-100.0..=200.0).contains(&req.celsius) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "celsius must be a reading between -100 and 200",
+        ));
+    }
+    let idem = idempotency(&headers, "/v1/temperature", &bytes)?;
+    let action = Action::Temperature {
+        celsius: req.celsius,
+        at_ms: req.at.as_millisecond(),
+    };
+    let outcome = run(&s, req.fridge_id, action, idem).await?;
+    outcome_response(&outcome, StatusCode::ACCEPTED)
+}
+
 /// The contract's code for a refused cancel.
 pub fn cancel_refusal_code(code: &str) -> &'static str {
     match code {
@@ -527,6 +558,16 @@ fn outcome_json(outcome: &Outcome) -> serde_json::Value {
             "units_taken": matches,
         }),
         Outcome::Cancel { order, .. } => json!(order),
+        Outcome::Temperature {
+            fridge_id,
+            excursion_since_ms,
+            quarantined,
+        } => json!({
+            "fridge_id": fridge_id,
+            "excursion": excursion_since_ms.is_some(),
+            "excursion_since": excursion_since_ms.and_then(rfc3339),
+            "quarantined_units": quarantined,
+        }),
     }
 }
 

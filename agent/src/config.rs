@@ -43,6 +43,28 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub orders: OrdersConfig,
+    #[serde(default)]
+    pub temperature: TemperatureConfig,
+}
+
+/// When a fridge's units are quarantined for warmth.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TemperatureConfig {
+    /// Readings above this start (or continue) an excursion.
+    pub max_celsius: f64,
+    /// An excursion this long quarantines every unit in the fridge (removal reason
+    /// `temperature`).
+    pub excursion_minutes: u64,
+}
+
+impl Default for TemperatureConfig {
+    fn default() -> Self {
+        Self {
+            max_celsius: 5.0,
+            excursion_minutes: 30,
+        }
+    }
 }
 
 /// Escrow and the offline payment risk budget.
@@ -286,13 +308,25 @@ impl AgentConfig {
                 self.orders.escrow_share
             )));
         }
+        if !(-30.0..=30.0).contains(&self.temperature.max_celsius) {
+            p.push(Problem(format!(
+                "temperature.max_celsius: {} is outside -30.0..=30.0",
+                self.temperature.max_celsius
+            )));
+        }
         let rates = self.orders.simulated_payments;
         if rates.refuse_per_mille + rates.no_answer_per_mille + rates.fail_later_per_mille > 1000 {
             p.push(Problem(
                 "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
             ));
         }
-        let ranges: [(&str, u64, u64, u64); 14] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
+            (
+                "temperature.excursion_minutes",
+                self.temperature.excursion_minutes,
+                1,
+                24 * 60,
+            ),
             (
                 "orders.offline_card_payments_max",
                 self.orders.offline_card_payments_max,

@@ -52,6 +52,13 @@ pub enum Outcome {
         fridge_id: FridgeId,
         units: usize,
     },
+    /// A temperature reading: the excursion it is part of, if any, and the units it
+    /// quarantined.
+    Temperature {
+        fridge_id: FridgeId,
+        excursion_since_ms: Option<i64>,
+        quarantined: Vec<UnitId>,
+    },
     /// A cancel: done, or refused with the contract's code and why (the refusal is recorded in
     /// the order's history).
     Cancel {
@@ -124,6 +131,11 @@ pub enum Action {
     },
     Cancel {
         order: OrderId,
+    },
+    /// A temperature reading from the fridge's controller.
+    Temperature {
+        celsius: f64,
+        at_ms: i64,
     },
 }
 
@@ -243,6 +255,10 @@ pub struct Writer {
     shared: Arc<Shared>,
     outbox_head_tx: watch::Sender<u64>,
     orders: crate::config::OrdersConfig,
+    temperature: crate::config::TemperatureConfig,
+    /// Ongoing temperature excursions per fridge: since when, the peak, and whether its units
+    /// were quarantined already. Kept in memory: after a restart an excursion starts over.
+    excursions: HashMap<FridgeId, (i64, f64, bool)>,
     /// Card payments this device took offline, not yet captured.
     uncaptured: BTreeMap<OrderId, PendingCapture>,
 }
@@ -335,6 +351,8 @@ impl Writer {
             shared,
             outbox_head_tx,
             orders: agent.orders.clone(),
+            temperature: agent.temperature.clone(),
+            excursions: HashMap::new(),
             uncaptured: BTreeMap::new(),
         };
         writer.reload_ledgers()?;
@@ -868,7 +886,7 @@ impl Writer {
                 let change = ledger.refill(&refill, &device, now)?;
                 let units = refill.units.len();
                 (
-                    change,
+                    Some(change),
                     Outcome::Refilled {
                         fridge_id: fridge.clone(),
                         units,
@@ -919,7 +937,7 @@ impl Writer {
                         },
                     );
                 }
-                (change, Outcome::Sold(Box::new(view)))
+                (Some(change), Outcome::Sold(Box::new(view)))
             }
             Action::DoorSession {
                 mut session,
@@ -940,7 +958,7 @@ impl Writer {
                     .map(|(unit_id, matched)| UnitMatch { unit_id, matched })
                     .collect();
                 (
-                    change,
+                    Some(change),
                     Outcome::DoorSession {
                         fridge_id: fridge.clone(),
                         session_id: session.session_id,
@@ -951,7 +969,7 @@ impl Writer {
             Action::Removal { units, reason } => {
                 let change = ledger.remove(&units, reason, now)?;
                 (
-                    change,
+                    Some(change),
                     Outcome::Removed {
                         fridge_id: fridge.clone(),
                         units: units.len(),
@@ -975,15 +993,22 @@ impl Writer {
                     ledger::CancelOutcome::Rejected(code, why) => Some((code.to_owned(), why)),
                 };
                 (
-                    change,
+                    Some(change),
                     Outcome::Cancel {
                         order: Box::new(view),
                         refused,
                     },
                 )
             }
+            Action::Temperature { celsius, at_ms } => {
+                let (change, outcome) = self.temperature(fridge, celsius, at_ms, now)?;
+                (change, outcome)
+            }
         };
-        self.record_local(fridge, change, batch);
+        let changed = change.is_some();
+        if let Some(change) = change {
+            self.record_local(fridge, change, batch);
+        }
         if let Some(idem) = idem {
             let json = serde_json::to_string(&outcome).unwrap_or_default();
             batch
@@ -997,7 +1022,59 @@ impl Writer {
         if matches!(outcome, Outcome::Sold(_)) {
             self.shared.metrics.sales.inc();
         }
-        Ok((outcome, true))
+        Ok((outcome, changed))
+    }
+
+    /// Takes a temperature reading. Above `max_celsius` an excursion starts (or goes on); once
+    /// it has lasted `excursion_minutes`, every unit in the fridge is quarantined. A reading at
+    /// or below the limit ends the excursion.
+    fn temperature(
+        &mut self,
+        fridge: &FridgeId,
+        celsius: f64,
+        at_ms: i64,
+        now: i64,
+    ) -> Result<(Option<LocalChange>, Outcome), CommandError> {
+        let outcome = |since, quarantined| Outcome::Temperature {
+            fridge_id: fridge.clone(),
+            excursion_since_ms: since,
+            quarantined,
+        };
+        if celsius <= self.temperature.max_celsius {
+            self.excursions.remove(fridge);
+            return Ok((None, outcome(None, Vec::new())));
+        }
+        let e = self
+            .excursions
+            .entry(fridge.clone())
+            .or_insert((at_ms, celsius, false));
+        e.1 = e.1.max(celsius);
+        let (since, peak, done) = *e;
+        let due = at_ms - since >= (self.temperature.excursion_minutes as i64) * 60_000;
+        if done || !due {
+            return Ok((None, outcome(Some(since), Vec::new())));
+        }
+        let incident = larder_shared::domain::Incident {
+            kind: "temperature_excursion".into(),
+            fridge_id: fridge.clone(),
+            since_ms: since,
+            at_ms,
+            max_celsius: self.temperature.max_celsius,
+            peak_celsius: peak,
+            units: Vec::new(),
+            by: self.device.clone(),
+        };
+        let ledger = self
+            .ledgers
+            .get_mut(fridge)
+            .ok_or_else(|| CommandError::UnknownFridge(fridge.clone()))?;
+        let (change, units) = ledger.quarantine(&incident, now)?;
+        if let Some(e) = self.excursions.get_mut(fridge) {
+            e.2 = true;
+        }
+        warn!(fridge = %fridge, since_ms = since, peak_celsius = peak, units = units.len(),
+            "temperature excursion: the fridge's units are quarantined");
+        Ok((Some(change), outcome(Some(since), units)))
     }
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {

@@ -458,7 +458,7 @@ async fn converged(hub: &HubHandle, fleet: &[Device]) -> bool {
             return false;
         }
         match rx.await {
-            Ok(Some((d, _))) => list.push(d),
+            Ok(Some(s)) => list.push(s.state_digest),
             _ => return false,
         }
     }

@@ -278,7 +278,7 @@ async fn stock(
     })
     .await
     .map_err(internal)?;
-    let (digest, escrow) = rx.await.map_err(internal)?.unzip();
+    let summary = rx.await.map_err(internal)?;
     let reads = h.reads.clone();
     let now = larder_agent::writer::now_ms();
     let fid = fridge.clone();
@@ -286,7 +286,10 @@ async fn stock(
         .await
         .map_err(internal)??;
     Ok(Json(
-        json!({"fridge_id": fridge, "skus": skus, "units": units, "state_digest": digest, "escrow": escrow}),
+        json!({"fridge_id": fridge, "skus": skus, "units": units,
+            "state_digest": summary.as_ref().map(|s| &s.state_digest),
+            "escrow": summary.as_ref().map(|s| &s.escrow),
+            "incidents": summary.as_ref().map(|s| &s.incidents)}),
     ))
 }
 

@@ -73,10 +73,11 @@ pub enum RegionCommand {
         up_to: u64,
         reply: Reply<()>,
     },
-    /// A ledger's state digest and the escrow allowance per sku the hub may spend.
+    /// A ledger's state digest, the escrow allowance per sku the hub may spend, and the
+    /// fridge's incidents.
     Digest {
         fridge: FridgeId,
-        reply: oneshot::Sender<Option<(String, BTreeMap<String, i64>)>>,
+        reply: oneshot::Sender<Option<LedgerSummary>>,
     },
     /// Compact every ledger: finished records from before `archive_before_ms` leave the live
     /// documents for the archive; then retire old epochs and prune past the retention.
@@ -144,6 +145,14 @@ fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
         _ => (500, "internal"),
     };
     error_answer(status, code, e)
+}
+
+/// What the stock view shows of a ledger beyond its projection.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LedgerSummary {
+    pub state_digest: String,
+    pub escrow: BTreeMap<String, i64>,
+    pub incidents: Vec<larder_shared::domain::Incident>,
 }
 
 /// What one compaction run did.
@@ -460,7 +469,11 @@ impl RegionWriter {
                                 (sku.to_string(), n)
                             })
                             .collect();
-                        (l.state_digest(), escrow)
+                        LedgerSummary {
+                            state_digest: l.state_digest(),
+                            escrow,
+                            incidents: l.incidents(),
+                        }
                     }));
                 }
                 RegionCommand::Compact {

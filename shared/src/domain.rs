@@ -461,3 +461,17 @@ pub struct AppOrder {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscription_id: Option<String>,
 }
+
+/// Something that happened to a fridge as a whole: a temperature excursion and the units it
+/// quarantined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub kind: String,
+    pub fridge_id: crate::ids::FridgeId,
+    pub since_ms: i64,
+    pub at_ms: i64,
+    pub max_celsius: f64,
+    pub peak_celsius: f64,
+    pub units: Vec<UnitId>,
+    pub by: DeviceId,
+}

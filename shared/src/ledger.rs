@@ -17,6 +17,7 @@
 //! | `escrow`  | `{sku}/granted`, `/returned`, `/consumed` | cumulative count       |
 //! | `conflicts` | conflict id                         | [`ConflictRecord`](crate::domain::ConflictRecord) |
 //! | `resolutions` | conflict id                       | [`Resolution`](crate::domain::Resolution) |
+//! | `incidents` | `temperature/{since_ms}`            | [`Incident`](crate::domain::Incident) |
 //!
 //! A transition writes its own key instead of overwriting a shared state field, so two devices
 //! that sell one unit offline both write `sold[unit]` and Automerge keeps both values: the
@@ -46,7 +47,7 @@ pub const ORDER_LINES_MAX: usize = 50;
 /// Units one refill or door session may carry.
 pub const UNITS_PER_REQUEST_MAX: usize = 1000;
 
-const MAP_NAMES: [&str; 10] = [
+const MAP_NAMES: [&str; 11] = [
     "units",
     "sold",
     "taken",
@@ -57,6 +58,7 @@ const MAP_NAMES: [&str; 10] = [
     "escrow",
     "conflicts",
     "resolutions",
+    "incidents",
 ];
 
 /// The Automerge actor a device writes with.
@@ -154,6 +156,7 @@ struct Maps {
     escrow: ObjId,
     conflicts: ObjId,
     resolutions: ObjId,
+    incidents: ObjId,
 }
 
 impl Maps {
@@ -169,6 +172,7 @@ impl Maps {
             "escrow" => &self.escrow,
             "conflicts" => &self.conflicts,
             "resolutions" => &self.resolutions,
+            "incidents" => &self.incidents,
             _ => &self.events,
         }
     }
@@ -227,6 +231,7 @@ fn find_maps(doc: &Automerge) -> Result<Maps, LedgerError> {
         escrow: get("escrow")?,
         conflicts: get("conflicts")?,
         resolutions: get("resolutions")?,
+        incidents: get("incidents")?,
     })
 }
 
@@ -1047,6 +1052,53 @@ impl Ledger {
             grace_until_ms: None,
             payment_pending: false,
         })
+    }
+
+    /// Quarantines every unit still in the fridge after a temperature excursion: each is
+    /// removed with reason `temperature` (its own key, so concurrent records merge), and the
+    /// incident is recorded under the excursion's start (also when no unit was left).
+    pub fn quarantine(
+        &mut self,
+        incident: &crate::domain::Incident,
+        now_ms: i64,
+    ) -> Result<(LocalChange, Vec<UnitId>), LedgerError> {
+        let units: Vec<UnitId> = self
+            .unsold
+            .values()
+            .flatten()
+            .map(|(_, u)| u.clone())
+            .collect();
+        let mut incident = incident.clone();
+        incident.units = units.clone();
+        let mut touched = Touched::default();
+        let mut tx = self.doc.transaction();
+        for unit in &units {
+            tx.put(
+                &self.maps.removed,
+                unit.as_str(),
+                to_json(&RemovalReason::Temperature),
+            )?;
+            touched.units.insert(unit.clone());
+        }
+        tx.put(
+            &self.maps.incidents,
+            format!("temperature/{:016}", incident.since_ms.max(0)),
+            to_json(&incident),
+        )?;
+        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        for unit in &touched.units {
+            self.reindex(unit);
+        }
+        Ok((self.last_local_change(touched)?, units))
+    }
+
+    /// Every recorded incident (temperature excursions), oldest first.
+    pub fn incidents(&self) -> Vec<crate::domain::Incident> {
+        self.doc
+            .keys(&self.maps.incidents)
+            .filter_map(|k| self.get_str(&self.maps.incidents, &k))
+            .filter_map(|json| serde_json::from_str(&json).ok())
+            .collect()
     }
 
     /// Records units leaving the fridge unsold.
