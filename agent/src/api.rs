@@ -247,6 +247,7 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "disk_free_bytes": s.shared.disk_free_bytes.load(Ordering::Relaxed),
         "storage_low": s.shared.storage_low.load(Ordering::Relaxed),
         "catalog_version": s.shared.catalog_version.load(Ordering::Relaxed),
+        "time": s.clock.trusted(),
     }))
 }
 

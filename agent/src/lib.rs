@@ -300,7 +300,7 @@ pub async fn start_with_clock(
         writer: writer_tx.clone(),
         reads: reads.clone(),
         shared: shared.clone(),
-        clock,
+        clock: clock.clone(),
     };
     let app = api::router(state, config.http.request_body_bytes_max);
     let mut http_shutdown = shutdown_rx.clone();
@@ -328,6 +328,7 @@ pub async fn start_with_clock(
         outbox_head,
         network: network_rx,
         env_seq_reserved,
+        clock: clock.clone(),
     };
     let captures = tokio::spawn(capture_offline_payments(
         writer_tx.clone(),

@@ -50,6 +50,8 @@ pub struct SyncContext {
     /// `false` cuts the agent off the network (the demo's partitions); `true` reconnects.
     pub network: watch::Receiver<bool>,
     pub env_seq_reserved: u64,
+    /// The trusted clock, which takes the hub's time beacons.
+    pub clock: crate::writer::Clock,
 }
 
 enum LinkEvent {
@@ -411,6 +413,7 @@ impl Sync {
             Body::Catalog(catalog) => {
                 let _ = self.ctx.writer.send(Command::Catalog(catalog)).await;
             }
+            Body::Time(beacon) => self.ctx.clock.observe_beacon(beacon.hub_ms),
         }
     }
 

@@ -273,9 +273,14 @@ enum Refusal {
 /// The time the writer stamps records with and checks expiry against: the system clock, or
 /// for simulations and benchmarks, the system clock moved by an adjustable offset (a simulated
 /// year runs in minutes). The network side (tokens, retransmits) always uses the system clock.
+///
+/// Either way the time is trusted time ([`larder_shared::time`]): the later of that clock and
+/// the hub's last signed time beacon plus the monotonic time since it arrived.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
     offset_ms: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// The last beacon: the hub's time and when (monotonic) it arrived.
+    beacon: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
 }
 
 impl Clock {
@@ -288,15 +293,42 @@ impl Clock {
     pub fn offset(offset_ms: Arc<std::sync::atomic::AtomicI64>) -> Self {
         Self {
             offset_ms: Some(offset_ms),
+            beacon: Arc::default(),
         }
     }
 
     pub fn now_ms(&self) -> i64 {
-        now_ms()
+        self.trusted().now_ms
+    }
+
+    /// The trusted time with its source and bounds.
+    pub fn trusted(&self) -> larder_shared::time::TrustedTime {
+        let wall = now_ms()
             + self
                 .offset_ms
                 .as_ref()
-                .map_or(0, |o| o.load(Ordering::Relaxed))
+                .map_or(0, |o| o.load(Ordering::Relaxed));
+        let beacon = self
+            .beacon
+            .lock()
+            .map(|b| b.map(|(hub_ms, at)| (hub_ms, at.elapsed().as_millis() as i64)))
+            .unwrap_or(None);
+        larder_shared::time::trusted_now(wall, beacon)
+    }
+
+    /// Takes a time beacon the hub signed (its envelope was verified). An older beacon than
+    /// the last one changes nothing.
+    pub fn observe_beacon(&self, hub_ms: i64) {
+        if let Ok(mut b) = self.beacon.lock() {
+            let newer = b.is_none_or(|(last, at)| {
+                hub_ms
+                    > last.saturating_add(at.elapsed().as_millis() as i64)
+                        - larder_shared::time::BEACON_TRANSIT_MS_MAX
+            });
+            if newer {
+                *b = Some((hub_ms, std::time::Instant::now()));
+            }
+        }
     }
 }
 

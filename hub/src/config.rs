@@ -179,6 +179,8 @@ pub struct SyncConfig {
     pub queue_depth_max: usize,
     /// Changes a ledger's log grows by before the hub saves a snapshot of the document.
     pub snapshot_every_changes: usize,
+    /// How often each online device gets a signed time beacon (and once as it connects).
+    pub time_beacon_interval_seconds: u64,
 }
 
 impl Default for SyncConfig {
@@ -190,6 +192,7 @@ impl Default for SyncConfig {
             group_commit_max: 256,
             queue_depth_max: 4_096,
             snapshot_every_changes: 5_000,
+            time_beacon_interval_seconds: 60,
         }
     }
 }

@@ -233,6 +233,8 @@ struct Downlink {
     /// `(after, head)` of the last read that found nothing for this device, so the pump does
     /// not read the same empty range again.
     idle: Option<(u64, u64)>,
+    /// When the last time beacon went to this device (hub clock, ms).
+    beacon_sent_ms: i64,
 }
 
 struct HubLink {
@@ -546,6 +548,7 @@ impl HubLink {
             sender: StreamSender::new(progress.down_acked, self.limits),
             fridges: record.fridges,
             idle: None,
+            beacon_sent_ms: 0,
         })
     }
 
@@ -595,7 +598,29 @@ impl HubLink {
             return;
         }
         let keys: Vec<(RegionId, DeviceId)> = self.devices.keys().cloned().collect();
+        let now = larder_agent::writer::now_ms();
+        let beacon_every = (self.ctx.sync.time_beacon_interval_seconds * 1000) as i64;
         for key in keys {
+            if self
+                .devices
+                .get(&key)
+                .is_some_and(|d| now - d.beacon_sent_ms >= beacon_every)
+            {
+                let beacon = Body::Time(larder_shared::envelope::TimeBeacon { hub_ms: now });
+                if let Some(bytes) = self
+                    .seal(&key.0, Party::Device(key.1.clone()), beacon)
+                    .await
+                {
+                    let topic = topics::device(&key.0, &key.1, DeviceTopic::Down);
+                    if client
+                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                        .is_ok()
+                        && let Some(d) = self.devices.get_mut(&key)
+                    {
+                        d.beacon_sent_ms = now;
+                    }
+                }
+            }
             let Some(handle) = self.ctx.regions.get(&key.0) else {
                 continue;
             };

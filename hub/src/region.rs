@@ -839,7 +839,7 @@ impl RegionWriter {
                 p.down_acked = p.down_acked.max(ack.up_to);
                 UplinkOutcome::DownAcked(p.down_acked)
             }
-            Body::Catalog(_) => return UplinkOutcome::Rejected("unexpected_kind"),
+            Body::Catalog(_) | Body::Time(_) => return UplinkOutcome::Rejected("unexpected_kind"),
         };
         p.last_env_seq = h.seq;
         progress.insert(sender.clone(), p);

@@ -170,6 +170,14 @@ pub enum Body {
     Changes(Batch),
     Ack(Ack),
     Catalog(Catalog),
+    /// The hub's time, for the device's trusted clock (hub to device only).
+    Time(TimeBeacon),
+}
+
+/// A signed statement of the hub's clock when it sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeBeacon {
+    pub hub_ms: i64,
 }
 
 impl Body {
@@ -178,6 +186,7 @@ impl Body {
             Body::Changes(_) => "changes",
             Body::Ack(_) => "ack",
             Body::Catalog(_) => "catalog",
+            Body::Time(_) => "time",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod ledger;
 pub mod payments;
 pub mod reliable;
+pub mod time;
 pub mod topics;
 
 pub use ids::{DeviceId, FridgeId, IdError, OrderId, RegionId, SiteId, Sku, UnitId};
