@@ -205,6 +205,51 @@ pub struct RegionConfig {
     pub fridges: Vec<FridgeConfig>,
     #[serde(default)]
     pub catalog: Option<CatalogConfig>,
+    /// The region's time zone (IANA name), for the subscription cut-off and report dates.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Local time (`HH:MM`) at which the next day's subscription occurrences become orders;
+    /// before it an occurrence can be cancelled free, after it not.
+    #[serde(default = "default_cutoff")]
+    pub subscription_cutoff: String,
+    /// Units per sku a fridge should hold after a delivery, unless its `par_levels` say
+    /// otherwise.
+    #[serde(default = "default_par")]
+    pub par_level_default: u32,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+fn default_cutoff() -> String {
+    "20:00".into()
+}
+
+fn default_par() -> u32 {
+    4
+}
+
+impl RegionConfig {
+    pub fn time_zone(&self) -> Result<jiff::tz::TimeZone, String> {
+        jiff::tz::TimeZone::get(&self.timezone)
+            .map_err(|e| format!("{:?} is not a known time zone: {e}", self.timezone))
+    }
+
+    pub fn cutoff(&self) -> Result<jiff::civil::Time, String> {
+        self.subscription_cutoff
+            .parse::<jiff::civil::Time>()
+            .map_err(|e| format!("{:?} is not a time HH:MM: {e}", self.subscription_cutoff))
+    }
+
+    /// The par level of `sku` at `fridge`.
+    pub fn par(&self, fridge: &FridgeId, sku: &str) -> u32 {
+        self.fridges
+            .iter()
+            .find(|f| &f.id == fridge)
+            .and_then(|f| f.par_levels.get(sku).copied())
+            .unwrap_or(self.par_level_default)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -215,6 +260,9 @@ pub struct FridgeConfig {
     /// Units per sku under which the fridge counts as low on stock.
     #[serde(default = "default_low_stock")]
     pub low_stock_units: u32,
+    /// Par levels of this fridge by sku, where they differ from the region's default.
+    #[serde(default)]
+    pub par_levels: std::collections::BTreeMap<String, u32>,
 }
 
 fn default_low_stock() -> u32 {
@@ -316,6 +364,15 @@ impl HubConfig {
                         r.id, f.id
                     )));
                 }
+            }
+            if let Err(e) = r.time_zone() {
+                p.push(Problem(format!("regions.{}.timezone: {e}", r.id)));
+            }
+            if let Err(e) = r.cutoff() {
+                p.push(Problem(format!(
+                    "regions.{}.subscription_cutoff: {e}",
+                    r.id
+                )));
             }
             if let Some(c) = &r.catalog {
                 if c.currency.len() != 3 || !c.currency.bytes().all(|b| b.is_ascii_uppercase()) {

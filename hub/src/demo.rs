@@ -95,6 +95,7 @@ pub fn hub_config(
                 id: FridgeId::new(format!("fridge-{i}"))?,
                 site: SiteId::new(format!("site-{i}"))?,
                 low_stock_units: 2,
+                par_levels: Default::default(),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -120,6 +121,9 @@ pub fn hub_config(
             id: RegionId::new(REGION)?,
             fridges,
             catalog: Some(demo_catalog()),
+            timezone: "UTC".into(),
+            subscription_cutoff: "20:00".into(),
+            par_level_default: 4,
         }],
         tokens: vec![TokenConfig {
             sha256: admin_token_sha256,

@@ -29,6 +29,7 @@ use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, RegionError};
 use crate::store::DeviceRecord;
 
+mod kitchen;
 mod orders;
 
 #[derive(Debug, Clone)]
@@ -139,6 +140,23 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .route(
             "/v1/regions/{r}/orders/{id}/payment",
             axum::routing::post(orders::payment),
+        )
+        .route(
+            "/v1/regions/{r}/orders/{id}/dispatch",
+            axum::routing::post(orders::dispatch),
+        )
+        .route(
+            "/v1/regions/{r}/subscriptions",
+            get(kitchen::list_subscriptions).post(kitchen::create_subscription),
+        )
+        .route(
+            "/v1/regions/{r}/subscriptions/{id}",
+            delete(kitchen::delete_subscription),
+        )
+        .route("/v1/regions/{r}/refill-plan", get(kitchen::refill_plan))
+        .route(
+            "/v1/regions/{r}/prepare-report",
+            get(kitchen::prepare_report),
         )
         .route("/v1/regions/{r}/conflicts", get(orders::conflicts))
         .route(

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod region;
 pub mod store;
+pub mod subscriptions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -57,6 +58,8 @@ pub enum StartError {
     },
     #[error("cannot start a writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// What the rest of the hub holds of one region.
@@ -193,6 +196,8 @@ pub async fn start_with_clock(
         };
         let store = RegionStore::open(&path).map_err(store_err)?;
         let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
+        let calendar = subscriptions::Calendar::of(rc)
+            .map_err(|e| StartError::Config(format!("region {}: {e}", rc.id)))?;
         let (mut writer, head) = RegionWriter::open(
             rc.id.clone(),
             store,
@@ -201,6 +206,7 @@ pub async fn start_with_clock(
             &config.sync,
             config.compaction.clone(),
             config.orders.clone(),
+            calendar,
             clock.clone(),
             metrics.clone(),
         )

@@ -94,6 +94,11 @@ pub enum RegionCommand {
         idem: Option<(String, String)>,
         reply: Reply<ApiAnswer>,
     },
+    /// Create, end or skip an occurrence of a subscription.
+    Subscription {
+        op: SubscriptionOp,
+        reply: Reply<ApiAnswer>,
+    },
     /// Every conflict record of the region's ledgers.
     Conflicts {
         reply: oneshot::Sender<Vec<larder_shared::domain::ConflictView>>,
@@ -113,12 +118,24 @@ pub enum OrderAction {
         fridge_online: bool,
     },
     Cancel,
+    /// The kitchen sent a scheduled order's meals.
+    Dispatch,
     Payment(larder_shared::ledger::PaymentOutcome),
     Resolve {
         conflict_id: String,
         resolution: larder_shared::domain::Resolution,
     },
 }
+
+/// What the API asked of a subscription.
+#[derive(Debug)]
+pub enum SubscriptionOp {
+    Create(Box<crate::subscriptions::Subscription>),
+    End { id: String },
+    Skip { id: String, date: jiff::civil::Date },
+}
+
+const META_GENERATED_THROUGH: &str = "subscriptions_generated_through";
 
 /// An HTTP status and JSON body: the API's answer, stored for idempotent retries.
 pub type ApiAnswer = (u16, serde_json::Value);
@@ -208,6 +225,9 @@ pub struct RegionWriter {
     unanswered: std::collections::HashSet<larder_shared::OrderId>,
     /// Captures to be reported failed later: when, the ledger, the order.
     fail_later: Vec<(i64, FridgeId, larder_shared::OrderId)>,
+    calendar: crate::subscriptions::Calendar,
+    /// The last date whose subscription occurrences are orders.
+    generated_through: Option<jiff::civil::Date>,
 }
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
@@ -266,9 +286,13 @@ impl RegionWriter {
         sync: &crate::config::SyncConfig,
         compaction: crate::config::CompactionConfig,
         orders: crate::config::OrdersConfig,
+        calendar: crate::subscriptions::Calendar,
         clock: larder_agent::writer::Clock,
         metrics: Arc<HubMetrics>,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
+        let generated_through = store
+            .meta(META_GENERATED_THROUGH)?
+            .and_then(|d| d.parse().ok());
         let provider = Box::new(larder_shared::payments::SimulatedProvider::new(
             region
                 .as_str()
@@ -298,6 +322,8 @@ impl RegionWriter {
             provider,
             unanswered: std::collections::HashSet::new(),
             fail_later: Vec::new(),
+            calendar,
+            generated_through,
         };
         w.reload()?;
         Ok((w, head_rx))
@@ -529,6 +555,14 @@ impl RegionWriter {
                     let _ = reply.send(list);
                 }
                 RegionCommand::Tick => self.tick(&mut batch, now),
+                RegionCommand::Subscription { op, reply } => {
+                    match self.subscription_op(op, &mut batch, now) {
+                        Ok(answer) => pending.push(Pending::Answer(reply, answer)),
+                        Err(answer) => {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
+                }
                 RegionCommand::Stop => {}
             }
         }
@@ -1039,6 +1073,13 @@ impl RegionWriter {
                 };
                 (change, answer)
             }
+            OrderAction::Dispatch => {
+                let order = order.ok_or_else(no_order)?;
+                let change = ledger
+                    .dispatch(&order, now)
+                    .map_err(|e| ledger_error_answer(&e))?;
+                (change, (200, serde_json::json!(ledger.order(&order))))
+            }
             OrderAction::Payment(outcome) => {
                 let order = order.ok_or_else(no_order)?;
                 let change = ledger
@@ -1061,8 +1102,146 @@ impl RegionWriter {
         Ok(answer)
     }
 
+    /// Creates, ends or skips; `Err` is an answer for a request that changed nothing.
+    fn subscription_op(
+        &mut self,
+        op: SubscriptionOp,
+        batch: &mut RegionBatch,
+        now: i64,
+    ) -> Result<ApiAnswer, ApiAnswer> {
+        let storage = |e: StoreError| error_answer(503, "storage_unavailable", e);
+        let find = |store: &RegionStore,
+                    id: &str|
+         -> Result<crate::subscriptions::Subscription, ApiAnswer> {
+            store
+                .subscriptions()
+                .map_err(storage)?
+                .into_iter()
+                .find(|s| s.subscription_id == id)
+                .ok_or_else(|| {
+                    error_answer(404, "unknown_subscription", format!("no subscription {id}"))
+                })
+        };
+        match op {
+            SubscriptionOp::Create(sub) => {
+                if !self.ledgers.contains_key(&sub.fridge_id) {
+                    return Err(error_answer(
+                        404,
+                        "unknown_fridge",
+                        format!("no fridge {} here", sub.fridge_id),
+                    ));
+                }
+                for l in &sub.lines {
+                    if self.catalog.item(&l.sku).is_none() {
+                        return Err(error_answer(
+                            422,
+                            "unknown_sku",
+                            format!("sku {} is not in the catalog", l.sku),
+                        ));
+                    }
+                }
+                batch.subscriptions.push((*sub).clone());
+                Ok((201, serde_json::json!(sub)))
+            }
+            SubscriptionOp::End { id } => {
+                let mut sub = find(&self.store, &id)?;
+                if sub.ended_at_ms.is_none() {
+                    sub.ended_at_ms = Some(now);
+                    batch.subscriptions.push(sub.clone());
+                }
+                Ok((200, serde_json::json!(sub)))
+            }
+            SubscriptionOp::Skip { id, date } => {
+                let sub = find(&self.store, &id)?;
+                if !sub.occurs_on(date) {
+                    return Err(error_answer(
+                        422,
+                        "no_occurrence",
+                        format!("subscription {id} has no meal on {date}"),
+                    ));
+                }
+                if self.generated_through.is_some_and(|g| date <= g) {
+                    return Err(error_answer(
+                        409,
+                        "past_cutoff",
+                        format!("the cut-off for {date} has passed: the meal is already an order"),
+                    ));
+                }
+                batch.skips.push((id.clone(), date.to_string()));
+                Ok((
+                    200,
+                    serde_json::json!({"subscription_id": id, "date": date.to_string(), "cancelled": true}),
+                ))
+            }
+        }
+    }
+
+    /// At the cut-off, the next day's subscription occurrences become orders (once each: the
+    /// order id is the subscription's and the date's).
+    fn generate_subscription_orders(&mut self, batch: &mut RegionBatch, now: i64) {
+        let target = self.calendar.generated_through(now);
+        if self.generated_through.is_some_and(|g| g >= target) {
+            return;
+        }
+        let today = self.calendar.date(now);
+        let mut date = match self.generated_through {
+            Some(g) => g.tomorrow().unwrap_or(target).max(today),
+            None => target,
+        };
+        let subs = match self.store.subscriptions() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(region = %self.region, error = %e, "reading subscriptions failed; will retry");
+                return;
+            }
+        };
+        let mut changes = Vec::new();
+        while date <= target {
+            let skipped = self.store.skipped_on(&date.to_string()).unwrap_or_default();
+            for sub in subs
+                .iter()
+                .filter(|s| s.ended_at_ms.is_none() && s.occurs_on(date))
+            {
+                if skipped.contains(&sub.subscription_id) {
+                    continue;
+                }
+                let Ok(order_id) = larder_shared::OrderId::new(sub.order_id(date)) else {
+                    continue;
+                };
+                let order = larder_shared::domain::AppOrder {
+                    order_id,
+                    customer_id: sub.customer_id.clone(),
+                    channel: larder_shared::domain::Channel::Subscription,
+                    lines: sub.lines.clone(),
+                    subscription_id: Some(sub.subscription_id.clone()),
+                };
+                let Some(ledger) = self.ledgers.get_mut(&sub.fridge_id) else {
+                    continue;
+                };
+                match ledger.schedule_order(&order, &date.to_string(), &self.catalog, now) {
+                    Ok((c, _)) => changes.push((sub.fridge_id.clone(), c)),
+                    Err(larder_shared::ledger::LedgerError::OrderExists(_)) => {}
+                    Err(e) => {
+                        warn!(subscription = %sub.subscription_id, error = %e, "scheduling an occurrence failed")
+                    }
+                }
+            }
+            let Ok(next) = date.tomorrow() else { break };
+            date = next;
+        }
+        for (fridge, c) in changes {
+            self.hub_change(&fridge, c, batch);
+        }
+        batch
+            .meta
+            .push((META_GENERATED_THROUGH, target.to_string()));
+        self.generated_through = Some(target);
+        info!(region = %self.region, through = %target, "subscription occurrences made into orders");
+    }
+
     /// Applies what time has made due in every ledger.
     fn tick(&mut self, batch: &mut RegionBatch, now: i64) {
+        self.generate_subscription_orders(batch, now);
         use larder_shared::payments::CaptureResult;
         let policy = self.orders.policy();
         let simulated =

@@ -50,6 +50,16 @@ CREATE INDEX IF NOT EXISTS changes_ledger ON changes (ledger, id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, status INTEGER NOT NULL,
     response TEXT NOT NULL, created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+-- Subscriber schedules (JSON records) and the occurrences cancelled before their cut-off.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    subscription_id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscription_skips (
+    subscription_id TEXT NOT NULL, date TEXT NOT NULL,
+    PRIMARY KEY (subscription_id, date)) WITHOUT ROWID;
+-- Units in stock, for the refill plan (the units table also holds the sold ones until
+-- compaction archives them).
+CREATE INDEX IF NOT EXISTS units_in_stock ON units (fridge, sku, expires_at_ms, state)
+    WHERE state IN ('available', 'reserved');
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
 ";
@@ -133,6 +143,9 @@ pub struct RegionBatch {
     pub meta: Vec<(&'static str, String)>,
     /// Idempotency records: key, request hash, HTTP status, response body.
     pub idempotency: Vec<(String, String, u16, String)>,
+    pub subscriptions: Vec<crate::subscriptions::Subscription>,
+    /// Occurrences cancelled: subscription id and date.
+    pub skips: Vec<(String, String)>,
 }
 
 impl RegionBatch {
@@ -145,6 +158,8 @@ impl RegionBatch {
             && self.revoke.is_empty()
             && self.meta.is_empty()
             && self.idempotency.is_empty()
+            && self.subscriptions.is_empty()
+            && self.skips.is_empty()
     }
 }
 
@@ -196,8 +211,8 @@ pub struct RegionStore {
 impl RegionStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
-        conn.execute_batch(SCHEMA)?;
         conn.execute_batch(projection::SCHEMA)?;
+        conn.execute_batch(SCHEMA)?;
         Ok(Self { conn })
     }
 
@@ -437,6 +452,14 @@ impl RegionStore {
             .optional()?)
     }
 
+    pub fn subscriptions(&self) -> Result<Vec<crate::subscriptions::Subscription>, StoreError> {
+        subscriptions(&self.conn).map_err(Into::into)
+    }
+
+    pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        skipped_on(&self.conn, date).map_err(Into::into)
+    }
+
     /// The stored answer to an idempotent request: request hash, status and body.
     pub fn idempotency(&self, key: &str) -> Result<Option<(String, u16, String)>, StoreError> {
         Ok(self
@@ -459,6 +482,21 @@ impl RegionStore {
             let now = larder_agent::writer::now_ms();
             for (k, h, status, body) in &b.idempotency {
                 idem.execute(params![k, h, status, body, now])?;
+            }
+            let mut sub = tx.prepare_cached(
+                "INSERT OR REPLACE INTO subscriptions (subscription_id, record) VALUES (?1, ?2)",
+            )?;
+            for x in &b.subscriptions {
+                sub.execute(params![
+                    x.subscription_id,
+                    serde_json::to_string(x).unwrap_or_default()
+                ])?;
+            }
+            let mut skip = tx.prepare_cached(
+                "INSERT OR IGNORE INTO subscription_skips (subscription_id, date) VALUES (?1, ?2)",
+            )?;
+            for (id, date) in &b.skips {
+                skip.execute(params![id, date])?;
             }
             let mut change = tx.prepare_cached(
                 "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes, epoch)
@@ -648,6 +686,53 @@ impl RegionReads {
         self.with(|c| projection::orders(c, fridge, None, limit))
     }
 
+    pub fn subscriptions(&self) -> Result<Vec<crate::subscriptions::Subscription>, StoreError> {
+        self.with(subscriptions)
+    }
+
+    pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        self.with(|c| skipped_on(c, date))
+    }
+
+    /// Units in stock per fridge and sku at `now_ms`: on hand, reserved, and expiring before
+    /// `next_delivery_ms`.
+    pub fn stock_counts(
+        &self,
+        now_ms: i64,
+        next_delivery_ms: i64,
+    ) -> Result<
+        std::collections::BTreeMap<(FridgeId, String), crate::subscriptions::StockCount>,
+        StoreError,
+    > {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT fridge, sku, COUNT(*), SUM(state = 'reserved'), SUM(expires_at_ms < ?2)
+                 FROM units INDEXED BY units_in_stock
+                 WHERE state IN ('available', 'reserved') AND expires_at_ms > ?1
+                 GROUP BY fridge, sku",
+            )?;
+            let rows = stmt.query_map(params![now_ms, next_delivery_ms], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    crate::subscriptions::StockCount {
+                        on_hand: r.get::<_, i64>(2)? as u64,
+                        reserved: r.get::<_, i64>(3)? as u64,
+                        expiring: r.get::<_, i64>(4)? as u64,
+                    },
+                ))
+            })?;
+            let mut out = std::collections::BTreeMap::new();
+            for row in rows {
+                let (f, sku, count) = row?;
+                if let Ok(f) = FridgeId::new(f) {
+                    out.insert((f, sku), count);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// Orders, newest first, optionally of one fridge and one status.
     pub fn orders_with_status(
         &self,
@@ -680,4 +765,19 @@ impl RegionReads {
             .map(|r| r.is_some())
         })
     }
+}
+
+fn subscriptions(c: &Connection) -> rusqlite::Result<Vec<crate::subscriptions::Subscription>> {
+    let mut stmt = c.prepare_cached("SELECT record FROM subscriptions ORDER BY subscription_id")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(rows
+        .filter_map(|r| r.ok().and_then(|json| serde_json::from_str(&json).ok()))
+        .collect())
+}
+
+fn skipped_on(c: &Connection, date: &str) -> rusqlite::Result<std::collections::BTreeSet<String>> {
+    let mut stmt =
+        c.prepare_cached("SELECT subscription_id FROM subscription_skips WHERE date = ?1")?;
+    let rows = stmt.query_map([date], |r| r.get::<_, String>(0))?;
+    rows.collect()
 }

@@ -68,6 +68,8 @@ pub enum OrderStatus {
     Completed,
     /// An app or subscription order holding units, payment not yet captured.
     Reserved,
+    /// A subscription's occurrence, made into an order at the cut-off: to be cooked.
+    Scheduled,
     /// A subscription order whose units left the kitchen.
     Dispatched,
     /// A subscription order whose units a refill placed in the fridge.
@@ -98,6 +100,7 @@ impl OrderStatus {
         match self {
             OrderStatus::Completed => "completed",
             OrderStatus::Reserved => "reserved",
+            OrderStatus::Scheduled => "scheduled",
             OrderStatus::Dispatched => "dispatched",
             OrderStatus::PlacedInFridge => "placed_in_fridge",
             OrderStatus::AvailableForPicking => "available_for_picking",
@@ -118,7 +121,7 @@ impl OrderStatus {
     /// Flags rank `None`: they are in the history but never the status.
     pub fn rank(self) -> Option<u8> {
         Some(match self {
-            OrderStatus::Completed | OrderStatus::Reserved => 0,
+            OrderStatus::Completed | OrderStatus::Reserved | OrderStatus::Scheduled => 0,
             OrderStatus::Dispatched => 1,
             OrderStatus::PlacedInFridge => 2,
             OrderStatus::AvailableForPicking => 3,
@@ -145,9 +148,10 @@ impl OrderStatus {
         )
     }
 
-    pub const ALL: [OrderStatus; 14] = [
+    pub const ALL: [OrderStatus; 15] = [
         OrderStatus::Completed,
         OrderStatus::Reserved,
+        OrderStatus::Scheduled,
         OrderStatus::Dispatched,
         OrderStatus::PlacedInFridge,
         OrderStatus::AvailableForPicking,
@@ -277,6 +281,9 @@ pub struct OrderRecord {
     /// A card payment taken offline, to be captured once the device is online.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub payment_pending: bool,
+    /// The day a subscription order is for (`YYYY-MM-DD`, the region's local date).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_date: Option<String>,
 }
 
 /// One entry of an order's status history.

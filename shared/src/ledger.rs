@@ -583,6 +583,26 @@ impl Ledger {
         self.check_new_units(&refill.units)?;
         let mut touched = Touched::default();
         let mut tx = self.doc.transaction();
+        // Units tagged with an order (a subscriber's meals) are placed for it: held by it,
+        // and the order is ready to pick.
+        if let Some(order) = &refill.order_id {
+            for status in [
+                OrderStatus::PlacedInFridge,
+                OrderStatus::AvailableForPicking,
+            ] {
+                let event = StatusEvent {
+                    status,
+                    at_ms: now_ms,
+                    by: by.clone(),
+                    note: None,
+                };
+                tx.put(&self.maps.events, event_key(order, &event), to_json(&event))?;
+            }
+            for unit in &refill.units {
+                tx.put(&self.maps.reserved, unit.unit_id.as_str(), order.as_str())?;
+            }
+            touched.orders.insert(order.clone());
+        }
         for unit in &refill.units {
             let facts = UnitFacts {
                 sku: unit.sku.clone(),
@@ -657,6 +677,7 @@ impl Ledger {
             subscription_id: None,
             grace_until_ms: None,
             payment_pending: sale.payment_pending,
+            for_date: None,
         };
         let event = StatusEvent {
             status: OrderStatus::Completed,
@@ -1051,6 +1072,7 @@ impl Ledger {
             subscription_id: None,
             grace_until_ms: None,
             payment_pending: false,
+            for_date: None,
         })
     }
 

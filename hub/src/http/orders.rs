@@ -209,6 +209,31 @@ pub(super) async fn cancel(
     submit(&h, Some(fridge), Some(order), OrderAction::Cancel, idem).await
 }
 
+/// The kitchen sent a scheduled subscription order's meals.
+pub(super) async fn dispatch(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(
+        &s,
+        &headers,
+        Some(&r),
+        &[TokenRole::Admin, TokenRole::Kitchen],
+    )?;
+    let h = region(&s, &r)?.clone();
+    let bytes =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/orders/{id}/dispatch"),
+        &bytes,
+    )?;
+    let (order, fridge) = fridge_of(&h, &id).await?;
+    submit(&h, Some(fridge), Some(order), OrderAction::Dispatch, idem).await
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PaymentBody {

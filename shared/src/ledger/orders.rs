@@ -395,6 +395,7 @@ impl Ledger {
             subscription_id: order.subscription_id.clone(),
             grace_until_ms: (order.channel == Channel::App).then_some(now_ms + policy.grace_ms),
             payment_pending: false,
+            for_date: None,
         };
         let event = StatusEvent {
             status: OrderStatus::Reserved,
@@ -447,6 +448,99 @@ impl Ledger {
         Ok((change, view))
     }
 
+    /// Makes a subscription's occurrence into an order at the cut-off. It holds no units yet:
+    /// the kitchen cooks them, and a refill tagged with the order places them in the fridge.
+    pub fn schedule_order(
+        &mut self,
+        order: &AppOrder,
+        for_date: &str,
+        catalog: &Catalog,
+        now_ms: i64,
+    ) -> Result<(LocalChange, OrderView), LedgerError> {
+        if order.lines.is_empty() || order.lines.len() > super::ORDER_LINES_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "an order has 1 to {} lines",
+                super::ORDER_LINES_MAX
+            )));
+        }
+        if self.has(&self.maps.orders, order.order_id.as_str()) {
+            return Err(LedgerError::OrderExists(order.order_id.clone()));
+        }
+        let mut lines = Vec::new();
+        let mut total = 0i64;
+        for line in &order.lines {
+            let price = catalog
+                .item(&line.sku)
+                .ok_or_else(|| LedgerError::UnknownSku(line.sku.clone()))?
+                .price_minor;
+            total = total.saturating_add(price.saturating_mul(i64::from(line.quantity)));
+            lines.push(OrderLine {
+                sku: line.sku.clone(),
+                quantity: line.quantity,
+                unit_price_minor: price,
+                unit_ids: Vec::new(),
+                picked: false,
+            });
+        }
+        let hub = hub_device();
+        let record = OrderRecord {
+            order_id: order.order_id.clone(),
+            fridge_id: self.fridge.clone(),
+            channel: Channel::Subscription,
+            lines,
+            payment: Payment {
+                method: PaymentMethod::Card,
+                amount_minor: total,
+                currency: catalog.currency.clone(),
+            },
+            total_minor: total,
+            catalog_version: catalog.version,
+            created_at_ms: now_ms,
+            created_by: hub.clone(),
+            customer_id: Some(order.customer_id.clone()),
+            escrow: false,
+            subscription_id: order.subscription_id.clone(),
+            grace_until_ms: None,
+            payment_pending: false,
+            for_date: Some(for_date.to_owned()),
+        };
+        let event = StatusEvent {
+            status: OrderStatus::Scheduled,
+            at_ms: now_ms,
+            by: hub,
+            note: Some(format!("subscription occurrence for {for_date}")),
+        };
+        let mut touched = Touched::default();
+        touched.orders.insert(order.order_id.clone());
+        let mut tx = self.doc.transaction();
+        tx.put(&self.maps.orders, order.order_id.as_str(), to_json(&record))?;
+        tx.put(
+            &self.maps.events,
+            super::event_key(&order.order_id, &event),
+            to_json(&event),
+        )?;
+        tx.commit_with(commit_at(now_ms));
+        let change = self.last_local_change(touched)?;
+        let view = self
+            .order(&order.order_id)
+            .ok_or_else(|| LedgerError::Document("scheduled order not found".into()))?;
+        Ok((change, view))
+    }
+
+    /// The kitchen sent a scheduled order's meals on their way.
+    pub fn dispatch(&mut self, order: &OrderId, now_ms: i64) -> Result<LocalChange, LedgerError> {
+        match self.status(order) {
+            None => Err(LedgerError::UnknownOrder(order.clone())),
+            Some(OrderStatus::Scheduled) => {
+                self.add_event(order, OrderStatus::Dispatched, None, &hub_device(), now_ms)
+            }
+            Some(other) => Err(LedgerError::WrongStatus(format!(
+                "order {order} is {}, not scheduled",
+                other.as_str()
+            ))),
+        }
+    }
+
     /// Appends one event to an order's history.
     pub fn add_event(
         &mut self,
@@ -491,6 +585,12 @@ impl Ledger {
             .ok_or_else(|| LedgerError::UnknownOrder(order.clone()))?;
         let status = self.status(order).unwrap_or(OrderStatus::Completed);
         let outcome = match status {
+            s if record.channel == Channel::Subscription && s.holds_units() || s == OrderStatus::Scheduled => {
+                CancelOutcome::Rejected(
+                    "past_cutoff",
+                    "a subscription occurrence can be cancelled free until the day's cut-off; this one is already an order".into(),
+                )
+            }
             OrderStatus::Reserved if now_ms < grace_end(&record, policy) => {
                 CancelOutcome::Done(OrderStatus::Cancelled)
             }

@@ -1,0 +1,211 @@
+//! The kitchen's routes: subscriber schedules, the refill plan, the prepare report and the
+//! dispatch of scheduled orders. Plans read the projection (WAL readers); schedule changes go
+//! through the region writer.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jiff::civil::Date;
+use larder_agent::api::{ApiError, parse_body};
+use larder_shared::domain::AppOrderLine;
+use larder_shared::{FridgeId, Sku};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::{HubState, authorize, internal, region};
+use crate::RegionHandle;
+use crate::config::TokenRole;
+use crate::region::{ApiAnswer, RegionCommand, SubscriptionOp};
+use crate::subscriptions::{self, Calendar, Subscription, WEEKDAYS};
+
+const KITCHEN: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
+const SUBSCRIBERS: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+}
+
+async fn submit(h: &RegionHandle, op: SubscriptionOp) -> Result<Response, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    h.tx.try_send(RegionCommand::Subscription { op, reply })
+        .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
+    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionBody {
+    customer_id: String,
+    fridge_id: FridgeId,
+    lines: Vec<LineBody>,
+    weekdays: Vec<String>,
+    start_date: Date,
+    #[serde(default)]
+    end_date: Option<Date>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: Sku,
+    quantity: u32,
+}
+
+pub(super) async fn create_subscription(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let h = region(&s, &r)?.clone();
+    let (req, _): (SubscriptionBody, _) = parse_body(body)?;
+    if req.customer_id.is_empty() || req.customer_id.len() > 128 {
+        return Err(invalid("customer_id must be 1 to 128 bytes"));
+    }
+    if req.lines.is_empty() || req.lines.len() > 20 {
+        return Err(invalid("a subscription has 1 to 20 lines"));
+    }
+    if req.lines.iter().any(|l| l.quantity == 0 || l.quantity > 20) {
+        return Err(invalid("quantity must be 1 to 20"));
+    }
+    if req.weekdays.is_empty() || req.weekdays.iter().any(|w| !WEEKDAYS.contains(&w.as_str())) {
+        return Err(invalid(
+            "weekdays are one or more of mon, tue, wed, thu, fri, sat, sun",
+        ));
+    }
+    if req.end_date.is_some_and(|e| e < req.start_date) {
+        return Err(invalid("end_date is before start_date"));
+    }
+    if !h.config.fridges.iter().any(|f| f.id == req.fridge_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_fridge",
+            format!("no fridge {} in region {r}", req.fridge_id),
+        ));
+    }
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).map_err(internal)?;
+    let sub = Subscription {
+        subscription_id: format!("sub-{}", hex::encode(id)),
+        customer_id: req.customer_id,
+        fridge_id: req.fridge_id,
+        lines: req
+            .lines
+            .into_iter()
+            .map(|l| AppOrderLine {
+                sku: l.sku,
+                quantity: l.quantity,
+            })
+            .collect(),
+        weekdays: req.weekdays,
+        start_date: req.start_date,
+        end_date: req.end_date,
+        created_at_ms: larder_agent::writer::now_ms(),
+        ended_at_ms: None,
+    };
+    submit(&h, SubscriptionOp::Create(Box::new(sub))).await
+}
+
+pub(super) async fn list_subscriptions(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let h = region(&s, &r)?;
+    let reads = h.reads.clone();
+    let list = tokio::task::spawn_blocking(move || reads.subscriptions())
+        .await
+        .map_err(internal)??;
+    Ok(Json(json!({ "subscriptions": list })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DateQuery {
+    date: Option<Date>,
+}
+
+/// Ends a subscription, or with `?date=` cancels that one occurrence (free before its
+/// cut-off, 409 `past_cutoff` after).
+pub(super) async fn delete_subscription(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path((r, id)): Path<(String, String)>,
+    Query(q): Query<DateQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let h = region(&s, &r)?.clone();
+    let op = match q.date {
+        Some(date) => SubscriptionOp::Skip { id, date },
+        None => SubscriptionOp::End { id },
+    };
+    submit(&h, op).await
+}
+
+/// The plan's date: `?date=`, or today in the region's time zone.
+fn plan_date(h: &RegionHandle, q: &DateQuery) -> Result<(Calendar, Date), ApiError> {
+    let cal = Calendar::of(&h.config).map_err(internal)?;
+    let date = q
+        .date
+        .unwrap_or_else(|| cal.date(larder_agent::writer::now_ms()));
+    Ok((cal, date))
+}
+
+/// The refill plan of a region for a date.
+async fn plan(
+    h: &RegionHandle,
+    q: &DateQuery,
+) -> Result<(Date, Vec<subscriptions::PlanRow>), ApiError> {
+    let (cal, date) = plan_date(h, q)?;
+    let next_delivery = date.tomorrow().map(|d| cal.start_of(d)).map_err(internal)?;
+    let now = larder_agent::writer::now_ms();
+    let reads = h.reads.clone();
+    let region = h.config.clone();
+    let skus: Vec<String> = h.catalog.items.iter().map(|i| i.sku.to_string()).collect();
+    let rows = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let stock = reads.stock_counts(now, next_delivery)?;
+        let subs = reads.subscriptions()?;
+        let skipped = reads.skipped_on(&date.to_string())?;
+        let scheduled: BTreeMap<(FridgeId, String), u64> =
+            subscriptions::scheduled_on(&subs, &skipped, date);
+        Ok(subscriptions::refill_plan(
+            &region, &skus, &stock, &scheduled,
+        ))
+    })
+    .await
+    .map_err(internal)??;
+    Ok((date, rows))
+}
+
+pub(super) async fn refill_plan(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    Query(q): Query<DateQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &KITCHEN)?;
+    let h = region(&s, &r)?.clone();
+    let (date, rows) = plan(&h, &q).await?;
+    Ok(Json(json!({ "date": date.to_string(), "rows": rows })).into_response())
+}
+
+pub(super) async fn prepare_report(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(r): Path<String>,
+    Query(q): Query<DateQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &KITCHEN)?;
+    let h = region(&s, &r)?.clone();
+    let (date, rows) = plan(&h, &q).await?;
+    Ok(Json(subscriptions::prepare_report(date, &rows)).into_response())
+}
