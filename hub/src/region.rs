@@ -228,6 +228,10 @@ pub struct RegionWriter {
     calendar: crate::subscriptions::Calendar,
     /// The last date whose subscription occurrences are orders.
     generated_through: Option<jiff::civil::Date>,
+    /// Per ledger, the fridge's escrow grants as they stood after the change table reached
+    /// each head: a grant is usable for offline orders once every other walk-up seller of the
+    /// fridge (its POS) has acknowledged its downlink past that head.
+    grants: HashMap<FridgeId, Vec<(u64, BTreeMap<larder_shared::Sku, i64>)>>,
 }
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
@@ -324,8 +328,14 @@ impl RegionWriter {
             fail_later: Vec::new(),
             calendar,
             generated_through,
+            grants: HashMap::new(),
         };
         w.reload()?;
+        let head = w.store.head()?;
+        for (fridge, ledger) in &w.ledgers {
+            w.grants
+                .insert(fridge.clone(), vec![(head, ledger.granted_all())]);
+        }
         Ok((w, head_rx))
     }
 
@@ -602,6 +612,16 @@ impl RegionWriter {
                     match self.store.head() {
                         Ok(head) => {
                             self.head_tx.send_replace(head);
+                            let hub = ledger::hub_device();
+                            let merged: std::collections::BTreeSet<FridgeId> = batch
+                                .changes
+                                .iter()
+                                .filter(|c| c.author != hub)
+                                .map(|c| c.ledger.clone())
+                                .collect();
+                            for fridge in merged {
+                                self.snapshot_grants(&fridge, head);
+                            }
                         }
                         Err(e) => error!(error = %e, "reading the change head failed"),
                     }
@@ -1046,17 +1066,21 @@ impl RegionWriter {
             (_, Some(f)) => f,
             (_, None) => return Err(error_answer(422, "invalid_request", "no fridge given")),
         };
+        let usable = match &action {
+            OrderAction::Place {
+                fridge_online: false,
+                ..
+            } => Some(self.usable_grants(&fridge)),
+            _ => None,
+        };
         let ledger = self.ledgers.get_mut(&fridge).ok_or_else(|| {
             error_answer(404, "unknown_fridge", format!("no fridge {fridge} here"))
         })?;
         let no_order = || error_answer(404, "unknown_order", "no such order");
         let (change, answer) = match action {
-            OrderAction::Place {
-                order,
-                fridge_online,
-            } => {
+            OrderAction::Place { order, .. } => {
                 let (change, view) = ledger
-                    .place_order(&order, &self.catalog, fridge_online, &policy, now)
+                    .place_order(&order, &self.catalog, usable.as_ref(), &policy, now)
                     .map_err(|e| ledger_error_answer(&e))?;
                 (change, (201, serde_json::json!(view)))
             }
@@ -1100,6 +1124,44 @@ impl RegionWriter {
         };
         self.hub_change(&fridge, change, batch);
         Ok(answer)
+    }
+
+    /// Records the fridge's grants as of `head`, if they changed.
+    fn snapshot_grants(&mut self, fridge: &FridgeId, head: u64) {
+        let Some(ledger) = self.ledgers.get(fridge) else {
+            return;
+        };
+        let now = ledger.granted_all();
+        let list = self.grants.entry(fridge.clone()).or_default();
+        if list.last().is_none_or(|(_, g)| g != &now) {
+            list.push((head, now));
+        }
+    }
+
+    /// The grants of a fridge every other walk-up seller (its POS) has received: the newest
+    /// snapshot at or below the lowest downlink acknowledgement among them.
+    fn usable_grants(&mut self, fridge: &FridgeId) -> BTreeMap<larder_shared::Sku, i64> {
+        let min_acked = match self.store.devices() {
+            Ok(devices) => devices
+                .iter()
+                .filter(|(d, _)| {
+                    d.revoked_at_ms.is_none()
+                        && d.role != larder_shared::domain::Role::Fridge
+                        && d.fridges.contains(fridge)
+                })
+                .map(|(_, p)| p.down_acked)
+                .min()
+                .unwrap_or(u64::MAX),
+            Err(_) => 0,
+        };
+        let Some(list) = self.grants.get_mut(fridge) else {
+            return BTreeMap::new();
+        };
+        let Some(i) = list.iter().rposition(|(head, _)| *head <= min_acked) else {
+            return BTreeMap::new();
+        };
+        list.drain(..i);
+        list.first().map(|(_, g)| g.clone()).unwrap_or_default()
     }
 
     /// Creates, ends or skips; `Err` is an answer for a request that changed nothing.

@@ -107,6 +107,51 @@ async fn the_hub_promises_an_offline_fridge_only_its_escrow() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_usable_only_once_every_pos_of_the_fridge_has_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
+    let fridge_url = format!("http://{}", fridge.http_addr);
+    let pos_url = format!("http://{}", pos.http_addr);
+    synced(&fridge_url, WAIT).await?;
+    synced(&pos_url, WAIT).await?;
+    // The POS is cut off before the fridge's stock (and its grant) exists.
+    cut_off(&pos).await?;
+    refill(&fridge_url, "fridge-1", "u", SKU, 8).await?;
+    eventually(WAIT, "the grant at the hub", || async {
+        (hub_stock(&hub_http, "fridge-1").await.ok()?["escrow"][SKU] == 2).then_some(())
+    })
+    .await?;
+    cut_off(&fridge).await?;
+    eventually(WAIT, "the hub to see the fridge offline", || async {
+        (!fridge_online(&hub_http).await?).then_some(())
+    })
+    .await?;
+    let url = format!("{hub_http}/v1/regions/{REGION}/orders");
+    let order = |id: &str| json!({"customer_id": "c", "fridge_id": "fridge-1", "order_id": id, "lines": [{"sku": SKU, "quantity": 1}]});
+    // The offline POS could sell every unit it knows of: the grant is not usable yet.
+    let (status, body) = post(&url, "o-1", &order("o-1")).await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("insufficient_stock")),
+        "{body}"
+    );
+    pos.set_network(true);
+    eventually(
+        WAIT,
+        "the POS to have the grant and the hub to use it",
+        || async {
+            let (status, _) = post(&url, "o-2", &order("o-2")).await.ok()?;
+            (status == 201).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_card_payments_are_capped_and_captured_once_online() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;

@@ -228,6 +228,30 @@ impl Ledger {
             .unwrap_or(0)
     }
 
+    /// The units of `sku` the fridge has granted in total (a counter only the fridge writes).
+    pub fn granted(&self, sku: &Sku) -> i64 {
+        self.escrow_counter(sku, ESCROW_GRANTED)
+    }
+
+    /// Every sku's granted total.
+    pub fn granted_all(&self) -> BTreeMap<Sku, i64> {
+        self.escrow_skus()
+            .into_iter()
+            .map(|s| {
+                let g = self.granted(&s);
+                (s, g)
+            })
+            .collect()
+    }
+
+    /// The allowance counting grants only up to `granted` (those every seller has seen).
+    pub fn allowance_with(&self, sku: &Sku, granted: i64) -> i64 {
+        (granted.min(self.escrow_counter(sku, ESCROW_GRANTED))
+            - self.escrow_counter(sku, ESCROW_RETURNED)
+            - self.escrow_counter(sku, ESCROW_CONSUMED))
+        .max(0)
+    }
+
     /// The units of `sku` the fridge has set aside for the hub, as this replica knows.
     pub fn allowance(&self, sku: &Sku) -> i64 {
         (self.escrow_counter(sku, ESCROW_GRANTED)
@@ -318,16 +342,19 @@ impl Ledger {
     }
 
     /// Places an app or subscription order at the hub: reserves, per line, the free units
-    /// that expire first. While the fridge is offline the order is confirmed only within the
-    /// escrow allowance, which it consumes.
+    /// that expire first. While the fridge is offline (`granted_usable` is given) the order is
+    /// confirmed only within the escrow allowance, which it consumes; the allowance counts only
+    /// grants every walk-up seller of the fridge has received (`granted_usable` per sku, see
+    /// [`Ledger::allowance_with`]).
     pub fn place_order(
         &mut self,
         order: &AppOrder,
         catalog: &Catalog,
-        fridge_online: bool,
+        granted_usable: Option<&BTreeMap<Sku, i64>>,
         policy: &OrderPolicy,
         now_ms: i64,
     ) -> Result<(LocalChange, OrderView), LedgerError> {
+        let fridge_online = granted_usable.is_none();
         if order.lines.is_empty() || order.lines.len() > super::ORDER_LINES_MAX {
             return Err(LedgerError::Invalid(format!(
                 "an order has 1 to {} lines",
@@ -355,8 +382,9 @@ impl Ledger {
         for (sku, quantity) in &wanted {
             let free = self.free_units(sku, now_ms);
             let mut available = free.len() as u32;
-            if !fridge_online {
-                available = available.min(self.allowance(sku).max(0) as u32);
+            if let Some(granted) = granted_usable {
+                let usable = self.allowance_with(sku, granted.get(sku).copied().unwrap_or(0));
+                available = available.min(usable.max(0) as u32);
             }
             if available < *quantity {
                 return Err(LedgerError::InsufficientStock {

@@ -107,8 +107,16 @@ impl Replicas {
     }
 
     fn order(&mut self, order: &str, sku: &str, quantity: u32, online: bool, at: i64) -> OrderView {
+        // Offline, every grant counts (no POS is behind on them here).
+        let granted = (!online).then(|| self.hub.granted_all());
         self.hub
-            .place_order(&app(order, sku, quantity), &catalog(), online, &POLICY, at)
+            .place_order(
+                &app(order, sku, quantity),
+                &catalog(),
+                granted.as_ref(),
+                &POLICY,
+                at,
+            )
             .expect("order placed")
             .1
     }
@@ -179,7 +187,7 @@ fn an_app_order_reserves_the_earliest_expiring_units_on_every_replica() {
     }
     let err = r
         .hub
-        .place_order(&app("app-2", "lasagna", 2), &catalog(), true, &POLICY, T0)
+        .place_order(&app("app-2", "lasagna", 2), &catalog(), None, &POLICY, T0)
         .expect_err("only one left");
     assert!(matches!(
         err,
@@ -585,12 +593,13 @@ fn escrow_bounds_what_the_hub_promises_for_an_offline_fridge() {
     // Offline, the hub confirms two lasagnas and no third.
     r.order("app-1", "lasagna", 1, false, T0 + 1);
     r.order("app-2", "lasagna", 1, false, T0 + 2);
+    let granted = r.hub.granted_all();
     let err = r
         .hub
         .place_order(
             &app("app-3", "lasagna", 1),
             &catalog(),
-            false,
+            Some(&granted),
             &POLICY,
             T0 + 3,
         )
@@ -668,4 +677,50 @@ fn the_hub_returns_allowance_above_the_target() {
     r.sync();
     assert_eq!(r.fridge.allowance(&id("lasagna")), 2);
     assert_eq!(r.hub.allowance(&id("lasagna")), 2);
+}
+
+#[test]
+fn a_grant_counts_only_once_every_seller_has_it() {
+    let mut r = Replicas::new(8);
+    r.fridge.grant_escrow(0.5, T0).expect("grant");
+    r.sync();
+    assert_eq!(r.hub.allowance(&id("lasagna")), 4);
+    // The POS has not acknowledged the grant yet: the hub may use none of it.
+    let nothing_usable: BTreeMap<Sku, i64> = BTreeMap::new();
+    let err = r
+        .hub
+        .place_order(
+            &app("app-1", "lasagna", 1),
+            &catalog(),
+            Some(&nothing_usable),
+            &POLICY,
+            T0,
+        )
+        .expect_err("no usable grant");
+    assert!(matches!(
+        err,
+        LedgerError::InsufficientStock { available: 0, .. }
+    ));
+    let mut usable = BTreeMap::new();
+    usable.insert(id::<Sku>("lasagna"), 1);
+    r.hub
+        .place_order(
+            &app("app-1", "lasagna", 1),
+            &catalog(),
+            Some(&usable),
+            &POLICY,
+            T0,
+        )
+        .expect("within the usable grant");
+    assert!(
+        r.hub
+            .place_order(
+                &app("app-2", "lasagna", 1),
+                &catalog(),
+                Some(&usable),
+                &POLICY,
+                T0
+            )
+            .is_err()
+    );
 }
