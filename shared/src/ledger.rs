@@ -816,8 +816,25 @@ impl Ledger {
             )));
         }
         // A reserved unit in a walk-up customer's hands is sold: physical reality wins, and the
-        // reservation moves to another unit (or is flagged lost).
+        // reservation moves to another unit (or is flagged lost). A free unit is sold only if
+        // as many free units as the fridge granted the hub in escrow are left.
         match self.unit_state(unit, facts.as_ref(), now_ms) {
+            UnitState::Available if facts.is_some() && self.allowance(sku) > 0 => {
+                let free = self
+                    .free_units(sku, now_ms)
+                    .iter()
+                    .filter(|u| !picked.contains(*u))
+                    .count();
+                let allowance = usize::try_from(self.allowance(sku)).unwrap_or(0);
+                if free <= allowance {
+                    return Err(LedgerError::InsufficientStock {
+                        sku: sku.clone(),
+                        wanted: 1,
+                        available: free.saturating_sub(allowance) as u32,
+                    });
+                }
+                Ok(facts)
+            }
             UnitState::Available | UnitState::Reserved => Ok(facts),
             state => Err(LedgerError::UnitNotAvailable {
                 unit: unit.clone(),

@@ -291,7 +291,17 @@ async fn a_reserved_unit_sold_at_the_pos_moves_the_reservation_or_flags_it_lost(
         },
     )
     .await?;
-    // And once more: nothing is left, so the reservation is lost.
+    // And once more, once the POS sees the move (a free unit would be the hub's escrow, not
+    // for sale): nothing is left, so the reservation is lost.
+    eventually(WAIT, "the moved reservation on the POS", || async {
+        let stock = agent_stock(&s.pos_url, "fridge-1").await.ok()?;
+        stock["units"]
+            .as_array()?
+            .iter()
+            .any(|u| u["unit_id"] == other && u["state"] == "reserved")
+            .then_some(())
+    })
+    .await?;
     let (status, _) = sell_unit(&client, &s.pos_url, "fridge-1", other, "curry-veg", "w-2").await?;
     assert_eq!(status, 201);
     let conflicts = s.recorded(&["reservation_lost"]).await?;

@@ -262,9 +262,10 @@ impl Ledger {
 
     /// The allowance a fridge aims to grant for `sku`: `share` of its free units, at least one
     /// where two or more are free (so a walk-up customer can always buy one of the last two).
+    /// A share of 0 grants nothing.
     pub fn escrow_target(&self, sku: &Sku, share: f64, now_ms: i64) -> i64 {
         let free = self.free_units(sku, now_ms).len() as i64;
-        if free < 2 {
+        if free < 2 || share <= 0.0 {
             return 0;
         }
         (((free as f64) * share).floor() as i64).clamp(1, free - 1)
