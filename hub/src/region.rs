@@ -135,6 +135,9 @@ pub enum SubscriptionOp {
     Skip { id: String, date: jiff::civil::Date },
 }
 
+/// A fridge's escrow grants per sku as they stood once the change table reached a head.
+type GrantSnapshot = (u64, BTreeMap<larder_shared::Sku, i64>);
+
 const META_GENERATED_THROUGH: &str = "subscriptions_generated_through";
 
 /// An HTTP status and JSON body: the API's answer, stored for idempotent retries.
@@ -231,7 +234,7 @@ pub struct RegionWriter {
     /// Per ledger, the fridge's escrow grants as they stood after the change table reached
     /// each head: a grant is usable for offline orders once every other walk-up seller of the
     /// fridge (its POS) has acknowledged its downlink past that head.
-    grants: HashMap<FridgeId, Vec<(u64, BTreeMap<larder_shared::Sku, i64>)>>,
+    grants: HashMap<FridgeId, Vec<GrantSnapshot>>,
 }
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
