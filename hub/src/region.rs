@@ -997,23 +997,15 @@ impl RegionWriter {
         let Some(ledger) = self.ledgers.get_mut(fridge) else {
             return Ok(());
         };
-        let mut changes = Vec::new();
-        changes.extend(ledger.repair_reservations(now)?);
-        let found = ledger.detect_conflicts(Some(touched));
-        if !found.is_empty() {
-            for c in &found {
-                self.metrics
-                    .conflicts
-                    .get_or_create(&vec![
-                        ("region", self.region.to_string()),
-                        ("kind", c.kind.as_str().to_owned()),
-                    ])
-                    .inc();
-            }
-            changes.extend(ledger.record_conflicts(found, now)?);
-        }
-        if fridge_online {
-            changes.extend(ledger.return_escrow(now)?);
+        let (changes, found) = ledger.hub_after_merge(touched, fridge_online, now)?;
+        for c in &found {
+            self.metrics
+                .conflicts
+                .get_or_create(&vec![
+                    ("region", self.region.to_string()),
+                    ("kind", c.kind.as_str().to_owned()),
+                ])
+                .inc();
         }
         for c in changes {
             self.hub_change(fridge, c, batch);

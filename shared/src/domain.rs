@@ -93,6 +93,9 @@ pub enum OrderStatus {
     PaymentFailedAfterSale,
     /// An offline card payment captured once online (a flag).
     PaymentCaptured,
+    /// Money returned after a conflict was resolved with a refund (a flag; the sale stands in
+    /// the books as it happened).
+    Refunded,
 }
 
 impl OrderStatus {
@@ -113,6 +116,7 @@ impl OrderStatus {
             OrderStatus::CancelRejected => "cancel_rejected",
             OrderStatus::PaymentFailedAfterSale => "payment_failed_after_sale",
             OrderStatus::PaymentCaptured => "payment_captured",
+            OrderStatus::Refunded => "refunded",
         }
     }
 
@@ -133,7 +137,8 @@ impl OrderStatus {
             OrderStatus::PickedUp => 5,
             OrderStatus::CancelRejected
             | OrderStatus::PaymentFailedAfterSale
-            | OrderStatus::PaymentCaptured => return None,
+            | OrderStatus::PaymentCaptured
+            | OrderStatus::Refunded => return None,
         })
     }
 
@@ -148,7 +153,7 @@ impl OrderStatus {
         )
     }
 
-    pub const ALL: [OrderStatus; 15] = [
+    pub const ALL: [OrderStatus; 16] = [
         OrderStatus::Completed,
         OrderStatus::Reserved,
         OrderStatus::Scheduled,
@@ -164,6 +169,7 @@ impl OrderStatus {
         OrderStatus::CancelRejected,
         OrderStatus::PaymentFailedAfterSale,
         OrderStatus::PaymentCaptured,
+        OrderStatus::Refunded,
     ];
 }
 

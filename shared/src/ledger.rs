@@ -192,6 +192,9 @@ pub struct Ledger {
     /// Every value of the `reserved` map: unit → orders, and order → units.
     reserved_by_unit: HashMap<UnitId, Vec<OrderId>>,
     reserved_by_order: HashMap<OrderId, BTreeSet<UnitId>>,
+    /// Orders known to be settled (cancelled, picked up, released...): a status of rank 4 or
+    /// more never drops, so they never hold units again. A cache for the reservation checks.
+    settled: std::cell::RefCell<std::collections::HashSet<OrderId>>,
 }
 
 /// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
@@ -287,6 +290,7 @@ impl Ledger {
             unsold: HashMap::new(),
             reserved_by_unit: HashMap::new(),
             reserved_by_order: HashMap::new(),
+            settled: Default::default(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {
@@ -439,10 +443,13 @@ impl Ledger {
         units: Vec<UnitView>,
         orders: Vec<OrderView>,
     ) -> Result<LocalChange, LedgerError> {
-        let change = self
-            .doc
-            .get_last_local_change()
-            .ok_or_else(|| LedgerError::Document("committed change not found".into()))?;
+        let change = self.doc.get_last_local_change().ok_or_else(|| {
+            LedgerError::Document(format!(
+                "committed change not found ({} units, {} orders touched)",
+                touched.units.len(),
+                touched.orders.len()
+            ))
+        })?;
         Ok(LocalChange {
             bytes: change.raw_bytes().to_vec(),
             touched,
@@ -580,6 +587,11 @@ impl Ledger {
         by: &DeviceId,
         now_ms: i64,
     ) -> Result<LocalChange, LedgerError> {
+        if refill.units.is_empty() {
+            return Err(LedgerError::Invalid(
+                "a refill loads at least one unit".into(),
+            ));
+        }
         self.check_new_units(&refill.units)?;
         let mut touched = Touched::default();
         let mut tx = self.doc.transaction();
@@ -888,6 +900,11 @@ impl Ledger {
                 "at most {UNITS_PER_REQUEST_MAX} units per request"
             )));
         }
+        if session.units_taken.is_empty() && session.units_added.is_empty() {
+            return Err(LedgerError::Invalid(
+                "a door session takes or adds at least one unit".into(),
+            ));
+        }
         self.check_new_units(&session.units_added)?;
         if let Some(card) = &session.card_order_id
             && self.has(&self.maps.orders, card.as_str())
@@ -897,15 +914,23 @@ impl Ledger {
         // What the order the door was opened for still lacks, per sku.
         let mut lacking: BTreeMap<Sku, u32> = BTreeMap::new();
         let mut held_for_session: BTreeSet<UnitId> = BTreeSet::new();
+        // An order this replica has not heard of yet (the hub confirmed it while the fridge
+        // was offline): the customer's units are all matched to it, and the hub settles the
+        // rest once the pickup arrives.
+        let mut unknown_order = false;
         if let Some(o) = &session.order_id {
-            let record = self
+            match self
                 .get_str(&self.maps.orders, o.as_str())
                 .and_then(|json| serde_json::from_str::<OrderRecord>(&json).ok())
-                .ok_or_else(|| LedgerError::UnknownOrder(o.clone()))?;
-            for line in &record.lines {
-                *lacking.entry(line.sku.clone()).or_default() += line.quantity;
+            {
+                Some(record) => {
+                    for line in &record.lines {
+                        *lacking.entry(line.sku.clone()).or_default() += line.quantity;
+                    }
+                    held_for_session.extend(self.effective_reserved(o, &record));
+                }
+                None => unknown_order = true,
             }
-            held_for_session.extend(self.effective_reserved(o, &record));
         }
         let mut matches = Vec::with_capacity(session.units_taken.len());
         let mut picked_up: BTreeSet<OrderId> = BTreeSet::new();
@@ -928,7 +953,8 @@ impl Ledger {
                 .get_str(&self.maps.sold, unit.as_str())
                 .and_then(|o| OrderId::new(o).ok());
             let for_session = session.order_id.as_ref().filter(|_| {
-                held_for_session.contains(unit)
+                unknown_order
+                    || held_for_session.contains(unit)
                     || sku
                         .as_ref()
                         .and_then(|s| lacking.get(s))

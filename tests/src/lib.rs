@@ -1,6 +1,8 @@
 //! Helpers for Larder's end-to-end tests: start hubs and agents in-process or as real processes,
 //! enroll devices, and talk to them over real HTTP. Nothing here fakes a component.
 
+pub mod sim;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -209,7 +209,7 @@ async fn a_unit_sold_twice_offline_is_one_double_sale_resolved_by_refund() -> an
         let refunded = order["history"]
             .as_array()?
             .iter()
-            .any(|e| e["status"] == "refund_pending");
+            .any(|e| e["status"] == "refunded");
         (open == 0 && refunded).then_some(())
     })
     .await?;

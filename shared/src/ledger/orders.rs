@@ -60,6 +60,9 @@ pub enum PaymentOutcome {
     Refused,
 }
 
+/// The rank from which a status is final (see [`OrderStatus::rank`]).
+const SETTLED_RANK: u8 = 4;
+
 const ESCROW_GRANTED: &str = "granted";
 const ESCROW_RETURNED: &str = "returned";
 const ESCROW_CONSUMED: &str = "consumed";
@@ -152,7 +155,19 @@ impl Ledger {
         if !self.has(&self.maps.orders, order.as_str()) {
             return None;
         }
-        Some(super::status_of(&self.history(order)).unwrap_or(OrderStatus::Completed))
+        let status = super::status_of(&self.history(order)).unwrap_or(OrderStatus::Completed);
+        self.note_settled(order, status);
+        Some(status)
+    }
+
+    fn note_settled(&self, order: &OrderId, status: OrderStatus) {
+        if status.rank().is_some_and(|r| r >= SETTLED_RANK) {
+            self.settled.borrow_mut().insert(order.clone());
+        }
+    }
+
+    fn is_settled(&self, order: &OrderId) -> bool {
+        self.settled.borrow().contains(order)
     }
 
     /// The units an order holds: its reservations still in the fridge, earliest expiry
@@ -192,6 +207,9 @@ impl Ledger {
         let mut sorted: Vec<&OrderId> = orders.iter().collect();
         sorted.sort();
         sorted.into_iter().find_map(|o| {
+            if self.is_settled(o) {
+                return None;
+            }
             let record = self.record(o)?;
             let holds = self.status(o).is_some_and(OrderStatus::holds_units)
                 && self.effective_reserved(o, &record).contains(unit);
@@ -698,10 +716,12 @@ impl Ledger {
         let mut ids: Vec<&OrderId> = self.reserved_by_order.keys().collect();
         ids.sort();
         ids.into_iter()
+            .filter(|o| !self.is_settled(o))
             .filter_map(|o| {
                 let record = self.record(o)?;
                 let history = self.history(o);
                 let status = super::status_of(&history).unwrap_or(OrderStatus::Completed);
+                self.note_settled(o, status);
                 status
                     .holds_units()
                     .then(|| (o.clone(), record, status, history))
@@ -952,6 +972,28 @@ impl Ledger {
         out
     }
 
+    /// What the hub does after merging devices' changes into this ledger: moves reservations
+    /// whose units left, records the conflicts the merge revealed (one record each), and,
+    /// when the fridge itself sent (so it is online), hands back escrow above its target.
+    /// Returns the hub's changes and the conflicts noticed.
+    pub fn hub_after_merge(
+        &mut self,
+        touched: &Touched,
+        fridge_sent: bool,
+        now_ms: i64,
+    ) -> Result<(Vec<LocalChange>, Vec<ConflictRecord>), LedgerError> {
+        let mut changes = Vec::new();
+        changes.extend(self.repair_reservations(now_ms)?);
+        let found = self.detect_conflicts(Some(touched));
+        if !found.is_empty() {
+            changes.extend(self.record_conflicts(found.clone(), now_ms)?);
+        }
+        if fridge_sent {
+            changes.extend(self.return_escrow(now_ms)?);
+        }
+        Ok((changes, found))
+    }
+
     /// Writes the conflicts not yet recorded; `None` when there are none.
     pub fn record_conflicts(
         &mut self,
@@ -1016,7 +1058,7 @@ impl Ledger {
             .collect()
     }
 
-    /// Resolves a conflict. `refund` marks the flagged order `refund_pending`; `substitute`
+    /// Resolves a conflict. `refund` flags the flagged order `refunded`; `substitute`
     /// gives the flagged order another free unit (`resolution.unit_id`); `dismiss` only
     /// records the decision. Nothing is deleted.
     pub fn resolve(
@@ -1058,7 +1100,7 @@ impl Ledger {
             match resolution.action {
                 ResolutionAction::Refund => {
                     let event = StatusEvent {
-                        status: OrderStatus::RefundPending,
+                        status: OrderStatus::Refunded,
                         at_ms: now_ms,
                         by: hub_device(),
                         note: Some(format!("conflict {id} resolved with a refund")),

@@ -459,11 +459,7 @@ fn one_unit_sold_twice_offline_flags_the_later_order_once() {
     assert!(r.hub.resolve(&cid, &res, T0 + 41).is_err());
     r.sync();
     let p1 = r.pos.order(&id("p-1")).expect("order");
-    assert!(
-        p1.history
-            .iter()
-            .any(|e| e.status == OrderStatus::RefundPending)
-    );
+    assert!(p1.history.iter().any(|e| e.status == OrderStatus::Refunded));
     assert_eq!(p1.conflicts, vec![cid]);
 }
 

@@ -1,0 +1,1114 @@
+//! A seeded simulation of a region for a simulated week: fridges, POS terminals and the hub
+//! running the same ledger cores the agent and the hub run (`larder_shared::ledger`, the
+//! escrow, the trusted clock, the payment simulator), with the network, the clocks and the
+//! customers simulated. The transport is the hub's change log and per-device cursors, the shape
+//! of the real downlink streams; sockets, SQLite and MQTT are covered by the end-to-end tests.
+//!
+//! Every run is a function of its seed. [`run`] returns a report, or the first invariant that
+//! did not hold:
+//! - every replica of every ledger converges (equal state digests);
+//! - no order holds fewer units than it was confirmed for unless a `reservation_lost`
+//!   conflict flags it;
+//! - no app order for an offline fridge was confirmed beyond its usable escrow (escrow
+//!   orders that later lost their units, when the fridge and a POS cut off from each other
+//!   both sold into the escrow, are counted in the report and flagged like any other);
+//! - every conflict is recorded exactly once: every unit sold in two orders is one
+//!   `double_sale` or `oversold` record, every cancel that met a pickup one
+//!   `cancel_pickup_race` record, and everything the hub detects is recorded.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use larder_shared::catalog::{Catalog, CatalogItem};
+use larder_shared::domain::{
+    AppOrder, AppOrderLine, Channel, ConflictKind, DoorSession, OrderStatus, Payment,
+    PaymentMethod, Refill, RefillUnit, Resolution, ResolutionAction, Sale, SaleLine, TakenMatch,
+};
+use larder_shared::ledger::{self, Ledger, LocalChange, OrderPolicy, PaymentOutcome, Touched};
+use larder_shared::payments::{CaptureResult, PaymentProvider, SimulatedProvider, SimulatedRates};
+use larder_shared::{DeviceId, FridgeId, OrderId, Sku, UnitId};
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+const DAY: i64 = 24 * HOUR;
+const STEP: i64 = 10 * MINUTE;
+/// Monday 2026-01-05 00:00 UTC.
+const T0: i64 = 1_767_571_200_000;
+/// The sku app orders are for (long-lived, so escrow is about promises, not expiry).
+const APP_SKU: &str = "lasagna";
+/// Skus, shelf life, price.
+const SKUS: [(&str, i64, i64); 5] = [
+    ("lasagna", 10 * DAY, 890),
+    ("salad", 6 * DAY, 750),
+    ("curry", 2 * DAY, 820),
+    ("soup", DAY, 550),
+    ("wrap", 12 * HOUR, 490),
+];
+const ESCROW_SHARE: f64 = 0.25;
+const OFFLINE_CARD_MAX: usize = 20;
+
+/// The size of the simulated region.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub fridges: usize,
+    pub pos: usize,
+    pub days: u32,
+}
+
+impl SimConfig {
+    pub fn week(seed: u64) -> Self {
+        Self {
+            seed,
+            fridges: 20,
+            pos: 10,
+            days: 7,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimReport {
+    pub seed: u64,
+    pub walk_up_sales: u64,
+    pub walk_up_refused: u64,
+    pub app_orders: u64,
+    pub app_refused: u64,
+    pub escrow_orders: u64,
+    /// Escrow orders later flagged `reservation_lost` (see [`run`]).
+    pub escrow_orders_lost: u64,
+    pub subscription_orders: u64,
+    pub pickups: u64,
+    pub offline_periods: u64,
+    pub conflicts: BTreeMap<String, u64>,
+    /// Every ledger's final state digest, in fridge order (equal on every replica).
+    pub digests: Vec<String>,
+}
+
+/// splitmix64: small, fast and fully determined by its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1).max(1) as u64) as i64
+    }
+}
+
+struct Device {
+    id: DeviceId,
+    is_fridge: bool,
+    fridges: Vec<usize>,
+    ledgers: BTreeMap<usize, Ledger>,
+    /// Every change this device made, in order (its outbox stream).
+    own: Vec<(usize, Vec<u8>)>,
+    /// Own changes the hub has.
+    sent: usize,
+    /// Per ledger, how much of the hub's log this device has.
+    cursor: BTreeMap<usize, usize>,
+    online: bool,
+    offline_until: i64,
+    /// Its clock's error (up to a day either way).
+    skew: i64,
+    /// The last time beacon: the hub's time and the true time it arrived.
+    beacon: Option<(i64, i64)>,
+    uncaptured: Vec<(usize, OrderId)>,
+    next_order: u64,
+    /// Own changes when the fridge last considered its escrow grant.
+    granted_at: usize,
+}
+
+impl Device {
+    /// The time this device trusts at true time `t`.
+    fn now(&self, t: i64) -> i64 {
+        larder_shared::time::trusted_now(t + self.skew, self.beacon.map(|(h, at)| (h, t - at)))
+            .now_ms
+    }
+
+    fn record(&mut self, fridge: usize, change: LocalChange) {
+        self.own.push((fridge, change.bytes));
+    }
+
+    fn order_id(&mut self) -> OrderId {
+        self.next_order += 1;
+        OrderId::new(format!("{}-{}", self.id, self.next_order)).unwrap_or_else(|_| unreachable!())
+    }
+}
+
+struct Hub {
+    ledgers: Vec<Ledger>,
+    /// Per ledger, every change the hub has, in arrival order (the downlink streams).
+    log: Vec<Vec<Vec<u8>>>,
+    /// Per ledger, the fridge's grants as of a log length.
+    grants: Vec<Vec<(usize, BTreeMap<Sku, i64>)>>,
+}
+
+struct AppRecord {
+    fridge: usize,
+    order: OrderId,
+    escrow: bool,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    catalog: Catalog,
+    policy: OrderPolicy,
+    provider: SimulatedProvider,
+    hub: Hub,
+    devices: Vec<Device>,
+    unanswered: BTreeSet<OrderId>,
+    fail_later: Vec<(i64, usize, OrderId)>,
+    apps: Vec<AppRecord>,
+    /// Ground truth: every order each unit was sold in.
+    sales: BTreeMap<UnitId, BTreeSet<OrderId>>,
+    /// Subscribers: fridge, sku, weekdays (bit 0 = Monday).
+    subscribers: Vec<(usize, &'static str, u8)>,
+    report: SimReport,
+    next_id: u64,
+}
+
+fn fridge_id(i: usize) -> FridgeId {
+    FridgeId::new(format!("fridge-{i}")).unwrap_or_else(|_| unreachable!())
+}
+
+fn sku(s: &str) -> Sku {
+    Sku::new(s).unwrap_or_else(|_| unreachable!())
+}
+
+fn fail<T>(seed: u64, what: String) -> Result<T, String> {
+    Err(format!("seed {seed}: {what}"))
+}
+
+/// Runs one simulated region for `cfg.days` days.
+pub fn run(cfg: SimConfig) -> Result<SimReport, String> {
+    run_inner(cfg).map_err(|e| {
+        if e.starts_with("seed ") {
+            e
+        } else {
+            format!("seed {}: {e}", cfg.seed)
+        }
+    })
+}
+
+fn run_inner(cfg: SimConfig) -> Result<SimReport, String> {
+    let mut sim = Sim::new(cfg)?;
+    let end = T0 + i64::from(cfg.days) * DAY;
+    let mut t = T0;
+    while t < end {
+        sim.step(t)?;
+        t += STEP;
+    }
+    sim.settle(end)?;
+    sim.check()?;
+    Ok(sim.report)
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> Result<Self, String> {
+        let mut rng = Rng(cfg.seed ^ 0x005e_ed1a_2de2_u64);
+        let catalog = Catalog {
+            version: 1,
+            currency: "EUR".into(),
+            items: SKUS
+                .iter()
+                .map(|(s, life, price)| CatalogItem {
+                    sku: sku(s),
+                    name: s.to_string(),
+                    price_minor: *price,
+                    allergens: vec![],
+                    shelf_life_hours: (*life / HOUR) as u32,
+                })
+                .collect(),
+        };
+        let hub_actor = larder_hub::region::hub_actor();
+        let mut hub = Hub {
+            ledgers: Vec::new(),
+            log: Vec::new(),
+            grants: Vec::new(),
+        };
+        for f in 0..cfg.fridges {
+            hub.ledgers
+                .push(Ledger::new(fridge_id(f), hub_actor.clone()).map_err(|e| e.to_string())?);
+            hub.log.push(Vec::new());
+            hub.grants.push(vec![(0, BTreeMap::new())]);
+        }
+        let mut devices = Vec::new();
+        let make = |id: String,
+                    is_fridge: bool,
+                    fridges: Vec<usize>,
+                    rng: &mut Rng|
+         -> Result<Device, String> {
+            let id = DeviceId::new(id).map_err(|e| e.to_string())?;
+            let mut ledgers = BTreeMap::new();
+            for f in &fridges {
+                ledgers.insert(
+                    *f,
+                    Ledger::new(fridge_id(*f), ledger::actor_for(&id))
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            Ok(Device {
+                id,
+                is_fridge,
+                cursor: fridges.iter().map(|f| (*f, 0)).collect(),
+                fridges,
+                ledgers,
+                own: Vec::new(),
+                sent: 0,
+                online: true,
+                offline_until: 0,
+                skew: rng.range(-DAY, DAY),
+                beacon: None,
+                uncaptured: Vec::new(),
+                next_order: 0,
+                granted_at: 0,
+            })
+        };
+        for f in 0..cfg.fridges {
+            devices.push(make(format!("fridge-{f}"), true, vec![f], &mut rng)?);
+        }
+        for p in 0..cfg.pos {
+            let a = (2 * p) % cfg.fridges.max(1);
+            let b = (2 * p + 1) % cfg.fridges.max(1);
+            let fridges: Vec<usize> = if a == b { vec![a] } else { vec![a, b] };
+            devices.push(make(format!("pos-{p}"), false, fridges, &mut rng)?);
+        }
+        let subscribers = (0..cfg.fridges.div_ceil(4))
+            .map(|_| {
+                let f = rng.below(cfg.fridges as u64) as usize;
+                let s = SKUS[1 + rng.below(2) as usize].0;
+                (f, s, (rng.below(127) + 1) as u8)
+            })
+            .collect();
+        Ok(Self {
+            cfg,
+            rng,
+            catalog,
+            policy: OrderPolicy {
+                grace_ms: 20_000,
+                payment_timeout_ms: 60_000,
+                pickup_hold_ms: 24 * HOUR,
+            },
+            provider: SimulatedProvider::new(
+                cfg.seed,
+                SimulatedRates {
+                    refuse_per_mille: 50,
+                    no_answer_per_mille: 20,
+                    fail_later_per_mille: 10,
+                },
+            ),
+            hub,
+            devices,
+            unanswered: BTreeSet::new(),
+            fail_later: Vec::new(),
+            apps: Vec::new(),
+            sales: BTreeMap::new(),
+            subscribers,
+            report: SimReport {
+                seed: cfg.seed,
+                ..SimReport::default()
+            },
+            next_id: 0,
+        })
+    }
+
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}-{}", self.next_id)
+    }
+
+    fn sold(&mut self, order: &OrderId, units: impl IntoIterator<Item = UnitId>) {
+        for u in units {
+            self.sales.entry(u).or_default().insert(order.clone());
+        }
+    }
+
+    fn hub_record(&mut self, f: usize, change: LocalChange) {
+        self.hub.log[f].push(change.bytes);
+    }
+
+    fn step(&mut self, t: i64) -> Result<(), String> {
+        self.connectivity(t);
+        let minute_of_day = (t - T0).rem_euclid(DAY) / MINUTE;
+        let day = (t - T0).div_euclid(DAY);
+        if minute_of_day == 5 * 60 {
+            self.dispatch(t)?;
+        }
+        if minute_of_day == 6 * 60 {
+            self.refills(t, day)?;
+        }
+        if minute_of_day == 20 * 60 {
+            self.schedule(t, day + 1)?;
+        }
+        self.walk_ups(t)?;
+        self.app_orders(t)?;
+        if minute_of_day % 30 == 0 {
+            self.pickups(t)?;
+        }
+        self.resolve(t)?;
+        if minute_of_day % 60 == 0 {
+            self.hub_tick(t)?;
+        }
+        let mut order: Vec<usize> = (0..self.devices.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, self.rng.below(i as u64 + 1) as usize);
+        }
+        for d in order {
+            self.sync(d, t)?;
+        }
+        Ok(())
+    }
+
+    /// Devices drop off for half an hour to a day now and then, and come back.
+    fn connectivity(&mut self, t: i64) {
+        for d in 0..self.devices.len() {
+            let going = self.rng.chance(1.0 / 300.0);
+            let length = self.rng.range(30 * MINUTE, DAY);
+            let dev = &mut self.devices[d];
+            if dev.online && going {
+                dev.online = false;
+                dev.offline_until = t + length;
+                self.report.offline_periods += 1;
+            } else if !dev.online && t >= dev.offline_until {
+                dev.online = true;
+            }
+        }
+    }
+
+    /// Exchanges changes between an online device and the hub, as the uplink and downlink
+    /// streams do: the device's new changes up (merged, then the hub's own follow-ups), the
+    /// hub's log down, a time beacon, and the fridge's escrow grant once it is online.
+    fn sync(&mut self, d: usize, t: i64) -> Result<(), String> {
+        if !self.devices[d].online {
+            return Ok(());
+        }
+        let seed = self.cfg.seed;
+        self.devices[d].beacon = Some((t, t));
+        let new: Vec<(usize, Vec<u8>)> = self.devices[d].own[self.devices[d].sent..].to_vec();
+        self.devices[d].sent = self.devices[d].own.len();
+        let mut touched: BTreeMap<usize, Touched> = BTreeMap::new();
+        for (f, bytes) in new {
+            let tch = self.hub.ledgers[f]
+                .apply_changes(std::slice::from_ref(&bytes))
+                .or_else(|e| fail(seed, format!("hub merge: {e}")))?;
+            self.hub.log[f].push(bytes);
+            touched.entry(f).or_default().extend(tch);
+        }
+        let is_fridge = self.devices[d].is_fridge;
+        for (f, tch) in touched {
+            let (changes, _) = self.hub.ledgers[f]
+                .hub_after_merge(&tch, is_fridge, t)
+                .or_else(|e| fail(seed, format!("after merge: {e}")))?;
+            for c in changes {
+                self.hub_record(f, c);
+            }
+            let granted = self.hub.ledgers[f].granted_all();
+            if self.hub.grants[f].last().is_none_or(|(_, g)| g != &granted) {
+                let at = self.hub.log[f].len();
+                self.hub.grants[f].push((at, granted));
+            }
+        }
+        let fridges = self.devices[d].fridges.clone();
+        for f in fridges {
+            let from = self.devices[d].cursor[&f];
+            let down: Vec<Vec<u8>> = self.hub.log[f][from..].to_vec();
+            // As the agent does: the fridge tops its grant up after its stock changed.
+            let changed =
+                !down.is_empty() || self.devices[d].own.len() > self.devices[d].granted_at;
+            if !down.is_empty() {
+                self.devices[d]
+                    .ledgers
+                    .get_mut(&f)
+                    .ok_or_else(|| format!("seed {seed}: no ledger"))?
+                    .apply_changes(&down)
+                    .or_else(|e| fail(seed, format!("device merge: {e}")))?;
+            }
+            self.devices[d].cursor.insert(f, self.hub.log[f].len());
+            if is_fridge && changed {
+                let now = self.devices[d].now(t);
+                let dev = &mut self.devices[d];
+                if let Some(l) = dev.ledgers.get_mut(&f)
+                    && let Some(c) = l
+                        .grant_escrow(ESCROW_SHARE, now)
+                        .map_err(|e| e.to_string())?
+                {
+                    dev.record(f, c);
+                }
+                dev.granted_at = dev.own.len();
+            }
+        }
+        // Card payments taken offline are captured now.
+        let pending = std::mem::take(&mut self.devices[d].uncaptured);
+        for (f, order) in pending {
+            let status = match self.provider.capture(&order, 0, "EUR") {
+                CaptureResult::Captured => OrderStatus::PaymentCaptured,
+                CaptureResult::NoAnswer => {
+                    self.devices[d].uncaptured.push((f, order));
+                    continue;
+                }
+                _ => OrderStatus::PaymentFailedAfterSale,
+            };
+            let now = self.devices[d].now(t);
+            let dev = &mut self.devices[d];
+            let id = dev.id.clone();
+            if let Some(l) = dev.ledgers.get_mut(&f) {
+                let c = l
+                    .add_event(&order, status, None, &id, now)
+                    .map_err(|e| e.to_string())?;
+                dev.record(f, c);
+            }
+        }
+        Ok(())
+    }
+
+    /// The grants of fridge `f` every POS serving it has received.
+    fn usable_grants(&self, f: usize) -> BTreeMap<Sku, i64> {
+        let min = self
+            .devices
+            .iter()
+            .filter(|d| !d.is_fridge && d.fridges.contains(&f))
+            .map(|d| d.cursor[&f])
+            .min()
+            .unwrap_or(usize::MAX);
+        self.hub.grants[f]
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= min)
+            .map(|(_, g)| g.clone())
+            .unwrap_or_default()
+    }
+
+    fn refills(&mut self, t: i64, day: i64) -> Result<(), String> {
+        for f in 0..self.cfg.fridges {
+            let mut units = Vec::new();
+            for (s, life, _) in SKUS {
+                let n = self.rng.below(5);
+                for k in 0..n {
+                    units.push(RefillUnit {
+                        unit_id: UnitId::new(format!("u{f}-d{day}-{s}-{k}"))
+                            .map_err(|e| e.to_string())?,
+                        sku: sku(s),
+                        expires_at_ms: t + life,
+                        batch: None,
+                    });
+                }
+            }
+            let dev = &mut self.devices[f];
+            let now = dev.now(t);
+            let id = dev.id.clone();
+            if !units.is_empty()
+                && let Some(l) = dev.ledgers.get_mut(&f)
+            {
+                let c = l
+                    .refill(
+                        &Refill {
+                            units,
+                            order_id: None,
+                        },
+                        &id,
+                        now,
+                    )
+                    .map_err(|e| e.to_string())?;
+                dev.record(f, c);
+            }
+            // The subscribers' meals for today, tagged with their orders.
+            let dispatched: Vec<(OrderId, Vec<(Sku, u32)>)> = self.hub.ledgers[f]
+                .holding_orders()
+                .into_iter()
+                .filter(|(_, _, s, _)| *s == OrderStatus::Dispatched)
+                .map(|(o, r, _, _)| {
+                    (
+                        o,
+                        r.lines
+                            .iter()
+                            .map(|l| (l.sku.clone(), l.quantity))
+                            .collect(),
+                    )
+                })
+                .collect();
+            for (order, lines) in dispatched {
+                let mut units = Vec::new();
+                for (s, q) in lines {
+                    let life = SKUS.iter().find(|x| x.0 == s.as_str()).map_or(DAY, |x| x.1);
+                    for k in 0..q {
+                        units.push(RefillUnit {
+                            unit_id: UnitId::new(format!("m-{order}-{k}-{s}"))
+                                .map_err(|e| e.to_string())?,
+                            sku: s.clone(),
+                            expires_at_ms: t + life,
+                            batch: None,
+                        });
+                    }
+                }
+                let dev = &mut self.devices[f];
+                let now = dev.now(t);
+                let id = dev.id.clone();
+                if let Some(l) = dev.ledgers.get_mut(&f) {
+                    match l.refill(
+                        &Refill {
+                            units,
+                            order_id: Some(order),
+                        },
+                        &id,
+                        now,
+                    ) {
+                        Ok(c) => dev.record(f, c),
+                        Err(ledger::LedgerError::UnitExists(_)) => {}
+                        Err(e) => return fail(self.cfg.seed, format!("tagged refill: {e}")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At the cut-off the next day's occurrences become orders.
+    fn schedule(&mut self, t: i64, day: i64) -> Result<(), String> {
+        let weekday = day.rem_euclid(7) as u8;
+        for (n, (f, s, days)) in self.subscribers.clone().into_iter().enumerate() {
+            if days & (1 << weekday) == 0 {
+                continue;
+            }
+            let order = AppOrder {
+                order_id: OrderId::new(format!("sub-{n}-d{day}")).map_err(|e| e.to_string())?,
+                customer_id: format!("subscriber-{n}"),
+                channel: Channel::Subscription,
+                lines: vec![AppOrderLine {
+                    sku: sku(s),
+                    quantity: 1,
+                }],
+                subscription_id: Some(format!("sub-{n}")),
+            };
+            let (c, _) = self.hub.ledgers[f]
+                .schedule_order(&order, &format!("day-{day}"), &self.catalog, t)
+                .map_err(|e| e.to_string())?;
+            self.hub_record(f, c);
+            self.report.subscription_orders += 1;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, t: i64) -> Result<(), String> {
+        for f in 0..self.cfg.fridges {
+            let scheduled: Vec<OrderId> = self.hub.ledgers[f]
+                .order_ids()
+                .into_iter()
+                .filter(|o| self.hub.ledgers[f].status(o) == Some(OrderStatus::Scheduled))
+                .collect();
+            for o in scheduled {
+                let c = self.hub.ledgers[f]
+                    .dispatch(&o, t)
+                    .map_err(|e| e.to_string())?;
+                self.hub_record(f, c);
+            }
+        }
+        Ok(())
+    }
+
+    fn walk_ups(&mut self, t: i64) -> Result<(), String> {
+        for d in 0..self.devices.len() {
+            let p = if self.devices[d].is_fridge {
+                0.06
+            } else {
+                0.08
+            };
+            if !self.rng.chance(p) {
+                continue;
+            }
+            let fridges = self.devices[d].fridges.clone();
+            let f = fridges[self.rng.below(fridges.len() as u64) as usize];
+            let (s, _, price) = SKUS[self.rng.below(SKUS.len() as u64) as usize];
+            let now = self.devices[d].now(t);
+            // A POS cashier mostly scans a unit the POS believes is in the fridge.
+            let scan = if self.devices[d].is_fridge || self.rng.chance(0.3) {
+                None
+            } else {
+                let free = self.devices[d].ledgers[&f].free_units(&sku(s), now);
+                if free.is_empty() {
+                    None
+                } else {
+                    Some(free[self.rng.below(free.len() as u64) as usize].clone())
+                }
+            };
+            let card = self.rng.chance(0.6);
+            let offline_card = card && !self.devices[d].is_fridge && !self.devices[d].online;
+            if offline_card && self.devices[d].uncaptured.len() >= OFFLINE_CARD_MAX {
+                self.report.walk_up_refused += 1;
+                continue;
+            }
+            let dev = &mut self.devices[d];
+            let order_id = dev.order_id();
+            let id = dev.id.clone();
+            let sale = Sale {
+                order_id: order_id.clone(),
+                channel: if dev.is_fridge {
+                    Channel::Fridge
+                } else {
+                    Channel::Pos
+                },
+                lines: vec![SaleLine {
+                    sku: sku(s),
+                    unit_id: scan,
+                    quantity: 1,
+                }],
+                payment: Payment {
+                    method: if dev.is_fridge {
+                        PaymentMethod::FridgeCard
+                    } else if card {
+                        PaymentMethod::Card
+                    } else {
+                        PaymentMethod::Cash
+                    },
+                    amount_minor: price,
+                    currency: "EUR".into(),
+                },
+                payment_pending: offline_card,
+            };
+            let Some(l) = dev.ledgers.get_mut(&f) else {
+                continue;
+            };
+            match l.sell(&sale, &self.catalog, &id, now) {
+                Ok((c, view)) => {
+                    dev.record(f, c);
+                    if offline_card {
+                        dev.uncaptured.push((f, order_id.clone()));
+                    }
+                    self.report.walk_up_sales += 1;
+                    let units: Vec<UnitId> = view
+                        .record
+                        .lines
+                        .iter()
+                        .flat_map(|l| l.unit_ids.clone())
+                        .collect();
+                    self.sold(&order_id, units);
+                }
+                Err(_) => self.report.walk_up_refused += 1,
+            }
+        }
+        Ok(())
+    }
+
+    fn app_orders(&mut self, t: i64) -> Result<(), String> {
+        for f in 0..self.cfg.fridges {
+            if !self.rng.chance(0.02) {
+                continue;
+            }
+            // Beyond the escrow only while every device selling from the fridge is online.
+            let online = self
+                .devices
+                .iter()
+                .filter(|d| d.fridges.contains(&f))
+                .all(|d| d.online);
+            let usable = (!online).then(|| self.usable_grants(f));
+            let quantity = 1 + self.rng.below(2) as u32;
+            let order = AppOrder {
+                order_id: OrderId::new(self.fresh("app")).map_err(|e| e.to_string())?,
+                customer_id: format!("customer-{}", self.rng.below(500)),
+                channel: Channel::App,
+                lines: vec![AppOrderLine {
+                    sku: sku(APP_SKU),
+                    quantity,
+                }],
+                subscription_id: None,
+            };
+            let before = usable.as_ref().map(|g| {
+                self.hub.ledgers[f]
+                    .allowance_with(&sku(APP_SKU), g.get(&sku(APP_SKU)).copied().unwrap_or(0))
+            });
+            match self.hub.ledgers[f].place_order(
+                &order,
+                &self.catalog,
+                usable.as_ref(),
+                &self.policy,
+                t,
+            ) {
+                Ok((c, _)) => {
+                    self.hub_record(f, c);
+                    self.report.app_orders += 1;
+                    if let Some(before) = before {
+                        self.report.escrow_orders += 1;
+                        if before < i64::from(quantity) {
+                            return fail(
+                                self.cfg.seed,
+                                format!(
+                                    "{} confirmed beyond the escrow ({before} < {quantity})",
+                                    order.order_id
+                                ),
+                            );
+                        }
+                    }
+                    self.apps.push(AppRecord {
+                        fridge: f,
+                        order: order.order_id.clone(),
+                        escrow: !online,
+                    });
+                    // 3 % are cancelled within seconds.
+                    if self.rng.chance(0.03) {
+                        let (c, _) = self.hub.ledgers[f]
+                            .cancel(
+                                &order.order_id,
+                                &ledger::hub_device(),
+                                &self.policy,
+                                t + 5_000,
+                            )
+                            .map_err(|e| e.to_string())?;
+                        self.hub_record(f, c);
+                    }
+                }
+                Err(ledger::LedgerError::InsufficientStock { .. }) => self.report.app_refused += 1,
+                Err(e) => return fail(self.cfg.seed, format!("placing an order: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Customers come for ready orders; now and then a walk-up customer takes a subscriber's
+    /// tagged meal at the fridge with their card.
+    fn pickups(&mut self, t: i64) -> Result<(), String> {
+        for f in 0..self.cfg.fridges {
+            let ready: Vec<(OrderId, Vec<(Sku, u32)>)> = self.hub.ledgers[f]
+                .holding_orders()
+                .into_iter()
+                .filter(|(_, _, s, _)| *s == OrderStatus::AvailableForPicking)
+                .map(|(o, r, _, _)| {
+                    (
+                        o,
+                        r.lines
+                            .iter()
+                            .map(|l| (l.sku.clone(), l.quantity))
+                            .collect(),
+                    )
+                })
+                .collect();
+            for (order, lines) in ready {
+                // Now and then the customer cancels a paid order: a refund, or, if the
+                // fridge saw a pickup the hub has not, a race the pickup wins.
+                if self.rng.chance(0.03) {
+                    let (c, _) = self.hub.ledgers[f]
+                        .cancel(&order, &ledger::hub_device(), &self.policy, t)
+                        .map_err(|e| e.to_string())?;
+                    self.hub_record(f, c);
+                    continue;
+                }
+                if !self.rng.chance(0.4) {
+                    continue;
+                }
+                let dev = &mut self.devices[f];
+                let now = dev.now(t);
+                let l = &dev.ledgers[&f];
+                let mut taken: Vec<UnitId> = l
+                    .order(&order)
+                    .map(|v| v.reserved_units)
+                    .unwrap_or_default();
+                if taken.is_empty() {
+                    for (s, q) in &lines {
+                        taken.extend(l.free_units(s, now).into_iter().take(*q as usize));
+                    }
+                }
+                if taken.is_empty() {
+                    continue;
+                }
+                self.next_id += 1;
+                let session = DoorSession {
+                    session_id: format!("door-{}", self.next_id),
+                    units_taken: taken,
+                    units_added: vec![],
+                    order_id: Some(order.clone()),
+                    card_order_id: None,
+                };
+                self.door(f, &session, t)?;
+                self.report.pickups += 1;
+            }
+            if self.rng.chance(0.015) {
+                let l = &self.devices[f].ledgers[&f];
+                let held: Vec<UnitId> = l
+                    .units(self.devices[f].now(t))
+                    .into_iter()
+                    .filter(|u| {
+                        u.state == larder_shared::domain::UnitState::Reserved
+                            && u.facts.sku.as_str() != APP_SKU
+                    })
+                    .map(|u| u.unit_id)
+                    .collect();
+                if let Some(u) = held.first() {
+                    let card = self.devices[f].order_id();
+                    self.next_id += 1;
+                    let session = DoorSession {
+                        session_id: format!("door-{}", self.next_id),
+                        units_taken: vec![u.clone()],
+                        units_added: vec![],
+                        order_id: None,
+                        card_order_id: Some(card),
+                    };
+                    self.door(f, &session, t)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn door(&mut self, f: usize, session: &DoorSession, t: i64) -> Result<(), String> {
+        let dev = &mut self.devices[f];
+        let now = dev.now(t);
+        let id = dev.id.clone();
+        let Some(l) = dev.ledgers.get_mut(&f) else {
+            return Ok(());
+        };
+        match l.door_session(session, &self.catalog, &id, now) {
+            Ok((c, matches)) => {
+                dev.record(f, c);
+                for (u, m) in matches {
+                    if let TakenMatch::FridgeCard { order_id } = m {
+                        self.sold(&order_id, [u]);
+                    }
+                }
+                Ok(())
+            }
+            Err(ledger::LedgerError::UnitNotAvailable { .. }) => Ok(()),
+            Err(e) => fail(self.cfg.seed, format!("door session: {e}")),
+        }
+    }
+
+    /// The kitchen resolves an open conflict now and then.
+    fn resolve(&mut self, t: i64) -> Result<(), String> {
+        if !self.rng.chance(0.05) {
+            return Ok(());
+        }
+        let f = self.rng.below(self.cfg.fridges as u64) as usize;
+        let open: Vec<String> = self.hub.ledgers[f]
+            .conflicts()
+            .into_iter()
+            .filter(|c| c.status == "open")
+            .map(|c| c.record.conflict_id)
+            .collect();
+        let Some(id) = open.first() else {
+            return Ok(());
+        };
+        let action = if self.rng.chance(0.7) {
+            ResolutionAction::Refund
+        } else {
+            ResolutionAction::Dismiss
+        };
+        let res = Resolution {
+            action,
+            by: "kitchen".into(),
+            at_ms: t,
+            note: None,
+            unit_id: None,
+        };
+        let (c, _) = self.hub.ledgers[f]
+            .resolve(id, &res, t)
+            .map_err(|e| e.to_string())?;
+        self.hub_record(f, c);
+        Ok(())
+    }
+
+    /// What time makes due at the hub: captures after the grace window, timeouts, no-shows,
+    /// late payment failures, reservations on expired units.
+    fn hub_tick(&mut self, t: i64) -> Result<(), String> {
+        for f in 0..self.cfg.fridges {
+            let mut changes = Vec::new();
+            let l = &mut self.hub.ledgers[f];
+            for (o, record, status, _) in l.holding_orders() {
+                if status != OrderStatus::Reserved
+                    || record.channel != Channel::App
+                    || t < ledger::grace_end(&record, &self.policy)
+                    || self.unanswered.contains(&o)
+                {
+                    continue;
+                }
+                let outcome = match self.provider.capture(&o, record.total_minor, "EUR") {
+                    CaptureResult::Captured => PaymentOutcome::Captured,
+                    CaptureResult::Refused => PaymentOutcome::Refused,
+                    CaptureResult::NoAnswer => {
+                        self.unanswered.insert(o);
+                        continue;
+                    }
+                    CaptureResult::CapturedThenFails => {
+                        self.fail_later.push((t + HOUR, f, o.clone()));
+                        PaymentOutcome::Captured
+                    }
+                };
+                changes.push(
+                    l.record_payment(&o, outcome, &self.policy, t)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            for (o, status, note) in l.due_transitions(&self.policy, t) {
+                changes.push(
+                    l.add_event(&o, status, Some(note), &ledger::hub_device(), t)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            changes.extend(l.repair_reservations(t).map_err(|e| e.to_string())?);
+            for c in changes {
+                self.hub_record(f, c);
+            }
+        }
+        let due: Vec<(i64, usize, OrderId)> = self
+            .fail_later
+            .iter()
+            .filter(|(at, _, _)| *at <= t)
+            .cloned()
+            .collect();
+        self.fail_later.retain(|(at, _, _)| *at > t);
+        for (_, f, o) in due {
+            let c = self.hub.ledgers[f]
+                .add_event(
+                    &o,
+                    OrderStatus::PaymentFailedAfterSale,
+                    None,
+                    &ledger::hub_device(),
+                    t,
+                )
+                .map_err(|e| e.to_string())?;
+            self.hub_record(f, c);
+        }
+        Ok(())
+    }
+
+    /// Brings every device back online and syncs until nothing moves.
+    fn settle(&mut self, t: i64) -> Result<(), String> {
+        for d in &mut self.devices {
+            d.online = true;
+        }
+        for _ in 0..20 {
+            let before: usize = self.hub.log.iter().map(Vec::len).sum::<usize>()
+                + self.devices.iter().map(|d| d.own.len()).sum::<usize>();
+            for d in 0..self.devices.len() {
+                self.sync(d, t)?;
+            }
+            self.hub_tick(t)?;
+            for d in 0..self.devices.len() {
+                self.sync(d, t)?;
+            }
+            let after: usize = self.hub.log.iter().map(Vec::len).sum::<usize>()
+                + self.devices.iter().map(|d| d.own.len()).sum::<usize>();
+            if before == after {
+                return Ok(());
+            }
+        }
+        fail(
+            self.cfg.seed,
+            "the region did not settle in 20 rounds".into(),
+        )
+    }
+
+    fn check(&mut self) -> Result<(), String> {
+        let seed = self.cfg.seed;
+        for f in 0..self.cfg.fridges {
+            let hub = &self.hub.ledgers[f];
+            let digest = hub.state_digest();
+            for d in self.devices.iter().filter(|d| d.fridges.contains(&f)) {
+                if d.ledgers[&f].state_digest() != digest {
+                    return fail(seed, format!("{} differs from the hub on fridge-{f}", d.id));
+                }
+            }
+            self.report.digests.push(digest);
+            let conflicts = hub.conflicts();
+            let recorded: BTreeSet<String> = conflicts
+                .iter()
+                .map(|c| c.record.conflict_id.clone())
+                .collect();
+            for c in &conflicts {
+                *self
+                    .report
+                    .conflicts
+                    .entry(c.record.kind.as_str().to_owned())
+                    .or_default() += 1;
+            }
+            for c in hub.detect_conflicts(None) {
+                if !recorded.contains(&c.conflict_id) {
+                    return fail(
+                        seed,
+                        format!("{} detected but never recorded", c.conflict_id),
+                    );
+                }
+            }
+            let lost: BTreeSet<OrderId> = conflicts
+                .iter()
+                .filter(|c| c.record.kind == ConflictKind::ReservationLost)
+                .filter_map(|c| c.record.flagged_order.clone())
+                .collect();
+            for (o, record, status, _) in hub.holding_orders() {
+                if !matches!(
+                    status,
+                    OrderStatus::Reserved
+                        | OrderStatus::PlacedInFridge
+                        | OrderStatus::AvailableForPicking
+                ) {
+                    continue;
+                }
+                let wanted: u32 = record.lines.iter().map(|l| l.quantity).sum();
+                let held = hub.order(&o).map_or(0, |v| v.reserved_units.len()) as u32;
+                if held < wanted && !lost.contains(&o) {
+                    return fail(
+                        seed,
+                        format!("{o} holds {held} of {wanted} units and no conflict says so"),
+                    );
+                }
+            }
+            // Escrow orders flagged lost: two sellers cut off from each other (the fridge
+            // and a POS) can together sell into the escrow; counted, not hidden.
+            self.report.escrow_orders_lost += self
+                .apps
+                .iter()
+                .filter(|a| a.fridge == f && a.escrow && lost.contains(&a.order))
+                .count() as u64;
+            // Cancels that met a pickup: one record each.
+            let races = hub
+                .order_ids()
+                .into_iter()
+                .filter(|o| {
+                    let h = hub.order(o).map(|v| v.history).unwrap_or_default();
+                    h.iter().any(|e| e.status == OrderStatus::PickedUp)
+                        && h.iter().any(|e| {
+                            matches!(
+                                e.status,
+                                OrderStatus::Cancelled | OrderStatus::RefundPending
+                            )
+                        })
+                })
+                .count();
+            let race_records = conflicts
+                .iter()
+                .filter(|c| c.record.kind == ConflictKind::CancelPickupRace)
+                .count();
+            if races != race_records {
+                return fail(
+                    seed,
+                    format!("fridge-{f}: {races} cancel/pickup races, {race_records} records"),
+                );
+            }
+        }
+        // Every unit sold in more than one order is exactly one record.
+        let twice = self.sales.values().filter(|o| o.len() > 1).count() as u64;
+        let records = self
+            .report
+            .conflicts
+            .get("double_sale")
+            .copied()
+            .unwrap_or(0)
+            + self.report.conflicts.get("oversold").copied().unwrap_or(0);
+        if twice != records {
+            return fail(
+                seed,
+                format!("{twice} units sold twice, {records} double_sale/oversold records"),
+            );
+        }
+        Ok(())
+    }
+}
