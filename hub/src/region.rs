@@ -103,6 +103,13 @@ pub enum RegionCommand {
     Conflicts {
         reply: oneshot::Sender<Vec<larder_shared::domain::ConflictView>>,
     },
+    /// Units in stock per fridge and sku (on hand, held, expiring before `before_ms`), from the
+    /// ledgers: for the refill plan.
+    StockCounts {
+        now_ms: i64,
+        before_ms: i64,
+        reply: oneshot::Sender<crate::subscriptions::PerFridge<crate::subscriptions::StockCount>>,
+    },
     /// Apply what time has made due: payment captures after grace windows, payment timeouts,
     /// no-shows, reservations on expired units.
     Tick,
@@ -235,6 +242,10 @@ pub struct RegionWriter {
     /// each head: a grant is usable for offline orders once every other walk-up seller of the
     /// fridge (its POS) has acknowledged its downlink past that head.
     grants: HashMap<FridgeId, Vec<GrantSnapshot>>,
+    /// When time next makes something due in each ledger, and the ledgers changed since it was
+    /// computed: the tick visits only ledgers with something due.
+    due: HashMap<FridgeId, Option<i64>>,
+    dirty: std::collections::HashSet<FridgeId>,
 }
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
@@ -332,6 +343,8 @@ impl RegionWriter {
             calendar,
             generated_through,
             grants: HashMap::new(),
+            due: HashMap::new(),
+            dirty: std::collections::HashSet::new(),
         };
         w.reload()?;
         let head = w.store.head()?;
@@ -369,6 +382,7 @@ impl RegionWriter {
 
     fn reload(&mut self) -> Result<(), StoreError> {
         self.ledgers.clear();
+        self.dirty.extend(self.fridges.iter().cloned());
         for fridge in self.fridges.clone() {
             let (snap, changes) = self.store.load_ledger(&fridge)?;
             self.changes_since_snapshot
@@ -568,6 +582,29 @@ impl RegionWriter {
                     let _ = reply.send(list);
                 }
                 RegionCommand::Tick => self.tick(&mut batch, now),
+                RegionCommand::StockCounts {
+                    now_ms,
+                    before_ms,
+                    reply,
+                } => {
+                    let mut out = crate::subscriptions::PerFridge::new();
+                    for (f, l) in &self.ledgers {
+                        let counts = l
+                            .stock_counts(now_ms, before_ms)
+                            .into_iter()
+                            .map(|(sku, (on_hand, reserved, expiring))| {
+                                let c = crate::subscriptions::StockCount {
+                                    on_hand,
+                                    reserved,
+                                    expiring,
+                                };
+                                (sku.to_string(), c)
+                            })
+                            .collect();
+                        out.insert(f.clone(), counts);
+                    }
+                    let _ = reply.send(out);
+                }
                 RegionCommand::Subscription { op, reply } => {
                     match self.subscription_op(op, &mut batch, now) {
                         Ok(answer) => pending.push(Pending::Answer(reply, answer)),
@@ -683,6 +720,7 @@ impl RegionWriter {
             let next = Ledger::load(fridge.clone(), hub_actor(), Some(&c.base), &[])
                 .map_err(|e| RegionError::Storage(format!("loading {fridge}'s new epoch: {e}")))?;
             self.ledgers.insert(fridge.clone(), next);
+            self.dirty.insert(fridge.clone());
             self.changes_since_snapshot.insert(fridge.clone(), 0);
             info!(region = %self.region, fridge = %fridge, epoch = c.epoch, archived = c.archived.len(),
                 live_units = c.live_units, base_bytes = c.base.len(), "ledger compacted into a new epoch");
@@ -956,6 +994,7 @@ impl RegionWriter {
                 .insert(c.author.clone());
         }
         let now = self.clock.now_ms();
+        self.dirty.extend(by_ledger.keys().cloned());
         for (fridge, changes) in by_ledger {
             let ledger = self
                 .ledgers
@@ -1016,11 +1055,12 @@ impl RegionWriter {
     /// Stages a change the hub made to a ledger: a row of the change table (so it reaches
     /// every replica through its downlink stream) and the projection rows it touched.
     fn hub_change(
-        &self,
+        &mut self,
         fridge: &FridgeId,
         change: larder_shared::ledger::LocalChange,
         batch: &mut RegionBatch,
     ) {
+        self.dirty.insert(fridge.clone());
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
         batch.changes.push(StoredChange {
             ledger: fridge.clone(),
@@ -1311,7 +1351,21 @@ impl RegionWriter {
             self.fail_later = later;
             due.into_iter().map(|(_, f, o)| (f, o)).collect()
         };
-        for (fridge, ledger) in self.ledgers.iter_mut() {
+        for f in std::mem::take(&mut self.dirty) {
+            if let Some(l) = self.ledgers.get(&f) {
+                let unanswered = &self.unanswered;
+                self.due
+                    .insert(f, l.next_due(&policy, &|o| unanswered.contains(o)));
+            }
+        }
+        let visit: std::collections::BTreeSet<FridgeId> = self
+            .due
+            .iter()
+            .filter(|(_, d)| d.is_some_and(|d| d <= now))
+            .map(|(f, _)| f.clone())
+            .chain(due_failures.iter().map(|(f, _)| f.clone()))
+            .collect();
+        for (fridge, ledger) in self.ledgers.iter_mut().filter(|(f, _)| visit.contains(*f)) {
             let mut result: Result<(), larder_shared::ledger::LedgerError> = Ok(());
             if simulated {
                 for (o, record, status, _) in ledger.holding_orders() {
@@ -1373,6 +1427,7 @@ impl RegionWriter {
                 warn!(region = %self.region, fridge = %fridge, error = %e, "applying due transitions failed");
             }
         }
+        self.dirty.extend(visit);
         for (fridge, c) in changes {
             self.hub_change(&fridge, c, batch);
         }

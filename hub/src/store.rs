@@ -56,10 +56,6 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 CREATE TABLE IF NOT EXISTS subscription_skips (
     subscription_id TEXT NOT NULL, date TEXT NOT NULL,
     PRIMARY KEY (subscription_id, date)) WITHOUT ROWID;
--- Units in stock, for the refill plan (the units table also holds the sold ones until
--- compaction archives them).
-CREATE INDEX IF NOT EXISTS units_in_stock ON units (fridge, sku, expires_at_ms, state)
-    WHERE state IN ('available', 'reserved');
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
 ";
@@ -618,6 +614,27 @@ impl RegionReads {
         })
     }
 
+    /// The unrevoked devices that hold `fridge`'s ledger, with their roles (no key parsing).
+    pub fn devices_of(&self, fridge: &FridgeId) -> Result<Vec<(DeviceId, Role)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT device_id, role FROM devices, json_each(devices.fridges)
+                 WHERE json_each.value = ?1 AND revoked_at_ms IS NULL",
+            )?;
+            let rows = stmt.query_map([fridge.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (d, role) = row?;
+                if let (Ok(d), Ok(role)) = (DeviceId::new(d), role.parse::<Role>()) {
+                    out.push((d, role));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// The downlink stream of a device: changes to its ledgers by other authors after `after`.
     pub fn downlink_after(
         &self,
@@ -692,45 +709,6 @@ impl RegionReads {
 
     pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
         self.with(|c| skipped_on(c, date))
-    }
-
-    /// Units in stock per fridge and sku at `now_ms`: on hand, reserved, and expiring before
-    /// `next_delivery_ms`.
-    pub fn stock_counts(
-        &self,
-        now_ms: i64,
-        next_delivery_ms: i64,
-    ) -> Result<
-        std::collections::BTreeMap<(FridgeId, String), crate::subscriptions::StockCount>,
-        StoreError,
-    > {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT fridge, sku, COUNT(*), SUM(state = 'reserved'), SUM(expires_at_ms < ?2)
-                 FROM units INDEXED BY units_in_stock
-                 WHERE state IN ('available', 'reserved') AND expires_at_ms > ?1
-                 GROUP BY fridge, sku",
-            )?;
-            let rows = stmt.query_map(params![now_ms, next_delivery_ms], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    crate::subscriptions::StockCount {
-                        on_hand: r.get::<_, i64>(2)? as u64,
-                        reserved: r.get::<_, i64>(3)? as u64,
-                        expiring: r.get::<_, i64>(4)? as u64,
-                    },
-                ))
-            })?;
-            let mut out = std::collections::BTreeMap::new();
-            for row in rows {
-                let (f, sku, count) = row?;
-                if let Ok(f) = FridgeId::new(f) {
-                    out.insert((f, sku), count);
-                }
-            }
-            Ok(out)
-        })
     }
 
     /// Orders, newest first, optionally of one fridge and one status.

@@ -135,19 +135,24 @@ pub fn scheduled_on(
     subs: &[Subscription],
     skipped: &BTreeSet<String>,
     date: Date,
-) -> BTreeMap<(FridgeId, String), u64> {
-    let mut out: BTreeMap<(FridgeId, String), u64> = BTreeMap::new();
+) -> PerFridge<u64> {
+    let mut out: PerFridge<u64> = BTreeMap::new();
     for s in subs {
         if s.ended_at_ms.is_some() || !s.occurs_on(date) || skipped.contains(&s.subscription_id) {
             continue;
         }
         for l in &s.lines {
-            *out.entry((s.fridge_id.clone(), l.sku.to_string()))
+            *out.entry(s.fridge_id.clone())
+                .or_default()
+                .entry(l.sku.to_string())
                 .or_default() += u64::from(l.quantity);
         }
     }
     out
 }
+
+/// Per fridge, per sku: counts of some kind.
+pub type PerFridge<T> = BTreeMap<FridgeId, std::collections::HashMap<String, T>>;
 
 /// The refill plan: for every fridge of the region and every sku of the catalog, the par
 /// level, what is on hand, what expires before the next delivery, what is reserved, what
@@ -156,16 +161,26 @@ pub fn scheduled_on(
 pub fn refill_plan(
     region: &RegionConfig,
     skus: &[String],
-    stock: &BTreeMap<(FridgeId, String), StockCount>,
-    scheduled: &BTreeMap<(FridgeId, String), u64>,
+    stock: &PerFridge<StockCount>,
+    scheduled: &PerFridge<u64>,
 ) -> Vec<PlanRow> {
     let mut rows = Vec::with_capacity(region.fridges.len() * skus.len());
     for f in &region.fridges {
+        let (f_stock, f_scheduled) = (stock.get(&f.id), scheduled.get(&f.id));
         for sku in skus {
-            let key = (f.id.clone(), sku.clone());
-            let c = stock.get(&key).copied().unwrap_or_default();
-            let scheduled = scheduled.get(&key).copied().unwrap_or(0);
-            let par = region.par(&f.id, sku);
+            let c = f_stock
+                .and_then(|m| m.get(sku.as_str()))
+                .copied()
+                .unwrap_or_default();
+            let scheduled = f_scheduled
+                .and_then(|m| m.get(sku.as_str()))
+                .copied()
+                .unwrap_or(0);
+            let par = f
+                .par_levels
+                .get(sku.as_str())
+                .copied()
+                .unwrap_or(region.par_level_default);
             let lasting_free = c
                 .on_hand
                 .saturating_sub(c.expiring)
@@ -279,17 +294,20 @@ par_levels = { soup = 2 }
         )
         .expect("region");
         let f1 = FridgeId::new("f1").expect("id");
-        let mut stock = BTreeMap::new();
-        stock.insert(
-            (f1.clone(), "lasagna".to_string()),
+        let mut stock: PerFridge<StockCount> = BTreeMap::new();
+        stock.entry(f1.clone()).or_default().insert(
+            "lasagna".to_string(),
             StockCount {
                 on_hand: 4,
                 reserved: 1,
                 expiring: 1,
             },
         );
-        let mut scheduled = BTreeMap::new();
-        scheduled.insert((f1.clone(), "lasagna".to_string()), 2);
+        let mut scheduled: PerFridge<u64> = BTreeMap::new();
+        scheduled
+            .entry(f1.clone())
+            .or_default()
+            .insert("lasagna".to_string(), 2);
         let plan = refill_plan(
             &region,
             &["lasagna".into(), "soup".into()],

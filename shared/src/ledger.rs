@@ -195,6 +195,11 @@ pub struct Ledger {
     /// Orders known to be settled (cancelled, picked up, released...): a status of rank 4 or
     /// more never drops, so they never hold units again. A cache for the reservation checks.
     settled: std::cell::RefCell<std::collections::HashSet<OrderId>>,
+    /// Parsed order records and histories, dropped for every order a change touches.
+    records: std::cell::RefCell<HashMap<OrderId, std::sync::Arc<OrderRecord>>>,
+    histories: std::cell::RefCell<HashMap<OrderId, std::sync::Arc<Vec<StatusEvent>>>>,
+    /// The sku and expiry of every unit whose refill is known here.
+    unit_keys: HashMap<UnitId, (Sku, i64)>,
 }
 
 /// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
@@ -291,6 +296,9 @@ impl Ledger {
             reserved_by_unit: HashMap::new(),
             reserved_by_order: HashMap::new(),
             settled: Default::default(),
+            records: Default::default(),
+            histories: Default::default(),
+            unit_keys: HashMap::new(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {
@@ -443,6 +451,7 @@ impl Ledger {
         units: Vec<UnitView>,
         orders: Vec<OrderView>,
     ) -> Result<LocalChange, LedgerError> {
+        self.forget_orders(&touched);
         let change = self.doc.get_last_local_change().ok_or_else(|| {
             LedgerError::Document(format!(
                 "committed change not found ({} units, {} orders touched)",
@@ -461,6 +470,10 @@ impl Ledger {
     fn reindex(&mut self, unit: &UnitId) {
         self.reindex_reservation(unit);
         let facts = self.unit_facts(unit);
+        if let Some(f) = &facts {
+            self.unit_keys
+                .insert(unit.clone(), (f.sku.clone(), f.expires_at_ms));
+        }
         let gone = self.has(&self.maps.sold, unit.as_str())
             || self.has(&self.maps.taken, unit.as_str())
             || self.has(&self.maps.removed, unit.as_str());
@@ -1241,4 +1254,4 @@ mod tests;
 pub mod compaction;
 mod orders;
 
-pub use orders::{CancelOutcome, OrderPolicy, PaymentOutcome, grace_end, hub_device};
+pub use orders::{CancelOutcome, HoldingOrder, OrderPolicy, PaymentOutcome, grace_end, hub_device};

@@ -2,8 +2,6 @@
 //! dispatch of scheduled orders. Plans read the projection (WAL readers); schedule changes go
 //! through the region writer.
 
-use std::collections::BTreeMap;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -168,15 +166,24 @@ async fn plan(
     let (cal, date) = plan_date(h, q)?;
     let next_delivery = date.tomorrow().map(|d| cal.start_of(d)).map_err(internal)?;
     let now = larder_agent::writer::now_ms();
+    // The counts come from the region writer's ledgers (a pass over the in-memory stock
+    // indexes), the schedules from the store.
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(RegionCommand::StockCounts {
+        now_ms: now,
+        before_ms: next_delivery,
+        reply,
+    })
+    .await
+    .map_err(internal)?;
+    let stock = rx.await.map_err(internal)?;
     let reads = h.reads.clone();
     let region = h.config.clone();
     let skus: Vec<String> = h.catalog.items.iter().map(|i| i.sku.to_string()).collect();
     let rows = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
-        let stock = reads.stock_counts(now, next_delivery)?;
         let subs = reads.subscriptions()?;
         let skipped = reads.skipped_on(&date.to_string())?;
-        let scheduled: BTreeMap<(FridgeId, String), u64> =
-            subscriptions::scheduled_on(&subs, &skipped, date);
+        let scheduled = subscriptions::scheduled_on(&subs, &skipped, date);
         Ok(subscriptions::refill_plan(
             &region, &skus, &stock, &scheduled,
         ))

@@ -80,16 +80,18 @@ fn new_order_id() -> Result<OrderId, ApiError> {
     OrderId::new(format!("app-{}", hex::encode(bytes))).map_err(internal)
 }
 
-/// Whether the fridge's own device is online (its presence, as the MQTT task last heard).
+/// Whether every device selling from the fridge (its own and each POS serving it) is online,
+/// by their presence as the MQTT task last heard. Only then may the hub promise beyond the
+/// fridge's escrow.
 fn fridge_online(h: &RegionHandle, fridge: &FridgeId) -> Result<bool, ApiError> {
-    let devices = h.reads.devices()?;
-    let presence = h.presence.read().map(|p| p.clone()).unwrap_or_default();
-    Ok(devices.iter().any(|(d, _)| {
-        d.role == Role::Fridge
-            && d.revoked_at_ms.is_none()
-            && d.fridges.contains(fridge)
-            && presence.get(&d.device_id).copied().unwrap_or(false)
-    }))
+    let devices = h.reads.devices_of(fridge)?;
+    let Ok(presence) = h.presence.read() else {
+        return Ok(false);
+    };
+    Ok(devices.iter().any(|(_, role)| *role == Role::Fridge)
+        && devices
+            .iter()
+            .all(|(d, _)| presence.get(d).copied().unwrap_or(false)))
 }
 
 pub(super) async fn place(

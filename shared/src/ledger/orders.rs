@@ -15,6 +15,7 @@
 //!   Records are never deleted; a person resolves them (`resolutions[id]`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use automerge::ReadDoc;
 use automerge::transaction::{CommitOptions, Transactable};
@@ -31,6 +32,14 @@ use crate::ids::{DeviceId, OrderId, Sku, UnitId};
 pub fn hub_device() -> DeviceId {
     DeviceId::new("hub").unwrap_or_else(|_| unreachable!("a valid id"))
 }
+
+/// An order holding units: its id, record, status and history.
+pub type HoldingOrder = (
+    OrderId,
+    Arc<OrderRecord>,
+    OrderStatus,
+    Arc<Vec<StatusEvent>>,
+);
 
 /// The time rules of app orders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +123,7 @@ impl Ledger {
     /// Adds to `touched` the units of touched orders' reservations and the orders holding
     /// touched units, whose views change with them.
     pub(super) fn widen(&self, touched: &mut Touched) {
+        self.forget_orders(touched);
         let mut units = Vec::new();
         for o in &touched.orders {
             if let Some(set) = self.reserved_by_order.get(o) {
@@ -131,23 +141,46 @@ impl Ledger {
         touched.orders.extend(orders);
     }
 
-    fn record(&self, order: &OrderId) -> Option<OrderRecord> {
-        self.get_str(&self.maps.orders, order.as_str())
-            .and_then(|json| serde_json::from_str(&json).ok())
+    /// Drops the cached records and histories of the orders a change touched.
+    pub(super) fn forget_orders(&self, touched: &Touched) {
+        let (mut records, mut histories) = (self.records.borrow_mut(), self.histories.borrow_mut());
+        for o in &touched.orders {
+            records.remove(o);
+            histories.remove(o);
+        }
     }
 
-    fn history(&self, order: &OrderId) -> Vec<StatusEvent> {
+    fn record(&self, order: &OrderId) -> Option<Arc<OrderRecord>> {
+        if let Some(r) = self.records.borrow().get(order) {
+            return Some(r.clone());
+        }
+        let r: Arc<OrderRecord> = self
+            .get_str(&self.maps.orders, order.as_str())
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .map(Arc::new)?;
+        self.records.borrow_mut().insert(order.clone(), r.clone());
+        Some(r)
+    }
+
+    fn history(&self, order: &OrderId) -> Arc<Vec<StatusEvent>> {
+        if let Some(h) = self.histories.borrow().get(order) {
+            return h.clone();
+        }
         let start = format!("{order}/");
         let end = format!("{order}0");
-        self.doc
-            .map_range(&self.maps.events, start..end)
-            .filter_map(|item| match item.value {
-                automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(s)) => {
-                    serde_json::from_str(&s).ok()
-                }
-                _ => None,
-            })
-            .collect()
+        let h: Arc<Vec<StatusEvent>> = Arc::new(
+            self.doc
+                .map_range(&self.maps.events, start..end)
+                .filter_map(|item| match item.value {
+                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(s)) => {
+                        serde_json::from_str(&s).ok()
+                    }
+                    _ => None,
+                })
+                .collect(),
+        );
+        self.histories.borrow_mut().insert(order.clone(), h.clone());
+        h
     }
 
     /// An order's status, if the order is known here.
@@ -176,16 +209,16 @@ impl Ledger {
         let Some(set) = self.reserved_by_order.get(order) else {
             return Vec::new();
         };
-        let mut by_sku: BTreeMap<Sku, Vec<(i64, UnitId)>> = BTreeMap::new();
+        let mut by_sku: BTreeMap<&Sku, Vec<(i64, UnitId)>> = BTreeMap::new();
         for u in set {
-            if self.gone(u) {
+            // Still in the fridge: in the index of units neither sold, taken nor removed
+            // (cheaper than three document lookups).
+            let Some((sku, expires)) = self.unit_keys.get(u) else {
                 continue;
-            }
-            if let Some(f) = self.unit_facts(u) {
-                by_sku
-                    .entry(f.sku)
-                    .or_default()
-                    .push((f.expires_at_ms, u.clone()));
+            };
+            let key = (*expires, u.clone());
+            if self.unsold.get(sku).is_some_and(|s| s.contains(&key)) {
+                by_sku.entry(sku).or_default().push(key);
             }
         }
         let mut out = Vec::new();
@@ -699,6 +732,7 @@ impl Ledger {
         self.order_ids()
             .iter()
             .filter_map(|o| self.record(o))
+            .map(|r| (*r).clone())
             .filter(|r| r.payment_pending && &r.created_by == by)
             .filter(|r| {
                 !self.history(&r.order_id).iter().any(|e| {
@@ -712,7 +746,7 @@ impl Ledger {
     }
 
     /// Orders holding units, with their records and statuses, in id order.
-    pub fn holding_orders(&self) -> Vec<(OrderId, OrderRecord, OrderStatus, Vec<StatusEvent>)> {
+    pub fn holding_orders(&self) -> Vec<HoldingOrder> {
         let mut ids: Vec<&OrderId> = self.reserved_by_order.keys().collect();
         ids.sort();
         ids.into_iter()
@@ -768,6 +802,78 @@ impl Ledger {
             }
         }
         due
+    }
+
+    /// When time next makes something due in this ledger (see [`Ledger::due_transitions`]): a
+    /// capture after a grace window (or, for an order whose capture went unanswered, its
+    /// timeout), a no-show, or the expiry of a held unit. `None` when nothing waits on time.
+    pub fn next_due(
+        &self,
+        policy: &OrderPolicy,
+        unanswered: &dyn Fn(&OrderId) -> bool,
+    ) -> Option<i64> {
+        let mut due: Option<i64> = None;
+        let mut at = |t: i64| due = Some(due.map_or(t, |d| d.min(t)));
+        for (o, record, status, history) in self.holding_orders() {
+            match status {
+                OrderStatus::Reserved if record.channel == Channel::App => {
+                    let g = grace_end(&record, policy);
+                    at(if unanswered(&o) {
+                        g + policy.payment_timeout_ms
+                    } else {
+                        g
+                    });
+                }
+                OrderStatus::AvailableForPicking => {
+                    let since = history
+                        .iter()
+                        .filter(|e| e.status == OrderStatus::AvailableForPicking)
+                        .map(|e| e.at_ms)
+                        .min()
+                        .unwrap_or(record.created_at_ms);
+                    at(since + policy.pickup_hold_ms);
+                }
+                _ => {}
+            }
+            for u in self.effective_reserved(&o, &record) {
+                if let Some(f) = self.unit_facts(&u) {
+                    at(f.expires_at_ms);
+                }
+            }
+        }
+        due
+    }
+
+    /// Units in stock per sku at `now_ms`: on hand (not expired, available or held), held by
+    /// orders, and on hand but expiring before `before_ms`.
+    pub fn stock_counts(&self, now_ms: i64, before_ms: i64) -> BTreeMap<Sku, (u64, u64, u64)> {
+        let mut held: std::collections::HashSet<&UnitId> = std::collections::HashSet::new();
+        let holding = self.holding_orders();
+        let mut effective = Vec::new();
+        for (o, record, _, _) in &holding {
+            effective.extend(self.effective_reserved(o, record));
+        }
+        held.extend(effective.iter());
+        let mut out = BTreeMap::new();
+        for (sku, set) in &self.unsold {
+            let mut c = (0u64, 0u64, 0u64);
+            for (expires, unit) in set {
+                if *expires <= now_ms {
+                    continue;
+                }
+                c.0 += 1;
+                if held.contains(unit) {
+                    c.1 += 1;
+                }
+                if *expires < before_ms {
+                    c.2 += 1;
+                }
+            }
+            if c.0 > 0 {
+                out.insert(sku.clone(), c);
+            }
+        }
+        out
     }
 
     /// Reservations to move because their unit left (sold or taken by someone else, removed,
@@ -900,7 +1006,7 @@ impl Ledger {
             if orders.len() < 2 {
                 continue;
             }
-            let mut records: Vec<OrderRecord> = orders
+            let mut records: Vec<Arc<OrderRecord>> = orders
                 .iter()
                 .filter_map(|o| OrderId::new(o.as_str()).ok())
                 .filter_map(|o| self.record(&o))

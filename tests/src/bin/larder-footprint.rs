@@ -295,7 +295,7 @@ async fn start_fridge(
     hub: &larder_hub::HubHandle,
     clock: &Clock,
 ) -> Result<(AgentHandle, Duration)> {
-    let config = larder_hub::demo::agent_config(
+    let mut config = larder_hub::demo::agent_config(
         &dir.join("fridge-1"),
         "fridge-1",
         Role::Fridge,
@@ -303,6 +303,8 @@ async fn start_fridge(
         hub.public_key,
         &hub.broker,
     )?;
+    // The year sells every unit it loads: no escrow held back for app orders.
+    config.orders.escrow_share = 0.0;
     let started = Instant::now();
     let agent = larder_agent::start_with_clock(
         config,
