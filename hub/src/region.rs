@@ -246,7 +246,17 @@ pub struct RegionWriter {
     /// computed: the tick visits only ledgers with something due.
     due: HashMap<FridgeId, Option<i64>>,
     dirty: std::collections::HashSet<FridgeId>,
+    /// Each ledger's stock counts for the refill plan, with the (minute, next delivery) they
+    /// were counted for; recounted when the ledger changed (`stock_dirty`) or the key moved.
+    stock_cache: HashMap<FridgeId, StockCache>,
+    stock_dirty: std::collections::HashSet<FridgeId>,
 }
+
+/// A ledger's counted stock and the (minute, next delivery) it was counted for.
+type StockCache = (
+    (i64, i64),
+    Arc<std::collections::HashMap<String, crate::subscriptions::StockCount>>,
+);
 
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
 /// signature covers their last link; returns their audit rows.
@@ -345,6 +355,8 @@ impl RegionWriter {
             grants: HashMap::new(),
             due: HashMap::new(),
             dirty: std::collections::HashSet::new(),
+            stock_cache: HashMap::new(),
+            stock_dirty: std::collections::HashSet::new(),
         };
         w.reload()?;
         let head = w.store.head()?;
@@ -383,6 +395,7 @@ impl RegionWriter {
     fn reload(&mut self) -> Result<(), StoreError> {
         self.ledgers.clear();
         self.dirty.extend(self.fridges.iter().cloned());
+        self.stock_dirty.extend(self.fridges.iter().cloned());
         for fridge in self.fridges.clone() {
             let (snap, changes) = self.store.load_ledger(&fridge)?;
             self.changes_since_snapshot
@@ -587,23 +600,7 @@ impl RegionWriter {
                     before_ms,
                     reply,
                 } => {
-                    let mut out = crate::subscriptions::PerFridge::new();
-                    for (f, l) in &self.ledgers {
-                        let counts = l
-                            .stock_counts(now_ms, before_ms)
-                            .into_iter()
-                            .map(|(sku, (on_hand, reserved, expiring))| {
-                                let c = crate::subscriptions::StockCount {
-                                    on_hand,
-                                    reserved,
-                                    expiring,
-                                };
-                                (sku.to_string(), c)
-                            })
-                            .collect();
-                        out.insert(f.clone(), counts);
-                    }
-                    let _ = reply.send(out);
+                    let _ = reply.send(self.stock_counts(now_ms, before_ms));
                 }
                 RegionCommand::Subscription { op, reply } => {
                     match self.subscription_op(op, &mut batch, now) {
@@ -721,6 +718,7 @@ impl RegionWriter {
                 .map_err(|e| RegionError::Storage(format!("loading {fridge}'s new epoch: {e}")))?;
             self.ledgers.insert(fridge.clone(), next);
             self.dirty.insert(fridge.clone());
+            self.stock_dirty.insert(fridge.clone());
             self.changes_since_snapshot.insert(fridge.clone(), 0);
             info!(region = %self.region, fridge = %fridge, epoch = c.epoch, archived = c.archived.len(),
                 live_units = c.live_units, base_bytes = c.base.len(), "ledger compacted into a new epoch");
@@ -995,6 +993,7 @@ impl RegionWriter {
         }
         let now = self.clock.now_ms();
         self.dirty.extend(by_ledger.keys().cloned());
+        self.stock_dirty.extend(by_ledger.keys().cloned());
         for (fridge, changes) in by_ledger {
             let ledger = self
                 .ledgers
@@ -1061,6 +1060,7 @@ impl RegionWriter {
         batch: &mut RegionBatch,
     ) {
         self.dirty.insert(fridge.clone());
+        self.stock_dirty.insert(fridge.clone());
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
         batch.changes.push(StoredChange {
             ledger: fridge.clone(),
@@ -1159,6 +1159,41 @@ impl RegionWriter {
         };
         self.hub_change(&fridge, change, batch);
         Ok(answer)
+    }
+
+    /// Every ledger's stock counts, recounting only ledgers that changed since they were last
+    /// counted for this minute and this next delivery.
+    fn stock_counts(
+        &mut self,
+        now_ms: i64,
+        before_ms: i64,
+    ) -> crate::subscriptions::PerFridge<crate::subscriptions::StockCount> {
+        let key = (now_ms / 60_000, before_ms);
+        let dirty = std::mem::take(&mut self.stock_dirty);
+        let mut out = crate::subscriptions::PerFridge::new();
+        for (f, l) in &self.ledgers {
+            let fresh =
+                !dirty.contains(f) && self.stock_cache.get(f).is_some_and(|(k, _)| *k == key);
+            if !fresh {
+                let counts = l
+                    .stock_counts(key.0 * 60_000, before_ms)
+                    .into_iter()
+                    .map(|(sku, (on_hand, reserved, expiring))| {
+                        let c = crate::subscriptions::StockCount {
+                            on_hand,
+                            reserved,
+                            expiring,
+                        };
+                        (sku.to_string(), c)
+                    })
+                    .collect();
+                self.stock_cache.insert(f.clone(), (key, Arc::new(counts)));
+            }
+            if let Some((_, counts)) = self.stock_cache.get(f) {
+                out.insert(f.clone(), counts.clone());
+            }
+        }
+        out
     }
 
     /// Records the fridge's grants as of `head`, if they changed.
@@ -1354,8 +1389,10 @@ impl RegionWriter {
         for f in std::mem::take(&mut self.dirty) {
             if let Some(l) = self.ledgers.get(&f) {
                 let unanswered = &self.unanswered;
-                self.due
-                    .insert(f, l.next_due(&policy, &|o| unanswered.contains(o)));
+                self.due.insert(
+                    f,
+                    l.next_due_with(&policy, simulated, &|o| unanswered.contains(o)),
+                );
             }
         }
         let visit: std::collections::BTreeSet<FridgeId> = self

@@ -136,7 +136,7 @@ pub fn scheduled_on(
     skipped: &BTreeSet<String>,
     date: Date,
 ) -> PerFridge<u64> {
-    let mut out: PerFridge<u64> = BTreeMap::new();
+    let mut out: BTreeMap<FridgeId, std::collections::HashMap<String, u64>> = BTreeMap::new();
     for s in subs {
         if s.ended_at_ms.is_some() || !s.occurs_on(date) || skipped.contains(&s.subscription_id) {
             continue;
@@ -148,11 +148,13 @@ pub fn scheduled_on(
                 .or_default() += u64::from(l.quantity);
         }
     }
-    out
+    out.into_iter()
+        .map(|(f, m)| (f, std::sync::Arc::new(m)))
+        .collect()
 }
 
 /// Per fridge, per sku: counts of some kind.
-pub type PerFridge<T> = BTreeMap<FridgeId, std::collections::HashMap<String, T>>;
+pub type PerFridge<T> = BTreeMap<FridgeId, std::sync::Arc<std::collections::HashMap<String, T>>>;
 
 /// The refill plan: for every fridge of the region and every sku of the catalog, the par
 /// level, what is on hand, what expires before the next delivery, what is reserved, what
@@ -295,19 +297,25 @@ par_levels = { soup = 2 }
         .expect("region");
         let f1 = FridgeId::new("f1").expect("id");
         let mut stock: PerFridge<StockCount> = BTreeMap::new();
-        stock.entry(f1.clone()).or_default().insert(
-            "lasagna".to_string(),
-            StockCount {
-                on_hand: 4,
-                reserved: 1,
-                expiring: 1,
-            },
+        stock.insert(
+            f1.clone(),
+            std::sync::Arc::new(
+                [(
+                    "lasagna".to_string(),
+                    StockCount {
+                        on_hand: 4,
+                        reserved: 1,
+                        expiring: 1,
+                    },
+                )]
+                .into(),
+            ),
         );
         let mut scheduled: PerFridge<u64> = BTreeMap::new();
-        scheduled
-            .entry(f1.clone())
-            .or_default()
-            .insert("lasagna".to_string(), 2);
+        scheduled.insert(
+            f1.clone(),
+            std::sync::Arc::new([("lasagna".to_string(), 2)].into()),
+        );
         let plan = refill_plan(
             &region,
             &["lasagna".into(), "soup".into()],

@@ -812,16 +812,27 @@ impl Ledger {
         policy: &OrderPolicy,
         unanswered: &dyn Fn(&OrderId) -> bool,
     ) -> Option<i64> {
+        self.next_due_with(policy, true, unanswered)
+    }
+
+    /// [`Ledger::next_due`], where `captures` says whether the caller captures payments at
+    /// the end of the grace window (a simulated provider) or waits for them to be posted.
+    pub fn next_due_with(
+        &self,
+        policy: &OrderPolicy,
+        captures: bool,
+        unanswered: &dyn Fn(&OrderId) -> bool,
+    ) -> Option<i64> {
         let mut due: Option<i64> = None;
         let mut at = |t: i64| due = Some(due.map_or(t, |d| d.min(t)));
         for (o, record, status, history) in self.holding_orders() {
             match status {
                 OrderStatus::Reserved if record.channel == Channel::App => {
                     let g = grace_end(&record, policy);
-                    at(if unanswered(&o) {
-                        g + policy.payment_timeout_ms
-                    } else {
+                    at(if captures && !unanswered(&o) {
                         g
+                    } else {
+                        g + policy.payment_timeout_ms
                     });
                 }
                 OrderStatus::AvailableForPicking => {

@@ -525,6 +525,8 @@ async fn orders() -> Result<()> {
     let mut compute = Vec::with_capacity(PLANS);
     let mut counts = Vec::with_capacity(PLANS);
     let skus: Vec<String> = items.iter().map(|i| i.sku.to_string()).collect();
+    // Tomorrow's plan: the next delivery is fixed while the kitchen asks again and again.
+    let next_delivery = larder_agent::writer::now_ms() + 86_400_000;
     for _ in 0..PLANS {
         let start = Instant::now();
         let now = larder_agent::writer::now_ms();
@@ -533,7 +535,7 @@ async fn orders() -> Result<()> {
             .tx
             .send(larder_hub::region::RegionCommand::StockCounts {
                 now_ms: now,
-                before_ms: now + 86_400_000,
+                before_ms: next_delivery,
                 reply,
             })
             .await?;
