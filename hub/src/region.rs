@@ -1380,6 +1380,7 @@ impl RegionWriter {
             self.orders.payment_provider == crate::config::PaymentProviderMode::Simulated;
         let fail_after = (self.orders.fail_later_after_seconds * 1000) as i64;
         let mut changes = Vec::new();
+        let mut transitions: Vec<&'static str> = Vec::new();
         let due_failures: Vec<(FridgeId, larder_shared::OrderId)> = {
             let (due, later): (Vec<_>, Vec<_>) =
                 self.fail_later.drain(..).partition(|(at, _, _)| *at <= now);
@@ -1431,7 +1432,14 @@ impl RegionWriter {
                         }
                     };
                     match ledger.record_payment(&o, outcome, &policy, now) {
-                        Ok(c) => changes.push((fridge.clone(), c)),
+                        Ok(c) => {
+                            let status = match outcome {
+                                ledger::PaymentOutcome::Captured => "available_for_picking",
+                                ledger::PaymentOutcome::Refused => "payment_refused",
+                            };
+                            transitions.push(status);
+                            changes.push((fridge.clone(), c));
+                        }
                         Err(e) => result = Err(e),
                     }
                 }
@@ -1439,7 +1447,10 @@ impl RegionWriter {
             for (o, status, note) in ledger.due_transitions(&policy, now) {
                 self.unanswered.remove(&o);
                 match ledger.add_event(&o, status, Some(note), &ledger::hub_device(), now) {
-                    Ok(c) => changes.push((fridge.clone(), c)),
+                    Ok(c) => {
+                        transitions.push(status.as_str());
+                        changes.push((fridge.clone(), c));
+                    }
                     Err(e) => result = Err(e),
                 }
             }
@@ -1465,6 +1476,18 @@ impl RegionWriter {
             }
         }
         self.dirty.extend(visit);
+        for status in transitions {
+            if status != "available_for_picking" {
+                info!(region = %self.region, status, "an app order was released");
+            }
+            self.metrics
+                .order_transitions
+                .get_or_create(&vec![
+                    ("region", self.region.to_string()),
+                    ("status", status.to_owned()),
+                ])
+                .inc();
+        }
         for (fridge, c) in changes {
             self.hub_change(&fridge, c, batch);
         }

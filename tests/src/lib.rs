@@ -145,25 +145,16 @@ pub async fn start_agent(
     role: Role,
     fridges: &[&str],
 ) -> Result<AgentHandle> {
-    let key = seeded_key(7, device);
-    enroll(
-        &format!("http://{}", hub.http_addr),
+    start_agent_with(
+        dir,
+        hub,
         device,
         role,
         fridges,
-        &key.public(),
+        |_| {},
+        larder_agent::writer::Clock::system(),
     )
-    .await?;
-    let mut config = agent_config(
-        &dir.join(device),
-        device,
-        role,
-        &fridge_ids(fridges),
-        hub.public_key,
-        &hub.broker,
-    )?;
-    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    Ok(larder_agent::start(config, key).await?)
+    .await
 }
 
 /// Starts an in-process agent (after enrolling it) with its config adjusted by `tweak` and

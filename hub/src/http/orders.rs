@@ -192,48 +192,64 @@ async fn fridge_of(h: &RegionHandle, id: &str) -> Result<(OrderId, FridgeId), Ap
     Ok((view.record.order_id, view.record.fridge_id))
 }
 
-pub(super) async fn cancel(
-    State(s): State<HubState>,
-    headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
+/// A bodiless action on one order (`cancel`, `dispatch`): authorized for `roles`, idempotent
+/// by key, carried out by the region writer.
+async fn order_route(
+    s: &HubState,
+    headers: &HeaderMap,
+    (r, id): (String, String),
     body: Result<Bytes, BytesRejection>,
+    roles: &[TokenRole],
+    (name, action): (&str, OrderAction),
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
-    let h = region(&s, &r)?.clone();
+    authorize(s, headers, Some(&r), roles)?;
+    let h = region(s, &r)?.clone();
     let bytes =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
     let idem = larder_agent::api::idempotency(
-        &headers,
-        &format!("POST /v1/regions/{r}/orders/{id}/cancel"),
+        headers,
+        &format!("POST /v1/regions/{r}/orders/{id}/{name}"),
         &bytes,
     )?;
     let (order, fridge) = fridge_of(&h, &id).await?;
-    submit(&h, Some(fridge), Some(order), OrderAction::Cancel, idem).await
+    submit(&h, Some(fridge), Some(order), action, idem).await
+}
+
+pub(super) async fn cancel(
+    State(s): State<HubState>,
+    headers: HeaderMap,
+    Path(path): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let roles = [TokenRole::Admin, TokenRole::App];
+    order_route(
+        &s,
+        &headers,
+        path,
+        body,
+        &roles,
+        ("cancel", OrderAction::Cancel),
+    )
+    .await
 }
 
 /// The kitchen sent a scheduled subscription order's meals.
 pub(super) async fn dispatch(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(
+    let roles = [TokenRole::Admin, TokenRole::Kitchen];
+    order_route(
         &s,
         &headers,
-        Some(&r),
-        &[TokenRole::Admin, TokenRole::Kitchen],
-    )?;
-    let h = region(&s, &r)?.clone();
-    let bytes =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
-    let idem = larder_agent::api::idempotency(
-        &headers,
-        &format!("POST /v1/regions/{r}/orders/{id}/dispatch"),
-        &bytes,
-    )?;
-    let (order, fridge) = fridge_of(&h, &id).await?;
-    submit(&h, Some(fridge), Some(order), OrderAction::Dispatch, idem).await
+        path,
+        body,
+        &roles,
+        ("dispatch", OrderAction::Dispatch),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]

@@ -456,27 +456,9 @@ impl Ledger {
             });
         }
         let hub = hub_device();
-        let record = OrderRecord {
-            order_id: order.order_id.clone(),
-            fridge_id: self.fridge.clone(),
-            channel: order.channel,
-            lines,
-            payment: Payment {
-                method: PaymentMethod::Card,
-                amount_minor: total,
-                currency: catalog.currency.clone(),
-            },
-            total_minor: total,
-            catalog_version: catalog.version,
-            created_at_ms: now_ms,
-            created_by: hub.clone(),
-            customer_id: Some(order.customer_id.clone()),
-            escrow: !fridge_online,
-            subscription_id: order.subscription_id.clone(),
-            grace_until_ms: (order.channel == Channel::App).then_some(now_ms + policy.grace_ms),
-            payment_pending: false,
-            for_date: None,
-        };
+        let mut record = self.hub_record(order, order.channel, lines, total, catalog, now_ms);
+        record.escrow = !fridge_online;
+        record.grace_until_ms = (order.channel == Channel::App).then_some(now_ms + policy.grace_ms);
         let event = StatusEvent {
             status: OrderStatus::Reserved,
             at_ms: now_ms,
@@ -528,6 +510,40 @@ impl Ledger {
         Ok((change, view))
     }
 
+    /// The record of an order the hub writes for a customer: paid by card at `total`, priced
+    /// from `catalog`, created by the hub now.
+    fn hub_record(
+        &self,
+        order: &AppOrder,
+        channel: Channel,
+        lines: Vec<OrderLine>,
+        total: i64,
+        catalog: &Catalog,
+        now_ms: i64,
+    ) -> OrderRecord {
+        OrderRecord {
+            order_id: order.order_id.clone(),
+            fridge_id: self.fridge.clone(),
+            channel,
+            lines,
+            payment: Payment {
+                method: PaymentMethod::Card,
+                amount_minor: total,
+                currency: catalog.currency.clone(),
+            },
+            total_minor: total,
+            catalog_version: catalog.version,
+            created_at_ms: now_ms,
+            created_by: hub_device(),
+            customer_id: Some(order.customer_id.clone()),
+            escrow: false,
+            subscription_id: order.subscription_id.clone(),
+            grace_until_ms: None,
+            payment_pending: false,
+            for_date: None,
+        }
+    }
+
     /// Makes a subscription's occurrence into an order at the cut-off. It holds no units yet:
     /// the kitchen cooks them, and a refill tagged with the order places them in the fridge.
     pub fn schedule_order(
@@ -563,27 +579,9 @@ impl Ledger {
             });
         }
         let hub = hub_device();
-        let record = OrderRecord {
-            order_id: order.order_id.clone(),
-            fridge_id: self.fridge.clone(),
-            channel: Channel::Subscription,
-            lines,
-            payment: Payment {
-                method: PaymentMethod::Card,
-                amount_minor: total,
-                currency: catalog.currency.clone(),
-            },
-            total_minor: total,
-            catalog_version: catalog.version,
-            created_at_ms: now_ms,
-            created_by: hub.clone(),
-            customer_id: Some(order.customer_id.clone()),
-            escrow: false,
-            subscription_id: order.subscription_id.clone(),
-            grace_until_ms: None,
-            payment_pending: false,
-            for_date: Some(for_date.to_owned()),
-        };
+        let mut record =
+            self.hub_record(order, Channel::Subscription, lines, total, catalog, now_ms);
+        record.for_date = Some(for_date.to_owned());
         let event = StatusEvent {
             status: OrderStatus::Scheduled,
             at_ms: now_ms,
