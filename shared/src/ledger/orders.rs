@@ -407,15 +407,7 @@ impl Ledger {
         now_ms: i64,
     ) -> Result<(LocalChange, OrderView), LedgerError> {
         let fridge_online = granted_usable.is_none();
-        if order.lines.is_empty() || order.lines.len() > super::ORDER_LINES_MAX {
-            return Err(LedgerError::Invalid(format!(
-                "an order has 1 to {} lines",
-                super::ORDER_LINES_MAX
-            )));
-        }
-        if self.has(&self.maps.orders, order.order_id.as_str()) {
-            return Err(LedgerError::OrderExists(order.order_id.clone()));
-        }
+        self.check_new_order(order)?;
         let mut wanted: BTreeMap<Sku, u32> = BTreeMap::new();
         for line in &order.lines {
             if line.quantity == 0 || line.quantity > super::LINE_QUANTITY_MAX {
@@ -510,6 +502,20 @@ impl Ledger {
         Ok((change, view))
     }
 
+    /// An order the hub is about to write: 1 to `ORDER_LINES_MAX` lines, and a new id.
+    fn check_new_order(&self, order: &AppOrder) -> Result<(), LedgerError> {
+        if order.lines.is_empty() || order.lines.len() > super::ORDER_LINES_MAX {
+            return Err(LedgerError::Invalid(format!(
+                "an order has 1 to {} lines",
+                super::ORDER_LINES_MAX
+            )));
+        }
+        if self.has(&self.maps.orders, order.order_id.as_str()) {
+            return Err(LedgerError::OrderExists(order.order_id.clone()));
+        }
+        Ok(())
+    }
+
     /// The record of an order the hub writes for a customer: paid by card at `total`, priced
     /// from `catalog`, created by the hub now.
     fn hub_record(
@@ -553,15 +559,7 @@ impl Ledger {
         catalog: &Catalog,
         now_ms: i64,
     ) -> Result<(LocalChange, OrderView), LedgerError> {
-        if order.lines.is_empty() || order.lines.len() > super::ORDER_LINES_MAX {
-            return Err(LedgerError::Invalid(format!(
-                "an order has 1 to {} lines",
-                super::ORDER_LINES_MAX
-            )));
-        }
-        if self.has(&self.maps.orders, order.order_id.as_str()) {
-            return Err(LedgerError::OrderExists(order.order_id.clone()));
-        }
+        self.check_new_order(order)?;
         let mut lines = Vec::new();
         let mut total = 0i64;
         for line in &order.lines {
