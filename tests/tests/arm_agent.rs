@@ -68,7 +68,7 @@ async fn aarch64_agent_sells_offline_and_converges_with_an_x86_hub() -> anyhow::
     )
     .await?;
     // The test sells every unit it loads while the hub is down: no escrow held back for app
-    // orders (tests/tests/escrow.rs covers the escrow).
+    // orders (tests/tests/e2e/escrow.rs covers the escrow).
     let mut text = std::fs::read_to_string(&agent_toml)?;
     text.push_str("[orders]\nescrow_share = 0.0\n");
     std::fs::write(&agent_toml, text)?;

@@ -57,7 +57,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
     fridge_cfg.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
     pos_cfg.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
     // This test is about the POS's offline sales; with no escrow granted to the hub, it may
-    // sell every unit (tests/tests/escrow.rs covers the escrow).
+    // sell every unit (tests/tests/e2e/escrow.rs covers the escrow).
     fridge_cfg.orders.escrow_share = 0.0;
     let fridge = larder_agent::start(fridge_cfg, fridge_key).await?;
     let pos = larder_agent::start(pos_cfg, pos_key).await?;

@@ -1,0 +1,22 @@
+//! The end-to-end tests, one module per area, linked into one test binary: real hubs and agents
+//! over real MQTT, HTTP and SQLite. `cargo test -p larder-tests --test e2e orders::` runs one area.
+
+mod api_errors;
+mod audit;
+mod compaction;
+mod concurrent_edits;
+mod config_check;
+mod conflicts;
+mod crash;
+mod escrow;
+mod idempotency;
+mod offline_pos;
+mod orders;
+mod rejections;
+mod restart;
+mod storage_limits;
+mod subscriptions;
+mod systemd_notify;
+mod temperature;
+mod trusted_time;
+mod week_sim;
