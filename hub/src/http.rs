@@ -29,6 +29,7 @@ use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, RegionError};
 use crate::store::DeviceRecord;
 
+mod catalog;
 mod kitchen;
 mod orders;
 
@@ -39,6 +40,9 @@ pub struct HubState {
     pub metrics: Arc<HubMetrics>,
     /// `compaction.archive_after_hours`, the default age of a compaction asked for by API.
     pub archive_after: std::time::Duration,
+    /// Turns true when the hub shuts down: ends the event streams, which would otherwise hold
+    /// the server's graceful shutdown open.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl From<RegionError> for ApiError {
@@ -163,6 +167,15 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
             "/v1/regions/{r}/conflicts/{id}/resolve",
             axum::routing::post(orders::resolve),
         )
+        .route(
+            "/v1/regions/{r}/catalog",
+            get(catalog::get_catalog).put(catalog::put_catalog),
+        )
+        .route(
+            "/v1/regions/{r}/catalog/{sku}/ratings",
+            axum::routing::post(catalog::rate),
+        )
+        .route("/v1/regions/{r}/events", get(catalog::events))
         .route("/v1/regions/{r}/devices", get(devices).post(enroll))
         .route("/v1/regions/{r}/devices/{d}", delete(revoke))
         .route(
@@ -215,7 +228,7 @@ async fn regions(
         .regions
         .iter()
         .filter(|(id, _)| t.regions.iter().any(|r| r == "*" || r == id.as_str()))
-        .map(|(id, h)| json!({"region": id, "fridges": h.config.fridges.len(), "catalog_version": h.catalog.version}))
+        .map(|(id, h)| json!({"region": id, "fridges": h.config.fridges.len(), "catalog_version": h.catalog.borrow().version}))
         .collect();
     Ok(Json(json!({"regions": list})))
 }

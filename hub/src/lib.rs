@@ -13,6 +13,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
@@ -69,7 +70,10 @@ pub struct RegionHandle {
     pub tx: mpsc::Sender<RegionCommand>,
     pub reads: Arc<RegionReads>,
     pub head: watch::Receiver<u64>,
-    pub catalog: Catalog,
+    /// The current catalog, as the region writer publishes versions.
+    pub catalog: watch::Receiver<Arc<Catalog>>,
+    /// The region's live event feed.
+    pub events: events::Events,
     pub env_seq_reserved: u64,
     /// Devices whose presence is online, as the MQTT task last heard.
     pub presence: Arc<RwLock<HashMap<DeviceId, bool>>>,
@@ -198,6 +202,7 @@ pub async fn start_with_clock(
         let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
         let calendar = subscriptions::Calendar::of(rc)
             .map_err(|e| StartError::Config(format!("region {}: {e}", rc.id)))?;
+        let events = events::Events::default();
         let (mut writer, head) = RegionWriter::open(
             rc.id.clone(),
             store,
@@ -209,14 +214,15 @@ pub async fn start_with_clock(
             calendar,
             clock.clone(),
             metrics.clone(),
+            events.clone(),
         )
         .map_err(store_err)?;
-        let catalog = match &rc.catalog {
-            Some(c) => writer
-                .ensure_catalog(&c.currency, &c.items)
-                .map_err(store_err)?,
-            None => writer.ensure_catalog("EUR", &[]).map_err(store_err)?,
-        };
+        match &rc.catalog {
+            Some(c) => writer.ensure_catalog(&c.currency, &c.items),
+            None => writer.ensure_catalog("EUR", &[]),
+        }
+        .map_err(store_err)?;
+        let catalog = writer.catalog_watch();
         let env_seq_reserved = writer.env_seq_reserved().map_err(store_err)?;
         let reads = Arc::new(RegionReads::open(&path, READ_CONNECTIONS).map_err(store_err)?);
         let (tx, rx) = mpsc::channel(config.sync.queue_depth_max);
@@ -234,6 +240,7 @@ pub async fn start_with_clock(
                 reads,
                 head,
                 catalog,
+                events,
                 env_seq_reserved,
                 presence: Arc::new(RwLock::new(HashMap::new())),
             },
@@ -275,6 +282,7 @@ pub async fn start_with_clock(
         tokens: Arc::new(config.tokens.clone()),
         metrics: metrics.clone(),
         archive_after: std::time::Duration::from_secs(config.compaction.archive_after_hours * 3600),
+        shutdown: shutdown_rx.clone(),
     };
     let app = http::router(state, config.http.request_body_bytes_max);
     let mut http_stop = shutdown_rx.clone();

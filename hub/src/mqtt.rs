@@ -349,8 +349,26 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             }
         });
     }
+    // A catalog version published through the API is announced at once (retained).
+    let (catalog_tx, mut catalog_rx) = mpsc::channel::<RegionId>(16);
+    for (region, handle) in link.ctx.regions.iter() {
+        let (tx, region, mut rx) = (catalog_tx.clone(), region.clone(), handle.catalog.clone());
+        rx.mark_unchanged();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if tx.send(region.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     loop {
         tokio::select! {
+            Some(region) = catalog_rx.recv() => {
+                if link.connected {
+                    link.announce_catalog(&client, &region).await;
+                }
+            }
             ev = ev_rx.recv() => match ev {
                 Some(LinkEvent::Connected) => link.on_connected(&client).await,
                 Some(LinkEvent::Lost(e)) => {
@@ -382,26 +400,40 @@ impl HubLink {
     async fn on_connected(&mut self, client: &AsyncClient) {
         info!("hub connected to the broker");
         self.connected = true;
-        let regions: Vec<(RegionId, larder_shared::catalog::Catalog)> = self
-            .ctx
-            .regions
-            .iter()
-            .map(|(r, h)| (r.clone(), h.catalog.clone()))
-            .collect();
-        for (region, catalog) in &regions {
+        let regions: Vec<RegionId> = self.ctx.regions.keys().cloned().collect();
+        for region in &regions {
             for which in [DeviceTopic::Up, DeviceTopic::Presence] {
                 let filter = topics::region_devices_filter(region, which);
                 if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
                     warn!(error = %e, "subscribe failed");
                 }
             }
-            if let Some(bytes) = self
-                .seal(region, Party::Region, Body::Catalog(catalog.clone()))
+            self.announce_catalog(client, region).await;
+        }
+    }
+
+    /// Publishes the region's current catalog, signed and retained on its catalog topic: every
+    /// agent gets it now, and one that connects later gets it when it subscribes.
+    async fn announce_catalog(&mut self, client: &AsyncClient, region: &RegionId) {
+        let Some(catalog) = self
+            .ctx
+            .regions
+            .get(region)
+            .map(|h| (**h.catalog.borrow()).clone())
+        else {
+            return;
+        };
+        let version = catalog.version;
+        if let Some(bytes) = self
+            .seal(region, Party::Region, Body::Catalog(catalog))
+            .await
+        {
+            match client
+                .publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes)
                 .await
             {
-                let _ = client
-                    .publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes)
-                    .await;
+                Ok(()) => info!(region = %region, version, "catalog announced"),
+                Err(e) => warn!(region = %region, error = %e, "announcing the catalog failed"),
             }
         }
     }
@@ -495,10 +527,17 @@ impl HubLink {
         } else if let Some(d) = self.devices.get_mut(&key) {
             d.sender.on_disconnected();
         }
-        if let Some(handle) = self.ctx.regions.get(region)
-            && let Ok(mut presence) = handle.presence.write()
-        {
-            presence.insert(device.clone(), online);
+        if let Some(handle) = self.ctx.regions.get(region) {
+            let changed = match handle.presence.write() {
+                Ok(mut presence) => presence.insert(device.clone(), online) != Some(online),
+                Err(_) => false,
+            };
+            if changed {
+                handle.events.publish(crate::events::EventKind::Device {
+                    device_id: device.clone(),
+                    online,
+                });
+            }
         }
         let online_count = self
             .devices

@@ -9,6 +9,8 @@
 //! rejection reason) → bumps the downlink head so the pump relays the new changes.
 //! A rejected envelope changes nothing.
 
+pub mod catalog;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -109,6 +111,19 @@ pub enum RegionCommand {
         now_ms: i64,
         before_ms: i64,
         reply: oneshot::Sender<crate::subscriptions::PerFridge<crate::subscriptions::StockCount>>,
+    },
+    /// Publish a new catalog version (`PUT /v1/regions/{r}/catalog`).
+    PutCatalog {
+        currency: String,
+        items: Vec<larder_shared::catalog::CatalogItem>,
+        idem: Option<(String, String)>,
+        reply: Reply<ApiAnswer>,
+    },
+    /// A customer's rating of a meal.
+    Rate {
+        rating: catalog::RatingRequest,
+        idem: Option<(String, String)>,
+        reply: Reply<ApiAnswer>,
     },
     /// Apply what time has made due: payment captures after grace windows, payment timeouts,
     /// no-shows, reservations on expired units.
@@ -250,6 +265,18 @@ pub struct RegionWriter {
     /// were counted for; recounted when the ledger changed (`stock_dirty`) or the key moved.
     stock_cache: HashMap<FridgeId, StockCache>,
     stock_dirty: std::collections::HashSet<FridgeId>,
+    /// Every catalog version published and when, for `price_changed`.
+    catalog_history: larder_shared::catalog::CatalogHistory,
+    /// The current catalog, for the MQTT task (which announces it) and the API.
+    catalog_tx: watch::Sender<Arc<Catalog>>,
+    /// A catalog version staged in the group, announced once committed.
+    published: Option<Catalog>,
+    /// Per sku, the sum of stars and the number of ratings.
+    ratings: HashMap<larder_shared::Sku, (i64, u64)>,
+    /// The region's live event feed, and the events the current group makes, published once
+    /// it is committed.
+    events: crate::events::Events,
+    after_commit: Vec<crate::events::EventKind>,
 }
 
 /// A ledger's counted stock and the (minute, next delivery) it was counted for.
@@ -299,6 +326,21 @@ fn audit_rows(
     Ok(rows)
 }
 
+/// Stores a request's answer under its Idempotency-Key, in the group's transaction.
+fn remember(
+    idem: Option<(String, String)>,
+    answer: &ApiAnswer,
+    batch: &mut RegionBatch,
+    in_group: &mut HashMap<String, (String, ApiAnswer)>,
+) {
+    if let Some((key, hash)) = idem {
+        batch
+            .idempotency
+            .push((key.clone(), hash.clone(), answer.0, answer.1.to_string()));
+        in_group.insert(key, (hash, answer.clone()));
+    }
+}
+
 /// The hub's own Automerge actor (for what the hub writes into ledgers in later versions).
 pub fn hub_actor() -> automerge::ActorId {
     automerge::ActorId::from(&b"\x00hub"[..])
@@ -317,6 +359,7 @@ impl RegionWriter {
         calendar: crate::subscriptions::Calendar,
         clock: larder_agent::writer::Clock,
         metrics: Arc<HubMetrics>,
+        events: crate::events::Events,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
         let generated_through = store
             .meta(META_GENERATED_THROUGH)?
@@ -357,6 +400,12 @@ impl RegionWriter {
             dirty: std::collections::HashSet::new(),
             stock_cache: HashMap::new(),
             stock_dirty: std::collections::HashSet::new(),
+            catalog_history: Default::default(),
+            catalog_tx: watch::channel(Arc::new(Catalog::default())).0,
+            published: None,
+            ratings: HashMap::new(),
+            events,
+            after_commit: Vec::new(),
         };
         w.reload()?;
         let head = w.store.head()?;
@@ -393,6 +442,14 @@ impl RegionWriter {
     }
 
     fn reload(&mut self) -> Result<(), StoreError> {
+        self.published = None;
+        self.after_commit.clear();
+        self.catalog_history = Default::default();
+        self.load_catalogs()?;
+        if let Some(json) = self.store.meta(crate::store::META_CATALOG)? {
+            self.catalog =
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
         self.ledgers.clear();
         self.dirty.extend(self.fridges.iter().cloned());
         self.stock_dirty.extend(self.fridges.iter().cloned());
@@ -405,41 +462,6 @@ impl RegionWriter {
             self.ledgers.insert(fridge, ledger);
         }
         Ok(())
-    }
-
-    /// Stores the catalog as a new version if it differs from the current one; returns the
-    /// current catalog.
-    pub fn ensure_catalog(
-        &mut self,
-        currency: &str,
-        items: &[larder_shared::catalog::CatalogItem],
-    ) -> Result<Catalog, StoreError> {
-        let current: Catalog = match self.store.meta(crate::store::META_CATALOG)? {
-            Some(json) => {
-                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?
-            }
-            None => Catalog::default(),
-        };
-        if current.currency == currency && current.items == items {
-            self.catalog = current.clone();
-            return Ok(current);
-        }
-        let next = Catalog {
-            version: current.version + 1,
-            currency: currency.to_owned(),
-            items: items.to_vec(),
-        };
-        let batch = RegionBatch {
-            meta: vec![(
-                crate::store::META_CATALOG,
-                serde_json::to_string(&next).unwrap_or_default(),
-            )],
-            ..RegionBatch::default()
-        };
-        self.store.commit(&batch)?;
-        info!(region = %self.region, version = next.version, "catalog published");
-        self.catalog = next.clone();
-        Ok(next)
     }
 
     pub fn env_seq_reserved(&self) -> Result<u64, StoreError> {
@@ -553,36 +575,13 @@ impl RegionWriter {
                     idem,
                     reply,
                 } => {
-                    if let Some((key, hash)) = &idem {
-                        let known = match in_group.get(key) {
-                            Some((h, a)) => Some((h.clone(), a.0, a.1.to_string())),
-                            None => self.store.idempotency(key).unwrap_or(None),
-                        };
-                        if let Some((h, status, body)) = known {
-                            let answer = if &h == hash {
-                                (status, serde_json::from_str(&body).unwrap_or_default())
-                            } else {
-                                error_answer(
-                                    409,
-                                    "idempotency_key_reused",
-                                    "this Idempotency-Key was used with another request",
-                                )
-                            };
-                            let _ = reply.send(Ok(answer));
-                            continue;
-                        }
+                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
+                        let _ = reply.send(Ok(answer));
+                        continue;
                     }
                     match self.order_action(fridge, order, action, &mut batch, now) {
                         Ok(answer) => {
-                            if let Some((key, hash)) = idem {
-                                batch.idempotency.push((
-                                    key.clone(),
-                                    hash.clone(),
-                                    answer.0,
-                                    answer.1.to_string(),
-                                ));
-                                in_group.insert(key, (hash, answer.clone()));
-                            }
+                            remember(idem, &answer, &mut batch, &mut in_group);
                             pending.push(Pending::Answer(reply, answer));
                         }
                         Err(answer) => {
@@ -593,6 +592,45 @@ impl RegionWriter {
                 RegionCommand::Conflicts { reply } => {
                     let list = self.ledgers.values().flat_map(Ledger::conflicts).collect();
                     let _ = reply.send(list);
+                }
+                RegionCommand::PutCatalog {
+                    currency,
+                    items,
+                    idem,
+                    reply,
+                } => {
+                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
+                        let _ = reply.send(Ok(answer));
+                        continue;
+                    }
+                    match self.put_catalog(currency, items, &mut batch, now) {
+                        Ok(answer) => {
+                            remember(idem, &answer, &mut batch, &mut in_group);
+                            pending.push(Pending::Answer(reply, answer));
+                        }
+                        Err(answer) => {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
+                }
+                RegionCommand::Rate {
+                    rating,
+                    idem,
+                    reply,
+                } => {
+                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
+                        let _ = reply.send(Ok(answer));
+                        continue;
+                    }
+                    match self.rate(rating, &mut batch, now) {
+                        Ok(answer) => {
+                            remember(idem, &answer, &mut batch, &mut in_group);
+                            pending.push(Pending::Answer(reply, answer));
+                        }
+                        Err(answer) => {
+                            let _ = reply.send(Ok(answer));
+                        }
+                    }
                 }
                 RegionCommand::Tick => self.tick(&mut batch, now),
                 RegionCommand::StockCounts {
@@ -663,6 +701,7 @@ impl RegionWriter {
                         Err(e) => error!(error = %e, "reading the change head failed"),
                     }
                 }
+                self.publish_events(&batch);
                 self.answer(pending, Ok(()));
             }
             Err(e) => {
@@ -759,6 +798,61 @@ impl RegionWriter {
             .get_or_create(&labels)
             .inc_by(report.retired_rows as u64);
         Ok(report)
+    }
+
+    /// The stored answer to a retried request (its Idempotency-Key and request hash), or a
+    /// refusal of a key reused with another request; `None` for a new request.
+    fn replay(
+        &self,
+        idem: Option<&(String, String)>,
+        in_group: &HashMap<String, (String, ApiAnswer)>,
+    ) -> Option<ApiAnswer> {
+        let (key, hash) = idem?;
+        let (h, status, body) = match in_group.get(key) {
+            Some((h, a)) => (h.clone(), a.0, a.1.to_string()),
+            None => self.store.idempotency(key).ok()??,
+        };
+        Some(if &h == hash {
+            (status, serde_json::from_str(&body).unwrap_or_default())
+        } else {
+            error_answer(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another request",
+            )
+        })
+    }
+
+    /// Publishes what a committed group changed on the region's event feed, and announces a
+    /// catalog version it published.
+    fn publish_events(&mut self, batch: &RegionBatch) {
+        use crate::events::{EventKind, StockMove};
+        if let Some(catalog) = self.published.take() {
+            let version = catalog.version;
+            self.catalog_tx.send_replace(Arc::new(catalog));
+            self.after_commit.push(EventKind::Catalog { version });
+        }
+        let mut stock: BTreeMap<&FridgeId, Vec<StockMove>> = BTreeMap::new();
+        for (fridge, unit) in &batch.units {
+            stock.entry(fridge).or_default().push(unit.into());
+        }
+        for (fridge, units) in stock {
+            self.events.publish(EventKind::Stock {
+                fridge_id: fridge.clone(),
+                units,
+            });
+        }
+        for order in &batch.orders {
+            self.events.publish(EventKind::for_order(order));
+        }
+        for kind in self.after_commit.drain(..) {
+            self.events.publish(kind);
+        }
+    }
+
+    /// The current catalog, as it changes.
+    pub fn catalog_watch(&self) -> watch::Receiver<Arc<Catalog>> {
+        self.catalog_tx.subscribe()
     }
 
     fn answer(&self, pending: Vec<Pending>, result: Result<(), RegionError>) {
@@ -1035,8 +1129,12 @@ impl RegionWriter {
         let Some(ledger) = self.ledgers.get_mut(fridge) else {
             return Ok(());
         };
-        let (changes, found) = ledger.hub_after_merge(touched, fridge_online, now)?;
+        let (changes, found) =
+            ledger.hub_after_merge(touched, fridge_online, Some(&self.catalog_history), now)?;
         for c in &found {
+            self.after_commit.push(crate::events::EventKind::Conflict {
+                conflict: c.clone(),
+            });
             self.metrics
                 .conflicts
                 .get_or_create(&vec![

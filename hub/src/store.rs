@@ -58,6 +58,15 @@ CREATE TABLE IF NOT EXISTS subscription_skips (
     PRIMARY KEY (subscription_id, date)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger_snapshots (
     fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL, up_to_change INTEGER NOT NULL);
+-- Every catalog version published and when (what `price_changed` is judged by).
+CREATE TABLE IF NOT EXISTS catalog_versions (
+    version INTEGER PRIMARY KEY, published_at_ms INTEGER NOT NULL, catalog TEXT NOT NULL);
+-- Customers' ratings, and each sku's running total, updated in the same transaction.
+CREATE TABLE IF NOT EXISTS ratings (
+    id INTEGER PRIMARY KEY, sku TEXT NOT NULL, stars INTEGER NOT NULL, customer_id TEXT,
+    rated_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rating_totals (
+    sku TEXT PRIMARY KEY, stars_sum INTEGER NOT NULL, count INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
@@ -142,6 +151,10 @@ pub struct RegionBatch {
     pub subscriptions: Vec<crate::subscriptions::Subscription>,
     /// Occurrences cancelled: subscription id and date.
     pub skips: Vec<(String, String)>,
+    /// Catalog versions published, with when.
+    pub catalogs: Vec<(larder_shared::catalog::Catalog, i64)>,
+    /// Ratings: sku, stars, customer, when.
+    pub ratings: Vec<(larder_shared::Sku, u8, Option<String>, i64)>,
 }
 
 impl RegionBatch {
@@ -156,6 +169,8 @@ impl RegionBatch {
             && self.idempotency.is_empty()
             && self.subscriptions.is_empty()
             && self.skips.is_empty()
+            && self.catalogs.is_empty()
+            && self.ratings.is_empty()
     }
 }
 
@@ -457,6 +472,32 @@ impl RegionStore {
     }
 
     /// The stored answer to an idempotent request: request hash, status and body.
+    /// Every catalog version published, oldest first, with when.
+    pub fn catalog_versions(
+        &self,
+    ) -> Result<Vec<(larder_shared::catalog::Catalog, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT catalog, published_at_ms FROM catalog_versions ORDER BY version")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (json, at) = row?;
+            out.push((
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                at,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Each rated sku's sum of stars and count.
+    pub fn rating_totals(
+        &self,
+    ) -> Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>, StoreError> {
+        Ok(rating_totals(&self.conn)?)
+    }
+
     pub fn idempotency(&self, key: &str) -> Result<Option<(String, u16, String)>, StoreError> {
         Ok(self
             .conn
@@ -493,6 +534,28 @@ impl RegionStore {
             )?;
             for (id, date) in &b.skips {
                 skip.execute(params![id, date])?;
+            }
+            let mut catalog = tx.prepare_cached(
+                "INSERT OR IGNORE INTO catalog_versions (version, published_at_ms, catalog)
+                 VALUES (?1, ?2, ?3)",
+            )?;
+            for (c, at) in &b.catalogs {
+                catalog.execute(params![
+                    c.version as i64,
+                    at,
+                    serde_json::to_string(c).unwrap_or_default()
+                ])?;
+            }
+            let mut rating = tx.prepare_cached(
+                "INSERT INTO ratings (sku, stars, customer_id, rated_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut total = tx.prepare_cached(
+                "INSERT INTO rating_totals (sku, stars_sum, count) VALUES (?1, ?2, 1)
+                 ON CONFLICT (sku) DO UPDATE SET stars_sum = stars_sum + ?2, count = count + 1",
+            )?;
+            for (sku, stars, customer, at) in &b.ratings {
+                rating.execute(params![sku.as_str(), stars, customer, at])?;
+                total.execute(params![sku.as_str(), stars])?;
             }
             let mut change = tx.prepare_cached(
                 "INSERT OR IGNORE INTO changes (ledger, author, hash, bytes, epoch)
@@ -590,6 +653,13 @@ impl RegionReads {
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         self.readers.with(f)
+    }
+
+    /// Each rated sku's sum of stars and count.
+    pub fn rating_totals(
+        &self,
+    ) -> Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>, StoreError> {
+        self.with(rating_totals)
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
@@ -758,4 +828,25 @@ fn skipped_on(c: &Connection, date: &str) -> rusqlite::Result<std::collections::
         c.prepare_cached("SELECT subscription_id FROM subscription_skips WHERE date = ?1")?;
     let rows = stmt.query_map([date], |r| r.get::<_, String>(0))?;
     rows.collect()
+}
+
+fn rating_totals(
+    c: &Connection,
+) -> rusqlite::Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>> {
+    let mut stmt = c.prepare_cached("SELECT sku, stars_sum, count FROM rating_totals")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let (sku, sum, count) = row?;
+        if let Ok(sku) = larder_shared::Sku::new(sku) {
+            out.insert(sku, (sum, u64::try_from(count).unwrap_or(0)));
+        }
+    }
+    Ok(out)
 }

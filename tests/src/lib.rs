@@ -480,3 +480,83 @@ pub fn hub_public_key() -> PublicKey {
 pub fn device(name: &str) -> DeviceId {
     DeviceId::new(name).expect("device id")
 }
+
+/// A subscription to a region's live event feed (`GET /v1/regions/{r}/events`, SSE).
+#[derive(Debug)]
+pub struct EventFeed {
+    resp: reqwest::Response,
+    buf: String,
+    /// Every event read so far: its name and data.
+    pub seen: Vec<(String, Value)>,
+}
+
+impl EventFeed {
+    /// Subscribes; events published from the moment this returns are delivered.
+    pub async fn open(hub_http: &str, region: &str) -> Result<Self> {
+        // No overall timeout: the response is a stream that stays open.
+        let resp = reqwest::Client::new()
+            .get(format!("{hub_http}/v1/regions/{region}/events"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 200, "event feed: {}", resp.status());
+        let kind = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        anyhow::ensure!(kind.starts_with("text/event-stream"), "content type {kind}");
+        Ok(Self {
+            resp,
+            buf: String::new(),
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads events until one (already read or new) named `name` satisfies `pred`.
+    pub async fn until(
+        &mut self,
+        limit: Duration,
+        name: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut checked = 0;
+        loop {
+            if let Some((_, v)) = self.seen[checked..]
+                .iter()
+                .find(|(n, v)| n == name && pred(v))
+            {
+                return Ok(v.clone());
+            }
+            checked = self.seen.len();
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no matching {name} event within {limit:?}; saw {:?}",
+                        self.seen
+                    )
+                })??
+                .ok_or_else(|| anyhow::anyhow!("the event feed ended"))?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut event = String::from("message");
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if !data.is_empty() {
+                    self.seen
+                        .push((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                }
+            }
+        }
+    }
+}

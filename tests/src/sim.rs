@@ -410,7 +410,7 @@ impl Sim {
         let is_fridge = self.devices[d].is_fridge;
         for (f, tch) in touched {
             let (changes, _) = self.hub.ledgers[f]
-                .hub_after_merge(&tch, is_fridge, t)
+                .hub_after_merge(&tch, is_fridge, None, t)
                 .or_else(|e| fail(seed, format!("after merge: {e}")))?;
             for c in changes {
                 self.hub_record(f, c);

@@ -179,7 +179,13 @@ async fn plan(
     let stock = rx.await.map_err(internal)?;
     let reads = h.reads.clone();
     let region = h.config.clone();
-    let skus: Vec<String> = h.catalog.items.iter().map(|i| i.sku.to_string()).collect();
+    let skus: Vec<String> = h
+        .catalog
+        .borrow()
+        .items
+        .iter()
+        .map(|i| i.sku.to_string())
+        .collect();
     let rows = tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
         let subs = reads.subscriptions()?;
         let skipped = reads.skipped_on(&date.to_string())?;

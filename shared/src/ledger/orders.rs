@@ -21,7 +21,7 @@ use automerge::ReadDoc;
 use automerge::transaction::{CommitOptions, Transactable};
 
 use super::{Ledger, LedgerError, LocalChange, Touched, to_json};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, CatalogHistory};
 use crate::domain::{
     AppOrder, Channel, ConflictKind, ConflictRecord, ConflictView, OrderLine, OrderRecord,
     OrderStatus, OrderView, Payment, PaymentMethod, Resolution, ResolutionAction, StatusEvent,
@@ -1093,11 +1093,15 @@ impl Ledger {
         &mut self,
         touched: &Touched,
         fridge_sent: bool,
+        catalogs: Option<&CatalogHistory>,
         now_ms: i64,
     ) -> Result<(Vec<LocalChange>, Vec<ConflictRecord>), LedgerError> {
         let mut changes = Vec::new();
         changes.extend(self.repair_reservations(now_ms)?);
-        let found = self.detect_conflicts(Some(touched));
+        let mut found = self.detect_conflicts(Some(touched));
+        if let Some(history) = catalogs {
+            found.extend(self.detect_price_changes(touched, history));
+        }
         if !found.is_empty() {
             changes.extend(self.record_conflicts(found.clone(), now_ms)?);
         }
@@ -1105,6 +1109,71 @@ impl Ledger {
             changes.extend(self.return_escrow(now_ms)?);
         }
         Ok((changes, found))
+    }
+
+    /// Walk-up sales among `touched` priced from an older catalog version than the one the hub
+    /// had published when they were made, at a different total (`price_changed`): the device's
+    /// price stands, and the record names both versions and totals. Only the hub knows the
+    /// history of versions, so only the hub detects these.
+    pub fn detect_price_changes(
+        &self,
+        touched: &Touched,
+        history: &CatalogHistory,
+    ) -> Vec<ConflictRecord> {
+        let mut out = Vec::new();
+        for order in &touched.orders {
+            let Some(r) = self.record(order) else {
+                continue;
+            };
+            if !matches!(r.channel, Channel::Pos | Channel::Fridge) {
+                continue;
+            }
+            let Some(in_effect) = history.effective_at(r.created_at_ms) else {
+                continue;
+            };
+            if in_effect <= r.catalog_version {
+                continue;
+            }
+            let lines: Vec<(Sku, u32)> = r
+                .lines
+                .iter()
+                .map(|l| (l.sku.clone(), l.quantity))
+                .collect();
+            let Some(then) = history.price(in_effect, &lines) else {
+                continue;
+            };
+            if then.total_minor == r.total_minor {
+                continue;
+            }
+            let sku = r
+                .lines
+                .iter()
+                .find(|l| {
+                    history
+                        .price(in_effect, &[(l.sku.clone(), 1)])
+                        .map(|p| p.total_minor)
+                        != Some(l.unit_price_minor)
+                })
+                .map(|l| l.sku.clone());
+            out.push(ConflictRecord {
+                conflict_id: format!("price_changed:{}:{}", r.fridge_id, r.order_id),
+                kind: ConflictKind::PriceChanged,
+                fridge_id: r.fridge_id.clone(),
+                sku,
+                orders: vec![r.order_id.clone()],
+                units: r.lines.iter().flat_map(|l| l.unit_ids.iter().cloned()).collect(),
+                flagged_order: None,
+                detail: format!(
+                    "sold at catalog version {} for {} {cur}; version {}, published before the sale, prices it {} {cur}; the sale's price stands",
+                    r.catalog_version,
+                    r.total_minor,
+                    then.version,
+                    then.total_minor,
+                    cur = history.currency(),
+                ),
+            });
+        }
+        out
     }
 
     /// Writes the conflicts not yet recorded; `None` when there are none.

@@ -130,6 +130,7 @@ fn reserved(stock: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_orders_through_grace_payment_pickup_and_no_show() -> anyhow::Result<()> {
     let s = Scene::new().await?;
+    let mut feed = EventFeed::open(&s.hub_http, REGION).await?;
 
     // Placed: the earliest-expiring unit is reserved, on every replica.
     let (status, body) = s.place("a-1", 2).await?;
@@ -182,6 +183,11 @@ async fn app_orders_through_grace_payment_pickup_and_no_show() -> anyhow::Result
     assert_eq!(s.place("g-noanswer", 1).await?.0, 201);
     s.advance(11_000);
     s.everywhere("b-refuse", "payment_refused").await?;
+    // The region's live feed shows the refusal (and, below, the timeout).
+    feed.until(WAIT, "order", |e| {
+        e["order_id"] == "b-refuse" && e["status"] == "payment_refused"
+    })
+    .await?;
     for id in ["d-1", "e-1", "f-1"] {
         s.everywhere(id, "available_for_picking").await?;
     }
@@ -193,6 +199,15 @@ async fn app_orders_through_grace_payment_pickup_and_no_show() -> anyhow::Result
     );
     s.advance(31_000);
     s.everywhere("g-noanswer", "payment_timeout").await?;
+    feed.until(WAIT, "order", |e| {
+        e["order_id"] == "g-noanswer" && e["status"] == "payment_timeout"
+    })
+    .await?;
+    // The first order's placing was on the feed too.
+    feed.until(WAIT, "order", |e| {
+        e["order_id"] == "a-1" && e["status"] == "reserved"
+    })
+    .await?;
     let g = s
         .agent_order(&s.fridge_url, "g-noanswer")
         .await

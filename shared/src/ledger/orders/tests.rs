@@ -720,3 +720,74 @@ fn a_grant_counts_only_once_every_seller_has_it() {
             .is_err()
     );
 }
+
+#[test]
+fn a_sale_priced_from_a_superseded_catalog_is_flagged_and_its_price_stands() {
+    let mut r = Replicas::new(4);
+    let v1 = catalog();
+    let mut v2 = catalog();
+    v2.version = 2;
+    for item in &mut v2.items {
+        item.price_minor = 800;
+    }
+    let mut history = CatalogHistory::default();
+    history.push(&v1, T0 - HOUR);
+    history.push(&v2, T0 + 50);
+    // Offline, the POS still prices from version 1: once before version 2 came out, once after.
+    for (order, unit, at) in [("p-early", "l1", T0 + 10), ("p-late", "l2", T0 + 100)] {
+        r.pos
+            .sell(
+                &walk_up(order, "lasagna", Some(unit)),
+                &v1,
+                &id("pos-1"),
+                at,
+            )
+            .expect("pos sale");
+    }
+    // A sale priced from version 2 after it came out is not a conflict either.
+    let mut at_v2 = walk_up("f-new", "lasagna", Some("l3"));
+    at_v2.payment.amount_minor = 800;
+    r.fridge
+        .sell(&at_v2, &v2, &id("fr-1"), T0 + 120)
+        .expect("fridge sale");
+    let changes: Vec<Vec<u8>> = [&r.pos, &r.fridge]
+        .iter()
+        .flat_map(|l| {
+            l.doc
+                .get_changes(&[])
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let touched = r.hub.apply_changes(&changes).expect("merge");
+    let (_, found) = r
+        .hub
+        .hub_after_merge(&touched, false, Some(&history), T0 + 200)
+        .expect("after merge");
+    let priced: Vec<&ConflictRecord> = found
+        .iter()
+        .filter(|c| c.kind == ConflictKind::PriceChanged)
+        .collect();
+    assert_eq!(priced.len(), 1, "{found:?}");
+    assert_eq!(priced[0].orders, vec![id::<OrderId>("p-late")]);
+    assert_eq!(
+        priced[0].flagged_order, None,
+        "the POS price stands: nothing to refund"
+    );
+    assert!(
+        priced[0].detail.contains("version 1 for 700") && priced[0].detail.contains("version 2")
+    );
+    // The record reaches the order on every replica, and the sale keeps its own price.
+    r.sync();
+    let late = r.pos.order(&id("p-late")).expect("order");
+    assert_eq!(late.record.total_minor, 700);
+    assert_eq!(late.record.catalog_version, 1);
+    assert_eq!(late.conflicts, vec![priced[0].conflict_id.clone()]);
+    // The same merge seen again records nothing new.
+    let (again, _) = r
+        .hub
+        .hub_after_merge(&touched, false, Some(&history), T0 + 300)
+        .expect("after merge");
+    assert!(again.is_empty(), "one record per conflict");
+}

@@ -1,0 +1,177 @@
+//! The catalog, ratings and live event routes: `GET`/`PUT /v1/regions/{r}/catalog`,
+//! `POST /v1/regions/{r}/catalog/{sku}/ratings` and `GET /v1/regions/{r}/events` (SSE).
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use larder_agent::api::{ApiError, parse_body};
+use larder_shared::Sku;
+use larder_shared::catalog::CatalogItem;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use super::{HubState, authorize, internal, region};
+use crate::config::TokenRole;
+use crate::region::catalog::{RatingRequest, average};
+use crate::region::{ApiAnswer, RegionCommand, RegionError};
+
+const READERS: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
+const RATERS: [TokenRole; 2] = [TokenRole::Admin, TokenRole::App];
+const WATCHERS: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
+
+async fn submit(
+    tx: &tokio::sync::mpsc::Sender<RegionCommand>,
+    cmd: impl FnOnce(oneshot::Sender<Result<ApiAnswer, RegionError>>) -> RegionCommand,
+) -> Result<Response, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    tx.try_send(cmd(reply))
+        .map_err(|_| ApiError::from(RegionError::Overloaded))?;
+    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(body)).into_response())
+}
+
+/// `GET /v1/regions/{r}/catalog`: the current version, each item with its rating.
+pub(super) async fn get_catalog(
+    State(s): State<HubState>,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &READERS)?;
+    let h = region(&s, &r)?;
+    let catalog = h.catalog.borrow().clone();
+    let reads = h.reads.clone();
+    let ratings = tokio::task::spawn_blocking(move || reads.rating_totals())
+        .await
+        .map_err(internal)?
+        .map_err(|e| ApiError::from(RegionError::Storage(e.to_string())))?;
+    let items: Vec<serde_json::Value> = catalog
+        .items
+        .iter()
+        .map(|item| {
+            let (sum, count) = ratings.get(&item.sku).copied().unwrap_or((0, 0));
+            let mut v = serde_json::to_value(item).unwrap_or_default();
+            v["rating"] = json!({"average": average(sum, count), "count": count});
+            v
+        })
+        .collect();
+    Ok(Json(json!({
+        "version": catalog.version,
+        "currency": catalog.currency,
+        "items": items,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogBody {
+    currency: String,
+    items: Vec<CatalogItem>,
+}
+
+/// `PUT /v1/regions/{r}/catalog`: publishes a new version (201), or answers the current one
+/// (200) when nothing changed.
+pub(super) async fn put_catalog(
+    State(s): State<HubState>,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let (b, bytes): (CatalogBody, _) = parse_body(body)?;
+    let idem =
+        larder_agent::api::idempotency(&headers, &format!("PUT /v1/regions/{r}/catalog"), &bytes)?;
+    submit(&h.tx, |reply| RegionCommand::PutCatalog {
+        currency: b.currency,
+        items: b.items,
+        idem: idem.map(|i| (i.key, i.request_sha256)),
+        reply,
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatingBody {
+    stars: u8,
+    #[serde(default)]
+    customer_id: Option<String>,
+}
+
+/// `POST /v1/regions/{r}/catalog/{sku}/ratings`: 201 with the sku's new average and count.
+pub(super) async fn rate(
+    State(s): State<HubState>,
+    Path((r, sku)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &RATERS)?;
+    let h = region(&s, &r)?;
+    let sku = Sku::new(sku.as_str()).map_err(|e| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_sku",
+            format!("sku {sku:?}: {e}"),
+        )
+    })?;
+    let (b, bytes): (RatingBody, _) = parse_body(body)?;
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/catalog/{sku}/ratings"),
+        &bytes,
+    )?;
+    submit(&h.tx, |reply| RegionCommand::Rate {
+        rating: RatingRequest {
+            sku,
+            stars: b.stars,
+            customer_id: b.customer_id,
+        },
+        idem: idem.map(|i| (i.key, i.request_sha256)),
+        reply,
+    })
+    .await
+}
+
+/// `GET /v1/regions/{r}/events`: the region's live feed as Server-Sent Events. Each event's
+/// name is its `type`, its data the event as JSON, its id the feed's sequence number. Ends when
+/// the hub shuts down.
+pub(super) async fn events(
+    State(s): State<HubState>,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &WATCHERS)?;
+    let h = region(&s, &r)?;
+    let mut stop = s.shutdown.clone();
+    let stream = BroadcastStream::new(h.events.subscribe())
+        .map(|m| {
+            Ok::<_, Infallible>(match m {
+                Ok(ev) => SseEvent::default()
+                    .event(ev.kind.name())
+                    .id(ev.id.to_string())
+                    .json_data(&*ev)
+                    .unwrap_or_else(|_| SseEvent::default().comment("unencodable event")),
+                Err(BroadcastStreamRecvError::Lagged(n)) => SseEvent::default()
+                    .event("lagged")
+                    .data(json!({"type": "lagged", "missed": n}).to_string()),
+            })
+        })
+        .take_until(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
