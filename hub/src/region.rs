@@ -116,6 +116,8 @@ pub enum RegionCommand {
     PutCatalog {
         currency: String,
         items: Vec<larder_shared::catalog::CatalogItem>,
+        /// The version the change was made to, if the caller named one.
+        base: Option<u64>,
         idem: Option<(String, String)>,
         reply: Reply<ApiAnswer>,
     },
@@ -596,6 +598,7 @@ impl RegionWriter {
                 RegionCommand::PutCatalog {
                     currency,
                     items,
+                    base,
                     idem,
                     reply,
                 } => {
@@ -603,7 +606,7 @@ impl RegionWriter {
                         let _ = reply.send(Ok(answer));
                         continue;
                     }
-                    match self.put_catalog(currency, items, &mut batch, now) {
+                    match self.put_catalog(currency, items, base, &mut batch, now) {
                         Ok(answer) => {
                             remember(idem, &answer, &mut batch, &mut in_group);
                             pending.push(Pending::Answer(reply, answer));

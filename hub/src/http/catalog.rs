@@ -76,12 +76,17 @@ pub(super) async fn get_catalog(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogBody {
+    /// The version this catalog was edited from (as `GET` gave it): a PUT made to an older
+    /// version than the current one is refused (409), so two editors cannot undo each other.
+    #[serde(default)]
+    version: Option<u64>,
     currency: String,
+    /// Items as `GET` gives them; their `rating` is not part of a version and is ignored.
     items: Vec<CatalogItem>,
 }
 
 /// `PUT /v1/regions/{r}/catalog`: publishes a new version (201), or answers the current one
-/// (200) when nothing changed.
+/// (200) when nothing changed. Takes what `GET` answers, edited.
 pub(super) async fn put_catalog(
     State(s): State<HubState>,
     Path(r): Path<String>,
@@ -96,6 +101,7 @@ pub(super) async fn put_catalog(
     submit(&h.tx, |reply| RegionCommand::PutCatalog {
         currency: b.currency,
         items: b.items,
+        base: b.version,
         idem: idem.map(|i| (i.key, i.request_sha256)),
         reply,
     })

@@ -127,12 +127,25 @@ impl RegionWriter {
         &mut self,
         currency: String,
         items: Vec<CatalogItem>,
+        base: Option<u64>,
         batch: &mut RegionBatch,
         now: i64,
     ) -> Result<ApiAnswer, ApiAnswer> {
         check_catalog(&currency, &items).map_err(|m| error_answer(422, "invalid_request", m))?;
         if currency == self.catalog.currency && items == self.catalog.items {
             return Ok((200, self.catalog_json(&self.catalog)));
+        }
+        if let Some(base) = base
+            && base != self.catalog.version
+        {
+            return Err(error_answer(
+                409,
+                "catalog_version_conflict",
+                format!(
+                    "the change was made to version {base}, but the catalog is at version {} now; fetch it and make the change again",
+                    self.catalog.version
+                ),
+            ));
         }
         let next = Catalog {
             version: self.catalog.version + 1,

@@ -99,6 +99,20 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     let (status, again) = put_catalog(&hub_http, &catalog_with_lasagna_at(990)).await?;
     assert_eq!((status, again["version"].as_u64()), (200, Some(v2)));
     feed.until(WAIT, "catalog", |e| e["version"] == v2).await?;
+    // PUT takes what GET answers (ratings and all); a change made to an older version than
+    // the current one is refused, so two editors cannot undo each other.
+    let mut current = get(&format!("{hub_http}/v1/regions/{REGION}/catalog")).await?;
+    assert_eq!(
+        put_catalog(&hub_http, &current).await?,
+        (200, again.clone())
+    );
+    current["version"] = json!(v1);
+    current["items"][0]["price_minor"] = json!(1);
+    let (status, stale) = put_catalog(&hub_http, &current).await?;
+    assert_eq!(
+        (status, &stale["error"]["code"]),
+        (409, &json!("catalog_version_conflict"))
+    );
 
     eventually(WAIT, "the fridge to hold the new version", || async {
         (catalog_version(&fridge_url).await? == v2).then_some(())
