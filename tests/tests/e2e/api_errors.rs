@@ -112,20 +112,42 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     let hub = larder_hub::start(config, seeded_key(7, "hub")).await?;
     let url = format!("http://{}", hub.http_addr);
     let c = http();
-    let routes = [
-        ("GET", "/v1/regions/demo/fridges", "kitchen"),
-        ("GET", "/v1/regions/demo/fridges/fridge-1/stock", "kitchen"),
-        ("GET", "/v1/regions/demo/orders", "kitchen"),
-        ("GET", "/v1/regions/demo/devices", "admin"),
-        ("POST", "/v1/regions/demo/devices", "admin"),
-        ("DELETE", "/v1/regions/demo/devices/pos-1", "admin"),
-        ("POST", "/v1/regions/demo/compaction", "admin"),
+    // Every /v1 route of a region, with the roles that may call it.
+    const ALL: &[&str] = &["admin", "kitchen", "app"];
+    const KITCHEN: &[&str] = &["admin", "kitchen"];
+    const APP: &[&str] = &["admin", "app"];
+    const ADMIN: &[&str] = &["admin"];
+    let routes: [(&str, &str, &[&str]); 23] = [
+        ("GET", "/v1/regions/demo/fridges", KITCHEN),
+        ("GET", "/v1/regions/demo/fridges/fridge-1/stock", KITCHEN),
+        ("GET", "/v1/regions/demo/orders", KITCHEN),
+        ("POST", "/v1/regions/demo/orders", APP),
+        ("GET", "/v1/regions/demo/orders/o-1", ALL),
+        ("POST", "/v1/regions/demo/orders/o-1/cancel", APP),
+        ("POST", "/v1/regions/demo/orders/o-1/payment", APP),
+        ("POST", "/v1/regions/demo/orders/o-1/dispatch", KITCHEN),
+        ("POST", "/v1/regions/demo/subscriptions", ALL),
+        ("GET", "/v1/regions/demo/subscriptions", ALL),
+        ("DELETE", "/v1/regions/demo/subscriptions/s-1", ALL),
+        ("GET", "/v1/regions/demo/refill-plan", KITCHEN),
+        ("GET", "/v1/regions/demo/prepare-report", KITCHEN),
+        ("GET", "/v1/regions/demo/conflicts", KITCHEN),
+        ("POST", "/v1/regions/demo/conflicts/c-1/resolve", KITCHEN),
+        ("GET", "/v1/regions/demo/catalog", ALL),
+        ("PUT", "/v1/regions/demo/catalog", ADMIN),
+        ("POST", "/v1/regions/demo/catalog/lasagna/ratings", APP),
+        ("GET", "/v1/regions/demo/events", KITCHEN),
+        ("GET", "/v1/regions/demo/devices", ADMIN),
+        ("POST", "/v1/regions/demo/devices", ADMIN),
+        ("DELETE", "/v1/regions/demo/devices/pos-1", ADMIN),
+        ("POST", "/v1/regions/demo/compaction", ADMIN),
     ];
-    for (method, path, least) in routes {
+    for (method, path, allowed) in routes {
         let req = |token: Option<&str>| {
             let r = match method {
                 "GET" => c.get(format!("{url}{path}")),
                 "POST" => c.post(format!("{url}{path}")).json(&json!({})),
+                "PUT" => c.put(format!("{url}{path}")).json(&json!({})),
                 _ => c.delete(format!("{url}{path}")),
             };
             match token {
@@ -141,20 +163,29 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         );
         let (s, _) = call(req(Some("not-a-token"))).await;
         assert_eq!(s, 401, "{method} {path} with an unknown token");
-        let (s, b) = call(req(Some("app"))).await;
+        let (s, b) = call(req(Some("elsewhere"))).await;
         assert_eq!(
             (s, b["error"]["code"].as_str()),
             (403, Some("forbidden")),
-            "{method} {path} as app"
+            "{method} {path} with another region's token"
         );
-        let (s, _) = call(req(Some("elsewhere"))).await;
-        assert_eq!(s, 403, "{method} {path} with another region's token");
-        if least == "admin" {
-            let (s, _) = call(req(Some("kitchen"))).await;
-            assert_eq!(s, 403, "{method} {path} as kitchen");
+        for role in ["kitchen", "app"]
+            .into_iter()
+            .filter(|r| !allowed.contains(r))
+        {
+            let (s, b) = call(req(Some(role))).await;
+            assert_eq!(
+                (s, b["error"]["code"].as_str()),
+                (403, Some("forbidden")),
+                "{method} {path} as {role}"
+            );
         }
-        let (s, b) = call(req(Some(ADMIN_TOKEN))).await;
-        assert!(s != 401 && s != 403, "{method} {path} as admin: {s} {b}");
+        for role in allowed {
+            let token = if *role == "admin" { ADMIN_TOKEN } else { role };
+            // Only the status: the event feed's body is a stream that stays open.
+            let s = req(Some(token)).send().await?.status().as_u16();
+            assert!(s != 401 && s != 403, "{method} {path} as {role}: {s}");
+        }
     }
     let (s, b) = call(c.get(format!("{url}/v1/regions")).bearer_auth("elsewhere")).await;
     assert_eq!(s, 200);
