@@ -192,7 +192,19 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
 }
 
 async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> Response {
-    larder_agent::api::count_into(&s.metrics.http_requests, req, next).await
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = std::time::Instant::now();
+    let response = larder_agent::api::count_into(&s.metrics.http_requests, req, next).await;
+    // For the event feed this is the time to its first byte, not the stream's life.
+    s.metrics
+        .http_seconds
+        .get_or_create(&vec![("method", method), ("route", route)])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 fn rfc3339(ms: i64) -> Option<String> {

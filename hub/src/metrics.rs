@@ -26,6 +26,15 @@ pub struct HubMetrics {
     pub epoch_rows_retired: Family<Labels, Counter>,
     pub conflicts: Family<Labels, Counter>,
     pub order_transitions: Family<Labels, Counter>,
+    pub http_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Per device: changes sent down and not yet acknowledged.
+    pub device_unacked: Family<Labels, Gauge>,
+    /// Per device: seconds since its downlink was last caught up (0 while it is).
+    pub device_sync_lag: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+fn http_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
 impl Default for HubMetrics {
@@ -47,10 +56,28 @@ impl Default for HubMetrics {
             epoch_rows_retired: Family::default(),
             conflicts: Family::default(),
             order_transitions: Family::default(),
+            http_seconds: Family::new_with_constructor(http_histogram),
+            device_unacked: Family::default(),
+            device_sync_lag: Family::default(),
         };
         registry.register(
+            "http_request_seconds",
+            "HTTP request duration, by method and route",
+            m.http_seconds.clone(),
+        );
+        registry.register(
+            "device_unacked_changes",
+            "Changes sent down to a device and not yet acknowledged, by region and device",
+            m.device_unacked.clone(),
+        );
+        registry.register(
+            "device_sync_lag_seconds",
+            "Seconds since a device last held every change of its fridges' ledgers (0 while it does), by region and device",
+            m.device_sync_lag.clone(),
+        );
+        registry.register(
             "conflicts_detected",
-            "Conflicts the hub noticed while merging (a conflict noticed again is counted again; its record is written once), by region and kind",
+            "Conflict records the hub wrote after merging (one per conflict, however often noticed), by region and kind",
             m.conflicts.clone(),
         );
         registry.register(

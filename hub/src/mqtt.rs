@@ -235,6 +235,38 @@ struct Downlink {
     idle: Option<(u64, u64)>,
     /// When the last time beacon went to this device (hub clock, ms).
     beacon_sent_ms: i64,
+    /// Batches sent and not yet acknowledged: `(up_to, changes)`, in order.
+    in_flight: std::collections::VecDeque<(u64, usize)>,
+    /// Since when the device has lacked changes of its ledgers (`None` while it has them all).
+    behind_since_ms: Option<i64>,
+}
+
+impl Downlink {
+    fn unacked(&self) -> usize {
+        self.in_flight.iter().map(|(_, n)| n).sum()
+    }
+
+    fn on_acked(&mut self, acked: u64) {
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|(up_to, _)| *up_to <= acked)
+        {
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Whether the device holds every change of its ledgers up to `head`, as far as the hub
+    /// knows; keeps `behind_since_ms` up to date.
+    fn note_progress(&mut self, head: u64, now_ms: i64) {
+        let caught_up = self.in_flight.is_empty()
+            && (self.sender.acked() >= head || self.idle.is_some_and(|(_, h)| h == head));
+        if caught_up {
+            self.behind_since_ms = None;
+        } else if self.behind_since_ms.is_none() {
+            self.behind_since_ms = Some(now_ms);
+        }
+    }
 }
 
 struct HubLink {
@@ -383,6 +415,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => {
                 let now = larder_agent::writer::now_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
+                link.update_sync_gauges(now);
                 if now - link.revocations_checked_ms >= REVOCATION_CHECK_MS {
                     link.revocations_checked_ms = now;
                     link.drop_revoked().await;
@@ -588,6 +621,8 @@ impl HubLink {
             fridges: record.fridges,
             idle: None,
             beacon_sent_ms: 0,
+            in_flight: std::collections::VecDeque::new(),
+            behind_since_ms: None,
         })
     }
 
@@ -625,6 +660,7 @@ impl HubLink {
                 if let Some(d) = self.devices.get_mut(&key) {
                     let ack = larder_shared::envelope::Ack { up_to, gap: false };
                     d.sender.on_ack(ack, larder_agent::writer::now_ms());
+                    d.on_acked(d.sender.acked());
                 }
             }
             UplinkOutcome::Rejected(_) => {}
@@ -685,7 +721,7 @@ impl HubLink {
                 let Some(batch) = build_batch(window, entries, head) else {
                     break;
                 };
-                let up_to = batch.up_to;
+                let (up_to, changes) = (batch.up_to, batch.entries.len());
                 if batch.entries.is_empty() {
                     // Nothing for this device yet; the range is covered by its next batch.
                     if let Some(d) = self.devices.get_mut(&key) {
@@ -708,8 +744,39 @@ impl HubLink {
                 }
                 if let Some(d) = self.devices.get_mut(&key) {
                     d.sender.on_sent(up_to);
+                    // A resend after a timeout covers batches already counted.
+                    if d.in_flight.back().is_none_or(|(last, _)| *last < up_to) {
+                        d.in_flight.push_back((up_to, changes));
+                    }
                 }
             }
+        }
+    }
+
+    /// Sets each device's unacknowledged-changes and sync-lag gauges.
+    fn update_sync_gauges(&mut self, now_ms: i64) {
+        for ((region, device), d) in &mut self.devices {
+            let Some(handle) = self.ctx.regions.get(region) else {
+                continue;
+            };
+            d.note_progress(*handle.head.borrow(), now_ms);
+            let labels = vec![
+                ("region", region.to_string()),
+                ("device", device.to_string()),
+            ];
+            self.ctx
+                .metrics
+                .device_unacked
+                .get_or_create(&labels)
+                .set(d.unacked() as i64);
+            let lag = d
+                .behind_since_ms
+                .map_or(0.0, |since| (now_ms - since) as f64 / 1000.0);
+            self.ctx
+                .metrics
+                .device_sync_lag
+                .get_or_create(&labels)
+                .set(lag);
         }
     }
 }

@@ -1088,7 +1088,7 @@ impl Ledger {
     /// What the hub does after merging devices' changes into this ledger: moves reservations
     /// whose units left, records the conflicts the merge revealed (one record each), and,
     /// when the fridge itself sent (so it is online), hands back escrow above its target.
-    /// Returns the hub's changes and the conflicts noticed.
+    /// Returns the hub's changes and the conflicts it newly recorded.
     pub fn hub_after_merge(
         &mut self,
         touched: &Touched,
@@ -1102,6 +1102,8 @@ impl Ledger {
         if let Some(history) = catalogs {
             found.extend(self.detect_price_changes(touched, history));
         }
+        // Only what is not recorded yet: a conflict noticed again is the same record.
+        found.retain(|c| !self.has(&self.maps.conflicts, &c.conflict_id));
         if !found.is_empty() {
             changes.extend(self.record_conflicts(found.clone(), now_ms)?);
         }

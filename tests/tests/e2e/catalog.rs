@@ -127,6 +127,29 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     assert_eq!(at_pos["catalog_version"].as_u64(), Some(v1));
     assert_eq!(at_pos["total_minor"], 890);
     let pos_order = at_pos["order_id"].as_str().unwrap_or_default().to_owned();
+    // The hub's metrics show the offline POS falling behind, the fridge caught up.
+    eventually(WAIT, "the POS's sync lag in the metrics", || async {
+        let text = http()
+            .get(format!("{hub_http}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let gauge = |device: &str| -> Option<f64> {
+            let prefix = format!(
+                "larder_hub_device_sync_lag_seconds{{region=\"{REGION}\",device=\"{device}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        (gauge("pos-1")? > 0.0 && gauge("fridge-1")? == 0.0).then_some(())
+    })
+    .await?;
     let fridge_order = at_fridge["order_id"]
         .as_str()
         .unwrap_or_default()
@@ -194,6 +217,16 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     })
     .await?;
 
+    let metrics = http()
+        .get(format!("{hub_http}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains(r#"larder_hub_http_request_seconds_count{method="PUT",route="/v1/regions/{r}/catalog"} 7"#),
+        "every PUT timed: {metrics}"
+    );
     // Ratings: counted in order per sku, shown on the catalog.
     let rate = |key: &'static str, stars: Value, sku: &'static str| {
         let url = format!("{hub_http}/v1/regions/{REGION}/catalog/{sku}/ratings");

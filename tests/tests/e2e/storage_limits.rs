@@ -286,11 +286,26 @@ async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
     let (status, body) = sell_unit(&client, &url, "fridge-1", "u-over", SKU, "k-over").await?;
     assert_eq!(status, 201, "{body}");
     synced(&url, Duration::from_secs(30)).await?;
-    let ids = hub_order_ids(&hub_url).await?;
+    // Every sale reached the hub's order list, each once. (Waited for rather than read once:
+    // one full-suite run saw the list short right after the agent reported itself synced;
+    // the missing ids are printed if it never fills.)
+    let filled = eventually(Duration::from_secs(30), "every sale at the hub", || async {
+        let ids = hub_order_ids(&hub_url).await.ok()?;
+        (ids.len() > CAP as usize).then_some(ids)
+    })
+    .await;
+    let ids = match filled {
+        Ok(ids) => ids,
+        Err(e) => {
+            let ids = hub_order_ids(&hub_url).await?;
+            panic!("{e}: {} of {} orders at the hub", ids.len(), CAP + 1);
+        }
+    };
     let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
     assert_eq!(
         (ids.len(), distinct.len()),
-        (CAP as usize + 1, CAP as usize + 1)
+        (CAP as usize + 1, CAP as usize + 1),
+        "each sale once"
     );
     pos.shutdown().await;
     Ok(())
