@@ -293,6 +293,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     println!("  broker       mqtt://{}", hub.broker);
     println!("  admin token  {admin_token}");
     println!(
+        "  dashboard    http://{}/#token={admin_token}&region={REGION}",
+        hub.http_addr
+    );
+    println!(
         "  try          curl -H 'Authorization: Bearer {admin_token}' http://{}/v1/regions/{REGION}/fridges",
         hub.http_addr
     );

@@ -127,6 +127,7 @@ fn region<'a>(s: &'a HubState, r: &str) -> Result<&'a RegionHandle, ApiError> {
 
 pub fn router(state: HubState, body_bytes_max: usize) -> Router {
     Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/regions", get(regions))
@@ -211,6 +212,23 @@ fn rfc3339(ms: i64) -> Option<String> {
     Timestamp::from_millisecond(ms).ok().map(|t| t.to_string())
 }
 
+/// The kitchen dashboard: one page, embedded in the binary, that calls this API with the
+/// token the user gives it.
+async fn dashboard() -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-cache"),
+            (
+                "content-security-policy",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("dashboard/index.html"),
+    )
+        .into_response()
+}
+
 async fn healthz(State(s): State<HubState>) -> Json<serde_json::Value> {
     Json(json!({"status": "ok", "regions": s.regions.keys().collect::<Vec<_>>()}))
 }
@@ -282,10 +300,11 @@ async fn fridges(
             let online = device.is_some_and(|(d, _)| presence.get(&d.device_id).copied().unwrap_or(false));
             let last_seen = device.and_then(|(d, _)| d.last_seen_ms).and_then(rfc3339);
             let units: u64 = skus.iter().map(|k| k.available).sum();
+            let expiring: u64 = skus.iter().map(|k| k.expiring_24h).sum();
             let low: Vec<&str> = skus.iter().filter(|k| k.available < u64::from(f.low_stock_units)).map(|k| k.sku.as_str()).collect();
             json!({
                 "fridge_id": f.id, "site": f.site, "device_id": device.map(|(d, _)| &d.device_id),
-                "online": online, "last_seen_at": last_seen, "units_in_stock": units, "low_stock_skus": low,
+                "online": online, "last_seen_at": last_seen, "units_in_stock": units, "expiring_24h": expiring, "low_stock_skus": low,
             })
         })
         .collect();
