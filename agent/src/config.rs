@@ -151,6 +151,10 @@ pub struct MqttConfig {
     pub reconnect_delay_ms_min: u64,
     pub reconnect_delay_ms_max: u64,
     pub max_message_bytes: usize,
+    /// The password an external broker (Mosquitto, EMQX) knows this device by, as
+    /// `larder-hub broker-config` derived it. Unset (the default), the device proves itself
+    /// with a fresh connect token signed by its key, which the hub's embedded broker checks.
+    pub password: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -161,6 +165,7 @@ impl Default for MqttConfig {
             reconnect_delay_ms_min: 200,
             reconnect_delay_ms_max: 10_000,
             max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
+            password: None,
         }
     }
 }

@@ -141,7 +141,11 @@ impl Sync {
         o.set_clean_session(false);
         o.set_credentials(
             self.ctx.device.as_str(),
-            fresh_token(&self.ctx.key, &self.ctx.device),
+            self.ctx
+                .mqtt
+                .password
+                .clone()
+                .unwrap_or_else(|| fresh_token(&self.ctx.key, &self.ctx.device)),
         );
         o.set_last_will(LastWill::new(
             &self.presence_topic,
@@ -163,6 +167,7 @@ impl Sync {
             self.ctx.mqtt.reconnect_delay_ms_max,
         );
         let (key, device) = (self.ctx.key.clone(), self.ctx.device.clone());
+        let password = self.ctx.mqtt.password.clone();
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
             loop {
@@ -184,9 +189,11 @@ impl Sync {
                         let delay = backoff_ms(min_ms, max_ms, attempt, u64::from_le_bytes(seed));
                         attempt = attempt.saturating_add(1);
                         // A connect token is accepted once: every attempt carries a fresh one.
-                        eventloop
-                            .mqtt_options
-                            .set_credentials(device.as_str(), fresh_token(&key, &device));
+                        if password.is_none() {
+                            eventloop
+                                .mqtt_options
+                                .set_credentials(device.as_str(), fresh_token(&key, &device));
+                        }
                         // Reconnect backoff: the next poll reconnects.
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                         continue;

@@ -54,6 +54,15 @@ pub enum Cmd {
         #[command(subcommand)]
         command: AuditCmd,
     },
+    /// Write an external Mosquitto's password file, ACL and config for this hub's regions:
+    /// only the hub and enrolled, unrevoked devices get in, each device to its own topics.
+    BrokerConfig {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write `passwords`, `acl` and `mosquitto.conf`.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +202,7 @@ pub fn main() -> ExitCode {
             Err(problems) => fail(problems.into_iter().map(|p| p.to_string())),
         },
         Cmd::Device { command } => device(command),
+        Cmd::BrokerConfig { config, out } => broker_config(&config, &out),
         Cmd::Audit {
             command: AuditCmd::Verify { config, region },
         } => {
@@ -279,6 +289,35 @@ fn run_hub(path: PathBuf) -> ExitCode {
         hub.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+fn broker_config(config: &std::path::Path, out: &std::path::Path) -> ExitCode {
+    let c = match HubConfig::load(config) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    let key = match crate::load_or_create_key(&c.key_path()) {
+        Ok(k) => k,
+        Err(e) => return fail([format!("error: {e}")]),
+    };
+    let files = match crate::broker_config::build(&c, &key, out) {
+        Ok(f) => f,
+        Err(e) => return fail([format!("error: {e}")]),
+    };
+    if let Err(e) = crate::broker_config::write(&files, out) {
+        return fail([format!("error: {}: {e}", out.display())]);
+    }
+    println!(
+        "wrote {}/{{passwords,device-passwords,acl,mosquitto.conf,emqx-acl.conf}}: the hub ({}) and {} device(s)",
+        out.display(),
+        c.mqtt.client_id,
+        files.devices
+    );
+    println!(
+        "next: mosquitto_passwd -U {}/passwords; each device's `mqtt.password` is its line in device-passwords",
+        out.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn open_region(

@@ -291,7 +291,13 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
     let (host, port) = split_host_port(&ctx.config.broker);
     let mut opts = MqttOptions::new(ctx.config.client_id.clone(), host, port);
     let hub_id = DeviceId::new(ctx.config.client_id.as_str()).ok();
-    let token = |key: &SecretKey, id: &DeviceId| {
+    // The embedded broker checks a fresh connect token; an external broker knows the hub by
+    // the password derived from its key (`larder-hub broker-config`).
+    let external = ctx.config.mode == crate::config::BrokerMode::External;
+    let token = move |key: &SecretKey, id: &DeviceId| {
+        if external {
+            return larder_shared::auth::broker_password(key, id.as_str());
+        }
         let mut nonce = [0u8; 16];
         let _ = getrandom::fill(&mut nonce);
         larder_shared::auth::connect_token(key, id, larder_agent::writer::now_ms(), nonce)

@@ -6,6 +6,16 @@ use crate::ids::DeviceId;
 use crate::keys::{PublicKey, SIGNATURE_LEN, SecretKey, Signature};
 
 const CONNECT_DOMAIN: &[u8] = b"larder/connect/v1\0";
+const BROKER_PASSWORD_DOMAIN: &[u8] = b"larder/broker-password/v1\0";
+
+/// The password an external broker (Mosquitto, EMQX) knows `user` by: derived from the hub's
+/// key (its deterministic Ed25519 signature over the user name, cut to 24 bytes), so the hub
+/// can derive every password again, no one without its key can, and nothing is stored. The
+/// embedded broker does not use these: it checks connect tokens.
+pub fn broker_password(hub_key: &SecretKey, user: &str) -> String {
+    let sig = hub_key.sign(BROKER_PASSWORD_DOMAIN, user.as_bytes());
+    hex::encode(&sig.0[..24])
+}
 
 /// Why a connect token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +87,17 @@ pub fn verify_connect_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_passwords_are_per_user_and_per_hub_key() {
+        let hub = SecretKey::from_seed([1; 32]);
+        let other = SecretKey::from_seed([2; 32]);
+        let a = broker_password(&hub, "pos-1");
+        assert_eq!(a, broker_password(&hub, "pos-1"), "derived again alike");
+        assert_eq!(a.len(), 48);
+        assert_ne!(a, broker_password(&hub, "pos-2"));
+        assert_ne!(a, broker_password(&other, "pos-1"));
+    }
 
     #[test]
     fn tokens_by_table() {

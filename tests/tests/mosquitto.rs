@@ -1,0 +1,330 @@
+//! More than one hub on one external broker: a real Mosquitto (Debian's `mosquitto`), started
+//! on a free port with the files `larder-hub broker-config` wrote, and two hub processes
+//! owning different regions. Agents of both regions sync through it; a stranger with a stock
+//! client is refused; an admitted device cannot subscribe to another device's topics. Run by
+//! CI (`--features broker-e2e`); needs `mosquitto` and `mosquitto-clients`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use larder_shared::domain::Role;
+use larder_tests::*;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Writes a hub config owning `region` (one fridge, `fridge-{region}`) on the external broker.
+fn hub_config(dir: &Path, region: &str, broker_port: u16) -> anyhow::Result<String> {
+    let mut c = larder_hub::demo::hub_config(
+        &dir.join("data"),
+        broker_port,
+        1,
+        larder_hub::http::token_sha256(ADMIN_TOKEN),
+    )?;
+    c.regions[0].id = region.parse()?;
+    c.regions[0].fridges[0].id = format!("fridge-{region}").parse()?;
+    let http_port = larder_hub::mqtt::free_port()?;
+    std::fs::create_dir_all(dir)?;
+    let key_path = dir.join("hub.key");
+    larder_agent::write_key(&key_path, &larder_hub::demo::seeded_key(7, "hub"))?;
+    let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
+    let text = format!(
+        "data_dir = {:?}\nkey_file = {key_path:?}\n\
+         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
+         [mqtt]\nmode = \"external\"\nbroker = \"127.0.0.1:{broker_port}\"\nclient_id = \"hub-{region}\"\n\
+         [[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
+        c.data_dir, c.tokens[0].sha256,
+    );
+    let path = dir.join("hub.toml");
+    std::fs::write(&path, text)?;
+    Ok(path.display().to_string())
+}
+
+fn run(exe: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {exe}"))?;
+    ensure!(
+        out.status.success(),
+        "{exe} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The password `device-passwords` gives `user`.
+fn password(dir: &Path, user: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(dir.join("device-passwords"))?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{user}:")).map(str::to_owned))
+        .with_context(|| format!("no password for {user}"))
+}
+
+/// The Mosquitto process, killed when the test ends, whether it passed or not.
+struct Broker(std::process::Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A connected client as `user`.
+async fn connect(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let mut o = MqttOptions::new(user, "127.0.0.1", port);
+    o.set_credentials(user, password);
+    let (client, mut events) = AsyncClient::new(o, 64);
+    next(&mut events, |p| {
+        matches!(p, Packet::ConnAck(_)).then_some(())
+    })
+    .await?;
+    Ok((client, events))
+}
+
+/// Polls until a packet `pick` takes; `Err` on a connection error or after [`WAIT`].
+async fn next<T>(
+    events: &mut EventLoop,
+    mut pick: impl FnMut(&Packet) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) => bail!("timed out"),
+            Ok(Err(e)) => bail!("{e}"),
+            Ok(Ok(Event::Incoming(p))) => {
+                if let Some(v) = pick(&p) {
+                    return Ok(v);
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> anyhow::Result<()> {
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
+    let dir = tempfile::tempdir()?;
+    let port = larder_hub::mqtt::free_port()?;
+    let regions = ["north", "south"];
+    let mut configs = Vec::new();
+    for region in regions {
+        let config = hub_config(&dir.path().join(region), region, port)?;
+        for (device, role) in [
+            (format!("fridge-{region}"), "fridge"),
+            (format!("pos-{region}"), "pos"),
+        ] {
+            let key = larder_hub::demo::seeded_key(7, &device);
+            run(
+                hub_exe,
+                &[
+                    "device",
+                    "add",
+                    "--config",
+                    &config,
+                    "--region",
+                    region,
+                    "--id",
+                    &device,
+                    "--role",
+                    role,
+                    "--fridges",
+                    &format!("fridge-{region}"),
+                    "--public-key",
+                    &key.public().to_string(),
+                ],
+            )?;
+        }
+        configs.push(config);
+    }
+
+    // Each hub writes its part; one broker gets both.
+    let broker_dir = dir.path().join("broker");
+    let (mut passwords, mut acl) = (String::new(), String::new());
+    for (region, config) in regions.iter().zip(&configs) {
+        let out = dir.path().join(format!("broker-{region}"));
+        let said = run(
+            hub_exe,
+            &[
+                "broker-config",
+                "--config",
+                config,
+                "--out",
+                out.to_str().context("path")?,
+            ],
+        )?;
+        ensure!(said.contains("2 device(s)"), "{said}");
+        let emqx = std::fs::read_to_string(out.join("emqx-acl.conf"))?;
+        ensure!(
+            emqx.contains(&format!("{{allow, {{user, \"pos-{region}\"}}, subscribe, [\"larder/v1/{region}/d/pos-{region}/down\""))
+                && emqx.trim_end().ends_with("{deny, all}."),
+            "{emqx}"
+        );
+        passwords.push_str(&std::fs::read_to_string(out.join("passwords"))?);
+        acl.push_str(&std::fs::read_to_string(out.join("acl"))?);
+    }
+    // The test's own publisher, standing in for any traffic on other devices' topics.
+    passwords.push_str("test-publisher:test-publisher-password\n");
+    acl.push_str("\nuser test-publisher\ntopic write larder/#\n");
+    std::fs::create_dir_all(&broker_dir)?;
+    std::fs::write(broker_dir.join("passwords"), &passwords)?;
+    std::fs::write(broker_dir.join("device-passwords"), &passwords)?;
+    std::fs::write(broker_dir.join("acl"), &acl)?;
+    run(
+        "mosquitto_passwd",
+        &["-U", broker_dir.join("passwords").to_str().context("path")?],
+    )?;
+    let conf = broker_dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nper_listener_settings false\nallow_anonymous false\n\
+             use_username_as_clientid true\npersistence false\npassword_file {}\nacl_file {}\n",
+            broker_dir.join("passwords").display(),
+            broker_dir.join("acl").display()
+        ),
+    )?;
+    let _broker = Broker(
+        Command::new("mosquitto")
+            .args(["-c", conf.to_str().context("path")?])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting mosquitto (install Debian's mosquitto)")?,
+    );
+    eventually(WAIT, "mosquitto to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await?;
+
+    let mut hubs = Vec::new();
+    for config in &configs {
+        hubs.push(Process::spawn(
+            hub_exe,
+            &["run", "--config", config],
+            "hub ",
+        )?);
+    }
+
+    // An agent per region, each knowing only its broker password.
+    let mut agents = Vec::new();
+    for region in regions {
+        let device = format!("fridge-{region}");
+        let mut config = larder_hub::demo::agent_config(
+            &dir.path().join(&device),
+            &device,
+            Role::Fridge,
+            &fridge_ids(&[&device]),
+            hub_public_key(),
+            &format!("127.0.0.1:{port}"),
+        )?;
+        config.region = region.parse()?;
+        config.mqtt.password = Some(password(&broker_dir, &device)?);
+        let agent = larder_agent::start(config, larder_hub::demo::seeded_key(7, &device)).await?;
+        let url = format!("http://{}", agent.http_addr);
+        synced(&url, WAIT).await?;
+        refill(&url, &device, &format!("{region}-u"), "lasagna", 2).await?;
+        let (status, body) = sell_unit(
+            &http(),
+            &url,
+            &device,
+            &format!("{region}-u-0"),
+            "lasagna",
+            "s1",
+        )
+        .await?;
+        ensure!(status == 201, "sale in {region}: {body}");
+        synced(&url, WAIT).await?;
+        agents.push((
+            agent,
+            body["order_id"].as_str().unwrap_or_default().to_owned(),
+        ));
+    }
+    // Each hub holds its own region's sale, and knows nothing of the other region.
+    for ((region, hub), (_, order)) in regions.iter().zip(&hubs).zip(&agents) {
+        let o = get(&format!("{}/v1/regions/{region}/orders/{order}", hub.url)).await?;
+        assert_eq!(o["status"], "completed", "{region}: {o}");
+        let other = if *region == "north" { "south" } else { "north" };
+        let resp = http()
+            .get(format!("{}/v1/regions/{other}/fridges", hub.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 404, "{region}'s hub does not own {other}");
+    }
+
+    // A stranger with a stock client is refused, with or without a guessed password.
+    for extra in [&[][..], &["-u", "fridge-north", "-P", "guess"][..]] {
+        let mut args = vec!["-h", "127.0.0.1", "-t", "larder/#", "-C", "1", "-W", "5"];
+        let port_s = port.to_string();
+        args.extend(["-p", &port_s]);
+        args.extend(extra);
+        let out = Command::new("mosquitto_sub").args(&args).output()?;
+        let said = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            !out.status.success() && said.contains("not authori"),
+            "mosquitto_sub {args:?}: {said}"
+        );
+    }
+    // An admitted device reads its own topics and nothing of another device's, in any region:
+    // the publisher sends to other devices' topics, then to the device's own; MQTT keeps one
+    // publisher's messages in order, so had any other been delivered it would come first.
+    let own = password(&broker_dir, "pos-north")?;
+    let (snoop, mut snoop_events) = connect(port, "pos-north", &own).await?;
+    let mine = "larder/v1/north/d/pos-north/down";
+    let others = [
+        "larder/v1/north/d/fridge-north/down",
+        "larder/v1/north/d/fridge-north/up",
+        "larder/v1/south/d/fridge-south/down",
+        "larder/v1/+/d/+/down",
+    ];
+    for topic in others.iter().chain([&mine]) {
+        snoop.subscribe(*topic, QoS::AtLeastOnce).await?;
+        next(&mut snoop_events, |p| {
+            matches!(p, Packet::SubAck(_)).then_some(())
+        })
+        .await?;
+    }
+    let (publisher, mut pub_events) =
+        connect(port, "test-publisher", "test-publisher-password").await?;
+    for topic in [
+        "larder/v1/north/d/fridge-north/down",
+        "larder/v1/north/d/fridge-north/up",
+        "larder/v1/south/d/fridge-south/down",
+        mine,
+    ] {
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, topic.as_bytes().to_vec())
+            .await?;
+        next(&mut pub_events, |p| {
+            matches!(p, Packet::PubAck(_)).then_some(())
+        })
+        .await?;
+    }
+    let first = next(&mut snoop_events, |p| match p {
+        Packet::Publish(m) => Some(m.topic.clone()),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(first, mine, "pos-north read another device's topic");
+    let _ = snoop.disconnect().await;
+    let _ = publisher.disconnect().await;
+
+    for (agent, _) in agents {
+        agent.shutdown().await;
+    }
+    drop(hubs);
+    Ok(())
+}
