@@ -1,8 +1,10 @@
 //! More than one hub on one external broker: a real Mosquitto (Debian's `mosquitto`), started
 //! on a free port with the files `larder-hub broker-config` wrote, and two hub processes
 //! owning different regions. Agents of both regions sync through it; a stranger with a stock
-//! client is refused; an admitted device cannot subscribe to another device's topics. Run by
-//! CI (`--features broker-e2e`); needs `mosquitto` and `mosquitto-clients`.
+//! client is refused; an admitted device reads nothing of another device's topics. And Debian's
+//! stock `mosquitto_sub`/`mosquitto_pub` against the hub's embedded broker: refused without a
+//! fresh token signed by an enrolled device's key, and on a replayed one. Run by CI
+//! (`--features broker-e2e`); needs `mosquitto` and `mosquitto-clients`.
 
 use std::path::Path;
 use std::process::Command;
@@ -326,5 +328,104 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
         agent.shutdown().await;
     }
     drop(hubs);
+    Ok(())
+}
+
+/// Runs a Mosquitto client tool; returns whether it succeeded and what it printed.
+fn stock_client(tool: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {tool} (install Debian's mosquitto-clients)"))?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), said.to_lowercase()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_refuses_stock_clients_without_a_fresh_device_token()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let key = larder_hub::demo::seeded_key(7, "pos-1");
+    enroll(&hub_http, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
+    let (host, port) = hub.broker.rsplit_once(':').context("broker address")?;
+    let base = ["-h", host, "-p", port];
+    let token = |k: &larder_shared::SecretKey, nonce: u8| {
+        larder_shared::auth::connect_token(
+            k,
+            &device("pos-1"),
+            larder_agent::writer::now_ms(),
+            [nonce; 16],
+        )
+    };
+    // `-d` prints the broker's CONNACK when there is one; rumqttd refuses a client by closing
+    // the connection without one.
+    let refused =
+        |said: &str| said.contains("sending connect") && !said.contains("received connack");
+    let sub = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend(["-d", "-t", "larder/#", "-C", "1", "-W", "3"]);
+        args.extend(extra);
+        stock_client("mosquitto_sub", &args)
+    };
+    let publish = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend([
+            "-d",
+            "-t",
+            "larder/v1/demo/d/pos-1/up",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ]);
+        args.extend(extra);
+        stock_client("mosquitto_pub", &args)
+    };
+    // No credentials, a made-up password, a token signed by another key: refused.
+    let stranger = larder_hub::demo::seeded_key(9, "stranger");
+    let forged = token(&stranger, 1);
+    for (what, extra) in [
+        ("no credentials", vec![]),
+        (
+            "a guessed password",
+            vec!["-i", "pos-1", "-u", "pos-1", "-P", "guess"],
+        ),
+        (
+            "another key's token",
+            vec!["-i", "pos-1", "-u", "pos-1", "-P", forged.as_str()],
+        ),
+    ] {
+        let (ok, said) = sub(&extra)?;
+        assert!(!ok && refused(&said), "mosquitto_sub with {what}: {said}");
+        let (ok, said) = publish(&extra)?;
+        assert!(!ok && refused(&said), "mosquitto_pub with {what}: {said}");
+    }
+    // The device's own fresh token gets in once; the same token again is a replay.
+    let fresh = token(&key, 2);
+    let (ok, said) = publish(&["-i", "pos-1", "-u", "pos-1", "-P", fresh.as_str()])?;
+    assert!(
+        ok && said.contains("received connack (0)"),
+        "mosquitto_pub with a fresh token: {said}"
+    );
+    let (ok, said) = publish(&["-i", "pos-1", "-u", "pos-1", "-P", fresh.as_str()])?;
+    assert!(!ok && refused(&said), "a replayed token: {said}");
+    // The hub counted what it refused.
+    let metrics = http()
+        .get(format!("{hub_http}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("larder_hub_connections_refused_total"),
+        "{metrics}"
+    );
+    hub.shutdown().await;
     Ok(())
 }
