@@ -177,6 +177,10 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
             axum::routing::post(catalog::rate),
         )
         .route("/v1/regions/{r}/events", get(catalog::events))
+        .route(
+            "/v1/regions/{r}/imports/units",
+            axum::routing::post(catalog::import_units),
+        )
         .route("/v1/regions/{r}/devices", get(devices).post(enroll))
         .route("/v1/regions/{r}/devices/{d}", delete(revoke))
         .route(

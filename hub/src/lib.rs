@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod events;
 pub mod http;
+pub mod import;
 pub mod metrics;
 pub mod mqtt;
 pub mod region;

@@ -10,6 +10,7 @@
 //! A rejected envelope changes nothing.
 
 pub mod catalog;
+pub mod import;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -99,6 +100,8 @@ pub enum RegionCommand {
     /// Create, end or skip an occurrence of a subscription.
     Subscription {
         op: SubscriptionOp,
+        /// The request's Idempotency-Key and the hash of its method, path and body.
+        idem: Option<(String, String)>,
         reply: Reply<ApiAnswer>,
     },
     /// Every conflict record of the region's ledgers.
@@ -126,6 +129,11 @@ pub enum RegionCommand {
         rating: catalog::RatingRequest,
         idem: Option<(String, String)>,
         reply: Reply<ApiAnswer>,
+    },
+    /// Load a batch of unit rows (`larder-hub import units`).
+    ImportUnits {
+        rows: Vec<import::UnitRow>,
+        reply: Reply<import::ImportReport>,
     },
     /// Apply what time has made due: payment captures after grace windows, payment timeouts,
     /// no-shows, reservations on expired units.
@@ -225,6 +233,7 @@ enum Pending {
     Uplink(oneshot::Sender<UplinkOutcome>, UplinkOutcome),
     Enroll(Reply<DeviceRecord>, Box<DeviceRecord>),
     Unit(Reply<()>),
+    Import(Reply<import::ImportReport>, import::ImportReport),
 }
 
 /// The writer of one region.
@@ -635,6 +644,10 @@ impl RegionWriter {
                         }
                     }
                 }
+                RegionCommand::ImportUnits { rows, reply } => {
+                    let report = self.import_units(rows, &mut batch, now);
+                    pending.push(Pending::Import(reply, report));
+                }
                 RegionCommand::Tick => self.tick(&mut batch, now),
                 RegionCommand::StockCounts {
                     now_ms,
@@ -643,9 +656,16 @@ impl RegionWriter {
                 } => {
                     let _ = reply.send(self.stock_counts(now_ms, before_ms));
                 }
-                RegionCommand::Subscription { op, reply } => {
+                RegionCommand::Subscription { op, idem, reply } => {
+                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
+                        let _ = reply.send(Ok(answer));
+                        continue;
+                    }
                     match self.subscription_op(op, &mut batch, now) {
-                        Ok(answer) => pending.push(Pending::Answer(reply, answer)),
+                        Ok(answer) => {
+                            remember(idem, &answer, &mut batch, &mut in_group);
+                            pending.push(Pending::Answer(reply, answer));
+                        }
                         Err(answer) => {
                             let _ = reply.send(Ok(answer));
                         }
@@ -881,6 +901,12 @@ impl RegionWriter {
                 }
                 (Pending::Unit(reply), r) => {
                     let _ = reply.send(r.clone());
+                }
+                (Pending::Import(reply, report), Ok(())) => {
+                    let _ = reply.send(Ok(report));
+                }
+                (Pending::Import(reply, _), Err(e)) => {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }

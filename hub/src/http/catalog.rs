@@ -181,3 +181,40 @@ pub(super) async fn events(
         .keep_alive(KeepAlive::default())
         .into_response())
 }
+
+use crate::region::import::IMPORT_ROWS_MAX;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportBody {
+    rows: Vec<crate::region::import::UnitRow>,
+}
+
+/// `POST /v1/regions/{r}/imports/units`: loads a batch of unit rows (what `larder-hub import
+/// units` sends); 200 with `{accepted, unchanged, rejected: [{line, reason}]}`.
+pub(super) async fn import_units(
+    State(s): State<HubState>,
+    Path(r): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
+    let h = region(&s, &r)?;
+    let (b, _): (ImportBody, _) = parse_body(body)?;
+    if b.rows.len() > IMPORT_ROWS_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_rows",
+            format!("at most {IMPORT_ROWS_MAX} rows per request"),
+        ));
+    }
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(RegionCommand::ImportUnits {
+        rows: b.rows,
+        reply,
+    })
+    .await
+    .map_err(internal)?;
+    let report = rx.await.map_err(internal)??;
+    Ok(Json(report).into_response())
+}

@@ -29,9 +29,14 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
 }
 
-async fn submit(h: &RegionHandle, op: SubscriptionOp) -> Result<Response, ApiError> {
+async fn submit(
+    h: &RegionHandle,
+    op: SubscriptionOp,
+    idem: Option<larder_agent::writer::Idem>,
+) -> Result<Response, ApiError> {
     let (reply, rx) = oneshot::channel();
-    h.tx.try_send(RegionCommand::Subscription { op, reply })
+    let idem = idem.map(|i| (i.key, i.request_sha256));
+    h.tx.try_send(RegionCommand::Subscription { op, idem, reply })
         .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
     let (status, body): ApiAnswer = rx.await.map_err(internal)??;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -65,7 +70,13 @@ pub(super) async fn create_subscription(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
     let h = region(&s, &r)?.clone();
-    let (req, _): (SubscriptionBody, _) = parse_body(body)?;
+    let (req, bytes): (SubscriptionBody, _) = parse_body(body)?;
+    // A retry with the same Idempotency-Key answers the first answer and creates nothing.
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/subscriptions"),
+        &bytes,
+    )?;
     if req.customer_id.is_empty() || req.customer_id.len() > 128 {
         return Err(invalid("customer_id must be 1 to 128 bytes"));
     }
@@ -110,7 +121,7 @@ pub(super) async fn create_subscription(
         created_at_ms: larder_agent::writer::now_ms(),
         ended_at_ms: None,
     };
-    submit(&h, SubscriptionOp::Create(Box::new(sub))).await
+    submit(&h, SubscriptionOp::Create(Box::new(sub)), idem).await
 }
 
 pub(super) async fn list_subscriptions(
@@ -146,7 +157,7 @@ pub(super) async fn delete_subscription(
         Some(date) => SubscriptionOp::Skip { id, date },
         None => SubscriptionOp::End { id },
     };
-    submit(&h, op).await
+    submit(&h, op, None).await
 }
 
 /// The plan's date: `?date=`, or today in the region's time zone.

@@ -2,9 +2,12 @@
 //! clients, the catch-up of a POS that sold 10,000 times offline, and the hub's order
 //! platform for a region of 1,000 fridges (placement, status reads, the refill plan).
 //!
+//! `import`: `larder-hub import units` of 1,000,000 rows into a running hub (rows/s, and the
+//! importer's peak memory, in a child process of its own).
+//!
 //! Run with `cargo run --release -p larder-tests --bin larder-bench -- all` (or one of
-//! `latency`, `throughput`, `catch-up`, `orders`). Everything runs on loopback with real SQLite
-//! files, real HTTP and real MQTT through the hub's embedded broker.
+//! `latency`, `throughput`, `catch-up`, `orders`, `import`). Everything runs on loopback with
+//! real SQLite files, real HTTP and real MQTT through the hub's embedded broker.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -572,6 +575,103 @@ async fn orders() -> Result<()> {
     Ok(())
 }
 
+const IMPORT_ROWS: usize = 1_000_000;
+const IMPORT_FRIDGES: u32 = 100;
+
+/// The importer's peak resident memory, read from /proc while it runs (the high-water mark
+/// only grows, so the last reading before it exits is its peak to within one interval).
+fn peak_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `larder-hub import units` of [`IMPORT_ROWS`] rows over [`IMPORT_FRIDGES`] fridges.
+async fn import() -> Result<()> {
+    println!("## import: {IMPORT_ROWS} unit rows, {IMPORT_FRIDGES} fridges\n");
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), IMPORT_FRIDGES).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let file = dir.path().join("units.csv");
+    {
+        use std::io::Write;
+        let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(72);
+        let skus = [
+            "lasagna",
+            "salad-quinoa",
+            "curry-veg",
+            "soup-lentil",
+            "wrap-chicken",
+        ];
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        writeln!(w, "unit_id,fridge_id,sku,expires_at,batch")?;
+        for i in 0..IMPORT_ROWS {
+            let fridge = i as u32 % IMPORT_FRIDGES + 1;
+            writeln!(
+                w,
+                "imp-{i:07},fridge-{fridge},{},{expires},b{}",
+                skus[i % skus.len()],
+                i / 10_000
+            )?;
+        }
+        w.flush()?;
+    }
+    let size = std::fs::metadata(&file)?.len();
+    println!("file: {:.1} MB", size as f64 / 1e6);
+    for run in ["first", "again (every row unchanged)"] {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["__import", &file.display().to_string(), &hub_http])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut peak = 0;
+        // Sampling, not synchronisation: the importer runs for seconds; its peak is read
+        // every 50 ms until it exits.
+        while child.try_wait()?.is_none() {
+            peak = peak.max(peak_kib(child.id()).unwrap_or(0));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let out = child.wait_with_output()?;
+        let elapsed = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "the importer failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        println!(
+            "{run}: {:.0} rows/s ({:.1} s); importer peak RSS {:.1} MB; {}",
+            IMPORT_ROWS as f64 / elapsed.as_secs_f64(),
+            elapsed.as_secs_f64(),
+            peak as f64 / 1024.0,
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    let stock = hub_stock(&hub_http, "fridge-1").await?;
+    let per_fridge = IMPORT_ROWS / IMPORT_FRIDGES as usize;
+    let on_hand: u64 = [
+        "lasagna",
+        "salad-quinoa",
+        "curry-veg",
+        "soup-lentil",
+        "wrap-chicken",
+    ]
+    .iter()
+    .map(|s| available(&stock, s))
+    .sum();
+    if on_hand != per_fridge as u64 {
+        bail!("fridge-1 holds {on_hand} units, expected {per_fridge}");
+    }
+    println!("fridge-1 holds its {per_fridge} units\n");
+    hub.shutdown().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -589,14 +689,40 @@ async fn main() -> Result<()> {
         "throughput" => throughput().await,
         "catch-up" => catch_up().await,
         "orders" => orders().await,
+        "import" => import().await,
+        // The importer itself, run by `import` as a child process so its memory is its own.
+        "__import" => {
+            let mut a = std::env::args().skip(2);
+            let (file, hub, batch) = (
+                a.next().unwrap_or_default(),
+                a.next().unwrap_or_default(),
+                a.next().and_then(|b| b.parse().ok()).unwrap_or(2_000),
+            );
+            let summary = larder_hub::import::run(&larder_hub::import::Options {
+                kind: larder_hub::import::Kind::Units,
+                file: file.into(),
+                region: larder_hub::demo::REGION.into(),
+                hub,
+                token: ADMIN_TOKEN.into(),
+                report: None,
+                batch_rows: batch,
+                progress: false,
+            })
+            .await?;
+            println!("{summary}");
+            Ok(())
+        }
         "all" => {
             latency().await?;
             throughput().await?;
             catch_up().await?;
-            orders().await
+            orders().await?;
+            import().await
         }
         other => {
-            bail!("unknown benchmark {other:?}: latency, throughput, catch-up, orders or all")
+            bail!(
+                "unknown benchmark {other:?}: latency, throughput, catch-up, orders, import or all"
+            )
         }
     }
 }

@@ -11,6 +11,7 @@ mod conflicts;
 mod crash;
 mod escrow;
 mod idempotency;
+mod import;
 mod offline_pos;
 mod orders;
 mod rejections;

@@ -1,0 +1,147 @@
+//! Bulk loading of units (`larder-hub import units`, `POST /v1/regions/{r}/imports/units`):
+//! each batch of rows is checked row by row, and the valid new units are loaded into their
+//! fridges' ledgers as refills the hub writes, in the batch's one transaction. A unit already
+//! in its fridge's ledger is `unchanged`, so importing a file again changes nothing.
+
+use std::collections::{BTreeMap, HashSet};
+
+use larder_shared::domain::{Refill, RefillUnit};
+use larder_shared::ledger::{self, UNITS_PER_REQUEST_MAX};
+use larder_shared::{FridgeId, Sku, UnitId};
+use serde::{Deserialize, Serialize};
+
+use super::RegionWriter;
+use crate::store::RegionBatch;
+
+/// Most rows one import request may carry.
+pub const IMPORT_ROWS_MAX: usize = 5_000;
+
+/// One row of a units file, as the importer read it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitRow {
+    /// The row's line in the file, for the report.
+    pub line: u64,
+    pub unit_id: String,
+    pub fridge_id: String,
+    pub sku: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    #[serde(default)]
+    pub batch: Option<String>,
+}
+
+/// A row refused, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Rejected {
+    pub line: u64,
+    pub reason: String,
+}
+
+/// What a batch came to.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ImportReport {
+    pub accepted: u64,
+    pub unchanged: u64,
+    pub rejected: Vec<Rejected>,
+}
+
+impl RegionWriter {
+    /// Checks and stages a batch of unit rows.
+    pub(super) fn import_units(
+        &mut self,
+        rows: Vec<UnitRow>,
+        batch: &mut RegionBatch,
+        now: i64,
+    ) -> ImportReport {
+        let mut report = ImportReport::default();
+        let mut by_fridge: BTreeMap<FridgeId, Vec<(u64, RefillUnit)>> = BTreeMap::new();
+        let mut seen: HashSet<(FridgeId, UnitId)> = HashSet::new();
+        for row in rows {
+            match self.check_unit_row(&row, now) {
+                Err(reason) => report.rejected.push(Rejected {
+                    line: row.line,
+                    reason,
+                }),
+                Ok(None) => report.unchanged += 1,
+                Ok(Some((fridge, unit))) => {
+                    if !seen.insert((fridge.clone(), unit.unit_id.clone())) {
+                        report.unchanged += 1; // listed twice: loaded once
+                        continue;
+                    }
+                    by_fridge.entry(fridge).or_default().push((row.line, unit));
+                }
+            }
+        }
+        let hub = ledger::hub_device();
+        for (fridge, units) in by_fridge {
+            for chunk in units.chunks(UNITS_PER_REQUEST_MAX) {
+                let Some(l) = self.ledgers.get_mut(&fridge) else {
+                    continue;
+                };
+                let refill = Refill {
+                    units: chunk.iter().map(|(_, u)| u.clone()).collect(),
+                    order_id: None,
+                };
+                match l.refill(&refill, &hub, now) {
+                    Ok(change) => {
+                        report.accepted += chunk.len() as u64;
+                        self.hub_change(&fridge, change, batch);
+                    }
+                    Err(e) => report
+                        .rejected
+                        .extend(chunk.iter().map(|(line, _)| Rejected {
+                            line: *line,
+                            reason: format!("loading into {fridge}: {e}"),
+                        })),
+                }
+            }
+        }
+        report.rejected.sort_by_key(|r| r.line);
+        report
+    }
+
+    /// `Ok(None)` for a unit already in its fridge.
+    fn check_unit_row(
+        &self,
+        row: &UnitRow,
+        now: i64,
+    ) -> Result<Option<(FridgeId, RefillUnit)>, String> {
+        let fridge = FridgeId::new(row.fridge_id.as_str())
+            .map_err(|e| format!("fridge_id {:?}: {e}", row.fridge_id))?;
+        let Some(l) = self.ledgers.get(&fridge) else {
+            return Err(format!("fridge {fridge} is not in region {}", self.region));
+        };
+        let unit_id = UnitId::new(row.unit_id.as_str())
+            .map_err(|e| format!("unit_id {:?}: {e}", row.unit_id))?;
+        let sku = Sku::new(row.sku.as_str()).map_err(|e| format!("sku {:?}: {e}", row.sku))?;
+        if self.catalog.item(&sku).is_none() {
+            return Err(format!("sku {sku} is not in the catalog"));
+        }
+        let expires: jiff::Timestamp = row
+            .expires_at
+            .parse()
+            .map_err(|e| format!("expires_at {:?}: {e}", row.expires_at))?;
+        let expires_at_ms = expires.as_millisecond();
+        if l.unit(&unit_id, now).is_some() {
+            return Ok(None);
+        }
+        if expires_at_ms <= now {
+            return Err(format!("unit {unit_id} expired at {expires}"));
+        }
+        if let Some(b) = &row.batch
+            && b.len() > 64
+        {
+            return Err("batch is longer than 64 characters".into());
+        }
+        Ok(Some((
+            fridge,
+            RefillUnit {
+                unit_id,
+                sku,
+                expires_at_ms,
+                batch: row.batch.clone().filter(|b| !b.is_empty()),
+            },
+        )))
+    }
+}

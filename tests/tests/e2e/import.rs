@@ -1,0 +1,229 @@
+//! `larder-hub import` end to end: the real command line against a running hub (real HTTP,
+//! SQLite), for units, the catalog and subscriptions. Valid rows are kept, every bad row is
+//! reported with its line and reason (exit code 1), the loaded units reach the fridge's agent,
+//! and importing the same file again changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use larder_hub::demo::REGION;
+use larder_shared::domain::Role;
+use larder_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Runs `larder-hub import`; returns whether it exited 0 and what it printed.
+fn import(hub_http: &str, kind: &str, file: &Path) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_hub-node"))
+        .args(["import", kind])
+        .arg(file)
+        .args([
+            "--region",
+            REGION,
+            "--hub",
+            hub_http,
+            "--token",
+            ADMIN_TOKEN,
+        ])
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), said))
+}
+
+/// The rejected-rows report next to `file`: (line, reason) pairs.
+fn rejected(file: &Path) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".rejected.csv");
+    let mut out = Vec::new();
+    for r in csv_rows(&std::fs::read_to_string(p)?) {
+        out.push((r[0].parse()?, r[1].clone()));
+    }
+    Ok(out)
+}
+
+/// A tiny CSV reader for the report: `line,reason` with the reason possibly quoted.
+fn csv_rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (line, reason) = l.split_once(',')?;
+            Some(vec![
+                line.to_owned(),
+                reason.trim_matches('"').replace("\"\"", "\""),
+            ])
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_catalog_and_subscriptions_import_once_with_a_report_of_bad_rows()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 2).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let fridge_url = format!("http://{}", fridge.http_addr);
+    synced(&fridge_url, WAIT).await?;
+
+    // Units: 6 good rows over two fridges, and one bad row of each kind.
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let past = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    let mut text = String::from("unit_id,fridge_id,sku,expires_at,batch\n");
+    for i in 0..4 {
+        text.push_str(&format!("imp-{i},fridge-1,lasagna,{soon},b1\n"));
+    }
+    for i in 4..6 {
+        text.push_str(&format!("imp-{i},fridge-2,soup-lentil,{soon},\n"));
+    }
+    text.push_str(&format!("imp-x1,fridge-9,lasagna,{soon},\n")); // line 8
+    text.push_str(&format!("imp-x2,fridge-1,caviar,{soon},\n")); // line 9
+    text.push_str("imp-x3,fridge-1,lasagna,next tuesday,\n"); // line 10
+    text.push_str(&format!("imp-x4,fridge-1,lasagna,{past},\n")); // line 11
+    text.push_str(&format!("bad id!,fridge-1,lasagna,{soon},\n")); // line 12
+    text.push_str("imp-x5,fridge-1\n"); // line 13
+    let units = dir.path().join("units.csv");
+    std::fs::write(&units, text)?;
+    let (ok, said) = import(&hub_http, "units", &units)?;
+    assert!(!ok, "rows were rejected, so exit 1: {said}");
+    assert!(
+        said.contains("12 rows")
+            && said.contains("6 accepted")
+            && said.contains("0 unchanged")
+            && said.contains("6 rejected"),
+        "{said}"
+    );
+    let report = rejected(&units)?;
+    let mut lines: Vec<u64> = report.iter().map(|(l, _)| *l).collect();
+    lines.sort_unstable();
+    assert_eq!(lines, vec![8, 9, 10, 11, 12, 13], "{report:?}");
+    for (line, needle) in [
+        (8, "fridge-9"),
+        (9, "caviar"),
+        (10, "expires_at"),
+        (11, "expired"),
+        (12, "unit_id"),
+    ] {
+        let reason = &report
+            .iter()
+            .find(|(l, _)| *l == line)
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        assert!(reason.contains(needle), "line {line}: {reason}");
+    }
+    // Loaded at the hub, and replicated to the fridge's own agent.
+    assert_eq!(
+        available(&hub_stock(&hub_http, "fridge-1").await?, "lasagna"),
+        4
+    );
+    assert_eq!(
+        available(&hub_stock(&hub_http, "fridge-2").await?, "soup-lentil"),
+        2
+    );
+    eventually(WAIT, "the imported units at the fridge", || async {
+        (available(&agent_stock(&fridge_url, "fridge-1").await.ok()?, "lasagna") == 4).then_some(())
+    })
+    .await?;
+    // Again: nothing new.
+    let (_, said) = import(&hub_http, "units", &units)?;
+    assert!(
+        said.contains("0 accepted") && said.contains("6 unchanged") && said.contains("6 rejected"),
+        "{said}"
+    );
+    assert_eq!(
+        available(&hub_stock(&hub_http, "fridge-1").await?, "lasagna"),
+        4
+    );
+
+    // Catalog: a new meal, a new price, an unchanged row and two bad rows.
+    let before = get(&format!("{hub_http}/v1/regions/{REGION}/catalog")).await?;
+    let v1 = before["version"].as_u64().unwrap_or(0);
+    let catalog = dir.path().join("catalog.csv");
+    std::fs::write(
+        &catalog,
+        "sku,name,price_minor,allergens,shelf_life_hours\n\
+         pasta-pesto,Pasta pesto,780,gluten;nuts,48\n\
+         lasagna,Lasagna al forno,910,,72\n\
+         curry-veg,Vegetable curry,820,,72\n\
+         cheap,Cheap,-5,,24\n\
+         pasta-pesto,Pasta again,700,,48\n",
+    )?;
+    let (ok, said) = import(&hub_http, "catalog", &catalog)?;
+    assert!(
+        !ok && said.contains("2 accepted")
+            && said.contains("1 unchanged")
+            && said.contains("2 rejected"),
+        "{said}"
+    );
+    assert_eq!(
+        rejected(&catalog)?
+            .iter()
+            .map(|(l, _)| *l)
+            .collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    let after = get(&format!("{hub_http}/v1/regions/{REGION}/catalog")).await?;
+    assert_eq!(after["version"].as_u64(), Some(v1 + 1));
+    let item = |sku: &str| {
+        after["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["sku"] == sku)
+            .cloned()
+    };
+    assert_eq!(
+        item("pasta-pesto").map(|i| i["allergens"].clone()),
+        Some(serde_json::json!(["gluten", "nuts"]))
+    );
+    assert_eq!(
+        item("lasagna").map(|i| i["price_minor"].clone()),
+        Some(serde_json::json!(910))
+    );
+    assert!(item("salad-quinoa").is_some(), "skus not in the file stay");
+    let (_, said) = import(&hub_http, "catalog", &catalog)?;
+    assert!(
+        said.contains("0 accepted") && said.contains("3 unchanged"),
+        "{said}"
+    );
+    let again = get(&format!("{hub_http}/v1/regions/{REGION}/catalog")).await?;
+    assert_eq!(again["version"].as_u64(), Some(v1 + 1), "no new version");
+
+    // Subscriptions.
+    let subs = dir.path().join("subscriptions.csv");
+    std::fs::write(
+        &subs,
+        "customer_id,fridge_id,sku,quantity,weekdays,start_date,end_date\n\
+         c-1,fridge-1,curry-veg,1,mon;wed;fri,2030-01-07,\n\
+         c-2,fridge-2,lasagna,2,tue,2030-01-07,2030-03-01\n\
+         c-3,fridge-1,lasagna,1,someday,2030-01-07,\n",
+    )?;
+    let (ok, said) = import(&hub_http, "subscriptions", &subs)?;
+    assert!(
+        !ok && said.contains("2 accepted") && said.contains("1 rejected"),
+        "{said}"
+    );
+    assert_eq!(
+        rejected(&subs)?.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        vec![4]
+    );
+    let (_, said) = import(&hub_http, "subscriptions", &subs)?;
+    assert!(
+        said.contains("0 accepted") && said.contains("2 unchanged"),
+        "{said}"
+    );
+    let list = get(&format!("{hub_http}/v1/regions/{REGION}/subscriptions")).await?;
+    assert_eq!(
+        list["subscriptions"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+
+    fridge.shutdown().await;
+    hub.shutdown().await;
+    Ok(())
+}
