@@ -2,6 +2,10 @@
 //! clients, the catch-up of a POS that sold 10,000 times offline, and the hub's order
 //! platform for a region of 1,000 fridges (placement, status reads, the refill plan).
 //!
+//! `ingest`: 1,000 connected devices each sending signed ledger-change envelopes, verified,
+//! merged and committed by the hub, beside the same broker's raw QoS 1 pass-through of
+//! same-size messages. `connected`: the hub's resident memory per connected, idle device at
+//! 10,000 devices (the hub in a child process of its own).
 //! `import`: `larder-hub import units` of 1,000,000 rows into a running hub (rows/s, and the
 //! importer's peak memory, in a child process of its own).
 //!
@@ -575,6 +579,290 @@ async fn orders() -> Result<()> {
     Ok(())
 }
 
+const INGEST_DEVICES: usize = 1_000;
+const INGEST_PER_DEVICE: u64 = 20;
+const INGEST_FRIDGES: u32 = 100;
+/// `LARDER_BENCH_DEVICES` overrides it.
+const CONNECTED_DEVICES: usize = 10_000;
+
+fn connected_devices() -> usize {
+    std::env::var("LARDER_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CONNECTED_DEVICES)
+}
+
+/// Drives a client's connection; counts the publishes it receives into `received`.
+fn drive(mut events: rumqttc::EventLoop, received: Option<Arc<AtomicUsize>>) {
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                    if let Some(r) = &received {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// Waits (polling, this is a measurement) until `count()` reaches `n`; the time it took.
+async fn until_count(n: usize, started: Instant, count: impl Fn() -> usize) -> Result<Duration> {
+    while count() < n {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("only {} of {n} after 10 minutes", count());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// Hub ingest beside the broker's raw pass-through, in one run.
+async fn ingest() -> Result<()> {
+    use larder_shared::{DeviceId, FridgeId, RegionId};
+    println!(
+        "## ingest: {INGEST_DEVICES} devices x {INGEST_PER_DEVICE} envelopes, {INGEST_FRIDGES} fridges\n"
+    );
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), INGEST_FRIDGES).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let region = RegionId::new(larder_hub::demo::REGION)?;
+    let mut devices = Vec::with_capacity(INGEST_DEVICES);
+    for i in 0..INGEST_DEVICES {
+        let name = format!("pos-{i:05}");
+        let fridge = format!("fridge-{}", i as u32 % INGEST_FRIDGES + 1);
+        let key = larder_hub::demo::seeded_key(11, &name);
+        enroll(&hub_http, &name, Role::Pos, &[&fridge], &key.public()).await?;
+        let id = DeviceId::new(name.as_str())?;
+        let envs = larder_tests::ingest::envelopes(
+            &region,
+            &id,
+            &FridgeId::new(fridge.as_str())?,
+            &key,
+            INGEST_PER_DEVICE,
+        )?;
+        devices.push((id, key, envs));
+    }
+    let size = devices[0].2[0].len();
+    let total = INGEST_DEVICES * INGEST_PER_DEVICE as usize;
+    let max = 512 * 1024;
+    let mut clients = Vec::with_capacity(INGEST_DEVICES);
+    for (i, (id, key, _)) in devices.iter().enumerate() {
+        let (client, events) =
+            larder_tests::ingest::connect(&hub.broker, id, key, i as u64, max).await?;
+        drive(events, None);
+        clients.push(client);
+    }
+    // One more device takes every raw message.
+    let sub_key = larder_hub::demo::seeded_key(11, "bench-sub");
+    enroll(
+        &hub_http,
+        "bench-sub",
+        Role::Pos,
+        &["fridge-1"],
+        &sub_key.public(),
+    )
+    .await?;
+    let (sub, sub_events) =
+        larder_tests::ingest::connect(&hub.broker, &DeviceId::new("bench-sub")?, &sub_key, 0, max)
+            .await?;
+    let received = Arc::new(AtomicUsize::new(0));
+    sub.subscribe("bench/raw/#", rumqttc::QoS::AtLeastOnce)
+        .await?;
+    drive(sub_events, Some(received.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await; // the subscription settles (a measurement, not a test)
+
+    let payload = vec![0x5a_u8; size];
+    let started = Instant::now();
+    let mut sends = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let (c, payload) = (c.clone(), payload.clone());
+        sends.push(tokio::spawn(async move {
+            for _ in 0..INGEST_PER_DEVICE {
+                let _ = c
+                    .publish(
+                        format!("bench/raw/{i}"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                    )
+                    .await;
+            }
+        }));
+    }
+    let raw = until_count(total, started, || received.load(Ordering::Relaxed)).await?;
+    let raw_rate = total as f64 / raw.as_secs_f64();
+
+    let accepted = || {
+        hub.metrics
+            .envelopes_accepted
+            .get_or_create(&vec![("region", larder_hub::demo::REGION.to_owned())])
+            .get() as usize
+    };
+    let before = accepted();
+    let started = Instant::now();
+    for ((id, _, envs), c) in devices.iter().zip(&clients) {
+        let (c, envs) = (c.clone(), envs.clone());
+        let topic =
+            larder_shared::topics::device(&region, id, larder_shared::topics::DeviceTopic::Up);
+        sends.push(tokio::spawn(async move {
+            for e in envs {
+                let _ = c
+                    .publish(topic.clone(), rumqttc::QoS::AtLeastOnce, false, e)
+                    .await;
+            }
+        }));
+    }
+    let took = until_count(before + total, started, accepted).await?;
+    let rate = total as f64 / took.as_secs_f64();
+    let rejected: u64 = ["bad_signature", "replay", "gap", "chain_broken"]
+        .iter()
+        .map(|r| hub.metrics.rejected_count(larder_hub::demo::REGION, r))
+        .sum();
+    println!("envelope size: {size} bytes");
+    println!(
+        "raw QoS 1 pass-through: {raw_rate:.0} messages/s ({total} in {:.2} s)",
+        raw.as_secs_f64()
+    );
+    println!(
+        "hub ingest (verified, merged, committed): {rate:.0} envelopes/s ({total} in {:.2} s), {:.2}x raw; {rejected} rejected",
+        took.as_secs_f64(),
+        rate / raw_rate
+    );
+    println!();
+    hub.shutdown().await;
+    Ok(())
+}
+
+/// The hub's resident memory per connected, idle device.
+async fn connected() -> Result<()> {
+    let devices = connected_devices();
+    use larder_shared::topics::{self, DeviceTopic};
+    use larder_shared::{DeviceId, RegionId};
+    use std::io::BufRead;
+    println!("## connected: {devices} idle devices, the hub in its own process\n");
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["__hub", &dir.path().join("hub").display().to_string()])
+        .env("RUST_LOG", "warn,rumqttd=off")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let guard = scopeguard_kill(child.id());
+    let mut line = String::new();
+    std::io::BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?,
+    )
+    .read_line(&mut line)?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (hub_http, broker) = match words.as_slice() {
+        ["hub", url, "broker", broker] => (url.to_string(), broker.to_string()),
+        _ => bail!("the hub said {line:?}"),
+    };
+    let pid = child.id();
+    let rss_kib = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let region = RegionId::new(larder_hub::demo::REGION)?;
+    let mut keys = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let name = format!("idle-{i:05}");
+        let key = larder_hub::demo::seeded_key(13, &name);
+        enroll(&hub_http, &name, Role::Pos, &["fridge-1"], &key.public()).await?;
+        keys.push((DeviceId::new(name.as_str())?, key));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // settle before the baseline
+    let before = rss_kib();
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(devices);
+    for (i, (id, key)) in keys.iter().enumerate() {
+        // As an agent does: its down topic and the catalog, and a retained `online`.
+        let (client, events) =
+            larder_tests::ingest::connect(&broker, id, key, i as u64, 512 * 1024).await?;
+        client
+            .subscribe(
+                topics::device(&region, id, DeviceTopic::Down),
+                rumqttc::QoS::AtLeastOnce,
+            )
+            .await?;
+        client
+            .subscribe(topics::catalog(&region), rumqttc::QoS::AtLeastOnce)
+            .await?;
+        client
+            .publish(
+                topics::device(&region, id, DeviceTopic::Presence),
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                "online",
+            )
+            .await?;
+        drive(events, None);
+        clients.push(client);
+    }
+    let online = || async {
+        let text = http()
+            .get(format!("{hub_http}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("larder_hub_devices_online{region=\"demo\"} "))?
+            .trim()
+            .parse::<usize>()
+            .ok()
+    };
+    while online().await.unwrap_or(0) < devices {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("only {:?} devices online after 10 minutes", online().await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let connected_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await; // idle: keepalives only
+    let after = rss_kib();
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / devices as f64;
+    println!(
+        "hub RSS {:.1} MB before, {:.1} MB with {devices} devices online (all online in {:.1} s): {:.1} KiB per device",
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        connected_in.as_secs_f64(),
+        per / 1024.0
+    );
+    println!();
+    drop(clients);
+    drop(guard);
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Kills the child process `pid` when dropped (also when the benchmark fails).
+fn scopeguard_kill(pid: u32) -> impl Drop {
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+    Kill(pid)
+}
+
 const IMPORT_ROWS: usize = 1_000_000;
 const IMPORT_FRIDGES: u32 = 100;
 
@@ -675,21 +963,38 @@ async fn import() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    println!(
-        "# Larder benchmarks ({} build, {} cores)\n",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    if !which.starts_with("__") {
+        println!(
+            "# Larder benchmarks ({} build, {} cores)\n",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
     match which.as_str() {
         "latency" => latency().await,
         "throughput" => throughput().await,
         "catch-up" => catch_up().await,
         "orders" => orders().await,
         "import" => import().await,
+        "ingest" => ingest().await,
+        "connected" => connected().await,
+        // A hub in a process of its own, for `connected`: prints its addresses, runs until
+        // killed.
+        "__hub" => {
+            let dir = std::env::args().nth(2).unwrap_or_default();
+            // Room for the devices beside the hub's own connection.
+            let hub = start_hub_with(std::path::Path::new(&dir), 1, |c| {
+                c.mqtt.connections_max = connected_devices() + 100;
+            })
+            .await?;
+            println!("hub http://{} broker {}", hub.http_addr, hub.broker);
+            std::future::pending::<()>().await;
+            Ok(())
+        }
         // The importer itself, run by `import` as a child process so its memory is its own.
         "__import" => {
             let mut a = std::env::args().skip(2);
@@ -717,11 +1022,13 @@ async fn main() -> Result<()> {
             throughput().await?;
             catch_up().await?;
             orders().await?;
+            ingest().await?;
+            connected().await?;
             import().await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}: latency, throughput, catch-up, orders, import or all"
+                "unknown benchmark {other:?}: latency, throughput, catch-up, orders, ingest, connected, import or all"
             )
         }
     }

@@ -1,0 +1,109 @@
+//! The hub ingest benchmark's device side: signed ledger-change envelopes built ahead of time
+//! for simulated devices (each a real ledger making real changes, with a continuous audit
+//! chain), and MQTT clients that connect with the devices' connect tokens.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use larder_shared::domain::{Refill, RefillUnit};
+use larder_shared::envelope::{Batch, Body, Entry, Envelope, Header, Party};
+use larder_shared::ledger::{Ledger, actor_for};
+use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey, Sku, UnitId};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
+
+/// `count` envelopes from `device`, each carrying one change (a unit loaded into `fridge`),
+/// numbered and chained from the device's first.
+pub fn envelopes(
+    region: &RegionId,
+    device: &DeviceId,
+    fridge: &FridgeId,
+    key: &SecretKey,
+    count: u64,
+) -> Result<Vec<Vec<u8>>> {
+    let mut ledger = Ledger::new(fridge.clone(), actor_for(device))?;
+    let mut head = larder_shared::audit::GENESIS;
+    let mut out = Vec::with_capacity(count as usize);
+    for seq in 1..=count {
+        let change = ledger
+            .refill(
+                &Refill {
+                    units: vec![RefillUnit {
+                        unit_id: UnitId::new(format!("{device}-{seq}"))?,
+                        sku: Sku::new("lasagna")?,
+                        expires_at_ms: i64::MAX / 2,
+                        batch: None,
+                    }],
+                    order_id: None,
+                },
+                device,
+                1_800_000_000_000 + seq as i64,
+            )?
+            .bytes;
+        let prev = head;
+        head = larder_shared::audit::entry_hash(
+            &prev,
+            device,
+            seq,
+            fridge,
+            0,
+            &larder_shared::audit::change_digest(&change),
+        );
+        let entry = Entry {
+            prev: Some(prev),
+            ..Entry::change(seq, fridge.clone(), 0, change)
+        };
+        let head_sig = larder_shared::audit::sign_head(key, device, seq, &head);
+        out.push(
+            Envelope {
+                header: Header {
+                    region: region.clone(),
+                    sender: Party::Device(device.clone()),
+                    recipient: Party::Hub,
+                    seq,
+                    sent_at_ms: 0,
+                },
+                body: Body::Changes(Batch {
+                    after: seq - 1,
+                    up_to: seq,
+                    entries: vec![entry],
+                    head_sig: Some(head_sig),
+                }),
+            }
+            .seal(key),
+        );
+    }
+    Ok(out)
+}
+
+/// An MQTT client connected to the hub's broker as `device` (a fresh connect token).
+pub async fn connect(
+    broker: &str,
+    device: &DeviceId,
+    key: &SecretKey,
+    nonce: u64,
+    max_packet: usize,
+) -> Result<(AsyncClient, EventLoop)> {
+    let (host, port) = broker
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("broker address {broker}"))?;
+    let mut o = MqttOptions::new(device.as_str(), host, port.parse()?);
+    // Nonces are remembered hub-wide: each (device, attempt) gets its own.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{device}/{nonce}"));
+    let mut n = [0u8; 16];
+    n.copy_from_slice(&digest[..16]);
+    let token = larder_shared::auth::connect_token(key, device, larder_agent::writer::now_ms(), n);
+    o.set_credentials(device.as_str(), token);
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(max_packet, max_packet);
+    o.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(o, 256);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) => bail!("{device}: no CONNACK"),
+            Ok(Err(e)) => bail!("{device}: {e}"),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok((client, events)),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
