@@ -337,6 +337,14 @@ fn audit_rows(
     Ok(rows)
 }
 
+/// What a group of commands builds: its transaction, the answers waiting for its commit, and
+/// the answers stored under Idempotency-Keys within it.
+type InGroup<'a> = (
+    &'a mut RegionBatch,
+    &'a mut Vec<Pending>,
+    &'a mut HashMap<String, (String, ApiAnswer)>,
+);
+
 /// Stores a request's answer under its Idempotency-Key, in the group's transaction.
 fn remember(
     idem: Option<(String, String)>,
@@ -585,21 +593,12 @@ impl RegionWriter {
                     action,
                     idem,
                     reply,
-                } => {
-                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
-                        let _ = reply.send(Ok(answer));
-                        continue;
-                    }
-                    match self.order_action(fridge, order, action, &mut batch, now) {
-                        Ok(answer) => {
-                            remember(idem, &answer, &mut batch, &mut in_group);
-                            pending.push(Pending::Answer(reply, answer));
-                        }
-                        Err(answer) => {
-                            let _ = reply.send(Ok(answer));
-                        }
-                    }
-                }
+                } => self.answer_once(
+                    idem,
+                    reply,
+                    (&mut batch, &mut pending, &mut in_group),
+                    |w, b| w.order_action(fridge, order, action, b, now),
+                ),
                 RegionCommand::Conflicts { reply } => {
                     let list = self.ledgers.values().flat_map(Ledger::conflicts).collect();
                     let _ = reply.send(list);
@@ -610,40 +609,22 @@ impl RegionWriter {
                     base,
                     idem,
                     reply,
-                } => {
-                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
-                        let _ = reply.send(Ok(answer));
-                        continue;
-                    }
-                    match self.put_catalog(currency, items, base, &mut batch, now) {
-                        Ok(answer) => {
-                            remember(idem, &answer, &mut batch, &mut in_group);
-                            pending.push(Pending::Answer(reply, answer));
-                        }
-                        Err(answer) => {
-                            let _ = reply.send(Ok(answer));
-                        }
-                    }
-                }
+                } => self.answer_once(
+                    idem,
+                    reply,
+                    (&mut batch, &mut pending, &mut in_group),
+                    |w, b| w.put_catalog(currency, items, base, b, now),
+                ),
                 RegionCommand::Rate {
                     rating,
                     idem,
                     reply,
-                } => {
-                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
-                        let _ = reply.send(Ok(answer));
-                        continue;
-                    }
-                    match self.rate(rating, &mut batch, now) {
-                        Ok(answer) => {
-                            remember(idem, &answer, &mut batch, &mut in_group);
-                            pending.push(Pending::Answer(reply, answer));
-                        }
-                        Err(answer) => {
-                            let _ = reply.send(Ok(answer));
-                        }
-                    }
-                }
+                } => self.answer_once(
+                    idem,
+                    reply,
+                    (&mut batch, &mut pending, &mut in_group),
+                    |w, b| w.rate(rating, b, now),
+                ),
                 RegionCommand::ImportUnits { rows, reply } => {
                     let report = self.import_units(rows, &mut batch, now);
                     pending.push(Pending::Import(reply, report));
@@ -656,21 +637,12 @@ impl RegionWriter {
                 } => {
                     let _ = reply.send(self.stock_counts(now_ms, before_ms));
                 }
-                RegionCommand::Subscription { op, idem, reply } => {
-                    if let Some(answer) = self.replay(idem.as_ref(), &in_group) {
-                        let _ = reply.send(Ok(answer));
-                        continue;
-                    }
-                    match self.subscription_op(op, &mut batch, now) {
-                        Ok(answer) => {
-                            remember(idem, &answer, &mut batch, &mut in_group);
-                            pending.push(Pending::Answer(reply, answer));
-                        }
-                        Err(answer) => {
-                            let _ = reply.send(Ok(answer));
-                        }
-                    }
-                }
+                RegionCommand::Subscription { op, idem, reply } => self.answer_once(
+                    idem,
+                    reply,
+                    (&mut batch, &mut pending, &mut in_group),
+                    |w, b| w.subscription_op(op, b, now),
+                ),
                 RegionCommand::Stop => {}
             }
         }
@@ -821,6 +793,32 @@ impl RegionWriter {
             .get_or_create(&labels)
             .inc_by(report.retired_rows as u64);
         Ok(report)
+    }
+
+    /// Answers an API request once: a retry (the same Idempotency-Key and request) gets the
+    /// stored answer and changes nothing; a new request runs `act`, whose answer is stored with
+    /// the group's transaction and sent once it is committed. `Err` answers change nothing and
+    /// go at once.
+    fn answer_once(
+        &mut self,
+        idem: Option<(String, String)>,
+        reply: Reply<ApiAnswer>,
+        (batch, pending, in_group): InGroup<'_>,
+        act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<ApiAnswer, ApiAnswer>,
+    ) {
+        if let Some(answer) = self.replay(idem.as_ref(), in_group) {
+            let _ = reply.send(Ok(answer));
+            return;
+        }
+        match act(self, batch) {
+            Ok(answer) => {
+                remember(idem, &answer, batch, in_group);
+                pending.push(Pending::Answer(reply, answer));
+            }
+            Err(answer) => {
+                let _ = reply.send(Ok(answer));
+            }
+        }
     }
 
     /// The stored answer to a retried request (its Idempotency-Key and request hash), or a
