@@ -187,8 +187,9 @@ impl Api {
                 Ok(resp) if resp.status() != 503 || attempt >= 5 => {
                     let status = resp.status().as_u16();
                     let v = resp.json().await.unwrap_or(Value::Null);
-                    if status == 401 || status == 403 || status == 404 && path.is_empty() {
-                        bail!("the hub refused: {status} {v}");
+                    // A bad token or region refuses every row alike: stop at the first.
+                    if status == 401 || status == 403 {
+                        bail!("the hub refused: {}", reason(status, &v));
                     }
                     return Ok((status, v));
                 }

@@ -855,9 +855,9 @@ fn scopeguard_kill(pid: u32) -> impl Drop {
     struct Kill(u32);
     impl Drop for Kill {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &self.0.to_string()])
-                .status();
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
         }
     }
     Kill(pid)
