@@ -214,6 +214,59 @@ fn line_of(record: &csv::StringRecord) -> u64 {
     record.position().map_or(0, csv::Position::line)
 }
 
+/// A file's rows one at a time, each rejected row (malformed, or not of the file's columns)
+/// written to the report with its line, so one bad row never stops an import.
+struct Rows<'a> {
+    reader: &'a mut csv::Reader<BufReader<File>>,
+    headers: csv::StringRecord,
+    record: csv::StringRecord,
+}
+
+impl<'a> Rows<'a> {
+    fn new(reader: &'a mut csv::Reader<BufReader<File>>) -> anyhow::Result<Self> {
+        let headers = reader.headers()?.clone();
+        Ok(Self {
+            reader,
+            headers,
+            record: csv::StringRecord::new(),
+        })
+    }
+
+    /// `Ok(None)` at the end of the file; `Ok(Some(None))` for a row rejected and reported;
+    /// otherwise the row and its line.
+    fn next<T: serde::de::DeserializeOwned>(
+        &mut self,
+        report: &mut Report,
+        summary: &mut Summary,
+    ) -> anyhow::Result<Option<Option<(u64, T)>>> {
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => Ok(None),
+            Ok(true) => {
+                summary.rows += 1;
+                let line = line_of(&self.record);
+                match self.record.deserialize(Some(&self.headers)) {
+                    Ok(row) => Ok(Some(Some((line, row)))),
+                    Err(e) => {
+                        report.reject(line, &e.to_string())?;
+                        Ok(Some(None))
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), csv::ErrorKind::Io(_)) => Err(e.into()),
+            Err(e) => {
+                summary.rows += 1;
+                report.reject(e.position().map_or(0, csv::Position::line), &e.to_string())?;
+                Ok(Some(None))
+            }
+        }
+    }
+
+    /// How far into the file (bytes), for the progress bar.
+    fn byte(&self) -> u64 {
+        self.reader.position().byte()
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnitCsv {
@@ -233,35 +286,20 @@ async fn units(
     summary: &mut Summary,
     bar: &ProgressBar,
 ) -> anyhow::Result<()> {
-    let headers = reader.headers()?.clone();
-    let mut record = csv::StringRecord::new();
+    let mut file = Rows::new(reader)?;
     let mut rows = Vec::with_capacity(o.batch_rows);
     loop {
-        let more = match reader.read_record(&mut record) {
-            Ok(more) => more,
-            Err(e) => {
-                let line = e.position().map_or(0, csv::Position::line);
-                if matches!(e.kind(), csv::ErrorKind::Io(_)) {
-                    return Err(e.into());
-                }
-                summary.rows += 1;
-                report.reject(line, &e.to_string())?;
-                continue;
-            }
-        };
-        if more {
-            summary.rows += 1;
-            match record.deserialize::<UnitCsv>(Some(&headers)) {
-                Ok(u) => rows.push(UnitRow {
-                    line: line_of(&record),
-                    unit_id: u.unit_id,
-                    fridge_id: u.fridge_id,
-                    sku: u.sku,
-                    expires_at: u.expires_at,
-                    batch: u.batch,
-                }),
-                Err(e) => report.reject(line_of(&record), &e.to_string())?,
-            }
+        let next = file.next::<UnitCsv>(report, summary)?;
+        let more = next.is_some();
+        if let Some(Some((line, u))) = next {
+            rows.push(UnitRow {
+                line,
+                unit_id: u.unit_id,
+                fridge_id: u.fridge_id,
+                sku: u.sku,
+                expires_at: u.expires_at,
+                batch: u.batch,
+            });
         }
         if rows.len()
             >= o.batch_rows
@@ -282,7 +320,7 @@ async fn units(
                 report.reject(line, &reason)?;
             }
             rows.clear();
-            bar.set_position(reader.position().byte());
+            bar.set_position(file.byte());
             bar.set_message(format!("{} rows", summary.rows));
         }
         if !more {
@@ -318,17 +356,10 @@ async fn catalog(
     let mut items: Vec<CatalogItem> =
         serde_json::from_value(current["items"].clone()).context("the current catalog")?;
     let mut listed = std::collections::HashMap::new();
-    let headers = reader.headers()?.clone();
-    let mut record = csv::StringRecord::new();
-    while reader.read_record(&mut record)? {
-        summary.rows += 1;
-        let line = line_of(&record);
-        let row = match record.deserialize::<CatalogCsv>(Some(&headers)) {
-            Ok(r) => r,
-            Err(e) => {
-                report.reject(line, &e.to_string())?;
-                continue;
-            }
+    let mut file = Rows::new(reader)?;
+    while let Some(next) = file.next::<CatalogCsv>(report, summary)? {
+        let Some((line, row)) = next else {
+            continue;
         };
         let problem = if larder_shared::Sku::new(row.sku.as_str()).is_err() {
             Some(format!("sku {:?} is not a valid id", row.sku))
@@ -420,17 +451,10 @@ async fn subscriptions(
         .filter(|s| s["ended_at_ms"].is_null())
         .map(subscription_key)
         .collect();
-    let headers = reader.headers()?.clone();
-    let mut record = csv::StringRecord::new();
-    while reader.read_record(&mut record)? {
-        summary.rows += 1;
-        let line = line_of(&record);
-        let row = match record.deserialize::<SubscriptionCsv>(Some(&headers)) {
-            Ok(r) => r,
-            Err(e) => {
-                report.reject(line, &e.to_string())?;
-                continue;
-            }
+    let mut file = Rows::new(reader)?;
+    while let Some(next) = file.next::<SubscriptionCsv>(report, summary)? {
+        let Some((line, row)) = next else {
+            continue;
         };
         let mut body = json!({
             "customer_id": row.customer_id,
@@ -463,7 +487,7 @@ async fn subscriptions(
             report.reject(line, &reason(status, &v))?;
         }
         if summary.rows.is_multiple_of(100) {
-            bar.set_position(reader.position().byte());
+            bar.set_position(file.byte());
         }
     }
     Ok(())

@@ -826,6 +826,7 @@ async fn connected() -> Result<()> {
             .parse::<usize>()
             .ok()
     };
+    // Polling the hub's gauge is the measurement: how long until every device is online.
     while online().await.unwrap_or(0) < devices {
         if started.elapsed() > Duration::from_secs(600) {
             bail!("only {:?} devices online after 10 minutes", online().await);
