@@ -69,6 +69,11 @@ pub struct MqttConfig {
     pub max_message_bytes: usize,
     /// Most client connections the embedded broker accepts.
     pub connections_max: usize,
+    /// Subscribe to every region's uplinks, not just this hub's, so that envelopes for regions
+    /// it does not own are seen, ignored and counted (`unknown_region`). For a shared broker
+    /// where a misrouted device should show up in the metrics; it costs each hub every
+    /// region's traffic, so large clusters leave it off.
+    pub watch_other_regions: bool,
 }
 
 impl Default for MqttConfig {
@@ -80,6 +85,7 @@ impl Default for MqttConfig {
             keepalive_seconds: 15,
             max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
             connections_max: 10_000,
+            watch_other_regions: false,
         }
     }
 }

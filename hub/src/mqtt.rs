@@ -440,13 +440,24 @@ impl HubLink {
         info!("hub connected to the broker");
         self.connected = true;
         let regions: Vec<RegionId> = self.ctx.regions.keys().cloned().collect();
+        // Watching other regions, one filter takes every region's uplinks (the hub's own among
+        // them: a second, overlapping filter could make the broker deliver them twice).
+        let mut filters = Vec::new();
+        if self.ctx.config.watch_other_regions {
+            filters.push(topics::all_devices_filter(DeviceTopic::Up));
+        }
         for region in &regions {
-            for which in [DeviceTopic::Up, DeviceTopic::Presence] {
-                let filter = topics::region_devices_filter(region, which);
-                if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                    warn!(error = %e, "subscribe failed");
-                }
+            if !self.ctx.config.watch_other_regions {
+                filters.push(topics::region_devices_filter(region, DeviceTopic::Up));
             }
+            filters.push(topics::region_devices_filter(region, DeviceTopic::Presence));
+        }
+        for filter in filters {
+            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                warn!(error = %e, "subscribe failed");
+            }
+        }
+        for region in &regions {
             self.announce_catalog(client, region).await;
         }
     }

@@ -33,6 +33,11 @@ pub fn region_devices_filter(region: &RegionId, which: DeviceTopic) -> String {
     format!("larder/v1/{region}/d/+/{}", which.as_str())
 }
 
+/// The filter for one per-device topic of every region's devices.
+pub fn all_devices_filter(which: DeviceTopic) -> String {
+    format!("larder/v1/+/d/+/{}", which.as_str())
+}
+
 /// Parses `larder/v1/{region}/d/{device}/{up|down|presence}`.
 pub fn parse_device(topic: &str) -> Option<(RegionId, DeviceId, DeviceTopic)> {
     let mut parts = topic.split('/');

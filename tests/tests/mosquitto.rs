@@ -36,6 +36,7 @@ fn hub_config(dir: &Path, region: &str, broker_port: u16) -> anyhow::Result<Stri
         "data_dir = {:?}\nkey_file = {key_path:?}\n\
          [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
          [mqtt]\nmode = \"external\"\nbroker = \"127.0.0.1:{broker_port}\"\nclient_id = \"hub-{region}\"\n\
+         watch_other_regions = true\n\
          [[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
         c.data_dir, c.tokens[0].sha256,
     );
@@ -265,6 +266,33 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
             .send()
             .await?;
         assert_eq!(resp.status(), 404, "{region}'s hub does not own {other}");
+        // Watching the whole broker, it saw the other region's uplinks, ignored and counted them.
+        let line = format!(
+            "larder_hub_envelopes_rejected_total{{region=\"{other}\",reason=\"unknown_region\"}} "
+        );
+        let counted = eventually(
+            WAIT,
+            &format!("{region}'s hub to count {other}'s envelopes"),
+            || async {
+                let text = http()
+                    .get(format!("{}/metrics", hub.url))
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let n: u64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(line.as_str()))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                (n > 0).then_some(n)
+            },
+        )
+        .await?;
+        eprintln!("{region}'s hub ignored {counted} envelope(s) of {other}");
     }
 
     // A stranger with a stock client is refused, with or without a guessed password.
