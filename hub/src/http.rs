@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::get;
 use axum::{Json, Router};
 use jiff::Timestamp;
 use larder_shared::domain::Role;
@@ -20,8 +21,12 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use larder_agent::api::{ApiError, parse_body};
+use openapi::{AnyObject, Errors};
 
 use crate::RegionHandle;
 use crate::config::{TokenConfig, TokenRole};
@@ -31,6 +36,7 @@ use crate::store::DeviceRecord;
 
 mod catalog;
 mod kitchen;
+mod openapi;
 mod orders;
 
 #[derive(Debug, Clone)]
@@ -126,66 +132,40 @@ fn region<'a>(s: &'a HubState, r: &str) -> Result<&'a RegionHandle, ApiError> {
 }
 
 pub fn router(state: HubState, body_bytes_max: usize) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/v1/regions", get(regions))
-        .route("/v1/regions/{r}/fridges", get(fridges))
-        .route("/v1/regions/{r}/fridges/{f}/stock", get(stock))
+    let (routes, doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(dashboard))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(regions))
+        .routes(routes!(fridges))
+        .routes(routes!(stock))
+        .routes(routes!(list_orders, orders::place))
+        .routes(routes!(orders::get_order))
+        .routes(routes!(orders::cancel))
+        .routes(routes!(orders::payment))
+        .routes(routes!(orders::dispatch))
+        .routes(routes!(
+            kitchen::list_subscriptions,
+            kitchen::create_subscription
+        ))
+        .routes(routes!(kitchen::delete_subscription))
+        .routes(routes!(kitchen::refill_plan))
+        .routes(routes!(kitchen::prepare_report))
+        .routes(routes!(orders::conflicts))
+        .routes(routes!(orders::resolve))
+        .routes(routes!(catalog::get_catalog, catalog::put_catalog))
+        .routes(routes!(catalog::rate))
+        .routes(routes!(catalog::events))
+        .routes(routes!(catalog::import_units))
+        .routes(routes!(devices, enroll))
+        .routes(routes!(revoke))
+        .routes(routes!(compaction))
+        .split_for_parts();
+    let doc = Bytes::from(doc.to_json().unwrap_or_default());
+    routes
         .route(
-            "/v1/regions/{r}/orders",
-            get(list_orders).post(orders::place),
-        )
-        .route("/v1/regions/{r}/orders/{id}", get(orders::get_order))
-        .route(
-            "/v1/regions/{r}/orders/{id}/cancel",
-            axum::routing::post(orders::cancel),
-        )
-        .route(
-            "/v1/regions/{r}/orders/{id}/payment",
-            axum::routing::post(orders::payment),
-        )
-        .route(
-            "/v1/regions/{r}/orders/{id}/dispatch",
-            axum::routing::post(orders::dispatch),
-        )
-        .route(
-            "/v1/regions/{r}/subscriptions",
-            get(kitchen::list_subscriptions).post(kitchen::create_subscription),
-        )
-        .route(
-            "/v1/regions/{r}/subscriptions/{id}",
-            delete(kitchen::delete_subscription),
-        )
-        .route("/v1/regions/{r}/refill-plan", get(kitchen::refill_plan))
-        .route(
-            "/v1/regions/{r}/prepare-report",
-            get(kitchen::prepare_report),
-        )
-        .route("/v1/regions/{r}/conflicts", get(orders::conflicts))
-        .route(
-            "/v1/regions/{r}/conflicts/{id}/resolve",
-            axum::routing::post(orders::resolve),
-        )
-        .route(
-            "/v1/regions/{r}/catalog",
-            get(catalog::get_catalog).put(catalog::put_catalog),
-        )
-        .route(
-            "/v1/regions/{r}/catalog/{sku}/ratings",
-            axum::routing::post(catalog::rate),
-        )
-        .route("/v1/regions/{r}/events", get(catalog::events))
-        .route(
-            "/v1/regions/{r}/imports/units",
-            axum::routing::post(catalog::import_units),
-        )
-        .route("/v1/regions/{r}/devices", get(devices).post(enroll))
-        .route("/v1/regions/{r}/devices/{d}", delete(revoke))
-        .route(
-            "/v1/regions/{r}/compaction",
-            axum::routing::post(compaction),
+            "/openapi.json",
+            get(move || async move { ([("content-type", "application/json")], doc) }),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
@@ -194,6 +174,52 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
+}
+
+/// `Query`, with a query string that does not parse answered in the contract's shape
+/// (422 `invalid_request`) rather than axum's plain-text rejection.
+#[derive(Debug)]
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Self(q))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    e.body_text(),
+                )
+            })
+    }
+}
+
+/// `Path`, with a segment that does not decode answered in the contract's shape (400
+/// `malformed`) rather than axum's plain-text rejection.
+#[derive(Debug)]
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| Self(p))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))
+    }
 }
 
 async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> Response {
@@ -218,6 +244,12 @@ fn rfc3339(ms: i64) -> Option<String> {
 
 /// The kitchen dashboard: one page, embedded in the binary, that calls this API with the
 /// token the user gives it.
+#[utoipa::path(
+    get,
+    path = "/",
+    summary = "The kitchen dashboard (one HTML page; the token goes in the URL fragment)",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String))
+)]
 async fn dashboard() -> Response {
     (
         [
@@ -233,10 +265,22 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    summary = "Liveness: the hub answers and which regions it owns",
+    responses((status = 200, description = "The hub is up", body = AnyObject))
+)]
 async fn healthz(State(s): State<HubState>) -> Json<serde_json::Value> {
     Json(json!({"status": "ok", "regions": s.regions.keys().collect::<Vec<_>>()}))
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    summary = "Prometheus / OpenMetrics text",
+    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String))
+)]
 async fn metrics(State(s): State<HubState>) -> Response {
     (
         [(
@@ -248,6 +292,14 @@ async fn metrics(State(s): State<HubState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions",
+    tag = "regions",
+    summary = "The regions this hub owns that the token may touch",
+    responses((status = 200, description = "Regions", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn regions(
     State(s): State<HubState>,
     headers: HeaderMap,
@@ -267,10 +319,19 @@ async fn regions(
     Ok(Json(json!({"regions": list})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/fridges",
+    tag = "fridges",
+    summary = "Each fridge of the region: online, last seen, units, expiring within 24 h, low stock",
+    params(("r" = String, Path, description = "Region id")),
+    responses((status = 200, description = "Fridges", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn fridges(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(
         &s,
@@ -315,10 +376,19 @@ async fn fridges(
     Ok(Json(json!({"fridges": list})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/fridges/{f}/stock",
+    tag = "fridges",
+    summary = "One fridge's stock by sku and unit, as the hub's replica holds it",
+    params(("r" = String, Path, description = "Region id"), ("f" = String, Path, description = "Fridge id")),
+    responses((status = 200, description = "Stock", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn stock(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, f)): Path<(String, String)>,
+    ApiPath((r, f)): ApiPath<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(
         &s,
@@ -359,18 +429,31 @@ async fn stock(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct OrdersQuery {
+    /// Only this fridge's orders.
     fridge_id: Option<String>,
+    /// Only orders with this status.
     status: Option<String>,
+    /// At most this many (1 to 10,000; default 100).
     limit: Option<u32>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/orders",
+    tag = "orders",
+    summary = "Orders of the region, newest first",
+    params(("r" = String, Path, description = "Region id"), OrdersQuery),
+    responses((status = 200, description = "Orders", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn list_orders(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
-    Query(q): Query<OrdersQuery>,
+    ApiPath(r): ApiPath<String>,
+    ApiQuery(q): ApiQuery<OrdersQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(
         &s,
@@ -411,10 +494,19 @@ fn device_json(d: &DeviceRecord, online: bool) -> serde_json::Value {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/devices",
+    tag = "devices",
+    summary = "Enrolled devices (revoked ones included)",
+    params(("r" = String, Path, description = "Region id")),
+    responses((status = 200, description = "Devices", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn devices(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
@@ -431,14 +523,20 @@ async fn devices(
 }
 
 /// The body of `POST /v1/regions/{r}/devices`.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollBody {
+    #[schema(value_type = String)]
     pub device_id: DeviceId,
+    #[schema(schema_with = openapi::device_role)]
     pub role: Role,
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub site: Option<SiteId>,
+    #[schema(value_type = Vec<String>)]
     pub fridges: Vec<FridgeId>,
+    /// The device's Ed25519 public key, hex.
+    #[schema(value_type = String)]
     pub public_key: PublicKey,
 }
 
@@ -467,7 +565,7 @@ pub async fn enroll_device(
 }
 
 /// The body of `POST /v1/regions/{r}/compaction`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CompactionBody {
     /// Finished records older than this leave the live ledgers (default: the config's
@@ -492,10 +590,20 @@ pub async fn compact_region(
     rx.await.map_err(|_| RegionError::Overloaded)?
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/compaction",
+    tag = "admin",
+    summary = "Compacts the region now: finished records leave the live ledgers for the archive",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = Option<CompactionBody>, content_type = "application/json"),
+    responses((status = 200, description = "What was compacted", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn compaction(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<crate::region::CompactionReport>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
@@ -518,10 +626,20 @@ pub async fn revoke_device(h: &RegionHandle, device: DeviceId) -> Result<(), Reg
     rx.await.map_err(|_| RegionError::Overloaded)?
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/devices",
+    tag = "devices",
+    summary = "Enrolls a device; the same enrollment again answers as the first did",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = EnrollBody, content_type = "application/json"),
+    responses((status = 201, description = "Enrolled", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn enroll(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
@@ -551,10 +669,19 @@ async fn enroll(
     }
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/regions/{r}/devices/{d}",
+    tag = "devices",
+    summary = "Revokes a device: its next envelope is rejected and it cannot connect again",
+    params(("r" = String, Path, description = "Region id"), ("d" = String, Path, description = "Device id")),
+    responses((status = 200, description = "Revoked", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 async fn revoke(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, d)): Path<(String, String)>,
+    ApiPath((r, d)): ApiPath<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;

@@ -5,8 +5,8 @@ use std::convert::Infallible;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use super::{HubState, authorize, internal, region};
+use super::openapi::{AnyObject, Errors};
+use super::{ApiPath, HubState, authorize, internal, region};
 use crate::config::TokenRole;
 use crate::region::catalog::{RatingRequest, average};
 use crate::region::{ApiAnswer, RegionCommand, RegionError};
@@ -42,9 +43,18 @@ async fn submit(
 }
 
 /// `GET /v1/regions/{r}/catalog`: the current version, each item with its rating.
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/catalog",
+    tag = "catalog",
+    summary = "The current catalog version, each item with its rating",
+    params(("r" = String, Path, description = "Region id")),
+    responses((status = 200, description = "The catalog", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn get_catalog(
     State(s): State<HubState>,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &READERS)?;
@@ -73,7 +83,7 @@ pub(super) async fn get_catalog(
     .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CatalogBody {
     /// The version this catalog was edited from (as `GET` gave it): a PUT made to an older
@@ -82,14 +92,25 @@ struct CatalogBody {
     version: Option<u64>,
     currency: String,
     /// Items as `GET` gives them; their `rating` is not part of a version and is ignored.
+    #[schema(value_type = Vec<AnyObject>)]
     items: Vec<CatalogItem>,
 }
 
 /// `PUT /v1/regions/{r}/catalog`: publishes a new version (201), or answers the current one
 /// (200) when nothing changed. Takes what `GET` answers, edited.
+#[utoipa::path(
+    put,
+    path = "/v1/regions/{r}/catalog",
+    tag = "catalog",
+    summary = "Publishes a new catalog version (201), or answers the current one (200) when nothing changed; 409 `catalog_version_conflict` for an edit of an older version",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = CatalogBody, content_type = "application/json"),
+    responses((status = 201, description = "A new version", body = AnyObject), (status = 200, description = "Unchanged", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn put_catalog(
     State(s): State<HubState>,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -108,18 +129,29 @@ pub(super) async fn put_catalog(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RatingBody {
+    #[schema(minimum = 1, maximum = 5)]
     stars: u8,
     #[serde(default)]
     customer_id: Option<String>,
 }
 
 /// `POST /v1/regions/{r}/catalog/{sku}/ratings`: 201 with the sku's new average and count.
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/catalog/{sku}/ratings",
+    tag = "catalog",
+    summary = "Rates a meal 1 to 5; answers the sku's new average and count; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id"), ("sku" = String, Path, description = "Sku")),
+    request_body(content = RatingBody, content_type = "application/json"),
+    responses((status = 201, description = "Counted", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn rate(
     State(s): State<HubState>,
-    Path((r, sku)): Path<(String, String)>,
+    ApiPath((r, sku)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -153,9 +185,18 @@ pub(super) async fn rate(
 /// `GET /v1/regions/{r}/events`: the region's live feed as Server-Sent Events. Each event's
 /// name is its `type`, its data the event as JSON, its id the feed's sequence number. Ends when
 /// the hub shuts down.
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/events",
+    tag = "events",
+    summary = "The region's live feed as Server-Sent Events (sale, order, stock, conflict, device, catalog, rating, lagged)",
+    params(("r" = String, Path, description = "Region id")),
+    responses((status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn events(
     State(s): State<HubState>,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &WATCHERS)?;
@@ -184,17 +225,28 @@ pub(super) async fn events(
 
 use crate::region::import::IMPORT_ROWS_MAX;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ImportBody {
+    #[schema(value_type = Vec<AnyObject>)]
     rows: Vec<crate::region::import::UnitRow>,
 }
 
 /// `POST /v1/regions/{r}/imports/units`: loads a batch of unit rows (what `larder-hub import
 /// units` sends); 200 with `{accepted, unchanged, rejected: [{line, reason}]}`.
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/imports/units",
+    tag = "admin",
+    summary = "Loads a batch of unit rows (what `larder-hub import units` sends)",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = ImportBody, content_type = "application/json"),
+    responses((status = 200, description = "Accepted, unchanged and rejected rows", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn import_units(
     State(s): State<HubState>,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {

@@ -4,8 +4,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jiff::civil::Date;
@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::{HubState, authorize, internal, region};
+use super::openapi::{AnyObject, Errors};
+use super::{ApiPath, ApiQuery, HubState, authorize, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
 use crate::region::{ApiAnswer, RegionCommand, SubscriptionOp};
@@ -43,29 +44,45 @@ async fn submit(
     Ok((status, Json(body)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionBody {
     customer_id: String,
+    #[schema(value_type = String)]
     fridge_id: FridgeId,
     lines: Vec<LineBody>,
+    /// `mon` to `sun`.
     weekdays: Vec<String>,
+    #[schema(value_type = String, format = Date)]
     start_date: Date,
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Date)]
     end_date: Option<Date>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = SubscriptionLineBody)]
 struct LineBody {
+    #[schema(value_type = String)]
     sku: Sku,
     quantity: u32,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/subscriptions",
+    tag = "subscriptions",
+    summary = "Creates a meal subscription; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = SubscriptionBody, content_type = "application/json"),
+    responses((status = 201, description = "Created", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn create_subscription(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
@@ -124,10 +141,19 @@ pub(super) async fn create_subscription(
     submit(&h, SubscriptionOp::Create(Box::new(sub)), idem).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/subscriptions",
+    tag = "subscriptions",
+    summary = "Subscriptions of the region",
+    params(("r" = String, Path, description = "Region id")),
+    responses((status = 200, description = "Subscriptions", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn list_subscriptions(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
     let h = region(&s, &r)?;
@@ -138,18 +164,30 @@ pub(super) async fn list_subscriptions(
     Ok(Json(json!({ "subscriptions": list })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DateQuery {
+    /// A date, `YYYY-MM-DD`.
+    #[param(value_type = Option<String>, format = Date)]
     date: Option<Date>,
 }
 
 /// Ends a subscription, or with `?date=` cancels that one occurrence (free before its
 /// cut-off, 409 `past_cutoff` after).
+#[utoipa::path(
+    delete,
+    path = "/v1/regions/{r}/subscriptions/{id}",
+    tag = "subscriptions",
+    summary = "Ends a subscription, or with `date` cancels that one occurrence (409 `past_cutoff` after its cut-off)",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Subscription id"), DateQuery),
+    responses((status = 200, description = "Ended or skipped", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn delete_subscription(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
-    Query(q): Query<DateQuery>,
+    ApiPath((r, id)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<DateQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
     let h = region(&s, &r)?.clone();
@@ -210,11 +248,20 @@ async fn plan(
     Ok((date, rows))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/refill-plan",
+    tag = "kitchen",
+    summary = "The refill plan for a date (default: today in the region's time zone)",
+    params(("r" = String, Path, description = "Region id"), DateQuery),
+    responses((status = 200, description = "The plan", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn refill_plan(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
-    Query(q): Query<DateQuery>,
+    ApiPath(r): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DateQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &KITCHEN)?;
     let h = region(&s, &r)?.clone();
@@ -222,11 +269,20 @@ pub(super) async fn refill_plan(
     Ok(Json(json!({ "date": date.to_string(), "rows": rows })).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/prepare-report",
+    tag = "kitchen",
+    summary = "What to prepare for a date, by sku and fridge",
+    params(("r" = String, Path, description = "Region id"), DateQuery),
+    responses((status = 200, description = "The report", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn prepare_report(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
-    Query(q): Query<DateQuery>,
+    ApiPath(r): ApiPath<String>,
+    ApiQuery(q): ApiQuery<DateQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &KITCHEN)?;
     let h = region(&s, &r)?.clone();

@@ -4,8 +4,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use larder_agent::api::{ApiError, parse_body};
@@ -18,7 +18,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::{HubState, authorize, internal, region};
+use super::openapi::{AnyObject, Errors};
+use super::{ApiPath, ApiQuery, HubState, authorize, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
 use crate::region::{ApiAnswer, OrderAction, RegionCommand};
@@ -55,7 +56,7 @@ fn unknown_fridge(f: &str, r: &str) -> ApiError {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceBody {
     customer_id: String,
@@ -63,12 +64,15 @@ struct PlaceBody {
     lines: Vec<LineBody>,
     /// The client's own id for the order (generated when absent).
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     order_id: Option<OrderId>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = OrderLineBody)]
 struct LineBody {
+    #[schema(value_type = String)]
     sku: Sku,
     quantity: u32,
 }
@@ -94,10 +98,20 @@ fn fridge_online(h: &RegionHandle, fridge: &FridgeId) -> Result<bool, ApiError> 
             .all(|(d, _)| presence.get(d).copied().unwrap_or(false)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/orders",
+    tag = "orders",
+    summary = "Places an app order; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id")),
+    request_body(content = PlaceBody, content_type = "application/json"),
+    responses((status = 201, description = "Placed (or refused: see its status)", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn place(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
+    ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
@@ -154,10 +168,19 @@ pub(super) async fn place(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/orders/{id}",
+    tag = "orders",
+    summary = "One order, from the live ledger or the archive",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
+    responses((status = 200, description = "The order", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn get_order(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
+    ApiPath((r, id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &ANYONE)?;
     let h = region(&s, &r)?;
@@ -215,10 +238,19 @@ async fn order_route(
     submit(&h, Some(fridge), Some(order), action, idem).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/orders/{id}/cancel",
+    tag = "orders",
+    summary = "Cancels an app order; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
+    responses((status = 200, description = "The order after the cancel", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn cancel(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(path): Path<(String, String)>,
+    ApiPath(path): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let roles = [TokenRole::Admin, TokenRole::App];
@@ -234,10 +266,19 @@ pub(super) async fn cancel(
 }
 
 /// The kitchen sent a scheduled subscription order's meals.
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/orders/{id}/dispatch",
+    tag = "orders",
+    summary = "The kitchen sent a scheduled subscription order's meals; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
+    responses((status = 200, description = "The order after dispatch", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn dispatch(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(path): Path<(String, String)>,
+    ApiPath(path): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let roles = [TokenRole::Admin, TokenRole::Kitchen];
@@ -252,16 +293,27 @@ pub(super) async fn dispatch(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PaymentBody {
+    #[schema(schema_with = super::openapi::payment_outcome)]
     outcome: PaymentOutcome,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/orders/{id}/payment",
+    tag = "orders",
+    summary = "The payment provider's answer for an app order; honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
+    request_body(content = PaymentBody, content_type = "application/json"),
+    responses((status = 200, description = "The order after the payment", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn payment(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
+    ApiPath((r, id)): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
@@ -283,17 +335,27 @@ pub(super) async fn payment(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ConflictsQuery {
     /// `open` (default), `resolved` or `all`.
     status: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/regions/{r}/conflicts",
+    tag = "conflicts",
+    summary = "Conflict records of the region",
+    params(("r" = String, Path, description = "Region id"), ConflictsQuery),
+    responses((status = 200, description = "Conflicts", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn conflicts(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path(r): Path<String>,
-    Query(q): Query<ConflictsQuery>,
+    ApiPath(r): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ConflictsQuery>,
 ) -> Result<Response, ApiError> {
     authorize(
         &s,
@@ -322,20 +384,33 @@ pub(super) async fn conflicts(
     Ok(Json(json!({ "conflicts": list })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResolveBody {
+    #[schema(schema_with = super::openapi::resolution_action)]
     action: ResolutionAction,
     #[serde(default)]
     note: Option<String>,
+    /// For `substitute`: the unit given instead.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     unit_id: Option<larder_shared::UnitId>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{r}/conflicts/{id}/resolve",
+    tag = "conflicts",
+    summary = "Resolves a conflict (refund, substitute or dismiss); honours Idempotency-Key",
+    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Conflict id")),
+    request_body(content = ResolveBody, content_type = "application/json"),
+    responses((status = 200, description = "The resolved conflict", body = AnyObject), Errors),
+    security(("bearer" = []))
+)]
 pub(super) async fn resolve(
     State(s): State<HubState>,
     headers: HeaderMap,
-    Path((r, id)): Path<(String, String)>,
+    ApiPath((r, id)): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let token = authorize(

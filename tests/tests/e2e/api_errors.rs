@@ -117,32 +117,76 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     const KITCHEN: &[&str] = &["admin", "kitchen"];
     const APP: &[&str] = &["admin", "app"];
     const ADMIN: &[&str] = &["admin"];
-    let routes: [(&str, &str, &[&str]); 23] = [
-        ("GET", "/v1/regions/demo/fridges", KITCHEN),
-        ("GET", "/v1/regions/demo/fridges/fridge-1/stock", KITCHEN),
-        ("GET", "/v1/regions/demo/orders", KITCHEN),
-        ("POST", "/v1/regions/demo/orders", APP),
-        ("GET", "/v1/regions/demo/orders/o-1", ALL),
-        ("POST", "/v1/regions/demo/orders/o-1/cancel", APP),
-        ("POST", "/v1/regions/demo/orders/o-1/payment", APP),
-        ("POST", "/v1/regions/demo/orders/o-1/dispatch", KITCHEN),
-        ("POST", "/v1/regions/demo/subscriptions", ALL),
-        ("GET", "/v1/regions/demo/subscriptions", ALL),
-        ("DELETE", "/v1/regions/demo/subscriptions/s-1", ALL),
-        ("GET", "/v1/regions/demo/refill-plan", KITCHEN),
-        ("GET", "/v1/regions/demo/prepare-report", KITCHEN),
-        ("GET", "/v1/regions/demo/conflicts", KITCHEN),
-        ("POST", "/v1/regions/demo/conflicts/c-1/resolve", KITCHEN),
-        ("GET", "/v1/regions/demo/catalog", ALL),
-        ("PUT", "/v1/regions/demo/catalog", ADMIN),
-        ("POST", "/v1/regions/demo/catalog/lasagna/ratings", APP),
-        ("GET", "/v1/regions/demo/events", KITCHEN),
-        ("GET", "/v1/regions/demo/devices", ADMIN),
-        ("POST", "/v1/regions/demo/devices", ADMIN),
-        ("DELETE", "/v1/regions/demo/devices/pos-1", ADMIN),
-        ("POST", "/v1/regions/demo/compaction", ADMIN),
+    let routes: [(&str, &str, &[&str]); 24] = [
+        ("GET", "/v1/regions/{r}/fridges", KITCHEN),
+        ("GET", "/v1/regions/{r}/fridges/{f}/stock", KITCHEN),
+        ("GET", "/v1/regions/{r}/orders", KITCHEN),
+        ("POST", "/v1/regions/{r}/orders", APP),
+        ("GET", "/v1/regions/{r}/orders/{id}", ALL),
+        ("POST", "/v1/regions/{r}/orders/{id}/cancel", APP),
+        ("POST", "/v1/regions/{r}/orders/{id}/payment", APP),
+        ("POST", "/v1/regions/{r}/orders/{id}/dispatch", KITCHEN),
+        ("POST", "/v1/regions/{r}/subscriptions", ALL),
+        ("GET", "/v1/regions/{r}/subscriptions", ALL),
+        ("DELETE", "/v1/regions/{r}/subscriptions/{id}", ALL),
+        ("GET", "/v1/regions/{r}/refill-plan", KITCHEN),
+        ("GET", "/v1/regions/{r}/prepare-report", KITCHEN),
+        ("GET", "/v1/regions/{r}/conflicts", KITCHEN),
+        ("POST", "/v1/regions/{r}/conflicts/{id}/resolve", KITCHEN),
+        ("GET", "/v1/regions/{r}/catalog", ALL),
+        ("PUT", "/v1/regions/{r}/catalog", ADMIN),
+        ("POST", "/v1/regions/{r}/catalog/{sku}/ratings", APP),
+        ("GET", "/v1/regions/{r}/events", KITCHEN),
+        ("POST", "/v1/regions/{r}/imports/units", ADMIN),
+        ("GET", "/v1/regions/{r}/devices", ADMIN),
+        ("POST", "/v1/regions/{r}/devices", ADMIN),
+        ("DELETE", "/v1/regions/{r}/devices/{d}", ADMIN),
+        ("POST", "/v1/regions/{r}/compaction", ADMIN),
     ];
-    for (method, path, allowed) in routes {
+    // The OpenAPI document lists exactly these routes and the four without a region, each
+    // `/v1` route with the bearer scheme and its errors in the contract's shape.
+    let (s, doc) = call(c.get(format!("{url}/openapi.json"))).await;
+    assert_eq!(s, 200, "{doc}");
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for (method, op) in item.as_object().into_iter().flatten() {
+            documented.insert((method.to_uppercase(), path.clone()));
+            if path.starts_with("/v1") {
+                assert_eq!(op["security"][0]["bearer"], json!([]), "{method} {path}");
+                assert_eq!(
+                    op["responses"]["401"]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody",
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+    let mut expected: std::collections::BTreeSet<(String, String)> = routes
+        .iter()
+        .map(|(m, p, _)| ((*m).to_owned(), (*p).to_owned()))
+        .collect();
+    for path in ["/", "/healthz", "/metrics", "/v1/regions"] {
+        expected.insert(("GET".into(), path.into()));
+    }
+    assert_eq!(documented, expected, "/openapi.json against the routes");
+    // A query string that does not parse is an error in the contract's shape too.
+    let (s, b) = call(
+        c.get(format!("{url}/v1/regions/demo/orders?limit=many"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (422, Some("invalid_request")),
+        "{b}"
+    );
+    for (method, template, allowed) in routes {
+        let path = template
+            .replace("{r}", "demo")
+            .replace("{f}", "fridge-1")
+            .replace("{id}", "x-1")
+            .replace("{sku}", "lasagna")
+            .replace("{d}", "pos-1");
         let req = |token: Option<&str>| {
             let r = match method {
                 "GET" => c.get(format!("{url}{path}")),
