@@ -1,4 +1,4 @@
-//! The `larder-agent` command line: `run`, `keygen`, `config check` and `status`.
+//! The `larder-agent` command line: `run`, `keygen`, `rotate-key`, `config check` and `status`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,15 @@ pub enum Cmd {
         /// Where to write the key; an existing file is never overwritten.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Rotate the device key: creates the next key beside the key file (`KEY_FILE.next`, mode
+    /// 0600) and prints its public key. The agent announces it to the hub, signed with the
+    /// current key, when it next starts; once the hub confirms, the next key replaces the key
+    /// file. The hub accepts the old key for its `sync.key_overlap_seconds` after that.
+    RotateKey {
+        /// The agent's TOML config (its `key_file`).
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Work with config files.
     Config {
@@ -109,7 +118,48 @@ pub fn main() -> ExitCode {
             }
         }
         Cmd::Run { config } => run_agent(config),
+        Cmd::RotateKey { config } => rotate_key(&config),
         Cmd::Status { url } => status(&url),
+    }
+}
+
+fn rotate_key(path: &std::path::Path) -> ExitCode {
+    let config = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let key_path = config.key_path();
+    match crate::prepare_rotation(&key_path) {
+        Ok((key, created)) => {
+            let next = crate::pending_key_path(&key_path);
+            if created {
+                println!("next key {} written to {}", key.public(), next.display());
+            } else {
+                println!(
+                    "a rotation to {} is already pending ({})",
+                    key.public(),
+                    next.display()
+                );
+            }
+            println!(
+                "restart the agent (systemctl restart larder-agent) to announce it; it replaces \
+                 {} once the hub confirms",
+                key_path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot prepare the next key beside {}: {e}",
+                key_path.display()
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 

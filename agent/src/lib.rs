@@ -17,12 +17,12 @@ pub mod systemd;
 pub mod writer;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use larder_shared::{FridgeId, SecretKey};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::metrics::Shared;
@@ -88,6 +88,65 @@ pub fn write_key(path: &Path, key: &SecretKey) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(key.to_file_text().as_bytes())?;
     f.sync_all()
+}
+
+/// Where a rotation's next key waits until the hub confirms it: `KEY_FILE.next`.
+pub fn pending_key_path(key_path: &Path) -> PathBuf {
+    let mut name = key_path.as_os_str().to_owned();
+    name.push(".next");
+    PathBuf::from(name)
+}
+
+/// Creates the next key for a rotation (`KEY_FILE.next`, mode 0600); the running agent
+/// announces it to the hub and switches once the hub confirms. An existing pending key is
+/// kept (and answered), so running this twice does not start two rotations.
+pub fn prepare_rotation(key_path: &Path) -> std::io::Result<(SecretKey, bool)> {
+    let next = pending_key_path(key_path);
+    match std::fs::read_to_string(&next) {
+        Ok(text) => SecretKey::from_file_text(&text)
+            .map(|k| (k, false))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = SecretKey::generate().map_err(|e| std::io::Error::other(e.to_string()))?;
+            write_key(&next, &key)?;
+            Ok((key, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a pending rotation's key, if there is one that differs from `current` (a pending file
+/// equal to the current key is what a crash between the two steps of [`finish_rotation`]
+/// leaves: it is removed).
+fn pending_key(key_path: &Path, current: &SecretKey) -> Option<SecretKey> {
+    let next = pending_key_path(key_path);
+    let text = std::fs::read_to_string(&next).ok()?;
+    match SecretKey::from_file_text(&text) {
+        Ok(k) if k.public() == current.public() => {
+            let _ = std::fs::remove_file(&next);
+            None
+        }
+        Ok(k) => Some(k),
+        Err(e) => {
+            warn!(path = %next.display(), error = %e, "unreadable pending key ignored");
+            None
+        }
+    }
+}
+
+/// Makes the confirmed next key the device key: written beside the key file, synced, renamed
+/// over it, the directory synced, then the pending file removed.
+pub(crate) fn finish_rotation(key_path: &Path, key: &SecretKey) -> std::io::Result<()> {
+    let mut tmp_name = key_path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    write_key(&tmp, key)?;
+    std::fs::rename(&tmp, key_path)?;
+    if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    std::fs::remove_file(pending_key_path(key_path))
 }
 
 /// A running agent.
@@ -318,6 +377,8 @@ pub async fn start_with_clock(
     let ctx = sync::SyncContext {
         device: config.device_id.clone(),
         region: config.region.clone(),
+        pending_key: pending_key(&config.key_path(), &key),
+        key_path: config.key_path(),
         key,
         hub_key: config.hub_public_key,
         mqtt: config.mqtt.clone(),

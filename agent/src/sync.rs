@@ -40,6 +40,10 @@ pub struct SyncContext {
     pub device: DeviceId,
     pub region: RegionId,
     pub key: SecretKey,
+    /// A rotation's next key, announced to the hub until it confirms (see `larder_shared::rotation`).
+    pub pending_key: Option<SecretKey>,
+    /// The device key file, which the next key replaces once confirmed.
+    pub key_path: std::path::PathBuf,
     pub hub_key: PublicKey,
     pub mqtt: MqttConfig,
     pub sync: SyncConfig,
@@ -76,6 +80,10 @@ struct Sync {
     catalog_topic: String,
     /// The last connection failure, so repeats are not logged again.
     last_error: Option<String>,
+    /// The key connect tokens are signed with, for the connection's poller.
+    key_tx: watch::Sender<SecretKey>,
+    /// When the pending key rotation was last announced.
+    rotation_announced_ms: i64,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -114,6 +122,8 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
         presence_topic: topics::device(&ctx.region, &ctx.device, DeviceTopic::Presence),
         catalog_topic: topics::catalog(&ctx.region),
         last_error: None,
+        key_tx: watch::Sender::new(ctx.key.clone()),
+        rotation_announced_ms: 0,
         sender: StreamSender::new(up_acked, limits),
         seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
         ctx,
@@ -166,7 +176,7 @@ impl Sync {
             self.ctx.mqtt.reconnect_delay_ms_min,
             self.ctx.mqtt.reconnect_delay_ms_max,
         );
-        let (key, device) = (self.ctx.key.clone(), self.ctx.device.clone());
+        let (key, device) = (self.key_tx.subscribe(), self.ctx.device.clone());
         let password = self.ctx.mqtt.password.clone();
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
@@ -190,9 +200,10 @@ impl Sync {
                         attempt = attempt.saturating_add(1);
                         // A connect token is accepted once: every attempt carries a fresh one.
                         if password.is_none() {
-                            eventloop
-                                .mqtt_options
-                                .set_credentials(device.as_str(), fresh_token(&key, &device));
+                            eventloop.mqtt_options.set_credentials(
+                                device.as_str(),
+                                fresh_token(&key.borrow(), &device),
+                            );
                         }
                         // Reconnect backoff: the next poll reconnects.
                         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -214,7 +225,15 @@ impl Sync {
                     None => break SessionEnd::Shutdown,
                 },
                 r = self.ctx.outbox_head.changed() => if r.is_err() { break SessionEnd::Shutdown },
-                _ = tick.tick() => self.sender.tick(now_ms()),
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    self.sender.tick(now);
+                    if self.sender.is_connected()
+                        && now - self.rotation_announced_ms >= self.ctx.sync.retransmit_after_ms as i64
+                    {
+                        self.announce_rotation(&client).await;
+                    }
+                }
                 r = self.ctx.network.changed() => {
                     if r.is_err() { break SessionEnd::Shutdown }
                     if !*self.ctx.network.borrow() { break SessionEnd::NetworkOff }
@@ -258,6 +277,55 @@ impl Sync {
             .publish(&self.presence_topic, QoS::AtLeastOnce, true, "online")
             .await;
         self.sender.on_connected(now_ms());
+        self.announce_rotation(client).await;
+    }
+
+    /// Announces the pending key rotation, if any, signed with the key in force; repeated until
+    /// the hub confirms (a repeat of a rotation it already took is confirmed again).
+    async fn announce_rotation(&mut self, client: &AsyncClient) {
+        let Some(next) = &self.ctx.pending_key else {
+            return;
+        };
+        let rotation = larder_shared::rotation::announce(
+            &self.ctx.region,
+            &self.ctx.device,
+            &self.ctx.key.public(),
+            next,
+        );
+        let new_key = rotation.new_key;
+        self.rotation_announced_ms = now_ms();
+        if let Some(bytes) = self.seal(Body::KeyRotation(rotation)).await
+            && client
+                .try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes)
+                .is_ok()
+        {
+            info!(device = %self.ctx.device, key = %new_key, "announced the device's next key");
+        }
+    }
+
+    /// The hub confirmed a rotation: the next key replaces the key file and signs from now on.
+    async fn on_key_rotated(&mut self, key: PublicKey) {
+        let Some(next) = self.ctx.pending_key.clone().filter(|k| k.public() == key) else {
+            if key != self.ctx.key.public() {
+                warn!(%key, "the hub confirmed a key this device does not hold; ignored");
+            }
+            return;
+        };
+        let path = self.ctx.key_path.clone();
+        let stored = next.clone();
+        match tokio::task::spawn_blocking(move || crate::finish_rotation(&path, &stored)).await {
+            Ok(Ok(())) => {
+                info!(device = %self.ctx.device, %key, "the hub took the device's new key; signing with it from now on");
+                self.ctx.key = next;
+                self.key_tx.send_replace(self.ctx.key.clone());
+                self.ctx.pending_key = None;
+            }
+            other => warn!(
+                ?other,
+                path = %self.ctx.key_path.display(),
+                "could not store the new key; the rotation will be announced again"
+            ),
+        }
     }
 
     fn on_lost(&mut self, error: &str) {
@@ -421,6 +489,11 @@ impl Sync {
                 let _ = self.ctx.writer.send(Command::Catalog(catalog)).await;
             }
             Body::Time(beacon) => self.ctx.clock.observe_beacon(beacon.hub_ms),
+            Body::KeyRotated(r) => self.on_key_rotated(r.key).await,
+            Body::KeyRotation(_) => {
+                self.ctx.shared.metrics.reject("unexpected_kind");
+                warn!(topic, "a key rotation from the hub; refused");
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! `larder-hub audit verify`: checks every device's audit chain in a region's store: each entry
 //! links to the one before it, its hash matches its contents (and the change bytes the hub still
-//! holds), and every batch head the device signed verifies with its key. Names every gap and
-//! tampered entry.
+//! holds), and every batch head the device signed verifies with its key (or a key it rotated
+//! away from). Names every gap and tampered entry.
 
 use larder_shared::DeviceId;
 use larder_shared::audit;
@@ -24,6 +24,10 @@ pub fn verify(store: &RegionStore) -> Result<Vec<DeviceAudit>, StoreError> {
     for (record, _) in store.devices()? {
         let device = record.device_id.clone();
         let chain = store.audit_chain(&device)?;
+        // Heads are signed with the key in force when they were sent: the current key or one
+        // a rotation retired.
+        let mut keys = vec![record.public_key];
+        keys.extend(store.retired_keys(&device, i64::MIN)?);
         let mut problems = Vec::new();
         let (mut prev_seq, mut expected) = (chain.base_seq, chain.base_hash);
         let mut signed_heads = 0;
@@ -50,7 +54,10 @@ pub fn verify(store: &RegionStore) -> Result<Vec<DeviceAudit>, StoreError> {
             }
             if let Some(sig) = &e.head_sig {
                 signed_heads += 1;
-                if !audit::verify_head(&record.public_key, &device, e.seq, &e.hash, sig) {
+                if !keys
+                    .iter()
+                    .any(|k| audit::verify_head(k, &device, e.seq, &e.hash, sig))
+                {
                     problems.push(format!(
                         "entry {}: the device's signature of this head does not verify",
                         e.seq

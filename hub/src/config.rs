@@ -187,6 +187,9 @@ pub struct SyncConfig {
     pub snapshot_every_changes: usize,
     /// How often each online device gets a signed time beacon (and once as it connects).
     pub time_beacon_interval_seconds: u64,
+    /// After a device rotates its key, how long the old key is still accepted (envelopes it
+    /// signed before the rotation, still on their way, and connect tokens).
+    pub key_overlap_seconds: u64,
 }
 
 impl Default for SyncConfig {
@@ -199,6 +202,7 @@ impl Default for SyncConfig {
             queue_depth_max: 4_096,
             snapshot_every_changes: 5_000,
             time_beacon_interval_seconds: 60,
+            key_overlap_seconds: 7 * 24 * 3600,
         }
     }
 }

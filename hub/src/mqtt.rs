@@ -79,30 +79,44 @@ impl Admission {
     /// Whether this CONNECT may proceed.
     pub fn admit(&self, client_id: &str, password: &str, now_ms: i64) -> Result<(), &'static str> {
         let device = DeviceId::new(client_id).map_err(|_| "bad_client_id")?;
-        let key = if client_id == self.hub_client_id {
-            self.hub_key
+        let keys = if client_id == self.hub_client_id {
+            vec![self.hub_key]
         } else {
-            let record = self
+            let (reads, record) = self
                 .regions
                 .iter()
-                .find_map(|r| r.device(&device).ok().flatten())
+                .find_map(|r| r.device(&device).ok().flatten().map(|d| (r, d)))
                 .ok_or("unknown_device")?;
             if record.revoked_at_ms.is_some() {
                 return Err("revoked_device");
             }
-            record.public_key
+            // The key in force, then keys a rotation retired that are inside their overlap.
+            let mut keys = vec![record.public_key];
+            keys.extend(
+                reads
+                    .retired_keys(&device, Some(now_ms))
+                    .unwrap_or_default(),
+            );
+            keys
         };
-        let nonce = larder_shared::auth::verify_connect_token(
-            password,
-            &key,
-            &device,
-            now_ms,
-            CONNECT_TOKEN_AGE_MS_MAX,
-        )
-        .map_err(|e| match e {
-            larder_shared::auth::TokenError::Stale { .. } => "stale_token",
-            _ => "bad_token",
-        })?;
+        let mut verdict = Err("bad_token");
+        for key in &keys {
+            verdict = larder_shared::auth::verify_connect_token(
+                password,
+                key,
+                &device,
+                now_ms,
+                CONNECT_TOKEN_AGE_MS_MAX,
+            )
+            .map_err(|e| match e {
+                larder_shared::auth::TokenError::Stale { .. } => "stale_token",
+                _ => "bad_token",
+            });
+            if verdict.is_ok() {
+                break;
+            }
+        }
+        let nonce = verdict?;
         let mut nonces = self.nonces.lock().map_err(|_| "internal")?;
         if nonces.len() >= NONCES_MAX {
             nonces.retain(|_, at| now_ms - *at <= CONNECT_TOKEN_AGE_MS_MAX);
@@ -670,6 +684,19 @@ impl HubLink {
                         .is_err()
                     {
                         debug!(device = %device, "ack not queued; the device will resend");
+                    }
+                }
+            }
+            UplinkOutcome::KeyRotated(key) => {
+                let to = Party::Device(device.clone());
+                let body = Body::KeyRotated(larder_shared::rotation::KeyRotated { key });
+                if let Some(bytes) = self.seal(&region, to, body).await {
+                    let topic = topics::device(&region, &device, DeviceTopic::Down);
+                    if client
+                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                        .is_err()
+                    {
+                        debug!(device = %device, "rotation confirmation not queued; the device will resend");
                     }
                 }
             }

@@ -36,6 +36,8 @@ pub enum UplinkOutcome {
     Ack(Ack),
     /// The device acknowledged its downlink stream up to here (committed).
     DownAcked(u64),
+    /// The device's new key is in force (committed): confirm it to the device.
+    KeyRotated(larder_shared::PublicKey),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -245,6 +247,8 @@ pub struct RegionWriter {
     ledgers: BTreeMap<FridgeId, Ledger>,
     max_message_bytes: usize,
     group_commit_max: usize,
+    /// `sync.key_overlap_seconds`, in milliseconds.
+    key_overlap_ms: i64,
     metrics: Arc<HubMetrics>,
     head_tx: watch::Sender<u64>,
     changes_since_snapshot: HashMap<FridgeId, usize>,
@@ -400,6 +404,8 @@ impl RegionWriter {
             ledgers: BTreeMap::new(),
             max_message_bytes,
             group_commit_max,
+            key_overlap_ms: i64::try_from(sync.key_overlap_seconds.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
             metrics,
             head_tx,
             changes_since_snapshot: HashMap::new(),
@@ -975,8 +981,13 @@ impl RegionWriter {
         if record.revoked_at_ms.is_some() {
             return UplinkOutcome::Rejected("revoked_device");
         }
-        let env = match opened.verify(payload, &record.public_key) {
-            Ok(env) => env,
+        // The current key, then any key a rotation retired that is inside its overlap window.
+        let mut keys = vec![record.public_key];
+        if let Ok(retired) = self.store.retired_keys(sender, now) {
+            keys.extend(retired);
+        }
+        let (env, signer) = match opened.verify_any(payload, &keys) {
+            Ok((env, i)) => (env, keys[i]),
             Err(e) => return UplinkOutcome::Rejected(e.reason()),
         };
         let mut p = *progress.get(sender).unwrap_or(&stored);
@@ -1023,7 +1034,7 @@ impl RegionWriter {
                     Receipt::Apply { entries, up_to } => {
                         let audit = match audit_rows(
                             sender,
-                            &record.public_key,
+                            &signer,
                             p.chain_head,
                             &entries,
                             head_sig,
@@ -1053,7 +1064,33 @@ impl RegionWriter {
                 p.down_acked = p.down_acked.max(ack.up_to);
                 UplinkOutcome::DownAcked(p.down_acked)
             }
-            Body::Catalog(_) | Body::Time(_) => return UplinkOutcome::Rejected("unexpected_kind"),
+            Body::KeyRotation(r) => {
+                if r.new_key == record.public_key {
+                    // A retried announcement of the rotation already in force.
+                    UplinkOutcome::KeyRotated(r.new_key)
+                } else if signer != record.public_key {
+                    // Only the key in force may hand over: a retired key cannot rotate again.
+                    return UplinkOutcome::Rejected("retired_key");
+                } else if !larder_shared::rotation::check(&self.region, sender, &signer, &r) {
+                    return UplinkOutcome::Rejected("bad_rotation_proof");
+                } else if batch.key_rotations.iter().any(|k| &k.device == sender) {
+                    // One rotation per device per group: the next waits for this one's commit.
+                    return UplinkOutcome::Rejected("rotation_in_progress");
+                } else {
+                    info!(device = %sender, key = %r.new_key, "device key rotated");
+                    batch.key_rotations.push(crate::store::KeyRotationRow {
+                        device: sender.clone(),
+                        old: signer,
+                        new: r.new_key,
+                        at_ms: now,
+                        old_until_ms: now.saturating_add(self.key_overlap_ms),
+                    });
+                    UplinkOutcome::KeyRotated(r.new_key)
+                }
+            }
+            Body::Catalog(_) | Body::Time(_) | Body::KeyRotated(_) => {
+                return UplinkOutcome::Rejected("unexpected_kind");
+            }
         };
         p.last_env_seq = h.seq;
         progress.insert(sender.clone(), p);

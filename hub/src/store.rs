@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS catalog_versions (
 CREATE TABLE IF NOT EXISTS ratings (
     id INTEGER PRIMARY KEY, sku TEXT NOT NULL, stars INTEGER NOT NULL, customer_id TEXT,
     rated_at_ms INTEGER NOT NULL);
+-- Keys a rotation replaced: each verifies its device's envelopes and connect tokens until
+-- `accepted_until_ms` (the overlap window), and its audit signatures for good.
+CREATE TABLE IF NOT EXISTS device_keys (
+    device_id TEXT NOT NULL, public_key TEXT NOT NULL, retired_at_ms INTEGER NOT NULL,
+    accepted_until_ms INTEGER NOT NULL, PRIMARY KEY (device_id, public_key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rating_totals (
     sku TEXT PRIMARY KEY, stars_sum INTEGER NOT NULL, count INTEGER NOT NULL) WITHOUT ROWID;
 ";
@@ -155,6 +160,18 @@ pub struct RegionBatch {
     pub catalogs: Vec<(larder_shared::catalog::Catalog, i64)>,
     /// Ratings: sku, stars, customer, when.
     pub ratings: Vec<(larder_shared::Sku, u8, Option<String>, i64)>,
+    pub key_rotations: Vec<KeyRotationRow>,
+}
+
+/// A device's key replaced by a rotation.
+#[derive(Debug, Clone)]
+pub struct KeyRotationRow {
+    pub device: DeviceId,
+    pub old: PublicKey,
+    pub new: PublicKey,
+    pub at_ms: i64,
+    /// Until when `old` is still accepted.
+    pub old_until_ms: i64,
 }
 
 impl RegionBatch {
@@ -171,6 +188,7 @@ impl RegionBatch {
             && self.skips.is_empty()
             && self.catalogs.is_empty()
             && self.ratings.is_empty()
+            && self.key_rotations.is_empty()
     }
 }
 
@@ -210,6 +228,26 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeviceRecord, Pro
     Ok((record, progress))
 }
 
+/// The keys a rotation retired from `device`: those still accepted at `now_ms` (the overlap
+/// window), or every one (`None`, for the audit chain's signatures).
+fn retired_keys(
+    conn: &Connection,
+    device: &DeviceId,
+    now_ms: Option<i64>,
+) -> rusqlite::Result<Vec<PublicKey>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT public_key FROM device_keys WHERE device_id = ?1 AND accepted_until_ms > ?2
+         ORDER BY retired_at_ms DESC",
+    )?;
+    let keys = stmt
+        .query_map(params![device.as_str(), now_ms.unwrap_or(i64::MIN)], |r| {
+            r.get::<_, String>(0)
+        })?
+        .filter_map(|k| k.ok().and_then(|k| k.parse().ok()))
+        .collect();
+    Ok(keys)
+}
+
 const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_key, enrolled_at_ms, \
      revoked_at_ms, last_env_seq, up_hwm, down_acked, last_seen_ms, chain_head";
 
@@ -232,6 +270,15 @@ impl RegionStore {
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
+    }
+
+    /// Keys a rotation retired from `device` that are still accepted at `now_ms`.
+    pub fn retired_keys(
+        &self,
+        device: &DeviceId,
+        now_ms: i64,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        Ok(retired_keys(&self.conn, device, Some(now_ms))?)
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
@@ -627,6 +674,19 @@ impl RegionStore {
             for (d, at) in &b.revoke {
                 revoke.execute(params![d.as_str(), at])?;
             }
+            let mut rotate = tx.prepare_cached(
+                "UPDATE devices SET public_key = ?3 WHERE device_id = ?1 AND public_key = ?2",
+            )?;
+            let mut retire = tx.prepare_cached(
+                "INSERT OR REPLACE INTO device_keys (device_id, public_key, retired_at_ms,
+                 accepted_until_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in &b.key_rotations {
+                let (old, new) = (r.old.to_string(), r.new.to_string());
+                if rotate.execute(params![r.device.as_str(), old, new])? == 1 {
+                    retire.execute(params![r.device.as_str(), old, r.at_ms, r.old_until_ms])?;
+                }
+            }
             let mut meta =
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
             for (k, v) in &b.meta {
@@ -660,6 +720,15 @@ impl RegionReads {
         &self,
     ) -> Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>, StoreError> {
         self.with(rating_totals)
+    }
+
+    /// Keys a rotation retired from `device`: those still accepted at `now_ms`, or all of them.
+    pub fn retired_keys(
+        &self,
+        device: &DeviceId,
+        now_ms: Option<i64>,
+    ) -> Result<Vec<PublicKey>, StoreError> {
+        self.with(|c| retired_keys(c, device, now_ms))
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {

@@ -172,6 +172,11 @@ pub enum Body {
     Catalog(Catalog),
     /// The hub's time, for the device's trusted clock (hub to device only).
     Time(TimeBeacon),
+    /// A device's new key, announced in an envelope signed by its current key (device to hub).
+    KeyRotation(crate::rotation::KeyRotation),
+    /// The hub took the device's new key: from now on only it (and, for the overlap window,
+    /// the old one) verifies (hub to device).
+    KeyRotated(crate::rotation::KeyRotated),
 }
 
 /// A signed statement of the hub's clock when it sent it.
@@ -187,6 +192,8 @@ impl Body {
             Body::Ack(_) => "ack",
             Body::Catalog(_) => "catalog",
             Body::Time(_) => "time",
+            Body::KeyRotation(_) => "key_rotation",
+            Body::KeyRotated(_) => "key_rotated",
         }
     }
 }
@@ -267,12 +274,26 @@ impl Unverified {
 
     /// Checks the signature against `key` over the exact bytes received.
     pub fn verify(self, bytes: &[u8], key: &PublicKey) -> Result<Envelope, EnvelopeError> {
+        self.verify_any(bytes, std::slice::from_ref(key))
+            .map(|(env, _)| env)
+    }
+
+    /// Checks the signature against each of `keys` in turn (a device's current key, then keys
+    /// a rotation retired that are still inside their overlap window); answers the envelope
+    /// and the index of the key that verified it.
+    pub fn verify_any(
+        self,
+        bytes: &[u8],
+        keys: &[PublicKey],
+    ) -> Result<(Envelope, usize), EnvelopeError> {
         let payload = bytes
             .get(1..self.payload_end)
             .ok_or(EnvelopeError::Truncated)?;
-        key.verify(SIGNING_DOMAIN, &signed_bytes(payload), &self.signature)
-            .map_err(|_| EnvelopeError::BadSignature)?;
-        Ok(self.envelope)
+        let signed = signed_bytes(payload);
+        keys.iter()
+            .position(|k| k.verify(SIGNING_DOMAIN, &signed, &self.signature).is_ok())
+            .map(|i| (self.envelope, i))
+            .ok_or(EnvelopeError::BadSignature)
     }
 }
 

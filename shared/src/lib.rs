@@ -14,6 +14,7 @@ pub mod keys;
 pub mod ledger;
 pub mod payments;
 pub mod reliable;
+pub mod rotation;
 pub mod time;
 pub mod topics;
 
