@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use larder_shared::auth::connect_token;
-use larder_shared::envelope::{self, Ack, Body, Envelope, Header, Party};
+use larder_shared::envelope::{self, Ack, Body, BoxKey, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, PublicKey, RegionId, SecretKey};
@@ -84,6 +84,10 @@ struct Sync {
     key_tx: watch::Sender<SecretKey>,
     /// When the pending key rotation was last announced.
     rotation_announced_ms: i64,
+    /// Seals bodies between the device key and the hub's (see `envelope`).
+    hub_box: BoxKey,
+    /// The same for the pending key of a rotation: the hub's confirmation may come sealed to it.
+    pending_box: Option<BoxKey>,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -124,6 +128,11 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
         last_error: None,
         key_tx: watch::Sender::new(ctx.key.clone()),
         rotation_announced_ms: 0,
+        hub_box: BoxKey::new(&ctx.key, &ctx.hub_key),
+        pending_box: ctx
+            .pending_key
+            .as_ref()
+            .map(|k| BoxKey::new(k, &ctx.hub_key)),
         sender: StreamSender::new(up_acked, limits),
         seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
         ctx,
@@ -316,9 +325,11 @@ impl Sync {
         match tokio::task::spawn_blocking(move || crate::finish_rotation(&path, &stored)).await {
             Ok(Ok(())) => {
                 info!(device = %self.ctx.device, %key, "the hub took the device's new key; signing with it from now on");
+                self.hub_box = BoxKey::new(&next, &self.ctx.hub_key);
                 self.ctx.key = next;
                 self.key_tx.send_replace(self.ctx.key.clone());
                 self.ctx.pending_key = None;
+                self.pending_box = None;
             }
             other => warn!(
                 ?other,
@@ -376,7 +387,7 @@ impl Sync {
             },
             body,
         };
-        Some(env.seal(&self.ctx.key))
+        env.seal_to(&self.ctx.key, &self.hub_box)
     }
 
     /// Publishes outbox batches while the window allows.
@@ -450,7 +461,17 @@ impl Sync {
             warn!(topic, sender = %h.sender, "envelope not from our hub to us; refused");
             return;
         }
-        let env = match opened.verify(payload, &self.ctx.hub_key) {
+        let from_region = topic == self.catalog_topic;
+        let verified = opened.verify(payload, &self.ctx.hub_key);
+        let env = match verified.and_then(|v| {
+            if from_region {
+                v.plain()
+            } else {
+                let mut keys = vec![&self.hub_box];
+                keys.extend(self.pending_box.as_ref());
+                v.open_sealed(&keys)
+            }
+        }) {
             Ok(env) => env,
             Err(e) => {
                 self.ctx.shared.metrics.reject(e.reason());

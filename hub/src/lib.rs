@@ -217,6 +217,7 @@ pub async fn start_with_clock(
             clock.clone(),
             metrics.clone(),
             events.clone(),
+            key.clone(),
         )
         .map_err(store_err)?;
         match &rc.catalog {

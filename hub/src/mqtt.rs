@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use larder_shared::envelope::{Body, Envelope, Header, Party};
+use larder_shared::envelope::{Body, BoxKey, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
@@ -291,6 +291,8 @@ struct HubLink {
     outcomes_tx: mpsc::Sender<(RegionId, DeviceId, UplinkOutcome)>,
     connected: bool,
     revocations_checked_ms: i64,
+    /// The box each device's downlink bodies are sealed with, for the key it holds.
+    boxes: HashMap<(RegionId, DeviceId), BoxKey>,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -388,6 +390,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         outcomes_tx,
         connected: false,
         revocations_checked_ms: 0,
+        boxes: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
@@ -532,6 +535,14 @@ impl HubLink {
             },
             body,
         };
+        let bytes = match &env.header.recipient {
+            Party::Device(device) => {
+                self.ensure_box(region, device)?;
+                let device_box = self.boxes.get(&(region.clone(), device.clone()))?;
+                env.seal_to(&self.ctx.key, device_box)?
+            }
+            _ => env.seal(&self.ctx.key),
+        };
         self.ctx
             .metrics
             .downlink_envelopes
@@ -540,7 +551,19 @@ impl HubLink {
                 ("kind", kind.to_owned()),
             ])
             .inc();
-        Some(env.seal(&self.ctx.key))
+        Some(bytes)
+    }
+
+    /// The box for `device`'s key as the region's store holds it, made once and kept until the
+    /// device rotates its key.
+    fn ensure_box(&mut self, region: &RegionId, device: &DeviceId) -> Option<()> {
+        let key = (region.clone(), device.clone());
+        if !self.boxes.contains_key(&key) {
+            let record = self.ctx.regions.get(region)?.reads.device(device).ok()??;
+            self.boxes
+                .insert(key, BoxKey::new(&self.ctx.key, &record.public_key));
+        }
+        Some(())
     }
 
     async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) {
@@ -690,7 +713,10 @@ impl HubLink {
             UplinkOutcome::KeyRotated(key) => {
                 let to = Party::Device(device.clone());
                 let body = Body::KeyRotated(larder_shared::rotation::KeyRotated { key });
-                if let Some(bytes) = self.seal(&region, to, body).await {
+                let sealed = self.seal(&region, to, body).await;
+                // Sealed to the key the device held until now; what follows goes to the new one.
+                self.boxes.remove(&(region.clone(), device.clone()));
+                if let Some(bytes) = sealed {
                     let topic = topics::device(&region, &device, DeviceTopic::Down);
                     if client
                         .try_publish(topic, QoS::AtLeastOnce, false, bytes)

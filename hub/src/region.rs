@@ -28,6 +28,9 @@ use crate::metrics::HubMetrics;
 use crate::store::{DeviceRecord, Progress, RegionBatch, RegionStore, StoreError, StoredChange};
 
 /// What became of an uplink envelope.
+/// Device boxes a region writer keeps before starting over (a few per device at most).
+const BOXES_MAX: usize = 65_536;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UplinkOutcome {
     /// Refused for this reason (a metrics label); nothing changed.
@@ -249,6 +252,10 @@ pub struct RegionWriter {
     group_commit_max: usize,
     /// `sync.key_overlap_seconds`, in milliseconds.
     key_overlap_ms: i64,
+    /// The hub's key, which uplink bodies are sealed to.
+    hub_key: larder_shared::SecretKey,
+    /// The box of each device key seen (X25519 agreement done once per key).
+    boxes: HashMap<larder_shared::PublicKey, envelope::BoxKey>,
     metrics: Arc<HubMetrics>,
     head_tx: watch::Sender<u64>,
     changes_since_snapshot: HashMap<FridgeId, usize>,
@@ -383,6 +390,7 @@ impl RegionWriter {
         clock: larder_agent::writer::Clock,
         metrics: Arc<HubMetrics>,
         events: crate::events::Events,
+        hub_key: larder_shared::SecretKey,
     ) -> Result<(Self, watch::Receiver<u64>), StoreError> {
         let generated_through = store
             .meta(META_GENERATED_THROUGH)?
@@ -406,6 +414,8 @@ impl RegionWriter {
             group_commit_max,
             key_overlap_ms: i64::try_from(sync.key_overlap_seconds.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            hub_key,
+            boxes: HashMap::new(),
             metrics,
             head_tx,
             changes_since_snapshot: HashMap::new(),
@@ -986,8 +996,20 @@ impl RegionWriter {
         if let Ok(retired) = self.store.retired_keys(sender, now) {
             keys.extend(retired);
         }
-        let (env, signer) = match opened.verify_any(payload, &keys) {
-            Ok((env, i)) => (env, keys[i]),
+        let (verified, signer) = match opened.verify_any(payload, &keys) {
+            Ok((v, i)) => (v, keys[i]),
+            Err(e) => return UplinkOutcome::Rejected(e.reason()),
+        };
+        if self.boxes.len() >= BOXES_MAX && !self.boxes.contains_key(&signer) {
+            self.boxes.clear();
+        }
+        let hub_key = &self.hub_key;
+        let device_box = self
+            .boxes
+            .entry(signer)
+            .or_insert_with(|| envelope::BoxKey::new(hub_key, &signer));
+        let env = match verified.open_sealed(&[device_box]) {
+            Ok(env) => env,
             Err(e) => return UplinkOutcome::Rejected(e.reason()),
         };
         let mut p = *progress.get(sender).unwrap_or(&stored);

@@ -56,6 +56,12 @@ impl SecretKey {
         Signature(self.0.sign(&bytes).to_bytes())
     }
 
+    /// The X25519 secret of this key (its clamped Ed25519 scalar), for sealing envelope bodies
+    /// to and from it without a second key to distribute.
+    pub(crate) fn x25519_secret(&self) -> [u8; 32] {
+        self.0.to_scalar_bytes()
+    }
+
     /// The text a key file holds: 64 hex digits and a newline.
     pub fn to_file_text(&self) -> String {
         format!("{}\n", hex::encode(self.0.to_bytes()))
@@ -94,6 +100,11 @@ impl PublicKey {
 
     /// Verifies a signature made by [`SecretKey::sign`] with the same domain, strictly
     /// (rejecting small-order keys and non-canonical signatures).
+    /// The X25519 public key of this key (its Montgomery form).
+    pub(crate) fn x25519_public(&self) -> [u8; 32] {
+        self.0.to_montgomery().to_bytes()
+    }
+
     pub fn verify(&self, domain: &[u8], message: &[u8], sig: &Signature) -> Result<(), KeyError> {
         let mut bytes = Vec::with_capacity(domain.len() + message.len());
         bytes.extend_from_slice(domain);

@@ -6,20 +6,22 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use larder_shared::domain::{Refill, RefillUnit};
-use larder_shared::envelope::{Batch, Body, Entry, Envelope, Header, Party};
+use larder_shared::envelope::{Batch, Body, BoxKey, Entry, Envelope, Header, Party};
 use larder_shared::ledger::{Ledger, actor_for};
-use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey, Sku, UnitId};
+use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SecretKey, Sku, UnitId};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
 
-/// `count` envelopes from `device`, each carrying one change (a unit loaded into `fridge`),
-/// numbered and chained from the device's first.
+/// `count` envelopes from `device` to the hub whose key is `hub`, each carrying one change (a
+/// unit loaded into `fridge`), numbered and chained from the device's first, sealed and signed.
 pub fn envelopes(
     region: &RegionId,
     device: &DeviceId,
     fridge: &FridgeId,
     key: &SecretKey,
+    hub: &PublicKey,
     count: u64,
 ) -> Result<Vec<Vec<u8>>> {
+    let to_hub = BoxKey::new(key, hub);
     let mut ledger = Ledger::new(fridge.clone(), actor_for(device))?;
     let mut head = larder_shared::audit::GENESIS;
     let mut out = Vec::with_capacity(count as usize);
@@ -69,7 +71,8 @@ pub fn envelopes(
                     head_sig: Some(head_sig),
                 }),
             }
-            .seal(key),
+            .seal_to(key, &to_hub)
+            .ok_or_else(|| anyhow::anyhow!("no randomness for a nonce"))?,
         );
     }
     Ok(out)

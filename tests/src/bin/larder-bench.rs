@@ -642,6 +642,7 @@ async fn ingest() -> Result<()> {
             &id,
             &FridgeId::new(fridge.as_str())?,
             &key,
+            &hub.public_key,
             INGEST_PER_DEVICE,
         )?;
         devices.push((id, key, envs));

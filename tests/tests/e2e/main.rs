@@ -12,6 +12,7 @@ mod crash;
 mod escrow;
 mod idempotency;
 mod import;
+mod isolation;
 mod key_rotation;
 mod offline_pos;
 mod orders;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use larder_shared::domain::{Refill, RefillUnit, Role};
 use larder_shared::envelope::{
-    Batch, Body, Entry, Envelope, Header, MAX_MESSAGE_BYTES_DEFAULT, Party,
+    Batch, Body, BoxKey, Entry, Envelope, Header, MAX_MESSAGE_BYTES_DEFAULT, PROTOCOL_VERSION,
+    Party,
 };
 use larder_shared::ledger::{Ledger, actor_for};
 use larder_shared::topics::{self, DeviceTopic};
@@ -40,6 +41,7 @@ fn change(author: &str, unit: &str) -> Vec<u8> {
     .bytes
 }
 
+/// A well-formed envelope, sealed to the hub and signed by `key`.
 fn envelope(
     region: &str,
     sender: &str,
@@ -47,6 +49,18 @@ fn envelope(
     changes: Vec<Vec<u8>>,
     key: &SecretKey,
 ) -> Vec<u8> {
+    batch_envelope(region, sender, seq, changes, key)
+        .seal_to(key, &BoxKey::new(key, &hub_public_key()))
+        .expect("a nonce")
+}
+
+fn batch_envelope(
+    region: &str,
+    sender: &str,
+    seq: u64,
+    changes: Vec<Vec<u8>>,
+    key: &SecretKey,
+) -> Envelope {
     // A well-formed audit chain from the sender's first entry, signed at its head.
     let ledger = FridgeId::new("fridge-1").expect("id");
     let mut head = larder_shared::audit::GENESIS;
@@ -87,7 +101,6 @@ fn envelope(
             head_sig: Some(head_sig),
         }),
     }
-    .seal(key)
 }
 
 fn broker_port(broker: &str) -> u16 {
@@ -339,7 +352,39 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         (
             "malformed",
             up("evil-pos"),
+            [vec![PROTOCOL_VERSION], vec![0xff; 200]].concat(),
+        ),
+        (
+            "version",
+            up("evil-pos"),
             [vec![1u8], vec![0xff; 200]].concat(),
+        ),
+        // Signed by the sender but sent in clear: every body on a device topic is sealed.
+        (
+            "not_sealed",
+            up("evil-pos"),
+            batch_envelope(
+                "demo",
+                "evil-pos",
+                4,
+                vec![change("evil-pos", "clear-unit")],
+                &evil,
+            )
+            .seal(&evil),
+        ),
+        // Sealed, but not to the hub: the hub cannot open it.
+        (
+            "undecryptable",
+            up("evil-pos"),
+            batch_envelope(
+                "demo",
+                "evil-pos",
+                5,
+                vec![change("evil-pos", "unopened-unit")],
+                &evil,
+            )
+            .seal_to(&evil, &BoxKey::new(&evil, &evil.public()))
+            .expect("a nonce"),
         ),
     ];
 
