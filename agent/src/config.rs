@@ -155,6 +155,11 @@ pub struct MqttConfig {
     /// `larder-hub broker-config` derived it. Unset (the default), the device proves itself
     /// with a fresh connect token signed by its key, which the hub's embedded broker checks.
     pub password: Option<String>,
+    /// Connect over TLS, trusting only the certificates in this PEM file (the hub's CA, or the
+    /// hub's own certificate): the hub is pinned, the system's roots are not used. The host of
+    /// `broker` must be a name (or IP address) the hub's certificate is issued for. Unset: plain
+    /// TCP. A relative path is resolved against the config file's directory.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -166,6 +171,7 @@ impl Default for MqttConfig {
             reconnect_delay_ms_max: 10_000,
             max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
             password: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -260,6 +266,11 @@ impl AgentConfig {
         {
             self.key_file = Some(base.join(key));
         }
+        if let Some(ca) = &self.mqtt.tls_ca_file
+            && ca.is_relative()
+        {
+            self.mqtt.tls_ca_file = Some(base.join(ca));
+        }
     }
 
     pub fn key_path(&self) -> PathBuf {
@@ -300,6 +311,11 @@ impl AgentConfig {
                 })
         {
             p.push(Problem(format!("key_file: {}: {e}", key.display())));
+        }
+        if let Some(ca) = &self.mqtt.tls_ca_file
+            && let Err(e) = crate::tls::client_config(ca)
+        {
+            p.push(Problem(format!("mqtt.tls_ca_file: {e}")));
         }
         if self.mqtt.broker.parse::<SocketAddr>().is_err() && !self.mqtt.broker.contains(':') {
             p.push(Problem(format!(

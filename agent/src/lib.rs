@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod store;
 pub mod sync;
 pub mod systemd;
+pub mod tls;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub enum StartError {
     },
     #[error("cannot start the writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("mqtt.tls_ca_file: {0}")]
+    Tls(String),
 }
 
 /// Reads the device key, or creates it (mode 0600) if the file does not exist.
@@ -321,6 +324,13 @@ pub async fn start_with_clock(
     key: SecretKey,
     clock: writer::Clock,
 ) -> Result<AgentHandle, StartError> {
+    let tls = config
+        .mqtt
+        .tls_ca_file
+        .as_deref()
+        .map(tls::client_config)
+        .transpose()
+        .map_err(StartError::Tls)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -381,6 +391,7 @@ pub async fn start_with_clock(
         key_path: config.key_path(),
         key,
         hub_key: config.hub_public_key,
+        tls,
         mqtt: config.mqtt.clone(),
         sync: config.sync.clone(),
         writer: writer_tx.clone(),

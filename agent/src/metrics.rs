@@ -29,6 +29,7 @@ pub struct Metrics {
     pub envelopes_rejected: Family<ReasonLabels, Counter>,
     pub mqtt_connected: Gauge,
     pub mqtt_connects: Counter,
+    pub mqtt_connect_failures: Counter,
     pub http_requests: Family<ReasonLabels, Counter>,
     pub disk_free_bytes: Gauge,
     pub outbox_limit: Gauge,
@@ -51,6 +52,7 @@ impl Default for Metrics {
             envelopes_rejected: Family::default(),
             mqtt_connected: Gauge::default(),
             mqtt_connects: Counter::default(),
+            mqtt_connect_failures: Counter::default(),
             http_requests: Family::default(),
             disk_free_bytes: Gauge::default(),
             outbox_limit: Gauge::default(),
@@ -112,6 +114,11 @@ impl Default for Metrics {
             "mqtt_connects",
             "Successful broker connections",
             m.mqtt_connects.clone(),
+        );
+        registry.register(
+            "mqtt_connect_failures",
+            "Connection attempts that failed (unreachable, TLS handshake, refused by the broker)",
+            m.mqtt_connect_failures.clone(),
         );
         registry.register(
             "http_requests",

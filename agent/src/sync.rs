@@ -46,6 +46,8 @@ pub struct SyncContext {
     pub key_path: std::path::PathBuf,
     pub hub_key: PublicKey,
     pub mqtt: MqttConfig,
+    /// TLS to the broker, trusting only the configured CA file (`mqtt.tls_ca_file`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub sync: SyncConfig,
     pub writer: mpsc::Sender<Command>,
     pub reads: Arc<ReadPool>,
@@ -157,6 +159,11 @@ impl Sync {
         let (host, port) = split_host_port(&self.ctx.mqtt.broker);
         let mut o = MqttOptions::new(self.ctx.device.as_str(), host, port);
         o.set_keep_alive(Duration::from_secs(self.ctx.mqtt.keepalive_seconds));
+        if let Some(tls) = &self.ctx.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         o.set_clean_session(false);
         o.set_credentials(
             self.ctx.device.as_str(),
@@ -342,7 +349,10 @@ impl Sync {
     fn on_lost(&mut self, error: &str) {
         if self.sender.is_connected() {
             info!(device = %self.ctx.device, error, "disconnected from the hub's broker");
-        } else if self.last_error.as_deref() != Some(error) {
+        } else {
+            self.ctx.shared.metrics.mqtt_connect_failures.inc();
+        }
+        if !self.sender.is_connected() && self.last_error.as_deref() != Some(error) {
             // Said once per kind of failure, not on every retry. The hub's broker closes the
             // connection of a device it does not admit without a CONNACK.
             warn!(

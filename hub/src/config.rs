@@ -74,6 +74,29 @@ pub struct MqttConfig {
     /// where a misrouted device should show up in the metrics; it costs each hub every
     /// region's traffic, so large clusters leave it off.
     pub watch_other_regions: bool,
+    /// MQTT over TLS (`[mqtt.tls]`); unset, plain TCP.
+    pub tls: Option<MqttTlsConfig>,
+}
+
+/// TLS for the broker connections.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    /// Embedded broker: the certificate (PEM, leaf first, then any intermediates) it presents.
+    /// It must name the addresses agents and the hub's own client connect to.
+    pub cert_file: Option<PathBuf>,
+    /// Embedded broker: the certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// What the hub's own MQTT client trusts (PEM): the CA of the broker's certificate.
+    /// Default: `cert_file` (a self-signed certificate trusts itself).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl MqttTlsConfig {
+    /// The file the hub's own client trusts.
+    pub fn client_ca(&self) -> Option<&Path> {
+        self.ca_file.as_deref().or(self.cert_file.as_deref())
+    }
 }
 
 impl Default for MqttConfig {
@@ -86,6 +109,7 @@ impl Default for MqttConfig {
             max_message_bytes: MAX_MESSAGE_BYTES_DEFAULT,
             connections_max: 10_000,
             watch_other_regions: false,
+            tls: None,
         }
     }
 }
@@ -334,6 +358,16 @@ impl HubConfig {
         {
             config.key_file = Some(base.join(k));
         }
+        if let Some(tls) = &mut config.mqtt.tls {
+            for f in [&mut tls.cert_file, &mut tls.key_file, &mut tls.ca_file]
+                .into_iter()
+                .flatten()
+            {
+                if f.is_relative() {
+                    *f = base.join(&*f);
+                }
+            }
+        }
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -358,6 +392,9 @@ impl HubConfig {
 
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
+        if let Some(tls) = &self.mqtt.tls {
+            p.extend(tls_problems(tls, self.mqtt.mode));
+        }
         if self.regions.is_empty() {
             p.push(Problem("regions: a hub owns at least one region".into()));
         }
@@ -488,6 +525,50 @@ impl HubConfig {
     }
 }
 
+/// What is wrong with `[mqtt.tls]`: files that do not parse, or the embedded broker without
+/// its certificate and key.
+fn tls_problems(tls: &MqttTlsConfig, mode: BrokerMode) -> Vec<Problem> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut p = Vec::new();
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            match CertificateDer::pem_file_iter(cert).map(|certs| certs.count()) {
+                Ok(0) => p.push(Problem(format!(
+                    "mqtt.tls.cert_file: {}: no certificate in the file",
+                    cert.display()
+                ))),
+                Ok(_) => {}
+                Err(e) => p.push(Problem(format!(
+                    "mqtt.tls.cert_file: {}: {e}",
+                    cert.display()
+                ))),
+            }
+            if let Err(e) = PrivateKeyDer::from_pem_file(key) {
+                p.push(Problem(format!(
+                    "mqtt.tls.key_file: {}: {e}",
+                    key.display()
+                )));
+            }
+        }
+        (None, None) if mode == BrokerMode::External => {}
+        _ if mode == BrokerMode::External => p.push(Problem(
+            "mqtt.tls: cert_file and key_file are for the embedded broker; an external broker \
+             needs only ca_file"
+                .into(),
+        )),
+        _ => p.push(Problem(
+            "mqtt.tls: the embedded broker needs both cert_file and key_file".into(),
+        )),
+    }
+    if let Some(ca) = tls.client_ca()
+        && let Err(e) = larder_agent::tls::client_config(ca)
+    {
+        p.push(Problem(format!("mqtt.tls.ca_file: {e}")));
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +589,37 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(c.problems().len(), 3, "{:?}", c.problems());
+    }
+
+    #[test]
+    fn tls_needs_readable_files_and_both_halves_for_the_embedded_broker() {
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("missing.pem");
+        let c: HubConfig = toml::from_str(&format!(
+            "[mqtt.tls]\ncert_file = {missing:?}\n[[regions]]\nid = \"north\"\n"
+        ))
+        .expect("parses");
+        let problems = c.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.0.contains("needs both cert_file and key_file")),
+            "{problems:?}"
+        );
+        let c: HubConfig = toml::from_str(&format!(
+            "[mqtt.tls]\ncert_file = {missing:?}\nkey_file = {missing:?}\n[[regions]]\nid = \"north\"\n"
+        ))
+        .expect("parses");
+        let problems = c.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.0.starts_with("mqtt.tls.cert_file"))
+                && problems
+                    .iter()
+                    .any(|p| p.0.starts_with("mqtt.tls.key_file"))
+                && problems.iter().any(|p| p.0.starts_with("mqtt.tls.ca_file")),
+            "{problems:?}"
+        );
     }
 }

@@ -263,6 +263,7 @@ pub async fn start_with_clock(
         ));
         mqtt::start_embedded_broker(
             addr,
+            config.mqtt.tls.as_ref(),
             config.mqtt.max_message_bytes + 1024,
             config.mqtt.connections_max,
             admission,

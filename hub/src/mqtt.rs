@@ -137,6 +137,7 @@ impl Admission {
 /// first and then polled until it answers.
 pub fn start_embedded_broker(
     addr: SocketAddr,
+    tls: Option<&crate::config::MqttTlsConfig>,
     max_payload_bytes: usize,
     connections_max: usize,
     admission: Arc<Admission>,
@@ -174,7 +175,13 @@ pub fn start_embedded_broker(
         rumqttd::ServerSettings {
             name: "v4".into(),
             listen: addr,
-            tls: None,
+            tls: tls.and_then(|t| {
+                Some(rumqttd::TlsConfig::Rustls {
+                    capath: None,
+                    certpath: t.cert_file.as_ref()?.display().to_string(),
+                    keypath: t.key_file.as_ref()?.display().to_string(),
+                })
+            }),
             next_connection_delay_ms: 1,
             connections,
         },
@@ -322,6 +329,16 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         opts.set_credentials(ctx.config.client_id.clone(), token(&ctx.key, id));
     }
     let key = ctx.key.clone();
+    if let Some(ca) = ctx.config.tls.as_ref().and_then(|t| t.client_ca()) {
+        match larder_agent::tls::client_config(ca) {
+            Ok(tls) => {
+                opts.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls),
+                ));
+            }
+            Err(e) => warn!(error = %e, "mqtt.tls: cannot trust the broker; connecting fails"),
+        }
+    }
     opts.set_keep_alive(Duration::from_secs(ctx.config.keepalive_seconds));
     opts.set_clean_session(false);
     let max = ctx.config.max_message_bytes + 1024;

@@ -22,5 +22,6 @@ mod storage_limits;
 mod subscriptions;
 mod systemd_notify;
 mod temperature;
+mod tls;
 mod trusted_time;
 mod week_sim;
