@@ -1,6 +1,7 @@
-//! MQTT over TLS: a rustls client config (ring provider) that trusts only the certificates of
-//! one PEM file, the hub's CA or the hub's own certificate, never the system's roots. The
-//! agent pins its hub this way (`mqtt.tls_ca_file`); the hub's own client uses it too.
+//! MQTT over TLS: a rustls client config (ring provider, TLS 1.3) that trusts only the
+//! certificates of one PEM file, the hub's CA or the hub's own certificate, never the system's
+//! roots. The agent pins its hub this way (`mqtt.tls_ca_file`); the hub's own client uses it
+//! too.
 
 use std::path::Path;
 use std::sync::Arc;

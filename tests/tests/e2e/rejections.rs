@@ -17,6 +17,25 @@ use larder_tests::*;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const FLOOD: u64 = 20;
+/// Hostile envelopes sent in all: the named cases, their replays and mutants of a valid one.
+const CASES_TOTAL: u64 = 10_000;
+
+/// Every envelope the hub rejected in the test region, whatever the reason.
+async fn rejected_total(hub_url: &str) -> anyhow::Result<u64> {
+    let text = http()
+        .get(format!("{hub_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("larder_hub_envelopes_rejected_total{") && l.contains("region=\"demo\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
 
 fn change(author: &str, unit: &str) -> Vec<u8> {
     let mut l = Ledger::new(
@@ -251,12 +270,12 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     );
     synced(&fridge_url, Duration::from_secs(20)).await?;
     synced(&pos_url, Duration::from_secs(20)).await?;
-    refill(&fridge_url, "fridge-1", "honest", "lasagna", 40).await?;
+    refill(&fridge_url, "fridge-1", "honest", "lasagna", 80).await?;
     eventually(
         Duration::from_secs(20),
         "the POS to see the refill",
         || async {
-            (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 40)
+            (available(&agent_stock(&pos_url, "fridge-1").await.ok()?, "lasagna") == 80)
                 .then_some(())
         },
     )
@@ -480,6 +499,70 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         "a replay changed nothing"
     );
 
+    // A storm of mutants of that accepted envelope (every kind of bit flip, truncation and
+    // extension) brings the cases to 10,000, while the honest POS keeps selling: every mutant
+    // is rejected, and nothing but the honest sales moves the hub.
+    let named = cases.len() as u64 * FLOOD + FLOOD;
+    let mutants: Vec<Vec<u8>> = (0..CASES_TOTAL - named)
+        .map(|i| {
+            let mut m = valid.clone();
+            match i % 4 {
+                0 | 1 => {
+                    let bit = (i as usize * 7_919) % (m.len() * 8);
+                    m[bit / 8] ^= 1 << (bit % 8);
+                }
+                2 => m.truncate((i as usize * 31) % m.len()),
+                _ => m.extend_from_slice(&i.to_le_bytes()[..1 + i as usize % 8]),
+            }
+            m
+        })
+        .collect();
+    let rejected_before = rejected_total(&hub_url).await?;
+    let honest = tokio::spawn({
+        let pos_url = pos_url.clone();
+        async move {
+            let client = http();
+            for i in 30..40 {
+                let (s, b) = sell_unit(
+                    &client,
+                    &pos_url,
+                    "fridge-1",
+                    &format!("honest-{i}"),
+                    "lasagna",
+                    &format!("h{i}"),
+                )
+                .await?;
+                anyhow::ensure!(s == 201, "honest sale {i} during the storm: {b}");
+            }
+            anyhow::Ok(())
+        }
+    });
+    for m in &mutants {
+        attacker
+            .publish(up("evil-pos"), QoS::AtLeastOnce, false, m.clone())
+            .await?;
+    }
+    let n = mutants.len() as u64;
+    eventually(
+        Duration::from_secs(60),
+        &format!("{n} mutants rejected"),
+        || async {
+            let now = rejected_total(&hub_url).await.ok()?;
+            (now >= rejected_before + n).then_some(())
+        },
+    )
+    .await?;
+    assert_eq!(
+        rejected_total(&hub_url).await?,
+        rejected_before + n,
+        "every mutant rejected once, nothing else"
+    );
+    honest.await??;
+    eprintln!(
+        "{} hostile envelopes in all: {named} named cases, {n} mutants",
+        named + n
+    );
+
     synced(&pos_url, Duration::from_secs(30)).await?;
     let stock = hub_stock(&hub_url, "fridge-1").await?;
     let ids: Vec<&str> = stock["units"]
@@ -499,12 +582,12 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     }
     assert_eq!(
         available(&stock, "lasagna"),
-        40 - 30 + 1,
+        80 - 40 + 1,
         "honest sales and the one valid refill only"
     );
     assert_eq!(
         hub_order_ids(&hub_url).await?.len(),
-        30,
+        40,
         "every honest sale reached the hub"
     );
     let metrics = http()
