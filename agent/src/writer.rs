@@ -700,6 +700,9 @@ impl Writer {
         self.shared.metrics.commit_group_size.observe(size as f64);
         match result {
             Ok(()) => {
+                // What the group committed is visible (health, the sync task's outbox head)
+                // before anyone hears it is done.
+                self.publish_counters();
                 for p in pending {
                     match p {
                         Pending::Local(reply, outcome) => {
