@@ -48,13 +48,18 @@ async fn at_hub(hub_url: &str, order: &str) -> anyhow::Result<()> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_key_takes_over_and_the_old_one_still_syncs_inside_the_overlap()
--> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let hub = start_hub(&dir.path().join("hub"), 1).await?;
-    let hub_url = format!("http://{}", hub.http_addr);
+/// Enrolls `fridge-1` with its first key, written to the agent's key file; answers that key,
+/// the agent's config and its key path.
+async fn enrolled_fridge(
+    dir: &std::path::Path,
+    hub: &larder_hub::HubHandle,
+) -> anyhow::Result<(
+    SecretKey,
+    larder_agent::config::AgentConfig,
+    std::path::PathBuf,
+)> {
     let old = seeded_key(7, "fridge-1");
+    let hub_url = format!("http://{}", hub.http_addr);
     enroll(
         &hub_url,
         "fridge-1",
@@ -64,7 +69,7 @@ async fn a_rotated_key_takes_over_and_the_old_one_still_syncs_inside_the_overlap
     )
     .await?;
     let config = agent_config(
-        &dir.path().join("agent"),
+        &dir.join("agent"),
         "fridge-1",
         Role::Fridge,
         &fridge_ids(&["fridge-1"]),
@@ -73,6 +78,16 @@ async fn a_rotated_key_takes_over_and_the_old_one_still_syncs_inside_the_overlap
     )?;
     let key_path = config.key_path();
     larder_agent::write_key(&key_path, &old)?;
+    Ok((old, config, key_path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_takes_over_and_the_old_one_still_syncs_inside_the_overlap()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_url = format!("http://{}", hub.http_addr);
+    let (old, config, key_path) = enrolled_fridge(dir.path(), &hub).await?;
 
     let agent = larder_agent::start(config.clone(), old.clone()).await?;
     let url = format!("http://{}", agent.http_addr);
@@ -167,25 +182,7 @@ async fn after_the_overlap_only_the_new_key_is_accepted() -> anyhow::Result<()> 
     })
     .await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let old = seeded_key(7, "fridge-1");
-    enroll(
-        &hub_url,
-        "fridge-1",
-        Role::Fridge,
-        &["fridge-1"],
-        &old.public(),
-    )
-    .await?;
-    let config = agent_config(
-        &dir.path().join("agent"),
-        "fridge-1",
-        Role::Fridge,
-        &fridge_ids(&["fridge-1"]),
-        hub.public_key,
-        &hub.broker,
-    )?;
-    let key_path = config.key_path();
-    larder_agent::write_key(&key_path, &old)?;
+    let (old, config, key_path) = enrolled_fridge(dir.path(), &hub).await?;
     let (next, _) = larder_agent::prepare_rotation(&key_path)?;
     let agent = larder_agent::start(config.clone(), old.clone()).await?;
     let url = format!("http://{}", agent.http_addr);
