@@ -98,13 +98,13 @@ impl PublicKey {
             .map_err(|_| KeyError::BadPoint)
     }
 
-    /// Verifies a signature made by [`SecretKey::sign`] with the same domain, strictly
-    /// (rejecting small-order keys and non-canonical signatures).
     /// The X25519 public key of this key (its Montgomery form).
     pub(crate) fn x25519_public(&self) -> [u8; 32] {
         self.0.to_montgomery().to_bytes()
     }
 
+    /// Verifies a signature made by [`SecretKey::sign`] with the same domain, strictly
+    /// (rejecting small-order keys and non-canonical signatures).
     pub fn verify(&self, domain: &[u8], message: &[u8], sig: &Signature) -> Result<(), KeyError> {
         let mut bytes = Vec::with_capacity(domain.len() + message.len());
         bytes.extend_from_slice(domain);
