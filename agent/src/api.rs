@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -116,6 +117,52 @@ impl From<crate::store::StoreError> for ApiError {
             "storage_unavailable",
             e.to_string(),
         )
+    }
+}
+
+/// `Query`, with a query string that does not parse answered in the contract's shape
+/// (422 `invalid_request`) rather than axum's plain-text rejection.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Self(q))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    e.body_text(),
+                )
+            })
+    }
+}
+
+/// `Path`, with a segment that does not decode answered in the contract's shape (400
+/// `malformed`) rather than axum's plain-text rejection.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| Self(p))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))
     }
 }
 
@@ -468,7 +515,7 @@ pub fn cancel_refusal_code(code: &str) -> &'static str {
 async fn cancel(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let bytes =
@@ -586,7 +633,7 @@ struct StockAnswer {
 
 async fn stock(
     State(s): State<ApiState>,
-    Query(q): Query<StockQuery>,
+    ApiQuery(q): ApiQuery<StockQuery>,
 ) -> Result<Json<StockAnswer>, ApiError> {
     let fridge = match q.fridge_id {
         Some(f) => FridgeId::new(f).map_err(|e| {
@@ -627,7 +674,10 @@ async fn stock(
     }))
 }
 
-async fn order(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn order(
+    State(s): State<ApiState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     let id = OrderId::new(id)
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
     let reads = s.reads.clone();
@@ -654,7 +704,7 @@ struct OrdersQuery {
 
 async fn orders(
     State(s): State<ApiState>,
-    Query(q): Query<OrdersQuery>,
+    ApiQuery(q): ApiQuery<OrdersQuery>,
 ) -> Result<Response, ApiError> {
     if let Some(status) = &q.status {
         status

@@ -158,6 +158,9 @@ pub struct AgentHandle {
     pub http_addr: SocketAddr,
     pub shared: Arc<Shared>,
     pub config: AgentConfig,
+    /// The HTTP API as an in-process service, the same router the listener serves (the fuzz
+    /// targets call it without a socket).
+    pub api: axum::Router,
     writer_tx: mpsc::Sender<Command>,
     shutdown_tx: watch::Sender<bool>,
     network_tx: watch::Sender<bool>,
@@ -372,6 +375,7 @@ pub async fn start_with_clock(
         clock: clock.clone(),
     };
     let app = api::router(state, config.http.request_body_bytes_max);
+    let api = app.clone();
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         let stop = async move {
@@ -418,6 +422,7 @@ pub async fn start_with_clock(
         http_addr,
         shared,
         config,
+        api,
         writer_tx,
         shutdown_tx,
         network_tx,

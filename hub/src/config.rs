@@ -342,11 +342,17 @@ impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
-        let mut config: HubConfig = toml::from_str(&text).map_err(|e| {
+        Self::parse(&text, path)
+    }
+
+    /// Parses a config file's text; `path` names the file in problems, and relative paths in
+    /// it are taken from its folder.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, Vec<Problem>> {
+        let mut config: HubConfig = toml::from_str(text).map_err(|e| {
             vec![Problem(format!(
                 "{}: {}",
                 path.display(),
-                larder_agent::config::describe_toml_error(&text, &e)
+                larder_agent::config::describe_toml_error(text, &e)
             ))]
         })?;
         let base = path.parent().unwrap_or(Path::new("."));

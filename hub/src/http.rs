@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +25,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use larder_agent::api::{ApiError, parse_body};
+pub(crate) use larder_agent::api::{ApiPath, ApiQuery};
 use openapi::{AnyObject, Errors};
 
 use crate::RegionHandle;
@@ -174,52 +174,6 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
-}
-
-/// `Query`, with a query string that does not parse answered in the contract's shape
-/// (422 `invalid_request`) rather than axum's plain-text rejection.
-#[derive(Debug)]
-pub(crate) struct ApiQuery<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Query(q)| Self(q))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request",
-                    e.body_text(),
-                )
-            })
-    }
-}
-
-/// `Path`, with a segment that does not decode answered in the contract's shape (400
-/// `malformed`) rather than axum's plain-text rejection.
-#[derive(Debug)]
-pub(crate) struct ApiPath<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|Path(p)| Self(p))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))
-    }
 }
 
 async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> Response {

@@ -84,14 +84,19 @@ impl std::fmt::Display for Summary {
 
 /// The rejected-rows report: `line,reason`.
 struct Report {
-    out: csv::Writer<File>,
+    out: csv::Writer<Box<dyn std::io::Write + Send>>,
     rows: u64,
 }
 
 impl Report {
     fn create(path: &Path) -> anyhow::Result<Self> {
-        let mut out = csv::Writer::from_path(path)
+        let file = File::create(path)
             .with_context(|| format!("creating the report {}", path.display()))?;
+        Self::to(Box::new(file))
+    }
+
+    fn to(out: Box<dyn std::io::Write + Send>) -> anyhow::Result<Self> {
+        let mut out = csv::Writer::from_writer(out);
         out.write_record(["line", "reason"])?;
         Ok(Self { out, rows: 0 })
     }
@@ -114,9 +119,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Summary> {
     let mut report = Report::create(&report_path)?;
     let file = File::open(&o.file).with_context(|| format!("opening {}", o.file.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut reader = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_reader(BufReader::with_capacity(1 << 16, file));
+    let mut reader = csv_reader(BufReader::with_capacity(1 << 16, file));
     let bar = if o.progress {
         let bar = ProgressBar::new(len);
         bar.set_style(
@@ -210,20 +213,51 @@ fn reason(status: u16, v: &Value) -> String {
     }
 }
 
+/// How every import reads its file: headers on the first line, fields trimmed.
+fn csv_reader<R: std::io::Read>(input: R) -> csv::Reader<R> {
+    csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(input)
+}
+
+/// Reads a file of `kind` row by row as an import does, without sending anything: the number
+/// of rows read and of rows rejected by the file's own checks (malformed CSV, missing or
+/// unknown columns, values of the wrong type). The hub's checks of the values come on import.
+pub fn read_only<R: std::io::Read>(kind: Kind, input: R) -> anyhow::Result<(u64, u64)> {
+    let mut reader = csv_reader(input);
+    let mut report = Report::to(Box::new(std::io::sink()))?;
+    let mut summary = Summary::default();
+    let mut file = Rows::new(&mut reader)?;
+    loop {
+        let more = match kind {
+            Kind::Units => file.next::<UnitCsv>(&mut report, &mut summary)?.is_some(),
+            Kind::Catalog => file
+                .next::<CatalogCsv>(&mut report, &mut summary)?
+                .is_some(),
+            Kind::Subscriptions => file
+                .next::<SubscriptionCsv>(&mut report, &mut summary)?
+                .is_some(),
+        };
+        if !more {
+            return Ok((summary.rows, report.rows));
+        }
+    }
+}
+
 fn line_of(record: &csv::StringRecord) -> u64 {
     record.position().map_or(0, csv::Position::line)
 }
 
 /// A file's rows one at a time, each rejected row (malformed, or not of the file's columns)
 /// written to the report with its line, so one bad row never stops an import.
-struct Rows<'a> {
-    reader: &'a mut csv::Reader<BufReader<File>>,
+struct Rows<'a, R> {
+    reader: &'a mut csv::Reader<R>,
     headers: csv::StringRecord,
     record: csv::StringRecord,
 }
 
-impl<'a> Rows<'a> {
-    fn new(reader: &'a mut csv::Reader<BufReader<File>>) -> anyhow::Result<Self> {
+impl<'a, R: std::io::Read> Rows<'a, R> {
+    fn new(reader: &'a mut csv::Reader<R>) -> anyhow::Result<Self> {
         let headers = reader.headers()?.clone();
         Ok(Self {
             reader,

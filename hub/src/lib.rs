@@ -89,6 +89,9 @@ pub struct HubHandle {
     pub public_key: PublicKey,
     pub regions: BTreeMap<RegionId, RegionHandle>,
     pub metrics: Arc<HubMetrics>,
+    /// The HTTP API as an in-process service, the same router the listener serves (the fuzz
+    /// targets call it without a socket).
+    pub api: axum::Router,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     writer_threads: Vec<std::thread::JoinHandle<()>>,
@@ -289,6 +292,7 @@ pub async fn start_with_clock(
         shutdown: shutdown_rx.clone(),
     };
     let app = http::router(state, config.http.request_body_bytes_max);
+    let api = app.clone();
     let mut http_stop = shutdown_rx.clone();
     let http_task = tokio::spawn(async move {
         let stop = async move {
@@ -326,6 +330,7 @@ pub async fn start_with_clock(
         public_key: key.public(),
         regions,
         metrics,
+        api,
         shutdown_tx,
         tasks: vec![mqtt_task, http_task, compaction_task, tick_task],
         writer_threads,

@@ -68,7 +68,8 @@ pub fn verify_connect_token(
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or(TokenError::Malformed)?;
-    let age_ms = (now_ms - at_ms).abs();
+    // Any `at` parses, the extremes included: the distance cannot overflow.
+    let age_ms = i64::try_from(now_ms.abs_diff(at_ms)).unwrap_or(i64::MAX);
     if age_ms > max_age_ms {
         return Err(TokenError::Stale {
             age_ms,
@@ -97,6 +98,26 @@ mod tests {
         assert_eq!(a.len(), 48);
         assert_ne!(a, broker_password(&hub, "pos-2"));
         assert_ne!(a, broker_password(&other, "pos-1"));
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let key = SecretKey::from_seed([3; 32]);
+        let device = DeviceId::new("pos-1").expect("id");
+        for at in [i64::MIN, i64::MAX] {
+            let token = connect_token(&key, &device, at, [9; 16]);
+            for now in [i64::MIN, 0, 1_800_000_000_000, i64::MAX] {
+                let checked = verify_connect_token(&token, &key.public(), &device, now, 300_000);
+                if now == at {
+                    assert!(checked.is_ok());
+                } else {
+                    assert!(
+                        matches!(checked, Err(TokenError::Stale { .. })),
+                        "{at} at {now}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

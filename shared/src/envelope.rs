@@ -199,6 +199,19 @@ pub struct TimeBeacon {
 }
 
 impl Body {
+    /// Decodes an opened body strictly: trailing bytes are refused.
+    pub fn decode(plaintext: &[u8]) -> Result<Self, EnvelopeError> {
+        let (body, rest): (Body, &[u8]) = postcard::take_from_bytes(plaintext)
+            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(EnvelopeError::Malformed(format!(
+                "{} trailing bytes in the sealed body",
+                rest.len()
+            )));
+        }
+        Ok(body)
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Body::Changes(_) => "changes",
@@ -425,17 +438,9 @@ impl Verified {
             .iter()
             .find_map(|k| k.0.decrypt(&(*nonce).into(), ciphertext.as_slice()).ok())
             .ok_or(EnvelopeError::Undecryptable)?;
-        let (body, rest): (Body, &[u8]) = postcard::take_from_bytes(&plaintext)
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(EnvelopeError::Malformed(format!(
-                "{} trailing bytes in the sealed body",
-                rest.len()
-            )));
-        }
         Ok(Envelope {
             header: self.header,
-            body,
+            body: Body::decode(&plaintext)?,
         })
     }
 }

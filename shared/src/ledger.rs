@@ -200,6 +200,9 @@ pub struct Ledger {
     histories: std::cell::RefCell<HashMap<OrderId, std::sync::Arc<Vec<StatusEvent>>>>,
     /// The sku and expiry of every unit whose refill is known here.
     unit_keys: HashMap<UnitId, (Sku, i64)>,
+    /// Actors with a change in the document, read from it on first need (see
+    /// [`Ledger::check_actors`]).
+    actors: std::cell::RefCell<Option<std::collections::HashSet<ActorId>>>,
 }
 
 /// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
@@ -299,6 +302,7 @@ impl Ledger {
             records: Default::default(),
             histories: Default::default(),
             unit_keys: HashMap::new(),
+            actors: Default::default(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {
@@ -408,12 +412,57 @@ impl Ledger {
             }
             parsed.push(change);
         }
+        self.check_actors(&parsed)?;
         self.doc.apply_changes(parsed)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
         self.widen(&mut touched);
         Ok(touched)
+    }
+
+    /// Refuses changes that name an actor the document does not know, unless the same batch
+    /// brings that actor's first change with its dependencies. Automerge 0.12 panics on such a
+    /// change instead of returning an error (found by the `body` fuzz target), and a peer's
+    /// bytes must never reach a panic.
+    fn check_actors(&self, changes: &[Change]) -> Result<(), LedgerError> {
+        let hashes: std::collections::HashSet<_> = changes.iter().map(Change::hash).collect();
+        let has = |h: &automerge::ChangeHash| {
+            hashes.contains(h) || self.doc.get_change_meta_by_hash(h).is_some()
+        };
+        let firsts: std::collections::HashSet<&ActorId> = changes
+            .iter()
+            .filter(|c| c.seq() == 1 && c.deps().iter().all(has))
+            .map(Change::actor_id)
+            .collect();
+        let mut known = self.actors.borrow_mut();
+        for change in changes {
+            for actor in change.actors() {
+                if firsts.contains(actor) || known.as_ref().is_some_and(|k| k.contains(actor)) {
+                    continue;
+                }
+                // Not cached: read the document's actors again (it may have grown).
+                let now = self.document_actors();
+                let found = now.contains(actor);
+                *known = Some(now);
+                if !found {
+                    return Err(LedgerError::BadChange(format!(
+                        "change {} names actor {actor}, unknown to this ledger",
+                        change.hash()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every actor with a change in the document.
+    fn document_actors(&self) -> std::collections::HashSet<ActorId> {
+        self.doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|m| m.actor.into_owned())
+            .collect()
     }
 
     /// Checks that every change parses and is authored by `actor`, without applying anything.

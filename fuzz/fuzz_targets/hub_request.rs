@@ -1,0 +1,4 @@
+//! Fuzz target `hub_request`: arbitrary bytes into `larder_tests::fuzz::hub_request`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| larder_tests::fuzz::hub_request(data));
