@@ -426,19 +426,27 @@ impl Ledger {
     /// change instead of returning an error (found by the `body` fuzz target), and a peer's
     /// bytes must never reach a panic.
     fn check_actors(&self, changes: &[Change]) -> Result<(), LedgerError> {
-        let hashes: std::collections::HashSet<_> = changes.iter().map(Change::hash).collect();
-        let has = |h: &automerge::ChangeHash| {
-            hashes.contains(h) || self.doc.get_change_meta_by_hash(h).is_some()
+        // The actors whose first change comes in this batch, ready to apply: only worked out
+        // when an actor is not already known, so a batch of known authors costs set lookups.
+        let firsts = std::cell::OnceCell::new();
+        let firsts = || {
+            firsts.get_or_init(|| {
+                let hashes: std::collections::HashSet<_> =
+                    changes.iter().map(Change::hash).collect();
+                let has = |h: &automerge::ChangeHash| {
+                    hashes.contains(h) || self.doc.get_change_meta_by_hash(h).is_some()
+                };
+                changes
+                    .iter()
+                    .filter(|c| c.seq() == 1 && c.deps().iter().all(has))
+                    .map(Change::actor_id)
+                    .collect::<std::collections::HashSet<&ActorId>>()
+            })
         };
-        let firsts: std::collections::HashSet<&ActorId> = changes
-            .iter()
-            .filter(|c| c.seq() == 1 && c.deps().iter().all(has))
-            .map(Change::actor_id)
-            .collect();
         let mut known = self.actors.borrow_mut();
         for change in changes {
             for actor in change.actors() {
-                if firsts.contains(actor) || known.as_ref().is_some_and(|k| k.contains(actor)) {
+                if known.as_ref().is_some_and(|k| k.contains(actor)) || firsts().contains(actor) {
                     continue;
                 }
                 // Not cached: read the document's actors again (it may have grown).

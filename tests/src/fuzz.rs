@@ -1,7 +1,6 @@
 //! Fuzz harnesses: one function per decoder that reads from the network or a file, each taking
 //! arbitrary bytes. The cargo-fuzz targets in `fuzz/` call them, and the e2e test
-//! `fuzz_corpus` replays every kept input (seeds and past crashes) through them on each
-//! `cargo test`.
+//! `fuzz_corpus` replays the seeds and every past crash through them on each `cargo test`.
 //!
 //! A harness panics only when the code under it breaks a promise: a panic inside the code, a
 //! 5xx answer from an API, an error body not in the contract's shape.
@@ -32,8 +31,8 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("config", config),
 ];
 
-/// The folder of the kept inputs: `fuzz/corpus/<target>/` (seeds) and
-/// `fuzz/regressions/<target>/` (inputs that once crashed a target).
+/// The fuzz crate: `fuzz/corpus/<target>/` holds the seeds `larder-fuzz-seeds` writes (not
+/// committed), `fuzz/regressions/<target>/` the inputs that once crashed a target.
 pub fn fuzz_dir() -> PathBuf {
     repo().join("fuzz")
 }
