@@ -246,6 +246,8 @@ impl AgentHandle {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        // The writer ends when its last sender is gone: the in-process router holds one too.
+        self.api = axum::Router::new();
         drop(self.writer_tx);
         if let Some(thread) = self.writer_thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -109,6 +109,8 @@ impl HubHandle {
             let _ = region.tx.send(region::RegionCommand::Stop).await;
         }
         self.regions.clear();
+        // The in-process router holds the regions' senders and read pools too.
+        self.api = axum::Router::new();
         for t in self.writer_threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
