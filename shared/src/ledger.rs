@@ -388,6 +388,7 @@ impl Ledger {
         for bytes in changes {
             let change = Change::from_bytes(bytes.clone())
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
+            change_check::check_op_actors(&change)?;
             for op in change.decode().operations {
                 let automerge::legacy::Key::Map(key) = op.key else {
                     continue;
@@ -1308,6 +1309,7 @@ pub fn channel_for(role: crate::domain::Role) -> Channel {
 #[cfg(test)]
 mod tests;
 
+mod change_check;
 pub mod compaction;
 mod orders;
 

@@ -146,7 +146,14 @@ impl StreamSender {
     }
 
     /// Time passes: rewind if acknowledgements stalled while entries are in flight.
+    ///
+    /// `now_ms` may come from a wall clock that steps backwards (a device's clock corrected
+    /// by a day): a time before the last progress restarts the wait from now, so a step back
+    /// delays a retransmission by one interval at most instead of by the size of the step.
     pub fn tick(&mut self, now_ms: i64) {
+        if now_ms < self.last_progress_ms {
+            self.last_progress_ms = now_ms;
+        }
         if self.connected
             && self.sent_up_to > self.acked
             && now_ms - self.last_progress_ms >= self.limits.retransmit_after_ms
@@ -388,6 +395,27 @@ mod tests {
         assert_eq!(s.sent_up_to(), 12, "gap: rewound to the ack");
         s.on_disconnected();
         assert_eq!(s.poll_send(50), None);
+    }
+
+    /// Found by the protocol simulation: a device clock stepped back by an hour stopped
+    /// retransmissions for that hour, since the wait was measured from a time now in the future.
+    #[test]
+    fn a_clock_stepped_back_delays_a_retransmission_by_one_interval_at_most() {
+        let limits = SenderLimits {
+            retransmit_after_ms: 100,
+            ..SenderLimits::default()
+        };
+        let mut s = StreamSender::new(0, limits);
+        s.on_connected(1_000_000);
+        s.on_sent(5);
+        // The clock steps back an hour.
+        let back = 1_000_000 - 3_600_000;
+        s.tick(back);
+        assert_eq!(s.sent_up_to(), 5, "the wait restarts from the new time");
+        s.tick(back + 99);
+        assert_eq!(s.sent_up_to(), 5);
+        s.tick(back + 100);
+        assert_eq!(s.sent_up_to(), 0, "one interval after the step: rewound");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Helpers for Larder's end-to-end tests: start hubs and agents in-process or as real processes,
 //! enroll devices, and talk to them over real HTTP. Nothing here fakes a component.
 
+pub mod flaky;
 pub mod fuzz;
 pub mod ingest;
+pub mod protocol_sim;
 pub mod sim;
 
 use std::io::{BufRead, BufReader};

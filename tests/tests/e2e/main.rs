@@ -10,6 +10,7 @@ mod config_check;
 mod conflicts;
 mod crash;
 mod escrow;
+mod flapping;
 mod fuzz_corpus;
 mod idempotency;
 mod import;
