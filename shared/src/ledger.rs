@@ -390,8 +390,20 @@ impl Ledger {
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
             change_check::check_op_actors(&change)?;
             for op in change.decode().operations {
+                // Every op of a ledger is a put into one of its root maps. Automerge 0.12
+                // panics on an op whose object the document does not have (found by the
+                // `body` fuzz target), so anything else is refused before it is applied.
+                if !self.is_ledger_object(&op.obj) {
+                    return Err(LedgerError::BadChange(format!(
+                        "change {} has an op outside the ledger's maps",
+                        change.hash()
+                    )));
+                }
                 let automerge::legacy::Key::Map(key) = op.key else {
-                    continue;
+                    return Err(LedgerError::BadChange(format!(
+                        "change {} has a list op; a ledger holds maps only",
+                        change.hash()
+                    )));
                 };
                 // Keys of `events` are `{order}/...`; other keys are unit or order ids, and
                 // projecting an id that is not one is a cheap no-op.
@@ -420,6 +432,17 @@ impl Ledger {
         }
         self.widen(&mut touched);
         Ok(touched)
+    }
+
+    /// Whether an op's object is the document's root or one of the ledger's maps.
+    fn is_ledger_object(&self, obj: &automerge::legacy::ObjectId) -> bool {
+        let automerge::legacy::ObjectId::Id(op) = obj else {
+            return true;
+        };
+        MAP_NAMES
+            .iter()
+            .map(|name| self.maps.get(name))
+        .any(|id| matches!(id, ObjId::Id(counter, actor, _) if *counter == op.counter() && actor == op.actor()))
     }
 
     /// Refuses changes that name an actor the document does not know, unless the same batch

@@ -4,6 +4,7 @@
 pub mod flaky;
 pub mod fuzz;
 pub mod ingest;
+pub mod powercut;
 pub mod protocol_sim;
 pub mod sim;
 
