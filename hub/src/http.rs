@@ -168,6 +168,13 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
             get(move || async move { ([("content-type", "application/json")], doc) }),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

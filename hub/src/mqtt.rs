@@ -300,6 +300,15 @@ struct HubLink {
     revocations_checked_ms: i64,
     /// The box each device's downlink bodies are sealed with, for the key it holds.
     boxes: HashMap<(RegionId, DeviceId), BoxKey>,
+    /// Devices online per region (the `devices_online` gauge).
+    online: HashMap<RegionId, i64>,
+}
+
+/// The devices an event may have given downlink work to.
+enum Scope {
+    None,
+    Device((RegionId, DeviceId)),
+    All,
 }
 
 fn split_host_port(addr: &str) -> (String, u16) {
@@ -408,6 +417,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         connected: false,
         revocations_checked_ms: 0,
         boxes: HashMap::new(),
+        online: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
@@ -435,23 +445,34 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         });
     }
     loop {
-        tokio::select! {
+        // What the event can have given work to: one device, or all of them (a new head, the
+        // tick's beacons and retransmits). Walking every device on every presence made
+        // bringing N devices online cost N².
+        let scope = tokio::select! {
             Some(region) = catalog_rx.recv() => {
                 if link.connected {
                     link.announce_catalog(&client, &region).await;
                 }
+                Scope::None
             }
             ev = ev_rx.recv() => match ev {
-                Some(LinkEvent::Connected) => link.on_connected(&client).await,
+                Some(LinkEvent::Connected) => {
+                    link.on_connected(&client).await;
+                    Scope::All
+                }
                 Some(LinkEvent::Lost(e)) => {
                     if link.connected { warn!(error = %e, "hub lost its broker connection"); }
                     link.connected = false;
+                    Scope::None
                 }
                 Some(LinkEvent::Message(topic, payload)) => link.on_message(&topic, payload).await,
                 None => break,
             },
-            Some((region, device, outcome)) = outcomes_rx.recv() => link.on_outcome(&client, region, device, outcome).await,
-            Some(()) = head_rx.recv() => {}
+            Some((region, device, outcome)) = outcomes_rx.recv() => {
+                link.on_outcome(&client, region.clone(), device.clone(), outcome).await;
+                Scope::Device((region, device))
+            }
+            Some(()) = head_rx.recv() => Scope::All,
             _ = tick.tick() => {
                 let now = larder_agent::writer::now_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
@@ -460,10 +481,11 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                     link.revocations_checked_ms = now;
                     link.drop_revoked().await;
                 }
+                Scope::All
             }
             _ = shutdown.changed() => break,
-        }
-        link.pump(&client).await;
+        };
+        link.pump(&client, scope).await;
     }
     let _ = client.try_disconnect();
     poller.abort();
@@ -583,19 +605,21 @@ impl HubLink {
         Some(())
     }
 
-    async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) {
+    /// Handles a publish; answers which device it may have given downlink work to.
+    async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> Scope {
         let Some((region, device, which)) = topics::parse_device(topic) else {
             debug!(topic, "publish on an unknown topic ignored");
-            return;
+            return Scope::None;
         };
         let Some(handle) = self.ctx.regions.get(&region) else {
             self.ctx.metrics.rejected(region.as_str(), "unknown_region");
-            return;
+            return Scope::None;
         };
         match which {
             DeviceTopic::Presence => {
                 let online = payload.as_ref() == b"online";
                 self.set_presence(&region, &device, online).await;
+                return Scope::Device((region, device));
             }
             DeviceTopic::Up => {
                 let (reply, rx) = oneshot::channel();
@@ -605,7 +629,7 @@ impl HubLink {
                     reply,
                 };
                 if handle.tx.send(cmd).await.is_err() {
-                    return;
+                    return Scope::None;
                 }
                 let tx = self.outcomes_tx.clone();
                 tokio::spawn(async move {
@@ -616,21 +640,33 @@ impl HubLink {
             }
             DeviceTopic::Down => {}
         }
+        Scope::None
     }
 
     async fn set_presence(&mut self, region: &RegionId, device: &DeviceId, online: bool) {
         let key = (region.clone(), device.clone());
         let now = larder_agent::writer::now_ms();
+        let was_online = self
+            .devices
+            .get(&key)
+            .is_some_and(|d| d.sender.is_connected());
         if online {
             if let Some(d) = self.devices.get_mut(&key) {
                 d.sender.on_connected(now);
             } else if let Some(mut d) = self.load_downlink(region, device).await {
                 d.sender.on_connected(now);
-                self.devices.insert(key, d);
+                self.devices.insert(key.clone(), d);
             }
         } else if let Some(d) = self.devices.get_mut(&key) {
             d.sender.on_disconnected();
         }
+        let is_online = self
+            .devices
+            .get(&key)
+            .is_some_and(|d| d.sender.is_connected());
+        // Counted as devices come and go, not by walking every device on every presence.
+        let count = self.online.entry(region.clone()).or_default();
+        *count += i64::from(is_online) - i64::from(was_online);
         if let Some(handle) = self.ctx.regions.get(region) {
             let changed = match handle.presence.write() {
                 Ok(mut presence) => presence.insert(device.clone(), online) != Some(online),
@@ -643,16 +679,12 @@ impl HubLink {
                 });
             }
         }
-        let online_count = self
-            .devices
-            .iter()
-            .filter(|((r, _), d)| r == region && d.sender.is_connected())
-            .count();
+        let online_count = self.online.get(region).copied().unwrap_or(0);
         self.ctx
             .metrics
             .devices_online
             .get_or_create(&vec![("region", region.to_string())])
-            .set(online_count as i64);
+            .set(online_count);
     }
 
     /// Stops sending to devices revoked since they were loaded.
@@ -666,11 +698,10 @@ impl HubLink {
                 .into_iter()
                 .filter(|(d, _)| d.revoked_at_ms.is_some())
             {
-                if self
-                    .devices
-                    .remove(&(region.clone(), d.device_id.clone()))
-                    .is_some()
-                {
+                if let Some(gone) = self.devices.remove(&(region.clone(), d.device_id.clone())) {
+                    if gone.sender.is_connected() {
+                        *self.online.entry(region.clone()).or_default() -= 1;
+                    }
                     info!(region = %region, device = %d.device_id, "revoked device: downlink stopped");
                 }
             }
@@ -679,11 +710,11 @@ impl HubLink {
 
     async fn load_downlink(&self, region: &RegionId, device: &DeviceId) -> Option<Downlink> {
         let reads = self.ctx.regions.get(region)?.reads.clone();
-        let devices = tokio::task::spawn_blocking(move || reads.devices())
+        let id = device.clone();
+        let (record, progress) = tokio::task::spawn_blocking(move || reads.device_progress(&id))
             .await
             .ok()?
-            .ok()?;
-        let (record, progress) = devices.into_iter().find(|(d, _)| &d.device_id == device)?;
+            .ok()??;
         if record.revoked_at_ms.is_some() {
             return None;
         }
@@ -755,11 +786,15 @@ impl HubLink {
     }
 
     /// Sends every online device the changes it lacks, within its window.
-    async fn pump(&mut self, client: &AsyncClient) {
+    async fn pump(&mut self, client: &AsyncClient, scope: Scope) {
         if !self.connected {
             return;
         }
-        let keys: Vec<(RegionId, DeviceId)> = self.devices.keys().cloned().collect();
+        let keys: Vec<(RegionId, DeviceId)> = match scope {
+            Scope::None => return,
+            Scope::Device(key) => vec![key],
+            Scope::All => self.devices.keys().cloned().collect(),
+        };
         let now = larder_agent::writer::now_ms();
         let beacon_every = (self.ctx.sync.time_beacon_interval_seconds * 1000) as i64;
         for key in keys {

@@ -732,14 +732,20 @@ impl RegionReads {
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self.device_progress(id)?.map(|(d, _)| d))
+    }
+
+    /// A device with its sync progress (one indexed row).
+    pub fn device_progress(
+        &self,
+        id: &DeviceId,
+    ) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
         self.with(|c| {
-            c.query_row(
-                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"),
-                [id.as_str()],
-                device_from_row,
-            )
+            c.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
+            ))?
+            .query_row([id.as_str()], device_from_row)
             .optional()
-            .map(|r| r.map(|(d, _)| d))
         })
     }
 

@@ -45,6 +45,7 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
         ("stock needs a fridge", c.get(format!("{url}/v1/stock")), 400, "missing_fridge_id"),
         ("stock of another fridge", c.get(format!("{url}/v1/stock?fridge_id=fridge-9")), 404, "unknown_fridge"),
         ("no such route", c.get(format!("{url}/v2/everything")), 404, "not_found"),
+        ("a route without that method", c.delete(format!("{url}/v1/orders/o-1")), 405, "method_not_allowed"),
     ];
     for (name, req, status, code) in cases {
         let (s, body) = call(req).await;
