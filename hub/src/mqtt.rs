@@ -700,7 +700,13 @@ impl HubLink {
             {
                 if let Some(gone) = self.devices.remove(&(region.clone(), d.device_id.clone())) {
                     if gone.sender.is_connected() {
-                        *self.online.entry(region.clone()).or_default() -= 1;
+                        let count = self.online.entry(region.clone()).or_default();
+                        *count -= 1;
+                        self.ctx
+                            .metrics
+                            .devices_online
+                            .get_or_create(&vec![("region", region.to_string())])
+                            .set(*count);
                     }
                     info!(region = %region, device = %d.device_id, "revoked device: downlink stopped");
                 }

@@ -388,6 +388,10 @@ impl Ledger {
         for bytes in changes {
             let change = Change::from_bytes(bytes.clone())
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
+            // A change this replica already holds (the genesis among them) is a no-op.
+            if self.doc.get_change_meta_by_hash(&change.hash()).is_some() {
+                continue;
+            }
             change_check::check_op_actors(&change)?;
             for op in change.decode().operations {
                 // Every op of a ledger is a put into one of its root maps. Automerge 0.12
@@ -436,13 +440,15 @@ impl Ledger {
 
     /// Whether an op's object is the document's root or one of the ledger's maps.
     fn is_ledger_object(&self, obj: &automerge::legacy::ObjectId) -> bool {
+        // The root holds the maps themselves, written by the genesis change every replica
+        // builds for itself: a peer's op there could replace a map.
         let automerge::legacy::ObjectId::Id(op) = obj else {
-            return true;
+            return false;
         };
-        MAP_NAMES
-            .iter()
-            .map(|name| self.maps.get(name))
-        .any(|id| matches!(id, ObjId::Id(counter, actor, _) if *counter == op.counter() && actor == op.actor()))
+        MAP_NAMES.iter().map(|name| self.maps.get(name)).any(|id| {
+            matches!(id, ObjId::Id(counter, actor, _)
+                if *counter == op.counter() && actor == op.actor())
+        })
     }
 
     /// Refuses changes that name an actor the document does not know, unless the same batch

@@ -2,8 +2,9 @@
 //! connection to the broker and, on command, cuts it. A cut is a reset (every connection
 //! through it is closed and new ones are closed as soon as they are accepted) or a blackhole
 //! (connections stay open but nothing passes either way until the link comes back, the way a
-//! dead mobile link looks to both ends). It records when bytes last reached the device, so the
-//! test can tell how long the device took to get traffic flowing again after each cut.
+//! dead mobile link looks to both ends). It records when bytes the broker sent while the link was
+//! up reached the device, so the test can tell how long the device took to get traffic flowing
+//! again after each cut.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,7 @@ struct State {
 pub struct FlakyProxy {
     pub addr: SocketAddr,
     state: watch::Sender<State>,
-    /// When bytes from upstream were last delivered to the device, in order.
+    /// When bytes the broker sent while the link was up reached the device, in order.
     downstream: Arc<Mutex<Vec<Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -149,6 +150,7 @@ async fn pump(
                 continue;
             }
         };
+        let fresh = (rx.borrow().link == Link::Up).then(Instant::now);
         // Hold the bytes while the link is a blackhole; give up on a reset.
         loop {
             let s = *rx.borrow_and_update();
@@ -165,11 +167,13 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
-        if let Some(times) = &record {
+        // Only bytes the broker sent while the link was up count as traffic flowing again:
+        // bytes held through a blackhole and let go when it lifts prove nothing.
+        if let (Some(times), Some(read_at)) = (&record, fresh) {
             times
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(Instant::now());
+                .push(read_at);
         }
     }
 }

@@ -10,7 +10,7 @@
 //! semantics (shared, reserved, pending and exclusive file locks; shared and exclusive WAL
 //! index slots), so several connections work as on a real disk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -83,7 +83,8 @@ impl std::fmt::Debug for Armed {
 struct Disk {
     armed: Option<Armed>,
     fired: Option<CutReport>,
-    files: HashMap<String, File>,
+    /// Ordered, so a cut's random draws go to the files in the same order every run.
+    files: BTreeMap<String, File>,
     locks: HashMap<String, Locks>,
     shm: HashMap<String, Shm>,
     next_handle: u64,
@@ -207,10 +208,13 @@ impl PowerCut {
     }
     /// Forgets every file under `dir` (a run that is over).
     pub fn forget(&self, dir: &str) {
+        let dir = under(dir);
         let mut d = self.disk();
-        d.files.retain(|p, _| !p.starts_with(dir));
-        d.shm.retain(|p, _| !p.starts_with(dir));
-        d.locks.retain(|p, _| !p.starts_with(dir));
+        d.files.retain(|p, _| !p.starts_with(&dir));
+        // A WAL index still mapped by a connection stays: SQLite holds pointers into it.
+        d.shm
+            .retain(|p, shm| !p.starts_with(&dir) || !shm.users.is_empty());
+        d.locks.retain(|p, _| !p.starts_with(&dir));
     }
 }
 
@@ -219,7 +223,8 @@ impl Disk {
     fn cut(&mut self, dir: &str, to: &str, mut choose: impl FnMut(u64) -> u64) -> CutReport {
         let mut report = CutReport::default();
         let mut images = Vec::new();
-        for (path, file) in self.files.iter().filter(|(p, _)| p.starts_with(dir)) {
+        let dir = under(dir);
+        for (path, file) in self.files.iter().filter(|(p, _)| p.starts_with(&dir)) {
             report.files += 1;
             // Take every unsynced change back, newest first: what was synced.
             let mut image = file.data.clone();
@@ -276,7 +281,7 @@ impl Disk {
                     }
                 }
             }
-            let name = format!("{to}{}", &path[dir.len()..]);
+            let name = format!("{}{}", under(to), &path[dir.len()..]);
             images.push((name, image));
         }
         for (name, data) in images {
@@ -294,7 +299,7 @@ impl Disk {
     /// Counts an operation on `path`; fires the armed cut when its count is reached.
     fn count_op(&mut self, path: &str) {
         let due = match self.armed.as_mut() {
-            Some(a) if path.starts_with(&a.dir) => {
+            Some(a) if path.starts_with(&under(&a.dir)) => {
                 a.left -= 1;
                 a.left == 0
             }
@@ -313,6 +318,11 @@ impl Disk {
             self.fired = Some(report);
         }
     }
+}
+
+/// `dir` as a prefix of the paths inside it (so `agent-1` does not take in `agent-10`).
+fn under(dir: &str) -> String {
+    format!("{}/", dir.trim_end_matches('/'))
 }
 
 fn busy<T>() -> VfsResult<T> {

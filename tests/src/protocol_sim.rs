@@ -7,7 +7,7 @@
 //! so a run is a function of its seed: a failure prints its seed, and `larder-protocol-sim
 //! --first SEED --seeds 1` replays it exactly. Faults, all drawn from the seed:
 //! - messages dropped, duplicated (1 to 5 extra copies), delayed and reordered, bit-flipped;
-//! - partitions of a device lasting minutes to a day and a half;
+//! - partitions of a device lasting ten seconds to a day and a half;
 //! - crashes and restarts of agents and of the hub: what was not on the simulated disk is lost
 //!   (a hub crash loses its uncommitted group, whose envelopes were never acknowledged);
 //! - device clocks skewed by up to a day and stepped backwards by up to a day;
@@ -18,7 +18,9 @@
 //!
 //! Checked during the run: the hub never acknowledges what it has not committed, so nothing a
 //! device was told is safe is lost by a hub crash; no stream entry is applied twice by the hub
-//! or a device; no honest, intact envelope is refused for any reason but a replay; no link
+//! or a device; no sender signs two envelopes with one sequence number (across crashes); no
+//! honest, intact envelope is refused for any reason but a replay (a copy the network made)
+//! or its sender's revocation; no link
 //! with work pending stalls longer than [`STALL_MAX_MS`]. Checked at the end, after the faults
 //! stop and the system drains: every replica of every ledger converges with the hub's; the hub
 //! holds every local change of every device (for the revoked one, every change it had
@@ -292,6 +294,10 @@ struct World {
     captured: Vec<Captured>,
     forged: HashSet<[u8; 32]>,
     forger: SecretKey,
+    /// Envelope sequence numbers each sender signed (the hub is `usize::MAX`): never twice.
+    signed: HashSet<(usize, u64)>,
+    /// A broken invariant found where no error can be returned; reported after the event.
+    violation: Option<String>,
     report: ProtoReport,
 }
 
@@ -322,6 +328,9 @@ pub fn run(cfg: ProtoConfig) -> Result<ProtoReport, String> {
         w.now = t;
         let draining = matches!(ev, Ev::Drain);
         w.handle(ev)?;
+        if let Some(v) = w.violation.take() {
+            return fail(cfg.seed, v);
+        }
         w.watch_stalls()?;
         if draining {
             drain_from = Some(t);
@@ -434,6 +443,8 @@ impl World {
             captured: Vec::new(),
             forged: HashSet::new(),
             forger,
+            signed: HashSet::new(),
+            violation: None,
             report: ProtoReport {
                 seed: cfg.seed,
                 ..ProtoReport::default()
@@ -869,6 +880,9 @@ impl World {
         if let Some(r) = reserve {
             dev.disk.seq_reserved = r;
         }
+        if !self.signed.insert((d, seq)) {
+            self.violation = Some(format!("{} signed envelope seq {seq} twice", dev.id));
+        }
         let env = Envelope {
             header: Header {
                 region: self.region.clone(),
@@ -1120,6 +1134,9 @@ impl World {
         let (seq, reserve) = h.seqs.allocate();
         if let Some(r) = reserve {
             self.hub_disk.seq_reserved = r;
+        }
+        if !self.signed.insert((usize::MAX, seq)) {
+            self.violation = Some(format!("the hub signed envelope seq {seq} twice"));
         }
         let env = Envelope {
             header: Header {

@@ -429,3 +429,30 @@ fn a_sale_returns_the_views_the_document_gives() {
     );
     assert!(matches!(again, Err(LedgerError::InsufficientStock { .. })));
 }
+
+/// A peer's op on the document root (where the genesis change put the maps) could replace a
+/// map and break every later load: refused, and the ledger unchanged.
+#[test]
+fn a_peer_change_writing_the_root_is_refused() {
+    let mut hub = Ledger::new(fridge(), actor_for(&dev("hub"))).expect("ledger");
+    let mut peer = Ledger::new(fridge(), actor_for(&dev("pos-1"))).expect("ledger");
+    let mut tx = peer.doc.transaction();
+    tx.put(ROOT, "units", "gone").expect("put");
+    tx.commit();
+    let bytes = peer
+        .doc
+        .get_last_local_change()
+        .expect("a change")
+        .raw_bytes()
+        .to_vec();
+    let before = hub.heads_digest();
+    assert!(matches!(
+        hub.apply_changes(&[bytes]),
+        Err(LedgerError::BadChange(_))
+    ));
+    assert_eq!(hub.heads_digest(), before);
+    // The genesis change every replica holds passes as the no-op it is.
+    let genesis = hub.doc.get_changes(&[])[0].raw_bytes().to_vec();
+    hub.apply_changes(&[genesis])
+        .expect("a change already held");
+}

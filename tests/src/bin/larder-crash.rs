@@ -302,13 +302,24 @@ async fn agent_run(seed: u64, points: usize) -> Result<String> {
     ))
 }
 
-/// One image of the agent's disk after a cut, checked with SQL: intact, every acknowledged
-/// sale of the burst present, and each sale of the burst whole or absent. Answers how many
-/// sales of the burst it holds.
-fn check_image(db: &str, prefix: &str, acked: &[(String, String)]) -> Result<usize> {
+/// One image of the agent's disk after a cut, checked with SQL: intact, the `earlier` sales
+/// of past bursts all there, every acknowledged sale of the burst present, and each sale of the
+/// burst whole or absent. Answers how many sales of the burst it holds.
+fn check_image(
+    db: &str,
+    prefix: &str,
+    earlier: usize,
+    acked: &[(String, String)],
+) -> Result<usize> {
     let conn = rusqlite::Connection::open(db)?;
     let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     ensure!(integrity == "ok", "integrity_check: {integrity}");
+    let orders: i64 = conn.query_row("SELECT count(*) FROM orders", [], |r| r.get(0))?;
+    ensure!(
+        orders as usize >= earlier + acked.len(),
+        "{orders} orders on disk; past bursts made {earlier} and {} were acknowledged since",
+        acked.len()
+    );
     for (order, unit) in acked {
         let state: Option<String> = conn
             .query_row(
@@ -473,7 +484,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
             images += 1;
             fired_here += 1;
             totals.add(report);
-            let held = check_image(&db(&image), &prefix, &acked_then)
+            let held = check_image(&db(&image), &prefix, acked_all.len(), &acked_then)
                 .with_context(|| format!("cut {images} (burst {burst}, at an I/O point)"))?;
             in_flight_max = in_flight_max.max(held - acked_then.len());
             vfs.forget(&image);
@@ -492,7 +503,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
         let image = format!("{root}/agent-{}", burst + 1);
         totals.add(vfs.cut(&data, &image, |n| draw.below(n)));
         images += 1;
-        let held = check_image(&db(&image), &prefix, &last_acked)
+        let held = check_image(&db(&image), &prefix, acked_all.len(), &last_acked)
             .with_context(|| format!("cut {images} (burst {burst}, restarted)"))?;
         in_flight_max = in_flight_max.max(held - last_acked.len());
         let old_data = std::mem::replace(&mut data, image);

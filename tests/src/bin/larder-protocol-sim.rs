@@ -67,7 +67,12 @@ fn main() {
                                 pos: args.pos,
                                 hours: args.hours,
                             };
-                            (*seed, run(cfg))
+                            // A panic is a failure of its seed, not a lost worker.
+                            let result =
+                                std::panic::catch_unwind(|| run(cfg)).unwrap_or_else(|_| {
+                                    Err(format!("seed {seed}: panicked (see above)"))
+                                });
+                            (*seed, result)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -75,11 +80,15 @@ fn main() {
             .collect();
         let mut all: Vec<_> = handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![(0, Err("a worker thread died".to_owned()))])
+            })
             .collect();
         all.sort_by_key(|(seed, _)| *seed);
         all
     });
+    let results_len = results.len();
     let mut failed = 0u64;
     let mut t = ProtoReport::default();
     let mut refused: BTreeMap<&str, u64> = BTreeMap::new();
@@ -126,13 +135,16 @@ fn main() {
             }
             Err(e) => {
                 failed += 1;
-                println!("FAILED {e} (replay: --first {seed} --seeds 1 --verbose)");
+                println!(
+                    "FAILED {e} (replay: --first {seed} --seeds 1 --fridges {} --pos {} --hours {} --verbose)",
+                    args.fridges, args.pos, args.hours
+                );
             }
         }
     }
+    let ran = results_len;
     println!(
-        "{} seeds in {:.1} s: {failed} failed; {} local changes, {} envelopes ({} dropped, {} duplicated, {} corrupted), {} partitions, {} agent and {} hub crashes ({} uncommitted changes lost and resent), {} clock steps back, {} devices revoked, {} attacks; the hub refused {:?}; longest wait with work pending {:.1} s",
-        args.seeds,
+        "{ran} seeds in {:.1} s: {failed} failed; {} local changes, {} envelopes ({} dropped, {} duplicated, {} corrupted), {} partitions, {} agent and {} hub crashes ({} uncommitted changes lost and resent), {} clock steps back, {} devices revoked, {} attacks; the hub refused {:?}; longest wait with work pending {:.1} s",
         started.elapsed().as_secs_f64(),
         t.local_changes,
         t.envelopes_sent,
@@ -149,7 +161,7 @@ fn main() {
         refused,
         t.longest_stall_ms as f64 / 1000.0
     );
-    if failed > 0 {
+    if failed > 0 || ran as u64 != args.seeds {
         std::process::exit(1);
     }
 }

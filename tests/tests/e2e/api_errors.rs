@@ -181,6 +181,17 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         (422, Some("invalid_request")),
         "{b}"
     );
+    // So is a method a route does not take.
+    let (s, b) = call(
+        c.delete(format!("{url}/v1/regions"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{b}"
+    );
     for (method, template, allowed) in routes {
         let path = template
             .replace("{r}", "demo")
