@@ -277,19 +277,7 @@ async fn agent_run(seed: u64, points: usize) -> Result<String> {
     }
 
     synced(&agent.url, Duration::from_secs(120)).await?;
-    let hub_orders = hub_orders(&hub_url).await?;
-    let ids: BTreeSet<&String> = hub_orders.iter().map(|(o, _)| o).collect();
-    let units: BTreeSet<&String> = hub_orders.iter().map(|(_, u)| u).collect();
-    ensure!(
-        units.len() == hub_orders.len(),
-        "a unit sold in two orders at the hub"
-    );
-    for (order, _) in &acked_all {
-        ensure!(
-            ids.contains(order),
-            "acknowledged order {order} never reached the hub"
-        );
-    }
+    let hub_orders = hub_holds(&hub_url, &acked_all).await?;
     drop(agent);
     hub.shutdown().await;
     Ok(format!(
@@ -551,36 +539,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
     }
     let bursts = burst;
     synced(&url, Duration::from_secs(120)).await?;
-    // The hub lists at most 10,000 orders: those beyond are fetched one by one.
-    let mut hub_orders = hub_orders(&hub_url).await?;
-    let listed: BTreeSet<String> = hub_orders.iter().map(|(o, _)| o.clone()).collect();
-    let client = http();
-    for (order, _) in &acked_all {
-        if listed.contains(order) {
-            continue;
-        }
-        let o: Value = client
-            .get(format!(
-                "{hub_url}/v1/regions/{}/orders/{order}",
-                larder_hub::demo::REGION
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await?
-            .json()
-            .await?;
-        let unit = o["lines"][0]["unit_ids"][0].as_str();
-        ensure!(
-            o["order_id"] == order.as_str() && unit.is_some(),
-            "acknowledged order {order} never reached the hub: {o}"
-        );
-        hub_orders.push((order.clone(), unit.unwrap_or_default().to_owned()));
-    }
-    let units: BTreeSet<&String> = hub_orders.iter().map(|(_, u)| u).collect();
-    ensure!(
-        units.len() == hub_orders.len(),
-        "a unit sold in two orders at the hub"
-    );
+    let hub_orders = hub_holds(&hub_url, &acked_all).await?;
     let (writes, syncs) = vfs.counts();
     agent.shutdown().await;
     hub.shutdown().await;
@@ -616,6 +575,41 @@ async fn sell_round(url: &str, prefix: &str) -> Result<Vec<(String, String)>> {
         ));
     }
     Ok(out)
+}
+
+/// Checks the hub holds every acknowledged order and no unit in two orders; answers the
+/// orders seen. The hub lists at most 10,000 orders: those beyond are fetched one by one.
+async fn hub_holds(hub_url: &str, acked: &[(String, String)]) -> Result<Vec<(String, String)>> {
+    let mut seen = hub_orders(hub_url).await?;
+    let listed: BTreeSet<String> = seen.iter().map(|(o, _)| o.clone()).collect();
+    let client = http();
+    for (order, _) in acked {
+        if listed.contains(order) {
+            continue;
+        }
+        let o: Value = client
+            .get(format!(
+                "{hub_url}/v1/regions/{}/orders/{order}",
+                larder_hub::demo::REGION
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let unit = o["lines"][0]["unit_ids"][0].as_str();
+        ensure!(
+            o["order_id"] == order.as_str() && unit.is_some(),
+            "acknowledged order {order} never reached the hub: {o}"
+        );
+        seen.push((order.clone(), unit.unwrap_or_default().to_owned()));
+    }
+    let units: BTreeSet<&String> = seen.iter().map(|(_, u)| u).collect();
+    ensure!(
+        units.len() == seen.len(),
+        "a unit sold in two orders at the hub"
+    );
+    Ok(seen)
 }
 
 /// Every order at the hub with its first unit.
