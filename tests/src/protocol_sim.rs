@@ -40,6 +40,8 @@ use larder_shared::reliable::{
 };
 use larder_shared::{DeviceId, FridgeId, OrderId, RegionId, Sku, UnitId};
 
+use crate::sim::Rng;
+
 const SECOND: i64 = 1_000;
 const MINUTE: i64 = 60 * SECOND;
 const HOUR: i64 = 60 * MINUTE;
@@ -105,40 +107,6 @@ pub struct ProtoReport {
     pub device_refused: BTreeMap<&'static str, u64>,
     pub longest_stall_ms: i64,
     pub drain_ms: i64,
-}
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1).max(1) as u64) as i64
-    }
-    /// An exponentially distributed wait with the given mean.
-    fn exp(&mut self, mean: i64) -> i64 {
-        let u = ((self.next() >> 11) as f64 + 1.0) / ((1u64 << 53) as f64 + 1.0);
-        ((-u.ln()) * mean as f64).max(1.0) as i64
-    }
-    fn seed32(&mut self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for chunk in out.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        out
-    }
 }
 
 #[derive(Debug)]
