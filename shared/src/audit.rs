@@ -62,6 +62,51 @@ pub fn sign_head(key: &SecretKey, device: &DeviceId, seq: u64, hash: &[u8; 32]) 
         .to_vec()
 }
 
+/// One device's signed chain head to check: the key, the device, the head's sequence number and
+/// hash, and the signature the device sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub key: &'a PublicKey,
+    pub device: &'a DeviceId,
+    pub seq: u64,
+    pub hash: &'a [u8; 32],
+    pub sig: &'a [u8],
+}
+
+/// Checks many head signatures at once (one Ed25519 batch, see [`crate::keys::verify_batch`]);
+/// answers, for each, what [`verify_head`] would.
+pub fn verify_heads(heads: &[Head<'_>]) -> Vec<bool> {
+    let parsed: Vec<Option<(Vec<u8>, Signature)>> = heads
+        .iter()
+        .map(|h| {
+            let sig = <[u8; SIGNATURE_LEN]>::try_from(h.sig).ok()?;
+            Some((head_message(h.device, h.seq, h.hash), Signature(sig)))
+        })
+        .collect();
+    let checks: Vec<(usize, crate::keys::Signed<'_>)> = parsed
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let (message, sig) = p.as_ref()?;
+            Some((
+                i,
+                crate::keys::Signed {
+                    key: heads[i].key,
+                    domain: HEAD_DOMAIN,
+                    message,
+                    sig,
+                },
+            ))
+        })
+        .collect();
+    let mut ok = vec![false; heads.len()];
+    let verdicts = crate::keys::verify_batch(&checks.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    for ((i, _), v) in checks.iter().zip(verdicts) {
+        ok[*i] = v;
+    }
+    ok
+}
+
 /// Checks a head signature made by [`sign_head`].
 pub fn verify_head(
     key: &PublicKey,
@@ -122,5 +167,32 @@ mod tests {
             &sig
         ));
         assert!(!verify_head(&key.public(), &d, 1, &base, &sig[..63]));
+        // The batch gives each head the verdict `verify_head` gives it.
+        let other = SecretKey::from_seed([5; 32]).public();
+        let public = key.public();
+        let cases = [
+            (&public, 1, &base, &sig[..]),
+            (&public, 2, &base, &sig[..]),
+            (&public, 1, &variants[0], &sig[..]),
+            (&other, 1, &base, &sig[..]),
+            (&public, 1, &base, &sig[..63]),
+            (&public, 1, &base, &sig[..]),
+        ];
+        let heads: Vec<Head<'_>> = cases
+            .iter()
+            .map(|&(key, seq, hash, sig)| Head {
+                key,
+                device: &d,
+                seq,
+                hash,
+                sig,
+            })
+            .collect();
+        let single: Vec<bool> = cases
+            .iter()
+            .map(|&(key, seq, hash, sig)| verify_head(key, &d, seq, hash, sig))
+            .collect();
+        assert_eq!(single, [true, false, false, false, false, true]);
+        assert_eq!(verify_heads(&heads), single);
     }
 }

