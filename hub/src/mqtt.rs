@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use larder_shared::envelope::{Body, BoxKey, Envelope, Header, Party};
+use larder_shared::envelope::{Body, BoxKey, Entry, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
@@ -302,6 +302,62 @@ struct HubLink {
     boxes: HashMap<(RegionId, DeviceId), BoxKey>,
     /// Devices online per region (the `devices_online` gauge).
     online: HashMap<RegionId, i64>,
+    /// Each region's head at the last pump over every device.
+    pumped: HashMap<RegionId, u64>,
+}
+
+/// Most changes one shared downlink read holds; a longer range is read per device.
+const SHARED_READ_MAX: u64 = 16_384;
+
+/// One pump pass's read of a region's changes in `(after, head]`, made when the first device
+/// needs it.
+enum SharedRead {
+    Unread {
+        after: u64,
+        head: u64,
+    },
+    Read {
+        after: u64,
+        head: u64,
+        rows: Arc<Vec<(String, Entry)>>,
+    },
+    /// The range was too long or the read failed: devices read their own.
+    Unusable,
+}
+
+impl SharedRead {
+    /// The rows, when they hold everything a device that lacks nothing up to `known` can be
+    /// sent up to `head`.
+    async fn covering(
+        &mut self,
+        known: u64,
+        head: u64,
+        reads: &Arc<crate::store::RegionReads>,
+    ) -> Option<Arc<Vec<(String, Entry)>>> {
+        if let SharedRead::Unread { after, head: upto } = *self {
+            let reads = Arc::clone(reads);
+            let read = tokio::task::spawn_blocking(move || {
+                reads.changes_between(after, upto, SHARED_READ_MAX)
+            })
+            .await;
+            *self = match read {
+                Ok(Ok(rows)) if (rows.len() as u64) < SHARED_READ_MAX => SharedRead::Read {
+                    after,
+                    head: upto,
+                    rows: Arc::new(rows),
+                },
+                _ => SharedRead::Unusable,
+            };
+        }
+        match self {
+            SharedRead::Read {
+                after,
+                head: read_head,
+                rows,
+            } if known >= *after && head == *read_head => Some(rows.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The devices an event may have given downlink work to.
@@ -418,6 +474,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         revocations_checked_ms: 0,
         boxes: HashMap::new(),
         online: HashMap::new(),
+        pumped: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
@@ -469,10 +526,13 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                 None => break,
             },
             Some((region, device, outcome)) = outcomes_rx.recv() => {
-                link.on_outcome(&client, region.clone(), device.clone(), outcome).await;
-                Scope::Device((region, device))
+                link.on_outcome(&client, region, device, outcome).await
             }
-            Some(()) = head_rx.recv() => Scope::All,
+            Some(()) = head_rx.recv() => {
+                // Heads that moved meanwhile are all served by this one pass.
+                while head_rx.try_recv().is_ok() {}
+                Scope::All
+            }
             _ = tick.tick() => {
                 let now = larder_agent::writer::now_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
@@ -734,14 +794,23 @@ impl HubLink {
         })
     }
 
+    /// Publishes what an uplink's outcome calls for; answers the device when its downlink may
+    /// have work (it came online, acknowledged, or changed keys). The changes an accepted
+    /// uplink adds reach the other devices through the head it moves.
     async fn on_outcome(
         &mut self,
         client: &AsyncClient,
         region: RegionId,
         device: DeviceId,
         outcome: UplinkOutcome,
-    ) {
+    ) -> Scope {
         let key = (region.clone(), device.clone());
+        let mut scope = match outcome {
+            UplinkOutcome::DownAcked(_) | UplinkOutcome::KeyRotated(_) => {
+                Scope::Device(key.clone())
+            }
+            UplinkOutcome::Ack(_) | UplinkOutcome::Rejected(_) => Scope::None,
+        };
         if !matches!(outcome, UplinkOutcome::Rejected(_))
             && !self
                 .devices
@@ -750,6 +819,7 @@ impl HubLink {
         {
             // Accepted traffic means the device is online even if its presence was missed.
             self.set_presence(&region, &device, true).await;
+            scope = Scope::Device(key.clone());
         }
         match outcome {
             UplinkOutcome::Ack(ack) => {
@@ -789,6 +859,7 @@ impl HubLink {
             }
             UplinkOutcome::Rejected(_) => {}
         }
+        scope
     }
 
     /// Sends every online device the changes it lacks, within its window.
@@ -796,11 +867,25 @@ impl HubLink {
         if !self.connected {
             return;
         }
+        let all = matches!(scope, Scope::All);
         let keys: Vec<(RegionId, DeviceId)> = match scope {
             Scope::None => return,
             Scope::Device(key) => vec![key],
             Scope::All => self.devices.keys().cloned().collect(),
         };
+        // A pass over every device shares one read of what each region committed since the
+        // last such pass among the devices caught up to it: one read per region, not per device.
+        let mut shared: HashMap<RegionId, SharedRead> = HashMap::new();
+        if all {
+            for (region, handle) in &self.ctx.regions {
+                let head = *handle.head.borrow();
+                if let Some(after) = self.pumped.insert(region.clone(), head)
+                    && after < head
+                {
+                    shared.insert(region.clone(), SharedRead::Unread { after, head });
+                }
+            }
+        }
         let now = larder_agent::writer::now_ms();
         let beacon_every = (self.ctx.sync.time_beacon_interval_seconds * 1000) as i64;
         for key in keys {
@@ -836,15 +921,38 @@ impl HubLink {
                 if d.idle == Some((window.after, head)) {
                     break;
                 }
-                let reads = reads_pool.clone();
+                // How far the device is known to lack nothing: its window, or further when
+                // its last read found nothing for it up to a later head.
+                let known = match d.idle {
+                    Some((after, h)) if after == window.after => h,
+                    _ => window.after,
+                };
                 let (device, fridges) = (key.1.clone(), d.fridges.clone());
-                let read = tokio::task::spawn_blocking(move || {
-                    reads.downlink_after(&device, &fridges, window.after, window.entries_max)
-                })
-                .await;
-                let Ok(Ok(entries)) = read else {
-                    warn!(device = %key.1, "reading the downlink failed");
-                    break;
+                let rows = match shared.get_mut(&key.0) {
+                    Some(read) => read.covering(known, head, &reads_pool).await,
+                    None => None,
+                };
+                let entries = if let Some(rows) = rows {
+                    rows.iter()
+                        .filter(|(author, e)| {
+                            e.seq > window.after
+                                && author.as_str() != device.as_str()
+                                && fridges.contains(&e.ledger)
+                        })
+                        .take(window.entries_max as usize)
+                        .map(|(_, e)| e.clone())
+                        .collect()
+                } else {
+                    let reads = reads_pool.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        reads.downlink_after(&device, &fridges, window.after, window.entries_max)
+                    })
+                    .await;
+                    let Ok(Ok(entries)) = read else {
+                        warn!(device = %key.1, "reading the downlink failed");
+                        break;
+                    };
+                    entries
                 };
                 let Some(batch) = build_batch(window, entries, head) else {
                     break;

@@ -780,6 +780,45 @@ impl RegionReads {
         })
     }
 
+    /// Every change with a sequence number in `(after, up_to]`, with its author, in order, at
+    /// most `limit` of them: one read the downlink pump shares among all devices that are
+    /// caught up to `after`, instead of one [`Self::downlink_after`] each.
+    pub fn changes_between(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<(String, Entry)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, ledger, bytes, epoch, kind, author FROM changes
+                 WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![after as i64, up_to as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, u32>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, ledger, change, epoch, kind, author) = row?;
+                if let Ok(ledger) = FridgeId::new(ledger) {
+                    let mut entry = Entry::change(id as u64, ledger, epoch, change);
+                    if kind == KIND_REBASE {
+                        entry.kind = larder_shared::envelope::EntryKind::Rebase;
+                    }
+                    out.push((author, entry));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     /// The downlink stream of a device: changes to its ledgers by other authors after `after`.
     pub fn downlink_after(
         &self,
