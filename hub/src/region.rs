@@ -317,6 +317,113 @@ type StockCache = (
     Arc<std::collections::HashMap<String, crate::subscriptions::StockCount>>,
 );
 
+/// What a group knows of its senders: their device rows as committed before the group, read
+/// once each, and their stream progress as the group has moved it.
+#[derive(Debug, Default)]
+struct GroupDevices {
+    known: HashMap<DeviceId, (DeviceRecord, Progress)>,
+    progress: HashMap<DeviceId, Progress>,
+}
+
+/// Groups smaller than this are prechecked on the writer thread alone.
+const PRECHECK_SPLIT_MIN: usize = 64;
+
+/// An uplink for the batch check: its place in the group, the envelope, its bytes, the
+/// sender's current key and the box its body is sealed with.
+type PrecheckItem<'a> = (
+    usize,
+    envelope::Unverified,
+    &'a [u8],
+    larder_shared::PublicKey,
+    &'a envelope::BoxKey,
+);
+
+/// Batch-checks some of a group's uplinks (see [`RegionWriter::precheck`]).
+fn precheck_part(items: Vec<PrecheckItem<'_>>) -> Vec<(usize, Prechecked)> {
+    let mut rest = Vec::with_capacity(items.len());
+    let mut batch = Vec::with_capacity(items.len());
+    for (i, opened, payload, key, device_box) in items {
+        rest.push((i, key, device_box));
+        batch.push((opened, payload, key));
+    }
+    let mut opened = Vec::new();
+    for ((i, signer, device_box), verified) in rest.into_iter().zip(envelope::verify_batch(batch)) {
+        if let Some(envelope) = verified.and_then(|v| v.open_sealed(&[device_box]).ok()) {
+            opened.push((i, envelope, signer));
+        }
+    }
+    // The audit head each batch of changes claims: its last entry's chain hash, computed from
+    // the links the entries carry (`uplink` checks the first link against the chain it holds).
+    let heads: Vec<Option<(u64, [u8; 32])>> = opened
+        .iter()
+        .map(|(_, envelope, _)| {
+            let Body::Changes(b) = &envelope.body else {
+                return None;
+            };
+            let Party::Device(device) = &envelope.header.sender else {
+                return None;
+            };
+            let mut head = b.entries.first()?.prev?;
+            for e in &b.entries {
+                if e.prev != Some(head) {
+                    return None;
+                }
+                let digest = larder_shared::audit::change_digest(&e.change);
+                head = larder_shared::audit::entry_hash(
+                    &head, device, e.seq, &e.ledger, e.epoch, &digest,
+                );
+            }
+            Some((b.entries.last()?.seq, head))
+        })
+        .collect();
+    let checks: Vec<(usize, larder_shared::audit::Head<'_>)> = opened
+        .iter()
+        .zip(&heads)
+        .enumerate()
+        .filter_map(|(k, ((_, envelope, signer), head))| {
+            let (seq, hash) = head.as_ref()?;
+            let Body::Changes(b) = &envelope.body else {
+                return None;
+            };
+            let Party::Device(device) = &envelope.header.sender else {
+                return None;
+            };
+            Some((
+                k,
+                larder_shared::audit::Head {
+                    key: signer,
+                    device,
+                    seq: *seq,
+                    hash,
+                    sig: b.head_sig.as_deref()?,
+                },
+            ))
+        })
+        .collect();
+    let verdicts =
+        larder_shared::audit::verify_heads(&checks.iter().map(|(_, h)| *h).collect::<Vec<_>>());
+    let mut head_ok = vec![false; opened.len()];
+    for ((k, _), ok) in checks.iter().zip(verdicts) {
+        head_ok[*k] = ok;
+    }
+    drop(checks);
+    opened
+        .into_iter()
+        .zip(heads)
+        .zip(head_ok)
+        .map(|(((i, envelope, signer), head), ok)| {
+            (
+                i,
+                Prechecked {
+                    envelope,
+                    signer,
+                    head: head.filter(|_| ok),
+                },
+            )
+        })
+        .collect()
+}
+
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
 /// signature covers their last link (unless the group's batch check already verified that
 /// signature, `verified_head`); returns their audit rows.
@@ -549,8 +656,8 @@ impl RegionWriter {
         let mut in_group: HashMap<String, (String, ApiAnswer)> = HashMap::new();
         let mut batch = RegionBatch::default();
         let mut pending = Vec::new();
-        let mut progress: HashMap<DeviceId, Progress> = HashMap::new();
-        let mut prechecked = self.precheck(&group);
+        let mut devices = GroupDevices::default();
+        let mut prechecked = self.precheck(&group, &mut devices.known);
         for (i, cmd) in group.into_iter().enumerate() {
             match cmd {
                 RegionCommand::Uplink {
@@ -560,7 +667,7 @@ impl RegionWriter {
                 } => {
                     let pre = prechecked.remove(&i);
                     let outcome =
-                        self.uplink(&topic_device, &payload, pre, &mut progress, &mut batch, now);
+                        self.uplink(&topic_device, &payload, pre, &mut devices, &mut batch, now);
                     match outcome {
                         UplinkOutcome::Rejected(reason) => {
                             self.metrics.rejected(self.region.as_str(), reason);
@@ -678,7 +785,7 @@ impl RegionWriter {
                 RegionCommand::Stop => {}
             }
         }
-        for (device, p) in progress {
+        for (device, p) in devices.progress {
             batch.progress.push((device, p, now));
         }
         if let Err(e) = self.apply_staged(&mut batch) {
@@ -986,13 +1093,20 @@ impl RegionWriter {
 
     /// Checks the signatures of a group's uplinks all at once, under each sender's current
     /// key: the envelopes' signatures in one Ed25519 batch, then the audit heads they carry in
-    /// another (a third of the cost of checking each alone, see `keys::verify_batch`).
+    /// another (a third of the cost of checking each alone, see `keys::verify_batch`). A large
+    /// group is split in two halves checked on two threads.
     ///
     /// This only saves [`RegionWriter::uplink`] its signature work: `uplink` still decides
     /// every envelope by every rule, and checks one by one whatever is not here (a retired
     /// key's envelope, a forgery, a broken chain). Answers, by the command's place in the
-    /// group, the envelopes that verified and opened.
-    fn precheck(&mut self, group: &[RegionCommand]) -> HashMap<usize, Prechecked> {
+    /// group, the envelopes that verified and opened; `known` gets each sender's device row,
+    /// read once for the group (the group's own enrollments and revocations are committed with
+    /// it, so they cannot change what these reads answer).
+    fn precheck(
+        &mut self,
+        group: &[RegionCommand],
+        known: &mut HashMap<DeviceId, (DeviceRecord, Progress)>,
+    ) -> HashMap<usize, Prechecked> {
         let mut candidates = Vec::new();
         for (i, cmd) in group.iter().enumerate() {
             let RegionCommand::Uplink {
@@ -1009,103 +1123,44 @@ impl RegionWriter {
             if opened.header().sender != Party::Device(topic_device.clone()) {
                 continue;
             }
-            let Ok(Some((record, _))) = self.store.device(topic_device) else {
+            if !known.contains_key(topic_device) {
+                let Ok(Some(row)) = self.store.device(topic_device) else {
+                    continue;
+                };
+                known.insert(topic_device.clone(), row);
+            }
+            let Some((record, _)) = known.get(topic_device) else {
                 continue;
             };
             if record.revoked_at_ms.is_none() {
-                candidates.push((i, (opened, payload.as_ref(), record.public_key)));
+                let key = record.public_key;
+                self.device_box(key);
+                candidates.push((i, opened, payload.as_ref(), key));
             }
         }
-        if candidates.is_empty() {
-            return HashMap::new();
-        }
-        let (places, items): (Vec<usize>, Vec<_>) = candidates.into_iter().unzip();
-        let keys: Vec<larder_shared::PublicKey> = items.iter().map(|(_, _, k)| *k).collect();
-        let mut opened = Vec::new();
-        for ((i, verified), signer) in places
+        let boxes = &self.boxes;
+        let items: Vec<PrecheckItem<'_>> = candidates
             .into_iter()
-            .zip(envelope::verify_batch(items))
-            .zip(keys)
-        {
-            let Some(verified) = verified else {
-                continue;
-            };
-            let device_box = self.device_box(signer);
-            if let Ok(envelope) = verified.open_sealed(&[device_box]) {
-                opened.push((i, envelope, signer));
-            }
+            .filter_map(|(i, opened, payload, key)| {
+                Some((i, opened, payload, key, boxes.get(&key)?))
+            })
+            .collect();
+        if items.len() < PRECHECK_SPLIT_MIN {
+            return precheck_part(items).into_iter().collect();
         }
-        // The audit head each batch of changes claims: its last entry's chain hash, computed
-        // from the links the entries carry (`uplink` checks the first link against the chain
-        // it holds).
-        let heads: Vec<Option<(u64, [u8; 32])>> = opened
-            .iter()
-            .map(|(_, envelope, _)| {
-                let Body::Changes(b) = &envelope.body else {
-                    return None;
-                };
-                let Party::Device(device) = &envelope.header.sender else {
-                    return None;
-                };
-                let mut head = b.entries.first()?.prev?;
-                for e in &b.entries {
-                    if e.prev != Some(head) {
-                        return None;
-                    }
-                    let digest = larder_shared::audit::change_digest(&e.change);
-                    head = larder_shared::audit::entry_hash(
-                        &head, device, e.seq, &e.ledger, e.epoch, &digest,
-                    );
+        let mut first = items;
+        let second = first.split_off(first.len() / 2);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(move || precheck_part(second));
+            let mut found: HashMap<usize, Prechecked> = precheck_part(first).into_iter().collect();
+            match other.join() {
+                Ok(more) => found.extend(more),
+                Err(_) => {
+                    error!("a precheck thread panicked; its envelopes are checked one by one")
                 }
-                Some((b.entries.last()?.seq, head))
-            })
-            .collect();
-        let checks: Vec<(usize, larder_shared::audit::Head<'_>)> = opened
-            .iter()
-            .zip(&heads)
-            .enumerate()
-            .filter_map(|(k, ((_, envelope, signer), head))| {
-                let (seq, hash) = head.as_ref()?;
-                let Body::Changes(b) = &envelope.body else {
-                    return None;
-                };
-                let Party::Device(device) = &envelope.header.sender else {
-                    return None;
-                };
-                Some((
-                    k,
-                    larder_shared::audit::Head {
-                        key: signer,
-                        device,
-                        seq: *seq,
-                        hash,
-                        sig: b.head_sig.as_deref()?,
-                    },
-                ))
-            })
-            .collect();
-        let verdicts =
-            larder_shared::audit::verify_heads(&checks.iter().map(|(_, h)| *h).collect::<Vec<_>>());
-        let mut head_ok = vec![false; opened.len()];
-        for ((k, _), ok) in checks.iter().zip(verdicts) {
-            head_ok[*k] = ok;
-        }
-        drop(checks);
-        opened
-            .into_iter()
-            .zip(heads)
-            .zip(head_ok)
-            .map(|(((i, envelope, signer), head), ok)| {
-                (
-                    i,
-                    Prechecked {
-                        envelope,
-                        signer,
-                        head: head.filter(|_| ok),
-                    },
-                )
-            })
-            .collect()
+            }
+            found
+        })
     }
 
     /// Checks and stages one envelope from a device's `up` topic; `pre` is what the group's
@@ -1115,7 +1170,7 @@ impl RegionWriter {
         topic_device: &DeviceId,
         payload: &[u8],
         pre: Option<Prechecked>,
-        progress: &mut HashMap<DeviceId, Progress>,
+        devices: &mut GroupDevices,
         batch: &mut RegionBatch,
         now: i64,
     ) -> UplinkOutcome {
@@ -1136,10 +1191,13 @@ impl RegionWriter {
         if h.recipient != Party::Hub {
             return UplinkOutcome::Rejected("wrong_recipient");
         }
-        let (record, stored) = match self.store.device(sender) {
-            Ok(Some(d)) => d,
-            Ok(None) => return UplinkOutcome::Rejected("unknown_device"),
-            Err(_) => return UplinkOutcome::Rejected("storage"),
+        let (record, stored) = match devices.known.get(sender) {
+            Some(d) => d.clone(),
+            None => match self.store.device(sender) {
+                Ok(Some(d)) => d,
+                Ok(None) => return UplinkOutcome::Rejected("unknown_device"),
+                Err(_) => return UplinkOutcome::Rejected("storage"),
+            },
         };
         if record.revoked_at_ms.is_some() {
             return UplinkOutcome::Rejected("revoked_device");
@@ -1162,7 +1220,7 @@ impl RegionWriter {
                 }
             }
         };
-        let mut p = *progress.get(sender).unwrap_or(&stored);
+        let mut p = *devices.progress.get(sender).unwrap_or(&stored);
         if h.seq <= p.last_env_seq {
             return UplinkOutcome::Rejected("replayed");
         }
@@ -1266,7 +1324,7 @@ impl RegionWriter {
             }
         };
         p.last_env_seq = h.seq;
-        progress.insert(sender.clone(), p);
+        devices.progress.insert(sender.clone(), p);
         self.metrics
             .envelopes_accepted
             .get_or_create(&vec![("region", self.region.to_string())])
