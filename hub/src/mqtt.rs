@@ -306,6 +306,9 @@ struct HubLink {
     pumped: HashMap<RegionId, u64>,
 }
 
+/// The shortest time between two relays of new heads to every device (see `run`).
+const RELAY_COALESCE: Duration = Duration::from_millis(20);
+
 /// Most changes one shared downlink read holds; a longer range is read per device.
 const SHARED_READ_MAX: u64 = 16_384;
 
@@ -477,6 +480,13 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         pumped: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // Relays of new heads: at once when the last pass over every device is older than
+    // RELAY_COALESCE, else at the end of that interval, so a busy region sends each device one
+    // envelope per interval rather than one per group commit.
+    let mut last_all = tokio::time::Instant::now()
+        .checked_sub(RELAY_COALESCE)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut relay_due: Option<tokio::time::Instant> = None;
     let (head_tx, mut head_rx) = mpsc::channel::<()>(16);
     for (_, mut rx) in heads.drain(..) {
         let tx = head_tx.clone();
@@ -529,8 +539,17 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                 link.on_outcome(&client, region, device, outcome).await
             }
             Some(()) = head_rx.recv() => {
-                // Heads that moved meanwhile are all served by this one pass.
+                // Heads that moved meanwhile are all served by one pass.
                 while head_rx.try_recv().is_ok() {}
+                let due = last_all + RELAY_COALESCE;
+                if due <= tokio::time::Instant::now() {
+                    Scope::All
+                } else {
+                    relay_due.get_or_insert(due);
+                    Scope::None
+                }
+            }
+            _ = tokio::time::sleep_until(relay_due.unwrap_or_else(tokio::time::Instant::now)), if relay_due.is_some() => {
                 Scope::All
             }
             _ = tick.tick() => {
@@ -545,6 +564,10 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             }
             _ = shutdown.changed() => break,
         };
+        if matches!(scope, Scope::All) {
+            last_all = tokio::time::Instant::now();
+            relay_due = None;
+        }
         link.pump(&client, scope).await;
     }
     let _ = client.try_disconnect();
