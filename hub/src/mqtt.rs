@@ -306,6 +306,9 @@ struct HubLink {
     pumped: HashMap<RegionId, u64>,
 }
 
+/// Most uplink outcomes handled in one go (see `HubLink::on_outcomes`).
+const OUTCOMES_AT_ONCE_MAX: usize = 1_024;
+
 /// The shortest time between two relays of new heads to every device (see `run`).
 const RELAY_COALESCE: Duration = Duration::from_millis(20);
 
@@ -367,6 +370,7 @@ impl SharedRead {
 enum Scope {
     None,
     Device((RegionId, DeviceId)),
+    Devices(Vec<(RegionId, DeviceId)>),
     All,
 }
 
@@ -535,8 +539,15 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                 Some(LinkEvent::Message(topic, payload)) => link.on_message(&topic, payload).await,
                 None => break,
             },
-            Some((region, device, outcome)) = outcomes_rx.recv() => {
-                link.on_outcome(&client, region, device, outcome).await
+            Some(first) = outcomes_rx.recv() => {
+                // A group commit answers many uplinks at once: take every outcome waiting.
+                let mut outcomes = vec![first];
+                while outcomes.len() < OUTCOMES_AT_ONCE_MAX
+                    && let Ok(more) = outcomes_rx.try_recv()
+                {
+                    outcomes.push(more);
+                }
+                link.on_outcomes(&client, outcomes).await
             }
             Some(()) = head_rx.recv() => {
                 // Heads that moved meanwhile are all served by one pass.
@@ -817,6 +828,53 @@ impl HubLink {
         })
     }
 
+    /// Handles uplink outcomes that arrived together. Acks are cumulative, so a device with
+    /// several accepted uplinks among them gets one signed ack, the furthest (a gap flag at
+    /// that point kept): one signature per device per group commit, not per envelope.
+    async fn on_outcomes(
+        &mut self,
+        client: &AsyncClient,
+        outcomes: Vec<(RegionId, DeviceId, UplinkOutcome)>,
+    ) -> Scope {
+        let mut acks: Vec<((RegionId, DeviceId), larder_shared::envelope::Ack)> = Vec::new();
+        let mut held: HashMap<(RegionId, DeviceId), usize> = HashMap::new();
+        let mut pumps = Vec::new();
+        for (region, device, outcome) in outcomes {
+            if let UplinkOutcome::Ack(ack) = outcome {
+                let key = (region, device);
+                match held.get(&key) {
+                    Some(&i) => {
+                        let furthest = &mut acks[i].1;
+                        if ack.up_to > furthest.up_to {
+                            *furthest = ack;
+                        } else if ack.up_to == furthest.up_to {
+                            furthest.gap |= ack.gap;
+                        }
+                    }
+                    None => {
+                        held.insert(key.clone(), acks.len());
+                        acks.push((key, ack));
+                    }
+                }
+                continue;
+            }
+            if let Scope::Device(key) = self.on_outcome(client, region, device, outcome).await {
+                pumps.push(key);
+            }
+        }
+        for ((region, device), ack) in acks {
+            if let Scope::Device(key) = self
+                .on_outcome(client, region, device, UplinkOutcome::Ack(ack))
+                .await
+            {
+                pumps.push(key);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        pumps.retain(|k| seen.insert(k.clone()));
+        Scope::Devices(pumps)
+    }
+
     /// Publishes what an uplink's outcome calls for; answers the device when its downlink may
     /// have work (it came online, acknowledged, or changed keys). The changes an accepted
     /// uplink adds reach the other devices through the head it moves.
@@ -894,6 +952,7 @@ impl HubLink {
         let keys: Vec<(RegionId, DeviceId)> = match scope {
             Scope::None => return,
             Scope::Device(key) => vec![key],
+            Scope::Devices(keys) => keys,
             Scope::All => self.devices.keys().cloned().collect(),
         };
         // A pass over every device shares one read of what each region committed since the
