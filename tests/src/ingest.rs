@@ -78,6 +78,15 @@ pub fn envelopes(
     Ok(out)
 }
 
+/// A fresh connect token for `device`; nonces are remembered hub-wide, so each
+/// (device, attempt) gets its own.
+pub fn connect_token(device: &DeviceId, key: &SecretKey, attempt: u64) -> String {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{device}/{attempt}"));
+    let mut n = [0u8; 16];
+    n.copy_from_slice(&digest[..16]);
+    larder_shared::auth::connect_token(key, device, larder_agent::writer::now_ms(), n)
+}
+
 /// An MQTT client connected to the hub's broker as `device` (a fresh connect token).
 pub async fn connect(
     broker: &str,
@@ -90,12 +99,7 @@ pub async fn connect(
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("broker address {broker}"))?;
     let mut o = MqttOptions::new(device.as_str(), host, port.parse()?);
-    // Nonces are remembered hub-wide: each (device, attempt) gets its own.
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{device}/{nonce}"));
-    let mut n = [0u8; 16];
-    n.copy_from_slice(&digest[..16]);
-    let token = larder_shared::auth::connect_token(key, device, larder_agent::writer::now_ms(), n);
-    o.set_credentials(device.as_str(), token);
+    o.set_credentials(device.as_str(), connect_token(device, key, nonce));
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(max_packet, max_packet);
     o.set_inflight(100);

@@ -593,8 +593,18 @@ fn connected_devices() -> usize {
 }
 
 /// Drives a client's connection; counts the publishes it receives into `received`.
-fn drive(mut events: rumqttc::EventLoop, received: Option<Arc<AtomicUsize>>) {
+/// Connections the simulated devices lost and made again (reported with the figures).
+static RECONNECTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Polls a simulated device's event loop; a lost connection is made again, as an agent does,
+/// with a fresh connect token (rumqttc then resends what was in flight).
+fn drive(
+    mut events: rumqttc::EventLoop,
+    received: Option<Arc<AtomicUsize>>,
+    device: (larder_shared::DeviceId, larder_shared::SecretKey),
+) {
     tokio::spawn(async move {
+        let mut attempt = 0u64;
         loop {
             match events.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
@@ -603,7 +613,21 @@ fn drive(mut events: rumqttc::EventLoop, received: Option<Arc<AtomicUsize>>) {
                     }
                 }
                 Ok(_) => {}
-                Err(_) => return,
+                Err(e) => {
+                    if RECONNECTS.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("{}: connection lost ({e}); connecting again", device.0);
+                    }
+                    attempt += 1;
+                    let token = larder_tests::ingest::connect_token(
+                        &device.0,
+                        &device.1,
+                        1_000_000 + attempt,
+                    );
+                    events
+                        .mqtt_options
+                        .set_credentials(device.0.as_str(), token);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     });
@@ -654,7 +678,7 @@ async fn ingest() -> Result<()> {
     for (i, (id, key, _)) in devices.iter().enumerate() {
         let (client, events) =
             larder_tests::ingest::connect(&hub.broker, id, key, i as u64, max).await?;
-        drive(events, None);
+        drive(events, None, (id.clone(), key.clone()));
         clients.push(client);
     }
     // One more device takes every raw message.
@@ -673,7 +697,11 @@ async fn ingest() -> Result<()> {
     let received = Arc::new(AtomicUsize::new(0));
     sub.subscribe("bench/raw/#", rumqttc::QoS::AtLeastOnce)
         .await?;
-    drive(sub_events, Some(received.clone()));
+    drive(
+        sub_events,
+        Some(received.clone()),
+        (DeviceId::new("bench-sub")?, sub_key.clone()),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await; // the subscription settles (a measurement, not a test)
 
     let payload = vec![0x5a_u8; size];
@@ -729,9 +757,10 @@ async fn ingest() -> Result<()> {
         raw.as_secs_f64()
     );
     println!(
-        "hub ingest (verified, merged, committed): {rate:.0} envelopes/s ({total} in {:.2} s), {:.2}x raw; {rejected} rejected",
+        "hub ingest (verified, merged, committed): {rate:.0} envelopes/s ({total} in {:.2} s), {:.2}x raw; {rejected} rejected; {} connections lost and made again",
         took.as_secs_f64(),
-        rate / raw_rate
+        rate / raw_rate,
+        RECONNECTS.load(Ordering::Relaxed)
     );
     println!();
     hub.shutdown().await;
@@ -809,7 +838,7 @@ async fn connected() -> Result<()> {
                 "online",
             )
             .await?;
-        drive(events, None);
+        drive(events, None, (id.clone(), key.clone()));
         clients.push(client);
     }
     let online = || async {
