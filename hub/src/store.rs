@@ -795,23 +795,11 @@ impl RegionReads {
                  WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![after as i64, up_to as i64, limit as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                    r.get::<_, u32>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, String>(5)?,
-                ))
+                Ok((r.get::<_, String>(5)?, entry_from_row(r)?))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, ledger, change, epoch, kind, author) = row?;
-                if let Ok(ledger) = FridgeId::new(ledger) {
-                    let mut entry = Entry::change(id as u64, ledger, epoch, change);
-                    if kind == KIND_REBASE {
-                        entry.kind = larder_shared::envelope::EntryKind::Rebase;
-                    }
+                if let (author, Some(entry)) = row? {
                     out.push((author, entry));
                 }
             }
@@ -836,26 +824,11 @@ impl RegionReads {
             )?;
             let rows = stmt.query_map(
                 params![after as i64, device.as_str(), ledgers, limit as i64],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, u32>(3)?,
-                        r.get::<_, i64>(4)?,
-                    ))
-                },
+                entry_from_row,
             )?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, ledger, change, epoch, kind) = row?;
-                if let Ok(ledger) = FridgeId::new(ledger) {
-                    let mut entry = Entry::change(id as u64, ledger, epoch, change);
-                    if kind == KIND_REBASE {
-                        entry.kind = larder_shared::envelope::EntryKind::Rebase;
-                    }
-                    out.push(entry);
-                }
+                out.extend(row?);
             }
             Ok(out)
         })
@@ -963,4 +936,23 @@ fn rating_totals(
         }
     }
     Ok(out)
+}
+
+/// A downlink entry from a `changes` row read as `id, ledger, bytes, epoch, kind`; `None` for a
+/// row whose ledger name no longer parses.
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Entry>> {
+    let (id, ledger, change, epoch, kind) = (
+        r.get::<_, i64>(0)?,
+        r.get::<_, String>(1)?,
+        r.get::<_, Vec<u8>>(2)?,
+        r.get::<_, u32>(3)?,
+        r.get::<_, i64>(4)?,
+    );
+    Ok(FridgeId::new(ledger).ok().map(|ledger| {
+        let mut entry = Entry::change(id as u64, ledger, epoch, change);
+        if kind == KIND_REBASE {
+            entry.kind = larder_shared::envelope::EntryKind::Rebase;
+        }
+        entry
+    }))
 }

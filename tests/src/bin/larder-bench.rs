@@ -626,6 +626,7 @@ fn drive(
                     events
                         .mqtt_options
                         .set_credentials(device.0.as_str(), token);
+                    // Reconnect delay, as the hub's poller has: the next poll connects again.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
