@@ -110,6 +110,66 @@ pub fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u
     (base / 2 + jitter).max(min_ms.min(max_ms))
 }
 
+/// A request for the broker that must not be dropped (unlike a publish the sender resends).
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Subscribe to a filter at QoS 1.
+    Subscribe(String),
+    /// Publish at QoS 1.
+    Publish {
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    },
+}
+
+/// Queues `requests` on `client`, in order, without waiting for room in its request queue.
+///
+/// A task that awaits room there while also being the one that takes the event loop's events
+/// can deadlock: the event loop waits for its events to be taken before it takes requests, so
+/// neither moves. What fits is queued now; the rest waits in a task of its own, still in order.
+pub fn queue_requests(client: &AsyncClient, requests: Vec<Request>) {
+    let mut requests = requests.into_iter();
+    for request in requests.by_ref() {
+        let queued = match &request {
+            Request::Subscribe(filter) => client.try_subscribe(filter.as_str(), QoS::AtLeastOnce),
+            Request::Publish {
+                topic,
+                retain,
+                payload,
+            } => client.try_publish(topic.as_str(), QoS::AtLeastOnce, *retain, payload.clone()),
+        };
+        if queued.is_err() {
+            let rest: Vec<Request> = std::iter::once(request).chain(requests).collect();
+            let client = client.clone();
+            tokio::spawn(async move {
+                for request in rest {
+                    let sent = match request {
+                        Request::Subscribe(filter) => {
+                            client.subscribe(filter, QoS::AtLeastOnce).await
+                        }
+                        Request::Publish {
+                            topic,
+                            retain,
+                            payload,
+                        } => {
+                            client
+                                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                                .await
+                        }
+                    };
+                    if let Err(e) = sent {
+                        // The event loop is gone: the next connection queues these again.
+                        debug!(error = %e, "request not queued");
+                        return;
+                    }
+                }
+            });
+            return;
+        }
+    }
+}
+
 /// Runs the sync task until `shutdown` turns true.
 pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
     let up_acked = ctx.shared.up_acked.load(Ordering::Relaxed);
@@ -284,14 +344,18 @@ impl Sync {
         self.ctx.shared.metrics.mqtt_connects.inc();
         self.ctx.shared.metrics.mqtt_connected.set(1);
         self.ctx.shared.online.store(true, Ordering::Relaxed);
-        for topic in [&self.down_topic, &self.catalog_topic] {
-            if let Err(e) = client.subscribe(topic.as_str(), QoS::AtLeastOnce).await {
-                warn!(topic = %topic, error = %e, "subscribe failed");
-            }
-        }
-        let _ = client
-            .publish(&self.presence_topic, QoS::AtLeastOnce, true, "online")
-            .await;
+        queue_requests(
+            client,
+            vec![
+                Request::Subscribe(self.down_topic.clone()),
+                Request::Subscribe(self.catalog_topic.clone()),
+                Request::Publish {
+                    topic: self.presence_topic.clone(),
+                    retain: true,
+                    payload: b"online".to_vec(),
+                },
+            ],
+        );
         self.sender.on_connected(now_ms());
         self.announce_rotation(client).await;
     }

@@ -12,11 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use larder_agent::sync::{Request, queue_requests};
 use larder_shared::envelope::{Body, BoxKey, Entry, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -304,6 +305,12 @@ struct HubLink {
     online: HashMap<RegionId, i64>,
     /// Each region's head at the last pump over every device.
     pumped: HashMap<RegionId, u64>,
+    /// The client's request queue was full at the last publish: nothing is sealed for it until
+    /// its event loop takes a request again (see `run`).
+    jammed: bool,
+    /// Acks that found the request queue full, the furthest per device, sent when it has room:
+    /// a dropped ack would make its device resend what the hub already holds.
+    held_acks: HashMap<(RegionId, DeviceId), larder_shared::envelope::Ack>,
 }
 
 /// Most uplink outcomes handled in one go (see `HubLink::on_outcomes`).
@@ -418,12 +425,19 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
     opts.set_inflight(200);
     let (client, mut eventloop) = AsyncClient::new(opts, 1_024);
     let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+    // Told each time the event loop takes a request from the client's queue.
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let took = drained.clone();
     let poller = tokio::spawn(async move {
         loop {
             let ev = match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => LinkEvent::Connected,
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     LinkEvent::Message(p.topic.clone(), p.payload.clone())
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(_) | Outgoing::Subscribe(_))) => {
+                    took.notify_one();
+                    continue;
                 }
                 Ok(_) => continue,
                 Err(e) => {
@@ -482,6 +496,8 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         boxes: HashMap::new(),
         online: HashMap::new(),
         pumped: HashMap::new(),
+        jammed: false,
+        held_acks: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Relays of new heads: at once when the last pass over every device is older than
@@ -563,6 +579,14 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep_until(relay_due.unwrap_or_else(tokio::time::Instant::now)), if relay_due.is_some() => {
                 Scope::All
             }
+            // While the queue is full the loop only takes events, which is what lets the event
+            // loop read the broker's acks and free room: sealing envelopes that cannot be
+            // queued, and dropping acks that devices then answer with resends, fed on itself.
+            () = drained.notified(), if link.jammed => {
+                link.jammed = false;
+                link.send_held_acks(&client).await;
+                Scope::All
+            }
             _ = tick.tick() => {
                 let now = larder_agent::writer::now_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
@@ -602,11 +626,11 @@ impl HubLink {
             }
             filters.push(topics::region_devices_filter(region, DeviceTopic::Presence));
         }
-        for filter in filters {
-            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                warn!(error = %e, "subscribe failed");
-            }
-        }
+        // Never awaited here: this loop takes the event loop's events (see `queue_requests`).
+        queue_requests(
+            client,
+            filters.into_iter().map(Request::Subscribe).collect(),
+        );
         for region in &regions {
             self.announce_catalog(client, region).await;
         }
@@ -628,13 +652,16 @@ impl HubLink {
             .seal(region, Party::Region, Body::Catalog(catalog))
             .await
         {
-            match client
-                .publish(topics::catalog(region), QoS::AtLeastOnce, true, bytes)
-                .await
-            {
-                Ok(()) => info!(region = %region, version, "catalog announced"),
-                Err(e) => warn!(region = %region, error = %e, "announcing the catalog failed"),
-            }
+            let topic = topics::catalog(region);
+            queue_requests(
+                client,
+                vec![Request::Publish {
+                    topic,
+                    retain: true,
+                    payload: bytes,
+                }],
+            );
+            info!(region = %region, version, "catalog announced");
         }
     }
 
@@ -843,14 +870,7 @@ impl HubLink {
             if let UplinkOutcome::Ack(ack) = outcome {
                 let key = (region, device);
                 match held.get(&key) {
-                    Some(&i) => {
-                        let furthest = &mut acks[i].1;
-                        if ack.up_to > furthest.up_to {
-                            *furthest = ack;
-                        } else if ack.up_to == furthest.up_to {
-                            furthest.gap |= ack.gap;
-                        }
-                    }
+                    Some(&i) => merge_ack(&mut acks[i].1, ack),
                     None => {
                         held.insert(key.clone(), acks.len());
                         acks.push((key, ack));
@@ -903,32 +923,17 @@ impl HubLink {
             scope = Scope::Device(key.clone());
         }
         match outcome {
-            UplinkOutcome::Ack(ack) => {
-                let to = Party::Device(device.clone());
-                if let Some(bytes) = self.seal(&region, to, Body::Ack(ack)).await {
-                    let topic = topics::device(&region, &device, DeviceTopic::Down);
-                    if client
-                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-                        .is_err()
-                    {
-                        debug!(device = %device, "ack not queued; the device will resend");
-                    }
-                }
-            }
+            UplinkOutcome::Ack(ack) => self.send_ack(client, key, ack).await,
             UplinkOutcome::KeyRotated(key) => {
                 let to = Party::Device(device.clone());
                 let body = Body::KeyRotated(larder_shared::rotation::KeyRotated { key });
                 let sealed = self.seal(&region, to, body).await;
                 // Sealed to the key the device held until now; what follows goes to the new one.
                 self.boxes.remove(&(region.clone(), device.clone()));
-                if let Some(bytes) = sealed {
-                    let topic = topics::device(&region, &device, DeviceTopic::Down);
-                    if client
-                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-                        .is_err()
-                    {
-                        debug!(device = %device, "rotation confirmation not queued; the device will resend");
-                    }
+                if let Some(bytes) = sealed
+                    && !self.publish_down(client, &region, &device, bytes)
+                {
+                    debug!(device = %device, "rotation confirmation not queued; the device will resend");
                 }
             }
             UplinkOutcome::DownAcked(up_to) => {
@@ -943,9 +948,58 @@ impl HubLink {
         scope
     }
 
+    /// Queues a downlink envelope for `device`; false, and the link marked jammed, when the
+    /// client's request queue is full.
+    fn publish_down(
+        &mut self,
+        client: &AsyncClient,
+        region: &RegionId,
+        device: &DeviceId,
+        bytes: Vec<u8>,
+    ) -> bool {
+        let topic = topics::device(region, device, DeviceTopic::Down);
+        let queued = client
+            .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+            .is_ok();
+        self.jammed |= !queued;
+        queued
+    }
+
+    /// Acknowledges a device's uplinks, or holds the ack while the request queue is full.
+    async fn send_ack(
+        &mut self,
+        client: &AsyncClient,
+        key: (RegionId, DeviceId),
+        ack: larder_shared::envelope::Ack,
+    ) {
+        if !self.jammed {
+            let to = Party::Device(key.1.clone());
+            let Some(bytes) = self.seal(&key.0, to, Body::Ack(ack)).await else {
+                return;
+            };
+            if self.publish_down(client, &key.0, &key.1, bytes) {
+                return;
+            }
+        }
+        match self.held_acks.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut held) => merge_ack(held.get_mut(), ack),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(ack);
+            }
+        }
+    }
+
+    /// Sends the acks held while the request queue was full, until it fills again.
+    async fn send_held_acks(&mut self, client: &AsyncClient) {
+        let held: Vec<_> = self.held_acks.drain().collect();
+        for (key, ack) in held {
+            self.send_ack(client, key, ack).await;
+        }
+    }
+
     /// Sends every online device the changes it lacks, within its window.
     async fn pump(&mut self, client: &AsyncClient, scope: Scope) {
-        if !self.connected {
+        if !self.connected || self.jammed {
             return;
         }
         let all = matches!(scope, Scope::All);
@@ -971,6 +1025,10 @@ impl HubLink {
         let now = larder_agent::writer::now_ms();
         let beacon_every = (self.ctx.sync.time_beacon_interval_seconds * 1000) as i64;
         for key in keys {
+            if self.jammed {
+                // The rest wait for room: the next pass serves them.
+                break;
+            }
             if self
                 .devices
                 .get(&key)
@@ -980,15 +1038,10 @@ impl HubLink {
                 if let Some(bytes) = self
                     .seal(&key.0, Party::Device(key.1.clone()), beacon)
                     .await
+                    && self.publish_down(client, &key.0, &key.1, bytes)
+                    && let Some(d) = self.devices.get_mut(&key)
                 {
-                    let topic = topics::device(&key.0, &key.1, DeviceTopic::Down);
-                    if client
-                        .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-                        .is_ok()
-                        && let Some(d) = self.devices.get_mut(&key)
-                    {
-                        d.beacon_sent_ms = now;
-                    }
+                    d.beacon_sent_ms = now;
                 }
             }
             let Some(handle) = self.ctx.regions.get(&key.0) else {
@@ -1053,11 +1106,7 @@ impl HubLink {
                 else {
                     break;
                 };
-                let topic = topics::device(&key.0, &key.1, DeviceTopic::Down);
-                if client
-                    .try_publish(topic, QoS::AtLeastOnce, false, bytes)
-                    .is_err()
-                {
+                if !self.publish_down(client, &key.0, &key.1, bytes) {
                     break;
                 }
                 if let Some(d) = self.devices.get_mut(&key) {
@@ -1096,5 +1145,15 @@ impl HubLink {
                 .get_or_create(&labels)
                 .set(lag);
         }
+    }
+}
+
+/// Folds `ack` into `into`: acks are cumulative, so the furthest wins, and a gap flagged at
+/// the same point is kept.
+fn merge_ack(into: &mut larder_shared::envelope::Ack, ack: larder_shared::envelope::Ack) {
+    if ack.up_to > into.up_to {
+        *into = ack;
+    } else if ack.up_to == into.up_to {
+        into.gap |= ack.gap;
     }
 }

@@ -995,6 +995,14 @@ async fn import() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    // Warnings from the hubs and agents a benchmark runs go to stderr (RUST_LOG overrides).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if !which.starts_with("__") {
         println!(
             "# Larder benchmarks ({} build, {} cores)\n",

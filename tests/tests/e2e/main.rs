@@ -16,6 +16,7 @@ mod idempotency;
 mod import;
 mod isolation;
 mod key_rotation;
+mod link;
 mod offline_pos;
 mod orders;
 mod rejections;
