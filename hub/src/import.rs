@@ -158,6 +158,7 @@ pub async fn run(o: &Options) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+#[derive(Clone)]
 struct Api {
     client: reqwest::Client,
     base: String,
@@ -322,6 +323,10 @@ async fn units(
 ) -> anyhow::Result<()> {
     let mut file = Rows::new(reader)?;
     let mut rows = Vec::with_capacity(o.batch_rows);
+    // The next batch is read and sent while the hub loads the one before: the file's parsing
+    // and the hub's loading overlap. Answers are taken in order, so the report stays in order.
+    let mut sent: std::collections::VecDeque<(u64, tokio::task::JoinHandle<_>)> =
+        std::collections::VecDeque::new();
     loop {
         let next = file.next::<UnitCsv>(report, summary)?;
         let more = next.is_some();
@@ -341,26 +346,50 @@ async fn units(
             || (!more && !rows.is_empty())
         {
             let body = json!({"rows": rows});
-            let (status, v) = api
-                .send(reqwest::Method::POST, "/imports/units", Some(&body), None)
-                .await?;
-            if status != 200 {
-                bail!("importing rows {}..: {}", rows[0].line, reason(status, &v));
-            }
-            let r: ImportReport = serde_json::from_value(v)?;
-            summary.accepted += r.accepted;
-            summary.unchanged += r.unchanged;
-            for Rejected { line, reason } in r.rejected {
-                report.reject(line, &reason)?;
-            }
+            let api = api.clone();
+            let first = rows[0].line;
+            sent.push_back((
+                first,
+                tokio::spawn(async move {
+                    api.send(reqwest::Method::POST, "/imports/units", Some(&body), None)
+                        .await
+                }),
+            ));
             rows.clear();
-            bar.set_position(file.byte());
-            bar.set_message(format!("{} rows", summary.rows));
+        }
+        while sent.len() >= UNIT_BATCHES_IN_FLIGHT || (!more && !sent.is_empty()) {
+            if let Some((first, answer)) = sent.pop_front() {
+                take_unit_answer(first, answer.await??, report, summary)?;
+                bar.set_position(file.byte());
+                bar.set_message(format!("{} rows", summary.rows));
+            }
         }
         if !more {
             return Ok(());
         }
     }
+}
+
+/// Unit batches sent before the first one's answer is awaited.
+const UNIT_BATCHES_IN_FLIGHT: usize = 2;
+
+/// Counts a unit batch's answer and reports its rejected rows.
+fn take_unit_answer(
+    first_line: u64,
+    (status, v): (u16, Value),
+    report: &mut Report,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    if status != 200 {
+        bail!("importing rows {first_line}..: {}", reason(status, &v));
+    }
+    let r: ImportReport = serde_json::from_value(v)?;
+    summary.accepted += r.accepted;
+    summary.unchanged += r.unchanged;
+    for Rejected { line, reason } in r.rejected {
+        report.reject(line, &reason)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]

@@ -555,15 +555,19 @@ impl Ledger {
     }
 
     fn reindex(&mut self, unit: &UnitId) {
-        self.reindex_reservation(unit);
         let facts = self.unit_facts(unit);
-        if let Some(f) = &facts {
+        self.reindex_with(unit, facts.as_ref());
+    }
+
+    /// [`Ledger::reindex`] with the unit's facts as the document holds them; answers whether
+    /// the unit is gone (sold, taken or removed).
+    fn reindex_with(&mut self, unit: &UnitId, facts: Option<&UnitFacts>) -> bool {
+        self.reindex_reservation(unit);
+        if let Some(f) = facts {
             self.unit_keys
                 .insert(unit.clone(), (f.sku.clone(), f.expires_at_ms));
         }
-        let gone = self.has(&self.maps.sold, unit.as_str())
-            || self.has(&self.maps.taken, unit.as_str())
-            || self.has(&self.maps.removed, unit.as_str());
+        let gone = self.gone(unit);
         if let Some(facts) = facts {
             let set = self.unsold.entry(facts.sku.clone()).or_default();
             let key = (facts.expires_at_ms, unit.clone());
@@ -573,6 +577,12 @@ impl Ledger {
                 set.insert(key);
             }
         }
+        gone
+    }
+
+    /// Whether a refill of `unit` is known here (its facts are in the document).
+    pub fn knows_unit(&self, unit: &UnitId) -> bool {
+        self.unit_keys.contains_key(unit)
     }
 
     fn unit_facts(&self, unit: &UnitId) -> Option<UnitFacts> {
@@ -614,20 +624,35 @@ impl Ledger {
     /// A unit as the stock view shows it, if its refill is known here.
     pub fn unit(&self, unit: &UnitId, now_ms: i64) -> Option<UnitView> {
         let facts = self.unit_facts(unit)?;
-        let state = self.unit_state(unit, Some(&facts), now_ms);
-        let sold_in = self
-            .get_str(&self.maps.sold, unit.as_str())
+        let gone = self.gone(unit);
+        Some(self.view_of(unit, facts, gone, now_ms))
+    }
+
+    /// The view of a unit with these facts, `gone` as [`Ledger::gone`] answers.
+    fn view_of(&self, unit: &UnitId, facts: UnitFacts, gone: bool, now_ms: i64) -> UnitView {
+        let state = if gone {
+            self.unit_state(unit, Some(&facts), now_ms)
+        } else if facts.expires_at_ms <= now_ms {
+            UnitState::Expired
+        } else if self.holder(unit).is_some() {
+            UnitState::Reserved
+        } else {
+            UnitState::Available
+        };
+        let sold_in = gone
+            .then(|| self.get_str(&self.maps.sold, unit.as_str()))
+            .flatten()
             .and_then(|o| OrderId::new(o).ok());
         let reserved_for = (state == UnitState::Reserved)
             .then(|| self.holder(unit))
             .flatten();
-        Some(UnitView {
+        UnitView {
             unit_id: unit.clone(),
             facts,
             state,
             sold_in,
             reserved_for,
-        })
+        }
     }
 
     /// Every unit whose refill is known here.
@@ -715,6 +740,7 @@ impl Ledger {
             }
             touched.orders.insert(order.clone());
         }
+        let mut written = Vec::with_capacity(refill.units.len());
         for unit in &refill.units {
             let facts = UnitFacts {
                 sku: unit.sku.clone(),
@@ -726,12 +752,26 @@ impl Ledger {
             };
             tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts))?;
             touched.units.insert(unit.unit_id.clone());
+            written.push((unit.unit_id.clone(), facts));
         }
         tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
-        for unit in &touched.units {
-            self.reindex(unit);
+        // The units are new here (checked above), so their facts are the ones just written:
+        // the indexes and views are made from them, not read back from the document.
+        let mut views = Vec::with_capacity(written.len());
+        for (unit, facts) in written {
+            let gone = self.reindex_with(&unit, Some(&facts));
+            views.push((unit, facts, gone));
         }
-        self.last_local_change(touched)
+        let held = |l: &Self, u: &UnitId| l.reserved_by_unit.contains_key(u);
+        if refill.order_id.is_some() || views.iter().any(|(u, _, _)| held(self, u)) {
+            // Orders' views change with it: read everything back.
+            return self.last_local_change(touched);
+        }
+        let units = views
+            .into_iter()
+            .map(|(unit, facts, gone)| self.view_of(&unit, facts, gone, i64::MIN))
+            .collect();
+        self.local_change_with(touched, units, Vec::new())
     }
 
     fn check_new_units(&self, units: &[RefillUnit]) -> Result<(), LedgerError> {

@@ -123,7 +123,7 @@ impl RegionWriter {
             .parse()
             .map_err(|e| format!("expires_at {:?}: {e}", row.expires_at))?;
         let expires_at_ms = expires.as_millisecond();
-        if l.unit(&unit_id, now).is_some() {
+        if l.knows_unit(&unit_id) {
             return Ok(None);
         }
         if expires_at_ms <= now {

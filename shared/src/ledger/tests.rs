@@ -430,6 +430,54 @@ fn a_sale_returns_the_views_the_document_gives() {
     assert!(matches!(again, Err(LedgerError::InsufficientStock { .. })));
 }
 
+#[test]
+fn a_refill_returns_the_views_the_document_gives() {
+    let mut l = stocked();
+    // Sold before its refill is known here (a sale by id that merged first): the refill's
+    // view of it must say sold, and the index must not offer it.
+    l.sell(
+        &sale("o1", &[("lasagna", Some("u9"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("sale");
+    assert!(!l.knows_unit(&UnitId::new("u9").expect("id")));
+    let change = l
+        .refill(
+            &Refill {
+                units: vec![
+                    unit("u9", "lasagna", NOW + DAY),
+                    unit("u10", "lasagna", NOW + 3 * DAY),
+                    unit("u11", "salad", NOW - 1),
+                ],
+                order_id: None,
+            },
+            &dev("fr-1"),
+            NOW,
+        )
+        .expect("refill");
+    let read_units: Vec<UnitView> = change
+        .touched
+        .units
+        .iter()
+        .filter_map(|u| l.unit(u, i64::MIN))
+        .collect();
+    assert_eq!(read_units.len(), 3);
+    let mut given = change.units.clone();
+    given.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+    assert_eq!(given, read_units);
+    assert_eq!(given[2].state, UnitState::Sold, "{:?}", given[2]);
+    assert!(
+        ["u9", "u10", "u11"]
+            .iter()
+            .all(|u| l.knows_unit(&UnitId::new(*u).expect("id")))
+    );
+    let free = l.free_units(&Sku::new("lasagna").expect("sku"), NOW);
+    assert!(free.contains(&UnitId::new("u10").expect("id")));
+    assert!(!free.contains(&UnitId::new("u9").expect("id")));
+}
+
 /// A peer's op on the document root (where the genesis change put the maps) could replace a
 /// map and break every later load: refused, and the ledger unchanged.
 #[test]

@@ -1055,6 +1055,9 @@ async fn main() -> Result<()> {
             })
             .await?;
             println!("{summary}");
+            if summary.accepted + summary.unchanged != summary.rows {
+                bail!("rows unaccounted for: {summary}");
+            }
             Ok(())
         }
         "all" => {

@@ -15,6 +15,16 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Runs `larder-hub import`; returns whether it exited 0 and what it printed.
 fn import(hub_http: &str, kind: &str, file: &Path) -> anyhow::Result<(bool, String)> {
+    import_with(hub_http, kind, file, &[])
+}
+
+/// [`import`] with more arguments.
+fn import_with(
+    hub_http: &str,
+    kind: &str,
+    file: &Path,
+    more: &[&str],
+) -> anyhow::Result<(bool, String)> {
     let out = Command::new(env!("CARGO_BIN_EXE_hub-node"))
         .args(["import", kind])
         .arg(file)
@@ -26,6 +36,7 @@ fn import(hub_http: &str, kind: &str, file: &Path) -> anyhow::Result<(bool, Stri
             "--token",
             ADMIN_TOKEN,
         ])
+        .args(more)
         .output()?;
     let said = format!(
         "{}{}",
@@ -58,6 +69,48 @@ fn csv_rows(text: &str) -> Vec<Vec<String>> {
             ])
         })
         .collect()
+}
+
+/// Batches go out while earlier ones are loading: every row is still answered for, the last
+/// batch too when the file ends exactly on a batch, and the report keeps the file's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_batches_in_flight_account_for_every_row() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    for (name, good, bad_lines) in [("even", 6, vec![]), ("odd", 9, vec![3, 8])] {
+        let mut text = String::from("unit_id,fridge_id,sku,expires_at\n");
+        let mut line = 1;
+        let mut written = 0;
+        while written < good {
+            line += 1;
+            if bad_lines.contains(&line) {
+                text.push_str(&format!("{name}-bad-{line},fridge-1,caviar,{soon}\n"));
+            } else {
+                text.push_str(&format!("{name}-{written},fridge-1,lasagna,{soon}\n"));
+                written += 1;
+            }
+        }
+        let file = dir.path().join(format!("{name}.csv"));
+        std::fs::write(&file, text)?;
+        let (ok, said) = import_with(&hub_http, "units", &file, &["--batch-rows", "2"])?;
+        assert_eq!(ok, bad_lines.is_empty(), "{said}");
+        let rows = good + bad_lines.len();
+        assert!(
+            said.contains(&format!("{rows} rows"))
+                && said.contains(&format!("{good} accepted"))
+                && said.contains(&format!("{} rejected", bad_lines.len())),
+            "{name}: {said}"
+        );
+        let lines: Vec<u64> = rejected(&file)?.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, bad_lines, "{name}: in the file's order");
+    }
+    assert_eq!(
+        available(&hub_stock(&hub_http, "fridge-1").await?, "lasagna"),
+        15
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
