@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use larder_shared::domain::{Refill, RefillUnit};
-use larder_shared::ledger::{self, UNITS_PER_REQUEST_MAX};
-use larder_shared::{FridgeId, Sku, UnitId};
+use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, UNITS_PER_REQUEST_MAX};
+use larder_shared::{DeviceId, FridgeId, Sku, UnitId};
 use serde::{Deserialize, Serialize};
 
 use super::RegionWriter;
@@ -74,24 +74,23 @@ impl RegionWriter {
             }
         }
         let hub = ledger::hub_device();
-        for (fridge, units) in by_fridge {
-            for chunk in units.chunks(UNITS_PER_REQUEST_MAX) {
-                let Some(l) = self.ledgers.get_mut(&fridge) else {
-                    continue;
-                };
-                let refill = Refill {
-                    units: chunk.iter().map(|(_, u)| u.clone()).collect(),
-                    order_id: None,
-                };
-                match l.refill(&refill, &hub, now) {
+        let mut work: Vec<Refills<'_>> = self
+            .ledgers
+            .iter_mut()
+            .filter_map(|(f, l)| by_fridge.remove(f).map(|units| (f.clone(), l, units)))
+            .collect();
+        work.sort_by(|a, b| a.0.cmp(&b.0));
+        for (fridge, loads) in refill_all(work, &hub, now) {
+            for (lines, loaded) in loads {
+                match loaded {
                     Ok(change) => {
-                        report.accepted += chunk.len() as u64;
+                        report.accepted += lines.len() as u64;
                         self.hub_change(&fridge, change, batch);
                     }
                     Err(e) => report
                         .rejected
-                        .extend(chunk.iter().map(|(line, _)| Rejected {
-                            line: *line,
+                        .extend(lines.into_iter().map(|line| Rejected {
+                            line,
                             reason: format!("loading into {fridge}: {e}"),
                         })),
                 }
@@ -144,4 +143,60 @@ impl RegionWriter {
             },
         )))
     }
+}
+
+/// A fridge's ledger with the units (and their lines) to load into it.
+type Refills<'a> = (FridgeId, &'a mut Ledger, Vec<(u64, RefillUnit)>);
+
+/// What loading a fridge's units came to: each refill's lines and its change or error.
+type Loaded = (FridgeId, Vec<(Vec<u64>, Result<LocalChange, LedgerError>)>);
+
+/// Fewest units for which a batch's refills are split over two threads.
+const PARALLEL_UNITS_MIN: usize = 512;
+
+/// Loads each fridge's units as refills by the hub, in chunks a refill may hold. Every fridge's
+/// ledger is a document of its own, so a large batch is split in two halves (by units) loaded
+/// on two threads; the answers come back in the order of `work`.
+fn refill_all(work: Vec<Refills<'_>>, hub: &DeviceId, now: i64) -> Vec<Loaded> {
+    let load = |work: Vec<Refills<'_>>| -> Vec<Loaded> {
+        work.into_iter()
+            .map(|(fridge, ledger, units)| {
+                let loads = units
+                    .chunks(UNITS_PER_REQUEST_MAX)
+                    .map(|chunk| {
+                        let refill = Refill {
+                            units: chunk.iter().map(|(_, u)| u.clone()).collect(),
+                            order_id: None,
+                        };
+                        let lines = chunk.iter().map(|(line, _)| *line).collect();
+                        (lines, ledger.refill(&refill, hub, now))
+                    })
+                    .collect();
+                (fridge, loads)
+            })
+            .collect()
+    };
+    let total: usize = work.iter().map(|(_, _, u)| u.len()).sum();
+    if work.len() < 2 || total < PARALLEL_UNITS_MIN {
+        return load(work);
+    }
+    let mut first = work;
+    let mut counted = 0;
+    let split = first
+        .iter()
+        .position(|(_, _, u)| {
+            counted += u.len();
+            counted * 2 >= total
+        })
+        .map_or(1, |i| (i + 1).min(first.len() - 1));
+    let second = first.split_off(split);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| load(second));
+        let mut out = load(first);
+        match other.join() {
+            Ok(rest) => out.extend(rest),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        out
+    })
 }
