@@ -200,3 +200,78 @@ fn refill_all(work: Vec<Refills<'_>>, hub: &DeviceId, now: i64) -> Vec<Loaded> {
         out
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch large enough to be split loads every unit once, into its own fridge, with the
+    /// answers in the order the fridges were given; a refill that fails says so for its lines.
+    #[test]
+    fn refills_split_over_two_threads_answer_in_order() {
+        let hub = ledger::hub_device();
+        let now = 1_700_000_000_000;
+        let fridges: Vec<FridgeId> = (1..=5)
+            .map(|i| FridgeId::new(format!("fridge-{i}")).expect("id"))
+            .collect();
+        let mut ledgers: Vec<Ledger> = fridges
+            .iter()
+            .map(|f| Ledger::new(f.clone(), ledger::actor_for(&hub)).expect("ledger"))
+            .collect();
+        let unit = |f: usize, i: usize| RefillUnit {
+            unit_id: UnitId::new(format!("u-{f}-{i}")).expect("id"),
+            sku: Sku::new("lasagna").expect("sku"),
+            expires_at_ms: now + 86_400_000,
+            batch: None,
+        };
+        let mut line = 0;
+        let mut work = Vec::new();
+        for (f, l) in ledgers.iter_mut().enumerate() {
+            // Fridge 3's second chunk repeats a unit of its first: that refill fails alone.
+            let count = if f == 2 {
+                UNITS_PER_REQUEST_MAX + 1
+            } else {
+                150
+            };
+            let units: Vec<(u64, RefillUnit)> = (0..count)
+                .map(|i| {
+                    line += 1;
+                    let i = if f == 2 && i == UNITS_PER_REQUEST_MAX {
+                        0
+                    } else {
+                        i
+                    };
+                    (line, unit(f, i))
+                })
+                .collect();
+            work.push((fridges[f].clone(), l, units));
+        }
+        let loaded = refill_all(work, &hub, now);
+        let order: Vec<&FridgeId> = loaded.iter().map(|(f, _)| f).collect();
+        assert_eq!(order, fridges.iter().collect::<Vec<_>>());
+        for (f, (fridge, loads)) in loaded.iter().enumerate() {
+            let ok: usize = loads
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(lines, _)| lines.len())
+                .sum();
+            let failed: Vec<&Vec<u64>> = loads
+                .iter()
+                .filter(|(_, r)| r.is_err())
+                .map(|(lines, _)| lines)
+                .collect();
+            if f == 2 {
+                assert_eq!(ok, UNITS_PER_REQUEST_MAX, "{fridge}");
+                assert_eq!(failed.len(), 1, "{fridge}");
+                assert_eq!(failed[0].len(), 1, "{fridge}");
+            } else {
+                assert_eq!(ok, 150, "{fridge}");
+                assert!(failed.is_empty(), "{fridge}");
+            }
+        }
+        for (f, l) in ledgers.iter().enumerate() {
+            let expected = if f == 2 { UNITS_PER_REQUEST_MAX } else { 150 };
+            assert_eq!(l.units(now).len(), expected, "fridge {}", f + 1);
+        }
+    }
+}
