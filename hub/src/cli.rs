@@ -75,8 +75,8 @@ pub enum Cmd {
         /// Where to write the rejected rows (default: FILE.rejected.csv).
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Rows per request.
-        #[arg(long, default_value_t = 2000)]
+        /// Rows per request (at most 5000; fewer when the rows are long).
+        #[arg(long, default_value_t = crate::import::BATCH_ROWS_DEFAULT)]
         batch_rows: usize,
     },
     /// Write an external Mosquitto's password file, ACL and config for this hub's regions:

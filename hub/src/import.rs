@@ -26,6 +26,15 @@ use sha2::Digest;
 
 use crate::region::import::{ImportReport, Rejected, UnitRow};
 
+/// Rows per unit request unless told otherwise: the most a request may carry
+/// ([`IMPORT_ROWS_MAX`](crate::region::import::IMPORT_ROWS_MAX)). Each request loads its rows
+/// into each fridge as one refill, so larger requests cost the hub less per row.
+pub const BATCH_ROWS_DEFAULT: usize = crate::region::import::IMPORT_ROWS_MAX;
+
+/// A unit request's body stays under this (the hub's default request limit is 1 MiB): a batch
+/// is sent early when its rows' JSON reaches it.
+const BATCH_BYTES_MAX: usize = 900 * 1024;
+
 /// What a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
@@ -323,6 +332,7 @@ async fn units(
 ) -> anyhow::Result<()> {
     let mut file = Rows::new(reader)?;
     let mut rows = Vec::with_capacity(o.batch_rows);
+    let mut bytes = 0;
     // The next batch is read and sent while the hub loads the one before: the file's parsing
     // and the hub's loading overlap. Answers are taken in order, so the report stays in order.
     let mut sent: std::collections::VecDeque<(u64, tokio::task::JoinHandle<_>)> =
@@ -331,18 +341,22 @@ async fn units(
         let next = file.next::<UnitCsv>(report, summary)?;
         let more = next.is_some();
         if let Some(Some((line, u))) = next {
-            rows.push(UnitRow {
+            let row = UnitRow {
                 line,
                 unit_id: u.unit_id,
                 fridge_id: u.fridge_id,
                 sku: u.sku,
                 expires_at: u.expires_at,
                 batch: u.batch,
-            });
+            };
+            // The row's share of the request body: its JSON and a comma.
+            bytes += serde_json::to_vec(&row).map_or(0, |v| v.len()) + 1;
+            rows.push(row);
         }
         if rows.len()
             >= o.batch_rows
                 .clamp(1, crate::region::import::IMPORT_ROWS_MAX)
+            || bytes >= BATCH_BYTES_MAX
             || (!more && !rows.is_empty())
         {
             let body = json!({"rows": rows});
@@ -356,6 +370,7 @@ async fn units(
                 }),
             ));
             rows.clear();
+            bytes = 0;
         }
         while sent.len() >= UNIT_BATCHES_IN_FLIGHT || (!more && !sent.is_empty()) {
             if let Some((first, answer)) = sent.pop_front() {

@@ -1041,7 +1041,9 @@ async fn main() -> Result<()> {
             let (file, hub, batch) = (
                 a.next().unwrap_or_default(),
                 a.next().unwrap_or_default(),
-                a.next().and_then(|b| b.parse().ok()).unwrap_or(2_000),
+                a.next()
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(larder_hub::import::BATCH_ROWS_DEFAULT),
             );
             let summary = larder_hub::import::run(&larder_hub::import::Options {
                 kind: larder_hub::import::Kind::Units,

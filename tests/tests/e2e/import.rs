@@ -113,6 +113,39 @@ async fn small_batches_in_flight_account_for_every_row() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rows as long as they may be: the importer's batches stay under the hub's request limit
+/// (a request of 5,000 such rows would be over it), so every row loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let batch = "b".repeat(64);
+    let mut text = String::from("unit_id,fridge_id,sku,expires_at,batch\n");
+    let rows = 6_000;
+    for i in 0..rows {
+        let id = format!("{i:0>64}");
+        text.push_str(&format!("{id},fridge-1,lasagna,{soon},{batch}\n"));
+    }
+    let file = dir.path().join("long.csv");
+    std::fs::write(&file, &text)?;
+    let row = serde_json::json!({"line": rows, "unit_id": format!("{rows:0>64}"),
+        "fridge_id": "fridge-1", "sku": "lasagna", "expires_at": soon.to_string(), "batch": batch});
+    assert!(
+        5_000 * row.to_string().len() > 1024 * 1024,
+        "a request of 5,000 such rows is over the hub's limit"
+    );
+    let (ok, said) = import(&hub_http, "units", &file)?;
+    assert!(ok, "{said}");
+    assert!(said.contains(&format!("{rows} accepted")), "{said}");
+    assert_eq!(
+        available(&hub_stock(&hub_http, "fridge-1").await?, "lasagna"),
+        rows
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_catalog_and_subscriptions_import_once_with_a_report_of_bad_rows()
 -> anyhow::Result<()> {
