@@ -395,6 +395,20 @@ fn snapshots_are_due_when_idle_or_overdue() {
     );
 }
 
+/// The unit views a change came with (sorted by id), and the same units read back from the
+/// document.
+fn given_and_read_back(l: &Ledger, change: &LocalChange) -> (Vec<UnitView>, Vec<UnitView>) {
+    let read = change
+        .touched
+        .units
+        .iter()
+        .filter_map(|u| l.unit(u, i64::MIN))
+        .collect();
+    let mut given = change.units.clone();
+    given.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+    (given, read)
+}
+
 #[test]
 fn a_sale_returns_the_views_the_document_gives() {
     let mut l = stocked();
@@ -406,14 +420,7 @@ fn a_sale_returns_the_views_the_document_gives() {
         let (change, view) = l
             .sell(&sale(order, &lines, amount), &catalog(), &dev("pos-1"), NOW)
             .expect("sale");
-        let read_units: Vec<UnitView> = change
-            .touched
-            .units
-            .iter()
-            .filter_map(|u| l.unit(u, i64::MIN))
-            .collect();
-        let mut given = change.units.clone();
-        given.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
+        let (given, read_units) = given_and_read_back(&l, &change);
         assert_eq!(given, read_units, "{order}");
         assert_eq!(
             change.orders,
@@ -457,15 +464,8 @@ fn a_refill_returns_the_views_the_document_gives() {
             NOW,
         )
         .expect("refill");
-    let read_units: Vec<UnitView> = change
-        .touched
-        .units
-        .iter()
-        .filter_map(|u| l.unit(u, i64::MIN))
-        .collect();
+    let (given, read_units) = given_and_read_back(&l, &change);
     assert_eq!(read_units.len(), 3);
-    let mut given = change.units.clone();
-    given.sort_by(|a, b| a.unit_id.cmp(&b.unit_id));
     assert_eq!(given, read_units);
     assert_eq!(given[2].state, UnitState::Sold, "{:?}", given[2]);
     assert!(
