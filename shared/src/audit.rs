@@ -83,28 +83,20 @@ pub fn verify_heads(heads: &[Head<'_>]) -> Vec<bool> {
             Some((head_message(h.device, h.seq, h.hash), Signature(sig)))
         })
         .collect();
-    let checks: Vec<(usize, crate::keys::Signed<'_>)> = parsed
+    let checks: Vec<Option<crate::keys::Signed<'_>>> = parsed
         .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
+        .zip(heads)
+        .map(|(p, h)| {
             let (message, sig) = p.as_ref()?;
-            Some((
-                i,
-                crate::keys::Signed {
-                    key: heads[i].key,
-                    domain: HEAD_DOMAIN,
-                    message,
-                    sig,
-                },
-            ))
+            Some(crate::keys::Signed {
+                key: h.key,
+                domain: HEAD_DOMAIN,
+                message,
+                sig,
+            })
         })
         .collect();
-    let mut ok = vec![false; heads.len()];
-    let verdicts = crate::keys::verify_batch(&checks.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-    for ((i, _), v) in checks.iter().zip(verdicts) {
-        ok[*i] = v;
-    }
-    ok
+    crate::keys::verify_batch_some(&checks)
 }
 
 /// Checks a head signature made by [`sign_head`].

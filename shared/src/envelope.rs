@@ -412,35 +412,21 @@ impl Unverified {
 /// signature does not verify under that key (for the caller to try its sender's other keys,
 /// one by one, or to refuse it).
 pub fn verify_batch(items: Vec<(Unverified, &[u8], PublicKey)>) -> Vec<Option<Verified>> {
-    let signed: Vec<Option<&[u8]>> = items
+    let checks: Vec<Option<crate::keys::Signed<'_>>> = items
         .iter()
-        .map(|(u, bytes, _)| {
-            bytes
+        .map(|(u, bytes, key)| {
+            let message = bytes
                 .get(..u.payload_end)
-                .filter(|s| s.first() == Some(&PROTOCOL_VERSION))
+                .filter(|s| s.first() == Some(&PROTOCOL_VERSION))?;
+            Some(crate::keys::Signed {
+                key,
+                domain: SIGNING_DOMAIN,
+                message,
+                sig: &u.signature,
+            })
         })
         .collect();
-    let checks: Vec<(usize, crate::keys::Signed<'_>)> = items
-        .iter()
-        .zip(&signed)
-        .enumerate()
-        .filter_map(|(i, ((u, _, key), signed))| {
-            Some((
-                i,
-                crate::keys::Signed {
-                    key,
-                    domain: SIGNING_DOMAIN,
-                    message: (*signed)?,
-                    sig: &u.signature,
-                },
-            ))
-        })
-        .collect();
-    let mut ok = vec![false; items.len()];
-    let verdicts = crate::keys::verify_batch(&checks.iter().map(|(_, c)| *c).collect::<Vec<_>>());
-    for ((i, _), v) in checks.iter().zip(verdicts) {
-        ok[*i] = v;
-    }
+    let ok = crate::keys::verify_batch_some(&checks);
     drop(checks);
     items
         .into_iter()

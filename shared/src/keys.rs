@@ -165,6 +165,21 @@ pub struct Signed<'a> {
 /// is not worth it.
 const BATCH_MIN: usize = 4;
 
+/// [`verify_batch`] where some items could not even be put as a signature check (a malformed
+/// signature or message): those are `false`, the rest are checked in one batch.
+pub fn verify_batch_some(items: &[Option<Signed<'_>>]) -> Vec<bool> {
+    let (at, checks): (Vec<usize>, Vec<Signed<'_>>) = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((i, (*c)?)))
+        .unzip();
+    let mut ok = vec![false; items.len()];
+    for (i, v) in at.into_iter().zip(verify_batch(&checks)) {
+        ok[i] = v;
+    }
+    ok
+}
+
 /// Checks many signatures at once and answers, for each, whether it verifies.
 ///
 /// The signatures are checked together with Ed25519 batch verification (one multi-scalar
