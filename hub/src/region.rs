@@ -363,17 +363,8 @@ fn precheck_part(items: Vec<PrecheckItem<'_>>) -> Vec<(usize, Prechecked)> {
             let Party::Device(device) = &envelope.header.sender else {
                 return None;
             };
-            let mut head = b.entries.first()?.prev?;
-            for e in &b.entries {
-                if e.prev != Some(head) {
-                    return None;
-                }
-                let digest = larder_shared::audit::change_digest(&e.change);
-                head = larder_shared::audit::entry_hash(
-                    &head, device, e.seq, &e.ledger, e.epoch, &digest,
-                );
-            }
-            Some((b.entries.last()?.seq, head))
+            let links = chain_links(device, b.entries.first()?.prev?, &b.entries)?;
+            Some((b.entries.last()?.seq, links.last()?.hash))
         })
         .collect();
     let checks: Vec<(usize, larder_shared::audit::Head<'_>)> = opened
@@ -424,39 +415,70 @@ fn precheck_part(items: Vec<PrecheckItem<'_>>) -> Vec<(usize, Prechecked)> {
         .collect()
 }
 
+/// One entry's link in a device's audit chain.
+struct ChainLink {
+    prev: [u8; 32],
+    hash: [u8; 32],
+    /// The SHA-256 of the entry's change.
+    digest: [u8; 32],
+}
+
+/// The links of `entries` continuing the device's audit chain from `head`; `None` when an
+/// entry's link does not follow the one before.
+fn chain_links(
+    device: &DeviceId,
+    mut head: [u8; 32],
+    entries: &[larder_shared::envelope::Entry],
+) -> Option<Vec<ChainLink>> {
+    use larder_shared::audit;
+    entries
+        .iter()
+        .map(|e| {
+            if e.prev != Some(head) {
+                return None;
+            }
+            let digest = audit::change_digest(&e.change);
+            let hash = audit::entry_hash(&head, device, e.seq, &e.ledger, e.epoch, &digest);
+            let link = ChainLink {
+                prev: head,
+                hash,
+                digest,
+            };
+            head = hash;
+            Some(link)
+        })
+        .collect()
+}
+
 /// Checks that new entries continue the device's audit chain from `head` and that the batch's
 /// signature covers their last link (unless the group's batch check already verified that
 /// signature, `verified_head`); returns their audit rows.
 fn audit_rows(
     device: &DeviceId,
     key: &larder_shared::PublicKey,
-    mut head: [u8; 32],
+    head: [u8; 32],
     entries: &[larder_shared::envelope::Entry],
     head_sig: Option<Vec<u8>>,
     verified_head: Option<(u64, [u8; 32])>,
     now: i64,
 ) -> Result<Vec<crate::store::AuditRow>, &'static str> {
     use larder_shared::audit;
-    let mut rows = Vec::with_capacity(entries.len());
-    for e in entries {
-        if e.prev != Some(head) {
-            return Err("chain_broken");
-        }
-        let digest = audit::change_digest(&e.change);
-        let hash = audit::entry_hash(&head, device, e.seq, &e.ledger, e.epoch, &digest);
-        rows.push(crate::store::AuditRow {
+    let links = chain_links(device, head, entries).ok_or("chain_broken")?;
+    let mut rows: Vec<crate::store::AuditRow> = entries
+        .iter()
+        .zip(links)
+        .map(|(e, link)| crate::store::AuditRow {
             device: device.clone(),
             seq: e.seq,
             ledger: e.ledger.clone(),
             epoch: e.epoch,
-            prev: head,
-            hash,
-            change_sha256: digest,
+            prev: link.prev,
+            hash: link.hash,
+            change_sha256: link.digest,
             head_sig: None,
             received_at_ms: now,
-        });
-        head = hash;
-    }
+        })
+        .collect();
     if let Some(last) = rows.last_mut() {
         let sig = head_sig.ok_or("bad_audit_signature")?;
         if verified_head != Some((last.seq, last.hash))
