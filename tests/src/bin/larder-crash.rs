@@ -174,29 +174,7 @@ async fn agent_run(seed: u64, points: usize) -> Result<String> {
         // so the kill lands anywhere in the commit pipeline of the sales in flight.
         let kill_after = 1 + rng.below(UNITS_PER_ROUND as u64 - CLIENTS as u64) as usize;
         let extra_us = rng.below(4_000);
-        let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
-        let mut clients = tokio::task::JoinSet::new();
-        for c in 0..CLIENTS {
-            let (url, acked, prefix) = (agent.url.clone(), acked.clone(), prefix.clone());
-            clients.spawn(async move {
-                let client = http();
-                for i in (c..UNITS_PER_ROUND).step_by(CLIENTS) {
-                    let unit = format!("{prefix}-{i}");
-                    let idem = format!("k-{unit}");
-                    match sell_unit(&client, &url, "fridge-1", &unit, SKU, &idem).await {
-                        Ok((201, body)) => {
-                            let order = body["order_id"].as_str().unwrap_or_default().to_owned();
-                            if let Ok(mut a) = acked.lock() {
-                                a.push((order, unit));
-                            }
-                        }
-                        Ok((status, body)) => return Err(format!("{unit}: {status} {body}")),
-                        Err(_) => return Ok(()), // the agent died under this request
-                    }
-                }
-                Ok(())
-            });
-        }
+        let (acked, mut clients) = sale_burst(&agent.url, &prefix);
         eventually(Duration::from_secs(60), "sales before the kill", || async {
             (acked.lock().ok()?.len() >= kill_after).then_some(())
         })
@@ -401,30 +379,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
         refill(&url, "fridge-1", &prefix, SKU, UNITS_PER_ROUND)
             .await
             .with_context(|| format!("refill of burst {burst}"))?;
-        let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
-        let mut clients = tokio::task::JoinSet::new();
-        for c in 0..CLIENTS {
-            let (url, acked, prefix) = (url.clone(), acked.clone(), prefix.clone());
-            clients.spawn(async move {
-                let client = http();
-                for i in (c..UNITS_PER_ROUND).step_by(CLIENTS) {
-                    let unit = format!("{prefix}-{i}");
-                    let idem = format!("k-{unit}");
-                    match sell_unit(&client, &url, "fridge-1", &unit, SKU, &idem).await {
-                        Ok((201, body)) => {
-                            let order = body["order_id"].as_str().unwrap_or_default().to_owned();
-                            if let Ok(mut a) = acked.lock() {
-                                a.push((order, unit));
-                            }
-                        }
-                        Ok((status, body)) => return Err(format!("{unit}: {status} {body}")),
-                        // The agent was shut down under this request.
-                        Err(_) => return Ok(()),
-                    }
-                }
-                Ok(())
-            });
-        }
+        let (acked, mut clients) = sale_burst(&url, &prefix);
         let db = |dir: &str| format!("{dir}/agent.db");
         // Cuts at exact points of the agent's I/O: the power fails right after its nth write,
         // truncation or sync from now. Each image is checked against the sales acknowledged
@@ -769,4 +724,38 @@ async fn hub_run(seed: u64, devices: usize, sales: usize, kills: usize) -> Resul
          units each; every one of the {total} acknowledged sales is at the hub exactly once",
         downtime_ms as f64 / 1000.0
     ))
+}
+
+/// Sales acknowledged so far, as (order, unit).
+type Acked = Arc<Mutex<Vec<(String, String)>>>;
+
+/// Sells the round's units `{prefix}-0..` from `CLIENTS` concurrent clients, each unit once
+/// with its own idempotency key, recording each sale answered 201. A client stops at the first
+/// request that gets no answer (the agent died or lost power under it); a refused sale is an
+/// error.
+fn sale_burst(url: &str, prefix: &str) -> (Acked, tokio::task::JoinSet<Result<(), String>>) {
+    let acked: Acked = Arc::new(Mutex::new(Vec::new()));
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (url, acked, prefix) = (url.to_owned(), acked.clone(), prefix.to_owned());
+        clients.spawn(async move {
+            let client = http();
+            for i in (c..UNITS_PER_ROUND).step_by(CLIENTS) {
+                let unit = format!("{prefix}-{i}");
+                let idem = format!("k-{unit}");
+                match sell_unit(&client, &url, "fridge-1", &unit, SKU, &idem).await {
+                    Ok((201, body)) => {
+                        let order = body["order_id"].as_str().unwrap_or_default().to_owned();
+                        if let Ok(mut a) = acked.lock() {
+                            a.push((order, unit));
+                        }
+                    }
+                    Ok((status, body)) => return Err(format!("{unit}: {status} {body}")),
+                    Err(_) => return Ok(()),
+                }
+            }
+            Ok(())
+        });
+    }
+    (acked, clients)
 }
