@@ -649,13 +649,30 @@ pub fn spawn_checkpointer(
     path: &Path,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-    let conn = open_connection(path)?;
-    // Checkpoints copy pages through; they need no cache to speak of.
-    conn.pragma_update(None, "cache_size", -256)?;
+    let conn = checkpoint_connection(path)?;
     // A checkpoint on this connection covers the archive's file too.
     attach_archive(&conn, path)?;
+    run_checkpointer(conn, "checkpointer".into(), stop)
+}
+
+/// A connection for [`run_checkpointer`]: checkpoints copy pages through and need no cache to
+/// speak of.
+pub fn checkpoint_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = open_connection(path)?;
+    conn.pragma_update(None, "cache_size", -256)?;
+    Ok(conn)
+}
+
+/// Runs a passive WAL checkpoint on `conn` every [`CHECKPOINT_INTERVAL_MS`], on a thread named
+/// `name`, and a last one when the sender of `stop` is dropped (the agent's store and each of the
+/// hub's region stores, whose writers set `wal_autocheckpoint` to 0).
+pub fn run_checkpointer(
+    conn: Connection,
+    name: String,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
     std::thread::Builder::new()
-        .name("checkpointer".into())
+        .name(name)
         .spawn(move || {
             let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval)

@@ -234,12 +234,27 @@ pub async fn start_with_clock(
         let env_seq_reserved = writer.env_seq_reserved().map_err(store_err)?;
         let reads = Arc::new(RegionReads::open(&path, READ_CONNECTIONS).map_err(store_err)?);
         let (tx, rx) = mpsc::channel(config.sync.queue_depth_max);
+        // The checkpointer makes its last checkpoint once the writer has stopped.
+        let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel::<()>();
+        let checkpointer = larder_agent::store::checkpoint_connection(&path)
+            .and_then(|conn| {
+                larder_agent::store::run_checkpointer(
+                    conn,
+                    format!("checkpoint-{}", rc.id),
+                    checkpoint_rx,
+                )
+            })
+            .map_err(store_err)?;
         writer_threads.push(
             std::thread::Builder::new()
                 .name(format!("region-{}", rc.id))
-                .spawn(move || writer.run(rx))
+                .spawn(move || {
+                    writer.run(rx);
+                    drop(checkpoint_stop);
+                })
                 .map_err(StartError::Thread)?,
         );
+        writer_threads.push(checkpointer);
         regions.insert(
             rc.id.clone(),
             RegionHandle {

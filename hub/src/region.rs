@@ -8,8 +8,12 @@
 //! stream positions and projections in one transaction → answers (the ack to send, or the
 //! rejection reason) → bumps the downlink head so the pump relays the new changes.
 //! A rejected envelope changes nothing.
+//!
+//! Import batches take another path at the end: their transaction is committed by the
+//! region's committer thread (`committer`) while the writer loads the next batch.
 
 pub mod catalog;
+mod committer;
 pub mod import;
 
 use std::collections::{BTreeMap, HashMap};
@@ -267,7 +271,9 @@ pub struct RegionWriter {
     /// The box of each device key seen (X25519 agreement done once per key).
     boxes: HashMap<larder_shared::PublicKey, envelope::BoxKey>,
     metrics: Arc<HubMetrics>,
-    head_tx: watch::Sender<u64>,
+    head_tx: Arc<watch::Sender<u64>>,
+    /// Commits import batches while the writer loads the next (started by the first one).
+    committer: Option<committer::Committer>,
     changes_since_snapshot: HashMap<FridgeId, usize>,
     /// Changes a ledger's log grows by before a snapshot (`sync.snapshot_every_changes`).
     snapshot_every_changes: usize,
@@ -514,6 +520,53 @@ fn remember(
     }
 }
 
+/// Sends each waiting request its answer: what it staged, once `result` says the group was
+/// committed, or the group's error.
+fn answer(pending: Vec<Pending>, result: Result<(), RegionError>) {
+    for p in pending {
+        match (p, &result) {
+            (Pending::Answer(reply, answer), Ok(())) => {
+                let _ = reply.send(Ok(answer));
+            }
+            (Pending::Answer(reply, _), Err(e)) => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            (Pending::Uplink(reply, outcome), Ok(())) => {
+                let _ = reply.send(outcome);
+            }
+            (Pending::Uplink(reply, _), Err(_)) => {
+                let _ = reply.send(UplinkOutcome::Rejected("storage"));
+            }
+            (Pending::Enroll(reply, record), Ok(())) => {
+                let _ = reply.send(Ok(*record));
+            }
+            (Pending::Enroll(reply, _), Err(e)) => {
+                let _ = reply.send(Err(e.clone()));
+            }
+            (Pending::Unit(reply), r) => {
+                let _ = reply.send(r.clone());
+            }
+            (Pending::Import(reply, report), Ok(())) => {
+                let _ = reply.send(Ok(report));
+            }
+            (Pending::Import(reply, _), Err(e)) => {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Moves the downlink head up to `head` (never down: the committer and the writer both raise it).
+fn raise_head(head_tx: &watch::Sender<u64>, head: u64) {
+    head_tx.send_if_modified(|h| {
+        let higher = head > *h;
+        if higher {
+            *h = head;
+        }
+        higher
+    });
+}
+
 /// The hub's own Automerge actor (for what the hub writes into ledgers in later versions).
 pub fn hub_actor() -> automerge::ActorId {
     automerge::ActorId::from(&b"\x00hub"[..])
@@ -560,7 +613,8 @@ impl RegionWriter {
             hub_key,
             boxes: HashMap::new(),
             metrics,
-            head_tx,
+            head_tx: Arc::new(head_tx),
+            committer: None,
             changes_since_snapshot: HashMap::new(),
             snapshot_every_changes,
             compaction,
@@ -603,6 +657,9 @@ impl RegionWriter {
             self.snapshot_every_changes,
             idle,
         );
+        if !due.is_empty() {
+            self.settle();
+        }
         for fridge in due {
             let Some(ledger) = self.ledgers.get(&fridge) else {
                 continue;
@@ -664,16 +721,94 @@ impl RegionWriter {
             stopping = group.iter().any(|c| matches!(c, RegionCommand::Stop));
             self.process(group);
             for (archive_before_ms, reply) in std::mem::take(&mut self.compactions) {
+                self.settle();
                 let _ = reply.send(self.compact(archive_before_ms));
             }
             // Snapshots are maintenance: done when no command waits, or when overdue.
             let idle = rx.is_empty();
             self.snapshot_due(idle);
         }
+        self.settle();
+        self.committer = None;
         info!(region = %self.region, "region writer stopped");
     }
 
+    /// Waits for the import batch in flight (see [`committer`]): `false` if its commit failed;
+    /// its requests were answered with the error and the ledgers reloaded from the store.
+    fn settle(&mut self) -> bool {
+        let Some(c) = self.committer.as_mut() else {
+            return true;
+        };
+        match c.settle() {
+            Ok(()) => true,
+            Err(e) => {
+                error!(region = %self.region, error = %e, "an import batch failed to commit; ledgers reloaded");
+                if let Err(e) = self.reload() {
+                    error!(error = %e, "reloading ledgers failed");
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands an import-only group's batch to the committer, which answers its requests once it
+    /// is committed; the writer goes on to the next group meanwhile.
+    fn commit_behind(&mut self, batch: RegionBatch, pending: Vec<Pending>) {
+        for c in &batch.changes {
+            *self
+                .changes_since_snapshot
+                .entry(c.ledger.clone())
+                .or_default() += 1;
+        }
+        let events = self.events_of(&batch);
+        if self.committer.is_none() {
+            let started = self.store.open_again().and_then(|store| {
+                committer::Committer::start(
+                    store,
+                    committer::Outlets {
+                        region: self.region.clone(),
+                        head_tx: self.head_tx.clone(),
+                        events: self.events.clone(),
+                        metrics: self.metrics.clone(),
+                    },
+                )
+            });
+            match started {
+                Ok(c) => self.committer = Some(c),
+                Err(e) => {
+                    error!(region = %self.region, error = %e, "cannot start the region's committer; import batch refused");
+                    if let Err(e) = self.reload() {
+                        error!(error = %e, "reloading ledgers failed");
+                    }
+                    self.answer(pending, Err(RegionError::Storage(e.to_string())));
+                    return;
+                }
+            }
+        }
+        let job = committer::Job {
+            batch,
+            pending,
+            events,
+        };
+        if let Some(c) = self.committer.as_mut()
+            && let Err(e) = c.commit(job)
+        {
+            error!(region = %self.region, error = %e, "import batch refused; ledgers reloaded");
+            if let Err(e) = self.reload() {
+                error!(error = %e, "reloading ledgers failed");
+            }
+        }
+    }
+
     fn process(&mut self, group: Vec<RegionCommand>) {
+        // Import batches are committed behind the writer (see `committer`); anything else
+        // may read the store, so it waits for the batch in flight first.
+        let import_only = group
+            .iter()
+            .all(|c| matches!(c, RegionCommand::ImportUnits { .. }));
+        if !import_only {
+            self.settle();
+        }
         let now = self.clock.now_ms();
         let mut in_group: HashMap<String, (String, ApiAnswer)> = HashMap::new();
         let mut batch = RegionBatch::default();
@@ -807,6 +942,17 @@ impl RegionWriter {
                 RegionCommand::Stop => {}
             }
         }
+        if import_only && !self.settle() {
+            // Loaded on top of the batch that failed: the reload undid this group too.
+            self.answer(
+                pending,
+                Err(RegionError::Storage(
+                    "an earlier import batch failed to commit; nothing of this one was stored"
+                        .into(),
+                )),
+            );
+            return;
+        }
         for (device, p) in devices.progress {
             batch.progress.push((device, p, now));
         }
@@ -820,6 +966,10 @@ impl RegionWriter {
         }
         if batch.is_empty() {
             self.answer(pending, Ok(()));
+            return;
+        }
+        if import_only {
+            self.commit_behind(batch, pending);
             return;
         }
         let started = std::time::Instant::now();
@@ -842,7 +992,7 @@ impl RegionWriter {
                         .inc_by(batch.changes.len() as u64);
                     match self.store.head() {
                         Ok(head) => {
-                            self.head_tx.send_replace(head);
+                            raise_head(&self.head_tx, head);
                             let hub = ledger::hub_device();
                             let merged: std::collections::BTreeSet<FridgeId> = batch
                                 .changes
@@ -928,7 +1078,7 @@ impl RegionWriter {
         }
         if !report.ledgers.is_empty() {
             let head = self.store.head().map_err(storage)?;
-            self.head_tx.send_replace(head);
+            raise_head(&self.head_tx, head);
         }
         let active_since = now - (self.compaction.dormant_after_seconds as i64) * 1000;
         for fridge in &self.fridges {
@@ -1008,28 +1158,35 @@ impl RegionWriter {
     /// Publishes what a committed group changed on the region's event feed, and announces a
     /// catalog version it published.
     fn publish_events(&mut self, batch: &RegionBatch) {
-        use crate::events::{EventKind, StockMove};
+        use crate::events::EventKind;
         if let Some(catalog) = self.published.take() {
             let version = catalog.version;
             self.catalog_tx.send_replace(Arc::new(catalog));
             self.after_commit.push(EventKind::Catalog { version });
         }
+        for kind in self.events_of(batch) {
+            self.events.publish(kind);
+        }
+    }
+
+    /// The events a batch makes once committed: stock moves per fridge, orders, and what the
+    /// group noted for after its commit.
+    fn events_of(&mut self, batch: &RegionBatch) -> Vec<crate::events::EventKind> {
+        use crate::events::{EventKind, StockMove};
         let mut stock: BTreeMap<&FridgeId, Vec<StockMove>> = BTreeMap::new();
         for (fridge, unit) in &batch.units {
             stock.entry(fridge).or_default().push(unit.into());
         }
-        for (fridge, units) in stock {
-            self.events.publish(EventKind::Stock {
+        let mut events: Vec<EventKind> = stock
+            .into_iter()
+            .map(|(fridge, units)| EventKind::Stock {
                 fridge_id: fridge.clone(),
                 units,
-            });
-        }
-        for order in &batch.orders {
-            self.events.publish(EventKind::for_order(order));
-        }
-        for kind in self.after_commit.drain(..) {
-            self.events.publish(kind);
-        }
+            })
+            .collect();
+        events.extend(batch.orders.iter().map(EventKind::for_order));
+        events.append(&mut self.after_commit);
+        events
     }
 
     /// The current catalog, as it changes.
@@ -1038,37 +1195,7 @@ impl RegionWriter {
     }
 
     fn answer(&self, pending: Vec<Pending>, result: Result<(), RegionError>) {
-        for p in pending {
-            match (p, &result) {
-                (Pending::Answer(reply, answer), Ok(())) => {
-                    let _ = reply.send(Ok(answer));
-                }
-                (Pending::Answer(reply, _), Err(e)) => {
-                    let _ = reply.send(Err(e.clone()));
-                }
-                (Pending::Uplink(reply, outcome), Ok(())) => {
-                    let _ = reply.send(outcome);
-                }
-                (Pending::Uplink(reply, _), Err(_)) => {
-                    let _ = reply.send(UplinkOutcome::Rejected("storage"));
-                }
-                (Pending::Enroll(reply, record), Ok(())) => {
-                    let _ = reply.send(Ok(*record));
-                }
-                (Pending::Enroll(reply, _), Err(e)) => {
-                    let _ = reply.send(Err(e.clone()));
-                }
-                (Pending::Unit(reply), r) => {
-                    let _ = reply.send(r.clone());
-                }
-                (Pending::Import(reply, report), Ok(())) => {
-                    let _ = reply.send(Ok(report));
-                }
-                (Pending::Import(reply, _), Err(e)) => {
-                    let _ = reply.send(Err(e.clone()));
-                }
-            }
-        }
+        answer(pending, result);
     }
 
     fn enroll_check(&self, record: &DeviceRecord, batch: &RegionBatch) -> Result<(), RegionError> {

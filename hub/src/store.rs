@@ -262,7 +262,18 @@ impl RegionStore {
         let conn = open_connection(path)?;
         conn.execute_batch(projection::SCHEMA)?;
         conn.execute_batch(SCHEMA)?;
+        // Checkpoints run on the region's checkpointer (`spawn_checkpointer`), not inside the
+        // writer's commits.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self { conn })
+    }
+
+    /// Another connection to this store's file (the region's committer writes through one).
+    pub fn open_again(&self) -> Result<Self, StoreError> {
+        match self.conn.path() {
+            Some(path) if !path.is_empty() => Self::open(Path::new(path)),
+            _ => Err(StoreError::Corrupt("the region store has no file".into())),
+        }
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

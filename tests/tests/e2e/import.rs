@@ -146,6 +146,84 @@ async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The hub commits import batches behind its region writer, which meanwhile loads the next
+/// batch and handles devices: while many small batches load, a POS sells the fridge's units.
+/// Every imported unit and every sale is at the hub once, and the units reach the fridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_while_the_fridge_sells_keeps_every_row_and_sale() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
+    let (fridge_url, pos_url) = (
+        format!("http://{}", fridge.http_addr),
+        format!("http://{}", pos.http_addr),
+    );
+    synced(&fridge_url, WAIT).await?;
+    synced(&pos_url, WAIT).await?;
+    // A part of the refill is held in escrow for app orders: the POS sells a third.
+    let (refilled, sold) = (30, 10);
+    refill(&fridge_url, "fridge-1", "own", "soup-lentil", refilled).await?;
+    eventually(WAIT, "the POS to see the refill", || async {
+        let stock = agent_stock(&pos_url, "fridge-1").await.ok()?;
+        (available(&stock, "soup-lentil") == refilled as u64).then_some(())
+    })
+    .await?;
+    let before = available(&hub_stock(&hub_http, "fridge-1").await?, "soup-lentil");
+
+    let rows = 3_000;
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let mut text = String::from("unit_id,fridge_id,sku,expires_at\n");
+    for i in 0..rows {
+        text.push_str(&format!("imp-{i},fridge-1,lasagna,{soon}\n"));
+    }
+    let file = dir.path().join("units.csv");
+    std::fs::write(&file, text)?;
+    let importing = {
+        let (hub_http, file) = (hub_http.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            import_with(&hub_http, "units", &file, &["--batch-rows", "50"])
+        })
+    };
+    let client = http();
+    for i in 0..sold {
+        let (status, body) = sell_unit(
+            &client,
+            &pos_url,
+            "fridge-1",
+            &format!("own-{i}"),
+            "soup-lentil",
+            &format!("sale-{i}"),
+        )
+        .await?;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (ok, said) = importing.await??;
+    assert!(ok, "{said}");
+    assert!(said.contains(&format!("{rows} accepted")), "{said}");
+    synced(&pos_url, WAIT).await?;
+
+    let stock = hub_stock(&hub_http, "fridge-1").await?;
+    assert_eq!(available(&stock, "lasagna"), rows as u64, "{stock}");
+    assert_eq!(
+        available(&stock, "soup-lentil"),
+        before - sold as u64,
+        "{stock}"
+    );
+    assert_eq!(
+        hub_order_ids(&hub_http).await?.len(),
+        sold,
+        "every sale once"
+    );
+    eventually(WAIT, "the imported units at the fridge", || async {
+        let stock = agent_stock(&fridge_url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == rows as u64).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_catalog_and_subscriptions_import_once_with_a_report_of_bad_rows()
 -> anyhow::Result<()> {
