@@ -200,6 +200,12 @@ pub struct Ledger {
     histories: std::cell::RefCell<HashMap<OrderId, std::sync::Arc<Vec<StatusEvent>>>>,
     /// The sku and expiry of every unit whose refill is known here.
     unit_keys: HashMap<UnitId, (Sku, i64)>,
+    /// Ids the document mentions as a key of any map without indexed facts: units sold, taken,
+    /// removed or reserved before their refill arrived, facts that do not parse, and order ids
+    /// that happen to be valid unit ids. A unit in neither this set nor `unit_keys` appears
+    /// nowhere in the document, so a refill of it needs no lookups. Kept by `reindex_with`,
+    /// by `local_change_with` (every local put names its unit in `touched`) and on loading.
+    loose: std::cell::RefCell<std::collections::HashSet<UnitId>>,
     /// Actors with a change in the document, read from it on first need (see
     /// [`Ledger::check_actors`]).
     actors: std::cell::RefCell<Option<std::collections::HashSet<ActorId>>>,
@@ -302,12 +308,21 @@ impl Ledger {
             records: Default::default(),
             histories: Default::default(),
             unit_keys: HashMap::new(),
+            loose: Default::default(),
             actors: Default::default(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {
             ledger.reindex(&id);
         }
+        let maps = &ledger.maps;
+        let mentioned: Vec<UnitId> = [&maps.sold, &maps.taken, &maps.removed, &maps.reserved]
+            .into_iter()
+            .flat_map(|map| ledger.doc.keys(map))
+            .filter_map(|k| UnitId::new(k).ok())
+            .filter(|u| !ledger.unit_keys.contains_key(u))
+            .collect();
+        ledger.loose.get_mut().extend(mentioned);
         Ok(ledger)
     }
 
@@ -539,6 +554,14 @@ impl Ledger {
         orders: Vec<OrderView>,
     ) -> Result<LocalChange, LedgerError> {
         self.forget_orders(&touched);
+        {
+            let mut loose = self.loose.borrow_mut();
+            for u in &touched.units {
+                if !self.unit_keys.contains_key(u) {
+                    loose.insert(u.clone());
+                }
+            }
+        }
         let change = self.doc.get_last_local_change().ok_or_else(|| {
             LedgerError::Document(format!(
                 "committed change not found ({} units, {} orders touched)",
@@ -563,9 +586,15 @@ impl Ledger {
     /// the unit is gone (sold, taken or removed).
     fn reindex_with(&mut self, unit: &UnitId, facts: Option<&UnitFacts>) -> bool {
         self.reindex_reservation(unit);
-        if let Some(f) = facts {
-            self.unit_keys
-                .insert(unit.clone(), (f.sku.clone(), f.expires_at_ms));
+        match facts {
+            Some(f) => {
+                self.unit_keys
+                    .insert(unit.clone(), (f.sku.clone(), f.expires_at_ms));
+                self.loose.get_mut().remove(unit);
+            }
+            None => {
+                self.loose.get_mut().insert(unit.clone());
+            }
         }
         let gone = self.gone(unit);
         if let Some(facts) = facts {
@@ -759,7 +788,18 @@ impl Ledger {
         // the indexes and views are made from them, not read back from the document.
         let mut views = Vec::with_capacity(written.len());
         for (unit, facts) in written {
-            let gone = self.reindex_with(&unit, Some(&facts));
+            let gone = if refill.order_id.is_none() && !self.loose.get_mut().contains(&unit) {
+                // Mentioned nowhere in the document before: not gone, not reserved.
+                self.unit_keys
+                    .insert(unit.clone(), (facts.sku.clone(), facts.expires_at_ms));
+                self.unsold
+                    .entry(facts.sku.clone())
+                    .or_default()
+                    .insert((facts.expires_at_ms, unit.clone()));
+                false
+            } else {
+                self.reindex_with(&unit, Some(&facts))
+            };
             views.push((unit, facts, gone));
         }
         let held = |l: &Self, u: &UnitId| l.reserved_by_unit.contains_key(u);
@@ -788,7 +828,11 @@ impl Ledger {
                     unit.unit_id
                 )));
             }
-            if self.has(&self.maps.units, unit.unit_id.as_str()) {
+            // The document has a unit's key only if the unit is indexed or loose.
+            let id = &unit.unit_id;
+            if self.unit_keys.contains_key(id)
+                || (self.loose.borrow().contains(id) && self.has(&self.maps.units, id.as_str()))
+            {
                 return Err(LedgerError::UnitExists(unit.unit_id.clone()));
             }
         }

@@ -478,6 +478,103 @@ fn a_refill_returns_the_views_the_document_gives() {
     assert!(!free.contains(&UnitId::new("u9").expect("id")));
 }
 
+/// A refill of a unit the document mentions nowhere skips the document's lookups, so the
+/// ledger must know every unit a change mentioned before its refill, however the change came:
+/// made here, merged from another replica, or in the document a ledger was loaded from. In
+/// each case the refill's views are the document's, a sold or removed unit is not offered,
+/// and a unit refilled elsewhere cannot be refilled again.
+#[test]
+fn a_refill_knows_units_mentioned_before_it_however_they_came() {
+    let mut pos = stocked();
+    pos.sell(
+        &sale("o1", &[("lasagna", Some("m1"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("sale");
+    pos.remove(
+        &[UnitId::new("m2").expect("id")],
+        crate::domain::RemovalReason::Damaged,
+        NOW,
+    )
+    .expect("remove");
+    pos.refill(
+        &Refill {
+            units: vec![unit("m3", "lasagna", NOW + DAY)],
+            order_id: None,
+        },
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("refill elsewhere");
+    let merged = |pos: &Ledger| {
+        let mut hub = Ledger::new(fridge(), actor_for(&dev("hub"))).expect("ledger");
+        hub.apply_changes(
+            &pos.doc
+                .get_changes(&[])
+                .iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect::<Vec<_>>(),
+        )
+        .expect("merge");
+        hub
+    };
+    let loaded = |pos: &Ledger| {
+        Ledger::load(fridge(), actor_for(&dev("hub")), Some(&pos.save()), &[]).expect("load")
+    };
+    for (how, mut l) in [
+        ("merged", merged(&pos)),
+        ("loaded", loaded(&pos)),
+        ("made here", pos),
+    ] {
+        let again = l.refill(
+            &Refill {
+                units: vec![unit("m3", "lasagna", NOW + DAY)],
+                order_id: None,
+            },
+            &dev("hub"),
+            NOW,
+        );
+        assert!(
+            matches!(again, Err(LedgerError::UnitExists(_))),
+            "{how}: {again:?}"
+        );
+        let change = l
+            .refill(
+                &Refill {
+                    units: vec![
+                        unit("m1", "lasagna", NOW + DAY),
+                        unit("m2", "lasagna", NOW + DAY),
+                        unit("m4", "lasagna", NOW + DAY),
+                    ],
+                    order_id: None,
+                },
+                &dev("hub"),
+                NOW,
+            )
+            .expect("refill");
+        let (given, read_units) = given_and_read_back(&l, &change);
+        assert_eq!(given, read_units, "{how}");
+        let states: Vec<UnitState> = given.iter().map(|v| v.state).collect();
+        assert_eq!(
+            states,
+            vec![UnitState::Sold, UnitState::Removed, UnitState::Available],
+            "{how}"
+        );
+        let free = l.free_units(&Sku::new("lasagna").expect("sku"), NOW);
+        let id = |u: &str| UnitId::new(u).expect("id");
+        assert!(
+            free.contains(&id("m4")) && free.contains(&id("m3")),
+            "{how}: {free:?}"
+        );
+        assert!(
+            !free.contains(&id("m1")) && !free.contains(&id("m2")),
+            "{how}: {free:?}"
+        );
+    }
+}
+
 /// A peer's op on the document root (where the genesis change put the maps) could replace a
 /// map and break every later load: refused, and the ledger unchanged.
 #[test]
