@@ -386,7 +386,7 @@ async fn units(
 }
 
 /// Unit batches sent before the first one's answer is awaited.
-const UNIT_BATCHES_IN_FLIGHT: usize = 2;
+const UNIT_BATCHES_IN_FLIGHT: usize = 3;
 
 /// Counts a unit batch's answer and reports its rejected rows.
 fn take_unit_answer(
