@@ -75,7 +75,7 @@ pub enum Cmd {
         /// Where to write the rejected rows (default: FILE.rejected.csv).
         #[arg(long)]
         report: Option<PathBuf>,
-        /// Rows per request (at most 5000; fewer when the rows are long).
+        /// Rows per request (at most 10000; fewer when the rows are long).
         #[arg(long, default_value_t = crate::import::BATCH_ROWS_DEFAULT)]
         batch_rows: usize,
     },

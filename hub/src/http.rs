@@ -156,7 +156,14 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .routes(routes!(catalog::get_catalog, catalog::put_catalog))
         .routes(routes!(catalog::rate))
         .routes(routes!(catalog::events))
-        .routes(routes!(catalog::import_units))
+        .merge(
+            // Import batches may be larger than other requests (`IMPORT_BODY_BYTES_MAX`).
+            OpenApiRouter::new()
+                .routes(routes!(catalog::import_units))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    body_bytes_max.max(crate::region::import::IMPORT_BODY_BYTES_MAX),
+                )),
+        )
         .routes(routes!(devices, enroll))
         .routes(routes!(revoke))
         .routes(routes!(compaction))

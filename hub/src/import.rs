@@ -31,9 +31,10 @@ use crate::region::import::{ImportReport, Rejected, UnitRow};
 /// into each fridge as one refill, so larger requests cost the hub less per row.
 pub const BATCH_ROWS_DEFAULT: usize = crate::region::import::IMPORT_ROWS_MAX;
 
-/// A unit request's body stays under this (the hub's default request limit is 1 MiB): a batch
-/// is sent early when its rows' JSON reaches it.
-const BATCH_BYTES_MAX: usize = 900 * 1024;
+/// A unit request's body stays under this (the hub takes import requests of up to
+/// [`IMPORT_BODY_BYTES_MAX`](crate::region::import::IMPORT_BODY_BYTES_MAX)): a batch is sent
+/// early when its rows' JSON reaches it.
+const BATCH_BYTES_MAX: usize = crate::region::import::IMPORT_BODY_BYTES_MAX - 100 * 1024;
 
 /// What a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -385,7 +386,8 @@ async fn units(
     }
 }
 
-/// Unit batches sent before the first one's answer is awaited.
+/// Unit batches sent before the first one's answer is awaited: while the hub commits one batch
+/// and loads the next, the third is on its way, so the hub's writer never waits for a request.
 const UNIT_BATCHES_IN_FLIGHT: usize = 3;
 
 /// Counts a unit batch's answer and reports its rejected rows.

@@ -114,7 +114,8 @@ async fn small_batches_in_flight_account_for_every_row() -> anyhow::Result<()> {
 }
 
 /// Rows as long as they may be: the importer's batches stay under the hub's request limit
-/// (a request of 5,000 such rows would be over it), so every row loads.
+/// for imports (a request of as many such rows as it may carry would be over it), so every
+/// row loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -123,7 +124,7 @@ async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
     let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
     let batch = "b".repeat(64);
     let mut text = String::from("unit_id,fridge_id,sku,expires_at,batch\n");
-    let rows = 6_000;
+    let rows = 12_000;
     for i in 0..rows {
         let id = format!("{i:0>64}");
         text.push_str(&format!("{id},fridge-1,lasagna,{soon},{batch}\n"));
@@ -132,9 +133,10 @@ async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
     std::fs::write(&file, &text)?;
     let row = serde_json::json!({"line": rows, "unit_id": format!("{rows:0>64}"),
         "fridge_id": "fridge-1", "sku": "lasagna", "expires_at": soon.to_string(), "batch": batch});
+    use larder_hub::region::import::{IMPORT_BODY_BYTES_MAX, IMPORT_ROWS_MAX};
     assert!(
-        5_000 * row.to_string().len() > 1024 * 1024,
-        "a request of 5,000 such rows is over the hub's limit"
+        IMPORT_ROWS_MAX * row.to_string().len() > IMPORT_BODY_BYTES_MAX,
+        "a request of {IMPORT_ROWS_MAX} such rows is over the hub's limit"
     );
     let (ok, said) = import(&hub_http, "units", &file)?;
     assert!(ok, "{said}");
