@@ -676,6 +676,13 @@ impl RegionWriter {
         }
     }
 
+    /// [`Self::reload`] after a failed commit or merge, logging a failure to reload.
+    fn reload_logged(&mut self) {
+        if let Err(e) = self.reload() {
+            error!(error = %e, "reloading ledgers failed");
+        }
+    }
+
     fn reload(&mut self) -> Result<(), StoreError> {
         self.published = None;
         self.after_commit.clear();
@@ -743,9 +750,7 @@ impl RegionWriter {
             Ok(()) => true,
             Err(e) => {
                 error!(region = %self.region, error = %e, "an import batch failed to commit; ledgers reloaded");
-                if let Err(e) = self.reload() {
-                    error!(error = %e, "reloading ledgers failed");
-                }
+                self.reload_logged();
                 false
             }
         }
@@ -777,9 +782,7 @@ impl RegionWriter {
                 Ok(c) => self.committer = Some(c),
                 Err(e) => {
                     error!(region = %self.region, error = %e, "cannot start the region's committer; import batch refused");
-                    if let Err(e) = self.reload() {
-                        error!(error = %e, "reloading ledgers failed");
-                    }
+                    self.reload_logged();
                     self.answer(pending, Err(RegionError::Storage(e.to_string())));
                     return;
                 }
@@ -794,9 +797,9 @@ impl RegionWriter {
             && let Err(e) = c.commit(job)
         {
             error!(region = %self.region, error = %e, "import batch refused; ledgers reloaded");
-            if let Err(e) = self.reload() {
-                error!(error = %e, "reloading ledgers failed");
-            }
+            // The next import batch starts a new committer.
+            self.committer = None;
+            self.reload_logged();
         }
     }
 
@@ -958,9 +961,7 @@ impl RegionWriter {
         }
         if let Err(e) = self.apply_staged(&mut batch) {
             error!(region = %self.region, error = %e, "merging the group failed; group refused, ledgers reloaded");
-            if let Err(e) = self.reload() {
-                error!(error = %e, "reloading ledgers failed");
-            }
+            self.reload_logged();
             self.answer(pending, Err(RegionError::Storage(e)));
             return;
         }
@@ -1013,9 +1014,7 @@ impl RegionWriter {
             Err(e) => {
                 error!(region = %self.region, error = %e, "region commit failed; group refused, ledgers reloaded");
                 self.metrics.commit_failures.inc();
-                if let Err(e) = self.reload() {
-                    error!(error = %e, "reloading ledgers failed");
-                }
+                self.reload_logged();
                 self.answer(pending, Err(RegionError::Storage(e.to_string())));
             }
         }

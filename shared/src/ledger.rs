@@ -586,27 +586,28 @@ impl Ledger {
     /// the unit is gone (sold, taken or removed).
     fn reindex_with(&mut self, unit: &UnitId, facts: Option<&UnitFacts>) -> bool {
         self.reindex_reservation(unit);
+        let gone = self.gone(unit);
         match facts {
-            Some(f) => {
-                self.unit_keys
-                    .insert(unit.clone(), (f.sku.clone(), f.expires_at_ms));
-                self.loose.get_mut().remove(unit);
-            }
+            Some(f) => self.index_facts(unit, f, gone),
             None => {
                 self.loose.get_mut().insert(unit.clone());
             }
         }
-        let gone = self.gone(unit);
-        if let Some(facts) = facts {
-            let set = self.unsold.entry(facts.sku.clone()).or_default();
-            let key = (facts.expires_at_ms, unit.clone());
-            if gone {
-                set.remove(&key);
-            } else {
-                set.insert(key);
-            }
-        }
         gone
+    }
+
+    /// Indexes a unit's facts, and whether it is gone, in `unit_keys` and `unsold`.
+    fn index_facts(&mut self, unit: &UnitId, facts: &UnitFacts, gone: bool) {
+        self.unit_keys
+            .insert(unit.clone(), (facts.sku.clone(), facts.expires_at_ms));
+        self.loose.get_mut().remove(unit);
+        let set = self.unsold.entry(facts.sku.clone()).or_default();
+        let key = (facts.expires_at_ms, unit.clone());
+        if gone {
+            set.remove(&key);
+        } else {
+            set.insert(key);
+        }
     }
 
     /// Whether a refill of `unit` is known here (its facts are in the document).
@@ -790,12 +791,7 @@ impl Ledger {
         for (unit, facts) in written {
             let gone = if refill.order_id.is_none() && !self.loose.get_mut().contains(&unit) {
                 // Mentioned nowhere in the document before: not gone, not reserved.
-                self.unit_keys
-                    .insert(unit.clone(), (facts.sku.clone(), facts.expires_at_ms));
-                self.unsold
-                    .entry(facts.sku.clone())
-                    .or_default()
-                    .insert((facts.expires_at_ms, unit.clone()));
+                self.index_facts(&unit, &facts, false);
                 false
             } else {
                 self.reindex_with(&unit, Some(&facts))
