@@ -162,6 +162,38 @@ pub async fn start_agent(
     .await
 }
 
+/// A fridge's own agent (`fridge-1`) and a POS serving the same fridge (`pos-1`), both synced
+/// within `limit`, with their API URLs.
+#[derive(Debug)]
+pub struct FridgeAndPos {
+    pub fridge: AgentHandle,
+    pub pos: AgentHandle,
+    pub fridge_url: String,
+    pub pos_url: String,
+}
+
+/// Starts [`FridgeAndPos`] on `hub` and waits until both agents are synced.
+pub async fn start_fridge_and_pos(
+    dir: &Path,
+    hub: &HubHandle,
+    limit: Duration,
+) -> Result<FridgeAndPos> {
+    let fridge = start_agent(dir, hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let pos = start_agent(dir, hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
+    let (fridge_url, pos_url) = (
+        format!("http://{}", fridge.http_addr),
+        format!("http://{}", pos.http_addr),
+    );
+    synced(&fridge_url, limit).await?;
+    synced(&pos_url, limit).await?;
+    Ok(FridgeAndPos {
+        fridge,
+        pos,
+        fridge_url,
+        pos_url,
+    })
+}
+
 /// Starts an in-process agent (after enrolling it) with its config adjusted by `tweak` and
 /// its records stamped by `clock`.
 pub async fn start_agent_with(

@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use larder_hub::demo::{REGION, demo_catalog};
-use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};
 
@@ -64,14 +63,12 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     let hub_dir = dir.path().join("hub");
     let hub = start_hub(&hub_dir, 1).await?;
     let hub_http = format!("http://{}", hub.http_addr);
-    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
-    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
-    let (fridge_url, pos_url) = (
-        format!("http://{}", fridge.http_addr),
-        format!("http://{}", pos.http_addr),
-    );
-    synced(&fridge_url, WAIT).await?;
-    synced(&pos_url, WAIT).await?;
+    let FridgeAndPos {
+        fridge,
+        pos,
+        fridge_url,
+        pos_url,
+    } = start_fridge_and_pos(dir.path(), &hub, WAIT).await?;
     refill(&fridge_url, "fridge-1", "u", SKU, 4).await?;
     synced(&pos_url, WAIT).await?;
     let mut feed = EventFeed::open(&hub_http, REGION).await?;

@@ -156,14 +156,8 @@ async fn an_import_while_the_fridge_sells_keeps_every_row_and_sale() -> anyhow::
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_http = format!("http://{}", hub.http_addr);
-    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
-    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
-    let (fridge_url, pos_url) = (
-        format!("http://{}", fridge.http_addr),
-        format!("http://{}", pos.http_addr),
-    );
-    synced(&fridge_url, WAIT).await?;
-    synced(&pos_url, WAIT).await?;
+    let agents = start_fridge_and_pos(dir.path(), &hub, WAIT).await?;
+    let (fridge_url, pos_url) = (agents.fridge_url.clone(), agents.pos_url.clone());
     // A part of the refill is held in escrow for app orders: the POS sells a third.
     let (refilled, sold) = (30, 10);
     refill(&fridge_url, "fridge-1", "own", "soup-lentil", refilled).await?;
