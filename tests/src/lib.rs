@@ -597,3 +597,53 @@ impl EventFeed {
         }
     }
 }
+
+// Helpers of the benchmark binaries (`larder-bench`, `larder-hub-bench`).
+
+/// The `p` quantile (0 to 1) of sorted samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Prints a latency line: count, p50, p99 and max, and whether p99 met `goal_ms`.
+pub fn summary(name: &str, samples: &mut [Duration], goal_ms: f64) {
+    samples.sort();
+    let p99 = ms(percentile(samples, 0.99));
+    println!(
+        "{name}: n = {}, p50 {:.3} ms, p99 {p99:.3} ms, max {:.3} ms (goal: p99 at most {goal_ms} ms, {})",
+        samples.len(),
+        ms(percentile(samples, 0.5)),
+        ms(percentile(samples, 1.0)),
+        if p99 <= goal_ms { "met" } else { "missed" }
+    );
+}
+
+/// Sets up logging (warnings from the hubs and agents a benchmark runs go to stderr; RUST_LOG
+/// overrides) and prints the heading of a run, unless `which` is one of a benchmark's own
+/// child processes (`__...`).
+pub fn bench_start(which: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !which.starts_with("__") {
+        println!(
+            "# Larder benchmarks ({} build, {} cores)\n",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
+}
