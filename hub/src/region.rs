@@ -1350,9 +1350,12 @@ impl RegionWriter {
         if record.revoked_at_ms.is_some() {
             return UplinkOutcome::Rejected("revoked_device");
         }
-        // The current key, then any key a rotation retired that is inside its overlap window.
+        // The current key, then any key a rotation retired that is inside its overlap window:
+        // those are read only when the batch check did not find the current key's signature.
         let mut keys = vec![record.public_key];
-        if let Ok(retired) = self.store.retired_keys(sender, now) {
+        if pre.as_ref().is_none_or(|p| p.signer != record.public_key)
+            && let Ok(retired) = self.store.retired_keys(sender, now)
+        {
             keys.extend(retired);
         }
         let (env, signer, verified_head) = match pre.filter(|p| keys.contains(&p.signer)) {

@@ -251,6 +251,9 @@ fn retired_keys(
 const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_key, enrolled_at_ms, \
      revoked_at_ms, last_env_seq, up_hwm, down_acked, last_seen_ms, chain_head";
 
+/// Statements the region writer's connection keeps prepared.
+const STATEMENTS_CACHED: usize = 64;
+
 /// The region writer's connection.
 #[derive(Debug)]
 pub struct RegionStore {
@@ -265,6 +268,9 @@ impl RegionStore {
         // Checkpoints run on the region's checkpointer (`spawn_checkpointer`), not inside the
         // writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // Room for every statement of a group's commit, its projections and its reads: with
+        // rusqlite's default of 16 they pushed each other out and were parsed again each time.
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
         Ok(Self { conn })
     }
 
@@ -279,7 +285,8 @@ impl RegionStore {
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
             .optional()?)
     }
 
@@ -295,11 +302,10 @@ impl RegionStore {
     pub fn device(&self, id: &DeviceId) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
         Ok(self
             .conn
-            .query_row(
-                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"),
-                [id.as_str()],
-                device_from_row,
-            )
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
+            ))?
+            .query_row([id.as_str()], device_from_row)
             .optional()?)
     }
 
@@ -335,9 +341,8 @@ impl RegionStore {
     pub fn head(&self) -> Result<u64, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| {
-                r.get::<_, i64>(0)
-            })? as u64)
+            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM changes")?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn snapshot_ledger(&mut self, fridge: &FridgeId, bytes: &[u8]) -> Result<(), StoreError> {
