@@ -408,7 +408,7 @@ impl Process {
         marker: &str,
         envs: &[(&str, &str)],
     ) -> Result<Self> {
-        let mut child = Command::new(exe)
+        let child = Command::new(exe)
             .args(args)
             .env("RUST_LOG", "warn,rumqttd=off")
             .envs(envs.iter().copied())
@@ -416,6 +416,11 @@ impl Process {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("spawning {exe}"))?;
+        Self::announced(child, exe, marker)
+    }
+
+    /// Waits for `child`'s stdout line containing `marker` followed by an URL.
+    fn announced(mut child: Child, exe: &str, marker: &str) -> Result<Self> {
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         let marker = marker.to_owned();
@@ -435,6 +440,31 @@ impl Process {
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| anyhow!("{exe} did not announce its address"))?;
         Ok(Self { child, url })
+    }
+
+    /// [`Process::spawn`] of a process that may not grow any file past `file_bytes_max`
+    /// (`RLIMIT_FSIZE`, set by util-linux's `prlimit`): a write past it fails with `EFBIG`,
+    /// the way a full disk fails a write, and its `SIGXFSZ` is ignored (the shell's `trap`,
+    /// which `exec` keeps). Its stderr goes to `log`.
+    pub fn spawn_with_file_limit(
+        exe: &str,
+        args: &[&str],
+        marker: &str,
+        file_bytes_max: u64,
+        log: &Path,
+    ) -> Result<Self> {
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"trap '' XFSZ; exec prlimit --fsize="$0" -- "$@""#)
+            .arg(file_bytes_max.to_string())
+            .arg(exe)
+            .args(args)
+            .env("RUST_LOG", "warn,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()
+            .with_context(|| format!("spawning {exe} under prlimit"))?;
+        Self::announced(child, exe, marker)
     }
 
     /// kill -9.

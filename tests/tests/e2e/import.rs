@@ -148,6 +148,156 @@ async fn long_rows_are_sent_in_batches_the_hub_takes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The most any file of the hub in [`a_batch_that_cannot_be_committed_is_refused_whole_and_forgotten`]
+/// may grow to. Measured: the store's write-ahead log is about 0.3 MB after start and a batch of
+/// 100 rows, and a batch of [`IMPORT_ROWS_MAX`] rows adds about 3.7 MB to it.
+const FILE_BYTES_MAX: u64 = 2 * 1024 * 1024;
+
+/// Imports rows `prefix-from` to `prefix-(to-1)` for fridge-1, as one request.
+async fn post_rows(
+    hub_http: &str,
+    prefix: &str,
+    from: usize,
+    to: usize,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
+    let rows: Vec<serde_json::Value> = (from..to)
+        .map(|i| {
+            serde_json::json!({"line": i + 2, "unit_id": format!("{prefix}-{i:05}"),
+                "fridge_id": "fridge-1", "sku": "lasagna", "expires_at": soon.to_string()})
+        })
+        .collect();
+    let resp = http()
+        .post(format!("{hub_http}/v1/regions/{REGION}/imports/units"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&serde_json::json!({ "rows": rows }))
+        .send()
+        .await?;
+    Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+/// The unit ids the hub's store holds for fridge-1.
+async fn stored_units(hub_http: &str) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    Ok(hub_stock(hub_http, "fridge-1").await?["units"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u["unit_id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// `prefix-from` to `prefix-(to-1)`, as [`post_rows`] names them.
+fn unit_ids(prefix: &str, from: usize, to: usize) -> Vec<String> {
+    (from..to).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// A batch whose commit fails is refused whole, and the hub forgets it. The hub runs as its
+/// own process, which may not grow a file past [`FILE_BYTES_MAX`]: the write-ahead log of a
+/// batch of [`IMPORT_ROWS_MAX`] rows does not fit, so its commit on the region's committer
+/// fails the way a full disk fails it. That request gets 503. Smaller batches before and after
+/// it are kept; rows of the refused batch sent again are loaded anew, so the writer's ledgers
+/// were reloaded and do not hold rows the store never got; and a hub restarted on the same
+/// store without the limit holds exactly the rows whose requests were answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_cannot_be_committed_is_refused_whole_and_forgotten() -> anyhow::Result<()> {
+    use larder_hub::region::import::IMPORT_ROWS_MAX;
+    let dir = tempfile::tempdir()?;
+    let exe = env!("CARGO_BIN_EXE_hub-node");
+    let hub_config = || -> anyhow::Result<String> {
+        let (broker, http_port) = (
+            larder_hub::mqtt::free_port()?,
+            larder_hub::mqtt::free_port()?,
+        );
+        let path = write_hub_config(&dir.path().join("hub"), broker, http_port, 1)?;
+        Ok(path.display().to_string())
+    };
+    let log = dir.path().join("hub.log");
+    let config = hub_config()?;
+    let mut hub = Process::spawn_with_file_limit(
+        exe,
+        &["run", "--config", &config],
+        "hub ",
+        FILE_BYTES_MAX,
+        &log,
+    )?;
+    let url = hub.url.clone();
+
+    let (status, body) = post_rows(&url, "a", 0, 100).await?;
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(100)),
+        "{body}"
+    );
+    let (status, body) = post_rows(&url, "b", 0, IMPORT_ROWS_MAX).await?;
+    assert_eq!(status, 503, "a batch too large for the file limit: {body}");
+    assert!(body.to_string().contains("storage_unavailable"), "{body}");
+    let said = std::fs::read_to_string(&log)?;
+    assert!(
+        said.contains("region commit failed; import batch refused"),
+        "the committer's commit failed: {said}"
+    );
+
+    // The next batch may have been loaded on top of the refused one before the writer heard
+    // of the failure; then it is refused too, and nothing of it kept.
+    let (mut status, mut body) = post_rows(&url, "c", 0, 100).await?;
+    if status == 503 {
+        assert!(
+            body.to_string().contains("an earlier import batch failed"),
+            "{body}"
+        );
+        (status, body) = post_rows(&url, "c", 0, 100).await?;
+    }
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (200, Some(100)),
+        "{body}"
+    );
+    let (status, body) = post_rows(&url, "b", 0, 100).await?;
+    assert_eq!(
+        (
+            status,
+            body["accepted"].as_u64(),
+            body["unchanged"].as_u64()
+        ),
+        (200, Some(100), Some(0)),
+        "rows of the refused batch are new to the hub: {body}"
+    );
+    let kept: std::collections::BTreeSet<String> = [
+        unit_ids("a", 0, 100),
+        unit_ids("c", 0, 100),
+        unit_ids("b", 0, 100),
+    ]
+    .concat()
+    .into_iter()
+    .collect();
+    assert_eq!(stored_units(&url).await?, kept);
+
+    // Restarted on the same store without the limit: the same rows, and the whole batch now
+    // loads once.
+    hub.kill();
+    let config = hub_config()?;
+    let hub = Process::spawn(exe, &["run", "--config", &config], "hub ")?;
+    assert_eq!(stored_units(&hub.url).await?, kept);
+    let (status, body) = post_rows(&hub.url, "b", 0, IMPORT_ROWS_MAX).await?;
+    assert_eq!(
+        (
+            status,
+            body["accepted"].as_u64(),
+            body["unchanged"].as_u64()
+        ),
+        (200, Some(IMPORT_ROWS_MAX as u64 - 100), Some(100)),
+        "{body}"
+    );
+    let all = stored_units(&hub.url).await?;
+    assert_eq!(all.len(), IMPORT_ROWS_MAX + 200);
+    assert!(
+        unit_ids("b", 0, IMPORT_ROWS_MAX)
+            .iter()
+            .all(|u| all.contains(u))
+    );
+    Ok(())
+}
+
 /// The hub commits import batches behind its region writer, which meanwhile loads the next
 /// batch and handles devices: while many small batches load, a POS sells the fridge's units.
 /// Every imported unit and every sale is at the hub once, and the units reach the fridge.
