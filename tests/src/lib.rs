@@ -436,10 +436,14 @@ impl Process {
                 }
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| anyhow!("{exe} did not announce its address"))?;
-        Ok(Self { child, url })
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => Ok(Self { child, url }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{exe} did not announce its address")
+            }
+        }
     }
 
     /// [`Process::spawn`] of a process that may not grow any file past `file_bytes_max`
@@ -464,7 +468,12 @@ impl Process {
             .stderr(std::fs::File::create(log)?)
             .spawn()
             .with_context(|| format!("spawning {exe} under prlimit"))?;
-        Self::announced(child, exe, marker)
+        Self::announced(child, exe, marker).map_err(|e| {
+            anyhow!(
+                "{e}; its stderr: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
     }
 
     /// kill -9.
@@ -655,9 +664,9 @@ pub fn summary(name: &str, samples: &mut [Duration], goal_ms: f64) {
 }
 
 /// Sets up logging (warnings from the hubs and agents a benchmark runs go to stderr; RUST_LOG
-/// overrides) and prints the heading of a run, unless `which` is one of a benchmark's own
-/// child processes (`__...`).
-pub fn bench_start(which: &str) {
+/// overrides) and prints the heading `title` of a run, unless `which` is one of a benchmark's
+/// own child processes (`__...`).
+pub fn bench_start(title: &str, which: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -667,7 +676,7 @@ pub fn bench_start(which: &str) {
         .init();
     if !which.starts_with("__") {
         println!(
-            "# Larder benchmarks ({} build, {} cores)\n",
+            "# {title} ({} build, {} cores)\n",
             if cfg!(debug_assertions) {
                 "debug"
             } else {

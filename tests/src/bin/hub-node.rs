@@ -2,9 +2,8 @@
 //! kill it as a separate process.
 
 /// jemalloc, not the system allocator: the hub's writers allocate and free many small
-/// values per row and per envelope, and glibc's allocator was a sixth of their time
-/// (`docs/BENCHMARKS.md`).
-#[cfg(not(target_env = "msvc"))]
+/// values per row and per envelope, and glibc's allocator took about a quarter of the region
+/// writer's thread during an import (`docs/BENCHMARKS.md`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

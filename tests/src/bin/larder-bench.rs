@@ -311,7 +311,7 @@ async fn catch_up() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    bench_start(&which);
+    bench_start("Larder's agent benchmarks", &which);
     match which.as_str() {
         "latency" => latency().await,
         "throughput" => throughput().await,

@@ -15,11 +15,6 @@
 //! files, real HTTP and real MQTT through the hub's embedded broker. The agent's benchmarks
 //! are `larder-bench`.
 
-/// The hub's own allocator (`hub/src/main.rs`): the hub runs in this process.
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -27,6 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use larder_shared::domain::Role;
 use larder_tests::*;
+
+/// The hub's own allocator (`hub/src/main.rs`): the hub runs in this process.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const ORDER_FRIDGES: u32 = 1_000;
 const ORDER_SKUS: usize = 50;
@@ -689,7 +688,7 @@ async fn import() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
-    bench_start(&which);
+    bench_start("Larder's hub benchmarks", &which);
     match which.as_str() {
         "orders" => orders().await,
         "import" => import().await,
