@@ -371,6 +371,16 @@ pub async fn hub_stock(hub_http: &str, fridge: &str) -> Result<Value> {
         .await?)
 }
 
+/// The Prometheus text a hub or an agent serves at `{base_url}/metrics`.
+pub async fn metrics_text(base_url: &str) -> Result<String> {
+    Ok(http()
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
 /// The order ids the hub holds.
 pub async fn hub_order_ids(hub_http: &str) -> Result<Vec<String>> {
     let v: Value = http()

@@ -123,12 +123,7 @@ async fn aarch64_agent_sells_offline_and_converges_with_an_x86_hub() -> anyhow::
     let agent_stock = agent_stock(&url, "fridge-1").await?;
     assert_eq!(available(&hub_stock, "soup-lentil"), 0);
     assert_eq!(available(&agent_stock, "soup-lentil"), 0);
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&url).await?;
     assert!(
         metrics.contains("larder_agent_"),
         "the ARM agent serves its metrics"

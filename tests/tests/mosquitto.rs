@@ -274,14 +274,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
             WAIT,
             &format!("{region}'s hub to count {other}'s envelopes"),
             || async {
-                let text = http()
-                    .get(format!("{}/metrics", hub.url))
-                    .send()
-                    .await
-                    .ok()?
-                    .text()
-                    .await
-                    .ok()?;
+                let text = metrics_text(&hub.url).await.ok()?;
                 let n: u64 = text
                     .lines()
                     .find_map(|l| l.strip_prefix(line.as_str()))?
@@ -444,12 +437,7 @@ async fn the_embedded_broker_refuses_stock_clients_without_a_fresh_device_token(
     let (ok, said) = publish(&["-i", "pos-1", "-u", "pos-1", "-P", fresh.as_str()])?;
     assert!(!ok && refused(&said), "a replayed token: {said}");
     // The hub counted what it refused.
-    let metrics = http()
-        .get(format!("{hub_http}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&hub_http).await?;
     assert!(
         metrics.contains("larder_hub_connections_refused_total"),
         "{metrics}"

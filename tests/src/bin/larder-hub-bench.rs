@@ -536,14 +536,7 @@ async fn connected() -> Result<()> {
         clients.push(client);
     }
     let online = || async {
-        let text = http()
-            .get(format!("{hub_http}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = metrics_text(&hub_http).await.ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("larder_hub_devices_online{region=\"demo\"} "))?
             .trim()

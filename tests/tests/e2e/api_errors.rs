@@ -74,7 +74,7 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
     ] {
         assert!(h.get(field).is_some(), "health has {field}: {h}");
     }
-    let metrics = c.get(format!("{url}/metrics")).send().await?.text().await?;
+    let metrics = metrics_text(&url).await?;
     assert!(
         metrics.contains("larder_agent_http_requests_total"),
         "{metrics}"

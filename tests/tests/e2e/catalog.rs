@@ -126,14 +126,7 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     let pos_order = at_pos["order_id"].as_str().unwrap_or_default().to_owned();
     // The hub's metrics show the offline POS falling behind, the fridge caught up.
     eventually(WAIT, "the POS's sync lag in the metrics", || async {
-        let text = http()
-            .get(format!("{hub_http}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = metrics_text(&hub_http).await.ok()?;
         let gauge = |device: &str| -> Option<f64> {
             let prefix = format!(
                 "larder_hub_device_sync_lag_seconds{{region=\"{REGION}\",device=\"{device}\"}} "
@@ -214,12 +207,7 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     })
     .await?;
 
-    let metrics = http()
-        .get(format!("{hub_http}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&hub_http).await?;
     assert!(
         metrics.contains(r#"larder_hub_http_request_seconds_count{method="PUT",route="/v1/regions/{r}/catalog"} 7"#),
         "every PUT timed: {metrics}"

@@ -22,12 +22,7 @@ const CASES_TOTAL: u64 = 10_000;
 
 /// Every envelope the hub rejected in the test region, whatever the reason.
 async fn rejected_total(hub_url: &str) -> anyhow::Result<u64> {
-    let text = http()
-        .get(format!("{hub_url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = metrics_text(hub_url).await?;
     Ok(text
         .lines()
         .filter(|l| {
@@ -227,12 +222,7 @@ async fn the_broker_admits_only_enrolled_devices_with_fresh_tokens() -> anyhow::
             "{name}"
         );
     }
-    let metrics = http()
-        .get(format!("{hub_url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&hub_url).await?;
     for reason in [
         "unknown_device",
         "replayed_token",
@@ -590,12 +580,7 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
         40,
         "every honest sale reached the hub"
     );
-    let metrics = http()
-        .get(format!("{hub_url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&hub_url).await?;
     assert!(metrics.contains("reason=\"bad_signature\""), "{metrics}");
     poller.abort();
     pos.shutdown().await;

@@ -152,12 +152,7 @@ async fn below_the_disk_reserve_writes_are_refused_and_resume_when_space_returns
         (201, &first),
         "an idempotent retry is answered"
     );
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&url).await?;
     assert!(
         metrics.contains("larder_agent_writes_refused_total{reason=\"insufficient_storage\"}"),
         "{metrics}"
@@ -269,12 +264,7 @@ async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
         CAP,
         "nothing was dropped"
     );
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&url).await?;
     assert!(
         metrics.contains("larder_agent_outbox_limit 1000"),
         "{metrics}"
