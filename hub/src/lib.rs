@@ -70,6 +70,8 @@ pub enum StartError {
 pub struct RegionHandle {
     pub config: RegionConfig,
     pub tx: mpsc::Sender<RegionCommand>,
+    /// `up` publishes go through the region's verifier (`region::verifier`) to the writer.
+    pub uplinks: mpsc::Sender<region::verifier::Uplink>,
     pub reads: Arc<RegionReads>,
     pub head: watch::Receiver<u64>,
     /// The current catalog, as the region writer publishes versions.
@@ -255,11 +257,24 @@ pub async fn start_with_clock(
                 .map_err(StartError::Thread)?,
         );
         writer_threads.push(checkpointer);
+        let (uplinks, uplinks_rx) = mpsc::channel(config.sync.queue_depth_max);
+        let verifier = region::verifier::Verifier {
+            reads: reads.clone(),
+            hub_key: key.clone(),
+            max_message_bytes: config.mqtt.max_message_bytes,
+            group_max: config.sync.group_commit_max,
+        };
+        writer_threads.push(
+            verifier
+                .spawn(format!("verify-{}", rc.id), uplinks_rx, tx.clone())
+                .map_err(StartError::Thread)?,
+        );
         regions.insert(
             rc.id.clone(),
             RegionHandle {
                 config: rc.clone(),
                 tx,
+                uplinks,
                 reads,
                 head,
                 catalog,

@@ -744,12 +744,12 @@ impl HubLink {
             }
             DeviceTopic::Up => {
                 let (reply, rx) = oneshot::channel();
-                let cmd = RegionCommand::Uplink {
+                let uplink = crate::region::verifier::Uplink {
                     topic_device: device.clone(),
                     payload,
                     reply,
                 };
-                if handle.tx.send(cmd).await.is_err() {
+                if handle.uplinks.send(uplink).await.is_err() {
                     return Scope::None;
                 }
                 let tx = self.outcomes_tx.clone();

@@ -1,7 +1,9 @@
 //! A region's single writer: verifies device envelopes, merges ledger changes, commits, and only
 //! then answers with the acknowledgement to publish.
 //!
-//! Data flow: the MQTT task hands each `up` publish to [`RegionCommand::Uplink`] → the writer
+//! Data flow: the MQTT task hands each `up` publish to the region's verifier thread
+//! (`verifier`), which batch-checks signatures ahead of the writer and passes it on as
+//! [`RegionCommand::Uplink`] → the writer
 //! thread takes every waiting command (group commit) → checks each envelope by CONTRACT.md's
 //! rules (size, decoding, region, topic, sender enrolled and not revoked, signature, replay,
 //! ledgers served, change authors) → merges accepted changes into its ledgers → writes changes,
@@ -15,6 +17,7 @@
 pub mod catalog;
 mod committer;
 pub mod import;
+pub mod verifier;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,8 +40,9 @@ const BOXES_MAX: usize = 65_536;
 /// What a group's batch check found of one uplink (see [`RegionWriter::precheck`]): its
 /// envelope, verified and opened, the key that signed it, and the audit head (last entry's
 /// sequence number and chain hash) whose signature verified under that key.
+/// Opaque outside the region: made by the writer or the region's verifier.
 #[derive(Debug)]
-struct Prechecked {
+pub struct Prechecked {
     envelope: envelope::Envelope,
     signer: larder_shared::PublicKey,
     head: Option<(u64, [u8; 32])>,
@@ -82,6 +86,8 @@ pub enum RegionCommand {
         topic_device: DeviceId,
         payload: bytes::Bytes,
         reply: oneshot::Sender<UplinkOutcome>,
+        /// What the region's verifier found of it, if it checked it (see [`verifier`]).
+        pre: Option<Box<Prechecked>>,
     },
     Enroll {
         record: Box<DeviceRecord>,
@@ -344,7 +350,27 @@ type PrecheckItem<'a> = (
     &'a envelope::BoxKey,
 );
 
-/// Batch-checks some of a group's uplinks (see [`RegionWriter::precheck`]).
+/// Batch-checks uplinks (see [`RegionWriter::precheck`]): answers, by the command's place in
+/// its group, those that verified and opened. Many are split in two halves checked on two
+/// threads.
+fn precheck_items(items: Vec<PrecheckItem<'_>>) -> HashMap<usize, Prechecked> {
+    if items.len() < PRECHECK_SPLIT_MIN {
+        return precheck_part(items).into_iter().collect();
+    }
+    let mut first = items;
+    let second = first.split_off(first.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(move || precheck_part(second));
+        let mut found: HashMap<usize, Prechecked> = precheck_part(first).into_iter().collect();
+        match other.join() {
+            Ok(more) => found.extend(more),
+            Err(_) => error!("a precheck thread panicked; its envelopes are checked one by one"),
+        }
+        found
+    })
+}
+
+/// Batch-checks some of a group's uplinks (see [`precheck_items`]).
 fn precheck_part(items: Vec<PrecheckItem<'_>>) -> Vec<(usize, Prechecked)> {
     let mut rest = Vec::with_capacity(items.len());
     let mut batch = Vec::with_capacity(items.len());
@@ -824,8 +850,9 @@ impl RegionWriter {
                     topic_device,
                     payload,
                     reply,
+                    pre,
                 } => {
-                    let pre = prechecked.remove(&i);
+                    let pre = pre.map(|p| *p).or_else(|| prechecked.remove(&i));
                     let outcome =
                         self.uplink(&topic_device, &payload, pre, &mut devices, &mut batch, now);
                     match outcome {
@@ -1244,6 +1271,8 @@ impl RegionWriter {
     /// another (a third of the cost of checking each alone, see `keys::verify_batch`). A large
     /// group is split in two halves checked on two threads.
     ///
+    /// Uplinks the region's [`verifier`] already checked are not checked again.
+    ///
     /// This only saves [`RegionWriter::uplink`] its signature work: `uplink` still decides
     /// every envelope by every rule, and checks one by one whatever is not here (a retired
     /// key's envelope, a forgery, a broken chain). Answers, by the command's place in the
@@ -1260,22 +1289,26 @@ impl RegionWriter {
             let RegionCommand::Uplink {
                 topic_device,
                 payload,
+                pre,
                 ..
             } = cmd
             else {
                 continue;
             };
-            let Ok(opened) = envelope::open(payload, self.max_message_bytes) else {
-                continue;
-            };
-            if opened.header().sender != Party::Device(topic_device.clone()) {
-                continue;
-            }
             if !known.contains_key(topic_device) {
                 let Ok(Some(row)) = self.store.device(topic_device) else {
                     continue;
                 };
                 known.insert(topic_device.clone(), row);
+            }
+            if pre.is_some() {
+                continue;
+            }
+            let Ok(opened) = envelope::open(payload, self.max_message_bytes) else {
+                continue;
+            };
+            if opened.header().sender != Party::Device(topic_device.clone()) {
+                continue;
             }
             let Some((record, _)) = known.get(topic_device) else {
                 continue;
@@ -1293,22 +1326,7 @@ impl RegionWriter {
                 Some((i, opened, payload, key, boxes.get(&key)?))
             })
             .collect();
-        if items.len() < PRECHECK_SPLIT_MIN {
-            return precheck_part(items).into_iter().collect();
-        }
-        let mut first = items;
-        let second = first.split_off(first.len() / 2);
-        std::thread::scope(|scope| {
-            let other = scope.spawn(move || precheck_part(second));
-            let mut found: HashMap<usize, Prechecked> = precheck_part(first).into_iter().collect();
-            match other.join() {
-                Ok(more) => found.extend(more),
-                Err(_) => {
-                    error!("a precheck thread panicked; its envelopes are checked one by one")
-                }
-            }
-            found
-        })
+        precheck_items(items)
     }
 
     /// Checks and stages one envelope from a device's `up` topic; `pre` is what the group's

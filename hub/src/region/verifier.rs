@@ -1,0 +1,269 @@
+//! The region's verifier thread: checks uplinks' signatures ahead of the writer.
+//!
+//! Signature checks are most of an uplink's CPU work (two Ed25519 signatures each: the envelope
+//! and its audit head), and they need nothing the writer owns but the sender's key. So the MQTT
+//! task hands `up` publishes to this thread, which batch-checks each waiting run of them under
+//! each sender's key as committed (read from the region's read pool), opens their sealed
+//! bodies, and passes every uplink on to the writer, in the order received, with what it found.
+//! The writer then merges and commits one group while the verifier checks the next.
+//!
+//! The verifier decides nothing. The writer still applies every rule to every envelope with
+//! its own device rows, accepts a verifier's finding only if the key it verified under is one
+//! the writer accepts at that moment (the key in force, or a retired one inside its overlap),
+//! and checks alone whatever the verifier did not verify (a device enrolled or a key rotated
+//! since, a forgery). So a stale read here can cost time, never a wrong answer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use larder_shared::envelope::{self, Party};
+use larder_shared::{DeviceId, PublicKey, SecretKey};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BOXES_MAX, PrecheckItem, RegionCommand, UplinkOutcome, precheck_part};
+use crate::store::RegionReads;
+
+/// An `up` publish for the region, as the MQTT task received it.
+#[derive(Debug)]
+pub struct Uplink {
+    pub topic_device: DeviceId,
+    pub payload: bytes::Bytes,
+    pub reply: oneshot::Sender<UplinkOutcome>,
+}
+
+/// What the verifier needs of its region.
+#[derive(Debug)]
+pub struct Verifier {
+    /// Device rows as committed.
+    pub reads: Arc<RegionReads>,
+    /// The hub's key, which uplink bodies are sealed to.
+    pub hub_key: SecretKey,
+    pub max_message_bytes: usize,
+    /// The most uplinks checked together.
+    pub group_max: usize,
+}
+
+impl Verifier {
+    /// Starts the thread: it takes uplinks from `rx` and passes them to the writer's `tx`, and
+    /// ends once every sender of `rx` is gone or the writer has stopped.
+    pub fn spawn(
+        self,
+        name: String,
+        rx: mpsc::Receiver<Uplink>,
+        tx: mpsc::Sender<RegionCommand>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || self.run(rx, tx))
+    }
+
+    fn run(self, mut rx: mpsc::Receiver<Uplink>, tx: mpsc::Sender<RegionCommand>) {
+        let mut boxes: HashMap<PublicKey, envelope::BoxKey> = HashMap::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < self.group_max {
+                match rx.try_recv() {
+                    Ok(u) => group.push(u),
+                    Err(_) => break,
+                }
+            }
+            let mut found = self.check(&group, &mut boxes);
+            for (i, u) in group.into_iter().enumerate() {
+                let cmd = RegionCommand::Uplink {
+                    topic_device: u.topic_device,
+                    payload: u.payload,
+                    reply: u.reply,
+                    pre: found.remove(&i).map(Box::new),
+                };
+                if tx.blocking_send(cmd).is_err() {
+                    return; // the writer has stopped
+                }
+            }
+        }
+    }
+
+    /// Batch-checks `group` under each sender's committed key; answers, by place in the group,
+    /// the uplinks that verified and opened.
+    fn check(
+        &self,
+        group: &[Uplink],
+        boxes: &mut HashMap<PublicKey, envelope::BoxKey>,
+    ) -> HashMap<usize, super::Prechecked> {
+        let mut keys: HashMap<&DeviceId, Option<PublicKey>> = HashMap::new();
+        let mut candidates = Vec::with_capacity(group.len());
+        for (i, u) in group.iter().enumerate() {
+            let Ok(opened) = envelope::open(&u.payload, self.max_message_bytes) else {
+                continue;
+            };
+            if opened.header().sender != Party::Device(u.topic_device.clone()) {
+                continue;
+            }
+            let key = *keys.entry(&u.topic_device).or_insert_with(|| {
+                match self.reads.device(&u.topic_device) {
+                    Ok(Some(record)) if record.revoked_at_ms.is_none() => Some(record.public_key),
+                    _ => None,
+                }
+            });
+            let Some(key) = key else {
+                continue;
+            };
+            if boxes.len() >= BOXES_MAX && !boxes.contains_key(&key) {
+                boxes.clear();
+            }
+            boxes
+                .entry(key)
+                .or_insert_with(|| envelope::BoxKey::new(&self.hub_key, &key));
+            candidates.push((i, opened, u.payload.as_ref(), key));
+        }
+        let items: Vec<PrecheckItem<'_>> = candidates
+            .into_iter()
+            .filter_map(|(i, opened, payload, key)| {
+                Some((i, opened, payload, key, boxes.get(&key)?))
+            })
+            .collect();
+        // On this thread alone: the writer is busy on another core meanwhile.
+        precheck_part(items).into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use larder_shared::domain::Role;
+    use larder_shared::envelope::{Ack, Body, Envelope, Header};
+    use larder_shared::{FridgeId, RegionId};
+
+    use super::*;
+    use crate::store::{DeviceRecord, RegionBatch, RegionStore};
+
+    fn record(id: &DeviceId, key: &SecretKey) -> DeviceRecord {
+        DeviceRecord {
+            device_id: id.clone(),
+            role: Role::Pos,
+            site: None,
+            fridges: vec![FridgeId::new("fridge-1").expect("id")],
+            public_key: key.public(),
+            enrolled_at_ms: 1,
+            revoked_at_ms: None,
+            last_seen_ms: None,
+        }
+    }
+
+    /// An `Ack` envelope from `sender`, signed and sealed with `key`.
+    fn ack(region: &RegionId, sender: &DeviceId, key: &SecretKey, hub: &SecretKey) -> Vec<u8> {
+        Envelope {
+            header: Header {
+                region: region.clone(),
+                sender: Party::Device(sender.clone()),
+                recipient: Party::Hub,
+                seq: 1,
+                sent_at_ms: 0,
+            },
+            body: Body::Ack(Ack {
+                up_to: 0,
+                gap: false,
+            }),
+        }
+        .seal_to(key, &envelope::BoxKey::new(key, &hub.public()))
+        .expect("sealed")
+    }
+
+    /// The verifier passes every uplink on, in order, and vouches only for those signed by
+    /// their sender's committed key: not a stranger's key, a tampered signature, a revoked or
+    /// unknown device, or another device's envelope on this device's topic.
+    #[test]
+    fn only_envelopes_signed_by_their_senders_committed_key_are_vouched_for() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("region.db");
+        let region = RegionId::new("north").expect("id");
+        let hub = SecretKey::generate().expect("key");
+        let [a, b, gone, unknown] = ["pos-a", "pos-b", "pos-gone", "pos-new"].map(|id| {
+            (
+                DeviceId::new(id).expect("id"),
+                SecretKey::generate().expect("key"),
+            )
+        });
+        let stranger = SecretKey::generate().expect("key");
+        let mut store = RegionStore::open(&path).expect("store");
+        let enroll = RegionBatch {
+            enroll: [&a, &b, &gone].map(|(id, key)| record(id, key)).to_vec(),
+            ..RegionBatch::default()
+        };
+        store.commit(&enroll).expect("commit");
+        let revoke = RegionBatch {
+            revoke: vec![(gone.0.clone(), 2)],
+            ..RegionBatch::default()
+        };
+        store.commit(&revoke).expect("commit");
+
+        let mut tampered = ack(&region, &a.0, &a.1, &hub);
+        *tampered.last_mut().expect("a signature") ^= 1;
+        let sent: Vec<(&DeviceId, Vec<u8>)> = vec![
+            (&a.0, ack(&region, &a.0, &a.1, &hub)),
+            (&a.0, ack(&region, &a.0, &stranger, &hub)),
+            (&a.0, tampered),
+            (&gone.0, ack(&region, &gone.0, &gone.1, &hub)),
+            (&unknown.0, ack(&region, &unknown.0, &unknown.1, &hub)),
+            (&b.0, ack(&region, &a.0, &a.1, &hub)),
+            (&b.0, ack(&region, &b.0, &b.1, &hub)),
+        ];
+        let (uplinks, uplinks_rx) = mpsc::channel(16);
+        let (writer_tx, mut writer_rx) = mpsc::channel(16);
+        let verifier = Verifier {
+            reads: Arc::new(RegionReads::open(&path, 1).expect("reads")),
+            hub_key: hub,
+            max_message_bytes: 64 * 1024,
+            group_max: 256,
+        };
+        // Queued before the thread starts, so the verifier checks them as one group.
+        let mut replies = Vec::new();
+        for (device, payload) in &sent {
+            let (reply, rx) = oneshot::channel();
+            replies.push(rx);
+            uplinks
+                .try_send(Uplink {
+                    topic_device: (*device).clone(),
+                    payload: payload.clone().into(),
+                    reply,
+                })
+                .expect("room in the queue");
+        }
+        drop(uplinks);
+        let thread = verifier
+            .spawn("verify-test".into(), uplinks_rx, writer_tx)
+            .expect("thread");
+        let mut passed = Vec::new();
+        while let Some(cmd) = writer_rx.blocking_recv() {
+            let RegionCommand::Uplink {
+                topic_device,
+                payload,
+                pre,
+                ..
+            } = cmd
+            else {
+                panic!("the verifier passes on uplinks only");
+            };
+            passed.push((topic_device, payload, pre.map(|p| p.signer)));
+        }
+        thread.join().expect("the verifier ends");
+
+        assert_eq!(passed.len(), sent.len(), "every uplink is passed on");
+        for ((device, payload), (topic_device, passed_payload, _)) in sent.iter().zip(&passed) {
+            assert_eq!(*device, topic_device);
+            assert_eq!(payload.as_slice(), passed_payload.as_ref());
+        }
+        let vouched: Vec<Option<PublicKey>> = passed.into_iter().map(|(_, _, s)| s).collect();
+        assert_eq!(
+            vouched,
+            vec![
+                Some(a.1.public()),
+                None,
+                None,
+                None,
+                None,
+                None,
+                Some(b.1.public())
+            ]
+        );
+    }
+}
