@@ -426,6 +426,7 @@ async fn ingest() -> Result<()> {
             .get() as usize
     };
     let before = accepted();
+    let cpu_before = cpu_by_thread();
     let started = Instant::now();
     for ((id, _, envs), c) in devices.iter().zip(&clients) {
         let (c, envs) = (c.clone(), envs.clone());
@@ -440,6 +441,7 @@ async fn ingest() -> Result<()> {
         }));
     }
     let took = until_count(before + total, started, accepted).await?;
+    let cpu = cpu_by_thread();
     let rate = total as f64 / took.as_secs_f64();
     let rejected: u64 = ["bad_signature", "replay", "gap", "chain_broken"]
         .iter()
@@ -456,9 +458,62 @@ async fn ingest() -> Result<()> {
         rate / raw_rate,
         RECONNECTS.load(Ordering::Relaxed)
     );
+    let mut used: Vec<(String, f64)> = cpu
+        .into_iter()
+        .map(|(name, ticks)| {
+            let spent = ticks.saturating_sub(cpu_before.get(&name).copied().unwrap_or(0));
+            (name, spent as f64 / USER_HZ)
+        })
+        .filter(|(_, secs)| *secs > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let all: f64 = used.iter().map(|(_, secs)| secs).sum();
+    let threads: Vec<String> = used
+        .iter()
+        .map(|(name, secs)| format!("{name} {secs:.2}"))
+        .collect();
+    println!(
+        "CPU seconds during ingest, by thread: {} ({:.2} cores busy on average)",
+        threads.join(", "),
+        all / took.as_secs_f64()
+    );
     println!();
     hub.shutdown().await;
     Ok(())
+}
+
+/// The kernel's clock ticks per second in `/proc` times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// CPU time (user and system, in `USER_HZ` ticks) of this process's threads, summed by thread
+/// name. Threads that have ended are not counted.
+fn cpu_by_thread() -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        // After the name in parentheses: state is field 3, utime 14 and stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        *by_name.entry(name.trim().to_owned()).or_insert(0) += ticks(11) + ticks(12);
+    }
+    by_name
 }
 
 /// The hub's resident memory per connected, idle device.
