@@ -71,7 +71,7 @@ pub struct RegionHandle {
     pub config: RegionConfig,
     pub tx: mpsc::Sender<RegionCommand>,
     /// `up` publishes go through the region's verifier (`region::verifier`) to the writer.
-    pub uplinks: mpsc::Sender<region::verifier::Uplink>,
+    pub uplinks: mpsc::Sender<region::verifier::VerifierCommand>,
     pub reads: Arc<RegionReads>,
     pub head: watch::Receiver<u64>,
     /// The current catalog, as the region writer publishes versions.
@@ -107,8 +107,12 @@ impl HubHandle {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        // Through the verifier, which passes on the uplinks it holds and then the stop.
         for region in self.regions.values() {
-            let _ = region.tx.send(region::RegionCommand::Stop).await;
+            let stop = region::verifier::VerifierCommand::Stop;
+            if region.uplinks.send(stop).await.is_err() {
+                let _ = region.tx.send(region::RegionCommand::Stop).await;
+            }
         }
         self.regions.clear();
         // The in-process router holds the regions' senders and read pools too.

@@ -749,7 +749,8 @@ impl HubLink {
                     payload,
                     reply,
                 };
-                if handle.uplinks.send(uplink).await.is_err() {
+                let cmd = crate::region::verifier::VerifierCommand::Uplink(uplink);
+                if handle.uplinks.send(cmd).await.is_err() {
                     return Scope::None;
                 }
                 let tx = self.outcomes_tx.clone();

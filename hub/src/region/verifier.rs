@@ -32,6 +32,14 @@ pub struct Uplink {
     pub reply: oneshot::Sender<UplinkOutcome>,
 }
 
+/// What the verifier takes.
+#[derive(Debug)]
+pub enum VerifierCommand {
+    Uplink(Uplink),
+    /// Passes on what came before, then stops the writer ([`RegionCommand::Stop`]) and itself.
+    Stop,
+}
+
 /// What the verifier needs of its region.
 #[derive(Debug)]
 pub struct Verifier {
@@ -45,12 +53,13 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    /// Starts the thread: it takes uplinks from `rx` and passes them to the writer's `tx`, and
-    /// ends once every sender of `rx` is gone or the writer has stopped.
+    /// Starts the thread: it takes uplinks from `rx` and passes them to the writer's `tx`. It
+    /// ends on [`VerifierCommand::Stop`], once every sender of `rx` is gone, or when the writer
+    /// has stopped.
     pub fn spawn(
         self,
         name: String,
-        rx: mpsc::Receiver<Uplink>,
+        rx: mpsc::Receiver<VerifierCommand>,
         tx: mpsc::Sender<RegionCommand>,
     ) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
@@ -58,14 +67,22 @@ impl Verifier {
             .spawn(move || self.run(rx, tx))
     }
 
-    fn run(self, mut rx: mpsc::Receiver<Uplink>, tx: mpsc::Sender<RegionCommand>) {
+    fn run(self, mut rx: mpsc::Receiver<VerifierCommand>, tx: mpsc::Sender<RegionCommand>) {
         let mut boxes: HashMap<PublicKey, envelope::BoxKey> = HashMap::new();
-        while let Some(first) = rx.blocking_recv() {
-            let mut group = vec![first];
-            while group.len() < self.group_max {
-                match rx.try_recv() {
-                    Ok(u) => group.push(u),
-                    Err(_) => break,
+        let mut stopping = false;
+        while !stopping && let Some(first) = rx.blocking_recv() {
+            let mut group = Vec::new();
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    VerifierCommand::Uplink(u) => group.push(u),
+                    VerifierCommand::Stop => {
+                        stopping = true;
+                        break;
+                    }
+                }
+                if group.len() < self.group_max {
+                    next = rx.try_recv().ok();
                 }
             }
             let mut found = self.check(&group, &mut boxes);
@@ -80,6 +97,9 @@ impl Verifier {
                     return; // the writer has stopped
                 }
             }
+        }
+        if stopping {
+            let _ = tx.blocking_send(RegionCommand::Stop);
         }
     }
 
@@ -221,31 +241,35 @@ mod tests {
             let (reply, rx) = oneshot::channel();
             replies.push(rx);
             uplinks
-                .try_send(Uplink {
+                .try_send(VerifierCommand::Uplink(Uplink {
                     topic_device: (*device).clone(),
                     payload: payload.clone().into(),
                     reply,
-                })
+                }))
                 .expect("room in the queue");
         }
-        drop(uplinks);
+        uplinks
+            .try_send(VerifierCommand::Stop)
+            .expect("room in the queue");
         let thread = verifier
             .spawn("verify-test".into(), uplinks_rx, writer_tx)
             .expect("thread");
         let mut passed = Vec::new();
-        while let Some(cmd) = writer_rx.blocking_recv() {
-            let RegionCommand::Uplink {
-                topic_device,
-                payload,
-                pre,
-                ..
-            } = cmd
-            else {
-                panic!("the verifier passes on uplinks only");
-            };
-            passed.push((topic_device, payload, pre.map(|p| p.signer)));
+        loop {
+            match writer_rx.blocking_recv() {
+                Some(RegionCommand::Uplink {
+                    topic_device,
+                    payload,
+                    pre,
+                    ..
+                }) => passed.push((topic_device, payload, pre.map(|p| p.signer))),
+                Some(RegionCommand::Stop) => break,
+                other => panic!("the verifier passes on uplinks, then the stop: {other:?}"),
+            }
         }
+        // It stops on its own, though its queue still has a sender.
         thread.join().expect("the verifier ends");
+        drop(uplinks);
 
         assert_eq!(passed.len(), sent.len(), "every uplink is passed on");
         for ((device, payload), (topic_device, passed_payload, _)) in sent.iter().zip(&passed) {

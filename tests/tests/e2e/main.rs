@@ -21,6 +21,7 @@ mod offline_pos;
 mod orders;
 mod rejections;
 mod restart;
+mod shutdown;
 mod storage_limits;
 mod subscriptions;
 mod systemd_notify;
