@@ -68,6 +68,7 @@ fn attach_archive(conn: &Connection, db: &Path) -> Result<(), StoreError> {
     )?;
     conn.pragma_update(Some("arc"), "journal_mode", "WAL")?;
     conn.pragma_update(Some("arc"), "synchronous", "FULL")?;
+    conn.pragma_update(Some("arc"), "cache_size", -i64::from(ARCHIVE_CACHE_KIB))?;
     Ok(())
 }
 
@@ -85,6 +86,17 @@ pub(crate) const META_OUTBOX_FLOOR: &str = "outbox_floor";
 /// The page cache of each of the agent's read connections, in KiB: a fridge's stock and order
 /// reads touch few pages, and a board has little memory.
 pub const READ_CACHE_KIB: u32 = 512;
+
+/// The page cache of the agent's writer connection, in KiB (SQLite's default is 2 MiB). A sale
+/// touches the right-hand edges of a few B-trees and one unit's rows, which 128 pages hold;
+/// other pages are read from the kernel's page cache, which the board can reclaim, rather than
+/// kept in the agent's own memory (docs/BENCHMARKS.md, "Resident memory").
+pub const WRITER_CACHE_KIB: u32 = 512;
+
+/// The page cache for the attached archive on each connection, in KiB: it is written by the
+/// daily compaction and read by history queries, and would otherwise keep SQLite's default
+/// 2 MiB per connection once those have run.
+pub const ARCHIVE_CACHE_KIB: u32 = 256;
 
 /// How often the checkpointer moves the WAL into the database file.
 pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
@@ -181,6 +193,7 @@ impl Store {
         conn.execute_batch(ARCHIVE_SCHEMA)?;
         // Checkpoints run on the checkpointer's connection, not in the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "cache_size", -i64::from(WRITER_CACHE_KIB))?;
         Ok(Self { conn })
     }
 
@@ -517,15 +530,23 @@ impl Readers {
         })
     }
 
-    /// Runs `f` on the next connection.
+    /// Runs `f` on the first idle connection, or waits for the next one in turn when all are
+    /// busy. Preferring the first keeps one page cache warm when reads come one at a time,
+    /// instead of the same pages cached by every connection.
     pub fn with<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
+        let poisoned = || StoreError::Corrupt("read connection poisoned".into());
+        for conn in &self.conns {
+            match conn.try_lock() {
+                Ok(conn) => return Ok(f(&conn)?),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+            }
+        }
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
-        let conn = self.conns[i]
-            .lock()
-            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
+        let conn = self.conns[i].lock().map_err(|_| poisoned())?;
         Ok(f(&conn)?)
     }
 }
@@ -542,6 +563,7 @@ impl ReadPool {
                 "ATTACH DATABASE ?1 AS arc",
                 [archive_path(path).to_string_lossy().as_ref()],
             )?;
+            conn.pragma_update(Some("arc"), "cache_size", -i64::from(ARCHIVE_CACHE_KIB))?;
         }
         Ok(Self { readers })
     }
@@ -684,4 +706,37 @@ pub fn run_checkpointer(
             let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
         })
         .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpointer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where a connection lives: the same value each time the same connection is used.
+    fn which(conn: &Connection) -> rusqlite::Result<usize> {
+        Ok(std::ptr::from_ref(conn) as usize)
+    }
+
+    /// Reads one at a time all use the first connection, so one page cache stays warm rather
+    /// than every connection caching the same pages; a read while it is busy uses another.
+    #[test]
+    fn reads_prefer_the_first_idle_connection() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agent.db");
+        Store::open(&path).expect("store");
+        let readers = Readers::open(&path, 3, Some(READ_CACHE_KIB)).expect("readers");
+        let first = readers.with(which).expect("read");
+        for _ in 0..10 {
+            assert_eq!(readers.with(which).expect("read"), first);
+        }
+        let mut inner = None;
+        let outer = readers
+            .with(|conn| {
+                inner = Some(readers.with(which).expect("read"));
+                which(conn)
+            })
+            .expect("read");
+        assert_eq!(outer, first);
+        assert!(inner.is_some_and(|i| i != first));
+    }
 }

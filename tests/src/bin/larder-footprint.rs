@@ -143,7 +143,7 @@ async fn memory() -> Result<()> {
     let mut failures = 0;
     for i in 0..units {
         tick.tick().await;
-        let (status, _) = sell_unit(
+        let (status, body) = sell_unit(
             &client,
             &agent.url,
             "fridge-1",
@@ -153,6 +153,10 @@ async fn memory() -> Result<()> {
         )
         .await?;
         if status != 201 {
+            if failures == 0 {
+                // The last free unit is refused: the fridge keeps it for the hub's escrow.
+                eprintln!("sale {i} refused: {status} {body}");
+            }
             failures += 1;
         }
         if i % LOAD_SALES_PER_SECOND as usize == 0 {
