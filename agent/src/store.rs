@@ -504,7 +504,8 @@ pub struct ReadPool {
     readers: Readers,
 }
 
-/// A few read-only WAL connections, used in turn (the agent's and the hub's read side).
+/// A few read-only WAL connections, the first idle one used (the agent's and the hub's read
+/// side).
 #[derive(Debug)]
 pub struct Readers {
     conns: Vec<Mutex<Connection>>,
@@ -537,16 +538,16 @@ impl Readers {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        let poisoned = || StoreError::Corrupt("read connection poisoned".into());
+        // A connection poisoned by a panic is passed over here, as a busy one is.
         for conn in &self.conns {
-            match conn.try_lock() {
-                Ok(conn) => return Ok(f(&conn)?),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err(poisoned()),
+            if let Ok(conn) = conn.try_lock() {
+                return Ok(f(&conn)?);
             }
         }
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
-        let conn = self.conns[i].lock().map_err(|_| poisoned())?;
+        let conn = self.conns[i]
+            .lock()
+            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
         Ok(f(&conn)?)
     }
 }
@@ -714,7 +715,7 @@ mod tests {
 
     /// Where a connection lives: the same value each time the same connection is used.
     fn which(conn: &Connection) -> rusqlite::Result<usize> {
-        Ok(std::ptr::from_ref(conn) as usize)
+        Ok(std::ptr::from_ref(conn).addr())
     }
 
     /// Reads one at a time all use the first connection, so one page cache stays warm rather

@@ -205,7 +205,8 @@ pub struct SyncConfig {
     pub inflight_entries_max: u64,
     /// Commands a region writer commits together.
     pub group_commit_max: usize,
-    /// Commands waiting for a region writer; past it, uplinks wait and API calls get 503.
+    /// Commands waiting for a region writer; past it, uplinks wait (in the MQTT client, after
+    /// two groups' worth held by the region's verifier) and API calls get 503.
     pub queue_depth_max: usize,
     /// Changes a ledger's log grows by before the hub saves a snapshot of the document.
     pub snapshot_every_changes: usize,

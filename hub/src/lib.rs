@@ -261,7 +261,9 @@ pub async fn start_with_clock(
                 .map_err(StartError::Thread)?,
         );
         writer_threads.push(checkpointer);
-        let (uplinks, uplinks_rx) = mpsc::channel(config.sync.queue_depth_max);
+        // The verifier needs only a group's worth of lookahead: uplinks wait in the writer's
+        // queue (`sync.queue_depth_max`), already checked.
+        let (uplinks, uplinks_rx) = mpsc::channel(2 * config.sync.group_commit_max.max(1));
         let verifier = region::verifier::Verifier {
             reads: reads.clone(),
             hub_key: key.clone(),

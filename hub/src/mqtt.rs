@@ -19,7 +19,7 @@ use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::RegionHandle;
 use crate::config::{MqttConfig, SyncConfig};
@@ -751,6 +751,8 @@ impl HubLink {
                 };
                 let cmd = crate::region::verifier::VerifierCommand::Uplink(uplink);
                 if handle.uplinks.send(cmd).await.is_err() {
+                    // Only at shutdown, or if the verifier thread died: the device resends.
+                    error!(region = %region, device = %device, "the region's verifier has stopped; uplink not taken");
                     return Scope::None;
                 }
                 let tx = self.outcomes_tx.clone();

@@ -3,8 +3,8 @@
 //!
 //! Data flow: the MQTT task hands each `up` publish to the region's verifier thread
 //! (`verifier`), which batch-checks signatures ahead of the writer and passes it on as
-//! [`RegionCommand::Uplink`] → the writer
-//! thread takes every waiting command (group commit) → checks each envelope by CONTRACT.md's
+//! [`RegionCommand::Uplink`] → the writer thread takes every waiting command (group commit)
+//! → checks each envelope by CONTRACT.md's
 //! rules (size, decoding, region, topic, sender enrolled and not revoked, signature, replay,
 //! ledgers served, change authors) → merges accepted changes into its ledgers → writes changes,
 //! stream positions and projections in one transaction → answers (the ack to send, or the
@@ -34,13 +34,43 @@ use tracing::{error, info, warn};
 use crate::metrics::HubMetrics;
 use crate::store::{DeviceRecord, Progress, RegionBatch, RegionStore, StoreError, StoredChange};
 
-/// Device boxes a region writer keeps before starting over (a few per device at most).
+/// Device boxes a region writer or verifier keeps before starting over (a few per device at
+/// most).
 const BOXES_MAX: usize = 65_536;
 
-/// What a group's batch check found of one uplink (see [`RegionWriter::precheck`]): its
+/// The box of each device key seen, for opening its uplink bodies: the X25519 agreement is done
+/// once per key.
+#[derive(Debug, Default)]
+struct Boxes(HashMap<larder_shared::PublicKey, envelope::BoxKey>);
+
+impl Boxes {
+    /// Makes room for `more` keys, starting over rather than growing past [`BOXES_MAX`]; done
+    /// before a group, so no box of the group is dropped while it is checked.
+    fn make_room(&mut self, more: usize) {
+        if self.0.len().saturating_add(more) > BOXES_MAX {
+            self.0.clear();
+        }
+    }
+
+    fn get_or_make(
+        &mut self,
+        hub_key: &larder_shared::SecretKey,
+        key: larder_shared::PublicKey,
+    ) -> &envelope::BoxKey {
+        self.0
+            .entry(key)
+            .or_insert_with(|| envelope::BoxKey::new(hub_key, &key))
+    }
+
+    fn get(&self, key: &larder_shared::PublicKey) -> Option<&envelope::BoxKey> {
+        self.0.get(key)
+    }
+}
+
+/// What a batch check found of one uplink (see the writer's `precheck` and [`verifier`]): its
 /// envelope, verified and opened, the key that signed it, and the audit head (last entry's
-/// sequence number and chain hash) whose signature verified under that key.
-/// Opaque outside the region: made by the writer or the region's verifier.
+/// sequence number and chain hash) whose signature verified under that key. Opaque outside
+/// the region.
 #[derive(Debug)]
 pub struct Prechecked {
     envelope: envelope::Envelope,
@@ -275,7 +305,7 @@ pub struct RegionWriter {
     /// The hub's key, which uplink bodies are sealed to.
     hub_key: larder_shared::SecretKey,
     /// The box of each device key seen (X25519 agreement done once per key).
-    boxes: HashMap<larder_shared::PublicKey, envelope::BoxKey>,
+    boxes: Boxes,
     metrics: Arc<HubMetrics>,
     head_tx: Arc<watch::Sender<u64>>,
     /// Commits import batches while the writer loads the next (started by the first one).
@@ -637,7 +667,7 @@ impl RegionWriter {
             key_overlap_ms: i64::try_from(sync.key_overlap_seconds.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
             hub_key,
-            boxes: HashMap::new(),
+            boxes: Boxes::default(),
             metrics,
             head_tx: Arc::new(head_tx),
             committer: None,
@@ -740,7 +770,8 @@ impl RegionWriter {
             .unwrap_or(0))
     }
 
-    /// Runs until every sender is gone.
+    /// Runs until [`RegionCommand::Stop`] (which the region's verifier passes on at shutdown)
+    /// or until every sender is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<RegionCommand>) {
         let mut stopping = false;
         while !stopping && let Some(first) = rx.blocking_recv() {
@@ -1257,13 +1288,10 @@ impl RegionWriter {
 
     /// The box for a device's key: what its uplink bodies are sealed with.
     fn device_box(&mut self, signer: larder_shared::PublicKey) -> &envelope::BoxKey {
-        if self.boxes.len() >= BOXES_MAX && !self.boxes.contains_key(&signer) {
-            self.boxes.clear();
+        if self.boxes.get(&signer).is_none() {
+            self.boxes.make_room(1);
         }
-        let hub_key = &self.hub_key;
-        self.boxes
-            .entry(signer)
-            .or_insert_with(|| envelope::BoxKey::new(hub_key, &signer))
+        self.boxes.get_or_make(&self.hub_key, signer)
     }
 
     /// Checks the signatures of a group's uplinks all at once, under each sender's current
@@ -1307,17 +1335,19 @@ impl RegionWriter {
             let Ok(opened) = envelope::open(payload, self.max_message_bytes) else {
                 continue;
             };
-            if opened.header().sender != Party::Device(topic_device.clone()) {
+            if !matches!(&opened.header().sender, Party::Device(d) if d == topic_device) {
                 continue;
             }
             let Some((record, _)) = known.get(topic_device) else {
                 continue;
             };
             if record.revoked_at_ms.is_none() {
-                let key = record.public_key;
-                self.device_box(key);
-                candidates.push((i, opened, payload.as_ref(), key));
+                candidates.push((i, opened, payload.as_ref(), record.public_key));
             }
+        }
+        self.boxes.make_room(candidates.len());
+        for (_, _, _, key) in &candidates {
+            self.boxes.get_or_make(&self.hub_key, *key);
         }
         let boxes = &self.boxes;
         let items: Vec<PrecheckItem<'_>> = candidates

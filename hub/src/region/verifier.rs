@@ -21,7 +21,7 @@ use larder_shared::envelope::{self, Party};
 use larder_shared::{DeviceId, PublicKey, SecretKey};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BOXES_MAX, PrecheckItem, RegionCommand, UplinkOutcome, precheck_part};
+use super::{Boxes, PrecheckItem, Prechecked, RegionCommand, UplinkOutcome, precheck_part};
 use crate::store::RegionReads;
 
 /// An `up` publish for the region, as the MQTT task received it.
@@ -68,12 +68,12 @@ impl Verifier {
     }
 
     fn run(self, mut rx: mpsc::Receiver<VerifierCommand>, tx: mpsc::Sender<RegionCommand>) {
-        let mut boxes: HashMap<PublicKey, envelope::BoxKey> = HashMap::new();
+        let mut boxes = Boxes::default();
         let mut stopping = false;
         while !stopping && let Some(first) = rx.blocking_recv() {
             let mut group = Vec::new();
-            let mut next = Some(first);
-            while let Some(cmd) = next.take() {
+            let mut next = Ok(first);
+            while let Ok(cmd) = next {
                 match cmd {
                     VerifierCommand::Uplink(u) => group.push(u),
                     VerifierCommand::Stop => {
@@ -81,9 +81,10 @@ impl Verifier {
                         break;
                     }
                 }
-                if group.len() < self.group_max {
-                    next = rx.try_recv().ok();
+                if group.len() >= self.group_max {
+                    break;
                 }
+                next = rx.try_recv();
             }
             let mut found = self.check(&group, &mut boxes);
             for (i, u) in group.into_iter().enumerate() {
@@ -105,18 +106,14 @@ impl Verifier {
 
     /// Batch-checks `group` under each sender's committed key; answers, by place in the group,
     /// the uplinks that verified and opened.
-    fn check(
-        &self,
-        group: &[Uplink],
-        boxes: &mut HashMap<PublicKey, envelope::BoxKey>,
-    ) -> HashMap<usize, super::Prechecked> {
+    fn check(&self, group: &[Uplink], boxes: &mut Boxes) -> HashMap<usize, Prechecked> {
         let mut keys: HashMap<&DeviceId, Option<PublicKey>> = HashMap::new();
         let mut candidates = Vec::with_capacity(group.len());
         for (i, u) in group.iter().enumerate() {
             let Ok(opened) = envelope::open(&u.payload, self.max_message_bytes) else {
                 continue;
             };
-            if opened.header().sender != Party::Device(u.topic_device.clone()) {
+            if !matches!(&opened.header().sender, Party::Device(d) if d == &u.topic_device) {
                 continue;
             }
             let key = *keys.entry(&u.topic_device).or_insert_with(|| {
@@ -125,17 +122,15 @@ impl Verifier {
                     _ => None,
                 }
             });
-            let Some(key) = key else {
-                continue;
-            };
-            if boxes.len() >= BOXES_MAX && !boxes.contains_key(&key) {
-                boxes.clear();
+            if let Some(key) = key {
+                candidates.push((i, opened, u.payload.as_ref(), key));
             }
-            boxes
-                .entry(key)
-                .or_insert_with(|| envelope::BoxKey::new(&self.hub_key, &key));
-            candidates.push((i, opened, u.payload.as_ref(), key));
         }
+        boxes.make_room(candidates.len());
+        for (_, _, _, key) in &candidates {
+            boxes.get_or_make(&self.hub_key, *key);
+        }
+        let boxes = &*boxes;
         let items: Vec<PrecheckItem<'_>> = candidates
             .into_iter()
             .filter_map(|(i, opened, payload, key)| {
@@ -149,12 +144,17 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
-    use larder_shared::domain::Role;
-    use larder_shared::envelope::{Ack, Body, Envelope, Header};
-    use larder_shared::{FridgeId, RegionId};
+    use larder_shared::domain::{Refill, RefillUnit, Role};
+    use larder_shared::envelope::{Ack, Batch, Body, Entry, Envelope, Header};
+    use larder_shared::ledger::{Ledger, actor_for};
+    use larder_shared::{FridgeId, RegionId, Sku, UnitId};
 
     use super::*;
     use crate::store::{DeviceRecord, RegionBatch, RegionStore};
+    use crate::subscriptions::Calendar;
+
+    /// An audit head a check verified: the last entry's sequence number and chain hash.
+    type AuditHead = (u64, [u8; 32]);
 
     fn record(id: &DeviceId, key: &SecretKey) -> DeviceRecord {
         DeviceRecord {
@@ -169,8 +169,15 @@ mod tests {
         }
     }
 
-    /// An `Ack` envelope from `sender`, signed and sealed with `key`.
-    fn ack(region: &RegionId, sender: &DeviceId, key: &SecretKey, hub: &SecretKey) -> Vec<u8> {
+    /// The first envelope from `sender` to the hub, carrying `body`, signed and sealed with
+    /// `key`.
+    fn sealed(
+        region: &RegionId,
+        sender: &DeviceId,
+        key: &SecretKey,
+        hub: &SecretKey,
+        body: Body,
+    ) -> Vec<u8> {
         Envelope {
             header: Header {
                 region: region.clone(),
@@ -179,13 +186,56 @@ mod tests {
                 seq: 1,
                 sent_at_ms: 0,
             },
-            body: Body::Ack(Ack {
-                up_to: 0,
-                gap: false,
-            }),
+            body,
         }
         .seal_to(key, &envelope::BoxKey::new(key, &hub.public()))
         .expect("sealed")
+    }
+
+    /// An `Ack` envelope from `sender`, signed and sealed with `key`.
+    fn ack(region: &RegionId, sender: &DeviceId, key: &SecretKey, hub: &SecretKey) -> Vec<u8> {
+        let ack = Ack {
+            up_to: 0,
+            gap: false,
+        };
+        sealed(region, sender, key, hub, Body::Ack(ack))
+    }
+
+    /// `sender`'s first change (a unit loaded into fridge-1), with its audit link and the
+    /// signed head of its chain; and that head.
+    fn first_change(
+        region: &RegionId,
+        sender: &DeviceId,
+        key: &SecretKey,
+        hub: &SecretKey,
+    ) -> (Vec<u8>, [u8; 32]) {
+        let fridge = FridgeId::new("fridge-1").expect("id");
+        let mut ledger = Ledger::new(fridge.clone(), actor_for(sender)).expect("ledger");
+        let refill = Refill {
+            units: vec![RefillUnit {
+                unit_id: UnitId::new("u-1").expect("id"),
+                sku: Sku::new("lasagna").expect("sku"),
+                expires_at_ms: i64::MAX / 2,
+                batch: None,
+            }],
+            order_id: None,
+        };
+        let change = ledger.refill(&refill, sender, 1).expect("change").bytes;
+        let prev = larder_shared::audit::GENESIS;
+        let digest = larder_shared::audit::change_digest(&change);
+        let head = larder_shared::audit::entry_hash(&prev, sender, 1, &fridge, 0, &digest);
+        let entry = Entry {
+            prev: Some(prev),
+            ..Entry::change(1, fridge, 0, change)
+        };
+        let batch = Batch {
+            after: 0,
+            up_to: 1,
+            entries: vec![entry],
+            head_sig: Some(larder_shared::audit::sign_head(key, sender, 1, &head)),
+        };
+        let bytes = sealed(region, sender, key, hub, Body::Changes(batch));
+        (bytes, head)
     }
 
     /// The verifier passes every uplink on, in order, and vouches only for those signed by
@@ -218,6 +268,7 @@ mod tests {
 
         let mut tampered = ack(&region, &a.0, &a.1, &hub);
         *tampered.last_mut().expect("a signature") ^= 1;
+        let (change, head) = first_change(&region, &b.0, &b.1, &hub);
         let sent: Vec<(&DeviceId, Vec<u8>)> = vec![
             (&a.0, ack(&region, &a.0, &a.1, &hub)),
             (&a.0, ack(&region, &a.0, &stranger, &hub)),
@@ -226,6 +277,7 @@ mod tests {
             (&unknown.0, ack(&region, &unknown.0, &unknown.1, &hub)),
             (&b.0, ack(&region, &a.0, &a.1, &hub)),
             (&b.0, ack(&region, &b.0, &b.1, &hub)),
+            (&b.0, change),
         ];
         let (uplinks, uplinks_rx) = mpsc::channel(16);
         let (writer_tx, mut writer_rx) = mpsc::channel(16);
@@ -236,10 +288,8 @@ mod tests {
             group_max: 256,
         };
         // Queued before the thread starts, so the verifier checks them as one group.
-        let mut replies = Vec::new();
         for (device, payload) in &sent {
-            let (reply, rx) = oneshot::channel();
-            replies.push(rx);
+            let (reply, _) = oneshot::channel();
             uplinks
                 .try_send(VerifierCommand::Uplink(Uplink {
                     topic_device: (*device).clone(),
@@ -262,7 +312,7 @@ mod tests {
                     payload,
                     pre,
                     ..
-                }) => passed.push((topic_device, payload, pre.map(|p| p.signer))),
+                }) => passed.push((topic_device, payload, pre.map(|p| (p.signer, p.head)))),
                 Some(RegionCommand::Stop) => break,
                 other => panic!("the verifier passes on uplinks, then the stop: {other:?}"),
             }
@@ -276,18 +326,92 @@ mod tests {
             assert_eq!(*device, topic_device);
             assert_eq!(payload.as_slice(), passed_payload.as_ref());
         }
-        let vouched: Vec<Option<PublicKey>> = passed.into_iter().map(|(_, _, s)| s).collect();
+        let vouched: Vec<Option<(PublicKey, Option<AuditHead>)>> =
+            passed.into_iter().map(|(_, _, found)| found).collect();
         assert_eq!(
             vouched,
             vec![
-                Some(a.1.public()),
+                Some((a.1.public(), None)),
                 None,
                 None,
                 None,
                 None,
                 None,
-                Some(b.1.public())
+                Some((b.1.public(), None)),
+                // A change's audit head is checked too: its chain hash, signed by the sender.
+                Some((b.1.public(), Some((1, head)))),
             ]
         );
+    }
+
+    /// The writer takes a batch check's word only under a key it accepts itself: a check made
+    /// under another key (as by a verifier that read a key since rotated out, or a stranger's)
+    /// leaves the envelope to be verified alone, and it is refused.
+    #[test]
+    fn the_writer_takes_a_check_only_under_a_key_it_accepts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("region.db");
+        let region = RegionId::new("north").expect("id");
+        let hub = SecretKey::generate().expect("key");
+        let device = DeviceId::new("pos-a").expect("id");
+        let key = SecretKey::generate().expect("key");
+        let other = SecretKey::generate().expect("key");
+        let mut store = RegionStore::open(&path).expect("store");
+        let enroll = RegionBatch {
+            enroll: vec![record(&device, &key)],
+            ..RegionBatch::default()
+        };
+        store.commit(&enroll).expect("commit");
+        let (mut writer, _head) = super::super::RegionWriter::open(
+            region.clone(),
+            store,
+            vec![FridgeId::new("fridge-1").expect("id")],
+            64 * 1024,
+            &crate::config::SyncConfig::default(),
+            crate::config::CompactionConfig::default(),
+            crate::config::OrdersConfig::default(),
+            Calendar {
+                tz: jiff::tz::TimeZone::UTC,
+                cutoff: jiff::civil::Time::midnight(),
+            },
+            larder_agent::writer::Clock::system(),
+            Arc::new(crate::metrics::HubMetrics::default()),
+            crate::events::Events::default(),
+            hub.clone(),
+        )
+        .expect("writer");
+        // Sends `payload` as `device`'s uplink with what a batch check under `checked_under`
+        // found of it, and answers the writer's verdict.
+        let mut send = |payload: Vec<u8>, checked_under: &SecretKey| {
+            let opened = envelope::open(&payload, 64 * 1024).expect("decodes");
+            let device_box = envelope::BoxKey::new(&hub, &checked_under.public());
+            let item = (
+                0,
+                opened,
+                payload.as_slice(),
+                checked_under.public(),
+                &device_box,
+            );
+            let pre = precheck_part(vec![item]).pop().map(|(_, p)| Box::new(p));
+            assert!(
+                pre.is_some(),
+                "the check verifies under the key it was given"
+            );
+            let (reply, mut answer) = oneshot::channel();
+            writer.process(vec![RegionCommand::Uplink {
+                topic_device: device.clone(),
+                payload: payload.clone().into(),
+                reply,
+                pre,
+            }]);
+            answer.try_recv().expect("answered")
+        };
+        let forged = ack(&region, &device, &other, &hub);
+        assert_eq!(
+            send(forged, &other),
+            UplinkOutcome::Rejected("bad_signature")
+        );
+        let genuine = ack(&region, &device, &key, &hub);
+        assert_eq!(send(genuine, &key), UplinkOutcome::DownAcked(0));
     }
 }

@@ -154,7 +154,7 @@ async fn memory() -> Result<()> {
         .await?;
         if status != 201 {
             if failures == 0 {
-                // The last free unit is refused: the fridge keeps it for the hub's escrow.
+                // Expected once: the last free unit, which the fridge keeps for the hub's escrow.
                 eprintln!("sale {i} refused: {status} {body}");
             }
             failures += 1;
