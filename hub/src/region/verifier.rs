@@ -5,7 +5,8 @@
 //! task hands `up` publishes to this thread, which batch-checks each waiting run of them under
 //! each sender's key as committed (read from the region's read pool), opens their sealed
 //! bodies, and passes every uplink on to the writer, in the order received, with what it found.
-//! The writer then merges and commits one group while the verifier checks the next.
+//! The writer then merges one group (and the region's committer commits the one before) while
+//! the verifier checks the next.
 //!
 //! The verifier decides nothing. The writer still applies every rule to every envelope with
 //! its own device rows, accepts a verifier's finding only if the key it verified under is one
@@ -144,99 +145,13 @@ impl Verifier {
 
 #[cfg(test)]
 mod tests {
-    use larder_shared::domain::{Refill, RefillUnit, Role};
-    use larder_shared::envelope::{Ack, Batch, Body, Entry, Envelope, Header};
-    use larder_shared::ledger::{Ledger, actor_for};
-    use larder_shared::{FridgeId, RegionId, Sku, UnitId};
-
     use super::*;
-    use crate::store::{DeviceRecord, RegionBatch, RegionStore};
-    use crate::subscriptions::Calendar;
+    use crate::region::testing::{Loader, ack, record, writer};
+    use crate::store::{RegionBatch, RegionStore};
+    use larder_shared::RegionId;
 
     /// An audit head a check verified: the last entry's sequence number and chain hash.
     type AuditHead = (u64, [u8; 32]);
-
-    fn record(id: &DeviceId, key: &SecretKey) -> DeviceRecord {
-        DeviceRecord {
-            device_id: id.clone(),
-            role: Role::Pos,
-            site: None,
-            fridges: vec![FridgeId::new("fridge-1").expect("id")],
-            public_key: key.public(),
-            enrolled_at_ms: 1,
-            revoked_at_ms: None,
-            last_seen_ms: None,
-        }
-    }
-
-    /// The first envelope from `sender` to the hub, carrying `body`, signed and sealed with
-    /// `key`.
-    fn sealed(
-        region: &RegionId,
-        sender: &DeviceId,
-        key: &SecretKey,
-        hub: &SecretKey,
-        body: Body,
-    ) -> Vec<u8> {
-        Envelope {
-            header: Header {
-                region: region.clone(),
-                sender: Party::Device(sender.clone()),
-                recipient: Party::Hub,
-                seq: 1,
-                sent_at_ms: 0,
-            },
-            body,
-        }
-        .seal_to(key, &envelope::BoxKey::new(key, &hub.public()))
-        .expect("sealed")
-    }
-
-    /// An `Ack` envelope from `sender`, signed and sealed with `key`.
-    fn ack(region: &RegionId, sender: &DeviceId, key: &SecretKey, hub: &SecretKey) -> Vec<u8> {
-        let ack = Ack {
-            up_to: 0,
-            gap: false,
-        };
-        sealed(region, sender, key, hub, Body::Ack(ack))
-    }
-
-    /// `sender`'s first change (a unit loaded into fridge-1), with its audit link and the
-    /// signed head of its chain; and that head.
-    fn first_change(
-        region: &RegionId,
-        sender: &DeviceId,
-        key: &SecretKey,
-        hub: &SecretKey,
-    ) -> (Vec<u8>, [u8; 32]) {
-        let fridge = FridgeId::new("fridge-1").expect("id");
-        let mut ledger = Ledger::new(fridge.clone(), actor_for(sender)).expect("ledger");
-        let refill = Refill {
-            units: vec![RefillUnit {
-                unit_id: UnitId::new("u-1").expect("id"),
-                sku: Sku::new("lasagna").expect("sku"),
-                expires_at_ms: i64::MAX / 2,
-                batch: None,
-            }],
-            order_id: None,
-        };
-        let change = ledger.refill(&refill, sender, 1).expect("change").bytes;
-        let prev = larder_shared::audit::GENESIS;
-        let digest = larder_shared::audit::change_digest(&change);
-        let head = larder_shared::audit::entry_hash(&prev, sender, 1, &fridge, 0, &digest);
-        let entry = Entry {
-            prev: Some(prev),
-            ..Entry::change(1, fridge, 0, change)
-        };
-        let batch = Batch {
-            after: 0,
-            up_to: 1,
-            entries: vec![entry],
-            head_sig: Some(larder_shared::audit::sign_head(key, sender, 1, &head)),
-        };
-        let bytes = sealed(region, sender, key, hub, Body::Changes(batch));
-        (bytes, head)
-    }
 
     /// The verifier passes every uplink on, in order, and vouches only for those signed by
     /// their sender's committed key: not a stranger's key, a tampered signature, a revoked or
@@ -268,7 +183,9 @@ mod tests {
 
         let mut tampered = ack(&region, &a.0, &a.1, &hub);
         *tampered.last_mut().expect("a signature") ^= 1;
-        let (change, head) = first_change(&region, &b.0, &b.1, &hub);
+        let mut loader = Loader::new(b.0.as_str());
+        loader.key = b.1.clone();
+        let (change, head) = loader.load(&region, &hub, "u-1");
         let sent: Vec<(&DeviceId, Vec<u8>)> = vec![
             (&a.0, ack(&region, &a.0, &a.1, &hub)),
             (&a.0, ack(&region, &a.0, &stranger, &hub)),
@@ -362,24 +279,7 @@ mod tests {
             ..RegionBatch::default()
         };
         store.commit(&enroll).expect("commit");
-        let (mut writer, _head) = super::super::RegionWriter::open(
-            region.clone(),
-            store,
-            vec![FridgeId::new("fridge-1").expect("id")],
-            64 * 1024,
-            &crate::config::SyncConfig::default(),
-            crate::config::CompactionConfig::default(),
-            crate::config::OrdersConfig::default(),
-            Calendar {
-                tz: jiff::tz::TimeZone::UTC,
-                cutoff: jiff::civil::Time::midnight(),
-            },
-            larder_agent::writer::Clock::system(),
-            Arc::new(crate::metrics::HubMetrics::default()),
-            crate::events::Events::default(),
-            hub.clone(),
-        )
-        .expect("writer");
+        let mut writer = writer(&region, store, &hub);
         // Sends `payload` as `device`'s uplink with what a batch check under `checked_under`
         // found of it, and answers the writer's verdict.
         let mut send = |payload: Vec<u8>, checked_under: &SecretKey| {
@@ -397,14 +297,14 @@ mod tests {
                 pre.is_some(),
                 "the check verifies under the key it was given"
             );
-            let (reply, mut answer) = oneshot::channel();
+            let (reply, answer) = oneshot::channel();
             writer.process(vec![RegionCommand::Uplink {
                 topic_device: device.clone(),
                 payload: payload.clone().into(),
                 reply,
                 pre,
             }]);
-            answer.try_recv().expect("answered")
+            answer.blocking_recv().expect("answered")
         };
         let forged = ack(&region, &device, &other, &hub);
         assert_eq!(
