@@ -102,7 +102,7 @@ impl Default for HubMetrics {
         );
         registry.register(
             "envelopes_accepted",
-            "Envelopes accepted, by region and kind",
+            "Envelopes accepted (committed), by region",
             m.envelopes_accepted.clone(),
         );
         registry.register(

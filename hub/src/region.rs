@@ -11,15 +11,16 @@
 //! rejection reason) → bumps the downlink head so the pump relays the new changes.
 //! A rejected envelope changes nothing.
 //!
-//! The transaction of a group of uplinks or import batches is committed by the region's
-//! committer thread (`committer`), which then answers and bumps the head, while the writer
-//! loads the next group; everything else the writer commits itself.
+//! Import batches take another path at the end: their transaction is committed by the
+//! region's committer thread (`committer`) while the writer loads the next batch.
 
 pub mod catalog;
 mod committer;
 pub mod import;
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod tests;
 pub mod verifier;
 
 use std::collections::{BTreeMap, HashMap};
@@ -311,15 +312,8 @@ pub struct RegionWriter {
     boxes: Boxes,
     metrics: Arc<HubMetrics>,
     head_tx: Arc<watch::Sender<u64>>,
-    /// Commits ingest and import batches while the writer loads the next (started by the
-    /// first one).
+    /// Commits import batches while the writer loads the next (started by the first one).
     committer: Option<committer::Committer>,
-    /// The device progress of the batch in flight on the committer, which the next group's
-    /// device reads see (see [`RegionWriter::device_row`]).
-    in_flight_progress: HashMap<DeviceId, Progress>,
-    /// The grants of the ledgers the batch in flight merged device changes into, recorded at
-    /// the head its commit reaches.
-    in_flight_grants: Vec<(FridgeId, BTreeMap<larder_shared::Sku, i64>)>,
     changes_since_snapshot: HashMap<FridgeId, usize>,
     /// Changes a ledger's log grows by before a snapshot (`sync.snapshot_every_changes`).
     snapshot_every_changes: usize,
@@ -587,8 +581,34 @@ fn remember(
 }
 
 /// Sends each waiting request its answer: what it staged, once `result` says the group was
-/// committed, or the group's error.
-fn answer(pending: Vec<Pending>, result: Result<(), RegionError>) {
+/// committed, or the group's error. Counts the group's envelopes in `metrics`: accepted once
+/// committed, or rejected for `storage`.
+fn answer(
+    pending: Vec<Pending>,
+    result: Result<(), RegionError>,
+    metrics: &HubMetrics,
+    region: &RegionId,
+) {
+    let uplinks = pending
+        .iter()
+        .filter(|p| matches!(p, Pending::Uplink(..)))
+        .count() as u64;
+    if uplinks > 0 {
+        if result.is_ok() {
+            metrics
+                .envelopes_accepted
+                .get_or_create(&vec![("region", region.to_string())])
+                .inc_by(uplinks);
+        } else {
+            metrics
+                .envelopes_rejected
+                .get_or_create(&vec![
+                    ("region", region.to_string()),
+                    ("reason", "storage".to_owned()),
+                ])
+                .inc_by(uplinks);
+        }
+    }
     for p in pending {
         match (p, &result) {
             (Pending::Answer(reply, answer), Ok(())) => {
@@ -681,8 +701,6 @@ impl RegionWriter {
             metrics,
             head_tx: Arc::new(head_tx),
             committer: None,
-            in_flight_progress: HashMap::new(),
-            in_flight_grants: Vec::new(),
             changes_since_snapshot: HashMap::new(),
             snapshot_every_changes,
             compaction,
@@ -809,47 +827,24 @@ impl RegionWriter {
         info!(region = %self.region, "region writer stopped");
     }
 
-    /// Waits for the batch in flight (see [`committer`]): `false` if its commit failed; its
-    /// requests were answered with the error and the ledgers reloaded from the store.
+    /// Waits for the import batch in flight (see [`committer`]): `false` if its commit failed;
+    /// its requests were answered with the error and the ledgers reloaded from the store.
     fn settle(&mut self) -> bool {
         let Some(c) = self.committer.as_mut() else {
             return true;
         };
-        let settled = c.settle();
-        self.in_flight_progress.clear();
-        let grants = std::mem::take(&mut self.in_flight_grants);
-        match settled {
-            Ok(head) => {
-                if let Some(head) = head {
-                    for (fridge, granted) in grants {
-                        self.record_grants(fridge, head, granted);
-                    }
-                }
-                true
-            }
+        match c.settle() {
+            Ok(()) => true,
             Err(e) => {
-                error!(region = %self.region, error = %e, "a batch committed behind the writer failed; ledgers reloaded");
+                error!(region = %self.region, error = %e, "an import batch failed to commit; ledgers reloaded");
                 self.reload_logged();
                 false
             }
         }
     }
 
-    /// A device's row as the group being loaded must see it: with the progress of the batch in
-    /// flight, which only [`RegionBatch::only_merges`] batches are, so nothing else of the row
-    /// can be ahead of the store.
-    fn device_row(&self, id: &DeviceId) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
-        let mut row = self.store.device(id)?;
-        if let (Some((_, progress)), Some(ahead)) = (row.as_mut(), self.in_flight_progress.get(id))
-        {
-            *progress = *ahead;
-        }
-        Ok(row)
-    }
-
-    /// Hands a group's batch to the committer, which answers its requests once it is
-    /// committed; the writer goes on to the next group meanwhile. The caller has settled the
-    /// batch before.
+    /// Hands an import-only group's batch to the committer, which answers its requests once it
+    /// is committed; the writer goes on to the next group meanwhile.
     fn commit_behind(&mut self, batch: RegionBatch, pending: Vec<Pending>) {
         for c in &batch.changes {
             *self
@@ -873,61 +868,35 @@ impl RegionWriter {
             match started {
                 Ok(c) => self.committer = Some(c),
                 Err(e) => {
-                    error!(region = %self.region, error = %e, "cannot start the region's committer; batch refused");
+                    error!(region = %self.region, error = %e, "cannot start the region's committer; import batch refused");
                     self.reload_logged();
                     self.answer(pending, Err(RegionError::Storage(e.to_string())));
                     return;
                 }
             }
         }
-        let hub = ledger::hub_device();
-        let merged: std::collections::BTreeSet<&FridgeId> = batch
-            .changes
-            .iter()
-            .filter(|c| c.author != hub)
-            .map(|c| &c.ledger)
-            .collect();
-        let grants: Vec<_> = merged
-            .into_iter()
-            .filter_map(|f| Some((f.clone(), self.ledgers.get(f)?.granted_all())))
-            .collect();
-        let progress: HashMap<DeviceId, Progress> = batch
-            .progress
-            .iter()
-            .map(|(d, p, _)| (d.clone(), *p))
-            .collect();
         let job = committer::Job {
             batch,
             pending,
             events,
         };
-        if let Some(c) = self.committer.as_mut() {
-            match c.commit(job) {
-                Ok(()) => {
-                    self.in_flight_progress = progress;
-                    self.in_flight_grants = grants;
-                }
-                Err(e) => {
-                    error!(region = %self.region, error = %e, "batch refused; ledgers reloaded");
-                    // The next batch starts a new committer.
-                    self.committer = None;
-                    self.reload_logged();
-                }
-            }
+        if let Some(c) = self.committer.as_mut()
+            && let Err(e) = c.commit(job)
+        {
+            error!(region = %self.region, error = %e, "import batch refused; ledgers reloaded");
+            // The next import batch starts a new committer.
+            self.committer = None;
+            self.reload_logged();
         }
     }
 
     fn process(&mut self, group: Vec<RegionCommand>) {
-        // A group of uplinks and import batches is loaded while the batch before it is
-        // committed (see `committer`): its device reads see that batch's progress, and it waits
-        // for that commit before its own. Anything else waits for the batch in flight first.
-        let loads_behind = group.iter().all(|c| {
-            matches!(
-                c,
-                RegionCommand::Uplink { .. } | RegionCommand::ImportUnits { .. }
-            )
-        });
-        if !loads_behind {
+        // Import batches are committed behind the writer (see `committer`); anything else
+        // may read the store, so it waits for the batch in flight first.
+        let import_only = group
+            .iter()
+            .all(|c| matches!(c, RegionCommand::ImportUnits { .. }));
+        if !import_only {
             self.settle();
         }
         let now = self.clock.now_ms();
@@ -1064,33 +1033,31 @@ impl RegionWriter {
                 RegionCommand::Stop => {}
             }
         }
+        if import_only && !self.settle() {
+            // Loaded on top of the batch that failed: the reload undid this group too.
+            self.answer(
+                pending,
+                Err(RegionError::Storage(
+                    "an earlier import batch failed to commit; nothing of this one was stored"
+                        .into(),
+                )),
+            );
+            return;
+        }
         for (device, p) in devices.progress {
             batch.progress.push((device, p, now));
         }
         if let Err(e) = self.apply_staged(&mut batch) {
             error!(region = %self.region, error = %e, "merging the group failed; group refused, ledgers reloaded");
-            // The reload must find the batch in flight committed (or refused) first.
-            if self.settle() {
-                self.reload_logged();
-            }
+            self.reload_logged();
             self.answer(pending, Err(RegionError::Storage(e)));
-            return;
-        }
-        if loads_behind && !self.settle() {
-            // Loaded on top of the batch that failed: the reload undid this group too.
-            self.answer(
-                pending,
-                Err(RegionError::Storage(
-                    "an earlier batch failed to commit; nothing of this one was stored".into(),
-                )),
-            );
             return;
         }
         if batch.is_empty() {
             self.answer(pending, Ok(()));
             return;
         }
-        if loads_behind && batch.only_merges() {
+        if import_only {
             self.commit_behind(batch, pending);
             return;
         }
@@ -1315,7 +1282,7 @@ impl RegionWriter {
     }
 
     fn answer(&self, pending: Vec<Pending>, result: Result<(), RegionError>) {
-        answer(pending, result);
+        answer(pending, result, &self.metrics, &self.region);
     }
 
     fn enroll_check(&self, record: &DeviceRecord, batch: &RegionBatch) -> Result<(), RegionError> {
@@ -1368,9 +1335,8 @@ impl RegionWriter {
     /// every envelope by every rule, and checks one by one whatever is not here (a retired
     /// key's envelope, a forgery, a broken chain). Answers, by the command's place in the
     /// group, the envelopes that verified and opened; `known` gets each sender's device row,
-    /// read once for the group, with the progress of the batch in flight (the group's own
-    /// enrollments and revocations are committed with it, so they cannot change what these
-    /// reads answer).
+    /// read once for the group (the group's own enrollments and revocations are committed with
+    /// it, so they cannot change what these reads answer).
     fn precheck(
         &mut self,
         group: &[RegionCommand],
@@ -1388,7 +1354,7 @@ impl RegionWriter {
                 continue;
             };
             if !known.contains_key(topic_device) {
-                let Ok(Some(row)) = self.device_row(topic_device) else {
+                let Ok(Some(row)) = self.store.device(topic_device) else {
                     continue;
                 };
                 known.insert(topic_device.clone(), row);
@@ -1453,7 +1419,7 @@ impl RegionWriter {
         }
         let (record, stored) = match devices.known.get(sender) {
             Some(d) => d.clone(),
-            None => match self.device_row(sender) {
+            None => match self.store.device(sender) {
                 Ok(Some(d)) => d,
                 Ok(None) => return UplinkOutcome::Rejected("unknown_device"),
                 Err(_) => return UplinkOutcome::Rejected("storage"),
@@ -1588,10 +1554,6 @@ impl RegionWriter {
         };
         p.last_env_seq = h.seq;
         devices.progress.insert(sender.clone(), p);
-        self.metrics
-            .envelopes_accepted
-            .get_or_create(&vec![("region", self.region.to_string())])
-            .inc();
         outcome
     }
 
@@ -1857,20 +1819,10 @@ impl RegionWriter {
         let Some(ledger) = self.ledgers.get(fridge) else {
             return;
         };
-        let granted = ledger.granted_all();
-        self.record_grants(fridge.clone(), head, granted);
-    }
-
-    /// Records `granted` as the fridge's grants as of `head`, if they changed.
-    fn record_grants(
-        &mut self,
-        fridge: FridgeId,
-        head: u64,
-        granted: BTreeMap<larder_shared::Sku, i64>,
-    ) {
-        let list = self.grants.entry(fridge).or_default();
-        if list.last().is_none_or(|(_, g)| g != &granted) {
-            list.push((head, granted));
+        let now = ledger.granted_all();
+        let list = self.grants.entry(fridge.clone()).or_default();
+        if list.last().is_none_or(|(_, g)| g != &now) {
+            list.push((head, now));
         }
     }
 

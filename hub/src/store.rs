@@ -175,20 +175,6 @@ pub struct KeyRotationRow {
 }
 
 impl RegionBatch {
-    /// Whether the batch only adds changes, audit links, device progress and projections:
-    /// nothing that changes which devices, keys, catalog or stored answers later checks read.
-    pub fn only_merges(&self) -> bool {
-        self.enroll.is_empty()
-            && self.revoke.is_empty()
-            && self.meta.is_empty()
-            && self.idempotency.is_empty()
-            && self.subscriptions.is_empty()
-            && self.skips.is_empty()
-            && self.catalogs.is_empty()
-            && self.ratings.is_empty()
-            && self.key_rotations.is_empty()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.changes.is_empty()
             && self.progress.is_empty()

@@ -5,8 +5,7 @@
 //! task hands `up` publishes to this thread, which batch-checks each waiting run of them under
 //! each sender's key as committed (read from the region's read pool), opens their sealed
 //! bodies, and passes every uplink on to the writer, in the order received, with what it found.
-//! The writer then merges one group (and the region's committer commits the one before) while
-//! the verifier checks the next.
+//! The writer then merges and commits one group while the verifier checks the next.
 //!
 //! The verifier decides nothing. The writer still applies every rule to every envelope with
 //! its own device rows, accepts a verifier's finding only if the key it verified under is one

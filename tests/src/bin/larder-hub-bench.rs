@@ -426,6 +426,7 @@ async fn ingest() -> Result<()> {
             .get() as usize
     };
     let before = accepted();
+    let commits_before = commit_stats(&hub_http).await?;
     let cpu_before = cpu_by_thread();
     let process_before = process_cpu();
     let started = Instant::now();
@@ -443,6 +444,7 @@ async fn ingest() -> Result<()> {
     }
     let took = until_count(before + total, started, accepted).await?;
     let cpu = cpu_by_thread();
+    let commits_after = commit_stats(&hub_http).await?;
     let rate = total as f64 / took.as_secs_f64();
     let rejected: u64 = ["bad_signature", "replay", "gap", "chain_broken"]
         .iter()
@@ -458,6 +460,15 @@ async fn ingest() -> Result<()> {
         took.as_secs_f64(),
         rate / raw_rate,
         RECONNECTS.load(Ordering::Relaxed)
+    );
+    let (commits, commit_secs) = (
+        commits_after.0.saturating_sub(commits_before.0),
+        commits_after.1 - commits_before.1,
+    );
+    println!(
+        "region commits: {commits}, {:.0} envelopes and {:.2} ms each on average",
+        total as f64 / commits.max(1) as f64,
+        commit_secs * 1000.0 / commits.max(1) as f64
     );
     let process = process_cpu().saturating_sub(process_before) as f64 / USER_HZ;
     let mut used: Vec<(String, f64)> = cpu
@@ -483,6 +494,21 @@ async fn ingest() -> Result<()> {
     println!();
     hub.shutdown().await;
     Ok(())
+}
+
+/// The hub's region commits so far: how many, and the seconds they took in all (from the
+/// `commit_seconds` histogram at `/metrics`).
+async fn commit_stats(hub_http: &str) -> Result<(u64, f64)> {
+    let text = larder_tests::metrics_text(hub_http).await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("larder_hub_commit_seconds_count ") as u64,
+        value("larder_hub_commit_seconds_sum "),
+    ))
 }
 
 /// The kernel's clock ticks per second in `/proc` times (`USER_HZ`, 100 on Linux).

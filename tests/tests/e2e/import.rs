@@ -246,7 +246,7 @@ async fn a_batch_that_cannot_be_committed_is_refused_whole_and_forgotten() -> an
     let (mut status, mut body) = post_rows(&url, "c", 0, 100).await?;
     if status == 503 {
         assert!(
-            body.to_string().contains("an earlier batch failed"),
+            body.to_string().contains("an earlier import batch failed"),
             "{body}"
         );
         (status, body) = post_rows(&url, "c", 0, 100).await?;

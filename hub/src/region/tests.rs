@@ -1,0 +1,118 @@
+//! Tests of the region writer's commits: what a failed commit leaves behind, and what the
+//! metrics count.
+
+use larder_shared::envelope::Ack;
+use larder_shared::{RegionId, SecretKey, UnitId};
+use tokio::sync::oneshot;
+
+use super::testing::{Loader, fridge, record, writer};
+use super::{RegionCommand, RegionWriter, UplinkOutcome};
+use crate::store::{RegionBatch, RegionStore};
+
+/// Hands the writer `payload` from `from` as a group of its own, and answers the writer's
+/// verdict.
+fn send(writer: &mut RegionWriter, from: &Loader, payload: &[u8]) -> UplinkOutcome {
+    let (reply, answer) = oneshot::channel();
+    writer.process(vec![RegionCommand::Uplink {
+        topic_device: from.id.clone(),
+        payload: payload.to_vec().into(),
+        reply,
+        pre: None,
+    }]);
+    answer.blocking_recv().expect("answered")
+}
+
+fn acked(up_to: u64) -> UplinkOutcome {
+    UplinkOutcome::Ack(Ack { up_to, gap: false })
+}
+
+fn has_unit(writer: &RegionWriter, unit: &str) -> bool {
+    writer.ledgers[&fridge()]
+        .unit(&UnitId::new(unit).expect("id"), 0)
+        .is_some()
+}
+
+/// An uplink whose group fails to commit is refused for `storage` and forgotten: the writer's
+/// ledgers are reloaded from the store and the device's progress is as stored, so the same
+/// envelope sent again is taken (not refused as a replay). The metrics count an envelope
+/// accepted only once it is committed, and the refused one as rejected for `storage`. The
+/// writer ends with exactly what its store holds.
+#[test]
+fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("region.db");
+    let region = RegionId::new("north").expect("id");
+    let hub = SecretKey::generate().expect("key");
+    let mut a = Loader::new("pos-a");
+    let mut b = Loader::new("pos-b");
+    let mut store = RegionStore::open(&path).expect("store");
+    let enroll = RegionBatch {
+        enroll: vec![record(&a.id, &a.key), record(&b.id, &b.key)],
+        ..RegionBatch::default()
+    };
+    store.commit(&enroll).expect("commit");
+    // The store refuses pos-b's audit rows, as a full disk would refuse the write.
+    let admin = rusqlite::Connection::open(&path).expect("connection");
+    admin
+        .execute_batch(
+            "CREATE TRIGGER doomed BEFORE INSERT ON audit WHEN NEW.device = 'pos-b'
+             BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+        )
+        .expect("trigger");
+    let mut writer = writer(&region, store, &hub);
+    let (a1, _) = a.load(&region, &hub, "u-a1");
+    let (a2, _) = a.load(&region, &hub, "u-a2");
+    let (b1, _) = b.load(&region, &hub, "u-b1");
+
+    assert_eq!(send(&mut writer, &a, &a1), acked(1));
+    assert_eq!(
+        send(&mut writer, &b, &b1),
+        UplinkOutcome::Rejected("storage")
+    );
+    assert!(has_unit(&writer, "u-a1"));
+    assert!(
+        !has_unit(&writer, "u-b1"),
+        "the refused change is forgotten"
+    );
+    assert_eq!(send(&mut writer, &a, &a2), acked(2));
+    admin
+        .execute_batch("DROP TRIGGER doomed")
+        .expect("room again");
+    assert_eq!(
+        send(&mut writer, &b, &b1),
+        acked(1),
+        "sent again, it is taken"
+    );
+
+    let accepted = writer
+        .metrics
+        .envelopes_accepted
+        .get_or_create(&vec![("region", region.to_string())])
+        .get();
+    let refused = writer
+        .metrics
+        .envelopes_rejected
+        .get_or_create(&vec![
+            ("region", region.to_string()),
+            ("reason", "storage".to_owned()),
+        ])
+        .get();
+    assert_eq!((accepted, refused), (3, 1));
+    for unit in ["u-a1", "u-a2", "u-b1"] {
+        assert!(has_unit(&writer, unit), "{unit} is kept");
+    }
+    let changes: i64 = admin
+        .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(changes, 3, "each change is stored once");
+    let reopened = writer_on(&region, &path, &hub);
+    assert_eq!(
+        writer.ledgers[&fridge()].state_digest(),
+        reopened.ledgers[&fridge()].state_digest(),
+        "the writer holds what its store holds"
+    );
+}
+
+fn writer_on(region: &RegionId, path: &std::path::Path, hub: &SecretKey) -> RegionWriter {
+    writer(region, RegionStore::open(path).expect("store"), hub)
+}
