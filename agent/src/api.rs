@@ -510,11 +510,12 @@ async fn temperature(
     outcome_response(&outcome, StatusCode::ACCEPTED)
 }
 
-/// The contract's code for a refused cancel.
+/// The contract's code for a refused cancel: the ledger's rule, as the hub answers it.
 pub fn cancel_refusal_code(code: &str) -> &'static str {
     match code {
         "already_picked_up" => "already_picked_up",
         "past_grace_window" => "past_grace_window",
+        "past_cutoff" => "past_cutoff",
         _ => "not_cancellable",
     }
 }

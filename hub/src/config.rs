@@ -308,6 +308,7 @@ fn default_low_stock() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct CatalogConfig {
     pub currency: String,
+    #[serde(deserialize_with = "larder_shared::catalog::written_items")]
     pub items: Vec<CatalogItem>,
 }
 
@@ -587,6 +588,25 @@ mod tests {
         let err = toml::from_str::<HubConfig>("[[regions]]\nid = \"north\"\nsize = 3\n")
             .expect_err("unknown key");
         assert!(err.to_string().contains("size"), "{err}");
+    }
+
+    /// A catalog item in the config takes only an item's keys: a misspelt optional one is an
+    /// error naming it, not a silent default.
+    #[test]
+    fn catalog_items_refuse_unknown_keys() {
+        let catalog = |key: &str| {
+            format!(
+                "[[regions]]\nid = \"north\"\n[regions.catalog]\ncurrency = \"EUR\"\n\
+                 [[regions.catalog.items]]\nsku = \"lasagna\"\nname = \"Lasagna\"\n\
+                 price_minor = 890\n{key} = 72\n"
+            )
+        };
+        let ok: HubConfig = toml::from_str(&catalog("shelf_life_hours")).expect("parses");
+        let items = &ok.regions[0].catalog.as_ref().expect("catalog").items;
+        assert_eq!(items[0].shelf_life_hours, 72);
+        let err = toml::from_str::<HubConfig>(&catalog("shelf_life_hour"))
+            .expect_err("unknown key in an item");
+        assert!(err.to_string().contains("shelf_life_hour"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,46 @@ pub struct CatalogItem {
     pub shelf_life_hours: u32,
 }
 
+/// A catalog item as a person writes it (the hub's config, a catalog `PUT`): [`CatalogItem`]'s
+/// keys and no other, so a misspelt optional key is an error instead of a silent default.
+/// (`CatalogItem` itself takes unknown keys, so an older agent reads a newer hub's catalog.)
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrittenItem {
+    pub sku: Sku,
+    pub name: String,
+    pub price_minor: i64,
+    #[serde(default)]
+    pub allergens: Vec<String>,
+    #[serde(default)]
+    pub shelf_life_hours: u32,
+}
+
+impl From<WrittenItem> for CatalogItem {
+    fn from(i: WrittenItem) -> Self {
+        let WrittenItem {
+            sku,
+            name,
+            price_minor,
+            allergens,
+            shelf_life_hours,
+        } = i;
+        Self {
+            sku,
+            name,
+            price_minor,
+            allergens,
+            shelf_life_hours,
+        }
+    }
+}
+
+/// Deserializes catalog items as [`WrittenItem`]s: for `#[serde(deserialize_with)]`.
+pub fn written_items<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<CatalogItem>, D::Error> {
+    let items = Vec::<WrittenItem>::deserialize(d)?;
+    Ok(items.into_iter().map(CatalogItem::from).collect())
+}
+
 /// A version of a region's catalog. Versions strictly increase; 0 means "none yet".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Catalog {

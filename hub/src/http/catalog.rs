@@ -91,9 +91,29 @@ struct CatalogBody {
     #[serde(default)]
     version: Option<u64>,
     currency: String,
-    /// Items as `GET` gives them; their `rating` is not part of a version and is ignored.
+    /// Items as `GET` gives them; their `rating` is not part of a version and is ignored. Any
+    /// other key that is not an item's is refused.
     #[schema(value_type = Vec<AnyObject>)]
+    #[serde(deserialize_with = "edited_items")]
     items: Vec<CatalogItem>,
+}
+
+/// Items as `GET` gives them, edited: each a [`larder_shared::catalog::WrittenItem`] that may
+/// also carry the `rating` `GET` added.
+fn edited_items<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<CatalogItem>, D::Error> {
+    let items = Vec::<serde_json::Value>::deserialize(d)?;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            if let Some(fields) = item.as_object_mut() {
+                fields.remove("rating");
+            }
+            serde_json::from_value::<larder_shared::catalog::WrittenItem>(item)
+                .map(CatalogItem::from)
+                .map_err(|e| serde::de::Error::custom(format!("items[{i}]: {e}")))
+        })
+        .collect()
 }
 
 /// `PUT /v1/regions/{r}/catalog`: publishes a new version (201), or answers the current one
@@ -146,7 +166,7 @@ struct RatingBody {
     summary = "Rates a meal 1 to 5; answers the sku's new average and count; honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id"), ("sku" = String, Path, description = "Sku")),
     request_body(content = RatingBody, content_type = "application/json"),
-    responses((status = 201, description = "Counted", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    responses((status = 201, description = "Counted; a retry with the same Idempotency-Key gets this first answer again", body = AnyObject), Errors),
     security(("bearer" = []))
 )]
 pub(super) async fn rate(

@@ -76,7 +76,7 @@ struct LineBody {
     summary = "Creates a meal subscription; honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = SubscriptionBody, content_type = "application/json"),
-    responses((status = 201, description = "Created", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    responses((status = 201, description = "Created; a retry with the same Idempotency-Key gets this first answer again", body = AnyObject), Errors),
     security(("bearer" = []))
 )]
 pub(super) async fn create_subscription(

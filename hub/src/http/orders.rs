@@ -105,7 +105,7 @@ fn fridge_online(h: &RegionHandle, fridge: &FridgeId) -> Result<bool, ApiError> 
     summary = "Places an app order; honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = PlaceBody, content_type = "application/json"),
-    responses((status = 201, description = "Placed (or refused: see its status)", body = AnyObject), (status = 200, description = "A retry answered as the first time", body = AnyObject), Errors),
+    responses((status = 201, description = "Placed (or refused: see its status); a retry with the same Idempotency-Key gets this first answer again", body = AnyObject), Errors),
     security(("bearer" = []))
 )]
 pub(super) async fn place(

@@ -110,6 +110,21 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
         (status, &stale["error"]["code"]),
         (409, &json!("catalog_version_conflict"))
     );
+    // A key that is not an item's is refused, not dropped: a misspelt optional one would
+    // otherwise publish its default without a word.
+    let mut misspelt = catalog_with_lasagna_at(990);
+    misspelt["items"][0]["shelf_life_hour"] = json!(72);
+    let (status, refused) = put_catalog(&hub_http, &misspelt).await?;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (422, &json!("invalid_request"))
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shelf_life_hour")),
+        "the key is named: {refused}"
+    );
 
     eventually(WAIT, "the fridge to hold the new version", || async {
         (catalog_version(&fridge_url).await? == v2).then_some(())
@@ -209,7 +224,7 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
 
     let metrics = metrics_text(&hub_http).await?;
     assert!(
-        metrics.contains(r#"larder_hub_http_request_seconds_count{method="PUT",route="/v1/regions/{r}/catalog"} 7"#),
+        metrics.contains(r#"larder_hub_http_request_seconds_count{method="PUT",route="/v1/regions/{r}/catalog"} 8"#),
         "every PUT timed: {metrics}"
     );
     // Ratings: counted in order per sku, shown on the catalog.

@@ -134,6 +134,17 @@ async fn occurrences_become_orders_at_the_cut_off_and_reach_the_fridge() -> anyh
         (o["status"] == "dispatched").then_some(())
     })
     .await?;
+    // The fridge refuses a cancel by the same rule, with the hub's code.
+    let (status, body) = post(
+        &format!("{url}/v1/orders/{order_id}/cancel"),
+        "c-2",
+        &json!({}),
+    )
+    .await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("past_cutoff"))
+    );
     let expires = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(72)).to_string();
     let resp = http()
         .post(format!("{url}/v1/refills"))
@@ -196,6 +207,8 @@ async fn occurrences_become_orders_at_the_cut_off_and_reach_the_fridge() -> anyh
         history.sort_unstable();
         let expected = [
             "available_for_picking",
+            // Refused at the hub and at the fridge, each recorded.
+            "cancel_rejected",
             "cancel_rejected",
             "dispatched",
             "picked_up",
