@@ -264,6 +264,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
                 fridges: fridges.clone(),
                 public_key: key.public(),
             },
+            None,
         )
         .await
         .with_context(|| format!("enrolling {name}"))?;

@@ -61,6 +61,7 @@ impl From<RegionError> for ApiError {
             RegionError::Invalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
             RegionError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
             RegionError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            RegionError::IdempotencyKeyReused => (S::CONFLICT, "idempotency_key_reused"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -509,9 +510,12 @@ pub struct EnrollBody {
 }
 
 /// Enrolls a device through the region writer (used by the API, the CLI and the demo).
+/// Enrolls a device through the region's writer; `idem` is the request's Idempotency-Key and
+/// request hash, if it had one.
 pub async fn enroll_device(
     h: &RegionHandle,
     body: EnrollBody,
+    idem: Option<(String, String)>,
 ) -> Result<DeviceRecord, RegionError> {
     let record = DeviceRecord {
         device_id: body.device_id,
@@ -526,6 +530,7 @@ pub async fn enroll_device(
     let (reply, rx) = oneshot::channel();
     h.tx.try_send(RegionCommand::Enroll {
         record: Box::new(record),
+        idem,
         reply,
     })
     .map_err(|_| RegionError::Overloaded)?;
@@ -598,7 +603,7 @@ pub async fn revoke_device(h: &RegionHandle, device: DeviceId) -> Result<(), Reg
     post,
     path = "/v1/regions/{r}/devices",
     tag = "devices",
-    summary = "Enrolls a device; the same enrollment again answers as the first did",
+    summary = "Enrolls a device; the same enrollment again answers as the first did, and an Idempotency-Key used with another request is 409",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = EnrollBody, content_type = "application/json"),
     responses((status = 201, description = "Enrolled", body = AnyObject), Errors),
@@ -612,8 +617,11 @@ async fn enroll(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
-    let (body, _): (EnrollBody, _) = parse_body(body)?;
-    match enroll_device(h, body.clone()).await {
+    let (body, bytes): (EnrollBody, _) = parse_body(body)?;
+    let idem =
+        larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/devices"), &bytes)?
+            .map(|i| (i.key, i.request_sha256));
+    match enroll_device(h, body.clone(), idem).await {
         Ok(d) => Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response()),
         Err(RegionError::DeviceExists(id)) => {
             // A retry of the same enrollment answers as the first did; another body is a conflict.

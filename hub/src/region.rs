@@ -110,6 +110,8 @@ pub enum RegionError {
     Storage(String),
     #[error("the region writer is busy; retry shortly")]
     Overloaded,
+    #[error("this Idempotency-Key was used with another request")]
+    IdempotencyKeyReused,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
@@ -125,6 +127,8 @@ pub enum RegionCommand {
     },
     Enroll {
         record: Box<DeviceRecord>,
+        /// The request's Idempotency-Key and request hash, if it had one.
+        idem: Option<(String, String)>,
         reply: Reply<DeviceRecord>,
     },
     Revoke {
@@ -925,15 +929,31 @@ impl RegionWriter {
                         ok => pending.push(Pending::Uplink(reply, ok)),
                     }
                 }
-                RegionCommand::Enroll { record, reply } => match self.enroll_check(&record, &batch)
-                {
-                    Ok(()) => {
-                        batch.enroll.push((*record).clone());
-                        pending.push(Pending::Enroll(reply, record));
+                RegionCommand::Enroll {
+                    record,
+                    idem,
+                    reply,
+                } => match self.replay(idem.as_ref(), &in_group) {
+                    Some((409, body)) if body["error"]["code"] == "idempotency_key_reused" => {
+                        let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
+                    // A retry: the device is enrolled, and the route answers as it first did.
+                    Some(_) => {
+                        let _ =
+                            reply.send(Err(RegionError::DeviceExists(record.device_id.clone())));
                     }
+                    None => match self.enroll_check(&record, &batch) {
+                        Ok(()) => {
+                            let answer =
+                                (201, serde_json::json!({ "device_id": record.device_id }));
+                            remember(idem, &answer, &mut batch, &mut in_group);
+                            batch.enroll.push((*record).clone());
+                            pending.push(Pending::Enroll(reply, record));
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    },
                 },
                 RegionCommand::Revoke { device, reply } => match self.store.device(&device) {
                     Ok(Some(_)) => {

@@ -302,6 +302,38 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         (s, b["error"]["code"].as_str()),
         (422, Some("unknown_fridge"))
     );
+    // With an Idempotency-Key: a retry answers as the first did; the key used for another
+    // enrollment is 409 and enrolls nothing.
+    let enroll_with_key = |body: &serde_json::Value| {
+        c.post(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("Idempotency-Key", "enroll-pos-7")
+            .json(body)
+    };
+    let pos7 = json!({"device_id": "pos-7", "role": "pos", "fridges": ["fridge-1"], "public_key": seeded_key(7, "pos-7").public()});
+    let (s1, first) = call(enroll_with_key(&pos7)).await;
+    let (s2, again) = call(enroll_with_key(&pos7)).await;
+    assert_eq!((s1, s2), (201, 201), "{first} {again}");
+    assert_eq!(first, again);
+    let pos6 = json!({"device_id": "pos-6", "role": "pos", "fridges": ["fridge-1"], "public_key": seeded_key(7, "pos-6").public()});
+    let (s, b) = call(enroll_with_key(&pos6)).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("idempotency_key_reused"))
+    );
+    let (_, devices) = call(
+        c.get(format!("{url}/v1/regions/demo/devices"))
+            .bearer_auth(ADMIN_TOKEN),
+    )
+    .await;
+    let enrolled: Vec<&str> = devices["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["device_id"].as_str())
+        .collect();
+    assert!(enrolled.contains(&"pos-7"), "{devices}");
+    assert!(!enrolled.contains(&"pos-6"), "nothing enrolled: {devices}");
     hub.shutdown().await;
     Ok(())
 }
