@@ -153,7 +153,7 @@ mod tests {
         assert_eq!((report[0].entries, report[0].signed_heads), (10, 3));
 
         // Entries received before 4.5 s go; the chain now starts after entry 4.
-        let (_, pruned) = store.prune(4_500).expect("prune");
+        let pruned = store.prune(4_500, i64::MIN).expect("prune").audit;
         assert_eq!(pruned, 4);
         let chain = store
             .audit_chain(&DeviceId::new("pos-1").expect("id"))

@@ -129,6 +129,9 @@ pub struct CompactionConfig {
     pub dormant_after_seconds: u64,
     /// Archived records and audit-log entries older than this are deleted.
     pub retention_days: u64,
+    /// Stored answers to requests with an `Idempotency-Key` are kept this long; a retry after
+    /// it is a new request.
+    pub idempotency_retention_hours: u64,
 }
 
 impl Default for CompactionConfig {
@@ -138,6 +141,7 @@ impl Default for CompactionConfig {
             interval_seconds: 3_600,
             dormant_after_seconds: 30 * 86_400,
             retention_days: 730,
+            idempotency_retention_hours: 7 * 24,
         }
     }
 }
@@ -467,6 +471,12 @@ impl HubConfig {
                 3650 * 86_400,
             ),
             ("compaction.retention_days", c.retention_days, 1, 36_500),
+            (
+                "compaction.idempotency_retention_hours",
+                c.idempotency_retention_hours,
+                1,
+                87_600,
+            ),
             (
                 "orders.grace_window_seconds",
                 self.orders.grace_window_seconds,

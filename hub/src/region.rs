@@ -196,6 +196,8 @@ pub enum RegionCommand {
     /// Load a batch of unit rows (`larder-hub import units`).
     ImportUnits {
         rows: Vec<import::UnitRow>,
+        /// The request's Idempotency-Key and request hash, if it had one.
+        idem: Option<(String, String)>,
         reply: Reply<import::ImportReport>,
     },
     /// Apply what time has made due: payment captures after grace windows, payment timeouts,
@@ -278,6 +280,8 @@ pub struct CompactionReport {
     pub retired_rows: usize,
     pub pruned_archive: usize,
     pub pruned_audit: usize,
+    /// Stored answers to idempotent requests past `compaction.idempotency_retention_hours`.
+    pub pruned_answers: usize,
 }
 
 /// One ledger moved onto a new epoch.
@@ -568,6 +572,11 @@ type InGroup<'a> = (
     &'a mut Vec<Pending>,
     &'a mut HashMap<String, (String, ApiAnswer)>,
 );
+
+/// Whether `answer` (from [`RegionWriter::replay`]) refuses a key reused with another request.
+fn key_reused(answer: &ApiAnswer) -> bool {
+    answer.0 == 409 && answer.1["error"]["code"] == "idempotency_key_reused"
+}
 
 /// Stores a request's answer under its Idempotency-Key, in the group's transaction.
 fn remember(
@@ -934,7 +943,7 @@ impl RegionWriter {
                     idem,
                     reply,
                 } => match self.replay(idem.as_ref(), &in_group) {
-                    Some((409, body)) if body["error"]["code"] == "idempotency_key_reused" => {
+                    Some(answer) if key_reused(&answer) => {
                         let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                     }
                     // A retry: the device is enrolled, and the route answers as it first did.
@@ -1032,9 +1041,26 @@ impl RegionWriter {
                     (&mut batch, &mut pending, &mut in_group),
                     |w, b| w.rate(rating, b, now),
                 ),
-                RegionCommand::ImportUnits { rows, reply } => {
-                    let report = self.import_units(rows, &mut batch, now);
-                    pending.push(Pending::Import(reply, report));
+                RegionCommand::ImportUnits { rows, idem, reply } => {
+                    match self.replay(idem.as_ref(), &in_group) {
+                        Some(answer) if key_reused(&answer) => {
+                            let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
+                        }
+                        // A retry: the first answer again.
+                        Some((_, first)) => {
+                            let _ = reply.send(serde_json::from_value(first).map_err(|e| {
+                                RegionError::Storage(format!("a stored answer is unreadable: {e}"))
+                            }));
+                        }
+                        None => {
+                            let report = self.import_units(rows, &mut batch, now);
+                            if idem.is_some() {
+                                let answer = (200, serde_json::json!(report));
+                                remember(idem, &answer, &mut batch, &mut in_group);
+                            }
+                            pending.push(Pending::Import(reply, report));
+                        }
+                    }
                 }
                 RegionCommand::Tick => self.tick(&mut batch, now),
                 RegionCommand::StockCounts {
@@ -1195,8 +1221,16 @@ impl RegionWriter {
                 .map_err(storage)?;
         }
         let keep_since = now - (self.compaction.retention_days as i64) * 86_400_000;
-        (report.pruned_archive, report.pruned_audit) =
-            self.store.prune(keep_since).map_err(storage)?;
+        let answers_since = now - (self.compaction.idempotency_retention_hours as i64) * 3_600_000;
+        let pruned = self
+            .store
+            .prune(keep_since, answers_since)
+            .map_err(storage)?;
+        (
+            report.pruned_archive,
+            report.pruned_audit,
+            report.pruned_answers,
+        ) = (pruned.archived, pruned.audit, pruned.answers);
         let labels = vec![("region", self.region.to_string())];
         self.metrics
             .ledgers_compacted

@@ -254,6 +254,15 @@ const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_key, enroll
 /// Statements the region writer's connection keeps prepared.
 const STATEMENTS_CACHED: usize = 64;
 
+/// Rows [`RegionStore::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub archived: usize,
+    pub audit: usize,
+    /// Stored answers to idempotent requests.
+    pub answers: usize,
+}
+
 /// The region writer's connection.
 #[derive(Debug)]
 pub struct RegionStore {
@@ -439,7 +448,9 @@ impl RegionStore {
 
     /// Deletes archived records and audit entries older than `before_ms`. Each device's audit
     /// chain then starts at the newest entry deleted, recorded as its base.
-    pub fn prune(&mut self, before_ms: i64) -> Result<(usize, usize), StoreError> {
+    /// Deletes archived records and audit entries from before `before_ms`, and stored answers
+    /// to idempotent requests from before `answers_before_ms`: the rows deleted of each.
+    pub fn prune(&mut self, before_ms: i64, answers_before_ms: i64) -> Result<Pruned, StoreError> {
         let tx = self.conn.transaction()?;
         let archived = tx.execute("DELETE FROM archive WHERE archived_at_ms < ?1", [before_ms])?;
         tx.execute(
@@ -458,8 +469,16 @@ impl RegionStore {
                AND received_at_ms < ?1",
             [before_ms],
         )?;
+        let answers = tx.execute(
+            "DELETE FROM idempotency WHERE created_at_ms < ?1",
+            [answers_before_ms],
+        )?;
         tx.commit()?;
-        Ok((archived, audit))
+        Ok(Pruned {
+            archived,
+            audit,
+            answers,
+        })
     }
 
     /// A device's audit chain as stored: where it starts (after pruning) and its entries.
@@ -971,4 +990,36 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Entry>> {
         }
         entry
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stored answers to idempotent requests go once older than the cut given, not before.
+    #[test]
+    fn prune_deletes_answers_past_their_retention() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = RegionStore::open(&dir.path().join("region.db")).expect("store");
+        let batch = RegionBatch {
+            idempotency: vec![("k-1".into(), "hash".into(), 201, "{}".into())],
+            ..RegionBatch::default()
+        };
+        let before = larder_agent::writer::now_ms();
+        store.commit(&batch).expect("commit");
+        let kept = store.prune(i64::MIN, before - 1).expect("prune");
+        assert_eq!(kept.answers, 0);
+        assert!(store.idempotency("k-1").expect("read").is_some());
+        let later = larder_agent::writer::now_ms() + 1;
+        let pruned = store.prune(i64::MIN, later).expect("prune");
+        assert_eq!(
+            pruned,
+            Pruned {
+                archived: 0,
+                audit: 0,
+                answers: 1
+            }
+        );
+        assert!(store.idempotency("k-1").expect("read").is_none());
+    }
 }

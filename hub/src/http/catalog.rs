@@ -253,7 +253,8 @@ struct ImportBody {
 }
 
 /// `POST /v1/regions/{r}/imports/units`: loads a batch of unit rows (what `larder-hub import
-/// units` sends); 200 with `{accepted, unchanged, rejected: [{line, reason}]}`.
+/// units` sends); 200 with `{accepted, unchanged, rejected: [{line, reason}]}`. A retry with
+/// the same Idempotency-Key gets the first answer again.
 #[utoipa::path(
     post,
     path = "/v1/regions/{r}/imports/units",
@@ -272,7 +273,13 @@ pub(super) async fn import_units(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
-    let (b, _): (ImportBody, _) = parse_body(body)?;
+    let (b, bytes): (ImportBody, _) = parse_body(body)?;
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/imports/units"),
+        &bytes,
+    )?
+    .map(|i| (i.key, i.request_sha256));
     if b.rows.len() > IMPORT_ROWS_MAX {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -283,6 +290,7 @@ pub(super) async fn import_units(
     let (reply, rx) = oneshot::channel();
     h.tx.send(RegionCommand::ImportUnits {
         rows: b.rows,
+        idem,
         reply,
     })
     .await

@@ -161,6 +161,11 @@ async fn post_rows(
     from: usize,
     to: usize,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    post_import(hub_http, &rows_body(prefix, from, to), None).await
+}
+
+/// The body of a request importing rows `prefix-from` to `prefix-(to-1)` for fridge-1.
+fn rows_body(prefix: &str, from: usize, to: usize) -> serde_json::Value {
     let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(48);
     let rows: Vec<serde_json::Value> = (from..to)
         .map(|i| {
@@ -168,13 +173,64 @@ async fn post_rows(
                 "fridge_id": "fridge-1", "sku": "lasagna", "expires_at": soon.to_string()})
         })
         .collect();
-    let resp = http()
+    serde_json::json!({ "rows": rows })
+}
+
+/// POSTs an import request's `body`, with an Idempotency-Key if `key` is given.
+async fn post_import(
+    hub_http: &str,
+    body: &serde_json::Value,
+    key: Option<&str>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let mut request = http()
         .post(format!("{hub_http}/v1/regions/{REGION}/imports/units"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&serde_json::json!({ "rows": rows }))
-        .send()
-        .await?;
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let resp = request.json(body).send().await?;
     Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+/// A batch retried with its Idempotency-Key gets the first answer again (not a count of
+/// unchanged rows), and the key used with other rows is 409 and loads none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_gets_its_first_answer() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let url = format!("http://{}", hub.http_addr);
+    let key = Some("import-batch-1");
+    let batch = rows_body("k", 0, 10);
+    let (status, first) = post_import(&url, &batch, key).await?;
+    assert_eq!(
+        (status, first["accepted"].as_u64()),
+        (200, Some(10)),
+        "{first}"
+    );
+    let (status, again) = post_import(&url, &batch, key).await?;
+    assert_eq!((status, &again), (200, &first));
+    let (status, other) = post_import(&url, &rows_body("other", 0, 5), key).await?;
+    assert_eq!(
+        (status, other["error"]["code"].as_str()),
+        (409, Some("idempotency_key_reused"))
+    );
+    // Without a key, the same rows again are each found unchanged.
+    let (status, unkeyed) = post_import(&url, &batch, None).await?;
+    assert_eq!(
+        (
+            status,
+            unkeyed["accepted"].as_u64(),
+            unkeyed["unchanged"].as_u64()
+        ),
+        (200, Some(0), Some(10))
+    );
+    assert_eq!(
+        stored_units(&url).await?.len(),
+        10,
+        "none of the other rows"
+    );
+    hub.shutdown().await;
+    Ok(())
 }
 
 /// The unit ids the hub's store holds for fridge-1.
