@@ -475,7 +475,7 @@ impl HubConfig {
                 "compaction.idempotency_retention_hours",
                 c.idempotency_retention_hours,
                 1,
-                87_600,
+                8_760,
             ),
             (
                 "orders.grace_window_seconds",

@@ -509,9 +509,8 @@ pub struct EnrollBody {
     pub public_key: PublicKey,
 }
 
-/// Enrolls a device through the region writer (used by the API, the CLI and the demo).
-/// Enrolls a device through the region's writer; `idem` is the request's Idempotency-Key and
-/// request hash, if it had one.
+/// Enrolls a device through the region's writer (used by the API, the CLI and the demo);
+/// `idem` is the request's Idempotency-Key and request hash, if it had one.
 pub async fn enroll_device(
     h: &RegionHandle,
     body: EnrollBody,

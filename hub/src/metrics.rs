@@ -157,12 +157,17 @@ impl HubMetrics {
     }
 
     pub fn rejected(&self, region: &str, reason: &str) {
+        self.rejected_by(region, reason, 1);
+    }
+
+    /// Counts `n` envelopes rejected for `reason`.
+    pub fn rejected_by(&self, region: &str, reason: &str, n: u64) {
         self.envelopes_rejected
             .get_or_create(&vec![
                 ("region", region.to_owned()),
                 ("reason", reason.to_owned()),
             ])
-            .inc();
+            .inc_by(n);
     }
 
     /// How many envelopes were rejected for `reason` in `region` (for tests and the demo).

@@ -573,9 +573,12 @@ type InGroup<'a> = (
     &'a mut HashMap<String, (String, ApiAnswer)>,
 );
 
-/// Whether `answer` (from [`RegionWriter::replay`]) refuses a key reused with another request.
-fn key_reused(answer: &ApiAnswer) -> bool {
-    answer.0 == 409 && answer.1["error"]["code"] == "idempotency_key_reused"
+/// A request whose Idempotency-Key was seen before (see [`RegionWriter::replay`]).
+enum Replay {
+    /// The same request again: its first answer.
+    First(ApiAnswer),
+    /// The key was used with another request.
+    KeyReused,
 }
 
 /// Stores a request's answer under its Idempotency-Key, in the group's transaction.
@@ -613,13 +616,7 @@ fn answer(
                 .get_or_create(&vec![("region", region.to_string())])
                 .inc_by(uplinks);
         } else {
-            metrics
-                .envelopes_rejected
-                .get_or_create(&vec![
-                    ("region", region.to_string()),
-                    ("reason", "storage".to_owned()),
-                ])
-                .inc_by(uplinks);
+            metrics.rejected_by(region.as_str(), "storage", uplinks);
         }
     }
     for p in pending {
@@ -905,10 +902,11 @@ impl RegionWriter {
 
     fn process(&mut self, group: Vec<RegionCommand>) {
         // Import batches are committed behind the writer (see `committer`); anything else
-        // may read the store, so it waits for the batch in flight first.
+        // may read the store, so it waits for the batch in flight first. So does an import with
+        // an Idempotency-Key: its retry must find the first one's answer committed.
         let import_only = group
             .iter()
-            .all(|c| matches!(c, RegionCommand::ImportUnits { .. }));
+            .all(|c| matches!(c, RegionCommand::ImportUnits { idem: None, .. }));
         if !import_only {
             self.settle();
         }
@@ -943,11 +941,11 @@ impl RegionWriter {
                     idem,
                     reply,
                 } => match self.replay(idem.as_ref(), &in_group) {
-                    Some(answer) if key_reused(&answer) => {
+                    Some(Replay::KeyReused) => {
                         let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                     }
                     // A retry: the device is enrolled, and the route answers as it first did.
-                    Some(_) => {
+                    Some(Replay::First(_)) => {
                         let _ =
                             reply.send(Err(RegionError::DeviceExists(record.device_id.clone())));
                     }
@@ -1043,11 +1041,11 @@ impl RegionWriter {
                 ),
                 RegionCommand::ImportUnits { rows, idem, reply } => {
                     match self.replay(idem.as_ref(), &in_group) {
-                        Some(answer) if key_reused(&answer) => {
+                        Some(Replay::KeyReused) => {
                             let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                         }
                         // A retry: the first answer again.
-                        Some((_, first)) => {
+                        Some(Replay::First((_, first))) => {
                             let _ = reply.send(serde_json::from_value(first).map_err(|e| {
                                 RegionError::Storage(format!("a stored answer is unreadable: {e}"))
                             }));
@@ -1221,7 +1219,9 @@ impl RegionWriter {
                 .map_err(storage)?;
         }
         let keep_since = now - (self.compaction.retention_days as i64) * 86_400_000;
-        let answers_since = now - (self.compaction.idempotency_retention_hours as i64) * 3_600_000;
+        // Stored answers are stamped with the system's time when committed (`RegionStore::commit`).
+        let answers_since = larder_agent::writer::now_ms()
+            - (self.compaction.idempotency_retention_hours as i64) * 3_600_000;
         let pruned = self
             .store
             .prune(keep_since, answers_since)
@@ -1258,9 +1258,20 @@ impl RegionWriter {
         (batch, pending, in_group): InGroup<'_>,
         act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<ApiAnswer, ApiAnswer>,
     ) {
-        if let Some(answer) = self.replay(idem.as_ref(), in_group) {
-            let _ = reply.send(Ok(answer));
-            return;
+        match self.replay(idem.as_ref(), in_group) {
+            Some(Replay::First(answer)) => {
+                let _ = reply.send(Ok(answer));
+                return;
+            }
+            Some(Replay::KeyReused) => {
+                let _ = reply.send(Ok(error_answer(
+                    409,
+                    "idempotency_key_reused",
+                    RegionError::IdempotencyKeyReused,
+                )));
+                return;
+            }
+            None => {}
         }
         match act(self, batch) {
             Ok(answer) => {
@@ -1273,26 +1284,22 @@ impl RegionWriter {
         }
     }
 
-    /// The stored answer to a retried request (its Idempotency-Key and request hash), or a
-    /// refusal of a key reused with another request; `None` for a new request.
+    /// What a request with an Idempotency-Key (and request hash) was answered before: `None`
+    /// for a new request.
     fn replay(
         &self,
         idem: Option<&(String, String)>,
         in_group: &HashMap<String, (String, ApiAnswer)>,
-    ) -> Option<ApiAnswer> {
+    ) -> Option<Replay> {
         let (key, hash) = idem?;
         let (h, status, body) = match in_group.get(key) {
             Some((h, a)) => (h.clone(), a.0, a.1.to_string()),
             None => self.store.idempotency(key).ok()??,
         };
         Some(if &h == hash {
-            (status, serde_json::from_str(&body).unwrap_or_default())
+            Replay::First((status, serde_json::from_str(&body).unwrap_or_default()))
         } else {
-            error_answer(
-                409,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another request",
-            )
+            Replay::KeyReused
         })
     }
 

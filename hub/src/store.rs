@@ -50,6 +50,7 @@ CREATE INDEX IF NOT EXISTS changes_ledger ON changes (ledger, id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY, request_sha256 TEXT NOT NULL, status INTEGER NOT NULL,
     response TEXT NOT NULL, created_at_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at_ms);
 -- Subscriber schedules (JSON records) and the occurrences cancelled before their cut-off.
 CREATE TABLE IF NOT EXISTS subscriptions (
     subscription_id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
@@ -446,9 +447,8 @@ impl RegionStore {
         )?)
     }
 
-    /// Deletes archived records and audit entries older than `before_ms`. Each device's audit
-    /// chain then starts at the newest entry deleted, recorded as its base.
-    /// Deletes archived records and audit entries from before `before_ms`, and stored answers
+    /// Deletes archived records and audit entries older than `before_ms` (each device's audit
+    /// chain then starts at the newest entry deleted, recorded as its base), and stored answers
     /// to idempotent requests from before `answers_before_ms`: the rows deleted of each.
     pub fn prune(&mut self, before_ms: i64, answers_before_ms: i64) -> Result<Pruned, StoreError> {
         let tx = self.conn.transaction()?;

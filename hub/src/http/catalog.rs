@@ -259,7 +259,7 @@ struct ImportBody {
     post,
     path = "/v1/regions/{r}/imports/units",
     tag = "admin",
-    summary = "Loads a batch of unit rows (what `larder-hub import units` sends)",
+    summary = "Loads a batch of unit rows (what `larder-hub import units` sends); honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = ImportBody, content_type = "application/json"),
     responses((status = 200, description = "Accepted, unchanged and rejected rows", body = AnyObject), Errors),

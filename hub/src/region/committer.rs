@@ -8,8 +8,9 @@
 //!
 //! The writer keeps one rule: it *settles* (waits for the batch in flight) before it touches
 //! its own connection or commits anything else, so the two connections never write at once
-//! and every read sees what was committed before. Only import-only groups go to the committer;
-//! they read nothing from the store.
+//! and every read sees what was committed before. Only groups of import batches without an
+//! Idempotency-Key go to the committer; they read nothing from the store. (A keyed batch's
+//! retry reads the first one's stored answer, so it is committed by the writer.)
 
 use std::sync::Arc;
 use std::sync::mpsc;

@@ -6,7 +6,7 @@ use larder_shared::{RegionId, SecretKey, UnitId};
 use tokio::sync::oneshot;
 
 use super::testing::{Loader, fridge, record, writer};
-use super::{RegionCommand, RegionWriter, UplinkOutcome};
+use super::{RegionCommand, RegionError, RegionWriter, UplinkOutcome};
 use crate::store::{RegionBatch, RegionStore};
 
 /// Hands the writer `payload` from `from` as a group of its own, and answers the writer's
@@ -115,4 +115,71 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
 
 fn writer_on(region: &RegionId, path: &std::path::Path, hub: &SecretKey) -> RegionWriter {
     writer(region, RegionStore::open(path).expect("store"), hub)
+}
+
+/// An import batch sent with an Idempotency-Key is committed before the writer takes its next
+/// group, so a retry right behind it (not waiting for its answer) gets the first answer, and
+/// the key sent with other rows is refused.
+#[test]
+fn a_keyed_import_retried_at_once_gets_its_first_answer() {
+    use super::import::{ImportReport, UnitRow};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let region = RegionId::new("north").expect("id");
+    let hub = SecretKey::generate().expect("key");
+    let store = RegionStore::open(&dir.path().join("region.db")).expect("store");
+    let mut writer = writer(&region, store, &hub);
+    let (reply, published) = oneshot::channel();
+    writer.process(vec![RegionCommand::PutCatalog {
+        currency: "EUR".into(),
+        items: vec![larder_shared::catalog::CatalogItem {
+            sku: larder_shared::Sku::new("lasagna").expect("sku"),
+            name: "Lasagna".into(),
+            price_minor: 890,
+            allergens: Vec::new(),
+            shelf_life_hours: 72,
+        }],
+        base: None,
+        idem: None,
+        reply,
+    }]);
+    assert_eq!(
+        published.blocking_recv().expect("answered").map(|a| a.0),
+        Ok(201)
+    );
+
+    let mut import = |unit: &str, hash: &str| {
+        let rows = vec![UnitRow {
+            line: 2,
+            unit_id: unit.into(),
+            fridge_id: "fridge-1".into(),
+            sku: "lasagna".into(),
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            batch: None,
+        }];
+        let (reply, answer) = oneshot::channel();
+        writer.process(vec![RegionCommand::ImportUnits {
+            rows,
+            idem: Some(("import-1".into(), hash.into())),
+            reply,
+        }]);
+        answer
+    };
+    let first = import("u-1", "rows-u-1");
+    let retry = import("u-1", "rows-u-1");
+    let other = import("u-2", "rows-u-2");
+    let loaded = |report: &ImportReport| (report.accepted, report.unchanged);
+    let first = first.blocking_recv().expect("answered").expect("loaded");
+    assert_eq!(loaded(&first), (1, 0));
+    let retry = retry.blocking_recv().expect("answered").expect("answered");
+    assert_eq!(
+        loaded(&retry),
+        (1, 0),
+        "the first answer, not a second load"
+    );
+    assert_eq!(
+        other.blocking_recv().expect("answered").map(|r| loaded(&r)),
+        Err(RegionError::IdempotencyKeyReused)
+    );
+    assert!(has_unit(&writer, "u-1"));
+    assert!(!has_unit(&writer, "u-2"), "the other rows are not loaded");
 }
