@@ -547,15 +547,19 @@ struct CompactionBody {
 }
 
 /// Runs a compaction of the region now (it also runs every `compaction.interval_seconds`).
+/// Compacts a region now (see [`RegionCommand::Compact`]); `idem` is the request's
+/// Idempotency-Key and request hash, if it had one.
 pub async fn compact_region(
     h: &RegionHandle,
     archive_after: std::time::Duration,
+    idem: Option<(String, String)>,
 ) -> Result<crate::region::CompactionReport, RegionError> {
     let (reply, rx) = oneshot::channel();
     let archive_before_ms = larder_agent::writer::now_ms()
         - i64::try_from(archive_after.as_millis()).unwrap_or(i64::MAX);
     h.tx.try_send(RegionCommand::Compact {
         archive_before_ms,
+        idem,
         reply,
     })
     .map_err(|_| RegionError::Overloaded)?;
@@ -566,7 +570,7 @@ pub async fn compact_region(
     post,
     path = "/v1/regions/{r}/compaction",
     tag = "admin",
-    summary = "Compacts the region now: finished records leave the live ledgers for the archive",
+    summary = "Compacts the region now: finished records leave the live ledgers for the archive; honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = Option<CompactionBody>, content_type = "application/json"),
     responses((status = 200, description = "What was compacted", body = AnyObject), Errors),
@@ -580,14 +584,20 @@ async fn compaction(
 ) -> Result<Json<crate::region::CompactionReport>, ApiError> {
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
-    let body: CompactionBody = match body {
-        Ok(b) if b.is_empty() => CompactionBody::default(),
-        other => parse_body(other)?.0,
+    let (body, bytes): (CompactionBody, Bytes) = match body {
+        Ok(b) if b.is_empty() => (CompactionBody::default(), b),
+        other => parse_body(other)?,
     };
+    let idem = larder_agent::api::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/compaction"),
+        &bytes,
+    )?
+    .map(|i| (i.key, i.request_sha256));
     let after = body
         .archive_after_seconds
         .map_or(s.archive_after, std::time::Duration::from_secs);
-    Ok(Json(compact_region(h, after).await?))
+    Ok(Json(compact_region(h, after, idem).await?))
 }
 
 /// Revokes a device through the region writer.

@@ -153,7 +153,7 @@ async fn run_compactions(
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for r in &regions {
-            match http::compact_region(r, archive_after).await {
+            match http::compact_region(r, archive_after, None).await {
                 Ok(report) if !report.ledgers.is_empty() || report.retired_rows > 0 => {
                     info!(region = %r.config.id, ledgers = report.ledgers.len(),
                         retired_rows = report.retired_rows, "compaction done");

@@ -116,6 +116,10 @@ pub enum RegionError {
 
 type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 
+/// A compaction asked for: records finished before when, the request's Idempotency-Key and
+/// request hash, and the reply.
+type AskedCompaction = (i64, Option<(String, String)>, Reply<CompactionReport>);
+
 #[derive(Debug)]
 pub enum RegionCommand {
     Uplink {
@@ -149,6 +153,8 @@ pub enum RegionCommand {
     /// documents for the archive; then retire old epochs and prune past the retention.
     Compact {
         archive_before_ms: i64,
+        /// The request's Idempotency-Key and request hash, if it had one.
+        idem: Option<(String, String)>,
         reply: Reply<CompactionReport>,
     },
     /// An app order placed, cancelled, paid, or a conflict resolved, through the API.
@@ -273,7 +279,7 @@ pub struct LedgerSummary {
 }
 
 /// What one compaction run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CompactionReport {
     pub ledgers: Vec<LedgerCompaction>,
     /// Rows of retired epochs deleted.
@@ -285,7 +291,7 @@ pub struct CompactionReport {
 }
 
 /// One ledger moved onto a new epoch.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LedgerCompaction {
     pub fridge_id: FridgeId,
     pub epoch: u32,
@@ -327,7 +333,7 @@ pub struct RegionWriter {
     snapshot_every_changes: usize,
     compaction: crate::config::CompactionConfig,
     /// Compactions asked for in the current group, run once it is committed.
-    compactions: Vec<(i64, Reply<CompactionReport>)>,
+    compactions: Vec<AskedCompaction>,
     catalog: Catalog,
     orders: crate::config::OrdersConfig,
     clock: larder_agent::writer::Clock,
@@ -824,9 +830,9 @@ impl RegionWriter {
             }
             stopping = group.iter().any(|c| matches!(c, RegionCommand::Stop));
             self.process(group);
-            for (archive_before_ms, reply) in std::mem::take(&mut self.compactions) {
+            for (archive_before_ms, idem, reply) in std::mem::take(&mut self.compactions) {
                 self.settle();
-                let _ = reply.send(self.compact(archive_before_ms));
+                let _ = reply.send(self.compact_once(archive_before_ms, idem));
             }
             // Snapshots are maintenance: done when no command waits, or when overdue.
             let idle = rx.is_empty();
@@ -999,8 +1005,9 @@ impl RegionWriter {
                 }
                 RegionCommand::Compact {
                     archive_before_ms,
+                    idem,
                     reply,
-                } => self.compactions.push((archive_before_ms, reply)),
+                } => self.compactions.push((archive_before_ms, idem, reply)),
                 RegionCommand::Order {
                     fridge,
                     order,
@@ -1150,6 +1157,36 @@ impl RegionWriter {
                 self.answer(pending, Err(RegionError::Storage(e.to_string())));
             }
         }
+    }
+
+    /// [`Self::compact`], once per Idempotency-Key: a retry gets the first report, the key with
+    /// another request is refused. The report is stored after the compaction's own commits, so
+    /// a retry after a crash between them compacts again (which finds little left to do).
+    fn compact_once(
+        &mut self,
+        archive_before_ms: i64,
+        idem: Option<(String, String)>,
+    ) -> Result<CompactionReport, RegionError> {
+        match self.replay(idem.as_ref(), &HashMap::new()) {
+            Some(Replay::KeyReused) => return Err(RegionError::IdempotencyKeyReused),
+            Some(Replay::First((_, first))) => {
+                return serde_json::from_value(first).map_err(|e| {
+                    RegionError::Storage(format!("a stored answer is unreadable: {e}"))
+                });
+            }
+            None => {}
+        }
+        let report = self.compact(archive_before_ms)?;
+        if let Some((key, hash)) = idem {
+            let answer = RegionBatch {
+                idempotency: vec![(key, hash, 200, serde_json::json!(report).to_string())],
+                ..RegionBatch::default()
+            };
+            if let Err(e) = self.store.commit(&answer) {
+                warn!(region = %self.region, error = %e, "storing a compaction's answer failed; a retry compacts again");
+            }
+        }
+        Ok(report)
     }
 
     /// Moves every ledger with finished records from before `archive_before_ms` onto a new

@@ -103,16 +103,31 @@ pub async fn start_hub_with_clock(
 /// Runs a compaction of the test region now; finished records older than
 /// `archive_after_seconds` leave the live ledgers. Returns the hub's report.
 pub async fn compact(hub_http: &str, archive_after_seconds: u64) -> Result<Value> {
-    let resp = http()
+    let (status, report) = compact_keyed(hub_http, archive_after_seconds, None).await?;
+    if status != 200 {
+        bail!("compaction: {status} {report}");
+    }
+    Ok(report)
+}
+
+/// Asks the hub to compact its region now, with an Idempotency-Key if `key` is given: the
+/// status and the answer.
+pub async fn compact_keyed(
+    hub_http: &str,
+    archive_after_seconds: u64,
+    key: Option<&str>,
+) -> Result<(u16, Value)> {
+    let mut request = http()
         .post(format!("{hub_http}/v1/regions/{REGION}/compaction"))
-        .bearer_auth(ADMIN_TOKEN)
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let resp = request
         .json(&json!({"archive_after_seconds": archive_after_seconds}))
         .send()
         .await?;
-    if resp.status().as_u16() != 200 {
-        bail!("compaction: {} {}", resp.status(), resp.text().await?);
-    }
-    Ok(resp.json().await?)
+    Ok((resp.status().as_u16(), resp.json().await?))
 }
 
 /// Enrolls a device over the hub's HTTP API.

@@ -286,6 +286,7 @@ async fn compact_at(hub: &larder_hub::HubHandle, archive_before_ms: i64) -> Resu
         .tx
         .send(larder_hub::region::RegionCommand::Compact {
             archive_before_ms,
+            idem: None,
             reply,
         })
         .await

@@ -101,8 +101,20 @@ async fn a_compaction_carries_offline_sales_over_and_retires_the_old_epoch() -> 
     let offline = sell(&pos_url, 10..15).await?;
     orders.extend(offline.iter().cloned());
 
-    // Everything finished so far leaves the live ledger.
-    let report = compact(&hub_url, 0).await?;
+    // Everything finished so far leaves the live ledger. Asked again with the same
+    // Idempotency-Key, the hub answers the same report and compacts nothing more; the key with
+    // another request is refused.
+    let (status, report) = compact_keyed(&hub_url, 0, Some("compact-1")).await?;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        compact_keyed(&hub_url, 0, Some("compact-1")).await?,
+        (200, report.clone())
+    );
+    let (status, reused) = compact_keyed(&hub_url, 1, Some("compact-1")).await?;
+    assert_eq!(
+        (status, &reused["error"]["code"]),
+        (409, &Value::from("idempotency_key_reused"))
+    );
     let ledger = &report["ledgers"][0];
     assert_eq!(ledger["epoch"], 1, "{report}");
     assert_eq!(
