@@ -12,6 +12,25 @@ use super::RegionWriter;
 use crate::store::{DeviceRecord, RegionStore};
 use crate::subscriptions::Calendar;
 
+/// Where a test's region lives: a temporary directory (removed when dropped), the path of the
+/// region's store in it, the region `north` and the hub's key.
+pub(super) struct Scene {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    pub region: RegionId,
+    pub hub: SecretKey,
+}
+
+pub(super) fn scene() -> Scene {
+    let dir = tempfile::tempdir().expect("temp dir");
+    Scene {
+        path: dir.path().join("region.db"),
+        dir,
+        region: RegionId::new("north").expect("id"),
+        hub: SecretKey::generate().expect("key"),
+    }
+}
+
 pub(super) fn fridge() -> FridgeId {
     FridgeId::new("fridge-1").expect("id")
 }

@@ -5,7 +5,7 @@ use larder_shared::envelope::Ack;
 use larder_shared::{RegionId, SecretKey, UnitId};
 use tokio::sync::oneshot;
 
-use super::testing::{Loader, fridge, record, writer};
+use super::testing::{Loader, Scene, fridge, record, scene, writer};
 use super::{RegionCommand, RegionError, RegionWriter, UplinkOutcome};
 use crate::store::{RegionBatch, RegionStore};
 
@@ -39,10 +39,12 @@ fn has_unit(writer: &RegionWriter, unit: &str) -> bool {
 /// writer ends with exactly what its store holds.
 #[test]
 fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("region.db");
-    let region = RegionId::new("north").expect("id");
-    let hub = SecretKey::generate().expect("key");
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
     let mut a = Loader::new("pos-a");
     let mut b = Loader::new("pos-b");
     let mut store = RegionStore::open(&path).expect("store");
@@ -123,10 +125,13 @@ fn writer_on(region: &RegionId, path: &std::path::Path, hub: &SecretKey) -> Regi
 #[test]
 fn a_keyed_import_retried_at_once_gets_its_first_answer() {
     use super::import::{ImportReport, UnitRow};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let region = RegionId::new("north").expect("id");
-    let hub = SecretKey::generate().expect("key");
-    let store = RegionStore::open(&dir.path().join("region.db")).expect("store");
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let store = RegionStore::open(&path).expect("store");
     let mut writer = writer(&region, store, &hub);
     let (reply, published) = oneshot::channel();
     writer.process(vec![RegionCommand::PutCatalog {

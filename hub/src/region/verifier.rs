@@ -145,9 +145,8 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::region::testing::{Loader, ack, record, writer};
+    use crate::region::testing::{Loader, Scene, ack, record, scene, writer};
     use crate::store::{RegionBatch, RegionStore};
-    use larder_shared::RegionId;
 
     /// An audit head a check verified: the last entry's sequence number and chain hash.
     type AuditHead = (u64, [u8; 32]);
@@ -157,10 +156,12 @@ mod tests {
     /// unknown device, or another device's envelope on this device's topic.
     #[test]
     fn only_envelopes_signed_by_their_senders_committed_key_are_vouched_for() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("region.db");
-        let region = RegionId::new("north").expect("id");
-        let hub = SecretKey::generate().expect("key");
+        let Scene {
+            dir: _dir,
+            path,
+            region,
+            hub,
+        } = scene();
         let [a, b, gone, unknown] = ["pos-a", "pos-b", "pos-gone", "pos-new"].map(|id| {
             (
                 DeviceId::new(id).expect("id"),
@@ -265,10 +266,12 @@ mod tests {
     /// leaves the envelope to be verified alone, and it is refused.
     #[test]
     fn the_writer_takes_a_check_only_under_a_key_it_accepts() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("region.db");
-        let region = RegionId::new("north").expect("id");
-        let hub = SecretKey::generate().expect("key");
+        let Scene {
+            dir: _dir,
+            path,
+            region,
+            hub,
+        } = scene();
         let device = DeviceId::new("pos-a").expect("id");
         let key = SecretKey::generate().expect("key");
         let other = SecretKey::generate().expect("key");
