@@ -31,6 +31,7 @@ pub enum Cmd {
     Demo(crate::demo::DemoOptions),
     /// Run a hub for the regions in a config file.
     Run {
+        /// The hub's TOML config (see hub/hub.example.toml).
         #[arg(long)]
         config: PathBuf,
     },
@@ -63,7 +64,9 @@ pub enum Cmd {
         /// (customer_id,fridge_id,sku,quantity,weekdays,start_date[,end_date]).
         #[arg(value_enum)]
         kind: crate::import::Kind,
+        /// The CSV file, with a header row naming its columns.
         file: PathBuf,
+        /// The region to load it into.
         #[arg(long)]
         region: RegionId,
         /// The hub's HTTP address.
@@ -82,6 +85,7 @@ pub enum Cmd {
     /// Write an external Mosquitto's password file, ACL and config for this hub's regions:
     /// only the hub and enrolled, unrevoked devices get in, each device to its own topics.
     BrokerConfig {
+        /// The hub's TOML config: its regions, stores and key.
         #[arg(long)]
         config: PathBuf,
         /// Where to write `passwords`, `acl` and `mosquitto.conf`.
@@ -95,8 +99,10 @@ pub enum AuditCmd {
     /// Check every device's hash-chained, signed audit log in a region's store: exit 0 if all
     /// are intact, else one line per gap or tampered entry and exit 1.
     Verify {
+        /// The hub's TOML config: where the region's store is.
         #[arg(long)]
         config: PathBuf,
+        /// The region, one the config lists.
         #[arg(long)]
         region: RegionId,
     },
@@ -105,7 +111,10 @@ pub enum AuditCmd {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {
     /// Validate a config: exit 0, or one line per problem and exit 1.
-    Check { file: PathBuf },
+    Check {
+        /// The config file to check.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,14 +122,19 @@ pub enum ConfigCmd {
 pub enum DeviceCmd {
     /// Enroll a device.
     Add {
+        /// The hub's TOML config: where the region's store is.
         #[arg(long)]
         config: PathBuf,
+        /// The region, one the config lists.
         #[arg(long)]
         region: RegionId,
+        /// The device's id (its `device_id` in its agent config).
         #[arg(long)]
         id: DeviceId,
+        /// `fridge` or `pos`.
         #[arg(long)]
         role: Role,
+        /// The site it stands at (optional).
         #[arg(long)]
         site: Option<SiteId>,
         /// Fridges the device serves, comma separated.
@@ -132,17 +146,22 @@ pub enum DeviceCmd {
     },
     /// List a region's devices.
     List {
+        /// The hub's TOML config: where the region's store is.
         #[arg(long)]
         config: PathBuf,
+        /// The region, one the config lists.
         #[arg(long)]
         region: RegionId,
     },
     /// Revoke a device: its next envelope is rejected.
     Revoke {
+        /// The hub's TOML config: where the region's store is.
         #[arg(long)]
         config: PathBuf,
+        /// The region, one the config lists.
         #[arg(long)]
         region: RegionId,
+        /// The device's id.
         #[arg(long)]
         id: DeviceId,
     },
@@ -152,6 +171,8 @@ pub enum DeviceCmd {
 pub enum TokenCmd {
     /// Print a new random token and the config entry that admits it.
     Create {
+        /// `admin` (everything), `kitchen` (its regions' stock, orders and plans) or `app`
+        /// (customers' orders, subscriptions and ratings).
         #[arg(long, value_enum)]
         role: CliTokenRole,
         /// Regions it may touch, comma separated, or `*`.
