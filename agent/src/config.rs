@@ -231,6 +231,94 @@ pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// Parses a TOML config, reporting every problem serde finds rather than only the first, one
+/// `line N: message` each.
+///
+/// serde stops at its first error. So after each one, the `key = value` entry it points at is
+/// blanked (its bytes replaced with spaces, newlines kept, so later problems keep their line
+/// numbers) and the text parsed again. It stops when the text parses, when an error cannot be
+/// pinned to one entry (a syntax error, a whole table), or when the only problem left is a
+/// required key it blanked itself, which would be a problem of its own making. Problems come
+/// in the file's order.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<String>> {
+    const PROBLEMS_MAX: usize = 64;
+    let mut work = text.to_owned();
+    let mut problems = Vec::new();
+    let mut blanked: Vec<String> = Vec::new();
+    while problems.len() < PROBLEMS_MAX {
+        let e = match toml::from_str::<T>(&work) {
+            Ok(value) if problems.is_empty() => return Ok(value),
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        if blanked
+            .iter()
+            .any(|key| e.message().contains(&format!("missing field `{key}`")))
+        {
+            break;
+        }
+        problems.push((
+            e.span().map_or(0, |at| at.start),
+            describe_toml_error(&work, &e),
+        ));
+        let Some((range, key)) = e.span().and_then(|at| entry_at(&work, at.start)) else {
+            break;
+        };
+        let mut bytes = std::mem::take(&mut work).into_bytes();
+        for b in &mut bytes[range] {
+            if *b != b'\n' && *b != b'\r' {
+                *b = b' ';
+            }
+        }
+        // Only ASCII bytes were written over whole entries, so the text stays UTF-8; a text
+        // that no longer parses as TOML ends the search (a dotted key, an inline table).
+        match String::from_utf8(bytes) {
+            Ok(t) if toml::de::DeTable::parse(&t).is_ok() => work = t,
+            _ => break,
+        }
+        blanked.push(key);
+    }
+    // In the file's order, not serde's (blanking keeps every byte where it was).
+    problems.sort_by_key(|(at, _)| *at);
+    Err(problems.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The byte range of the innermost `key = value` entry holding byte `at`, and its key.
+fn entry_at(text: &str, at: usize) -> Option<(std::ops::Range<usize>, String)> {
+    fn walk(
+        table: &toml::de::DeTable<'_>,
+        at: usize,
+        best: &mut Option<(std::ops::Range<usize>, String)>,
+    ) {
+        for (key, value) in table.iter() {
+            let range = key.span().start..value.span().end;
+            if range.contains(&at) && best.as_ref().is_none_or(|(b, _)| range.len() < b.len()) {
+                *best = Some((range, key.get_ref().to_string()));
+            }
+            walk_value(value.get_ref(), at, best);
+        }
+    }
+    fn walk_value(
+        value: &toml::de::DeValue<'_>,
+        at: usize,
+        best: &mut Option<(std::ops::Range<usize>, String)>,
+    ) {
+        match value {
+            toml::de::DeValue::Table(t) => walk(t, at, best),
+            toml::de::DeValue::Array(items) => {
+                for item in items.iter() {
+                    walk_value(item.get_ref(), at, best);
+                }
+            }
+            _ => {}
+        }
+    }
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut best = None;
+    walk(doc.get_ref(), at, &mut best);
+    best
+}
+
 /// A configuration problem, one per line for `config check`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -241,8 +329,12 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
-        let mut config =
-            Self::parse(&text).map_err(|e| vec![Problem(format!("{}: {e}", path.display()))])?;
+        let mut config = Self::parse(&text).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|e| Problem(format!("{}: {e}", path.display())))
+                .collect::<Vec<_>>()
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         let problems = config.problems();
@@ -253,8 +345,9 @@ impl AgentConfig {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
+    /// Parses a config's text: every problem serde finds, one line each (see [`parse_toml`]).
+    pub fn parse(text: &str) -> Result<Self, Vec<String>> {
+        parse_toml(text)
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -466,10 +559,47 @@ hub_public_key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f70751
     fn unknown_key_is_named() {
         let err =
             AgentConfig::parse(&format!("{MINIMAL}\ncolour = \"red\"\n")).expect_err("unknown key");
-        assert!(err.contains("colour"), "{err}");
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].contains("colour"), "{err:?}");
         let err = AgentConfig::parse(&format!("{MINIMAL}\n[mqtt]\nbrokr = \"x\"\n"))
             .expect_err("unknown key");
-        assert!(err.contains("brokr"), "{err}");
+        assert!(err[0].contains("brokr"), "{err:?}");
+    }
+
+    #[test]
+    fn every_parse_problem_is_reported_on_its_line() {
+        // Lines 2, 8, 10 and 11 of this text are wrong, each differently.
+        let text = format!(
+            "{}\ncolour = \"red\"\n[mqtt]\nbrokr = \"x\"\nkeepalive_seconds = \"soon\"\n",
+            MINIMAL.replace("device_id = \"pos-1\"", "device_id = \"Bad Id!\"")
+        );
+        let err = AgentConfig::parse(&text).expect_err("four problems");
+        let lines: Vec<&str> = err
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default())
+            .collect();
+        assert_eq!(lines, ["line 2", "line 8", "line 10", "line 11"], "{err:?}");
+        assert!(err[0].contains("Bad Id!"), "{err:?}");
+        assert!(err[1].contains("colour"), "{err:?}");
+        assert!(err[2].contains("brokr"), "{err:?}");
+        assert!(
+            err[3].contains("soon") || err[3].contains("integer"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_required_value_is_not_also_reported_missing() {
+        let text = MINIMAL.replace("role = \"pos\"", "role = \"toaster\"");
+        let err = AgentConfig::parse(&text).expect_err("bad role");
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert!(err[0].contains("toaster"), "{err:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_reported_once() {
+        let err = AgentConfig::parse(&format!("{MINIMAL}\nfridges = [\n")).expect_err("syntax");
+        assert_eq!(err.len(), 1, "{err:?}");
     }
 
     #[test]

@@ -354,12 +354,11 @@ impl HubConfig {
     /// Parses a config file's text; `path` names the file in problems, and relative paths in
     /// it are taken from its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self, Vec<Problem>> {
-        let mut config: HubConfig = toml::from_str(text).map_err(|e| {
-            vec![Problem(format!(
-                "{}: {}",
-                path.display(),
-                larder_agent::config::describe_toml_error(text, &e)
-            ))]
+        let mut config: HubConfig = larder_agent::config::parse_toml(text).map_err(|problems| {
+            problems
+                .into_iter()
+                .map(|e| Problem(format!("{}: {e}", path.display())))
+                .collect::<Vec<_>>()
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if config.data_dir.is_relative() {
@@ -598,6 +597,21 @@ mod tests {
         let err = toml::from_str::<HubConfig>("[[regions]]\nid = \"north\"\nsize = 3\n")
             .expect_err("unknown key");
         assert!(err.to_string().contains("size"), "{err}");
+    }
+
+    #[test]
+    fn config_check_names_every_bad_entry_in_every_region() {
+        let text = "[[regions]]\nid = \"north\"\nsize = 3\n\n\
+                    [[regions]]\nid = \"south\"\nfridges = [{ id = \"f 1\" }]\n\
+                    [http]\nlisten = \"nowhere\"\n";
+        let problems = HubConfig::parse(text, Path::new("hub.toml")).expect_err("three problems");
+        let problems: Vec<String> = problems.into_iter().map(|p| p.0).collect();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("hub.toml: line 3:"), "{problems:?}");
+        assert!(problems[0].contains("size"), "{problems:?}");
+        assert!(problems[1].starts_with("hub.toml: line 7:"), "{problems:?}");
+        assert!(problems[1].contains("f 1"), "{problems:?}");
+        assert!(problems[2].starts_with("hub.toml: line 9:"), "{problems:?}");
     }
 
     /// A catalog item in the config takes only an item's keys: a misspelt optional one is an

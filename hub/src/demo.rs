@@ -149,7 +149,7 @@ pub fn agent_config(
         role.as_str(),
         serde_json::to_string(fridges)?,
     ))
-    .map_err(|e| anyhow::anyhow!(e))?;
+    .map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     c.data_dir = data_dir.to_path_buf();
     Ok(c)
 }
