@@ -261,7 +261,12 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<S
             e.span().map_or(0, |at| at.start),
             describe_toml_error(&work, &e),
         ));
-        let Some((range, key)) = e.span().and_then(|at| entry_at(&work, at.start)) else {
+        // An empty span (a required key missing from the top level) holds no entry.
+        let Some((range, key)) = e
+            .span()
+            .filter(|at| !at.is_empty())
+            .and_then(|at| entry_at(&work, at))
+        else {
             break;
         };
         let mut bytes = std::mem::take(&mut work).into_bytes();
@@ -283,26 +288,22 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<S
     Err(problems.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The byte range of the innermost `key = value` entry holding byte `at`, and its key.
-fn entry_at(text: &str, at: usize) -> Option<(std::ops::Range<usize>, String)> {
-    fn walk(
-        table: &toml::de::DeTable<'_>,
-        at: usize,
-        best: &mut Option<(std::ops::Range<usize>, String)>,
-    ) {
+/// The byte range of the innermost `key = value` entry holding all of `at`, and its key.
+fn entry_at(text: &str, at: std::ops::Range<usize>) -> Option<(std::ops::Range<usize>, String)> {
+    type Best = Option<(std::ops::Range<usize>, String)>;
+    fn walk(table: &toml::de::DeTable<'_>, at: &std::ops::Range<usize>, best: &mut Best) {
         for (key, value) in table.iter() {
             let range = key.span().start..value.span().end;
-            if range.contains(&at) && best.as_ref().is_none_or(|(b, _)| range.len() < b.len()) {
+            if range.start <= at.start
+                && at.end <= range.end
+                && best.as_ref().is_none_or(|(b, _)| range.len() < b.len())
+            {
                 *best = Some((range, key.get_ref().to_string()));
             }
             walk_value(value.get_ref(), at, best);
         }
     }
-    fn walk_value(
-        value: &toml::de::DeValue<'_>,
-        at: usize,
-        best: &mut Option<(std::ops::Range<usize>, String)>,
-    ) {
+    fn walk_value(value: &toml::de::DeValue<'_>, at: &std::ops::Range<usize>, best: &mut Best) {
         match value {
             toml::de::DeValue::Table(t) => walk(t, at, best),
             toml::de::DeValue::Array(items) => {
@@ -315,7 +316,7 @@ fn entry_at(text: &str, at: usize) -> Option<(std::ops::Range<usize>, String)> {
     }
     let doc = toml::de::DeTable::parse(text).ok()?;
     let mut best = None;
-    walk(doc.get_ref(), at, &mut best);
+    walk(doc.get_ref(), &at, &mut best);
     best
 }
 

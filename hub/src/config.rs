@@ -612,6 +612,12 @@ mod tests {
         assert!(problems[1].starts_with("hub.toml: line 7:"), "{problems:?}");
         assert!(problems[1].contains("f 1"), "{problems:?}");
         assert!(problems[2].starts_with("hub.toml: line 9:"), "{problems:?}");
+
+        // A missing table is one problem, however the file begins.
+        let problems =
+            HubConfig::parse("data_dir = \"x\"\n", Path::new("hub.toml")).expect_err("no regions");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].0.contains("regions"), "{problems:?}");
     }
 
     /// A catalog item in the config takes only an item's keys: a misspelt optional one is an
