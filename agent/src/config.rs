@@ -257,10 +257,11 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<S
         {
             break;
         }
-        problems.push((
-            e.span().map_or(0, |at| at.start),
-            describe_toml_error(&work, &e),
-        ));
+        let problem = describe_toml_error(&work, &e);
+        if problems.iter().any(|(_, p)| *p == problem) {
+            break; // blanking made no progress
+        }
+        problems.push((e.span().map_or(0, |at| at.start), problem));
         // An empty span (a required key missing from the top level) holds no entry.
         let Some((range, key)) = e
             .span()
