@@ -431,7 +431,16 @@ impl AgentConfig {
             )));
         }
         let rates = self.orders.simulated_payments;
-        if rates.refuse_per_mille + rates.no_answer_per_mille + rates.fail_later_per_mille > 1000 {
+        if [
+            rates.refuse_per_mille,
+            rates.no_answer_per_mille,
+            rates.fail_later_per_mille,
+        ]
+        .iter()
+        .map(|&r| u64::from(r))
+        .sum::<u64>()
+            > 1000
+        {
             p.push(Problem(
                 "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
             ));

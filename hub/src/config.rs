@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use larder_shared::catalog::CatalogItem;
 use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
-use larder_shared::{FridgeId, RegionId, SiteId};
+use larder_shared::{DeviceId, FridgeId, RegionId, SiteId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -506,10 +506,88 @@ impl HubConfig {
                 1,
                 30 * 86_400,
             ),
+            (
+                "sync.retransmit_after_ms",
+                self.sync.retransmit_after_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "sync.batch_entries_max",
+                self.sync.batch_entries_max,
+                1,
+                100_000,
+            ),
+            (
+                "sync.inflight_entries_max",
+                self.sync.inflight_entries_max,
+                self.sync.batch_entries_max,
+                10_000_000,
+            ),
+            (
+                "sync.group_commit_max",
+                self.sync.group_commit_max as u64,
+                1,
+                10_000,
+            ),
+            (
+                "sync.queue_depth_max",
+                self.sync.queue_depth_max as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "sync.snapshot_every_changes",
+                self.sync.snapshot_every_changes as u64,
+                1,
+                10_000_000,
+            ),
+            (
+                "sync.time_beacon_interval_seconds",
+                self.sync.time_beacon_interval_seconds,
+                1,
+                86_400,
+            ),
+            (
+                "sync.key_overlap_seconds",
+                self.sync.key_overlap_seconds,
+                0,
+                365 * 86_400,
+            ),
+            (
+                "mqtt.keepalive_seconds",
+                self.mqtt.keepalive_seconds,
+                5,
+                3600,
+            ),
+            (
+                "mqtt.connections_max",
+                self.mqtt.connections_max as u64,
+                1,
+                10_000_000,
+            ),
         ] {
             if value < min || value > max {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }
+        }
+        let rates = self.orders.simulated_payments;
+        if [
+            rates.refuse_per_mille,
+            rates.no_answer_per_mille,
+            rates.fail_later_per_mille,
+        ]
+        .iter()
+        .map(|&r| u64::from(r))
+        .sum::<u64>()
+            > 1000
+        {
+            p.push(Problem(
+                "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
+            ));
+        }
+        if let Err(e) = DeviceId::new(self.mqtt.client_id.as_str()) {
+            p.push(Problem(format!("mqtt.client_id: {e}")));
         }
         for (i, t) in self.tokens.iter().enumerate() {
             if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
@@ -646,6 +724,24 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(c.problems().len(), 3, "{:?}", c.problems());
+    }
+
+    #[test]
+    fn payment_rates_past_one_in_one_are_refused_without_overflow() {
+        let c: HubConfig = toml::from_str(
+            "[orders.simulated_payments]\nrefuse_per_mille = 4294967295\nno_answer_per_mille = 1\n\
+             [[regions]]\nid = \"north\"\n",
+        )
+        .expect("parses");
+        let problems = c.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].0.starts_with("orders.simulated_payments"));
+        let c: HubConfig = toml::from_str(
+            "[orders.simulated_payments]\nrefuse_per_mille = 500\nno_answer_per_mille = 500\n\
+             [[regions]]\nid = \"north\"\n",
+        )
+        .expect("parses");
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
     }
 
     #[test]

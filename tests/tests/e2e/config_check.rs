@@ -1,5 +1,5 @@
-//! `config check` through the real binaries: every example config passes, and a file with an
-//! unknown key fails with a line that names the key.
+//! `config check` through the real binaries: every example config passes, and a file with
+//! unknown keys or bad values fails with one line per problem, naming its key.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,6 +68,46 @@ fn unknown_keys_and_bad_values_are_named() {
     assert!(!ok);
     assert_eq!(out.lines().count(), 3, "one line per problem: {out}");
     for key in ["keepalive_seconds", "group_commit_max", "fridges"] {
+        assert!(out.contains(key), "{key} named: {out}");
+    }
+
+    // The hub's example with two unknown keys and three values it could not run with: all
+    // five named, each on its own line.
+    let hub_example =
+        std::fs::read_to_string(root().join("hub/hub.example.toml")).expect("hub example");
+    let hub_bad = dir.path().join("hub-bad.toml");
+    let text = hub_example
+        .replace("[mqtt]", "[mqtt]\nbroker_colour = \"blue\"")
+        .replace("[sync]", "[sync]\nretransmit_every = 3")
+        .replace("queue_depth_max = 4096", "queue_depth_max = 0")
+        .replace(
+            "time_beacon_interval_seconds = 60",
+            "time_beacon_interval_seconds = 0",
+        )
+        .replace("client_id = \"larder-hub\"", "client_id = \"hub north/1\"");
+    std::fs::write(&hub_bad, text).expect("write");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &hub_bad);
+    assert!(!ok);
+    assert_eq!(out.lines().count(), 2, "the unknown keys first: {out}");
+    for key in ["broker_colour", "retransmit_every"] {
+        assert!(out.contains(key), "{key} named: {out}");
+    }
+    let text = hub_example
+        .replace("queue_depth_max = 4096", "queue_depth_max = 0")
+        .replace(
+            "time_beacon_interval_seconds = 60",
+            "time_beacon_interval_seconds = 0",
+        )
+        .replace("client_id = \"larder-hub\"", "client_id = \"hub north/1\"");
+    std::fs::write(&hub_bad, text).expect("write");
+    let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &hub_bad);
+    assert!(!ok);
+    assert_eq!(out.lines().count(), 3, "one line per problem: {out}");
+    for key in [
+        "sync.queue_depth_max",
+        "sync.time_beacon_interval_seconds",
+        "mqtt.client_id",
+    ] {
         assert!(out.contains(key), "{key} named: {out}");
     }
 
