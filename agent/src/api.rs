@@ -268,16 +268,32 @@ pub async fn count_into(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     requests
         .get_or_create(&vec![
-            ("method", method),
+            ("method", method.to_owned()),
             ("route", route),
             ("status", response.status().as_u16().to_string()),
         ])
         .inc();
     response
+}
+
+/// A request's method as a metrics label: the standard ones by name, any other as `other`, so
+/// that requests with made-up methods cannot add label values without end.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 fn rfc3339(ms: i64) -> Option<String> {

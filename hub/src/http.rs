@@ -196,13 +196,13 @@ async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> 
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = larder_agent::api::method_label(req.method());
     let started = std::time::Instant::now();
     let response = larder_agent::api::count_into(&s.metrics.http_requests, req, next).await;
     // For the event feed this is the time to its first byte, not the stream's life.
     s.metrics
         .http_seconds
-        .get_or_create(&vec![("method", method), ("route", route)])
+        .get_or_create(&vec![("method", method.to_owned()), ("route", route)])
         .observe(started.elapsed().as_secs_f64());
     response
 }

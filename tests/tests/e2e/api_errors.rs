@@ -74,12 +74,25 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
     ] {
         assert!(h.get(field).is_some(), "health has {field}: {h}");
     }
+    // Made-up methods are refused and counted under one label, not one label each.
+    for method in ["BREW", "WHEN"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let (s, body) = call(c.request(method, format!("{url}/v1/health"))).await;
+        assert_eq!(s, 405, "{body}");
+    }
     let metrics = metrics_text(&url).await?;
     assert!(
         metrics.contains("larder_agent_http_requests_total"),
         "{metrics}"
     );
     assert!(metrics.contains("status=\"413\""), "{metrics}");
+    assert!(
+        metrics.contains(
+            r#"larder_agent_http_requests_total{method="other",route="/v1/health",status="405"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("BREW"), "{metrics}");
     agent.shutdown().await;
     Ok(())
 }
