@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use larder_shared::catalog::Catalog;
 use larder_shared::envelope::{self, Ack, Body, Party};
-use larder_shared::ledger::{self, Ledger, Touched};
+use larder_shared::ledger::{self, Checked, Ledger, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
 use larder_shared::{DeviceId, FridgeId, RegionId};
 use sha2::Digest;
@@ -383,6 +383,8 @@ type StockCache = (
 struct GroupDevices {
     known: HashMap<DeviceId, (DeviceRecord, Progress)>,
     progress: HashMap<DeviceId, Progress>,
+    /// The devices' changes the group took, per ledger, checked one envelope after another.
+    checked: BTreeMap<FridgeId, Checked>,
 }
 
 /// Groups smaller than this are prechecked on the writer thread alone.
@@ -1098,7 +1100,7 @@ impl RegionWriter {
         for (device, p) in devices.progress {
             batch.progress.push((device, p, now));
         }
-        if let Err(e) = self.apply_staged(&mut batch) {
+        if let Err(e) = self.apply_staged(&mut batch, std::mem::take(&mut devices.checked)) {
             error!(region = %self.region, error = %e, "merging the group failed; group refused, ledgers reloaded");
             self.reload_logged();
             self.answer(pending, Err(RegionError::Storage(e)));
@@ -1601,7 +1603,9 @@ impl RegionWriter {
                             Ok(rows) => rows,
                             Err(reason) => return UplinkOutcome::Rejected(reason),
                         };
-                        if let Err(reason) = self.merge(sender, entries, batch) {
+                        if let Err(reason) =
+                            self.merge(sender, entries, &mut devices.checked, batch)
+                        {
                             return UplinkOutcome::Rejected(reason);
                         }
                         if let Some(last) = audit.last() {
@@ -1661,6 +1665,7 @@ impl RegionWriter {
         &mut self,
         author: &DeviceId,
         entries: Vec<larder_shared::envelope::Entry>,
+        checked: &mut BTreeMap<FridgeId, Checked>,
         batch: &mut RegionBatch,
     ) -> Result<(), &'static str> {
         if entries
@@ -1668,6 +1673,32 @@ impl RegionWriter {
             .any(|e| !self.ledgers.contains_key(&e.ledger))
         {
             return Err("foreign_ledger");
+        }
+        // Each ledger's changes are checked on top of what the group took before them, so a
+        // change Automerge or the ledger would refuse costs its own envelope, not the group.
+        let mut by_ledger: BTreeMap<&FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
+        for e in &entries {
+            by_ledger
+                .entry(&e.ledger)
+                .or_default()
+                .push(e.change.clone());
+        }
+        let mut pieces = Vec::with_capacity(by_ledger.len());
+        for (fridge, changes) in by_ledger {
+            let before = checked.get(fridge);
+            let piece = self
+                .ledgers
+                .get(fridge)
+                .ok_or("foreign_ledger")?
+                .check_changes(&changes, before.unwrap_or(&Checked::default()))
+                .map_err(|e| {
+                    warn!(region = %self.region, device = %author, ledger = %fridge, error = %e, "change refused");
+                    "malformed"
+                })?;
+            pieces.push((fridge.clone(), piece));
+        }
+        for (fridge, piece) in pieces {
+            checked.entry(fridge).or_default().extend(piece);
         }
         for e in entries {
             let hash: [u8; 32] = sha2::Sha256::digest(&e.change).into();
@@ -1685,19 +1716,18 @@ impl RegionWriter {
     /// Merges every change staged in the group into its ledger with one Automerge apply per
     /// ledger (an apply walks the maps it touches, so one per group rather than one per
     /// envelope), and stages the projection rows.
-    fn apply_staged(&mut self, batch: &mut RegionBatch) -> Result<(), String> {
+    fn apply_staged(
+        &mut self,
+        batch: &mut RegionBatch,
+        by_ledger: BTreeMap<FridgeId, Checked>,
+    ) -> Result<(), String> {
         let hub = ledger::hub_device();
-        let mut by_ledger: BTreeMap<FridgeId, Vec<Vec<u8>>> = BTreeMap::new();
         let mut authors: BTreeMap<FridgeId, std::collections::BTreeSet<DeviceId>> = BTreeMap::new();
         for c in &batch.changes {
             // The hub's own changes are in its ledgers already.
             if c.author == hub {
                 continue;
             }
-            by_ledger
-                .entry(c.ledger.clone())
-                .or_default()
-                .push(c.bytes.clone());
             authors
                 .entry(c.ledger.clone())
                 .or_default()
@@ -1711,7 +1741,7 @@ impl RegionWriter {
                 .ledgers
                 .get_mut(&fridge)
                 .ok_or_else(|| format!("no ledger {fridge}"))?;
-            let touched: Touched = ledger.apply_changes(&changes).map_err(|e| e.to_string())?;
+            let touched: Touched = ledger.apply_checked(changes).map_err(|e| e.to_string())?;
             for unit in &touched.units {
                 if let Some(v) = ledger.unit(unit, i64::MIN) {
                     batch.units.push((fridge.clone(), v));

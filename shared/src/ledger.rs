@@ -120,6 +120,29 @@ impl From<automerge::AutomergeError> for LedgerError {
     }
 }
 
+/// Changes from other replicas that [`Ledger::check_changes`] passed, parsed, with what they
+/// touch; applied with [`Ledger::apply_checked`]. Pieces checked one after another on top of
+/// each other are joined with [`Checked::extend`].
+#[derive(Debug, Default)]
+pub struct Checked {
+    changes: Vec<Change>,
+    hashes: std::collections::HashSet<automerge::ChangeHash>,
+    touched: Touched,
+}
+
+impl Checked {
+    /// Adds a piece checked on top of this one.
+    pub fn extend(&mut self, piece: Checked) {
+        self.changes.extend(piece.changes);
+        self.hashes.extend(piece.hashes);
+        self.touched.extend(piece.touched);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
 /// Units and orders a command or merged change touched, for updating projections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Touched {
@@ -393,18 +416,35 @@ impl Ledger {
     }
 
     /// Merges changes from another replica (already checked for authorship by the caller).
-    /// Changes already present are ignored.
+    /// Changes already present are ignored. Checked first as a whole: on an error nothing is
+    /// applied.
     ///
     /// What a change touched is read from its own ops (every op of a ledger is a put into one
     /// of the flat root maps), which costs far less than asking Automerge for patches.
     pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<Touched, LedgerError> {
-        let mut parsed = Vec::with_capacity(changes.len());
-        let mut touched = Touched::default();
+        let checked = self.check_changes(changes, &Checked::default())?;
+        self.apply_checked(checked)
+    }
+
+    /// Checks changes from another replica as [`Self::apply_changes`] would, without applying
+    /// them: on top of this document and the changes `before` (checked earlier and not yet
+    /// applied, such as the other envelopes of a group), so that one peer's bad change can be
+    /// refused on its own rather than failing everything merged with it.
+    pub fn check_changes(
+        &self,
+        changes: &[Vec<u8>],
+        before: &Checked,
+    ) -> Result<Checked, LedgerError> {
+        let mut checked = Checked::default();
         for bytes in changes {
+            change_check::check_chunk(bytes)?;
             let change = Change::from_bytes(bytes.clone())
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
             // A change this replica already holds (the genesis among them) is a no-op.
-            if self.doc.get_change_meta_by_hash(&change.hash()).is_some() {
+            if self.doc.get_change_meta_by_hash(&change.hash()).is_some()
+                || before.hashes.contains(&change.hash())
+                || checked.hashes.contains(&change.hash())
+            {
                 continue;
             }
             change_check::check_op_actors(&change)?;
@@ -429,23 +469,34 @@ impl Ledger {
                 match key.split_once('/') {
                     Some((order, _)) => {
                         if let Ok(id) = OrderId::new(order) {
-                            touched.orders.insert(id);
+                            checked.touched.orders.insert(id);
                         }
                     }
                     None => {
                         if let Ok(id) = UnitId::new(key.as_str()) {
-                            touched.units.insert(id);
+                            checked.touched.units.insert(id);
                         }
                         if let Ok(id) = OrderId::new(key.as_str()) {
-                            touched.orders.insert(id);
+                            checked.touched.orders.insert(id);
                         }
                     }
                 }
             }
-            parsed.push(change);
+            checked.hashes.insert(change.hash());
+            checked.changes.push(change);
         }
-        self.check_actors(&parsed)?;
-        self.doc.apply_changes(parsed)?;
+        self.check_actors(&checked.changes, before)?;
+        Ok(checked)
+    }
+
+    /// Applies changes [`Self::check_changes`] passed, with what they touched.
+    pub fn apply_checked(&mut self, checked: Checked) -> Result<Touched, LedgerError> {
+        let Checked {
+            changes,
+            mut touched,
+            ..
+        } = checked;
+        self.doc.apply_changes(changes)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
@@ -470,19 +521,23 @@ impl Ledger {
     /// brings that actor's first change with its dependencies. Automerge 0.12 panics on such a
     /// change instead of returning an error (found by the `body` fuzz target), and a peer's
     /// bytes must never reach a panic.
-    fn check_actors(&self, changes: &[Change]) -> Result<(), LedgerError> {
-        // The actors whose first change comes in this batch, ready to apply: only worked out
-        // when an actor is not already known, so a batch of known authors costs set lookups.
+    fn check_actors(&self, changes: &[Change], before: &Checked) -> Result<(), LedgerError> {
+        // The actors whose first change comes in this batch or in the changes checked before
+        // it, ready to apply: only worked out when an actor is not already known, so a batch
+        // of known authors costs set lookups.
         let firsts = std::cell::OnceCell::new();
         let firsts = || {
             firsts.get_or_init(|| {
                 let hashes: std::collections::HashSet<_> =
                     changes.iter().map(Change::hash).collect();
                 let has = |h: &automerge::ChangeHash| {
-                    hashes.contains(h) || self.doc.get_change_meta_by_hash(h).is_some()
+                    hashes.contains(h)
+                        || before.hashes.contains(h)
+                        || self.doc.get_change_meta_by_hash(h).is_some()
                 };
                 changes
                     .iter()
+                    .chain(&before.changes)
                     .filter(|c| c.seq() == 1 && c.deps().iter().all(has))
                     .map(Change::actor_id)
                     .collect::<std::collections::HashSet<&ActorId>>()
@@ -521,6 +576,7 @@ impl Ledger {
     /// Checks that every change parses and is authored by `actor`, without applying anything.
     pub fn check_authors(changes: &[Vec<u8>], actor: &ActorId) -> Result<(), LedgerError> {
         for bytes in changes {
+            change_check::check_chunk(bytes)?;
             let change = Change::try_from(bytes.as_slice())
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
             if change.actor_id() != actor {

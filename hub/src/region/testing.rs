@@ -115,20 +115,43 @@ impl Loader {
         hub: &SecretKey,
         unit: &str,
     ) -> (Vec<u8>, [u8; 32]) {
+        let change = self.change(&[unit]);
+        self.send(region, hub, change)
+    }
+
+    /// A change of its ledger loading `units` (lasagna), not sent.
+    pub(super) fn change(&mut self, units: &[&str]) -> Vec<u8> {
         let refill = Refill {
-            units: vec![RefillUnit {
-                unit_id: UnitId::new(unit).expect("id"),
-                sku: Sku::new("lasagna").expect("sku"),
-                expires_at_ms: i64::MAX / 2,
-                batch: None,
-            }],
+            units: units
+                .iter()
+                .map(|unit| RefillUnit {
+                    unit_id: UnitId::new(*unit).expect("id"),
+                    sku: Sku::new("lasagna").expect("sku"),
+                    expires_at_ms: i64::MAX / 2,
+                    batch: None,
+                })
+                .collect(),
             order_id: None,
         };
-        let change = self
-            .ledger
+        self.ledger
             .refill(&refill, &self.id, 1)
             .expect("change")
-            .bytes;
+            .bytes
+    }
+
+    /// Forgets what it sent, as an agent whose envelopes were all refused starts again.
+    pub(super) fn rewind(&mut self) {
+        self.sent = (0, 0, larder_shared::audit::GENESIS);
+    }
+
+    /// The next envelope: `change` (whatever its bytes), with its audit link and the signed
+    /// head of the chain after it.
+    pub(super) fn send(
+        &mut self,
+        region: &RegionId,
+        hub: &SecretKey,
+        change: Vec<u8>,
+    ) -> (Vec<u8>, [u8; 32]) {
         let (env_seq, seq, prev) = self.sent;
         let (env_seq, seq) = (env_seq + 1, seq + 1);
         let digest = larder_shared::audit::change_digest(&change);

@@ -1,5 +1,5 @@
-//! Tests of the region writer's commits: what a failed commit leaves behind, and what the
-//! metrics count.
+//! Tests of the region writer's commits: what a failed commit leaves behind, what the metrics
+//! count, and that one device's bad change costs only its own envelope.
 
 use larder_shared::envelope::Ack;
 use larder_shared::{RegionId, SecretKey, UnitId};
@@ -107,6 +107,100 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
         .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
         .expect("count");
     assert_eq!(changes, 3, "each change is stored once");
+    let reopened = writer_on(&region, &path, &hub);
+    assert_eq!(
+        writer.ledgers[&fridge()].state_digest(),
+        reopened.ledgers[&fridge()].state_digest(),
+        "the writer holds what its store holds"
+    );
+}
+
+/// A change the ledger refuses (here one that would replace a ledger's root map) is refused
+/// with its envelope alone: the other devices' envelopes in the same group are merged and
+/// committed, and so are the bad device's later, good envelopes. A compressed change chunk,
+/// which Automerge would inflate without a bound, is refused unparsed, even around a good
+/// change.
+#[test]
+fn a_bad_change_costs_its_own_envelope_not_the_group() {
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let mut a = Loader::new("pos-a");
+    let mut b = Loader::new("pos-b");
+    let mut store = RegionStore::open(&path).expect("store");
+    let enroll = RegionBatch {
+        enroll: vec![record(&a.id, &a.key), record(&b.id, &b.key)],
+        ..RegionBatch::default()
+    };
+    store.commit(&enroll).expect("commit");
+    let mut writer = writer(&region, store, &hub);
+
+    // pos-b's first change puts a string where the `units` map is, as a broken or hostile
+    // agent could: it is signed by pos-b and authored by pos-b's actor.
+    let mut doc = automerge::AutoCommit::new().with_actor(larder_shared::ledger::actor_for(&b.id));
+    automerge::transaction::Transactable::put(&mut doc, automerge::ROOT, "units", "gone")
+        .expect("put");
+    let bad_change = doc
+        .get_last_local_change()
+        .expect("a change")
+        .raw_bytes()
+        .to_vec();
+    let (a1, _) = a.load(&region, &hub, "u-a1");
+    let (b1, _) = b.send(&region, &hub, bad_change);
+    let (a2, _) = a.load(&region, &hub, "u-a2");
+    let replies: Vec<_> = [(&a, a1), (&b, b1), (&a, a2)]
+        .into_iter()
+        .map(|(from, payload)| {
+            let (reply, answer) = oneshot::channel();
+            let cmd = RegionCommand::Uplink {
+                topic_device: from.id.clone(),
+                payload: payload.into(),
+                reply,
+                pre: None,
+            };
+            (cmd, answer)
+        })
+        .collect();
+    let (group, answers): (Vec<_>, Vec<_>) = replies.into_iter().unzip();
+    writer.process(group);
+    let outcomes: Vec<UplinkOutcome> = answers
+        .into_iter()
+        .map(|a| a.blocking_recv().expect("answered"))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [acked(1), UplinkOutcome::Rejected("malformed"), acked(2)],
+        "one group, one bad envelope"
+    );
+    assert!(has_unit(&writer, "u-a1") && has_unit(&writer, "u-a2"));
+
+    // pos-b's agent, fixed, sends a good change under the same numbers: it is taken.
+    b.rewind();
+    let (b1, _) = b.load(&region, &hub, "u-b1");
+    assert_eq!(send(&mut writer, &b, &b1), acked(1));
+    assert!(has_unit(&writer, "u-b1"));
+
+    // A good change sent as a compressed chunk (type 2) is refused as it is, unparsed.
+    let units: Vec<String> = (0..20).map(|i| format!("u-big-{i}")).collect();
+    let units: Vec<&str> = units.iter().map(String::as_str).collect();
+    let mut change = automerge::Change::from_bytes(b.change(&units)).expect("a change");
+    let compressed = change.bytes().to_vec();
+    assert_eq!(compressed.get(8), Some(&2), "automerge compressed it");
+    let (b2, _) = b.send(&region, &hub, compressed);
+    assert_eq!(
+        send(&mut writer, &b, &b2),
+        UplinkOutcome::Rejected("malformed")
+    );
+    assert!(!has_unit(&writer, "u-big-0"));
+
+    let changes: i64 = rusqlite::Connection::open(&path)
+        .expect("connection")
+        .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(changes, 3, "u-a1, u-a2 and u-b1");
     let reopened = writer_on(&region, &path, &hub);
     assert_eq!(
         writer.ledgers[&fridge()].state_digest(),

@@ -15,6 +15,24 @@ use super::LedgerError;
 /// The column type of actor-number columns.
 const ACTOR_COLUMN: u64 = 1;
 
+/// The chunk type of an uncompressed change.
+const CHANGE_CHUNK: u8 = 1;
+
+/// Refuses anything but an uncompressed change chunk, before Automerge parses it: Automerge
+/// inflates a compressed one (chunk type 2) without a bound, so a small envelope could make
+/// hundreds of megabytes. Replicas send their changes uncompressed (`raw_bytes`).
+pub(super) fn check_chunk(bytes: &[u8]) -> Result<(), LedgerError> {
+    match bytes.get(8) {
+        Some(&CHANGE_CHUNK) => Ok(()),
+        Some(other) => Err(LedgerError::BadChange(format!(
+            "a chunk of type {other}: only uncompressed changes (type 1) are taken"
+        ))),
+        None => Err(LedgerError::BadChange(
+            "a change shorter than its header".into(),
+        )),
+    }
+}
+
 /// Refuses a change whose op columns name an actor its actor table does not hold.
 pub(super) fn check_op_actors(change: &Change) -> Result<(), LedgerError> {
     let actors = 1 + change.other_actor_ids().len() as u64;
