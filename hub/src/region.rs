@@ -1623,7 +1623,10 @@ impl RegionWriter {
                 UplinkOutcome::Ack(receiver.ack(gap))
             }
             Body::Ack(ack) => {
-                p.down_acked = p.down_acked.max(ack.up_to);
+                // A device can only have received what the region committed: an ack past its
+                // head would count escrow grants as delivered that never were.
+                let head = *self.head_tx.borrow();
+                p.down_acked = p.down_acked.max(ack.up_to.min(head));
                 UplinkOutcome::DownAcked(p.down_acked)
             }
             Body::KeyRotation(r) => {

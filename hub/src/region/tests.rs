@@ -209,6 +209,52 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
     );
 }
 
+/// A device's acknowledgement of its downlink counts only up to what the region committed: an
+/// ack of everything (`u64::MAX`) moves it to the region's head, and is stored as such.
+#[test]
+fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let mut a = Loader::new("pos-a");
+    let mut store = RegionStore::open(&path).expect("store");
+    let enroll = RegionBatch {
+        enroll: vec![record(&a.id, &a.key)],
+        ..RegionBatch::default()
+    };
+    store.commit(&enroll).expect("commit");
+    let mut writer = writer(&region, store, &hub);
+    let (a1, _) = a.load(&region, &hub, "u-a1");
+    assert_eq!(send(&mut writer, &a, &a1), acked(1));
+    let head = writer.store.head().expect("head");
+    assert!(head >= 1, "the change is in the region's log");
+    let everything = super::testing::sealed(
+        &region,
+        &a.id,
+        &a.key,
+        &hub,
+        2,
+        larder_shared::envelope::Body::Ack(Ack {
+            up_to: u64::MAX,
+            gap: false,
+        }),
+    );
+    assert_eq!(
+        send(&mut writer, &a, &everything),
+        UplinkOutcome::DownAcked(head)
+    );
+    let stored = RegionStore::open(&path)
+        .expect("store")
+        .device(&a.id)
+        .expect("read")
+        .expect("enrolled")
+        .1;
+    assert_eq!(stored.down_acked, head);
+}
+
 fn writer_on(region: &RegionId, path: &std::path::Path, hub: &SecretKey) -> RegionWriter {
     writer(region, RegionStore::open(path).expect("store"), hub)
 }
