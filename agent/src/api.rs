@@ -166,11 +166,9 @@ where
     }
 }
 
-/// Parses a JSON body: 413 past the limit, 400 for broken JSON, 422 for wrong values.
-pub fn parse_body<T: DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(T, Bytes), ApiError> {
-    let bytes = body.map_err(|e| {
+/// A request's body: 413 past the limit, 400 if it could not be read.
+pub fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -180,7 +178,14 @@ pub fn parse_body<T: DeserializeOwned>(
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text())
         }
-    })?;
+    })
+}
+
+/// Parses a JSON body: 413 past the limit, 400 for broken JSON, 422 for wrong values.
+pub fn parse_body<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(T, Bytes), ApiError> {
+    let bytes = body_bytes(body)?;
     let value = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
             ApiError::new(
@@ -542,8 +547,7 @@ async fn cancel(
     ApiPath(id): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let bytes =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
+    let bytes = body_bytes(body)?;
     let id = OrderId::new(id)
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "unknown_order", e.to_string()))?;
     let path = format!("/v1/orders/{id}/cancel");

@@ -213,7 +213,13 @@ async fn plan(
     q: &DateQuery,
 ) -> Result<(Date, Vec<subscriptions::PlanRow>), ApiError> {
     let (cal, date) = plan_date(h, q)?;
-    let next_delivery = date.tomorrow().map(|d| cal.start_of(d)).map_err(internal)?;
+    let next_delivery = date.tomorrow().map(|d| cal.start_of(d)).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            format!("{date} is the last date there is: no plan follows it"),
+        )
+    })?;
     let now = larder_agent::writer::now_ms();
     // The counts come from the region writer's ledgers (a pass over the in-memory stock
     // indexes), the schedules from the store.

@@ -227,8 +227,7 @@ async fn order_route(
 ) -> Result<Response, ApiError> {
     authorize(s, headers, Some(&r), roles)?;
     let h = region(s, &r)?.clone();
-    let bytes =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed", e.body_text()))?;
+    let bytes = larder_agent::api::body_bytes(body)?;
     let idem = larder_agent::api::idempotency(
         headers,
         &format!("POST /v1/regions/{r}/orders/{id}/{name}"),

@@ -36,6 +36,7 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
         ("bad id", c.post(format!("{url}/v1/refills")).json(&json!({"fridge_id": "a/b", "units": []})), 422, "invalid_request"),
         ("bad method", c.post(format!("{url}/v1/sales")).json(&json!({"fridge_id": "fridge-1", "lines": [], "payment": {"method": "iou", "amount_minor": 1, "currency": "EUR"}})), 422, "invalid_request"),
         ("too large", c.post(format!("{url}/v1/sales")).body(vec![b' '; 8192]), 413, "too_large"),
+        ("a cancel too large", c.post(format!("{url}/v1/orders/o-1/cancel")).body(vec![b' '; 8192]), 413, "too_large"),
         ("unknown fridge", c.post(format!("{url}/v1/sales")).json(&sale("fridge-9")), 404, "unknown_fridge"),
         ("no catalog yet", c.post(format!("{url}/v1/sales")).json(&sale("fridge-1")), 422, "unknown_sku"),
         ("empty refill", c.post(format!("{url}/v1/refills")).json(&json!({"fridge_id": "fridge-1", "units": []})), 422, "invalid_request"),
@@ -194,6 +195,19 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         (422, Some("invalid_request")),
         "{b}"
     );
+    // So is a date past which there is no next day to plan for.
+    for path in ["refill-plan", "prepare-report"] {
+        let (s, b) = call(
+            c.get(format!("{url}/v1/regions/demo/{path}?date=9999-12-31"))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (422, Some("invalid_request")),
+            "{path}: {b}"
+        );
+    }
     // So is a method a route does not take.
     let (s, b) = call(
         c.delete(format!("{url}/v1/regions"))
