@@ -88,7 +88,8 @@ pub enum Cmd {
         /// The hub's TOML config: its regions, stores and key.
         #[arg(long)]
         config: PathBuf,
-        /// Where to write `passwords`, `acl` and `mosquitto.conf`.
+        /// Where to write `passwords`, `device-passwords`, `acl`, `mosquitto.conf` and
+        /// `emqx-acl.conf`.
         #[arg(long)]
         out: PathBuf,
     },
@@ -395,7 +396,7 @@ fn broker_config(config: &std::path::Path, out: &std::path::Path) -> ExitCode {
         files.devices
     );
     println!(
-        "next: mosquitto_passwd -U {}/passwords; each device's `mqtt.password` is its line in device-passwords",
+        "next: mosquitto_passwd -U {}/passwords (again after every run); each device's `mqtt.password` is the text after `DEVICE_ID:` on its line of device-passwords",
         out.display()
     );
     ExitCode::SUCCESS
