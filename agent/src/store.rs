@@ -55,6 +55,28 @@ CREATE INDEX IF NOT EXISTS arc.archive_record ON archive (kind, record_id);
 CREATE INDEX IF NOT EXISTS arc.archive_age ON archive (archived_at_ms);
 ";
 
+/// Each record archived once per epoch: the archive's rows are committed before the rebase that
+/// archives them (the two files are not atomic together in WAL mode), so a rebase redone after
+/// a crash between the two commits adds nothing twice. A store from before this index may hold
+/// such duplicates; they are removed, keeping the first, when it is created.
+fn archive_once(conn: &Connection) -> Result<(), StoreError> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM arc.sqlite_master WHERE name = 'archive_once')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        conn.execute_batch(
+            "BEGIN;
+             DELETE FROM arc.archive WHERE id NOT IN
+                 (SELECT MIN(id) FROM arc.archive GROUP BY fridge, epoch, kind, record_id);
+             CREATE UNIQUE INDEX arc.archive_once ON archive (fridge, epoch, kind, record_id);
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
 /// The archive's file for a database at `db`.
 pub fn archive_path(db: &Path) -> std::path::PathBuf {
     db.with_file_name("archive.db")
@@ -191,6 +213,7 @@ impl Store {
         conn.execute_batch(projection::SCHEMA)?;
         attach_archive(&conn, path)?;
         conn.execute_batch(ARCHIVE_SCHEMA)?;
+        archive_once(&conn)?;
         // Checkpoints run on the checkpointer's connection, not in the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "cache_size", -i64::from(WRITER_CACHE_KIB))?;
@@ -265,7 +288,37 @@ impl Store {
     }
 
     /// Writes a batch in one transaction and commits it (one fsync).
+    ///
+    /// A batch with rebases first commits the records they archive, in a transaction of the
+    /// archive's own file: SQLite keeps a transaction over two attached files atomic only
+    /// outside WAL mode, so one transaction could leave the live state rebased and its records
+    /// not archived (lost) after a power cut. Archived first, a cut between the two commits
+    /// leaves the records in both places until the rebase is redone, which archives nothing
+    /// twice ([`archive_once`]).
     pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
+        if batch.rebases.iter().any(|r| !r.archived.is_empty()) {
+            let tx = self.conn.transaction()?;
+            {
+                let mut archive = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO arc.archive
+                         (fridge, epoch, kind, record_id, record, archived_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for r in &batch.rebases {
+                    for a in &r.archived {
+                        archive.execute(params![
+                            r.fridge.as_str(),
+                            r.epoch.saturating_sub(1),
+                            a.kind.as_str(),
+                            a.id,
+                            a.record.to_string(),
+                            now_ms
+                        ])?;
+                    }
+                }
+            }
+            tx.commit()?;
+        }
         let tx = self.conn.transaction()?;
         for r in &batch.rebases {
             tx.execute(
@@ -277,20 +330,6 @@ impl Store {
                 params![r.fridge.as_str(), r.base],
             )?;
             projection::delete_fridge(&tx, &r.fridge)?;
-            let mut archive = tx.prepare_cached(
-                "INSERT INTO archive (fridge, epoch, kind, record_id, record, archived_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for a in &r.archived {
-                archive.execute(params![
-                    r.fridge.as_str(),
-                    r.epoch.saturating_sub(1),
-                    a.kind.as_str(),
-                    a.id,
-                    a.record.to_string(),
-                    now_ms
-                ])?;
-            }
         }
         {
             let mut rechain = tx.prepare_cached(
@@ -716,6 +755,106 @@ mod tests {
     /// Where a connection lives: the same value each time the same connection is used.
     fn which(conn: &Connection) -> rusqlite::Result<usize> {
         Ok(std::ptr::from_ref(conn).addr())
+    }
+
+    fn archived(id: &str) -> larder_shared::ledger::compaction::Archived {
+        larder_shared::ledger::compaction::Archived {
+            kind: larder_shared::ledger::compaction::ArchivedKind::Order,
+            id: id.to_owned(),
+            record: serde_json::json!({"orders": [id]}),
+        }
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    /// A rebase's records are archived in a commit of their own before the rebase: when the
+    /// rebase's commit then fails (as a power cut between the two would leave it), the records
+    /// are archived and the live state is untouched; the rebase redone archives nothing twice.
+    #[test]
+    fn a_rebase_archives_first_and_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agent.db");
+        let mut store = Store::open(&path).expect("store");
+        let fridge = FridgeId::new("fridge-1").expect("id");
+        let change = WriteBatch {
+            changes: vec![ChangeRow {
+                fridge: fridge.clone(),
+                epoch: 0,
+                outbox_seq: Some(1),
+                chain: None,
+                bytes: vec![1, 2, 3],
+            }],
+            ..WriteBatch::default()
+        };
+        store.commit_batch(&change, 1).expect("commit");
+        let rebase = WriteBatch {
+            rebases: vec![RebaseWrite {
+                fridge: fridge.clone(),
+                epoch: 1,
+                base: vec![9],
+                archived: vec![archived("o-1"), archived("o-2")],
+            }],
+            ..WriteBatch::default()
+        };
+        let admin = Connection::open(&path).expect("connection");
+        admin
+            .execute_batch(
+                "CREATE TRIGGER cut BEFORE INSERT ON ledger_snapshots
+                 BEGIN SELECT RAISE(ABORT, 'power cut'); END;",
+            )
+            .expect("trigger");
+        store
+            .commit_batch(&rebase, 2)
+            .expect_err("the rebase's commit fails");
+        let archive = Connection::open(archive_path(&path)).expect("archive");
+        assert_eq!(
+            count(&archive, "SELECT COUNT(*) FROM archive"),
+            2,
+            "archived first"
+        );
+        assert_eq!(
+            count(&admin, "SELECT COUNT(*) FROM ledger_changes"),
+            1,
+            "the live state is as it was"
+        );
+        admin.execute_batch("DROP TRIGGER cut").expect("drop");
+        store.commit_batch(&rebase, 3).expect("the rebase redone");
+        assert_eq!(
+            count(&archive, "SELECT COUNT(*) FROM archive"),
+            2,
+            "archived once"
+        );
+        assert_eq!(count(&admin, "SELECT COUNT(*) FROM ledger_changes"), 0);
+    }
+
+    /// A store from before the archive's unique index loses its duplicate rows, keeping the
+    /// first, when it is opened.
+    #[test]
+    fn opening_an_older_archive_removes_its_duplicates() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("agent.db");
+        drop(Store::open(&path).expect("store"));
+        let archive = Connection::open(archive_path(&path)).expect("archive");
+        archive
+            .execute_batch(
+                "DROP INDEX archive_once;
+                 INSERT INTO archive (fridge, epoch, kind, record_id, record, archived_at_ms)
+                 VALUES ('fridge-1', 0, 'order', 'o-1', 'first', 1),
+                        ('fridge-1', 0, 'order', 'o-1', 'again', 2),
+                        ('fridge-1', 1, 'order', 'o-1', 'next epoch', 3);",
+            )
+            .expect("an older archive");
+        drop(Store::open(&path).expect("store"));
+        let kept: Vec<String> = archive
+            .prepare("SELECT record FROM archive ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(kept, ["first", "next epoch"]);
     }
 
     /// Reads one at a time all use the first connection, so one page cache stays warm rather
