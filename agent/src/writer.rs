@@ -525,6 +525,7 @@ impl Writer {
         };
         let saved = self.counters.clone();
         let catalog_before = self.catalog.clone();
+        let excursions_before = self.excursions.clone();
         let mut batch = WriteBatch::default();
         let mut pending = Vec::with_capacity(group.len());
         let mut in_group: HashMap<String, (String, Outcome)> = HashMap::new();
@@ -725,6 +726,8 @@ impl Writer {
                 self.shared.metrics.commit_failures.inc();
                 self.counters = saved;
                 self.catalog = catalog_before;
+                // An excursion whose quarantine was not stored has not quarantined anything.
+                self.excursions = excursions_before;
                 if let Err(e) = self.reload_ledgers() {
                     error!(error = %e, "reloading ledgers after a failed commit failed");
                 }

@@ -1,6 +1,7 @@
 //! Temperature: readings above the limit for long enough quarantine the fridge's units (removal
 //! reason `temperature`), with an incident naming them; a short excursion does not. A held
-//! reservation on a quarantined unit becomes a `reservation_lost` conflict.
+//! reservation on a quarantined unit becomes a `reservation_lost` conflict. A quarantine whose
+//! commit fails is made again when the reading is retried.
 
 use std::time::Duration;
 
@@ -91,5 +92,46 @@ async fn a_long_excursion_quarantines_the_units() -> anyhow::Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// The reading that makes an excursion long enough is refused when its commit fails (the store
+/// refuses the quarantine's change, as a failing disk would), and quarantines the units when it
+/// is retried with the same key: the failed commit left the excursion as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_whose_commit_fails_is_made_on_the_retry() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let url = format!("http://{}", fridge.http_addr);
+    synced(&url, WAIT).await?;
+    refill(&url, "fridge-1", "w", "curry-veg", 2).await?;
+    let t0 = jiff::Timestamp::now();
+    let min = |m: i64| t0 + jiff::SignedDuration::from_mins(m);
+    assert_eq!(reading(&url, 7.0, min(0), "w0").await?["excursion"], true);
+
+    let store = rusqlite::Connection::open(dir.path().join("fridge-1").join("agent.db"))?;
+    store.execute_batch(
+        "CREATE TRIGGER no_room BEFORE INSERT ON ledger_changes
+         BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+    )?;
+    let late = json!({"fridge_id": "fridge-1", "celsius": 9.0, "at": min(31).to_string()});
+    let resp = http()
+        .post(format!("{url}/v1/temperature"))
+        .header("Idempotency-Key", "w1")
+        .json(&late)
+        .send()
+        .await?;
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+    store.execute_batch("DROP TRIGGER no_room")?;
+
+    let r = reading(&url, 9.0, min(31), "w1").await?;
+    assert_eq!(
+        r["quarantined_units"].as_array().map(Vec::len),
+        Some(2),
+        "{r}"
+    );
+    fridge.shutdown().await;
+    hub.shutdown().await;
     Ok(())
 }
