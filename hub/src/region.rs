@@ -789,6 +789,11 @@ impl RegionWriter {
 
     fn reload(&mut self) -> Result<(), StoreError> {
         self.published = None;
+        // A generation whose commit failed made no orders: the next tick makes them again.
+        self.generated_through = self
+            .store
+            .meta(META_GENERATED_THROUGH)?
+            .and_then(|d| d.parse().ok());
         self.after_commit.clear();
         self.catalog_history = Default::default();
         self.load_catalogs()?;
@@ -1991,9 +1996,14 @@ impl RegionWriter {
         now: i64,
     ) -> Result<ApiAnswer, ApiAnswer> {
         let storage = |e: StoreError| error_answer(503, "storage_unavailable", e);
+        // As this group left it: created or ended earlier in the group, or as stored.
         let find = |store: &RegionStore,
+                    staged: &[crate::subscriptions::Subscription],
                     id: &str|
          -> Result<crate::subscriptions::Subscription, ApiAnswer> {
+            if let Some(s) = staged.iter().rev().find(|s| s.subscription_id == id) {
+                return Ok(s.clone());
+            }
             store
                 .subscriptions()
                 .map_err(storage)?
@@ -2025,7 +2035,7 @@ impl RegionWriter {
                 Ok((201, serde_json::json!(sub)))
             }
             SubscriptionOp::End { id } => {
-                let mut sub = find(&self.store, &id)?;
+                let mut sub = find(&self.store, &batch.subscriptions, &id)?;
                 if sub.ended_at_ms.is_none() {
                     sub.ended_at_ms = Some(now);
                     batch.subscriptions.push(sub.clone());
@@ -2033,7 +2043,7 @@ impl RegionWriter {
                 Ok((200, serde_json::json!(sub)))
             }
             SubscriptionOp::Skip { id, date } => {
-                let sub = find(&self.store, &id)?;
+                let sub = find(&self.store, &batch.subscriptions, &id)?;
                 if !sub.occurs_on(date) {
                     return Err(error_answer(
                         422,
@@ -2069,16 +2079,35 @@ impl RegionWriter {
             Some(g) => g.tomorrow().unwrap_or(target).max(today),
             None => target,
         };
-        let subs = match self.store.subscriptions() {
+        let mut subs = match self.store.subscriptions() {
             Ok(s) => s,
             Err(e) => {
                 warn!(region = %self.region, error = %e, "reading subscriptions failed; will retry");
                 return;
             }
         };
+        // Subscriptions created or ended, and meals skipped, earlier in this group are not in
+        // the store yet: they count as if they were.
+        for staged in &batch.subscriptions {
+            match subs
+                .iter_mut()
+                .find(|s| s.subscription_id == staged.subscription_id)
+            {
+                Some(s) => *s = staged.clone(),
+                None => subs.push(staged.clone()),
+            }
+        }
         let mut changes = Vec::new();
         while date <= target {
-            let skipped = self.store.skipped_on(&date.to_string()).unwrap_or_default();
+            let day = date.to_string();
+            let mut skipped = self.store.skipped_on(&day).unwrap_or_default();
+            skipped.extend(
+                batch
+                    .skips
+                    .iter()
+                    .filter(|(_, d)| *d == day)
+                    .map(|(id, _)| id.clone()),
+            );
             for sub in subs
                 .iter()
                 .filter(|s| s.ended_at_ms.is_none() && s.occurs_on(date))

@@ -255,6 +255,167 @@ fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
     assert_eq!(stored.down_acked, head);
 }
 
+/// Hands the writer `ops` (subscription commands) and a tick as one group; answers the ops.
+fn group_with_tick(
+    writer: &mut RegionWriter,
+    ops: Vec<super::SubscriptionOp>,
+) -> Vec<super::ApiAnswer> {
+    let (mut group, mut answers) = (Vec::new(), Vec::new());
+    for op in ops {
+        let (reply, answer) = oneshot::channel();
+        group.push(RegionCommand::Subscription {
+            op,
+            idem: None,
+            reply,
+        });
+        answers.push(answer);
+    }
+    group.push(RegionCommand::Tick);
+    writer.process(group);
+    answers
+        .into_iter()
+        .map(|a| a.blocking_recv().expect("answered").expect("answer"))
+        .collect()
+}
+
+/// Publishes a catalog with lasagna.
+fn publish_lasagna(writer: &mut RegionWriter) {
+    let (reply, answer) = oneshot::channel();
+    writer.process(vec![RegionCommand::PutCatalog {
+        currency: "EUR".into(),
+        items: vec![larder_shared::catalog::CatalogItem {
+            sku: larder_shared::Sku::new("lasagna").expect("sku"),
+            name: "Lasagna".into(),
+            price_minor: 890,
+            allergens: Vec::new(),
+            shelf_life_hours: 48,
+        }],
+        base: None,
+        idem: None,
+        reply,
+    }]);
+    answer
+        .blocking_recv()
+        .expect("answered")
+        .expect("published");
+}
+
+/// A daily lasagna at fridge-1 from `start`.
+fn daily(id: &str, start: jiff::civil::Date) -> crate::subscriptions::Subscription {
+    crate::subscriptions::Subscription {
+        subscription_id: id.into(),
+        customer_id: "c-1".into(),
+        fridge_id: fridge(),
+        lines: vec![larder_shared::domain::AppOrderLine {
+            sku: larder_shared::Sku::new("lasagna").expect("sku"),
+            quantity: 1,
+        }],
+        weekdays: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+            .map(String::from)
+            .to_vec(),
+        start_date: start,
+        end_date: None,
+        created_at_ms: 0,
+        ended_at_ms: None,
+    }
+}
+
+/// Today and tomorrow by the writer's clock. The test writer's cut-off is midnight UTC, so the
+/// next tick makes tomorrow's meals into orders.
+fn days(writer: &RegionWriter) -> (jiff::civil::Date, jiff::civil::Date) {
+    let today = writer.calendar.date(writer.clock.now_ms());
+    (today, today.tomorrow().expect("a tomorrow"))
+}
+
+fn has_order(
+    writer: &RegionWriter,
+    sub: &crate::subscriptions::Subscription,
+    date: jiff::civil::Date,
+) -> bool {
+    let id = larder_shared::OrderId::new(sub.order_id(date)).expect("id");
+    writer.ledgers[&fridge()].order(&id).is_some()
+}
+
+/// A subscription created, and a meal skipped, in the same group as the tick that passes their
+/// cut-off count for it: the created subscription's meal becomes an order, the skipped one does
+/// not (the tick used to read only what the store held before the group).
+#[test]
+fn a_tick_sees_the_subscriptions_and_skips_of_its_own_group() {
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let mut writer = writer(&region, RegionStore::open(&path).expect("store"), &hub);
+    publish_lasagna(&mut writer);
+    let (today, tomorrow) = days(&writer);
+    let answers = group_with_tick(
+        &mut writer,
+        vec![
+            super::SubscriptionOp::Create(Box::new(daily("kept", today))),
+            super::SubscriptionOp::Create(Box::new(daily("skipped", today))),
+            super::SubscriptionOp::Skip {
+                id: "skipped".into(),
+                date: tomorrow,
+            },
+        ],
+    );
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [201, 201, 200], "{answers:?}");
+    assert!(
+        has_order(&writer, &daily("kept", today), tomorrow),
+        "the kept meal is an order"
+    );
+    assert!(
+        !has_order(&writer, &daily("skipped", today), tomorrow),
+        "the skipped meal is not"
+    );
+}
+
+/// A tick whose commit fails made no orders, so the next tick makes them: the writer's mark of
+/// the days already made is reloaded from the store with the ledgers.
+#[test]
+fn the_meals_of_a_tick_whose_commit_fails_are_made_by_the_next() {
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let mut writer = writer(&region, RegionStore::open(&path).expect("store"), &hub);
+    publish_lasagna(&mut writer);
+    let (today, tomorrow) = days(&writer);
+    let (reply, answer) = oneshot::channel();
+    writer.process(vec![RegionCommand::Subscription {
+        op: super::SubscriptionOp::Create(Box::new(daily("s-1", today))),
+        idem: None,
+        reply,
+    }]);
+    answer.blocking_recv().expect("answered").expect("created");
+    let admin = rusqlite::Connection::open(&path).expect("connection");
+    admin
+        .execute_batch(
+            "CREATE TRIGGER no_room BEFORE INSERT ON meta
+             WHEN NEW.key = 'subscriptions_generated_through'
+             BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+        )
+        .expect("trigger");
+    writer.process(vec![RegionCommand::Tick]);
+    assert!(
+        !has_order(&writer, &daily("s-1", today), tomorrow),
+        "not stored, forgotten"
+    );
+    admin
+        .execute_batch("DROP TRIGGER no_room")
+        .expect("room again");
+    writer.process(vec![RegionCommand::Tick]);
+    assert!(
+        has_order(&writer, &daily("s-1", today), tomorrow),
+        "made by the next tick"
+    );
+}
+
 fn writer_on(region: &RegionId, path: &std::path::Path, hub: &SecretKey) -> RegionWriter {
     writer(region, RegionStore::open(path).expect("store"), hub)
 }
