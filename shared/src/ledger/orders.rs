@@ -1024,37 +1024,45 @@ impl Ledger {
             records.sort_by(|a, b| {
                 (a.created_at_ms, &a.order_id).cmp(&(b.created_at_ms, &b.order_id))
             });
-            let later = records.last().map(|r| r.order_id.clone());
             let unit_id = UnitId::new(unit.as_str()).ok();
-            let picked = records.last().is_some_and(|r| {
-                r.lines
-                    .iter()
-                    .any(|l| l.picked && unit_id.as_ref().is_some_and(|u| l.unit_ids.contains(u)))
-            });
-            let kind = if picked {
-                ConflictKind::Oversold
-            } else {
-                ConflictKind::DoubleSale
-            };
             let sku = unit_id
                 .as_ref()
                 .and_then(|u| self.unit_facts(u))
                 .map(|f| f.sku);
-            out.push(ConflictRecord {
-                conflict_id: format!("{}:{}:{unit}", kind.as_str(), self.fridge),
-                kind,
-                fridge_id: self.fridge.clone(),
-                sku,
-                orders: records.iter().map(|r| r.order_id.clone()).collect(),
-                units: unit_id.into_iter().collect(),
-                flagged_order: later,
-                detail: match kind {
-                    ConflictKind::Oversold => format!(
-                        "sales by count at devices that were offline took unit {unit} more than once: the fridge had fewer units than sold"
-                    ),
-                    _ => format!("unit {unit} was sold in {} orders while devices were offline; the later one is to be refunded", records.len()),
-                },
-            });
+            let all: Vec<OrderId> = records.iter().map(|r| r.order_id.clone()).collect();
+            // The first sale stands; every later one is flagged, each in a record of its own
+            // (keyed by the order, not the kind, so a record is never made twice for one
+            // order). An order once flagged stays flagged: a late-arriving earlier sale only
+            // adds records.
+            for later in records.iter().skip(1) {
+                let picked = later.lines.iter().any(|l| {
+                    l.picked && unit_id.as_ref().is_some_and(|u| l.unit_ids.contains(u))
+                });
+                let kind = if picked {
+                    ConflictKind::Oversold
+                } else {
+                    ConflictKind::DoubleSale
+                };
+                out.push(ConflictRecord {
+                    conflict_id: format!("sold_twice:{}:{unit}:{}", self.fridge, later.order_id),
+                    kind,
+                    fridge_id: self.fridge.clone(),
+                    sku: sku.clone(),
+                    orders: all.clone(),
+                    units: unit_id.iter().cloned().collect(),
+                    flagged_order: Some(later.order_id.clone()),
+                    detail: match kind {
+                        ConflictKind::Oversold => format!(
+                            "sales by count at devices that were offline took unit {unit} more than once: the fridge had fewer units than sold"
+                        ),
+                        _ => format!(
+                            "unit {unit} was sold in {} orders while devices were offline; {} is a later one, to be refunded",
+                            all.len(),
+                            later.order_id
+                        ),
+                    },
+                });
+            }
         }
         let orders: Vec<OrderId> = match scope {
             Some(t) => t.orders.iter().cloned().collect(),

@@ -408,6 +408,65 @@ fn a_cancel_racing_a_pickup_loses_and_is_one_conflict() {
     ));
 }
 
+/// Three devices offline sell the same unit: the first sale stands and each later one is
+/// flagged in a record of its own, the same on every replica; the third sale arriving after the
+/// first two were recorded adds its own record and leaves theirs as they were.
+#[test]
+fn one_unit_sold_three_times_flags_both_later_orders() {
+    let mut r = Replicas::new(2);
+    let mut pos2 = ledger(actor_for(&id("pos-2")));
+    push(&r.hub, &mut pos2);
+    r.fridge
+        .sell(
+            &walk_up("f-1", "lasagna", Some("l1")),
+            &catalog(),
+            &id("fr-1"),
+            T0 + 10,
+        )
+        .expect("fridge sale");
+    r.pos
+        .sell(
+            &walk_up("p-1", "lasagna", Some("l1")),
+            &catalog(),
+            &id("pos-1"),
+            T0 + 20,
+        )
+        .expect("pos sale");
+    pos2.sell(
+        &walk_up("q-1", "lasagna", Some("l1")),
+        &catalog(),
+        &id("pos-2"),
+        T0 + 15,
+    )
+    .expect("second pos sale");
+    r.sync();
+    let two = r.hub.detect_conflicts(None);
+    assert_eq!(two.len(), 1, "{two:?}");
+    assert_eq!(two[0].flagged_order, Some(id("p-1")));
+    r.hub.record_conflicts(two, T0 + 30).expect("record");
+    // The second POS comes back: its sale is between the other two.
+    push(&pos2, &mut r.hub);
+    push(&r.hub, &mut pos2);
+    r.sync();
+    let found = r.hub.detect_conflicts(None);
+    let flagged: Vec<Option<OrderId>> = found.iter().map(|c| c.flagged_order.clone()).collect();
+    assert_eq!(flagged, [Some(id("q-1")), Some(id("p-1"))], "{found:?}");
+    for c in &found {
+        assert_eq!(c.orders, vec![id::<OrderId>("f-1"), id("q-1"), id("p-1")]);
+    }
+    assert_eq!(pos2.detect_conflicts(None), found, "the same on every replica");
+    r.hub.record_conflicts(found, T0 + 40).expect("record");
+    r.sync();
+    let recorded = r.fridge.conflicts();
+    assert_eq!(recorded.len(), 2, "one record per flagged order");
+    let mut flagged: Vec<OrderId> = recorded
+        .iter()
+        .filter_map(|c| c.record.flagged_order.clone())
+        .collect();
+    flagged.sort();
+    assert_eq!(flagged, [id::<OrderId>("p-1"), id("q-1")]);
+}
+
 #[test]
 fn one_unit_sold_twice_offline_flags_the_later_order_once() {
     let mut r = Replicas::new(2);
