@@ -261,6 +261,9 @@ pub struct Writer {
     excursions: HashMap<FridgeId, (i64, f64, bool)>,
     /// Card payments this device took offline, not yet captured.
     uncaptured: BTreeMap<OrderId, PendingCapture>,
+    /// The furthest the hub has acknowledged, committed or not: an acknowledgement whose
+    /// commit failed is taken again with the next group.
+    hub_acked: u64,
 }
 
 /// Why local writes are held back for this group, if they are.
@@ -386,6 +389,7 @@ impl Writer {
             temperature: agent.temperature.clone(),
             excursions: HashMap::new(),
             uncaptured: BTreeMap::new(),
+            hub_acked: 0,
         };
         writer.reload_ledgers()?;
         writer.publish_counters();
@@ -527,6 +531,10 @@ impl Writer {
         let catalog_before = self.catalog.clone();
         let excursions_before = self.excursions.clone();
         let mut batch = WriteBatch::default();
+        // The hub's acknowledgement holds whether or not the commit that recorded it went
+        // through: one a failed commit lost is recorded with this group. Else a full outbox
+        // would refuse every write while nothing new went out to earn another ack.
+        self.forget_acked(&mut batch);
         let mut pending = Vec::with_capacity(group.len());
         let mut in_group: HashMap<String, (String, Outcome)> = HashMap::new();
         let mut touched_fridges: HashMap<FridgeId, usize> = HashMap::new();
@@ -573,10 +581,10 @@ impl Writer {
                     pending.push(Pending::Downlink(reply, ack));
                 }
                 Command::UpAcked { up_to } => {
-                    if up_to > self.counters.up_acked && up_to <= self.counters.outbox_head {
-                        self.counters.up_acked = up_to;
-                        batch.outbox_forget_up_to = Some(up_to);
+                    if up_to <= self.counters.outbox_head {
+                        self.hub_acked = self.hub_acked.max(up_to);
                     }
+                    self.forget_acked(&mut batch);
                 }
                 Command::Ping { reply } => {
                     let _ = reply.send(());
@@ -1113,6 +1121,14 @@ impl Writer {
         warn!(fridge = %fridge, since_ms = since, peak_celsius = peak, units = units.len(),
             "temperature excursion: the fridge's units are quarantined");
         Ok((Some(change), outcome(Some(since), units)))
+    }
+
+    /// Stages forgetting the outbox up to what the hub acknowledged, if not done yet.
+    fn forget_acked(&mut self, batch: &mut WriteBatch) {
+        if self.hub_acked > self.counters.up_acked && self.hub_acked <= self.counters.outbox_head {
+            self.counters.up_acked = self.hub_acked;
+            batch.outbox_forget_up_to = Some(self.hub_acked);
+        }
     }
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {

@@ -1035,9 +1035,10 @@ impl Ledger {
             // order). An order once flagged stays flagged: a late-arriving earlier sale only
             // adds records.
             for later in records.iter().skip(1) {
-                let picked = later.lines.iter().any(|l| {
-                    l.picked && unit_id.as_ref().is_some_and(|u| l.unit_ids.contains(u))
-                });
+                let picked = later
+                    .lines
+                    .iter()
+                    .any(|l| l.picked && unit_id.as_ref().is_some_and(|u| l.unit_ids.contains(u)));
                 let kind = if picked {
                     ConflictKind::Oversold
                 } else {

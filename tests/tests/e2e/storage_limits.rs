@@ -1,6 +1,7 @@
 //! The agent's limits on what it keeps: the disk reserve (on a small tmpfs made by the test,
 //! which needs root, as CI runs it) and the outbox cap. At either limit, writes get 507 with a
 //! clear code, reads keep working, nothing stored is damaged, and writes resume by themselves.
+//! A hub acknowledgement whose commit failed is recorded with the next write group.
 
 use std::path::Path;
 use std::process::Command;
@@ -298,5 +299,52 @@ async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
         "each sale once"
     );
     pos.shutdown().await;
+    Ok(())
+}
+
+/// The hub's acknowledgement whose commit failed (the store refused to record it, as a failing
+/// disk would) is recorded with the agent's next write group, without a new acknowledgement:
+/// otherwise a full outbox would refuse every write while nothing new went out to earn one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_whose_commit_failed_is_recorded_with_the_next_group()
+-> anyhow::Result<()> {
+    const WAIT: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let url = format!("http://{}", fridge.http_addr);
+    synced(&url, WAIT).await?;
+    refill(&url, "fridge-1", "a", SKU, 1).await?;
+    synced(&url, WAIT).await?;
+    let store = rusqlite::Connection::open(dir.path().join("fridge-1").join("agent.db"))?;
+    store.execute_batch(
+        "CREATE TRIGGER no_room BEFORE INSERT ON meta WHEN NEW.key = 'up_acked'
+         BEGIN SELECT RAISE(ABORT, 'no room'); END;",
+    )?;
+    let (status, body) = sell_unit(&http(), &url, "fridge-1", "a-0", SKU, "sale-1").await?;
+    ensure!(status == 201, "sale: {status} {body}");
+    eventually(WAIT, "the ack's commit to fail", || async {
+        let m = metrics_text(&url).await.ok()?;
+        m.contains("larder_agent_commit_failures_total 1")
+            .then_some(())
+    })
+    .await?;
+    assert_eq!(
+        health(&url).await?["pending_changes"],
+        1,
+        "the ack is not recorded"
+    );
+    store.execute_batch("DROP TRIGGER no_room")?;
+
+    // A write that changes nothing (the unit is sold) still makes a group, which records it.
+    let (status, body) = sell_unit(&http(), &url, "fridge-1", "a-0", SKU, "sale-2").await?;
+    ensure!(status == 409, "the unit is sold: {status} {body}");
+    assert_eq!(
+        health(&url).await?["pending_changes"],
+        0,
+        "recorded by the next group"
+    );
+    fridge.shutdown().await;
+    hub.shutdown().await;
     Ok(())
 }

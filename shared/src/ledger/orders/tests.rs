@@ -454,7 +454,11 @@ fn one_unit_sold_three_times_flags_both_later_orders() {
     for c in &found {
         assert_eq!(c.orders, vec![id::<OrderId>("f-1"), id("q-1"), id("p-1")]);
     }
-    assert_eq!(pos2.detect_conflicts(None), found, "the same on every replica");
+    assert_eq!(
+        pos2.detect_conflicts(None),
+        found,
+        "the same on every replica"
+    );
     r.hub.record_conflicts(found, T0 + 40).expect("record");
     r.sync();
     let recorded = r.fridge.conflicts();
