@@ -1,5 +1,6 @@
-//! Tests of the region writer's commits: what a failed commit leaves behind, what the metrics
-//! count, and that one device's bad change costs only its own envelope.
+//! Tests of the region writer: what a failed commit leaves behind, what the metrics count, that
+//! one device's bad change costs only its own envelope, how far a downlink ack counts, and
+//! what a subscription tick sees of its own group.
 
 use larder_shared::envelope::Ack;
 use larder_shared::{RegionId, SecretKey, UnitId};
