@@ -430,20 +430,8 @@ impl AgentConfig {
                 self.temperature.max_celsius
             )));
         }
-        let rates = self.orders.simulated_payments;
-        if [
-            rates.refuse_per_mille,
-            rates.no_answer_per_mille,
-            rates.fail_later_per_mille,
-        ]
-        .iter()
-        .map(|&r| u64::from(r))
-        .sum::<u64>()
-            > 1000
-        {
-            p.push(Problem(
-                "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
-            ));
+        if let Some(problem) = self.orders.simulated_payments.problem() {
+            p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
         let ranges: [(&str, u64, u64, u64); 15] = [
             (

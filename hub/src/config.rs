@@ -571,20 +571,8 @@ impl HubConfig {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }
         }
-        let rates = self.orders.simulated_payments;
-        if [
-            rates.refuse_per_mille,
-            rates.no_answer_per_mille,
-            rates.fail_later_per_mille,
-        ]
-        .iter()
-        .map(|&r| u64::from(r))
-        .sum::<u64>()
-            > 1000
-        {
-            p.push(Problem(
-                "orders.simulated_payments: the rates add up to more than 1000 per mille".into(),
-            ));
+        if let Some(problem) = self.orders.simulated_payments.problem() {
+            p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
         if let Err(e) = DeviceId::new(self.mqtt.client_id.as_str()) {
             p.push(Problem(format!("mqtt.client_id: {e}")));

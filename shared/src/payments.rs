@@ -32,6 +32,22 @@ pub struct SimulatedRates {
     pub fail_later_per_mille: u32,
 }
 
+impl SimulatedRates {
+    /// The config problem with these rates, if any: together they may not pass 1000 per mille
+    /// (summed wide, so no value overflows).
+    pub fn problem(&self) -> Option<&'static str> {
+        let total: u64 = [
+            self.refuse_per_mille,
+            self.no_answer_per_mille,
+            self.fail_later_per_mille,
+        ]
+        .iter()
+        .map(|&r| u64::from(r))
+        .sum();
+        (total > 1000).then_some("the rates add up to more than 1000 per mille")
+    }
+}
+
 /// A deterministic provider: the outcome of an order is a function of the seed and the order
 /// id. Order ids ending in `-refuse`, `-noanswer` or `-faillater` get that outcome whatever the
 /// rates (for tests and demos).

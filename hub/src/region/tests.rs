@@ -23,6 +23,17 @@ fn send(writer: &mut RegionWriter, from: &Loader, payload: &[u8]) -> UplinkOutco
     answer.blocking_recv().expect("answered")
 }
 
+/// A writer on the scene's store with `devices` enrolled (POS of fridge-1).
+fn enrolled_writer(scene: &Scene, devices: &[&Loader]) -> RegionWriter {
+    let mut store = RegionStore::open(&scene.path).expect("store");
+    let enroll = RegionBatch {
+        enroll: devices.iter().map(|d| record(&d.id, &d.key)).collect(),
+        ..RegionBatch::default()
+    };
+    store.commit(&enroll).expect("commit");
+    writer(&scene.region, store, &scene.hub)
+}
+
 fn acked(up_to: u64) -> UplinkOutcome {
     UplinkOutcome::Ack(Ack { up_to, gap: false })
 }
@@ -40,30 +51,22 @@ fn has_unit(writer: &RegionWriter, unit: &str) -> bool {
 /// writer ends with exactly what its store holds.
 #[test]
 fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
+    let scene = scene();
     let Scene {
-        dir: _dir,
-        path,
-        region,
-        hub,
-    } = scene();
+        path, region, hub, ..
+    } = &scene;
     let mut a = Loader::new("pos-a");
     let mut b = Loader::new("pos-b");
-    let mut store = RegionStore::open(&path).expect("store");
-    let enroll = RegionBatch {
-        enroll: vec![record(&a.id, &a.key), record(&b.id, &b.key)],
-        ..RegionBatch::default()
-    };
-    store.commit(&enroll).expect("commit");
+    let mut writer = enrolled_writer(&scene, &[&a, &b]);
     // The store refuses pos-b's audit rows, as a full disk would refuse the write.
-    let admin = rusqlite::Connection::open(&path).expect("connection");
+    let admin = rusqlite::Connection::open(path).expect("connection");
     admin
         .execute_batch(
             "CREATE TRIGGER doomed BEFORE INSERT ON audit WHEN NEW.device = 'pos-b'
              BEGIN SELECT RAISE(ABORT, 'no room'); END;",
         )
         .expect("trigger");
-    let mut writer = writer(&region, store, &hub);
-    let (a1, _) = a.load(&region, &hub, "u-a1");
+    let (a1, _) = a.load(region, hub, "u-a1");
     let (a2, _) = a.load(&region, &hub, "u-a2");
     let (b1, _) = b.load(&region, &hub, "u-b1");
 
@@ -123,21 +126,13 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
 /// change.
 #[test]
 fn a_bad_change_costs_its_own_envelope_not_the_group() {
+    let scene = scene();
     let Scene {
-        dir: _dir,
-        path,
-        region,
-        hub,
-    } = scene();
+        path, region, hub, ..
+    } = &scene;
     let mut a = Loader::new("pos-a");
     let mut b = Loader::new("pos-b");
-    let mut store = RegionStore::open(&path).expect("store");
-    let enroll = RegionBatch {
-        enroll: vec![record(&a.id, &a.key), record(&b.id, &b.key)],
-        ..RegionBatch::default()
-    };
-    store.commit(&enroll).expect("commit");
-    let mut writer = writer(&region, store, &hub);
+    let mut writer = enrolled_writer(&scene, &[&a, &b]);
 
     // pos-b's first change puts a string where the `units` map is, as a broken or hostile
     // agent could: it is signed by pos-b and authored by pos-b's actor.
@@ -214,20 +209,12 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
 /// ack of everything (`u64::MAX`) moves it to the region's head, and is stored as such.
 #[test]
 fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
+    let scene = scene();
     let Scene {
-        dir: _dir,
-        path,
-        region,
-        hub,
-    } = scene();
+        path, region, hub, ..
+    } = &scene;
     let mut a = Loader::new("pos-a");
-    let mut store = RegionStore::open(&path).expect("store");
-    let enroll = RegionBatch {
-        enroll: vec![record(&a.id, &a.key)],
-        ..RegionBatch::default()
-    };
-    store.commit(&enroll).expect("commit");
-    let mut writer = writer(&region, store, &hub);
+    let mut writer = enrolled_writer(&scene, &[&a]);
     let (a1, _) = a.load(&region, &hub, "u-a1");
     assert_eq!(send(&mut writer, &a, &a1), acked(1));
     let head = writer.store.head().expect("head");

@@ -76,15 +76,17 @@ fn unknown_keys_and_bad_values_are_named() {
     let hub_example =
         std::fs::read_to_string(root().join("hub/hub.example.toml")).expect("hub example");
     let hub_bad = dir.path().join("hub-bad.toml");
-    let text = hub_example
+    let bad_values = |text: &str| {
+        text.replace("queue_depth_max = 4096", "queue_depth_max = 0")
+            .replace(
+                "time_beacon_interval_seconds = 60",
+                "time_beacon_interval_seconds = 0",
+            )
+            .replace("client_id = \"larder-hub\"", "client_id = \"hub north/1\"")
+    };
+    let text = bad_values(&hub_example)
         .replace("[mqtt]", "[mqtt]\nbroker_colour = \"blue\"")
-        .replace("[sync]", "[sync]\nretransmit_every = 3")
-        .replace("queue_depth_max = 4096", "queue_depth_max = 0")
-        .replace(
-            "time_beacon_interval_seconds = 60",
-            "time_beacon_interval_seconds = 0",
-        )
-        .replace("client_id = \"larder-hub\"", "client_id = \"hub north/1\"");
+        .replace("[sync]", "[sync]\nretransmit_every = 3");
     std::fs::write(&hub_bad, text).expect("write");
     let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &hub_bad);
     assert!(!ok);
@@ -92,14 +94,7 @@ fn unknown_keys_and_bad_values_are_named() {
     for key in ["broker_colour", "retransmit_every"] {
         assert!(out.contains(key), "{key} named: {out}");
     }
-    let text = hub_example
-        .replace("queue_depth_max = 4096", "queue_depth_max = 0")
-        .replace(
-            "time_beacon_interval_seconds = 60",
-            "time_beacon_interval_seconds = 0",
-        )
-        .replace("client_id = \"larder-hub\"", "client_id = \"hub north/1\"");
-    std::fs::write(&hub_bad, text).expect("write");
+    std::fs::write(&hub_bad, bad_values(&hub_example)).expect("write");
     let (ok, out) = check(env!("CARGO_BIN_EXE_hub-node"), &hub_bad);
     assert!(!ok);
     assert_eq!(out.lines().count(), 3, "one line per problem: {out}");
