@@ -67,8 +67,8 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
         )
         .expect("trigger");
     let (a1, _) = a.load(region, hub, "u-a1");
-    let (a2, _) = a.load(&region, &hub, "u-a2");
-    let (b1, _) = b.load(&region, &hub, "u-b1");
+    let (a2, _) = a.load(region, hub, "u-a2");
+    let (b1, _) = b.load(region, hub, "u-b1");
 
     assert_eq!(send(&mut writer, &a, &a1), acked(1));
     assert_eq!(
@@ -111,7 +111,7 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
         .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
         .expect("count");
     assert_eq!(changes, 3, "each change is stored once");
-    let reopened = writer_on(&region, &path, &hub);
+    let reopened = writer_on(region, path, hub);
     assert_eq!(
         writer.ledgers[&fridge()].state_digest(),
         reopened.ledgers[&fridge()].state_digest(),
@@ -144,9 +144,9 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
         .expect("a change")
         .raw_bytes()
         .to_vec();
-    let (a1, _) = a.load(&region, &hub, "u-a1");
-    let (b1, _) = b.send(&region, &hub, bad_change);
-    let (a2, _) = a.load(&region, &hub, "u-a2");
+    let (a1, _) = a.load(region, hub, "u-a1");
+    let (b1, _) = b.send(region, hub, bad_change);
+    let (a2, _) = a.load(region, hub, "u-a2");
     let replies: Vec<_> = [(&a, a1), (&b, b1), (&a, a2)]
         .into_iter()
         .map(|(from, payload)| {
@@ -175,7 +175,7 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
 
     // pos-b's agent, fixed, sends a good change under the same numbers: it is taken.
     b.rewind();
-    let (b1, _) = b.load(&region, &hub, "u-b1");
+    let (b1, _) = b.load(region, hub, "u-b1");
     assert_eq!(send(&mut writer, &b, &b1), acked(1));
     assert!(has_unit(&writer, "u-b1"));
 
@@ -185,19 +185,19 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
     let mut change = automerge::Change::from_bytes(b.change(&units)).expect("a change");
     let compressed = change.bytes().to_vec();
     assert_eq!(compressed.get(8), Some(&2), "automerge compressed it");
-    let (b2, _) = b.send(&region, &hub, compressed);
+    let (b2, _) = b.send(region, hub, compressed);
     assert_eq!(
         send(&mut writer, &b, &b2),
         UplinkOutcome::Rejected("malformed")
     );
     assert!(!has_unit(&writer, "u-big-0"));
 
-    let changes: i64 = rusqlite::Connection::open(&path)
+    let changes: i64 = rusqlite::Connection::open(path)
         .expect("connection")
         .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
         .expect("count");
     assert_eq!(changes, 3, "u-a1, u-a2 and u-b1");
-    let reopened = writer_on(&region, &path, &hub);
+    let reopened = writer_on(region, path, hub);
     assert_eq!(
         writer.ledgers[&fridge()].state_digest(),
         reopened.ledgers[&fridge()].state_digest(),
@@ -215,15 +215,15 @@ fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
     } = &scene;
     let mut a = Loader::new("pos-a");
     let mut writer = enrolled_writer(&scene, &[&a]);
-    let (a1, _) = a.load(&region, &hub, "u-a1");
+    let (a1, _) = a.load(region, hub, "u-a1");
     assert_eq!(send(&mut writer, &a, &a1), acked(1));
     let head = writer.store.head().expect("head");
     assert!(head >= 1, "the change is in the region's log");
     let everything = super::testing::sealed(
-        &region,
+        region,
         &a.id,
         &a.key,
-        &hub,
+        hub,
         2,
         larder_shared::envelope::Body::Ack(Ack {
             up_to: u64::MAX,
@@ -234,7 +234,7 @@ fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
         send(&mut writer, &a, &everything),
         UplinkOutcome::DownAcked(head)
     );
-    let stored = RegionStore::open(&path)
+    let stored = RegionStore::open(path)
         .expect("store")
         .device(&a.id)
         .expect("read")
