@@ -13,14 +13,46 @@ use crate::store::{RegionBatch, RegionStore};
 /// Hands the writer `payload` from `from` as a group of its own, and answers the writer's
 /// verdict.
 fn send(writer: &mut RegionWriter, from: &Loader, payload: &[u8]) -> UplinkOutcome {
-    let (reply, answer) = oneshot::channel();
-    writer.process(vec![RegionCommand::Uplink {
-        topic_device: from.id.clone(),
-        payload: payload.to_vec().into(),
-        reply,
-        pre: None,
-    }]);
-    answer.blocking_recv().expect("answered")
+    let mut outcomes = send_group(writer, vec![(from, payload.to_vec())]);
+    outcomes.pop().expect("one verdict")
+}
+
+/// Hands the writer these uplinks as one group, and answers its verdicts in order.
+fn send_group(writer: &mut RegionWriter, uplinks: Vec<(&Loader, Vec<u8>)>) -> Vec<UplinkOutcome> {
+    let (group, answers): (Vec<_>, Vec<_>) = uplinks
+        .into_iter()
+        .map(|(from, payload)| {
+            let (reply, answer) = oneshot::channel();
+            let cmd = RegionCommand::Uplink {
+                topic_device: from.id.clone(),
+                payload: payload.into(),
+                reply,
+                pre: None,
+            };
+            (cmd, answer)
+        })
+        .unzip();
+    writer.process(group);
+    answers
+        .into_iter()
+        .map(|a| a.blocking_recv().expect("answered"))
+        .collect()
+}
+
+/// The store holds `changes` change rows, and a writer loaded fresh from it holds what
+/// `writer` holds.
+fn assert_stored(writer: &RegionWriter, scene: &Scene, changes: i64, which: &str) {
+    let stored: i64 = rusqlite::Connection::open(&scene.path)
+        .expect("connection")
+        .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(stored, changes, "{which}");
+    let reopened = writer_on(&scene.region, &scene.path, &scene.hub);
+    assert_eq!(
+        writer.ledgers[&fridge()].state_digest(),
+        reopened.ledgers[&fridge()].state_digest(),
+        "the writer holds what its store holds"
+    );
 }
 
 /// A writer on the scene's store with `devices` enrolled (POS of fridge-1).
@@ -107,16 +139,7 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
     for unit in ["u-a1", "u-a2", "u-b1"] {
         assert!(has_unit(&writer, unit), "{unit} is kept");
     }
-    let changes: i64 = admin
-        .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(changes, 3, "each change is stored once");
-    let reopened = writer_on(region, path, hub);
-    assert_eq!(
-        writer.ledgers[&fridge()].state_digest(),
-        reopened.ledgers[&fridge()].state_digest(),
-        "the writer holds what its store holds"
-    );
+    assert_stored(&writer, &scene, 3, "each change is stored once");
 }
 
 /// A change the ledger refuses (here one that would replace a ledger's root map) is refused
@@ -127,9 +150,7 @@ fn an_uplink_whose_commit_fails_is_refused_forgotten_and_counted() {
 #[test]
 fn a_bad_change_costs_its_own_envelope_not_the_group() {
     let scene = scene();
-    let Scene {
-        path, region, hub, ..
-    } = &scene;
+    let Scene { region, hub, .. } = &scene;
     let mut a = Loader::new("pos-a");
     let mut b = Loader::new("pos-b");
     let mut writer = enrolled_writer(&scene, &[&a, &b]);
@@ -147,25 +168,7 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
     let (a1, _) = a.load(region, hub, "u-a1");
     let (b1, _) = b.send(region, hub, bad_change);
     let (a2, _) = a.load(region, hub, "u-a2");
-    let replies: Vec<_> = [(&a, a1), (&b, b1), (&a, a2)]
-        .into_iter()
-        .map(|(from, payload)| {
-            let (reply, answer) = oneshot::channel();
-            let cmd = RegionCommand::Uplink {
-                topic_device: from.id.clone(),
-                payload: payload.into(),
-                reply,
-                pre: None,
-            };
-            (cmd, answer)
-        })
-        .collect();
-    let (group, answers): (Vec<_>, Vec<_>) = replies.into_iter().unzip();
-    writer.process(group);
-    let outcomes: Vec<UplinkOutcome> = answers
-        .into_iter()
-        .map(|a| a.blocking_recv().expect("answered"))
-        .collect();
+    let outcomes = send_group(&mut writer, vec![(&a, a1), (&b, b1), (&a, a2)]);
     assert_eq!(
         outcomes,
         [acked(1), UplinkOutcome::Rejected("malformed"), acked(2)],
@@ -192,17 +195,7 @@ fn a_bad_change_costs_its_own_envelope_not_the_group() {
     );
     assert!(!has_unit(&writer, "u-big-0"));
 
-    let changes: i64 = rusqlite::Connection::open(path)
-        .expect("connection")
-        .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
-        .expect("count");
-    assert_eq!(changes, 3, "u-a1, u-a2 and u-b1");
-    let reopened = writer_on(region, path, hub);
-    assert_eq!(
-        writer.ledgers[&fridge()].state_digest(),
-        reopened.ledgers[&fridge()].state_digest(),
-        "the writer holds what its store holds"
-    );
+    assert_stored(&writer, &scene, 3, "u-a1, u-a2 and u-b1");
 }
 
 /// A device's acknowledgement of its downlink counts only up to what the region committed: an
