@@ -131,6 +131,20 @@ impl Default for StoreConfig {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub request_body_bytes_max: usize,
+    /// Connections served at once; more wait to be accepted.
+    pub connections_max: u64,
+    /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
+    /// connection may sit idle.
+    pub header_read_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    pub fn server_limits(&self) -> crate::http_server::ServerLimits {
+        crate::http_server::ServerLimits {
+            connections_max: usize::try_from(self.connections_max).unwrap_or(usize::MAX),
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -138,6 +152,8 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             request_body_bytes_max: 1024 * 1024,
+            connections_max: 256,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -433,7 +449,7 @@ impl AgentConfig {
         if let Some(problem) = self.orders.simulated_payments.problem() {
             p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 17] = [
             (
                 "temperature.excursion_minutes",
                 self.temperature.excursion_minutes,
@@ -481,6 +497,18 @@ impl AgentConfig {
                 self.store.outbox_max_changes,
                 1_000,
                 100_000_000,
+            ),
+            (
+                "http.connections_max",
+                self.http.connections_max,
+                1,
+                1_000_000,
+            ),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+                100,
+                3_600_000,
             ),
             (
                 "mqtt.keepalive_seconds",

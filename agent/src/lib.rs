@@ -10,6 +10,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod http_server;
 pub mod metrics;
 pub mod store;
 pub mod sync;
@@ -379,16 +380,12 @@ pub async fn start_with_clock(
     let app = api::router(state, config.http.request_body_bytes_max);
     let api = app.clone();
     let mut http_shutdown = shutdown_rx.clone();
+    let limits = config.http.server_limits();
     let http = tokio::spawn(async move {
         let stop = async move {
             let _ = http_shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        crate::http_server::serve(listener, app, limits, stop).await;
     });
     let ctx = sync::SyncContext {
         device: config.device_id.clone(),

@@ -38,6 +38,20 @@ pub struct HubConfig {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub request_body_bytes_max: usize,
+    /// Connections served at once; more wait to be accepted.
+    pub connections_max: u64,
+    /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
+    /// connection may sit idle.
+    pub header_read_timeout_ms: u64,
+}
+
+impl HttpConfig {
+    pub fn server_limits(&self) -> larder_agent::http_server::ServerLimits {
+        larder_agent::http_server::ServerLimits {
+            connections_max: usize::try_from(self.connections_max).unwrap_or(usize::MAX),
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -45,6 +59,8 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_body_bytes_max: 1024 * 1024,
+            connections_max: 1_024,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -553,6 +569,18 @@ impl HubConfig {
                 self.sync.key_overlap_seconds,
                 0,
                 365 * 86_400,
+            ),
+            (
+                "http.connections_max",
+                self.http.connections_max,
+                1,
+                1_000_000,
+            ),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+                100,
+                3_600_000,
             ),
             (
                 "mqtt.keepalive_seconds",

@@ -332,16 +332,12 @@ pub async fn start_with_clock(
     let app = http::router(state, config.http.request_body_bytes_max);
     let api = app.clone();
     let mut http_stop = shutdown_rx.clone();
+    let limits = config.http.server_limits();
     let http_task = tokio::spawn(async move {
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        larder_agent::http_server::serve(listener, app, limits, stop).await;
     });
     let ctx = mqtt::MqttContext {
         regions: regions.clone(),

@@ -62,12 +62,21 @@ fn unknown_keys_and_bad_values_are_named() {
     let text = example
         .replace("keepalive_seconds = 15", "keepalive_seconds = 1")
         .replace("group_commit_max = 256", "group_commit_max = 0")
-        .replace("fridges = [\"fridge-lobby-1\"]", "fridges = []");
+        .replace("fridges = [\"fridge-lobby-1\"]", "fridges = []")
+        .replace(
+            "header_read_timeout_ms = 10000",
+            "header_read_timeout_ms = 10",
+        );
     std::fs::write(&bad, text).expect("write");
     let (ok, out) = check(env!("CARGO_BIN_EXE_agent-node"), &bad);
     assert!(!ok);
-    assert_eq!(out.lines().count(), 3, "one line per problem: {out}");
-    for key in ["keepalive_seconds", "group_commit_max", "fridges"] {
+    assert_eq!(out.lines().count(), 4, "one line per problem: {out}");
+    for key in [
+        "keepalive_seconds",
+        "group_commit_max",
+        "fridges",
+        "header_read_timeout_ms",
+    ] {
         assert!(out.contains(key), "{key} named: {out}");
     }
 

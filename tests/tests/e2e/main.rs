@@ -22,6 +22,7 @@ mod orders;
 mod rejections;
 mod restart;
 mod shutdown;
+mod slow_clients;
 mod storage_limits;
 mod subscriptions;
 mod systemd_notify;

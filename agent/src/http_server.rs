@@ -1,0 +1,93 @@
+//! The HTTP server loop of the agent and the hub: an axum router served over HTTP/1.1 with a
+//! cap on open connections and a time limit on reading a request's headers.
+//!
+//! `axum::serve` has neither: a client that opens connections and never finishes a request
+//! (or leaves them idle) holds a task and a socket each, for as long as it likes. Here a
+//! connection past `connections_max` waits in the listen backlog until one closes, and hyper
+//! closes a connection whose next request's headers are not complete within
+//! `header_read_timeout`, which bounds idle keep-alive connections too. A request body that
+//! stalls for as long is cut off as well (`RequestBodyTimeoutLayer`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// What a server allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Connections served at once; more wait to be accepted.
+    pub connections_max: usize,
+    /// How long a request's headers (or a request body between two chunks) may take to
+    /// arrive, and how long a keep-alive connection may sit idle.
+    pub header_read_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then waits for the connections open
+/// at that moment to finish their requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.header_read_timeout,
+    ));
+    let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: retrying at once would spin, as
+                    // the error stays until some connection closes.
+                    tracing::error!(error = %e, "HTTP accept failed; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Errors that end one incoming connection, not the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}

@@ -1,0 +1,137 @@
+//! Clients that hold connections without finishing requests: the agent and the hub close a
+//! connection whose request headers do not arrive within `http.header_read_timeout_ms` (an
+//! idle keep-alive connection too), and serve at most `http.connections_max` connections at
+//! once, the others waiting their turn rather than being refused.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use larder_shared::domain::Role;
+use larder_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Far longer than any limit under test: only a server that keeps the connection open for good
+/// reaches it.
+const GUARD: Duration = Duration::from_secs(30);
+
+/// Reads until the server closes the connection; what it sent before.
+async fn read_until_closed(stream: &mut TcpStream) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    tokio::time::timeout(GUARD, stream.read_to_end(&mut out))
+        .await
+        .context("the server kept the connection open")??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A whole `GET path` on a connection of its own, answered and closed.
+async fn get_once(stream: &mut TcpStream, path: &str) -> anyhow::Result<String> {
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: larder\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    read_until_closed(stream).await
+}
+
+/// A request's headers cut off half-way, then a connection that sends nothing: both closed
+/// by the server at `addr`, which goes on answering whole requests for `path`.
+async fn cuts_off_slow_clients(addr: SocketAddr, path: &str, post: &str) -> anyhow::Result<()> {
+    let mut slow = TcpStream::connect(addr).await?;
+    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: larder\r\n").as_bytes())
+        .await?;
+    let answer = read_until_closed(&mut slow).await?;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "unfinished headers at {addr}: {answer:?}"
+    );
+
+    let mut idle = TcpStream::connect(addr).await?;
+    let answer = read_until_closed(&mut idle).await?;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "a connection that sent nothing at {addr}: {answer:?}"
+    );
+
+    // A body that stops half-way: the request is refused in the contract's shape, not held
+    // open.
+    let mut stalled = TcpStream::connect(addr).await?;
+    stalled
+        .write_all(
+            format!(
+                "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"fridge_id\""
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let answer = read_until_closed(&mut stalled).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains(r#"{"error":{"code":"malformed""#),
+        "a stalled body at {addr}: {answer:?}"
+    );
+
+    let answer = get_once(&mut TcpStream::connect(addr).await?, path).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{addr}: {answer:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_and_idle_connections_are_closed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub_with(dir.path(), 1, |c| c.http.header_read_timeout_ms = 300).await?;
+    let agent = start_agent_with(
+        &dir.path().join("pos"),
+        &hub,
+        "pos-1",
+        Role::Pos,
+        &["fridge-1"],
+        |c| c.http.header_read_timeout_ms = 300,
+        larder_agent::writer::Clock::system(),
+    )
+    .await?;
+    cuts_off_slow_clients(hub.http_addr, "/healthz", "PUT /v1/regions/demo/catalog").await?;
+    cuts_off_slow_clients(agent.http_addr, "/v1/health", "POST /v1/sales").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_until_one_closes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(dir.path(), 1).await?;
+    let agent = start_agent_with(
+        &dir.path().join("pos"),
+        &hub,
+        "pos-1",
+        Role::Pos,
+        &["fridge-1"],
+        |c| {
+            c.http.connections_max = 2;
+            c.http.header_read_timeout_ms = 600_000;
+        },
+        larder_agent::writer::Clock::system(),
+    )
+    .await?;
+    let addr = agent.http_addr;
+    // Two connections that send nothing take both places; the server accepts in the order
+    // the connections were made, so the third waits in the listen backlog.
+    let first = TcpStream::connect(addr).await?;
+    let _second = TcpStream::connect(addr).await?;
+    let mut third = TcpStream::connect(addr).await?;
+    third
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: larder\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_secs(1), third.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served past connections_max = 2: {early:?}"
+    );
+
+    // One place frees: the waiting request is answered, not refused.
+    drop(first);
+    let answer = read_until_closed(&mut third).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    Ok(())
+}
