@@ -235,6 +235,28 @@ fn starts_epoch(cmd: &Command) -> bool {
         if batch.entries.iter().any(|e| e.kind == EntryKind::Rebase))
 }
 
+/// The id of an order this device makes (a sale, a fridge-card door session): `{device}-{n}`,
+/// numbered by the outbox position its change is about to take, so unique per device and
+/// persisted with the change itself. The hub refuses app orders in a device's namespace, but
+/// one placed before the device was enrolled may hold that id already: then `{device}-{n}.{k}`
+/// with the first free `k`, so the device goes on selling.
+fn own_order_id(ledger: &Ledger, device: &DeviceId, n: u64) -> Result<OrderId, CommandError> {
+    let invalid =
+        |e: larder_shared::ids::IdError| CommandError::Ledger(LedgerError::Invalid(e.to_string()));
+    let mut k = 0_u64;
+    loop {
+        let id = match k {
+            0 => format!("{device}-{n}"),
+            k => format!("{device}-{n}.{k}"),
+        };
+        let id = OrderId::new(id).map_err(invalid)?;
+        if !ledger.has_order(&id) {
+            return Ok(id);
+        }
+        k += 1;
+    }
+}
+
 /// The writer's state. Lives on its own thread.
 #[derive(Debug)]
 pub struct Writer {
@@ -940,10 +962,7 @@ impl Writer {
                 )
             }
             Action::Sale { lines, payment } => {
-                // Numbered by the outbox position its change is about to take: unique per
-                // device and persisted with the change itself.
-                let order_id = OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
-                    .map_err(|e| CommandError::Ledger(LedgerError::Invalid(e.to_string())))?;
+                let order_id = own_order_id(ledger, &device, self.counters.outbox_head + 1)?;
                 let offline_card = payment.method == larder_shared::domain::PaymentMethod::Card
                     && !self.shared.online.load(Ordering::Relaxed);
                 if offline_card {
@@ -990,12 +1009,11 @@ impl Writer {
                 fridge_card,
             } => {
                 if fridge_card {
-                    session.card_order_id = Some(
-                        OrderId::new(format!("{device}-{}", self.counters.outbox_head + 1))
-                            .map_err(|e| {
-                                CommandError::Ledger(LedgerError::Invalid(e.to_string()))
-                            })?,
-                    );
+                    session.card_order_id = Some(own_order_id(
+                        ledger,
+                        &device,
+                        self.counters.outbox_head + 1,
+                    )?);
                 }
                 let (change, matches) =
                     ledger.door_session(&session, &self.catalog, &device, now)?;

@@ -9,24 +9,28 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Longest identifier accepted anywhere, in bytes.
 pub const ID_LEN_MAX: usize = 64;
 
+/// Longest device id, in bytes: shorter than other ids, so that the ids a device gives its own
+/// orders (`{device}-{n}`, `n` up to 20 digits) stay within [`ID_LEN_MAX`].
+pub const DEVICE_ID_LEN_MAX: usize = ID_LEN_MAX - 21;
+
 /// Why a string is not a valid identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdError {
     #[error("{kind} is empty")]
     Empty { kind: &'static str },
-    #[error("{kind} is longer than {ID_LEN_MAX} bytes")]
-    TooLong { kind: &'static str },
+    #[error("{kind} is longer than {max} bytes")]
+    TooLong { kind: &'static str, max: usize },
     #[error("{kind} {value:?} may only contain letters, digits, '.', '_', ':' and '-'")]
     BadCharacter { kind: &'static str, value: String },
 }
 
-fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
+fn validate(kind: &'static str, max: usize, value: &str) -> Result<(), IdError> {
     if value.is_empty() {
         return Err(IdError::Empty { kind });
     }
-    if value.len() > ID_LEN_MAX {
-        return Err(IdError::TooLong { kind });
+    if value.len() > max {
+        return Err(IdError::TooLong { kind, max });
     }
     let ok = value
         .bytes()
@@ -42,6 +46,9 @@ fn validate(kind: &'static str, value: &str) -> Result<(), IdError> {
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        id_type!($(#[$doc])* $name, $kind, ID_LEN_MAX);
+    };
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
         #[serde(transparent)]
@@ -51,7 +58,7 @@ macro_rules! id_type {
             /// Validates and wraps `value`.
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
-                validate($kind, &value)?;
+                validate($kind, $max, &value)?;
                 Ok(Self(value))
             }
 
@@ -108,7 +115,7 @@ id_type!(
 );
 id_type!(
     /// An enrolled device (a fridge's agent or a POS agent); its MQTT client id.
-    DeviceId, "device id"
+    DeviceId, "device id", DEVICE_ID_LEN_MAX
 );
 id_type!(
     /// A catalog item.
@@ -146,7 +153,18 @@ mod tests {
             DeviceId::new("x".repeat(ID_LEN_MAX + 1)),
             Err(IdError::TooLong { .. })
         ));
-        assert!(DeviceId::new("x".repeat(ID_LEN_MAX)).is_ok());
+        assert!(DeviceId::new("x".repeat(DEVICE_ID_LEN_MAX)).is_ok());
+        assert_eq!(
+            DeviceId::new("x".repeat(DEVICE_ID_LEN_MAX + 1)),
+            Err(IdError::TooLong {
+                kind: "device id",
+                max: DEVICE_ID_LEN_MAX
+            })
+        );
+        // A device's longest id still numbers its orders up to u64::MAX.
+        let device = "x".repeat(DEVICE_ID_LEN_MAX);
+        assert!(OrderId::new(format!("{device}-{}", u64::MAX)).is_ok());
+        assert!(FridgeId::new("x".repeat(ID_LEN_MAX)).is_ok());
     }
 
     #[test]

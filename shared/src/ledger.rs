@@ -749,6 +749,11 @@ impl Ledger {
             .collect()
     }
 
+    /// Whether the ledger holds an order with this id.
+    pub fn has_order(&self, order: &OrderId) -> bool {
+        self.has(&self.maps.orders, order.as_str())
+    }
+
     /// An order with its status history.
     pub fn order(&self, order: &OrderId) -> Option<OrderView> {
         let record: OrderRecord = self

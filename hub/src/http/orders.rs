@@ -13,7 +13,7 @@ use larder_shared::domain::{
     AppOrder, AppOrderLine, Channel, ConflictView, Resolution, ResolutionAction, Role,
 };
 use larder_shared::ledger::PaymentOutcome;
-use larder_shared::{FridgeId, OrderId, Sku};
+use larder_shared::{DeviceId, FridgeId, OrderId, Sku};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -62,7 +62,8 @@ struct PlaceBody {
     customer_id: String,
     fridge_id: String,
     lines: Vec<LineBody>,
-    /// The client's own id for the order (generated when absent).
+    /// The client's own id for the order (generated when absent). It may not begin with an
+    /// enrolled device's id and `-`, where devices number their own sales (422).
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     order_id: Option<OrderId>,
@@ -82,6 +83,22 @@ fn new_order_id() -> Result<OrderId, ApiError> {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).map_err(internal)?;
     OrderId::new(format!("app-{}", hex::encode(bytes))).map_err(internal)
+}
+
+/// The enrolled device (revoked or not) whose namespace a client-chosen order id is in: one
+/// whose id followed by `-` begins it. Devices number their own sales `{device}-{n}`; an app
+/// order there would take the id of one of that device's sales to come, which the device would
+/// then refuse to sell, or (placed while the device sells offline) share one order's record.
+fn device_namespace(h: &RegionHandle, id: &OrderId) -> Result<Option<DeviceId>, ApiError> {
+    for (at, _) in id.as_str().match_indices('-') {
+        let Ok(device) = DeviceId::new(&id.as_str()[..at]) else {
+            continue;
+        };
+        if h.reads.device(&device)?.is_some() {
+            return Ok(Some(device));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether every device selling from the fridge (its own and each POS serving it) is online,
@@ -130,17 +147,36 @@ pub(super) async fn place(
         .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
     let idem =
         larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
+    let chosen = req.order_id.is_some();
     let order_id = match req.order_id {
         Some(id) => id,
         None => new_order_id()?,
     };
-    let online = {
+    let (online, owner) = {
         let h = h.clone();
         let f = fridge.clone();
-        tokio::task::spawn_blocking(move || fridge_online(&h, &f))
-            .await
-            .map_err(internal)??
+        let id = order_id.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+            let owner = if chosen {
+                device_namespace(&h, &id)?
+            } else {
+                None
+            };
+            Ok((fridge_online(&h, &f)?, owner))
+        })
+        .await
+        .map_err(internal)??
     };
+    if let Some(device) = owner {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            format!(
+                "order_id {order_id} is in device {device}'s namespace ({device}-…), where it \
+                 numbers its own sales: choose another id, or leave order_id out"
+            ),
+        ));
+    }
     let order = AppOrder {
         order_id,
         customer_id: req.customer_id,

@@ -292,3 +292,67 @@ async fn a_payment_outcome_posted_by_the_provider_is_taken_after_the_grace_windo
     s.everywhere("p-noanswer", "available_for_picking").await?;
     Ok(())
 }
+
+/// Devices number their own orders `{device}-{n}`. The hub refuses an app order whose chosen
+/// id is in an enrolled device's namespace, since that device would one day be refused its own
+/// sale (`order_exists`) for good; and a device enrolled after such an order was placed
+/// numbers around it instead of being blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_orders_keep_out_of_the_ids_devices_give_their_sales() -> anyhow::Result<()> {
+    let scene = Scene::new().await?;
+    for id in ["pos-1-1", "pos-1-99", "fridge-1-7", "fridge-1-x.y"] {
+        let (status, body) = scene.place(id, 1).await?;
+        assert_eq!(status, 422, "{id}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_request", "{id}: {body}");
+        assert!(scene.hub_status(id).await.is_none(), "{id} was placed");
+    }
+    let (status, body) = scene.place("pos-12-1", 1).await?;
+    assert_eq!(status, 201, "no device pos-12: {body}");
+
+    // Placed before pos-2 is enrolled: the ids pos-2 gives its first sales.
+    let taken: Vec<String> = (1..=3).map(|n| format!("pos-2-{n}")).collect();
+    for id in &taken {
+        let (status, body) = scene.place(id, 1).await?;
+        assert_eq!(status, 201, "{id}: {body}");
+    }
+    let pos2 = start_agent(
+        scene._dir.path(),
+        &scene._hub,
+        "pos-2",
+        Role::Pos,
+        &["fridge-1"],
+    )
+    .await?;
+    let pos2_url = format!("http://{}", pos2.http_addr);
+    synced(&pos2_url, WAIT).await?;
+    eventually(WAIT, "pos-2 to hold the app orders", || async {
+        for id in &taken {
+            scene.agent_order(&pos2_url, id).await?;
+        }
+        Some(())
+    })
+    .await?;
+    let mut sold = Vec::new();
+    for n in 0..2 {
+        let (status, body) = post(
+            &format!("{pos2_url}/v1/sales"),
+            &format!("pos-2-sale-{n}"),
+            &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
+                "payment": {"method": "cash", "amount_minor": price(SKU), "currency": "EUR"}}),
+        )
+        .await?;
+        assert_eq!(status, 201, "sale {n}: {body}");
+        let id = body["order_id"].as_str().unwrap_or_default().to_owned();
+        assert!(id.starts_with("pos-2-") && !taken.contains(&id), "{id}");
+        sold.push(id);
+    }
+    assert!(
+        sold[0].contains('.'),
+        "the first sale's own id was taken, so it was numbered around: {sold:?}"
+    );
+    assert_ne!(sold[0], sold[1]);
+    for id in &sold {
+        scene.everywhere(id, "completed").await?;
+    }
+    Ok(())
+}
