@@ -180,6 +180,9 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
             .max_message_bytes
             .saturating_sub(envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
         inflight_entries_max: ctx.sync.inflight_entries_max,
+        // The hub reads every device's uplinks from one subscription: nothing here for the
+        // broker to keep per device.
+        inflight_bytes_max: usize::MAX,
         retransmit_after_ms: ctx.sync.retransmit_after_ms as i64,
     };
     let mut sync = Sync {
@@ -511,7 +514,7 @@ impl Sync {
             }
             self.ctx.shared.metrics.envelopes_sent.inc();
             self.ctx.shared.metrics.envelope_bytes_sent.inc_by(len);
-            self.sender.on_sent(up_to);
+            self.sender.on_sent(up_to, len as usize);
         }
     }
 

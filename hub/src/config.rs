@@ -223,6 +223,9 @@ pub struct SyncConfig {
     pub retransmit_after_ms: u64,
     pub batch_entries_max: u64,
     pub inflight_entries_max: u64,
+    /// Bytes of downlink envelopes sent to a device and not yet acknowledged. The embedded
+    /// broker keeps three times this of each device's downlink in memory, and no more.
+    pub inflight_bytes_max: u64,
     /// Commands a region writer commits together.
     pub group_commit_max: usize,
     /// Commands waiting for a region writer; past it, uplinks wait (in the MQTT client, after
@@ -243,6 +246,7 @@ impl Default for SyncConfig {
             retransmit_after_ms: 5_000,
             batch_entries_max: 512,
             inflight_entries_max: 4_096,
+            inflight_bytes_max: 512 * 1024,
             group_commit_max: 256,
             queue_depth_max: 4_096,
             snapshot_every_changes: 5_000,
@@ -539,6 +543,12 @@ impl HubConfig {
                 self.sync.inflight_entries_max,
                 self.sync.batch_entries_max,
                 10_000_000,
+            ),
+            (
+                "sync.inflight_bytes_max",
+                self.sync.inflight_bytes_max,
+                16 * 1024,
+                1 << 30,
             ),
             (
                 "sync.group_commit_max",

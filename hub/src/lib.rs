@@ -307,6 +307,7 @@ pub async fn start_with_clock(
             config.mqtt.tls.as_ref(),
             config.mqtt.max_message_bytes + 1024,
             config.mqtt.connections_max,
+            config.sync.inflight_bytes_max as usize,
             admission,
             metrics.clone(),
         )?;

@@ -132,15 +132,27 @@ impl Admission {
     }
 }
 
+/// Segments of a device's `down` subscription the embedded broker keeps (see
+/// [`start_embedded_broker`]).
+pub const DOWN_SEGMENTS: usize = 3;
+
 /// Starts rumqttd on its own thread and waits until it accepts TCP connections.
 ///
 /// rumqttd only logs bind errors and never reports readiness, so the address is checked free
 /// first and then polled until it answers.
+///
+/// rumqttd keeps what it routes to a subscription in memory, in segments, and drops the
+/// oldest segment only when a new one would pass the count, whether delivered or not. A
+/// device's `down` subscription gets three segments of `down_segment_bytes`, the hub's
+/// downlink window in bytes (`sync.inflight_bytes_max`), so it keeps at least two windows: a
+/// device that falls behind by more loses the oldest, and the hub's go-back-N resend finds
+/// a whole copy of its window within what is kept.
 pub fn start_embedded_broker(
     addr: SocketAddr,
     tls: Option<&crate::config::MqttTlsConfig>,
     max_payload_bytes: usize,
     connections_max: usize,
+    down_segment_bytes: usize,
     admission: Arc<Admission>,
     metrics: Arc<HubMetrics>,
 ) -> Result<(), BrokerError> {
@@ -194,6 +206,14 @@ pub fn start_embedded_broker(
             max_outgoing_packet_count: 1_000,
             max_segment_size: 100 * 1024 * 1024,
             max_segment_count: 10,
+            custom_segment: Some(HashMap::from([(
+                topics::all_devices_filter(DeviceTopic::Down),
+                rumqttd::SegmentConfig {
+                    // rumqttd refuses (panics on) segments under 1 KiB.
+                    max_segment_size: down_segment_bytes.max(1024),
+                    max_segment_count: DOWN_SEGMENTS,
+                },
+            )])),
             ..Default::default()
         },
         v4: Some(v4),
@@ -467,6 +487,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             .max_message_bytes
             .saturating_sub(larder_shared::envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64),
         inflight_entries_max: ctx.sync.inflight_entries_max,
+        inflight_bytes_max: ctx.sync.inflight_bytes_max as usize,
         retransmit_after_ms: ctx.sync.retransmit_after_ms as i64,
     };
     let (outcomes_tx, mut outcomes_rx) = mpsc::channel(EVENT_QUEUE_MAX);
@@ -1109,11 +1130,12 @@ impl HubLink {
                 else {
                     break;
                 };
+                let len = bytes.len();
                 if !self.publish_down(client, &key.0, &key.1, bytes) {
                     break;
                 }
                 if let Some(d) = self.devices.get_mut(&key) {
-                    d.sender.on_sent(up_to);
+                    d.sender.on_sent(up_to, len);
                     // A resend after a timeout covers batches already counted.
                     if d.in_flight.back().is_none_or(|(last, _)| *last < up_to) {
                         d.in_flight.push_back((up_to, changes));

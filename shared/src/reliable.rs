@@ -6,7 +6,7 @@
 //! sender                                   receiver
 //!   poll_send(head) -> window (after, n)
 //!   shell reads entries, publishes  ──Changes{after, up_to, entries}──▶ on_batch:
-//!   on_sent(up_to)                                                     Gap | Duplicate | Apply
+//!   on_sent(up_to, bytes)                                              Gap | Duplicate | Apply
 //!                                                                      shell commits, then
 //!   on_ack(up_to, gap)              ◀──────────Ack{up_to, gap}──────── on_committed(up_to)
 //!   shell forgets entries <= up_to
@@ -15,8 +15,8 @@
 //! The receiver keeps one number per stream (the high-water mark `hwm`) and applies a batch only
 //! if it starts at or before `hwm`, so nothing is skipped; entries at or below `hwm` are ignored,
 //! so duplicates change nothing. The sender rewinds to the last acknowledged position on
-//! reconnect, on a `gap` reply and when acknowledgements stall (go-back-N). The number of entries
-//! in flight and the size of a batch are bounded.
+//! reconnect, on a `gap` reply and when acknowledgements stall (go-back-N). The entries and
+//! bytes in flight and the size of a batch are bounded.
 //!
 //! `SeqAllocator` hands out envelope sequence numbers from blocks that the shell persists before
 //! the first number of a block is signed, so numbers strictly increase across crashes.
@@ -32,6 +32,9 @@ pub struct SenderLimits {
     pub batch_bytes_max: usize,
     /// Entries sent but not acknowledged.
     pub inflight_entries_max: u64,
+    /// Bytes of the batches sent but not acknowledged (as the shell counts them: the sealed
+    /// envelopes). A batch goes out while fewer are in flight, so the last one may pass it.
+    pub inflight_bytes_max: usize,
     /// Rewind when nothing was acknowledged for this long while entries are in flight.
     pub retransmit_after_ms: i64,
 }
@@ -42,6 +45,7 @@ impl Default for SenderLimits {
             batch_entries_max: 512,
             batch_bytes_max: 192 * 1024,
             inflight_entries_max: 4096,
+            inflight_bytes_max: 1 << 20,
             retransmit_after_ms: 5_000,
         }
     }
@@ -64,6 +68,8 @@ pub struct StreamSender {
     sent_up_to: u64,
     connected: bool,
     last_progress_ms: i64,
+    /// `(up_to, bytes)` of each batch sent since the last rewind and not yet acknowledged.
+    in_flight: std::collections::VecDeque<(u64, usize)>,
 }
 
 impl StreamSender {
@@ -75,7 +81,19 @@ impl StreamSender {
             sent_up_to: acked,
             connected: false,
             last_progress_ms: 0,
+            in_flight: std::collections::VecDeque::new(),
         }
+    }
+
+    /// Bytes of the batches in flight.
+    pub fn inflight_bytes(&self) -> usize {
+        self.in_flight.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Send again from what the receiver has.
+    fn rewind(&mut self) {
+        self.sent_up_to = self.acked;
+        self.in_flight.clear();
     }
 
     pub fn acked(&self) -> u64 {
@@ -93,13 +111,13 @@ impl StreamSender {
     /// The link is up: start again from what the receiver has.
     pub fn on_connected(&mut self, now_ms: i64) {
         self.connected = true;
-        self.sent_up_to = self.acked;
+        self.rewind();
         self.last_progress_ms = now_ms;
     }
 
     pub fn on_disconnected(&mut self) {
         self.connected = false;
-        self.sent_up_to = self.acked;
+        self.rewind();
     }
 
     /// The next window to send, if the link is up, there is something past what was sent
@@ -109,7 +127,10 @@ impl StreamSender {
             return None;
         }
         let inflight = self.sent_up_to.saturating_sub(self.acked);
-        if inflight >= self.limits.inflight_entries_max {
+        let inflight_bytes = self.inflight_bytes();
+        if inflight >= self.limits.inflight_entries_max
+            || inflight_bytes >= self.limits.inflight_bytes_max
+        {
             return None;
         }
         Some(SendWindow {
@@ -118,13 +139,19 @@ impl StreamSender {
                 .limits
                 .batch_entries_max
                 .min(self.limits.inflight_entries_max - inflight),
-            bytes_max: self.limits.batch_bytes_max,
+            bytes_max: self
+                .limits
+                .batch_bytes_max
+                .min(self.limits.inflight_bytes_max - inflight_bytes),
         })
     }
 
-    /// The shell published a batch covering up to `up_to`.
-    pub fn on_sent(&mut self, up_to: u64) {
-        self.sent_up_to = self.sent_up_to.max(up_to);
+    /// The shell published a batch covering up to `up_to`, `bytes` long.
+    pub fn on_sent(&mut self, up_to: u64, bytes: usize) {
+        if up_to > self.sent_up_to {
+            self.in_flight.push_back((up_to, bytes));
+            self.sent_up_to = up_to;
+        }
     }
 
     /// An acknowledgement arrived. Returns the new acknowledged position if it moved, so the
@@ -133,13 +160,20 @@ impl StreamSender {
         let moved = if ack.up_to > self.acked {
             self.acked = ack.up_to;
             self.sent_up_to = self.sent_up_to.max(ack.up_to);
+            while self
+                .in_flight
+                .front()
+                .is_some_and(|(up_to, _)| *up_to <= ack.up_to)
+            {
+                self.in_flight.pop_front();
+            }
             self.last_progress_ms = now_ms;
             Some(ack.up_to)
         } else {
             None
         };
         if ack.gap {
-            self.sent_up_to = self.acked;
+            self.rewind();
             self.last_progress_ms = now_ms;
         }
         moved
@@ -158,7 +192,7 @@ impl StreamSender {
             && self.sent_up_to > self.acked
             && now_ms - self.last_progress_ms >= self.limits.retransmit_after_ms
         {
-            self.sent_up_to = self.acked;
+            self.rewind();
             self.last_progress_ms = now_ms;
         }
     }
@@ -346,6 +380,7 @@ mod tests {
             batch_entries_max: 10,
             batch_bytes_max: 1 << 20,
             inflight_entries_max: 25,
+            inflight_bytes_max: 1 << 20,
             retransmit_after_ms: 100,
         };
         let mut s = StreamSender::new(0, limits);
@@ -353,11 +388,11 @@ mod tests {
         s.on_connected(0);
         let w = s.poll_send(50).expect("window");
         assert_eq!((w.after, w.entries_max), (0, 10));
-        s.on_sent(10);
-        s.on_sent(20);
+        s.on_sent(10, 100);
+        s.on_sent(20, 100);
         let w = s.poll_send(50).expect("window");
         assert_eq!((w.after, w.entries_max), (20, 5), "in-flight cap");
-        s.on_sent(25);
+        s.on_sent(25, 100);
         assert_eq!(s.poll_send(50), None, "at the in-flight cap");
         assert_eq!(
             s.on_ack(
@@ -384,7 +419,7 @@ mod tests {
         assert_eq!(s.sent_up_to(), 25, "not stalled yet");
         s.tick(111);
         assert_eq!(s.sent_up_to(), 10, "stalled: rewound");
-        s.on_sent(25);
+        s.on_sent(25, 100);
         s.on_ack(
             Ack {
                 up_to: 12,
@@ -397,6 +432,54 @@ mod tests {
         assert_eq!(s.poll_send(50), None);
     }
 
+    #[test]
+    fn the_bytes_in_flight_are_capped() {
+        let limits = SenderLimits {
+            batch_entries_max: 10,
+            batch_bytes_max: 1000,
+            inflight_entries_max: 1000,
+            inflight_bytes_max: 2500,
+            retransmit_after_ms: 100,
+        };
+        let mut s = StreamSender::new(0, limits);
+        s.on_connected(0);
+        assert_eq!(s.poll_send(100).map(|w| w.bytes_max), Some(1000));
+        s.on_sent(10, 1000);
+        s.on_sent(20, 1000);
+        assert_eq!(
+            s.poll_send(100).map(|w| w.bytes_max),
+            Some(500),
+            "what is left under the cap"
+        );
+        s.on_sent(30, 900);
+        assert_eq!(s.poll_send(100), None, "past the cap");
+        s.on_ack(
+            Ack {
+                up_to: 10,
+                gap: false,
+            },
+            1,
+        );
+        assert_eq!(s.inflight_bytes(), 1900);
+        assert_eq!(
+            s.poll_send(100).map(|w| (w.after, w.bytes_max)),
+            Some((30, 600))
+        );
+        s.on_sent(35, 600);
+        s.on_sent(30, 600);
+        assert_eq!(
+            s.inflight_bytes(),
+            2500,
+            "a batch already counted is not again"
+        );
+        s.tick(200);
+        assert_eq!(s.inflight_bytes(), 0, "stalled: rewound");
+        assert_eq!(
+            s.poll_send(100).map(|w| (w.after, w.bytes_max)),
+            Some((10, 1000))
+        );
+    }
+
     /// Found by the protocol simulation: a device clock stepped back by an hour stopped
     /// retransmissions for that hour, since the wait was measured from a time now in the future.
     #[test]
@@ -407,7 +490,7 @@ mod tests {
         };
         let mut s = StreamSender::new(0, limits);
         s.on_connected(1_000_000);
-        s.on_sent(5);
+        s.on_sent(5, 100);
         // The clock steps back an hour.
         let back = 1_000_000 - 3_600_000;
         s.tick(back);
@@ -471,7 +554,7 @@ mod tests {
         fn lossy_link_delivers_everything_once(seed in any::<u64>(), head in 1u64..200) {
             let mut rng = seed | 1;
             let mut next = move || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
-            let limits = SenderLimits { batch_entries_max: 7, batch_bytes_max: 1 << 20, inflight_entries_max: 20, retransmit_after_ms: 10 };
+            let limits = SenderLimits { batch_entries_max: 7, batch_bytes_max: 1 << 20, inflight_entries_max: 20, inflight_bytes_max: 1 << 20, retransmit_after_ms: 10 };
             let mut sender = StreamSender::new(0, limits);
             let mut receiver = StreamReceiver::new(0);
             let mut applied = Vec::new();
@@ -489,7 +572,7 @@ mod tests {
                         .map(entry)
                         .collect();
                     if let Some(b) = build_batch(w, entries, head) {
-                        sender.on_sent(b.up_to);
+                        sender.on_sent(b.up_to, 100);
                         let copies = 1 + next() % 3;
                         for _ in 0..copies { if next() % 4 != 0 { to_receiver.push(b.clone()); } }
                     }

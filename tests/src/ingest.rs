@@ -95,6 +95,19 @@ pub async fn connect(
     nonce: u64,
     max_packet: usize,
 ) -> Result<(AsyncClient, EventLoop)> {
+    connect_session(broker, device, key, nonce, max_packet, true).await
+}
+
+/// [`connect`], with a persistent session (the broker keeps its subscriptions and what they
+/// route to it while it is away) unless `clean`.
+pub async fn connect_session(
+    broker: &str,
+    device: &DeviceId,
+    key: &SecretKey,
+    nonce: u64,
+    max_packet: usize,
+    clean: bool,
+) -> Result<(AsyncClient, EventLoop)> {
     let (host, port) = broker
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("broker address {broker}"))?;
@@ -103,6 +116,7 @@ pub async fn connect(
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(max_packet, max_packet);
     o.set_inflight(100);
+    o.set_clean_session(clean);
     let (client, mut events) = AsyncClient::new(o, 256);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

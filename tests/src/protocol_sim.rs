@@ -728,6 +728,7 @@ impl World {
             batch_entries_max: 8,
             batch_bytes_max: 64 * 1024,
             inflight_entries_max: 32,
+            inflight_bytes_max: usize::MAX,
             retransmit_after_ms: 5 * SECOND,
         };
         self.devs[d].mem = Some(DevMem {
@@ -905,7 +906,7 @@ impl World {
                 break;
             };
             if let Some(m) = self.devs[d].mem.as_mut() {
-                m.sender.on_sent(up_to);
+                m.sender.on_sent(up_to, bytes.len());
             }
             self.send(true, d, bytes, true);
         }
@@ -1066,6 +1067,8 @@ impl World {
             batch_entries_max: 16,
             batch_bytes_max: 128 * 1024,
             inflight_entries_max: 64,
+            // Small enough to bind, as the embedded broker's memory bound needs (hub/mqtt.rs).
+            inflight_bytes_max: 16 * 1024,
             retransmit_after_ms: 5 * SECOND,
         };
         let senders = self
@@ -1156,7 +1159,7 @@ impl World {
                 break;
             };
             if let Some(h) = self.hub.as_mut() {
-                h.senders[d].on_sent(up_to);
+                h.senders[d].on_sent(up_to, bytes.len());
             }
             self.send(false, d, bytes, true);
         }

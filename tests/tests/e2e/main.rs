@@ -9,6 +9,7 @@ mod concurrent_edits;
 mod config_check;
 mod conflicts;
 mod crash;
+mod downlink_memory;
 mod escrow;
 mod flapping;
 mod fuzz_corpus;
