@@ -311,6 +311,17 @@ async fn catch_up() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    if matches!(which.as_str(), "-h" | "--help" | "help") {
+        println!(
+            "Larder's agent benchmarks (build with --release)\n\n\
+             usage: larder-bench [latency|throughput|catch-up|all]   (default: all)\n\n\
+             latency     durable sale latency through the agent's HTTP API, one client\n\
+             throughput  durable sales per second, 32 concurrent clients\n\
+             catch-up    a POS offline for 10,000 sales reconnecting to a hub\n\n\
+             The hub's benchmarks are in larder-hub-bench; figures in docs/BENCHMARKS.md."
+        );
+        return Ok(());
+    }
     bench_start("Larder's agent benchmarks", &which);
     match which.as_str() {
         "latency" => latency().await,

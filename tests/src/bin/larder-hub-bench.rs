@@ -781,6 +781,18 @@ async fn import() -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let which = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    if matches!(which.as_str(), "-h" | "--help" | "help") {
+        println!(
+            "Larder's hub benchmarks (build with --release)\n\n\
+             usage: larder-hub-bench [orders|ingest|connected|import|all]   (default: all)\n\n\
+             orders     the order platform of a region of 1,000 fridges\n\
+             ingest     1,000 devices sending signed changes, beside the broker's raw rate\n\
+             connected  hub memory per idle device (LARDER_BENCH_DEVICES, default 10000)\n\
+             import     larder-hub import units of 1,000,000 rows\n\n\
+             The agent's benchmarks are in larder-bench; figures in docs/BENCHMARKS.md."
+        );
+        return Ok(());
+    }
     bench_start("Larder's hub benchmarks", &which);
     match which.as_str() {
         "orders" => orders().await,
