@@ -153,7 +153,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             request_body_bytes_max: 1024 * 1024,
             connections_max: 256,
-            header_read_timeout_ms: 10_000,
+            header_read_timeout_ms: 30_000,
         }
     }
 }

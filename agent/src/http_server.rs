@@ -30,7 +30,7 @@ pub struct ServerLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the connections open
-/// at that moment to finish their requests.
+/// at that moment to finish their requests, for at most `header_read_timeout`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -63,8 +63,10 @@ pub async fn serve(
                     // Out of file descriptors and the like: retrying at once would spin, as
                     // the error stays until some connection closes.
                     tracing::error!(error = %e, "HTTP accept failed; retrying in 1 s");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
@@ -79,7 +81,14 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Requests under way get as long to finish as a request's headers get to arrive; a client
+    // that holds its connection past that (one that never reads its answer) is left behind.
+    if tokio::time::timeout(limits.header_read_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open at shutdown were left");
+    }
 }
 
 /// Errors that end one incoming connection, not the listener.

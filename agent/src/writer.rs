@@ -1445,3 +1445,72 @@ pub async fn submit(
     })?;
     rx.await.map_err(|_| CommandError::ShuttingDown)?
 }
+
+#[cfg(test)]
+mod tests {
+    use larder_shared::catalog::{Catalog, CatalogItem};
+    use larder_shared::domain::SaleLine;
+    use larder_shared::domain::{Channel, Payment, PaymentMethod, Refill, RefillUnit, Sale};
+    use larder_shared::{FridgeId, Sku, UnitId};
+
+    use super::*;
+
+    /// An order placed under a device's next own id before the device was enrolled (or in the
+    /// moment between the hub's two checks) makes the device number around it.
+    #[test]
+    fn own_order_ids_step_around_an_order_already_holding_them() {
+        let (fridge, pos) = (
+            DeviceId::new("fridge-1").expect("id"),
+            DeviceId::new("pos-9").expect("id"),
+        );
+        let sku = Sku::new("lasagna").expect("sku");
+        let catalog = Catalog {
+            version: 1,
+            currency: "EUR".into(),
+            items: vec![CatalogItem {
+                sku: sku.clone(),
+                name: "Lasagna".into(),
+                price_minor: 850,
+                allergens: vec![],
+                shelf_life_hours: 72,
+            }],
+        };
+        let mut ledger = Ledger::new(
+            FridgeId::new("fridge-1").expect("id"),
+            ledger::actor_for(&fridge),
+        )
+        .expect("ledger");
+        let refill = Refill {
+            units: vec![RefillUnit {
+                unit_id: UnitId::new("u-1").expect("id"),
+                sku: sku.clone(),
+                expires_at_ms: i64::MAX / 2,
+                batch: None,
+            }],
+            order_id: None,
+        };
+        ledger.refill(&refill, &fridge, 1).expect("refill");
+        let taken = OrderId::new("pos-9-1").expect("id");
+        let sale = Sale {
+            order_id: taken.clone(),
+            channel: Channel::App,
+            lines: vec![SaleLine {
+                sku,
+                unit_id: None,
+                quantity: 1,
+            }],
+            payment: Payment {
+                method: PaymentMethod::Cash,
+                amount_minor: 850,
+                currency: "EUR".into(),
+            },
+            payment_pending: false,
+        };
+        ledger.sell(&sale, &catalog, &fridge, 2).expect("sale");
+        assert!(ledger.has_order(&taken));
+
+        let id = |n| own_order_id(&ledger, &pos, n).expect("an id").to_string();
+        assert_eq!(id(1), "pos-9-1.1");
+        assert_eq!(id(2), "pos-9-2");
+    }
+}

@@ -451,8 +451,16 @@ fn device(cmd: DeviceCmd) -> ExitCode {
             if role == Role::Fridge && fridges.len() != 1 {
                 return fail(["a fridge device serves exactly one fridge".to_owned()]);
             }
+            if let Err(e) = id.check_enrollable() {
+                return fail([e.to_string()]);
+            }
             match store.device(&id) {
                 Ok(Some(_)) => return fail([format!("device {id} is already enrolled")]),
+                Ok(None) => {}
+                Err(e) => return fail([e.to_string()]),
+            }
+            match store.order_in_namespace(&id) {
+                Ok(Some(order)) => return fail([crate::region::namespace_taken(&id, &order)]),
                 Ok(None) => {}
                 Err(e) => return fail([e.to_string()]),
             }

@@ -60,7 +60,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             request_body_bytes_max: 1024 * 1024,
             connections_max: 1_024,
-            header_read_timeout_ms: 10_000,
+            header_read_timeout_ms: 30_000,
         }
     }
 }
@@ -223,8 +223,9 @@ pub struct SyncConfig {
     pub retransmit_after_ms: u64,
     pub batch_entries_max: u64,
     pub inflight_entries_max: u64,
-    /// Bytes of downlink envelopes sent to a device and not yet acknowledged. The embedded
-    /// broker keeps three times this of each device's downlink in memory, and no more.
+    /// Bytes of downlink envelopes sent to a device and not yet acknowledged (one envelope may
+    /// take it past). The embedded broker keeps at most three times this plus
+    /// `mqtt.max_message_bytes` of each device's downlink in memory.
     pub inflight_bytes_max: u64,
     /// Commands a region writer commits together.
     pub group_commit_max: usize,

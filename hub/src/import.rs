@@ -144,6 +144,9 @@ pub async fn run(o: &Options) -> anyhow::Result<Summary> {
     };
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        // Below the hub's idle keep-alive limit (`http.header_read_timeout_ms`, 30 s default),
+        // so a pooled connection is not reused as the hub closes it.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()?;
     let api = Api {
         client,

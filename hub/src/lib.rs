@@ -307,7 +307,8 @@ pub async fn start_with_clock(
             config.mqtt.tls.as_ref(),
             config.mqtt.max_message_bytes + 1024,
             config.mqtt.connections_max,
-            config.sync.inflight_bytes_max as usize,
+            // A window, and the one envelope that may take it past its limit.
+            (config.sync.inflight_bytes_max as usize).saturating_add(config.mqtt.max_message_bytes),
             admission,
             metrics.clone(),
         )?;

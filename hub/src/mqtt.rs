@@ -143,10 +143,11 @@ pub const DOWN_SEGMENTS: usize = 3;
 ///
 /// rumqttd keeps what it routes to a subscription in memory, in segments, and drops the
 /// oldest segment only when a new one would pass the count, whether delivered or not. A
-/// device's `down` subscription gets three segments of `down_segment_bytes`, the hub's
-/// downlink window in bytes (`sync.inflight_bytes_max`), so it keeps at least two windows: a
-/// device that falls behind by more loses the oldest, and the hub's go-back-N resend finds
-/// a whole copy of its window within what is kept.
+/// device's `down` subscription gets three segments of `down_segment_bytes`: the hub's
+/// downlink window in bytes (`sync.inflight_bytes_max`) and one largest envelope, which is how
+/// far a window can go. The two full segments kept behind the one being filled hold at least
+/// two windows, so a device that falls behind by more loses the oldest, and the hub's
+/// go-back-N resend still finds a whole copy of its window within what is kept.
 pub fn start_embedded_broker(
     addr: SocketAddr,
     tls: Option<&crate::config::MqttTlsConfig>,
@@ -204,16 +205,30 @@ pub fn start_embedded_broker(
         router: rumqttd::RouterConfig {
             max_connections: connections_max,
             max_outgoing_packet_count: 1_000,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: Some(HashMap::from([(
-                topics::all_devices_filter(DeviceTopic::Down),
-                rumqttd::SegmentConfig {
-                    // rumqttd refuses (panics on) segments under 1 KiB.
-                    max_segment_size: down_segment_bytes.max(1024),
-                    max_segment_count: DOWN_SEGMENTS,
-                },
-            )])),
+            // Any filter not named below (the catalog's, presence's, or a wildcard an admitted
+            // device subscribes to): 3 MiB at most.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 3,
+            // Keys that no subscription can match two of: rumqttd applies the last match.
+            custom_segment: Some(HashMap::from([
+                (
+                    topics::all_devices_filter(DeviceTopic::Down),
+                    rumqttd::SegmentConfig {
+                        // rumqttd refuses (panics on) segments under 1 KiB.
+                        max_segment_size: down_segment_bytes.max(1024),
+                        max_segment_count: DOWN_SEGMENTS,
+                    },
+                ),
+                (
+                    // The hub's uplink subscription, one per region (or one for all): room
+                    // for bursts while the region writers catch up.
+                    topics::all_devices_filter(DeviceTopic::Up),
+                    rumqttd::SegmentConfig {
+                        max_segment_size: 16 * 1024 * 1024,
+                        max_segment_count: 8,
+                    },
+                ),
+            ])),
             ..Default::default()
         },
         v4: Some(v4),

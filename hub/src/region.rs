@@ -116,6 +116,14 @@ pub enum RegionError {
 
 type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 
+/// Why a device cannot be enrolled under an id whose namespace an order already uses.
+pub fn namespace_taken(device: &DeviceId, order: &str) -> String {
+    format!(
+        "order {order} already uses the ids {device}-…, where device {device} would number its \
+         own sales: choose another device id"
+    )
+}
+
 /// A compaction asked for: records finished before when, the request's Idempotency-Key and
 /// request hash, and the reply.
 type AskedCompaction = (i64, Option<(String, String)>, Reply<CompactionReport>);
@@ -1396,6 +1404,10 @@ impl RegionWriter {
                 "the device id hub names the hub's own writes; choose another".into(),
             ));
         }
+        record
+            .device_id
+            .check_enrollable()
+            .map_err(|e| RegionError::Invalid(e.to_string()))?;
         for f in &record.fridges {
             if !self.fridges.contains(f) {
                 return Err(RegionError::UnknownFridge(f.clone()));
@@ -1417,6 +1429,17 @@ impl RegionWriter {
             || batch.enroll.iter().any(|d| d.device_id == record.device_id);
         if exists {
             return Err(RegionError::DeviceExists(record.device_id.clone()));
+        }
+        // Checked after `exists`: an enrolled device's own sales are in its namespace.
+        if let Some(order) = self
+            .store
+            .order_in_namespace(&record.device_id)
+            .map_err(|e| RegionError::Storage(e.to_string()))?
+        {
+            return Err(RegionError::Invalid(namespace_taken(
+                &record.device_id,
+                &order,
+            )));
         }
         Ok(())
     }

@@ -319,6 +319,19 @@ impl RegionStore {
             .optional()?)
     }
 
+    /// An order of the region whose id is in `device`'s namespace (`{device}-…`), where the
+    /// device would number its own sales.
+    pub fn order_in_namespace(&self, device: &DeviceId) -> Result<Option<String>, StoreError> {
+        // Ids of `{device}-…` sort from `{device}-` up to `{device}.` ('.' follows '-').
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT order_id FROM orders WHERE order_id > ?1 AND order_id < ?2 LIMIT 1",
+            )?
+            .query_row([format!("{device}-"), format!("{device}.")], |r| r.get(0))
+            .optional()?)
+    }
+
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"

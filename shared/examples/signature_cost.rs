@@ -25,8 +25,13 @@ fn main() {
     let keys: Vec<SecretKey> = (0..64)
         .map(|_| SecretKey::generate().expect("a key from the OS random source"))
         .collect();
+    // The size of the ingest benchmark's envelopes.
     let messages: Vec<Vec<u8>> = (0..n)
-        .map(|i| format!("envelope {i}: 473 bytes or so").into_bytes())
+        .map(|i| {
+            let mut m = format!("envelope {i}").into_bytes();
+            m.resize(473, b'.');
+            m
+        })
         .collect();
     let sigs: Vec<_> = messages
         .iter()

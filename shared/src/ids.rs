@@ -9,8 +9,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// Longest identifier accepted anywhere, in bytes.
 pub const ID_LEN_MAX: usize = 64;
 
-/// Longest device id, in bytes: shorter than other ids, so that the ids a device gives its own
-/// orders (`{device}-{n}`, `n` up to 20 digits) stay within [`ID_LEN_MAX`].
+/// Longest id a device may be enrolled under, in bytes: shorter than other ids, so that the ids
+/// a device gives its own orders (`{device}-{n}`, `n` up to 20 digits) stay within
+/// [`ID_LEN_MAX`]. Checked at enrollment and in an agent's config ([`DeviceId::check_enrollable`]);
+/// ids read back from a store or the wire may be longer, enrolled before the limit.
 pub const DEVICE_ID_LEN_MAX: usize = ID_LEN_MAX - 21;
 
 /// Why a string is not a valid identifier.
@@ -115,7 +117,7 @@ id_type!(
 );
 id_type!(
     /// An enrolled device (a fridge's agent or a POS agent); its MQTT client id.
-    DeviceId, "device id", DEVICE_ID_LEN_MAX
+    DeviceId, "device id"
 );
 id_type!(
     /// A catalog item.
@@ -129,6 +131,19 @@ id_type!(
     /// An order (sale or reservation).
     OrderId, "order id"
 );
+
+impl DeviceId {
+    /// Refuses an id longer than [`DEVICE_ID_LEN_MAX`].
+    pub fn check_enrollable(&self) -> Result<(), IdError> {
+        if self.0.len() > DEVICE_ID_LEN_MAX {
+            return Err(IdError::TooLong {
+                kind: "device id",
+                max: DEVICE_ID_LEN_MAX,
+            });
+        }
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -153,13 +168,15 @@ mod tests {
             DeviceId::new("x".repeat(ID_LEN_MAX + 1)),
             Err(IdError::TooLong { .. })
         ));
-        assert!(DeviceId::new("x".repeat(DEVICE_ID_LEN_MAX)).is_ok());
+        assert!(DeviceId::new("x".repeat(ID_LEN_MAX)).is_ok(), "as stored");
+        let enrollable = |n: usize| DeviceId::new("x".repeat(n)).map(|d| d.check_enrollable());
+        assert_eq!(enrollable(DEVICE_ID_LEN_MAX), Ok(Ok(())));
         assert_eq!(
-            DeviceId::new("x".repeat(DEVICE_ID_LEN_MAX + 1)),
-            Err(IdError::TooLong {
+            enrollable(DEVICE_ID_LEN_MAX + 1),
+            Ok(Err(IdError::TooLong {
                 kind: "device id",
                 max: DEVICE_ID_LEN_MAX
-            })
+            }))
         );
         // A device's longest id still numbers its orders up to u64::MAX.
         let device = "x".repeat(DEVICE_ID_LEN_MAX);

@@ -49,6 +49,8 @@ where
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
+        // Below the servers' idle keep-alive limit (`http.header_read_timeout_ms`).
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .expect("http client")
 }

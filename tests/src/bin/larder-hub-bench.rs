@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use larder_shared::domain::Role;
+use larder_shared::topics::{self, DeviceTopic};
+use larder_shared::{DeviceId, RegionId};
 use larder_tests::*;
 
 /// The hub's own allocator (`hub/src/main.rs`): the hub runs in this process.
@@ -275,6 +277,15 @@ async fn orders() -> Result<()> {
 const INGEST_DEVICES: usize = 1_000;
 const INGEST_PER_DEVICE: u64 = 20;
 const INGEST_FRIDGES: u32 = 100;
+
+/// The region of the raw pass-through's topics: one no hub owns.
+fn raw_region() -> RegionId {
+    RegionId::new("bench-raw").expect("id")
+}
+
+fn raw_device(i: usize) -> DeviceId {
+    DeviceId::new(format!("raw-{i}")).expect("id")
+}
 /// `LARDER_BENCH_DEVICES` overrides it.
 const CONNECTED_DEVICES: usize = 10_000;
 
@@ -389,8 +400,13 @@ async fn ingest() -> Result<()> {
         larder_tests::ingest::connect(&hub.broker, &DeviceId::new("bench-sub")?, &sub_key, 0, max)
             .await?;
     let received = Arc::new(AtomicUsize::new(0));
-    sub.subscribe("bench/raw/#", rumqttc::QoS::AtLeastOnce)
-        .await?;
+    // Uplink topics of a region no hub owns: the broker keeps them as it keeps the hub's
+    // uplinks (`larder/v1/+/d/+/up`), and the hub does not see them.
+    sub.subscribe(
+        topics::region_devices_filter(&raw_region(), DeviceTopic::Up),
+        rumqttc::QoS::AtLeastOnce,
+    )
+    .await?;
     drive(
         sub_events,
         Some(received.clone()),
@@ -407,7 +423,7 @@ async fn ingest() -> Result<()> {
             for _ in 0..INGEST_PER_DEVICE {
                 let _ = c
                     .publish(
-                        format!("bench/raw/{i}"),
+                        topics::device(&raw_region(), &raw_device(i), DeviceTopic::Up),
                         rumqttc::QoS::AtLeastOnce,
                         false,
                         payload.clone(),

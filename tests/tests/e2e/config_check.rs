@@ -64,7 +64,7 @@ fn unknown_keys_and_bad_values_are_named() {
         .replace("group_commit_max = 256", "group_commit_max = 0")
         .replace("fridges = [\"fridge-lobby-1\"]", "fridges = []")
         .replace(
-            "header_read_timeout_ms = 10000",
+            "header_read_timeout_ms = 30000",
             "header_read_timeout_ms = 10",
         );
     std::fs::write(&bad, text).expect("write");

@@ -295,8 +295,8 @@ async fn a_payment_outcome_posted_by_the_provider_is_taken_after_the_grace_windo
 
 /// Devices number their own orders `{device}-{n}`. The hub refuses an app order whose chosen
 /// id is in an enrolled device's namespace, since that device would one day be refused its own
-/// sale (`order_exists`) for good; and a device enrolled after such an order was placed
-/// numbers around it instead of being blocked.
+/// sale (`order_exists`) for good; and it refuses to enroll a device whose namespace an order
+/// already uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_orders_keep_out_of_the_ids_devices_give_their_sales() -> anyhow::Result<()> {
     let scene = Scene::new().await?;
@@ -309,50 +309,61 @@ async fn app_orders_keep_out_of_the_ids_devices_give_their_sales() -> anyhow::Re
     let (status, body) = scene.place("pos-12-1", 1).await?;
     assert_eq!(status, 201, "no device pos-12: {body}");
 
-    // Placed before pos-2 is enrolled: the ids pos-2 gives its first sales.
-    let taken: Vec<String> = (1..=3).map(|n| format!("pos-2-{n}")).collect();
-    for id in &taken {
-        let (status, body) = scene.place(id, 1).await?;
-        assert_eq!(status, 201, "{id}: {body}");
-    }
-    let pos2 = start_agent(
-        scene._dir.path(),
-        &scene._hub,
+    // Placed before pos-2 is enrolled: ids pos-2 would give its first sales. pos-2 cannot then
+    // be enrolled under that id (it would number around them: the agent's `own_order_id`).
+    let (status, body) = scene.place("pos-2-1", 1).await?;
+    assert_eq!(status, 201, "{body}");
+    let key = larder_hub::demo::seeded_key(7, "pos-2");
+    let refused = enroll(
+        &scene.hub_http,
         "pos-2",
         Role::Pos,
         &["fridge-1"],
+        &key.public(),
+    )
+    .await
+    .expect_err("pos-2's namespace holds an order");
+    let refused = refused.to_string();
+    assert!(
+        refused.contains("422") && refused.contains("pos-2-1"),
+        "{refused}"
+    );
+    enroll(
+        &scene.hub_http,
+        "pos-3",
+        Role::Pos,
+        &["fridge-1"],
+        &key.public(),
     )
     .await?;
-    let pos2_url = format!("http://{}", pos2.http_addr);
-    synced(&pos2_url, WAIT).await?;
-    eventually(WAIT, "pos-2 to hold the app orders", || async {
-        for id in &taken {
-            scene.agent_order(&pos2_url, id).await?;
-        }
-        Some(())
-    })
-    .await?;
-    let mut sold = Vec::new();
-    for n in 0..2 {
-        let (status, body) = post(
-            &format!("{pos2_url}/v1/sales"),
-            &format!("pos-2-sale-{n}"),
-            &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
-                "payment": {"method": "cash", "amount_minor": price(SKU), "currency": "EUR"}}),
-        )
-        .await?;
-        assert_eq!(status, 201, "sale {n}: {body}");
-        let id = body["order_id"].as_str().unwrap_or_default().to_owned();
-        assert!(id.starts_with("pos-2-") && !taken.contains(&id), "{id}");
-        sold.push(id);
-    }
+    // Nor under an id too long for `{device}-{n}` to be an order id.
+    let long = "p".repeat(larder_shared::ids::DEVICE_ID_LEN_MAX + 1);
+    let refused = enroll(
+        &scene.hub_http,
+        &long,
+        Role::Pos,
+        &["fridge-1"],
+        &key.public(),
+    )
+    .await
+    .expect_err("too long")
+    .to_string();
     assert!(
-        sold[0].contains('.'),
-        "the first sale's own id was taken, so it was numbered around: {sold:?}"
+        refused.contains("422") && refused.contains("43 bytes"),
+        "{refused}"
     );
-    assert_ne!(sold[0], sold[1]);
-    for id in &sold {
-        scene.everywhere(id, "completed").await?;
-    }
+
+    // A device sells under its own ids, and they reach the hub.
+    let (status, body) = post(
+        &format!("{}/v1/sales", scene.pos_url),
+        "pos-1-sale",
+        &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
+            "payment": {"method": "cash", "amount_minor": price(SKU), "currency": "EUR"}}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    let id = body["order_id"].as_str().unwrap_or_default().to_owned();
+    assert!(id.starts_with("pos-1-"), "{id}");
+    scene.everywhere(&id, "completed").await?;
     Ok(())
 }
