@@ -29,6 +29,16 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
 }
 
+impl ServerLimits {
+    /// The limits as the agent's and the hub's `[http]` config give them.
+    pub fn from_config(connections_max: u64, header_read_timeout_ms: u64) -> Self {
+        Self {
+            connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the connections open
 /// at that moment to finish their requests, for at most `header_read_timeout`.
 pub async fn serve(

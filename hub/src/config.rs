@@ -47,10 +47,10 @@ pub struct HttpConfig {
 
 impl HttpConfig {
     pub fn server_limits(&self) -> larder_agent::http_server::ServerLimits {
-        larder_agent::http_server::ServerLimits {
-            connections_max: usize::try_from(self.connections_max).unwrap_or(usize::MAX),
-            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
-        }
+        larder_agent::http_server::ServerLimits::from_config(
+            self.connections_max,
+            self.header_read_timeout_ms,
+        )
     }
 }
 

@@ -77,20 +77,29 @@ async fn cuts_off_slow_clients(addr: SocketAddr, path: &str, post: &str) -> anyh
     Ok(())
 }
 
+/// A POS agent (`pos-1`, selling from `fridge-1`) with its HTTP config adjusted by `http`.
+async fn start_pos(
+    dir: &std::path::Path,
+    hub: &larder_hub::HubHandle,
+    http: impl Fn(&mut larder_agent::config::AgentConfig),
+) -> anyhow::Result<larder_agent::AgentHandle> {
+    start_agent_with(
+        &dir.join("pos"),
+        hub,
+        "pos-1",
+        Role::Pos,
+        &["fridge-1"],
+        http,
+        larder_agent::writer::Clock::system(),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_and_idle_connections_are_closed() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub_with(dir.path(), 1, |c| c.http.header_read_timeout_ms = 300).await?;
-    let agent = start_agent_with(
-        &dir.path().join("pos"),
-        &hub,
-        "pos-1",
-        Role::Pos,
-        &["fridge-1"],
-        |c| c.http.header_read_timeout_ms = 300,
-        larder_agent::writer::Clock::system(),
-    )
-    .await?;
+    let agent = start_pos(dir.path(), &hub, |c| c.http.header_read_timeout_ms = 300).await?;
     cuts_off_slow_clients(hub.http_addr, "/healthz", "PUT /v1/regions/demo/catalog").await?;
     cuts_off_slow_clients(agent.http_addr, "/v1/health", "POST /v1/sales").await?;
     Ok(())
@@ -100,18 +109,10 @@ async fn unfinished_requests_and_idle_connections_are_closed() -> anyhow::Result
 async fn connections_past_the_cap_wait_until_one_closes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(dir.path(), 1).await?;
-    let agent = start_agent_with(
-        &dir.path().join("pos"),
-        &hub,
-        "pos-1",
-        Role::Pos,
-        &["fridge-1"],
-        |c| {
-            c.http.connections_max = 2;
-            c.http.header_read_timeout_ms = 600_000;
-        },
-        larder_agent::writer::Clock::system(),
-    )
+    let agent = start_pos(dir.path(), &hub, |c| {
+        c.http.connections_max = 2;
+        c.http.header_read_timeout_ms = 600_000;
+    })
     .await?;
     let addr = agent.http_addr;
     // Two connections that send nothing take both places; the server accepts in the order
