@@ -136,6 +136,8 @@ pub struct HttpConfig {
     /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
     /// connection may sit idle.
     pub header_read_timeout_ms: u64,
+    /// How long a request may take until its answer starts.
+    pub request_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -143,6 +145,7 @@ impl HttpConfig {
         crate::http_server::ServerLimits::from_config(
             self.connections_max,
             self.header_read_timeout_ms,
+            self.request_timeout_ms,
         )
     }
 }
@@ -154,6 +157,7 @@ impl Default for HttpConfig {
             request_body_bytes_max: 1024 * 1024,
             connections_max: 256,
             header_read_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
         }
     }
 }
@@ -449,7 +453,7 @@ impl AgentConfig {
         if let Some(problem) = self.orders.simulated_payments.problem() {
             p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
-        let ranges: [(&str, u64, u64, u64); 17] = [
+        let ranges: [(&str, u64, u64, u64); 18] = [
             (
                 "temperature.excursion_minutes",
                 self.temperature.excursion_minutes,
@@ -507,6 +511,12 @@ impl AgentConfig {
             (
                 "http.header_read_timeout_ms",
                 self.http.header_read_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "http.request_timeout_ms",
+                self.http.request_timeout_ms,
                 100,
                 3_600_000,
             ),

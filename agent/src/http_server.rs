@@ -6,13 +6,17 @@
 //! connection past `connections_max` waits in the listen backlog until one closes, and hyper
 //! closes a connection whose next request's headers are not complete within
 //! `header_read_timeout`, which bounds idle keep-alive connections too. A request body that
-//! stalls for as long is cut off as well (`RequestBodyTimeoutLayer`).
+//! stalls for as long is cut off as well (`RequestBodyTimeoutLayer`), and a request not
+//! answered within `request_timeout` (a body sent a byte at a time, a handler stuck) is
+//! answered 408 `timeout`; a streamed answer (the hub's live events) is not cut, as its
+//! headers come at once.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -27,14 +31,21 @@ pub struct ServerLimits {
     /// How long a request's headers (or a request body between two chunks) may take to
     /// arrive, and how long a keep-alive connection may sit idle.
     pub header_read_timeout: Duration,
+    /// How long a request may take from its headers to its answer's headers.
+    pub request_timeout: Duration,
 }
 
 impl ServerLimits {
     /// The limits as the agent's and the hub's `[http]` config give them.
-    pub fn from_config(connections_max: u64, header_read_timeout_ms: u64) -> Self {
+    pub fn from_config(
+        connections_max: u64,
+        header_read_timeout_ms: u64,
+        request_timeout_ms: u64,
+    ) -> Self {
         Self {
             connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+            request_timeout: Duration::from_millis(request_timeout_ms),
         }
     }
 }
@@ -47,9 +58,27 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let app = app.layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-        limits.header_read_timeout,
-    ));
+    let deadline = limits.request_timeout;
+    let app = app
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            limits.header_read_timeout,
+        ))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(deadline, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => crate::api::ApiError::new(
+                        axum::http::StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "the request was not answered within {} ms",
+                            deadline.as_millis()
+                        ),
+                    )
+                    .into_response(),
+                }
+            },
+        ));
     let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
     let graceful = GracefulShutdown::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();

@@ -43,6 +43,8 @@ pub struct HttpConfig {
     /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
     /// connection may sit idle.
     pub header_read_timeout_ms: u64,
+    /// How long a request may take until its answer starts.
+    pub request_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -50,6 +52,7 @@ impl HttpConfig {
         larder_agent::http_server::ServerLimits::from_config(
             self.connections_max,
             self.header_read_timeout_ms,
+            self.request_timeout_ms,
         )
     }
 }
@@ -61,6 +64,7 @@ impl Default for HttpConfig {
             request_body_bytes_max: 1024 * 1024,
             connections_max: 1_024,
             header_read_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
         }
     }
 }
@@ -590,6 +594,12 @@ impl HubConfig {
             (
                 "http.header_read_timeout_ms",
                 self.http.header_read_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "http.request_timeout_ms",
+                self.http.request_timeout_ms,
                 100,
                 3_600_000,
             ),

@@ -69,6 +69,10 @@ impl IntoResponses for Errors {
             ("401", "No bearer token, or an unknown one"),
             ("403", "The token's role or regions do not allow this"),
             (
+                "408",
+                "Not answered within http.request_timeout_ms (a body sent too slowly)",
+            ),
+            (
                 "404",
                 "No such region, fridge, order, device, sku or subscription",
             ),

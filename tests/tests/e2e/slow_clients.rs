@@ -1,7 +1,8 @@
 //! Clients that hold connections without finishing requests: the agent and the hub close a
 //! connection whose request headers do not arrive within `http.header_read_timeout_ms` (an
-//! idle keep-alive connection too), and serve at most `http.connections_max` connections at
-//! once, the others waiting their turn rather than being refused.
+//! idle keep-alive connection too), answer 408 a request not answered within
+//! `http.request_timeout_ms`, and serve at most `http.connections_max` connections at once,
+//! the others waiting their turn rather than being refused.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -102,6 +103,58 @@ async fn unfinished_requests_and_idle_connections_are_closed() -> anyhow::Result
     let agent = start_pos(dir.path(), &hub, |c| c.http.header_read_timeout_ms = 300).await?;
     cuts_off_slow_clients(hub.http_addr, "/healthz", "PUT /v1/regions/demo/catalog").await?;
     cuts_off_slow_clients(agent.http_addr, "/v1/health", "POST /v1/sales").await?;
+    Ok(())
+}
+
+/// A body that keeps its connection busy without ever finishing (here: stalled, with no body
+/// timeout to cut it) is answered 408 once `http.request_timeout_ms` has passed; the hub's
+/// live event feed, a streamed answer, is not cut by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_answered_in_time_gets_408() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub_with(dir.path(), 1, |c| {
+        c.http.header_read_timeout_ms = 600_000;
+        c.http.request_timeout_ms = 500;
+    })
+    .await?;
+    let agent = start_pos(dir.path(), &hub, |c| {
+        c.http.header_read_timeout_ms = 600_000;
+        c.http.request_timeout_ms = 500;
+    })
+    .await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let mut feed = EventFeed::open(&hub_http, "demo").await?;
+    for (addr, post) in [
+        (hub.http_addr, "PUT /v1/regions/demo/catalog"),
+        (agent.http_addr, "POST /v1/sales"),
+    ] {
+        let mut stalled = TcpStream::connect(addr).await?;
+        stalled
+            .write_all(
+                format!(
+                    "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                     Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .await?;
+        let answer = read_until_closed(&mut stalled).await?;
+        assert!(
+            answer.starts_with("HTTP/1.1 408") && answer.contains(r#"{"error":{"code":"timeout""#),
+            "{addr}: {answer:?}"
+        );
+    }
+    // The live event feed, open for longer than the deadline now (the 408s took it), still
+    // streams: its answer started at once.
+    let (status, body) = post(
+        &format!("{hub_http}/v1/regions/demo/catalog/lasagna/ratings"),
+        "rate-after-the-deadline",
+        &serde_json::json!({"stars": 4}),
+    )
+    .await?;
+    assert_eq!(status, 201, "{body}");
+    feed.until(Duration::from_secs(20), "rating", |v| v["sku"] == "lasagna")
+        .await?;
     Ok(())
 }
 
