@@ -141,6 +141,15 @@ pub struct HttpConfig {
 }
 
 impl HttpConfig {
+    /// The valid ranges of the limits, for the config check.
+    pub fn ranges(&self) -> [(&'static str, u64, u64, u64); 3] {
+        crate::http_server::ServerLimits::config_ranges(
+            self.connections_max,
+            self.header_read_timeout_ms,
+            self.request_timeout_ms,
+        )
+    }
+
     pub fn server_limits(&self) -> crate::http_server::ServerLimits {
         crate::http_server::ServerLimits::from_config(
             self.connections_max,
@@ -453,7 +462,7 @@ impl AgentConfig {
         if let Some(problem) = self.orders.simulated_payments.problem() {
             p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
-        let ranges: [(&str, u64, u64, u64); 18] = [
+        let ranges: [(&str, u64, u64, u64); 15] = [
             (
                 "temperature.excursion_minutes",
                 self.temperature.excursion_minutes,
@@ -503,24 +512,6 @@ impl AgentConfig {
                 100_000_000,
             ),
             (
-                "http.connections_max",
-                self.http.connections_max,
-                1,
-                1_000_000,
-            ),
-            (
-                "http.header_read_timeout_ms",
-                self.http.header_read_timeout_ms,
-                100,
-                3_600_000,
-            ),
-            (
-                "http.request_timeout_ms",
-                self.http.request_timeout_ms,
-                100,
-                3_600_000,
-            ),
-            (
                 "mqtt.keepalive_seconds",
                 self.mqtt.keepalive_seconds,
                 5,
@@ -563,7 +554,7 @@ impl AgentConfig {
                 1_000_000,
             ),
         ];
-        for (name, value, min, max) in ranges {
+        for (name, value, min, max) in ranges.into_iter().chain(self.http.ranges()) {
             if value < min || value > max {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }

@@ -36,6 +36,30 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
+    /// The `[http]` config's limits with their valid ranges, as `(key, value, min, max)`, for
+    /// the agent's and the hub's config checks.
+    pub fn config_ranges(
+        connections_max: u64,
+        header_read_timeout_ms: u64,
+        request_timeout_ms: u64,
+    ) -> [(&'static str, u64, u64, u64); 3] {
+        [
+            ("http.connections_max", connections_max, 1, 1_000_000),
+            (
+                "http.header_read_timeout_ms",
+                header_read_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "http.request_timeout_ms",
+                request_timeout_ms,
+                100,
+                3_600_000,
+            ),
+        ]
+    }
+
     /// The limits as the agent's and the hub's `[http]` config give them.
     pub fn from_config(
         connections_max: u64,

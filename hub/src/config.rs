@@ -48,6 +48,15 @@ pub struct HttpConfig {
 }
 
 impl HttpConfig {
+    /// The valid ranges of the limits, for the config check.
+    pub fn ranges(&self) -> [(&'static str, u64, u64, u64); 3] {
+        larder_agent::http_server::ServerLimits::config_ranges(
+            self.connections_max,
+            self.header_read_timeout_ms,
+            self.request_timeout_ms,
+        )
+    }
+
     pub fn server_limits(&self) -> larder_agent::http_server::ServerLimits {
         larder_agent::http_server::ServerLimits::from_config(
             self.connections_max,
@@ -586,24 +595,6 @@ impl HubConfig {
                 365 * 86_400,
             ),
             (
-                "http.connections_max",
-                self.http.connections_max,
-                1,
-                1_000_000,
-            ),
-            (
-                "http.header_read_timeout_ms",
-                self.http.header_read_timeout_ms,
-                100,
-                3_600_000,
-            ),
-            (
-                "http.request_timeout_ms",
-                self.http.request_timeout_ms,
-                100,
-                3_600_000,
-            ),
-            (
                 "mqtt.keepalive_seconds",
                 self.mqtt.keepalive_seconds,
                 5,
@@ -615,7 +606,10 @@ impl HubConfig {
                 1,
                 10_000_000,
             ),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.http.ranges())
+        {
             if value < min || value > max {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }

@@ -36,6 +36,22 @@ async fn get_once(stream: &mut TcpStream, path: &str) -> anyhow::Result<String> 
     read_until_closed(stream).await
 }
 
+/// `post` (method and path) with the admin token, a body of 100 bytes announced and 13 sent;
+/// what the server answers before it closes the connection.
+async fn stalled_body(addr: SocketAddr, post: &str) -> anyhow::Result<String> {
+    let mut stalled = TcpStream::connect(addr).await?;
+    stalled
+        .write_all(
+            format!(
+                "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"fridge_id\""
+            )
+            .as_bytes(),
+        )
+        .await?;
+    read_until_closed(&mut stalled).await
+}
+
 /// A request's headers cut off half-way, then a connection that sends nothing: both closed
 /// by the server at `addr`, which goes on answering whole requests for `path`.
 async fn cuts_off_slow_clients(addr: SocketAddr, path: &str, post: &str) -> anyhow::Result<()> {
@@ -57,17 +73,7 @@ async fn cuts_off_slow_clients(addr: SocketAddr, path: &str, post: &str) -> anyh
 
     // A body that stops half-way: the request is refused in the contract's shape, not held
     // open.
-    let mut stalled = TcpStream::connect(addr).await?;
-    stalled
-        .write_all(
-            format!(
-                "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
-                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"fridge_id\""
-            )
-            .as_bytes(),
-        )
-        .await?;
-    let answer = read_until_closed(&mut stalled).await?;
+    let answer = stalled_body(addr, post).await?;
     assert!(
         answer.starts_with("HTTP/1.1 400") && answer.contains(r#"{"error":{"code":"malformed""#),
         "a stalled body at {addr}: {answer:?}"
@@ -128,17 +134,7 @@ async fn a_request_not_answered_in_time_gets_408() -> anyhow::Result<()> {
         (hub.http_addr, "PUT /v1/regions/demo/catalog"),
         (agent.http_addr, "POST /v1/sales"),
     ] {
-        let mut stalled = TcpStream::connect(addr).await?;
-        stalled
-            .write_all(
-                format!(
-                    "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
-                     Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
-                )
-                .as_bytes(),
-            )
-            .await?;
-        let answer = read_until_closed(&mut stalled).await?;
+        let answer = stalled_body(addr, post).await?;
         assert!(
             answer.starts_with("HTTP/1.1 408") && answer.contains(r#"{"error":{"code":"timeout""#),
             "{addr}: {answer:?}"
