@@ -24,6 +24,8 @@ pub struct Metrics {
     pub commit_failures: Counter,
     pub downlink_batches: Counter,
     pub downlink_rejected: Counter,
+    /// Changes too large for a message, withheld (`direction`: `up`, `down`). Alert on any.
+    pub changes_withheld: Family<ReasonLabels, Counter>,
     pub envelopes_sent: Counter,
     pub envelope_bytes_sent: Counter,
     pub envelopes_rejected: Family<ReasonLabels, Counter>,
@@ -47,6 +49,7 @@ impl Default for Metrics {
             commit_failures: Counter::default(),
             downlink_batches: Counter::default(),
             downlink_rejected: Counter::default(),
+            changes_withheld: Family::default(),
             envelopes_sent: Counter::default(),
             envelope_bytes_sent: Counter::default(),
             envelopes_rejected: Family::default(),
@@ -84,6 +87,11 @@ impl Default for Metrics {
             "downlink_batches",
             "Batches of other replicas' changes applied",
             m.downlink_batches.clone(),
+        );
+        registry.register(
+            "changes_withheld",
+            "Ledger changes too large for a message, withheld (audit link kept, change not sent or applied), by direction; alert on any",
+            m.changes_withheld.clone(),
         );
         registry.register(
             "downlink_rejected",

@@ -16,13 +16,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use larder_shared::auth::connect_token;
-use larder_shared::envelope::{self, Ack, Body, BoxKey, Envelope, Header, Party};
+use larder_shared::envelope::{self, Ack, Body, BoxKey, EntryKind, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, PublicKey, RegionId, SecretKey};
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{MqttConfig, SyncConfig};
 use crate::metrics::Shared;
@@ -489,6 +489,13 @@ impl Sync {
             let Some(mut batch) = build_batch(window, entries, head) else {
                 return;
             };
+            for e in batch.entries.iter().filter(|e| e.kind == EntryKind::Withheld) {
+                error!(seq = e.seq, fridge = %e.ledger,
+                    "a local change too large for a message is withheld: its audit link goes to the hub, the change stays here");
+                self.ctx.shared.metrics.changes_withheld
+                    .get_or_create(&vec![("direction", "up".to_owned())])
+                    .inc();
+            }
             // Sign the audit chain's head as of the batch's last entry.
             if let Some(last) = batch.entries.last()
                 && let Some(hash) = hashes.get(&last.seq)

@@ -1150,26 +1150,28 @@ impl Writer {
     }
 
     fn record_local(&mut self, fridge: &FridgeId, change: LocalChange, batch: &mut WriteBatch) {
-        self.counters.outbox_head += 1;
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
-        let seq = self.counters.outbox_head;
-        let prev = self.counters.chain_head;
-        let hash = larder_shared::audit::entry_hash(
-            &prev,
-            &self.device,
-            seq,
-            fridge,
-            epoch,
-            &larder_shared::audit::change_digest(&change.bytes),
-        );
-        self.counters.chain_head = hash;
-        batch.changes.push(ChangeRow {
-            fridge: fridge.clone(),
-            epoch,
-            outbox_seq: Some(seq),
-            chain: Some((prev, hash)),
-            bytes: change.bytes,
-        });
+        for bytes in change.changes {
+            self.counters.outbox_head += 1;
+            let seq = self.counters.outbox_head;
+            let prev = self.counters.chain_head;
+            let hash = larder_shared::audit::entry_hash(
+                &prev,
+                &self.device,
+                seq,
+                fridge,
+                epoch,
+                &larder_shared::audit::change_digest(&bytes),
+            );
+            self.counters.chain_head = hash;
+            batch.changes.push(ChangeRow {
+                fridge: fridge.clone(),
+                epoch,
+                outbox_seq: Some(seq),
+                chain: Some((prev, hash)),
+                bytes,
+            });
+        }
         batch
             .units
             .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
@@ -1208,6 +1210,15 @@ impl Writer {
                             epoch: e.epoch,
                             bytes: e.change,
                         },
+                        EntryKind::Withheld => {
+                            error!(fridge = %e.ledger, seq = e.seq, "the hub withheld a change too large for a message; skipped");
+                            self.shared
+                                .metrics
+                                .changes_withheld
+                                .get_or_create(&vec![("direction", "down".to_owned())])
+                                .inc();
+                            continue;
+                        }
                         EntryKind::Rebase => match Rebase::decode(&e.change) {
                             Ok(rebase) => Remote::Rebase {
                                 epoch: e.epoch,
@@ -1409,11 +1420,11 @@ impl Writer {
             archived: rebased.archived,
         });
         self.ledgers.insert(fridge.clone(), rebased.ledger);
-        if let Some(bytes) = rebased.change {
+        if !rebased.changes.is_empty() {
             self.record_local(
                 fridge,
                 LocalChange {
-                    bytes,
+                    changes: rebased.changes,
                     touched: Touched::default(),
                     units: Vec::new(),
                     orders: Vec::new(),

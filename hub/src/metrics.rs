@@ -15,6 +15,9 @@ pub struct HubMetrics {
     pub envelopes_accepted: Family<Labels, Counter>,
     pub envelopes_rejected: Family<Labels, Counter>,
     pub changes_merged: Family<Labels, Counter>,
+    /// Changes too large for a message, withheld: by region and direction (`up` from a
+    /// device, `down` to one). Alert on any.
+    pub changes_withheld: Family<Labels, Counter>,
     pub downlink_envelopes: Family<Labels, Counter>,
     pub devices_online: Family<Labels, Gauge>,
     pub commit_seconds: Histogram,
@@ -45,6 +48,7 @@ impl Default for HubMetrics {
             envelopes_accepted: Family::default(),
             envelopes_rejected: Family::default(),
             changes_merged: Family::default(),
+            changes_withheld: Family::default(),
             downlink_envelopes: Family::default(),
             devices_online: Family::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
@@ -116,6 +120,11 @@ impl Default for HubMetrics {
             m.changes_merged.clone(),
         );
         registry.register(
+            "changes_withheld",
+            "Ledger changes too large for a message, withheld (audit link kept, change not sent or merged), by region and direction; alert on any",
+            m.changes_withheld.clone(),
+        );
+        registry.register(
             "downlink_envelopes",
             "Envelopes sent down to devices, by region and kind",
             m.downlink_envelopes.clone(),
@@ -154,6 +163,16 @@ impl HubMetrics {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts a withheld change (`direction`: `up` or `down`).
+    pub fn withheld(&self, region: &str, direction: &str) {
+        self.changes_withheld
+            .get_or_create(&vec![
+                ("region", region.to_owned()),
+                ("direction", direction.to_owned()),
+            ])
+            .inc();
     }
 
     pub fn rejected(&self, region: &str, reason: &str) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use larder_agent::sync::{Request, queue_requests};
-use larder_shared::envelope::{Body, BoxKey, Entry, Envelope, Header, Party};
+use larder_shared::envelope::{Body, BoxKey, Entry, EntryKind, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
@@ -1132,6 +1132,11 @@ impl HubLink {
                     break;
                 };
                 let (up_to, changes) = (batch.up_to, batch.entries.len());
+                for e in batch.entries.iter().filter(|e| e.kind == EntryKind::Withheld) {
+                    error!(device = %key.1, seq = e.seq, ledger = %e.ledger,
+                        "a change too large for a message was withheld from the device's downlink");
+                    self.ctx.metrics.withheld(key.0.as_str(), "down");
+                }
                 if batch.entries.is_empty() {
                     // Nothing for this device yet; the range is covered by its next batch.
                     if let Some(d) = self.devices.get_mut(&key) {

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use larder_shared::catalog::Catalog;
-use larder_shared::envelope::{self, Ack, Body, Party};
+use larder_shared::envelope::{self, Ack, Body, EntryKind, Party};
 use larder_shared::ledger::{self, Checked, Ledger, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
 use larder_shared::{DeviceId, FridgeId, RegionId};
@@ -527,7 +527,7 @@ fn chain_links(
             if e.prev != Some(head) {
                 return None;
             }
-            let digest = audit::change_digest(&e.change);
+            let digest = e.change_digest()?;
             let hash = audit::entry_hash(&head, device, e.seq, &e.ledger, e.epoch, &digest);
             let link = ChainLink {
                 prev: head,
@@ -1590,7 +1590,7 @@ impl RegionWriter {
                     }
                 }
                 for e in &b.entries {
-                    if e.kind != larder_shared::envelope::EntryKind::Change {
+                    if e.kind == EntryKind::Rebase || e.change_digest().is_none() {
                         return UplinkOutcome::Rejected("malformed");
                     }
                     if e.seq <= p.up_hwm {
@@ -1609,7 +1609,12 @@ impl RegionWriter {
                     }
                 }
                 let head_sig = b.head_sig.clone();
-                let changes: Vec<Vec<u8>> = b.entries.iter().map(|e| e.change.clone()).collect();
+                let changes: Vec<Vec<u8>> = b
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::Change)
+                    .map(|e| e.change.clone())
+                    .collect();
                 if let Err(e) = Ledger::check_authors(&changes, &actor) {
                     return UplinkOutcome::Rejected(match e {
                         larder_shared::ledger::LedgerError::ForeignActor => "foreign_actor",
@@ -1631,6 +1636,13 @@ impl RegionWriter {
                             Ok(rows) => rows,
                             Err(reason) => return UplinkOutcome::Rejected(reason),
                         };
+                        let (withheld, entries): (Vec<_>, Vec<_>) =
+                            entries.into_iter().partition(|e| e.kind == EntryKind::Withheld);
+                        for e in &withheld {
+                            error!(region = %self.region, device = %sender, seq = e.seq, ledger = %e.ledger,
+                                "the device withheld a change too large to send; its audit link is kept, the change is not merged");
+                            self.metrics.withheld(self.region.as_str(), "up");
+                        }
                         if let Err(reason) =
                             self.merge(sender, entries, &mut devices.checked, batch)
                         {
@@ -1839,13 +1851,15 @@ impl RegionWriter {
         self.dirty.insert(fridge.clone());
         self.stock_dirty.insert(fridge.clone());
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
-        batch.changes.push(StoredChange {
-            ledger: fridge.clone(),
-            author: ledger::hub_device(),
-            epoch,
-            hash: sha2::Sha256::digest(&change.bytes).into(),
-            bytes: change.bytes,
-        });
+        for bytes in change.changes {
+            batch.changes.push(StoredChange {
+                ledger: fridge.clone(),
+                author: ledger::hub_device(),
+                epoch,
+                hash: sha2::Sha256::digest(&bytes).into(),
+                bytes,
+            });
+        }
         batch
             .units
             .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));

@@ -51,7 +51,7 @@ fn main() {
                 0,
             )
             .expect("refill");
-        refill_changes.push(change.bytes);
+        refill_changes.extend(change.changes);
     }
     println!("refill of {n} units: {:?}", start.elapsed());
     let mut samples = Vec::with_capacity(n);
@@ -77,8 +77,8 @@ fn main() {
         let t = Instant::now();
         let (change, _) = l.sell(&sale, &catalog, &dev, 1).expect("sale");
         samples.push(t.elapsed());
-        bytes += change.bytes.len();
-        all_changes.push(change.bytes);
+        bytes += change.changes.iter().map(Vec::len).sum::<usize>();
+        all_changes.extend(change.changes);
         let t = Instant::now();
         let _ = l.unit(&UnitId::new(format!("u{i}")).expect("id"), 0);
         let _ = l.order(&OrderId::new(format!("o{i}")).expect("id"));

@@ -86,6 +86,12 @@ pub enum EntryKind {
     Change,
     /// The start of epoch `epoch`: a [`Rebase`] (hub to device only).
     Rebase,
+    /// A change its sender could not send, being larger than a message may carry: `change`
+    /// holds the change's SHA-256 instead of its bytes, so the audit chain goes on. The
+    /// receiver records it (a metric and an alert) and applies nothing; the entries behind it
+    /// flow as usual. No write path makes such a change (see `limits::CHANGE_BYTES_MAX`): this
+    /// is the sync core's guard, for one made by a bug or stored before that limit.
+    Withheld,
 }
 
 /// One entry of a reliable stream: a ledger change, or the start of a ledger's new epoch.
@@ -114,6 +120,24 @@ impl Entry {
             kind: EntryKind::Change,
             prev: None,
             change,
+        }
+    }
+
+    /// This entry with its change's SHA-256 in place of the change ([`EntryKind::Withheld`]).
+    pub fn withheld(self) -> Self {
+        Self {
+            kind: EntryKind::Withheld,
+            change: crate::audit::change_digest(&self.change).to_vec(),
+            ..self
+        }
+    }
+
+    /// The SHA-256 of the change this entry carries or, withheld, stands for; `None` for a
+    /// withheld entry whose digest is not 32 bytes.
+    pub fn change_digest(&self) -> Option<[u8; 32]> {
+        match self.kind {
+            EntryKind::Withheld => <[u8; 32]>::try_from(self.change.as_slice()).ok(),
+            _ => Some(crate::audit::change_digest(&self.change)),
         }
     }
 

@@ -39,6 +39,7 @@ use crate::domain::{
     RefillUnit, RemovalReason, Sale, StatusEvent, TakenMatch, UnitFacts, UnitState, UnitView,
 };
 use crate::ids::{DeviceId, FridgeId, OrderId, Sku, UnitId};
+use writes::Writes;
 
 /// Units one order line may ask for.
 pub const LINE_QUANTITY_MAX: u32 = 100;
@@ -110,6 +111,8 @@ pub enum LedgerError {
     BadChange(String),
     #[error("change is authored by another actor than the sender's")]
     ForeignActor,
+    #[error("the change would be {bytes} bytes; a change may be at most {limit}")]
+    TooLarge { bytes: usize, limit: usize },
     #[error("document error: {0}")]
     Document(String),
 }
@@ -157,10 +160,12 @@ impl Touched {
     }
 }
 
-/// A change made locally: its bytes go to the store and the outbox.
+/// What a command made locally: its changes (one, or several when its writes do not fit one
+/// change of [`CHANGE_BYTES_MAX`](crate::limits::CHANGE_BYTES_MAX)), in order, go to the store
+/// and the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalChange {
-    pub bytes: Vec<u8>,
+    pub changes: Vec<Vec<u8>>,
     pub touched: Touched,
     /// The projection rows of what the change touched, as they are after it.
     pub units: Vec<UnitView>,
@@ -587,7 +592,11 @@ impl Ledger {
     }
 
     /// The change just committed, with the views of what it touched read back.
-    fn last_local_change(&self, mut touched: Touched) -> Result<LocalChange, LedgerError> {
+    fn last_local_change(
+        &self,
+        mut touched: Touched,
+        changes: Vec<Vec<u8>>,
+    ) -> Result<LocalChange, LedgerError> {
         self.widen(&mut touched);
         let units = touched
             .units
@@ -599,7 +608,7 @@ impl Ledger {
             .iter()
             .filter_map(|o| self.order(o))
             .collect();
-        self.local_change_with(touched, units, orders)
+        self.local_change_with(touched, units, orders, changes)
     }
 
     /// The change just committed, with views the caller already knows.
@@ -608,6 +617,7 @@ impl Ledger {
         touched: Touched,
         units: Vec<UnitView>,
         orders: Vec<OrderView>,
+        changes: Vec<Vec<u8>>,
     ) -> Result<LocalChange, LedgerError> {
         self.forget_orders(&touched);
         {
@@ -618,15 +628,15 @@ impl Ledger {
                 }
             }
         }
-        let change = self.doc.get_last_local_change().ok_or_else(|| {
-            LedgerError::Document(format!(
-                "committed change not found ({} units, {} orders touched)",
+        if changes.is_empty() {
+            return Err(LedgerError::Document(format!(
+                "no change made ({} units, {} orders touched)",
                 touched.units.len(),
                 touched.orders.len()
-            ))
-        })?;
+            )));
+        }
         Ok(LocalChange {
-            bytes: change.raw_bytes().to_vec(),
+            changes,
             touched,
             units,
             orders,
@@ -810,7 +820,7 @@ impl Ledger {
         }
         self.check_new_units(&refill.units)?;
         let mut touched = Touched::default();
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         // Units tagged with an order (a subscriber's meals) are placed for it: held by it,
         // and the order is ready to pick.
         if let Some(order) = &refill.order_id {
@@ -824,10 +834,10 @@ impl Ledger {
                     by: by.clone(),
                     note: None,
                 };
-                tx.put(&self.maps.events, event_key(order, &event), to_json(&event))?;
+                tx.put(&self.maps.events, event_key(order, &event), to_json(&event));
             }
             for unit in &refill.units {
-                tx.put(&self.maps.reserved, unit.unit_id.as_str(), order.as_str())?;
+                tx.put(&self.maps.reserved, unit.unit_id.as_str(), order.as_str());
             }
             touched.orders.insert(order.clone());
         }
@@ -841,11 +851,11 @@ impl Ledger {
                 loaded_by: by.clone(),
                 order_id: refill.order_id.clone(),
             };
-            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts))?;
+            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts));
             touched.units.insert(unit.unit_id.clone());
             written.push((unit.unit_id.clone(), facts));
         }
-        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         // The units are new here (checked above), so their facts are the ones just written:
         // the indexes and views are made from them, not read back from the document.
         let mut views = Vec::with_capacity(written.len());
@@ -862,13 +872,13 @@ impl Ledger {
         let held = |l: &Self, u: &UnitId| l.reserved_by_unit.contains_key(u);
         if refill.order_id.is_some() || views.iter().any(|(u, _, _)| held(self, u)) {
             // Orders' views change with it: read everything back.
-            return self.last_local_change(touched);
+            return self.last_local_change(touched, changes);
         }
         let units = views
             .into_iter()
             .map(|(unit, facts, gone)| self.view_of(&unit, facts, gone, i64::MIN))
             .collect();
-        self.local_change_with(touched, units, Vec::new())
+        self.local_change_with(touched, units, Vec::new(), changes)
     }
 
     fn check_new_units(&self, units: &[RefillUnit]) -> Result<(), LedgerError> {
@@ -940,18 +950,18 @@ impl Ledger {
         };
         let mut touched = Touched::default();
         touched.orders.insert(sale.order_id.clone());
-        let mut tx = self.doc.transaction();
-        tx.put(&self.maps.orders, sale.order_id.as_str(), to_json(&record))?;
+        let mut tx = Writes::new();
+        tx.put(&self.maps.orders, sale.order_id.as_str(), to_json(&record));
         tx.put(
             &self.maps.events,
             event_key(&sale.order_id, &event),
             to_json(&event),
-        )?;
+        );
         for unit in record.lines.iter().flat_map(|l| &l.unit_ids) {
-            tx.put(&self.maps.sold, unit.as_str(), sale.order_id.as_str())?;
+            tx.put(&self.maps.sold, unit.as_str(), sale.order_id.as_str());
             touched.units.insert(unit.clone());
         }
-        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         // The plan checked every unit available, so their new state is known without reading
         // the document again: sold in this order, and out of the unsold index.
         let mut units = Vec::with_capacity(sold.len());
@@ -983,9 +993,9 @@ impl Ledger {
             .flat_map(|l| &l.unit_ids)
             .any(|u| self.reserved_by_unit.contains_key(u));
         let change = if held {
-            self.last_local_change(touched)?
+            self.last_local_change(touched, changes)?
         } else {
-            self.local_change_with(touched, units, vec![view.clone()])?
+            self.local_change_with(touched, units, vec![view.clone()], changes)?
         };
         Ok((change, view))
     }
@@ -1247,24 +1257,24 @@ impl Ledger {
             (Some(id), false) => Some(self.card_order(id, &card_units, catalog, by, now_ms)?),
             _ => None,
         };
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for (unit, _) in &matches {
-            tx.put(&self.maps.taken, unit.as_str(), session.session_id.as_str())?;
+            tx.put(&self.maps.taken, unit.as_str(), session.session_id.as_str());
             touched.units.insert(unit.clone());
         }
         for (unit, order) in moved_here.iter().chain(&moves) {
-            tx.put(&self.maps.reserved, unit.as_str(), order.as_str())?;
+            tx.put(&self.maps.reserved, unit.as_str(), order.as_str());
             touched.units.insert(unit.clone());
             touched.orders.insert(order.clone());
         }
         for c in &lost {
-            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c))?;
+            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c));
             touched.orders.extend(c.orders.iter().cloned());
         }
         if let Some(record) = &card_order {
-            tx.put(&self.maps.orders, record.order_id.as_str(), to_json(record))?;
+            tx.put(&self.maps.orders, record.order_id.as_str(), to_json(record));
             for (unit, _) in &card_units {
-                tx.put(&self.maps.sold, unit.as_str(), record.order_id.as_str())?;
+                tx.put(&self.maps.sold, unit.as_str(), record.order_id.as_str());
             }
             let event = StatusEvent {
                 status: OrderStatus::Completed,
@@ -1276,7 +1286,7 @@ impl Ledger {
                 &self.maps.events,
                 event_key(&record.order_id, &event),
                 to_json(&event),
-            )?;
+            );
             picked_up.insert(record.order_id.clone());
         }
         for order in &picked_up {
@@ -1286,7 +1296,7 @@ impl Ledger {
                 by: by.clone(),
                 note: Some(format!("door session {}", session.session_id)),
             };
-            tx.put(&self.maps.events, event_key(order, &event), to_json(&event))?;
+            tx.put(&self.maps.events, event_key(order, &event), to_json(&event));
             touched.orders.insert(order.clone());
         }
         for unit in &session.units_added {
@@ -1298,14 +1308,14 @@ impl Ledger {
                 loaded_by: by.clone(),
                 order_id: None,
             };
-            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts))?;
+            tx.put(&self.maps.units, unit.unit_id.as_str(), to_json(&facts));
             touched.units.insert(unit.unit_id.clone());
         }
-        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
-        Ok((self.last_local_change(touched)?, matches))
+        Ok((self.last_local_change(touched, changes)?, matches))
     }
 
     /// The order a fridge card pays for the units taken in a session, priced from `catalog`.
@@ -1377,25 +1387,25 @@ impl Ledger {
         let mut incident = incident.clone();
         incident.units = units.clone();
         let mut touched = Touched::default();
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for unit in &units {
             tx.put(
                 &self.maps.removed,
                 unit.as_str(),
                 to_json(&RemovalReason::Temperature),
-            )?;
+            );
             touched.units.insert(unit.clone());
         }
         tx.put(
             &self.maps.incidents,
             format!("temperature/{:016}", incident.since_ms.max(0)),
             to_json(&incident),
-        )?;
-        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        );
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
-        Ok((self.last_local_change(touched)?, units))
+        Ok((self.last_local_change(touched, changes)?, units))
     }
 
     /// Every recorded incident (temperature excursions), oldest first.
@@ -1420,16 +1430,16 @@ impl Ledger {
             )));
         }
         let mut touched = Touched::default();
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for unit in units {
-            tx.put(&self.maps.removed, unit.as_str(), to_json(&reason))?;
+            tx.put(&self.maps.removed, unit.as_str(), to_json(&reason));
             touched.units.insert(unit.clone());
         }
-        tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         for unit in &touched.units {
             self.reindex(unit);
         }
-        self.last_local_change(touched)
+        self.last_local_change(touched, changes)
     }
 }
 
@@ -1480,6 +1490,7 @@ pub fn channel_for(role: crate::domain::Role) -> Channel {
 mod tests;
 
 mod change_check;
+mod writes;
 pub mod compaction;
 mod orders;
 

@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod ids;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod payments;
 pub mod reliable;
 pub mod rotation;

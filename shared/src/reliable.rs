@@ -21,7 +21,7 @@
 //! `SeqAllocator` hands out envelope sequence numbers from blocks that the shell persists before
 //! the first number of a block is signed, so numbers strictly increase across crashes.
 
-use crate::envelope::{Ack, Batch, Entry};
+use crate::envelope::{Ack, Batch, Entry, EntryKind};
 
 /// Limits of a stream sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +58,8 @@ pub struct SendWindow {
     pub after: u64,
     pub entries_max: u64,
     pub bytes_max: usize,
+    /// The most one entry may take (a batch's whole budget): a larger one is withheld.
+    pub entry_bytes_max: usize,
 }
 
 /// The sending half of a stream.
@@ -143,6 +145,7 @@ impl StreamSender {
                 .limits
                 .batch_bytes_max
                 .min(self.limits.inflight_bytes_max - inflight_bytes),
+            entry_bytes_max: self.limits.batch_bytes_max,
         })
     }
 
@@ -203,12 +206,25 @@ impl StreamSender {
 /// last seq when `entries` were read. Only when the read returned fewer entries than its limit
 /// and all of them fit does the batch claim the whole range up to `stream_head` (a stream may
 /// skip numbers); otherwise it ends at its last entry, so nothing unsent is ever covered.
+///
+/// An entry larger than a whole batch may carry (`window.entry_bytes_max`) goes as its
+/// [`withheld`](Entry::withheld) stand-in: it could never be sent, and resending it for ever
+/// would stop every entry behind it. The shell counts them (`EntryKind::Withheld`) and alerts.
 pub fn build_batch(window: SendWindow, entries: Vec<Entry>, stream_head: u64) -> Option<Batch> {
     let mut taken = Vec::new();
     let mut bytes = 0usize;
     let mut complete = (entries.len() as u64) < window.entries_max;
     for entry in entries {
+        let entry = if entry.encoded_len_max() > window.entry_bytes_max {
+            entry.withheld()
+        } else {
+            entry
+        };
         let len = entry.encoded_len_max();
+        assert!(
+            entry.kind == EntryKind::Withheld || len <= window.entry_bytes_max,
+            "an entry past the message limit is never sent"
+        );
         if taken.len() as u64 >= window.entries_max
             || (!taken.is_empty() && bytes + len > window.bytes_max)
         {
@@ -507,6 +523,7 @@ mod tests {
             after: 3,
             entries_max: 2,
             bytes_max: 1 << 20,
+            entry_bytes_max: 1 << 20,
         };
         let b = build_batch(w, vec![entry(5), entry(9), entry(12)], 20).expect("batch");
         assert_eq!((b.after, b.up_to, b.entries.len()), (3, 9, 2));
@@ -514,6 +531,7 @@ mod tests {
             after: 3,
             entries_max: 10,
             bytes_max: 1 << 20,
+            entry_bytes_max: 1 << 20,
         };
         let b = build_batch(w, vec![entry(5)], 20).expect("batch");
         assert_eq!(b.up_to, 20, "complete read covers to the head");
@@ -521,6 +539,7 @@ mod tests {
             after: 3,
             entries_max: 2,
             bytes_max: 1 << 20,
+            entry_bytes_max: 1 << 20,
         };
         let b = build_batch(w, vec![entry(4), entry(5)], 20).expect("batch");
         assert_eq!(
@@ -531,10 +550,31 @@ mod tests {
             after: 3,
             entries_max: 10,
             bytes_max: 1,
+            entry_bytes_max: 1 << 20,
         };
         let b = build_batch(w, vec![entry(5), entry(6)], 20).expect("batch");
         assert_eq!(b.entries.len(), 1, "one entry always fits");
         assert_eq!(build_batch(w, vec![], 3), None);
+    }
+
+    #[test]
+    fn an_entry_past_the_message_limit_is_withheld_and_the_ones_behind_it_go() {
+        let w = SendWindow {
+            after: 3,
+            entries_max: 10,
+            bytes_max: 1 << 20,
+            entry_bytes_max: 4096,
+        };
+        let big = Entry::change(5, FridgeId::new("f").expect("id"), 0, vec![7; 8192]);
+        let digest = crate::audit::change_digest(&big.change);
+        let b = build_batch(w, vec![entry(4), big, entry(6)], 6).expect("batch");
+        assert_eq!((b.after, b.up_to, b.entries.len()), (3, 6, 3));
+        assert_eq!(b.entries[0], entry(4));
+        assert_eq!(b.entries[1].kind, EntryKind::Withheld);
+        assert_eq!(b.entries[1].change, digest.to_vec(), "its digest stands in");
+        assert_eq!(b.entries[1].change_digest(), Some(digest), "the chain goes on");
+        assert_eq!(b.entries[2], entry(6));
+        assert!(b.entries.iter().all(|e| e.encoded_len_max() <= 4096));
     }
 
     #[test]

@@ -368,7 +368,7 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
         &device(),
         1_800_000_000_000,
     )?;
-    let entry = Entry::change(1, fridge(), 0, change.bytes.clone());
+    let entry = Entry::change(1, fridge(), 0, change.changes[0].clone());
     let body = Body::Changes(Batch::new(0, 1, vec![entry]));
     let envelope = Envelope {
         header: Header {
@@ -412,7 +412,7 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
     Ok(vec![
         ("envelope", sealed),
         ("body", body_bytes),
-        ("ledger_change", change.bytes),
+        ("ledger_change", change.changes[0].clone()),
         ("ledger_change", ledger.save()),
         ("connect_token", token.into_bytes()),
         ("agent_request", request(0, "", refill)),

@@ -40,7 +40,8 @@ pub fn envelopes(
                 device,
                 1_800_000_000_000 + seq as i64,
             )?
-            .bytes;
+            .changes
+            .remove(0);
         let prev = head;
         head = larder_shared::audit::entry_hash(
             &prev,

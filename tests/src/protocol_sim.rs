@@ -815,7 +815,7 @@ impl World {
             };
             match l.sell(&sale, &self.catalog, &dev.id, dev_now) {
                 Ok((c, _)) => {
-                    dev.sales.push((order_id, digest(&c.bytes)));
+                    dev.sales.push((order_id, digest(c.changes.last().expect("a change"))));
                     c
                 }
                 // Nothing of that sku here, as this replica sees it: the customer is told no.
@@ -824,19 +824,21 @@ impl World {
         };
         // Durable before acknowledged: the change and its outbox entry are on disk at once.
         // Streams may skip numbers.
-        let seq = dev.disk.head + 1 + u64::from(self.rng.chance(0.1));
-        let entry = Entry {
-            seq,
-            ledger: fridge_id(f),
-            epoch: 0,
-            kind: Default::default(),
-            prev: None,
-            change: change.bytes.clone(),
-        };
-        dev.disk.changes.entry(f).or_default().push(change.bytes);
-        dev.disk.outbox.push(entry);
-        dev.disk.head = seq;
-        self.report.local_changes += 1;
+        for bytes in change.changes {
+            let seq = dev.disk.head + 1 + u64::from(self.rng.chance(0.1));
+            let entry = Entry {
+                seq,
+                ledger: fridge_id(f),
+                epoch: 0,
+                kind: Default::default(),
+                prev: None,
+                change: bytes.clone(),
+            };
+            dev.disk.changes.entry(f).or_default().push(bytes);
+            dev.disk.outbox.push(entry);
+            dev.disk.head = seq;
+            self.report.local_changes += 1;
+        }
         self.dev_pump(d);
         Ok(())
     }
@@ -1413,12 +1415,13 @@ impl World {
                 let change = l
                     .refill(&refill, &self.devs[victim].id, self.now)
                     .map_err(|e| e.to_string())?;
-                self.forged.insert(digest(&change.bytes));
+                let bytes = change.changes.into_iter().next().ok_or("no change")?;
+                self.forged.insert(digest(&bytes));
                 let up_hwm = self.hub_disk.progress[victim].up_hwm;
                 let batch = Batch::new(
                     up_hwm,
                     up_hwm + 1,
-                    vec![Entry::change(up_hwm + 1, fridge_id(f), 0, change.bytes)],
+                    vec![Entry::change(up_hwm + 1, fridge_id(f), 0, bytes)],
                 );
                 let other = (victim + 1) % n;
                 // (signing key, name in the header, topic)

@@ -150,7 +150,7 @@ impl Device {
     }
 
     fn record(&mut self, fridge: usize, change: LocalChange) {
-        self.own.push((fridge, change.bytes));
+        self.own.extend(change.changes.into_iter().map(|c| (fridge, c)));
     }
 
     fn order_id(&mut self) -> OrderId {
@@ -349,7 +349,7 @@ impl Sim {
     }
 
     fn hub_record(&mut self, f: usize, change: LocalChange) {
-        self.hub.log[f].push(change.bytes);
+        self.hub.log[f].extend(change.changes);
     }
 
     fn step(&mut self, t: i64) -> Result<(), String> {

@@ -133,10 +133,9 @@ impl Loader {
                 .collect(),
             order_id: None,
         };
-        self.ledger
-            .refill(&refill, &self.id, 1)
-            .expect("change")
-            .bytes
+        let mut changes = self.ledger.refill(&refill, &self.id, 1).expect("change").changes;
+        assert_eq!(changes.len(), 1, "one change");
+        changes.remove(0)
     }
 
     /// Forgets what it sent, as an agent whose envelopes were all refused starts again.

@@ -22,6 +22,7 @@ use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ObjId, ROOT, ReadDoc};
 use serde::{Deserialize, Serialize};
 
+use super::writes::Writes;
 use super::{Ledger, LedgerError, MAP_NAMES, genesis};
 use crate::domain::{OrderRecord, UnitFacts};
 use crate::ids::{FridgeId, OrderId, UnitId};
@@ -72,8 +73,9 @@ pub struct Compacted {
 #[derive(Debug)]
 pub struct Rebased {
     pub ledger: Ledger,
-    /// The carried-over change, to store and send like any local change.
-    pub change: Option<Vec<u8>>,
+    /// The carried-over changes (none, one, or as many as fit the change limit), to store and
+    /// send like any local change.
+    pub changes: Vec<Vec<u8>>,
     /// Records of the old document that are not in the new one, for the local archive.
     pub archived: Vec<Archived>,
     /// Values of carried-over changes not written back because their record was archived.
@@ -395,27 +397,22 @@ impl Ledger {
                 puts.push((name, key.clone(), value.clone()));
             }
         }
-        let change = if puts.is_empty() {
-            None
+        let changes = if puts.is_empty() {
+            Vec::new()
         } else {
             let mut fork = genesis(&self.fridge, epoch)?.with_actor(actor);
             let maps = super::find_maps(&fork)?;
-            let mut tx = fork.transaction();
-            for (name, key, value) in &puts {
-                let obj = maps.get(name);
-                tx.put(obj, key.as_str(), value.as_str())?;
+            let mut writes = Writes::new();
+            for (name, key, value) in puts {
+                writes.put(maps.get(name), key, value);
             }
-            tx.commit_with(CommitOptions::default().with_time(0));
-            let bytes = fork
-                .get_last_local_change()
-                .map(|c| c.raw_bytes().to_vec())
-                .ok_or_else(|| LedgerError::Document("carried change missing".into()))?;
-            next.apply_changes(std::slice::from_ref(&bytes))?;
-            Some(bytes)
+            let changes = writes.commit(&mut fork, 0)?;
+            next.apply_changes(&changes)?;
+            changes
         };
         Ok(Rebased {
             ledger: next,
-            change,
+            changes,
             archived,
             skipped,
         })
@@ -487,7 +484,8 @@ mod tests {
             at,
         )
         .expect("refill")
-        .bytes
+        .changes
+        .remove(0)
     }
 
     fn sell(l: &mut Ledger, order: &str, unit: &str, by: &str, at: i64) -> Vec<u8> {
@@ -509,7 +507,8 @@ mod tests {
         l.sell(&sale, &catalog(), &dev(by), at)
             .expect("sale")
             .0
-            .bytes
+            .changes
+            .remove(0)
     }
 
     /// A fridge, a POS and the hub with the same history: units a..f refilled on day 0, a..c
@@ -602,25 +601,23 @@ mod tests {
         let fr_next = fr
             .rebase(&c.base, &[], actor_for(&dev("fr-1")))
             .expect("rebase fridge");
-        assert!(fr_next.change.is_none());
+        assert!(fr_next.changes.is_empty());
         assert_eq!(fr_next.skipped, 0);
         let pos_next = pos
             .rebase(&c.base, &[pos_sale], actor_for(&dev("pos-1")))
             .expect("rebase pos");
-        let carried = pos_next
-            .change
-            .clone()
-            .expect("the POS's sale is carried over");
+        let carried = pos_next.changes.clone();
+        assert_eq!(carried.len(), 1, "the POS's sale is carried over");
         assert!(
             !pos_next.archived.is_empty(),
             "the POS archives what left the live document"
         );
         hub_next
-            .apply_changes(std::slice::from_ref(&carried))
+            .apply_changes(&carried)
             .expect("the hub merges the carried change");
         let mut fr_next = fr_next.ledger;
         fr_next
-            .apply_changes(std::slice::from_ref(&carried))
+            .apply_changes(&carried)
             .expect("the fridge merges it");
         assert_eq!(hub_next.state_digest(), pos_next.ledger.state_digest());
         assert_eq!(hub_next.state_digest(), fr_next.state_digest());
@@ -661,7 +658,7 @@ mod tests {
             .expect("rebase");
         fr_next
             .ledger
-            .apply_changes(&[rebased.change.expect("carried")])
+            .apply_changes(&rebased.changes)
             .expect("merge");
         assert_eq!(fr_next.ledger.state_digest(), next.state_digest());
         let _ = &mut fr;

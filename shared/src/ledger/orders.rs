@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use automerge::ReadDoc;
-use automerge::transaction::{CommitOptions, Transactable};
 
+use super::writes::Writes;
 use super::{Ledger, LedgerError, LocalChange, Touched, to_json};
 use crate::catalog::{Catalog, CatalogHistory};
 use crate::domain::{
@@ -83,10 +83,6 @@ pub fn grace_end(record: &OrderRecord, policy: &OrderPolicy) -> i64 {
     record
         .grace_until_ms
         .unwrap_or(record.created_at_ms + policy.grace_ms)
-}
-
-fn commit_at(now_ms: i64) -> CommitOptions {
-    CommitOptions::default().with_time(now_ms / 1000)
 }
 
 impl Ledger {
@@ -385,12 +381,12 @@ impl Ledger {
         if puts.is_empty() {
             return Ok(None);
         }
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for (k, v) in &puts {
-            tx.put(&self.maps.escrow, k.as_str(), v.as_str())?;
+            tx.put(&self.maps.escrow, k.as_str(), v.as_str());
         }
-        tx.commit_with(commit_at(now_ms));
-        Ok(Some(self.last_local_change(Touched::default())?))
+        let changes = tx.commit(&mut self.doc, now_ms)?;
+        Ok(Some(self.last_local_change(Touched::default(), changes)?))
     }
 
     /// Places an app or subscription order at the hub: reserves, per line, the free units
@@ -469,16 +465,16 @@ impl Ledger {
                 )
             })
             .collect();
-        let mut tx = self.doc.transaction();
-        tx.put(&self.maps.orders, order.order_id.as_str(), to_json(&record))?;
+        let mut tx = Writes::new();
+        tx.put(&self.maps.orders, order.order_id.as_str(), to_json(&record));
         tx.put(
             &self.maps.events,
             super::event_key(&order.order_id, &event),
             to_json(&event),
-        )?;
+        );
         for line in &record.lines {
             for u in &line.unit_ids {
-                tx.put(&self.maps.reserved, u.as_str(), order.order_id.as_str())?;
+                tx.put(&self.maps.reserved, u.as_str(), order.order_id.as_str());
                 touched.units.insert(u.clone());
             }
         }
@@ -488,14 +484,14 @@ impl Ledger {
                     &self.maps.escrow,
                     format!("{sku}/{ESCROW_CONSUMED}"),
                     n.to_string(),
-                )?;
+                );
             }
         }
-        tx.commit_with(commit_at(now_ms));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         for u in &touched.units {
             self.reindex(u);
         }
-        let change = self.last_local_change(touched)?;
+        let change = self.last_local_change(touched, changes)?;
         let view = self
             .order(&order.order_id)
             .ok_or_else(|| LedgerError::Document("placed order not found".into()))?;
@@ -588,15 +584,15 @@ impl Ledger {
         };
         let mut touched = Touched::default();
         touched.orders.insert(order.order_id.clone());
-        let mut tx = self.doc.transaction();
-        tx.put(&self.maps.orders, order.order_id.as_str(), to_json(&record))?;
+        let mut tx = Writes::new();
+        tx.put(&self.maps.orders, order.order_id.as_str(), to_json(&record));
         tx.put(
             &self.maps.events,
             super::event_key(&order.order_id, &event),
             to_json(&event),
-        )?;
-        tx.commit_with(commit_at(now_ms));
-        let change = self.last_local_change(touched)?;
+        );
+        let changes = tx.commit(&mut self.doc, now_ms)?;
+        let change = self.last_local_change(touched, changes)?;
         let view = self
             .order(&order.order_id)
             .ok_or_else(|| LedgerError::Document("scheduled order not found".into()))?;
@@ -637,14 +633,14 @@ impl Ledger {
         };
         let mut touched = Touched::default();
         touched.orders.insert(order.clone());
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         tx.put(
             &self.maps.events,
             super::event_key(order, &event),
             to_json(&event),
-        )?;
-        tx.commit_with(commit_at(now_ms));
-        self.last_local_change(touched)
+        );
+        let changes = tx.commit(&mut self.doc, now_ms)?;
+        self.last_local_change(touched, changes)
     }
 
     /// Cancels an order by the rules: free within the grace window, `refund_pending` once paid
@@ -973,25 +969,25 @@ impl Ledger {
             return Ok(None);
         }
         let mut touched = Touched::default();
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for (u, o) in &moves {
-            tx.put(&self.maps.reserved, u.as_str(), o.as_str())?;
+            tx.put(&self.maps.reserved, u.as_str(), o.as_str());
             touched.units.insert(u.clone());
             touched.orders.insert(o.clone());
         }
         for u in &release {
-            tx.put(&self.maps.reserved, u.as_str(), "")?;
+            tx.put(&self.maps.reserved, u.as_str(), "");
             touched.units.insert(u.clone());
         }
         for c in &lost {
-            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c))?;
+            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c));
             touched.orders.extend(c.orders.iter().cloned());
         }
-        tx.commit_with(commit_at(now_ms));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         for u in &touched.units {
             self.reindex(u);
         }
-        Ok(Some(self.last_local_change(touched)?))
+        Ok(Some(self.last_local_change(touched, changes)?))
     }
 
     /// The conflicts the document shows among `units` and `orders` (every one when both are
@@ -1201,13 +1197,13 @@ impl Ledger {
             return Ok(None);
         }
         let mut touched = Touched::default();
-        let mut tx = self.doc.transaction();
+        let mut tx = Writes::new();
         for c in &new {
-            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c))?;
+            tx.put(&self.maps.conflicts, c.conflict_id.as_str(), to_json(c));
             touched.orders.extend(c.orders.iter().cloned());
         }
-        tx.commit_with(commit_at(now_ms));
-        Ok(Some(self.last_local_change(touched)?))
+        let changes = tx.commit(&mut self.doc, now_ms)?;
+        Ok(Some(self.last_local_change(touched, changes)?))
     }
 
     /// Every recorded conflict with its resolution, if any.
@@ -1286,8 +1282,8 @@ impl Ledger {
             }
             touched.units.insert(unit);
         }
-        let mut tx = self.doc.transaction();
-        tx.put(&self.maps.resolutions, id, to_json(resolution))?;
+        let mut tx = Writes::new();
+        tx.put(&self.maps.resolutions, id, to_json(resolution));
         if let Some(order) = &flagged {
             touched.orders.insert(order.clone());
             match resolution.action {
@@ -1302,22 +1298,22 @@ impl Ledger {
                         &self.maps.events,
                         super::event_key(order, &event),
                         to_json(&event),
-                    )?;
+                    );
                 }
                 ResolutionAction::Substitute => {
                     for u in &touched.units {
-                        tx.put(&self.maps.reserved, u.as_str(), order.as_str())?;
+                        tx.put(&self.maps.reserved, u.as_str(), order.as_str());
                     }
                 }
                 ResolutionAction::Dismiss => {}
             }
         }
-        tx.commit_with(commit_at(now_ms));
+        let changes = tx.commit(&mut self.doc, now_ms)?;
         let units: Vec<UnitId> = touched.units.iter().cloned().collect();
         for u in &units {
             self.reindex(u);
         }
-        let change = self.last_local_change(touched)?;
+        let change = self.last_local_change(touched, changes)?;
         let view = self
             .conflict(id)
             .ok_or_else(|| LedgerError::Document("resolved conflict not found".into()))?;

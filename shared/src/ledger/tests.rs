@@ -254,7 +254,7 @@ fn replicas_converge_and_double_sale_is_kept() {
         .expect("sale b offline");
     for l in [&mut fridge_l, &mut pos, &mut pos2] {
         // Duplicates and either order are fine.
-        l.apply_changes(&[b.bytes.clone(), a.bytes.clone(), b.bytes.clone()])
+        l.apply_changes(&[b.changes[0].clone(), a.changes[0].clone(), b.changes[0].clone()])
             .expect("merge");
     }
     assert_eq!(fridge_l.state_digest(), pos.state_digest());
@@ -282,11 +282,11 @@ fn authorship_is_checked() {
         )
         .expect("refill");
     assert_eq!(
-        Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-1"))),
+        Ledger::check_authors(std::slice::from_ref(&c.changes[0]), &actor_for(&dev("pos-1"))),
         Ok(())
     );
     assert_eq!(
-        Ledger::check_authors(std::slice::from_ref(&c.bytes), &actor_for(&dev("pos-2"))),
+        Ledger::check_authors(std::slice::from_ref(&c.changes[0]), &actor_for(&dev("pos-2"))),
         Err(LedgerError::ForeignActor)
     );
     assert!(matches!(
@@ -361,7 +361,7 @@ fn reload_from_snapshot_and_changes_is_identical() {
         fridge(),
         actor_for(&dev("fr-1")),
         Some(&snapshot),
-        &[c.bytes],
+        &c.changes,
     )
     .expect("reload");
     assert_eq!(back.state_digest(), l.state_digest());

@@ -107,13 +107,15 @@ async fn orders() -> Result<()> {
                 .units
                 .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
             use sha2::Digest;
-            batch.changes.push(larder_hub::store::StoredChange {
-                ledger: fridge.clone(),
-                author: device.clone(),
-                epoch: 0,
-                hash: sha2::Sha256::digest(&change.bytes).into(),
-                bytes: change.bytes,
-            });
+            for bytes in change.changes {
+                batch.changes.push(larder_hub::store::StoredChange {
+                    ledger: fridge.clone(),
+                    author: device.clone(),
+                    epoch: 0,
+                    hash: sha2::Sha256::digest(&bytes).into(),
+                    bytes,
+                });
+            }
             batch.enroll.push(larder_hub::store::DeviceRecord {
                 device_id: device,
                 role: Role::Fridge,

@@ -52,7 +52,8 @@ fn change(author: &str, unit: &str) -> Vec<u8> {
         0,
     )
     .expect("refill")
-    .bytes
+    .changes
+    .remove(0)
 }
 
 /// A well-formed envelope, sealed to the hub and signed by `key`.
