@@ -103,6 +103,7 @@ impl From<CommandError> for ApiError {
                 LedgerError::UnknownOrder(_) => (S::NOT_FOUND, "unknown_order"),
                 LedgerError::UnknownConflict(_) => (S::NOT_FOUND, "unknown_conflict"),
                 LedgerError::WrongStatus(_) => (S::CONFLICT, "wrong_status"),
+                LedgerError::TooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "too_large"),
                 _ => (S::INTERNAL_SERVER_ERROR, "internal"),
             },
         };

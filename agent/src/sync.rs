@@ -489,10 +489,17 @@ impl Sync {
             let Some(mut batch) = build_batch(window, entries, head) else {
                 return;
             };
-            for e in batch.entries.iter().filter(|e| e.kind == EntryKind::Withheld) {
+            for e in batch
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::Withheld)
+            {
                 error!(seq = e.seq, fridge = %e.ledger,
                     "a local change too large for a message is withheld: its audit link goes to the hub, the change stays here");
-                self.ctx.shared.metrics.changes_withheld
+                self.ctx
+                    .shared
+                    .metrics
+                    .changes_withheld
                     .get_or_create(&vec![("direction", "up".to_owned())])
                     .inc();
             }

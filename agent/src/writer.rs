@@ -18,7 +18,7 @@ use larder_shared::domain::{DoorSession, Payment, Refill, Role, Sale, SaleLine, 
 use larder_shared::envelope::{Ack, Batch, EntryKind, Rebase};
 use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
-use larder_shared::{DeviceId, FridgeId, OrderId, UnitId};
+use larder_shared::{DeviceId, FridgeId, OrderId, UnitId, limits};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -951,6 +951,7 @@ impl Writer {
             .ok_or_else(|| CommandError::UnknownFridge(fridge.clone()))?;
         let (change, outcome) = match action {
             Action::Refill(refill) => {
+                limits::loads(&refill.units, &self.catalog, now).map_err(LedgerError::from)?;
                 let change = ledger.refill(&refill, &device, now)?;
                 let units = refill.units.len();
                 (
@@ -1008,6 +1009,8 @@ impl Writer {
                 mut session,
                 fridge_card,
             } => {
+                limits::loads(&session.units_added, &self.catalog, now)
+                    .map_err(LedgerError::from)?;
                 if fridge_card {
                     session.card_order_id = Some(own_order_id(
                         ledger,
@@ -1126,6 +1129,7 @@ impl Writer {
             max_celsius: self.temperature.max_celsius,
             peak_celsius: peak,
             units: Vec::new(),
+            units_total: None,
             by: self.device.clone(),
         };
         let ledger = self

@@ -1132,7 +1132,11 @@ impl HubLink {
                     break;
                 };
                 let (up_to, changes) = (batch.up_to, batch.entries.len());
-                for e in batch.entries.iter().filter(|e| e.kind == EntryKind::Withheld) {
+                for e in batch
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::Withheld)
+                {
                     error!(device = %key.1, seq = e.seq, ledger = %e.ledger,
                         "a change too large for a message was withheld from the device's downlink");
                     self.ctx.metrics.withheld(key.0.as_str(), "down");

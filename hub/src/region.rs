@@ -1636,8 +1636,9 @@ impl RegionWriter {
                             Ok(rows) => rows,
                             Err(reason) => return UplinkOutcome::Rejected(reason),
                         };
-                        let (withheld, entries): (Vec<_>, Vec<_>) =
-                            entries.into_iter().partition(|e| e.kind == EntryKind::Withheld);
+                        let (withheld, entries): (Vec<_>, Vec<_>) = entries
+                            .into_iter()
+                            .partition(|e| e.kind == EntryKind::Withheld);
                         for e in &withheld {
                             error!(region = %self.region, device = %sender, seq = e.seq, ledger = %e.ledger,
                                 "the device withheld a change too large to send; its audit link is kept, the change is not merged");

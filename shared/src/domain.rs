@@ -485,6 +485,16 @@ pub struct Incident {
     pub at_ms: i64,
     pub max_celsius: f64,
     pub peak_celsius: f64,
+    /// The units quarantined, up to [`Incident::UNITS_LISTED_MAX`]; every one of them is in
+    /// the ledger's `removed` map with reason `temperature`.
     pub units: Vec<UnitId>,
+    /// How many units were quarantined (absent in incidents recorded before it: `units`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units_total: Option<u64>,
     pub by: DeviceId,
+}
+
+impl Incident {
+    /// Units an incident lists by id, so its record fits one ledger change.
+    pub const UNITS_LISTED_MAX: usize = 100;
 }

@@ -117,6 +117,17 @@ pub enum LedgerError {
     Document(String),
 }
 
+impl From<crate::limits::Invalid> for LedgerError {
+    fn from(e: crate::limits::Invalid) -> Self {
+        match e {
+            crate::limits::Invalid::TooLarge { bytes, limit, .. } => {
+                Self::TooLarge { bytes, limit }
+            }
+            other => Self::Invalid(other.to_string()),
+        }
+    }
+}
+
 impl From<automerge::AutomergeError> for LedgerError {
     fn from(e: automerge::AutomergeError) -> Self {
         LedgerError::Document(e.to_string())
@@ -889,6 +900,7 @@ impl Ledger {
         }
         let mut seen = BTreeSet::new();
         for unit in units {
+            crate::limits::unit_fields(unit)?;
             if !seen.insert(&unit.unit_id) {
                 return Err(LedgerError::Invalid(format!(
                     "unit {} appears twice",
@@ -1385,7 +1397,12 @@ impl Ledger {
             .map(|(_, u)| u.clone())
             .collect();
         let mut incident = incident.clone();
-        incident.units = units.clone();
+        incident.units = units
+            .iter()
+            .take(crate::domain::Incident::UNITS_LISTED_MAX)
+            .cloned()
+            .collect();
+        incident.units_total = Some(units.len() as u64);
         let mut touched = Touched::default();
         let mut tx = Writes::new();
         for unit in &units {
@@ -1490,8 +1507,8 @@ pub fn channel_for(role: crate::domain::Role) -> Channel {
 mod tests;
 
 mod change_check;
-mod writes;
 pub mod compaction;
 mod orders;
+mod writes;
 
 pub use orders::{CancelOutcome, HoldingOrder, OrderPolicy, PaymentOutcome, grace_end, hub_device};

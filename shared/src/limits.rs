@@ -20,7 +20,9 @@ const BATCH_OVERHEAD_BYTES_MAX: usize = 2 * 10 + 2 + 64 + 8;
 /// sent; the ledger splits a command's writes into as many changes as that takes.
 pub const CHANGE_BYTES_MAX: usize = 15 * 1024;
 const _: () = assert!(
-    CHANGE_BYTES_MAX + ENTRY_OVERHEAD_BYTES_MAX + BATCH_OVERHEAD_BYTES_MAX
+    CHANGE_BYTES_MAX
+        + ENTRY_OVERHEAD_BYTES_MAX
+        + BATCH_OVERHEAD_BYTES_MAX
         + ENVELOPE_OVERHEAD_BYTES_MAX
         <= MESSAGE_BYTES_MIN
 );
@@ -46,6 +48,113 @@ impl Invalid {
         Self::Field {
             field: field.into(),
             rule: rule.into(),
+        }
+    }
+}
+
+/// Bytes of a unit's batch label (a production lot).
+pub const BATCH_LEN_MAX: usize = 64;
+
+/// A free-text label a client gives: at most `max` bytes, no control characters.
+pub fn label(field: &str, value: &str, max: usize) -> Result<(), Invalid> {
+    if value.len() > max {
+        return Err(Invalid::field(
+            field,
+            format!("{} bytes; at most {max}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Invalid::field(field, "control characters are not allowed"));
+    }
+    Ok(())
+}
+
+/// What any record of a unit's load holds to, wherever it was made: its batch label is
+/// bounded (the ledger checks this on every load).
+pub fn unit_fields(unit: &crate::domain::RefillUnit) -> Result<(), Invalid> {
+    if let Some(batch) = &unit.batch {
+        label(
+            &format!("unit {} batch", unit.unit_id),
+            batch,
+            BATCH_LEN_MAX,
+        )?;
+    }
+    Ok(())
+}
+
+/// A unit a client asks to load now (a refill, a door session's added units, an import row):
+/// [`unit_fields`], and it has not expired at `now_ms`.
+pub fn refill_unit(unit: &crate::domain::RefillUnit, now_ms: i64) -> Result<(), Invalid> {
+    unit_fields(unit)?;
+    if unit.expires_at_ms <= now_ms {
+        return Err(Invalid::field(
+            format!("unit {} expires_at", unit.unit_id),
+            "already expired: a unit is loaded before it expires",
+        ));
+    }
+    Ok(())
+}
+
+/// Units a client asks to load now into a fridge whose device holds `catalog`: each by
+/// [`refill_unit`], and of a sku the catalog sells (unless no catalog has arrived yet: version 0).
+pub fn loads(
+    units: &[crate::domain::RefillUnit],
+    catalog: &crate::catalog::Catalog,
+    now_ms: i64,
+) -> Result<(), Invalid> {
+    for unit in units {
+        refill_unit(unit, now_ms)?;
+        if catalog.version > 0 && catalog.item(&unit.sku).is_none() {
+            return Err(Invalid::field(
+                format!("unit {} sku", unit.unit_id),
+                format!("{} is not in catalog version {}", unit.sku, catalog.version),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RefillUnit;
+    use crate::ids::{Sku, UnitId};
+
+    fn unit(batch: Option<&str>, expires_at_ms: i64) -> RefillUnit {
+        RefillUnit {
+            unit_id: UnitId::new("u-1").expect("id"),
+            sku: Sku::new("soup").expect("sku"),
+            expires_at_ms,
+            batch: batch.map(str::to_owned),
+        }
+    }
+
+    /// One row per rule: the input, and the field named in the refusal (or `None`: accepted).
+    #[test]
+    fn refill_unit_rules() {
+        let long = "b".repeat(BATCH_LEN_MAX + 1);
+        let at_limit = "b".repeat(BATCH_LEN_MAX);
+        let huge = "x".repeat(400_000);
+        let cases: Vec<(RefillUnit, Option<&str>)> = vec![
+            (unit(None, 2_000), None),
+            (unit(Some(&at_limit), 2_000), None),
+            (unit(Some(&long), 2_000), Some("unit u-1 batch")),
+            (unit(Some(&huge), 2_000), Some("unit u-1 batch")),
+            (unit(Some("lot\n7"), 2_000), Some("unit u-1 batch")),
+            (unit(None, 1_000), Some("unit u-1 expires_at")),
+            (unit(None, -5), Some("unit u-1 expires_at")),
+        ];
+        for (u, want) in cases {
+            let got = refill_unit(&u, 1_000).err().map(|e| match e {
+                Invalid::Field { field, .. } => field,
+                other => other.to_string(),
+            });
+            assert_eq!(
+                got.as_deref(),
+                want,
+                "{:?}",
+                u.batch.as_ref().map(String::len)
+            );
         }
     }
 }

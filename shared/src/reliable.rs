@@ -572,7 +572,11 @@ mod tests {
         assert_eq!(b.entries[0], entry(4));
         assert_eq!(b.entries[1].kind, EntryKind::Withheld);
         assert_eq!(b.entries[1].change, digest.to_vec(), "its digest stands in");
-        assert_eq!(b.entries[1].change_digest(), Some(digest), "the chain goes on");
+        assert_eq!(
+            b.entries[1].change_digest(),
+            Some(digest),
+            "the chain goes on"
+        );
         assert_eq!(b.entries[2], entry(6));
         assert!(b.entries.iter().all(|e| e.encoded_len_max() <= 4096));
     }

@@ -815,7 +815,8 @@ impl World {
             };
             match l.sell(&sale, &self.catalog, &dev.id, dev_now) {
                 Ok((c, _)) => {
-                    dev.sales.push((order_id, digest(c.changes.last().expect("a change"))));
+                    dev.sales
+                        .push((order_id, digest(c.changes.last().expect("a change"))));
                     c
                 }
                 // Nothing of that sku here, as this replica sees it: the customer is told no.

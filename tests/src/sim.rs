@@ -150,7 +150,8 @@ impl Device {
     }
 
     fn record(&mut self, fridge: usize, change: LocalChange) {
-        self.own.extend(change.changes.into_iter().map(|c| (fridge, c)));
+        self.own
+            .extend(change.changes.into_iter().map(|c| (fridge, c)));
     }
 
     fn order_id(&mut self) -> OrderId {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use larder_shared::domain::{Refill, RefillUnit};
 use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, UNITS_PER_REQUEST_MAX};
-use larder_shared::{DeviceId, FridgeId, Sku, UnitId};
+use larder_shared::{DeviceId, FridgeId, Sku, UnitId, limits};
 use serde::{Deserialize, Serialize};
 
 use super::RegionWriter;
@@ -133,10 +133,8 @@ impl RegionWriter {
         if expires_at_ms <= now {
             return Err(format!("unit {unit_id} expired at {expires}"));
         }
-        if let Some(b) = &row.batch
-            && b.len() > 64
-        {
-            return Err("batch is longer than 64 characters".into());
+        if let Some(b) = &row.batch {
+            limits::label("batch", b, limits::BATCH_LEN_MAX).map_err(|e| e.to_string())?;
         }
         Ok(Some((
             fridge,

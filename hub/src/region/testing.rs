@@ -133,7 +133,11 @@ impl Loader {
                 .collect(),
             order_id: None,
         };
-        let mut changes = self.ledger.refill(&refill, &self.id, 1).expect("change").changes;
+        let mut changes = self
+            .ledger
+            .refill(&refill, &self.id, 1)
+            .expect("change")
+            .changes;
         assert_eq!(changes.len(), 1, "one change");
         changes.remove(0)
     }

@@ -254,8 +254,12 @@ fn replicas_converge_and_double_sale_is_kept() {
         .expect("sale b offline");
     for l in [&mut fridge_l, &mut pos, &mut pos2] {
         // Duplicates and either order are fine.
-        l.apply_changes(&[b.changes[0].clone(), a.changes[0].clone(), b.changes[0].clone()])
-            .expect("merge");
+        l.apply_changes(&[
+            b.changes[0].clone(),
+            a.changes[0].clone(),
+            b.changes[0].clone(),
+        ])
+        .expect("merge");
     }
     assert_eq!(fridge_l.state_digest(), pos.state_digest());
     assert_eq!(pos.state_digest(), pos2.state_digest());
@@ -282,11 +286,17 @@ fn authorship_is_checked() {
         )
         .expect("refill");
     assert_eq!(
-        Ledger::check_authors(std::slice::from_ref(&c.changes[0]), &actor_for(&dev("pos-1"))),
+        Ledger::check_authors(
+            std::slice::from_ref(&c.changes[0]),
+            &actor_for(&dev("pos-1"))
+        ),
         Ok(())
     );
     assert_eq!(
-        Ledger::check_authors(std::slice::from_ref(&c.changes[0]), &actor_for(&dev("pos-2"))),
+        Ledger::check_authors(
+            std::slice::from_ref(&c.changes[0]),
+            &actor_for(&dev("pos-2"))
+        ),
         Err(LedgerError::ForeignActor)
     );
     assert!(matches!(

@@ -81,9 +81,9 @@ impl Writes {
                 tx.put(&obj, key, value)?;
             }
             tx.commit_with(CommitOptions::default().with_time(now_ms / 1000));
-            let change = doc.get_last_local_change().ok_or_else(|| {
-                LedgerError::Document("committed change not found".into())
-            })?;
+            let change = doc
+                .get_last_local_change()
+                .ok_or_else(|| LedgerError::Document("committed change not found".into()))?;
             let raw = change.raw_bytes();
             // The sync core withholds (never sends, never loops on) an entry past the message
             // limit, so a wrong estimate costs that change, not the stream behind it.
@@ -95,5 +95,146 @@ impl Writes {
             changes.push(raw.to_vec());
         }
         Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::catalog::{Catalog, CatalogItem};
+    use crate::domain::{
+        Channel, DoorSession, Incident, Payment, PaymentMethod, Refill, RefillUnit, RemovalReason,
+        Sale, SaleLine,
+    };
+    use crate::ids::{DeviceId, FridgeId, OrderId, Sku, UnitId};
+    use crate::ledger::{Ledger, LedgerError, LocalChange, actor_for};
+    use crate::limits::CHANGE_BYTES_MAX;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    /// An id of exactly `len` bytes (1..=64) ending in `n`.
+    fn id(prefix: char, n: usize, len: usize) -> String {
+        let tail = format!("{prefix}{n}");
+        format!("{}{tail}", "x".repeat(len.saturating_sub(tail.len())))
+    }
+
+    fn catalog(sku: &Sku) -> Catalog {
+        Catalog {
+            version: 1,
+            currency: "EUR".into(),
+            items: vec![CatalogItem {
+                sku: sku.clone(),
+                name: "Soup".into(),
+                price_minor: 500,
+                allergens: vec![],
+                shelf_life_hours: 48,
+            }],
+        }
+    }
+
+    fn check(change: &LocalChange) {
+        assert!(!change.changes.is_empty());
+        for c in &change.changes {
+            assert!(
+                c.len() <= CHANGE_BYTES_MAX,
+                "a change of {} bytes, past {CHANGE_BYTES_MAX}",
+                c.len()
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Every write path, given the largest inputs its rules allow (up to 1,000 units of
+        /// 64-byte ids, 64-byte batch labels and skus, 64-byte device ids), makes only changes
+        /// that fit a message, and a replica that merges them holds the same ledger.
+        #[test]
+        fn every_write_path_makes_changes_that_fit_a_message(
+            units in 1usize..=1000,
+            id_len in 8usize..=64,
+            batch_len in 0usize..=64,
+            sold in 1usize..=50,
+        ) {
+            let device = DeviceId::new(id('d', 1, 43)).expect("id");
+            let fridge = FridgeId::new(id('f', 1, 64)).expect("id");
+            let sku = Sku::new(id('s', 1, 64)).expect("sku");
+            let catalog = catalog(&sku);
+            let mut l = Ledger::new(fridge.clone(), actor_for(&device)).expect("ledger");
+            let mut all = Vec::new();
+            let refill = Refill {
+                units: (0..units)
+                    .map(|n| RefillUnit {
+                        unit_id: UnitId::new(id('u', n, id_len)).expect("id"),
+                        sku: sku.clone(),
+                        expires_at_ms: NOW + 86_400_000,
+                        batch: (batch_len > 0).then(|| "b".repeat(batch_len)),
+                    })
+                    .collect(),
+                order_id: None,
+            };
+            let c = l.refill(&refill, &device, NOW).expect("refill");
+            check(&c);
+            all.extend(c.changes);
+            let sold = sold.min(units);
+            let sale = Sale {
+                order_id: OrderId::new(id('o', 1, 64)).expect("id"),
+                channel: Channel::Pos,
+                lines: vec![SaleLine { sku: sku.clone(), unit_id: None, quantity: sold as u32 }],
+                payment: Payment {
+                    method: PaymentMethod::Cash,
+                    amount_minor: 500 * sold as i64,
+                    currency: "EUR".into(),
+                },
+                payment_pending: false,
+            };
+            match l.sell(&sale, &catalog, &device, NOW + 1) {
+                Ok((c, _)) => { check(&c); all.extend(c.changes); }
+                Err(LedgerError::TooLarge { .. }) => {}
+                Err(e) => panic!("sale: {e}"),
+            }
+            let left: Vec<UnitId> = l.units(NOW + 2).into_iter()
+                .filter(|u| u.state == crate::domain::UnitState::Available)
+                .map(|u| u.unit_id).collect();
+            let taken = left.len() / 3;
+            let session = DoorSession {
+                session_id: id('s', 2, 64),
+                units_taken: left[..taken].to_vec(),
+                units_added: vec![],
+                order_id: None,
+                card_order_id: Some(OrderId::new(id('c', 1, 64)).expect("id")),
+            };
+            if taken > 0 {
+                match l.door_session(&session, &catalog, &device, NOW + 3) {
+                    Ok((c, _)) => { check(&c); all.extend(c.changes); }
+                    Err(LedgerError::TooLarge { .. }) => {}
+                    Err(e) => panic!("door session: {e}"),
+                }
+            }
+            let removed = &left[taken..(taken + taken).min(left.len())];
+            if !removed.is_empty() {
+                let c = l.remove(removed, RemovalReason::Damaged, NOW + 4).expect("remove");
+                check(&c);
+                all.extend(c.changes);
+            }
+            let incident = Incident {
+                kind: "temperature_excursion".into(),
+                fridge_id: fridge.clone(),
+                since_ms: NOW,
+                at_ms: NOW + 5,
+                max_celsius: 5.0,
+                peak_celsius: 9.0,
+                units: vec![],
+                units_total: None,
+                by: device.clone(),
+            };
+            let (c, _) = l.quarantine(&incident, NOW + 5).expect("quarantine");
+            check(&c);
+            all.extend(c.changes);
+            let mut replica = Ledger::new(fridge, actor_for(&DeviceId::new("pos-1").expect("id")))
+                .expect("ledger");
+            replica.apply_changes(&all).expect("merge");
+            prop_assert_eq!(replica.state_digest(), l.state_digest());
+        }
     }
 }

@@ -20,6 +20,7 @@ mod key_rotation;
 mod link;
 mod offline_pos;
 mod orders;
+mod oversized;
 mod rejections;
 mod restart;
 mod shutdown;
