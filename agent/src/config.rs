@@ -56,6 +56,9 @@ pub struct TemperatureConfig {
     /// An excursion this long quarantines every unit in the fridge (removal reason
     /// `temperature`).
     pub excursion_minutes: u64,
+    /// How far a reading's `at` (the firmware's clock) may be from the agent's trusted time.
+    /// A reading further off is refused; an excursion is timed on the agent's trusted clock.
+    pub reading_skew_seconds_max: u64,
 }
 
 impl Default for TemperatureConfig {
@@ -63,6 +66,7 @@ impl Default for TemperatureConfig {
         Self {
             max_celsius: 5.0,
             excursion_minutes: 30,
+            reading_skew_seconds_max: 300,
         }
     }
 }
@@ -462,12 +466,18 @@ impl AgentConfig {
         if let Some(problem) = self.orders.simulated_payments.problem() {
             p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
-        let ranges: [(&str, u64, u64, u64); 15] = [
+        let ranges: [(&str, u64, u64, u64); 16] = [
             (
                 "temperature.excursion_minutes",
                 self.temperature.excursion_minutes,
                 1,
                 24 * 60,
+            ),
+            (
+                "temperature.reading_skew_seconds_max",
+                self.temperature.reading_skew_seconds_max,
+                1,
+                24 * 3600,
             ),
             (
                 "orders.offline_card_payments_max",

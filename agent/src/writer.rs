@@ -944,6 +944,9 @@ impl Writer {
             self.refuse("outbox_full");
             return Err(CommandError::OutboxFull { pending });
         }
+        if let Action::Sale { lines, .. } = &action {
+            self.check_units_belong(fridge, lines)?;
+        }
         let device = self.device.clone();
         let ledger = self
             .ledgers
@@ -952,6 +955,14 @@ impl Writer {
         let (change, outcome) = match action {
             Action::Refill(refill) => {
                 limits::loads(&refill.units, &self.catalog, now).map_err(LedgerError::from)?;
+                if refill.order_id.is_some() && self.role != Role::Fridge {
+                    return Err(LedgerError::Invalid(
+                        "a refill tagged with an order is made at the fridge's own agent, \
+                         where the order's units are placed"
+                            .into(),
+                    )
+                    .into());
+                }
                 let change = ledger.refill(&refill, &device, now)?;
                 let units = refill.units.len();
                 (
@@ -1095,6 +1106,27 @@ impl Writer {
     /// Takes a temperature reading. Above `max_celsius` an excursion starts (or goes on); once
     /// it has lasted `excursion_minutes`, every unit in the fridge is quarantined. A reading at
     /// or below the limit ends the excursion.
+    /// A unit that another ledger held here knows is sold from that fridge only (and so under
+    /// its own sku, which that ledger checks); a unit no ledger here knows may still be sold
+    /// offline, its refill on the way.
+    fn check_units_belong(&self, fridge: &FridgeId, lines: &[SaleLine]) -> Result<(), LedgerError> {
+        for unit in lines.iter().filter_map(|l| l.unit_id.as_ref()) {
+            let here = self.ledgers.get(fridge).is_some_and(|l| l.knows_unit(unit));
+            if !here
+                && self
+                    .ledgers
+                    .iter()
+                    .any(|(f, l)| f != fridge && l.knows_unit(unit))
+            {
+                return Err(LedgerError::UnitNotAvailable {
+                    unit: unit.clone(),
+                    state: "in another fridge",
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn temperature(
         &mut self,
         fridge: &FridgeId,
@@ -1107,6 +1139,25 @@ impl Writer {
             excursion_since_ms: since,
             quarantined,
         };
+        // Only the fridge's own agent hears its sensor; the firmware's clock only has to agree
+        // with ours within the configured skew, and the excursion is timed on ours.
+        if self.role != Role::Fridge {
+            return Err(LedgerError::Invalid(
+                "temperature readings are taken at the fridge's own agent".into(),
+            )
+            .into());
+        }
+        let skew_ms = (self.temperature.reading_skew_seconds_max as i64).saturating_mul(1000);
+        if at_ms.abs_diff(now) > skew_ms.unsigned_abs() {
+            return Err(LedgerError::Invalid(format!(
+                "at is {} s from this agent's clock; a reading may be at most {} s off \
+                 (temperature.reading_skew_seconds_max)",
+                at_ms.saturating_sub(now) / 1000,
+                self.temperature.reading_skew_seconds_max
+            ))
+            .into());
+        }
+        let at_ms = now;
         if celsius <= self.temperature.max_celsius {
             self.excursions.remove(fridge);
             return Ok((None, outcome(None, Vec::new())));

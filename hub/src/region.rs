@@ -116,6 +116,38 @@ pub enum RegionError {
 
 type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 
+/// Makes a subscription's occurrence into an order: `None` if it was made before. An order
+/// of something else holding its id (placed before app order ids in `sub-…` were refused) does
+/// not skip it: the occurrence takes the next of `{id}.1`, `{id}.2`, … that is free, ids no
+/// client can choose, and says so.
+fn schedule_occurrence(
+    ledger: &mut Ledger,
+    mut order: larder_shared::domain::AppOrder,
+    date: &jiff::civil::Date,
+    catalog: &Catalog,
+    now: i64,
+) -> Result<Option<larder_shared::ledger::LocalChange>, larder_shared::ledger::LedgerError> {
+    let base = order.order_id.clone();
+    for k in 1..=8u32 {
+        match ledger.order(&order.order_id) {
+            Some(v) if v.record.subscription_id == order.subscription_id => return Ok(None),
+            Some(v) => {
+                let next = larder_shared::OrderId::new(format!("{base}.{k}"))
+                    .map_err(|e| larder_shared::ledger::LedgerError::Invalid(e.to_string()))?;
+                warn!(order = %order.order_id, held_by = ?v.record.customer_id, next = %next,
+                    "a subscription occurrence's id is held by another order; it takes the next");
+                order.order_id = next;
+            }
+            None => {
+                return ledger
+                    .schedule_order(&order, &date.to_string(), catalog, now)
+                    .map(|(c, _)| Some(c));
+            }
+        }
+    }
+    Err(larder_shared::ledger::LedgerError::OrderExists(base))
+}
+
 /// Why a device cannot be enrolled under an id whose namespace an order already uses.
 pub fn namespace_taken(device: &DeviceId, order: &str) -> String {
     format!(
@@ -1867,6 +1899,23 @@ impl RegionWriter {
         batch.orders.extend(change.orders);
     }
 
+    /// An order id is one order in the whole region: none of its ledgers, nor the projection
+    /// (archived orders too), holds it.
+    fn check_order_id_free(&self, id: &larder_shared::OrderId) -> Result<(), ApiAnswer> {
+        let in_store = self.store.order_exists(id.as_str()).map_err(|e| {
+            error!(region = %self.region, error = %e, "reading orders failed");
+            error_answer(503, "storage_unavailable", e)
+        })?;
+        if in_store || self.ledgers.values().any(|l| l.has_order(id)) {
+            return Err(error_answer(
+                409,
+                "order_exists",
+                format!("order {id} already exists in region {}", self.region),
+            ));
+        }
+        Ok(())
+    }
+
     /// Carries out an order action; `Err` is an answer for a request that changed nothing.
     fn order_action(
         &mut self,
@@ -1900,6 +1949,9 @@ impl RegionWriter {
             } => Some(self.usable_grants(&fridge)),
             _ => None,
         };
+        if let OrderAction::Place { order, .. } = &action {
+            self.check_order_id_free(&order.order_id)?;
+        }
         let ledger = self.ledgers.get_mut(&fridge).ok_or_else(|| {
             error_answer(404, "unknown_fridge", format!("no fridge {fridge} here"))
         })?;
@@ -2166,9 +2218,9 @@ impl RegionWriter {
                 let Some(ledger) = self.ledgers.get_mut(&sub.fridge_id) else {
                     continue;
                 };
-                match ledger.schedule_order(&order, &date.to_string(), &self.catalog, now) {
-                    Ok((c, _)) => changes.push((sub.fridge_id.clone(), c)),
-                    Err(larder_shared::ledger::LedgerError::OrderExists(_)) => {}
+                match schedule_occurrence(ledger, order, &date, &self.catalog, now) {
+                    Ok(Some(c)) => changes.push((sub.fridge_id.clone(), c)),
+                    Ok(None) => {}
                     Err(e) => {
                         warn!(subscription = %sub.subscription_id, error = %e, "scheduling an occurrence failed")
                     }

@@ -332,6 +332,17 @@ impl RegionStore {
             .optional()?)
     }
 
+    /// Whether the region has held order `id`: in the projection, or archived.
+    pub fn order_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = ?1)
+                     OR EXISTS (SELECT 1 FROM archive WHERE kind = 'order' AND record_id = ?1)",
+            )?
+            .query_row([id], |r| r.get(0))?)
+    }
+
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"

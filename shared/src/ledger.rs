@@ -830,6 +830,24 @@ impl Ledger {
             ));
         }
         self.check_new_units(&refill.units)?;
+        if let Some(order) = &refill.order_id {
+            let status = self
+                .status(order)
+                .ok_or_else(|| LedgerError::UnknownOrder(order.clone()))?;
+            if !matches!(
+                status,
+                OrderStatus::Scheduled
+                    | OrderStatus::Dispatched
+                    | OrderStatus::PlacedInFridge
+                    | OrderStatus::AvailableForPicking
+            ) {
+                return Err(LedgerError::WrongStatus(format!(
+                    "order {order} is {}: a tagged refill places a subscription's meals or a \
+                     paid app order's",
+                    status.as_str()
+                )));
+            }
+        }
         let mut touched = Touched::default();
         let mut tx = Writes::new();
         // Units tagged with an order (a subscriber's meals) are placed for it: held by it,
@@ -1461,9 +1479,28 @@ impl Ledger {
 }
 
 /// An order's status from its history: the highest-ranked event, the latest among equals.
+///
+/// A device places units for an order (`placed_in_fridge`, `available_for_picking`, written by
+/// a tagged refill) only for a subscription's occurrence (`scheduled` or `dispatched` by the
+/// hub) or an app order the hub saw paid (its own `available_for_picking`): such events on any
+/// other order count for nothing, on every replica, so a refill tagged with an unpaid order's
+/// id cannot make it ready to pick without payment.
 fn status_of(history: &[StatusEvent]) -> Option<OrderStatus> {
+    let by_hub = |e: &StatusEvent| e.by.as_str() == orders::HUB_DEVICE;
+    let placeable = history.iter().any(|e| {
+        matches!(e.status, OrderStatus::Scheduled | OrderStatus::Dispatched)
+            || (e.status == OrderStatus::AvailableForPicking && by_hub(e))
+    });
     history
         .iter()
+        .filter(|e| {
+            placeable
+                || by_hub(e)
+                || !matches!(
+                    e.status,
+                    OrderStatus::PlacedInFridge | OrderStatus::AvailableForPicking
+                )
+        })
         .filter_map(|e| e.status.rank().map(|r| (r, e.at_ms, e.status)))
         .max_by_key(|(r, at, s)| (*r, *at, s.as_str()))
         .map(|(_, _, s)| s)

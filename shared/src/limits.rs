@@ -114,6 +114,26 @@ pub fn loads(
     Ok(())
 }
 
+/// The prefix of the ids the hub gives subscriptions, and so of their occurrences' order ids
+/// (`{subscription}-{date}`).
+pub const SUBSCRIPTION_ID_PREFIX: &str = "sub-";
+
+/// An order id a client chooses: not in the subscriptions' namespace, where it could take the
+/// id of an occurrence still to be made. (The hub also refuses ids in an enrolled device's
+/// namespace and ids the region holds already.)
+pub fn client_order_id(id: &crate::ids::OrderId) -> Result<(), Invalid> {
+    if id.as_str().starts_with(SUBSCRIPTION_ID_PREFIX) {
+        return Err(Invalid::field(
+            "order_id",
+            format!(
+                "ids beginning {SUBSCRIPTION_ID_PREFIX:?} are the subscriptions' occurrences: \
+                 choose another id, or leave order_id out"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

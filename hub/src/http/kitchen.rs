@@ -121,7 +121,11 @@ pub(super) async fn create_subscription(
     let mut id = [0u8; 6];
     getrandom::fill(&mut id).map_err(internal)?;
     let sub = Subscription {
-        subscription_id: format!("sub-{}", hex::encode(id)),
+        subscription_id: format!(
+            "{}{}",
+            larder_shared::limits::SUBSCRIPTION_ID_PREFIX,
+            hex::encode(id)
+        ),
         customer_id: req.customer_id,
         fridge_id: req.fridge_id,
         lines: req

@@ -147,6 +147,15 @@ pub(super) async fn place(
         .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
     let idem =
         larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
+    if let Some(id) = &req.order_id {
+        larder_shared::limits::client_order_id(id).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            )
+        })?;
+    }
     let chosen = req.order_id.is_some();
     let order_id = match req.order_id {
         Some(id) => id,

@@ -28,9 +28,12 @@ use crate::domain::{
 };
 use crate::ids::{DeviceId, OrderId, Sku, UnitId};
 
+/// The device id the hub writes as.
+pub(super) const HUB_DEVICE: &str = "hub";
+
 /// The `by` of what the hub writes.
 pub fn hub_device() -> DeviceId {
-    DeviceId::new("hub").unwrap_or_else(|_| unreachable!("a valid id"))
+    DeviceId::new(HUB_DEVICE).unwrap_or_else(|_| unreachable!("a valid id"))
 }
 
 /// An order holding units: its id, record, status and history.

@@ -13,6 +13,7 @@ mod downlink_memory;
 mod escrow;
 mod flapping;
 mod fuzz_corpus;
+mod hostile;
 mod idempotency;
 mod import;
 mod isolation;

@@ -1,9 +1,15 @@
 //! Temperature: readings above the limit for long enough quarantine the fridge's units (removal
 //! reason `temperature`), with an incident naming them; a short excursion does not. A held
 //! reservation on a quarantined unit becomes a `reservation_lost` conflict. A quarantine whose
-//! commit fails is made again when the reading is retried.
+//! commit fails is made again when the reading is retried. Readings are taken only at the
+//! fridge's own agent, within a bounded skew of its trusted clock, and an excursion is timed on
+//! that clock: readings stamped in 2000 and 2100 quarantine nothing.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
+
+use larder_agent::writer::Clock;
 
 use larder_hub::demo::REGION;
 use larder_shared::domain::Role;
@@ -12,15 +18,53 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn reading(url: &str, celsius: f64, at: jiff::Timestamp, key: &str) -> anyhow::Result<Value> {
+async fn send_reading(
+    url: &str,
+    celsius: f64,
+    at: jiff::Timestamp,
+    key: &str,
+) -> anyhow::Result<(u16, Value)> {
     let resp = http()
         .post(format!("{url}/v1/temperature"))
         .header("Idempotency-Key", key)
         .json(&json!({"fridge_id": "fridge-1", "celsius": celsius, "at": at.to_string()}))
         .send()
         .await?;
-    anyhow::ensure!(resp.status().as_u16() == 202, "reading: {}", resp.status());
-    Ok(resp.json().await?)
+    Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+async fn reading(url: &str, celsius: f64, at: jiff::Timestamp, key: &str) -> anyhow::Result<Value> {
+    let (status, body) = send_reading(url, celsius, at, key).await?;
+    anyhow::ensure!(status == 202, "reading: {status} {body}");
+    Ok(body)
+}
+
+/// A fridge agent whose clock the test moves, and `minutes(m)`: moves it to `m` minutes past
+/// the start and gives that time, as the firmware's clock would say it.
+async fn fridge_on_a_clock(
+    dir: &std::path::Path,
+    hub: &larder_hub::HubHandle,
+) -> anyhow::Result<(
+    larder_agent::AgentHandle,
+    impl Fn(i64) -> jiff::Timestamp + use<>,
+)> {
+    let offset = Arc::new(AtomicI64::new(0));
+    let fridge = start_agent_with(
+        dir,
+        hub,
+        "fridge-1",
+        Role::Fridge,
+        &["fridge-1"],
+        |_| {},
+        Clock::offset(offset.clone()),
+    )
+    .await?;
+    let t0 = jiff::Timestamp::now();
+    let minutes = move |m: i64| {
+        offset.store(m * 60_000, Ordering::SeqCst);
+        t0 + jiff::SignedDuration::from_mins(m)
+    };
+    Ok((fridge, minutes))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,7 +72,7 @@ async fn a_long_excursion_quarantines_the_units() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_http = format!("http://{}", hub.http_addr);
-    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let (fridge, min) = fridge_on_a_clock(dir.path(), &hub).await?;
     let url = format!("http://{}", fridge.http_addr);
     synced(&url, WAIT).await?;
     refill(&url, "fridge-1", "u", "curry-veg", 3).await?;
@@ -42,8 +86,6 @@ async fn a_long_excursion_quarantines_the_units() -> anyhow::Result<()> {
     .await?;
     assert_eq!(status, 201, "{body}");
 
-    let t0 = jiff::Timestamp::now();
-    let min = |m: i64| t0 + jiff::SignedDuration::from_mins(m);
     // A short excursion: 20 minutes above 5 °C, then back to 3 °C.
     assert_eq!(reading(&url, 4.0, min(0), "r0").await?["excursion"], false);
     assert_eq!(reading(&url, 7.0, min(1), "r1").await?["excursion"], true);
@@ -102,12 +144,10 @@ async fn a_long_excursion_quarantines_the_units() -> anyhow::Result<()> {
 async fn a_quarantine_whose_commit_fails_is_made_on_the_retry() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
-    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let (fridge, min) = fridge_on_a_clock(dir.path(), &hub).await?;
     let url = format!("http://{}", fridge.http_addr);
     synced(&url, WAIT).await?;
     refill(&url, "fridge-1", "w", "curry-veg", 2).await?;
-    let t0 = jiff::Timestamp::now();
-    let min = |m: i64| t0 + jiff::SignedDuration::from_mins(m);
     assert_eq!(reading(&url, 7.0, min(0), "w0").await?["excursion"], true);
 
     let store = rusqlite::Connection::open(dir.path().join("fridge-1").join("agent.db"))?;
@@ -133,5 +173,51 @@ async fn a_quarantine_whose_commit_fails_is_made_on_the_retry() -> anyhow::Resul
     );
     fridge.shutdown().await;
     hub.shutdown().await;
+    Ok(())
+}
+
+/// A POS cannot report a fridge's temperature, and readings stamped far from the fridge agent's
+/// clock (2000, then 2100) are refused: nothing is quarantined, no incident is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_from_elsewhere_or_from_another_time_quarantine_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fp = start_fridge_and_pos(dir.path(), &hub, WAIT).await?;
+    refill(&fp.fridge_url, "fridge-1", "t", "curry-veg", 2).await?;
+    let now = jiff::Timestamp::now();
+    let (status, body) = send_reading(&fp.pos_url, 6.0, now, "pos-reading").await?;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("fridge's own agent")),
+        "{body}"
+    );
+    for (key, at) in [
+        ("y2000", "2000-01-01T00:00:00Z"),
+        ("y2100", "2100-01-01T00:00:00Z"),
+    ] {
+        let (status, body) = send_reading(&fp.fridge_url, 6.0, at.parse()?, key).await?;
+        assert_eq!(status, 422, "{key}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reading_skew_seconds_max")),
+            "{body}"
+        );
+    }
+    // A reading now starts an excursion, but only the agent's clock can make it long.
+    assert_eq!(
+        reading(&fp.fridge_url, 6.0, now, "now").await?["excursion"],
+        true
+    );
+    synced(&fp.fridge_url, WAIT).await?;
+    assert_eq!(
+        available(&agent_stock(&fp.fridge_url, "fridge-1").await?, "curry-veg"),
+        2
+    );
+    let stock = hub_stock(&hub_http, "fridge-1").await?;
+    assert_eq!(stock["incidents"], json!([]), "{stock}");
     Ok(())
 }
