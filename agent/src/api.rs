@@ -2,6 +2,8 @@
 //! out, errors as `{"error": {"code", "message"}}`, `Idempotency-Key` on every POST, and a 2xx
 //! only after the change is durable on disk.
 
+mod guard;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -249,6 +251,7 @@ pub fn router(state: ApiState, body_bytes_max: usize) -> Router {
                 "this route does not take that method",
             )
         })
+        .layer(middleware::from_fn(guard::local_only))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,

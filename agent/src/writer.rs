@@ -1071,7 +1071,7 @@ impl Writer {
                     ledger::CancelOutcome::Rejected(code, why) => Some((code.to_owned(), why)),
                 };
                 (
-                    Some(change),
+                    change,
                     Outcome::Cancel {
                         order: Box::new(view),
                         refused,

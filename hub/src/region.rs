@@ -1961,7 +1961,7 @@ impl RegionWriter {
                 let (change, view) = ledger
                     .place_order(&order, &self.catalog, usable.as_ref(), &policy, now)
                     .map_err(|e| ledger_error_answer(&e))?;
-                (change, (201, serde_json::json!(view)))
+                (Some(change), (201, serde_json::json!(view)))
             }
             OrderAction::Cancel => {
                 let order = order.ok_or_else(no_order)?;
@@ -1981,14 +1981,14 @@ impl RegionWriter {
                 let change = ledger
                     .dispatch(&order, now)
                     .map_err(|e| ledger_error_answer(&e))?;
-                (change, (200, serde_json::json!(ledger.order(&order))))
+                (Some(change), (200, serde_json::json!(ledger.order(&order))))
             }
             OrderAction::Payment(outcome) => {
                 let order = order.ok_or_else(no_order)?;
                 let change = ledger
                     .record_payment(&order, outcome, &policy, now)
                     .map_err(|e| ledger_error_answer(&e))?;
-                (change, (200, serde_json::json!(ledger.order(&order))))
+                (Some(change), (200, serde_json::json!(ledger.order(&order))))
             }
             OrderAction::Resolve {
                 conflict_id,
@@ -1998,10 +1998,12 @@ impl RegionWriter {
                 let (change, view) = ledger
                     .resolve(&conflict_id, &resolution, now)
                     .map_err(|e| ledger_error_answer(&e))?;
-                (change, (200, serde_json::json!(view)))
+                (Some(change), (200, serde_json::json!(view)))
             }
         };
-        self.hub_change(&fridge, change, batch);
+        if let Some(change) = change {
+            self.hub_change(&fridge, change, batch);
+        }
         Ok(answer)
     }
 

@@ -153,7 +153,7 @@ fn world() -> &'static World {
                 &format!("http://{}", fridge.http_addr),
                 "fridge-1",
                 "fz",
-                "sku-salad",
+                "salad-quinoa",
                 20,
             )
             .await
@@ -359,7 +359,7 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
         &Refill {
             units: vec![RefillUnit {
                 unit_id: UnitId::new("u-1")?,
-                sku: Sku::new("sku-salad")?,
+                sku: Sku::new("salad-quinoa")?,
                 expires_at_ms: 1_900_000_000_000,
                 batch: Some("b-1".into()),
             }],
@@ -396,15 +396,15 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
     };
     let sale = serde_json::json!({
         "fridge_id": "fridge-1",
-        "lines": [{"sku": "sku-salad", "quantity": 1}],
+        "lines": [{"sku": "salad-quinoa", "quantity": 1}],
         "payment": {"method": "card", "amount_minor": 650, "currency": "EUR"},
     });
     let refill = serde_json::json!({
         "fridge_id": "fridge-1",
-        "units": [{"unit_id": "u-9", "sku": "sku-salad", "expires_at": "2027-01-01T00:00:00Z"}],
+        "units": [{"unit_id": "u-9", "sku": "salad-quinoa", "expires_at": "2027-01-01T00:00:00Z"}],
     });
     let units = serde_json::json!({"rows": [{
-        "line": 2, "unit_id": "u-7", "fridge_id": "fridge-1", "sku": "sku-salad",
+        "line": 2, "unit_id": "u-7", "fridge_id": "fridge-1", "sku": "salad-quinoa",
         "expires_at": "2027-01-01T00:00:00Z"
     }]});
     let config_dir = repo().join("firmware-config");
@@ -419,11 +419,11 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
         ("agent_request", request(1, "", sale)),
         ("agent_request", request(6, "fridge_id=fridge-1", serde_json::json!({}))),
         ("hub_request", request(2, "", units)),
-        ("hub_request", request(1, "sku-salad", serde_json::json!({"stars": 5}))),
+        ("hub_request", request(1, "salad-quinoa", serde_json::json!({"stars": 5}))),
         ("hub_request", request(12, "status=open", serde_json::json!({}))),
         (
             "import_rows",
-            b"unit_id,fridge_id,sku,expires_at,batch\nu-1,fridge-1,sku-salad,2027-01-01T00:00:00Z,b\n"
+            b"unit_id,fridge_id,sku,expires_at,batch\nu-1,fridge-1,salad-quinoa,2027-01-01T00:00:00Z,b\n"
                 .to_vec(),
         ),
         (

@@ -778,7 +778,9 @@ impl Sim {
                                 t + 5_000,
                             )
                             .map_err(|e| e.to_string())?;
-                        self.hub_record(f, c);
+                        if let Some(c) = c {
+                            self.hub_record(f, c);
+                        }
                     }
                 }
                 Err(ledger::LedgerError::InsufficientStock { .. }) => self.report.app_refused += 1,
@@ -813,7 +815,9 @@ impl Sim {
                     let (c, _) = self.hub.ledgers[f]
                         .cancel(&order, &ledger::hub_device(), &self.policy, t)
                         .map_err(|e| e.to_string())?;
-                    self.hub_record(f, c);
+                    if let Some(c) = c {
+                        self.hub_record(f, c);
+                    }
                     continue;
                 }
                 if !self.rng.chance(0.4) {

@@ -654,7 +654,7 @@ impl Ledger {
         by: &DeviceId,
         policy: &OrderPolicy,
         now_ms: i64,
-    ) -> Result<(LocalChange, CancelOutcome), LedgerError> {
+    ) -> Result<(Option<LocalChange>, CancelOutcome), LedgerError> {
         let record = self
             .record(order)
             .ok_or_else(|| LedgerError::UnknownOrder(order.clone()))?;
@@ -686,10 +686,20 @@ impl Ledger {
         };
         let (status, note) = match &outcome {
             CancelOutcome::Done(s) => (*s, None),
-            CancelOutcome::Rejected(code, _) => (OrderStatus::CancelRejected, Some((*code).into())),
+            CancelOutcome::Rejected(code, _) => {
+                // A refusal is recorded once per order and reason: asking again is answered
+                // the same, and writes nothing to relay to every replica.
+                let again = self.history(order).iter().any(|e| {
+                    e.status == OrderStatus::CancelRejected && e.note.as_deref() == Some(*code)
+                });
+                if again {
+                    return Ok((None, outcome));
+                }
+                (OrderStatus::CancelRejected, Some((*code).into()))
+            }
         };
         let change = self.add_event(order, status, note, by, now_ms)?;
-        Ok((change, outcome))
+        Ok((Some(change), outcome))
     }
 
     /// Records a payment outcome for an order waiting for one after its grace window.

@@ -224,3 +224,114 @@ async fn a_pos_sells_a_unit_only_from_its_own_fridge_and_under_its_own_sku() -> 
     assert_eq!(orders.len(), 2, "only the two good sales: {orders:?}");
     Ok(())
 }
+
+/// A web page shown on the device cannot drive its agent: a cross-site form post (`text/plain`
+/// with a foreign `Origin`), a JSON post from another origin, and a request under a rebound
+/// domain name are refused and change nothing; the device's own apps (no `Origin`, the
+/// address or `localhost` as `Host`) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_on_the_device_cannot_drive_the_local_api() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    let url = format!("http://{}", fridge.http_addr);
+    let port = fridge.http_addr.port();
+    synced(&url, WAIT).await?;
+    let body = json!({"fridge_id": "fridge-1", "units": [
+        {"unit_id": "csrf-1", "sku": "lasagna", "expires_at": expires()}]})
+    .to_string();
+    let attempts: [(&str, &str, Option<&str>, u16); 4] = [
+        ("text/plain", "127.0.0.1", Some("http://evil.example"), 403),
+        ("text/plain", "127.0.0.1", None, 415),
+        (
+            "application/json",
+            "127.0.0.1",
+            Some("http://evil.example"),
+            403,
+        ),
+        ("application/json", "evil.example", None, 421),
+    ];
+    for (i, (content_type, host, origin, want)) in attempts.into_iter().enumerate() {
+        let mut req = http()
+            .post(format!("{url}/v1/refills"))
+            .header("Idempotency-Key", format!("csrf-{i}"))
+            .header("Content-Type", content_type)
+            .header("Host", format!("{host}:{port}"))
+            .body(body.clone());
+        if let Some(origin) = origin {
+            req = req.header("Origin", origin);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await?;
+        assert_eq!(status, want, "attempt {i}: {answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    let stock = agent_stock(&url, "fridge-1").await?;
+    assert_eq!(stock["units"], json!([]), "nothing loaded: {stock}");
+    // The device's own app, by address and as localhost, with its own origin.
+    for (i, host) in ["127.0.0.1", "localhost"].into_iter().enumerate() {
+        let resp = http()
+            .post(format!("{url}/v1/refills"))
+            .header("Idempotency-Key", format!("own-{i}"))
+            .header("Content-Type", "application/json")
+            .header("Host", format!("{host}:{port}"))
+            .header("Origin", format!("http://{host}:{port}"))
+            .body(
+                json!({"fridge_id": "fridge-1", "units": [
+                    {"unit_id": format!("own-{i}"), "sku": "lasagna", "expires_at": expires()}]})
+                .to_string(),
+            )
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16(), 201, "{host}");
+    }
+    Ok(())
+}
+
+/// Refusals are not stored without limit: 300 refused cancels of a completed sale are each
+/// answered 409, and its history holds one `cancel_rejected`, at the agent and at the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_cancel_is_recorded_once_however_often_it_is_asked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fp = start_fridge_and_pos(dir.path(), &hub, WAIT).await?;
+    refill(&fp.fridge_url, "fridge-1", "c", "lasagna", 1).await?;
+    eventually(WAIT, "the POS to see the unit", || async {
+        let stock = agent_stock(&fp.pos_url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == 1).then_some(())
+    })
+    .await?;
+    let (status, sale) =
+        sell_unit(&http(), &fp.pos_url, "fridge-1", "c-0", "lasagna", "sale").await?;
+    assert_eq!(status, 201, "{sale}");
+    let order = sale["order_id"].as_str().unwrap_or_default().to_owned();
+    for i in 0..300 {
+        let (status, body) = post(
+            &format!("{}/v1/orders/{order}/cancel", fp.pos_url),
+            &format!("cancel-{i}"),
+            &json!({}),
+        )
+        .await?;
+        assert_eq!(status, 409, "{body}");
+    }
+    synced(&fp.pos_url, WAIT).await?;
+    let refusals = |o: &Value| {
+        o["history"].as_array().map_or(0, |h| {
+            h.iter()
+                .filter(|e| e["status"] == "cancel_rejected")
+                .count()
+        })
+    };
+    let at_pos = get(&format!("{}/v1/orders/{order}", fp.pos_url)).await?;
+    assert_eq!(refusals(&at_pos), 1, "{at_pos}");
+    eventually(WAIT, "the hub to hold the refusal", || async {
+        let o = get(&format!("{hub_http}/v1/regions/{REGION}/orders/{order}"))
+            .await
+            .ok()?;
+        (refusals(&o) == 1).then_some(())
+    })
+    .await?;
+    Ok(())
+}

@@ -207,8 +207,7 @@ async fn occurrences_become_orders_at_the_cut_off_and_reach_the_fridge() -> anyh
         history.sort_unstable();
         let expected = [
             "available_for_picking",
-            // Refused at the hub and at the fridge, each recorded.
-            "cancel_rejected",
+            // Refused at the hub and then at the fridge: recorded once per reason.
             "cancel_rejected",
             "dispatched",
             "picked_up",
