@@ -467,19 +467,8 @@ impl HubConfig {
                 )));
             }
             if let Some(c) = &r.catalog {
-                if c.currency.len() != 3 || !c.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-                    p.push(Problem(format!(
-                        "regions.{}.catalog.currency: {:?} is not an ISO 4217 code",
-                        r.id, c.currency
-                    )));
-                }
-                for item in &c.items {
-                    if item.price_minor < 0 {
-                        p.push(Problem(format!(
-                            "regions.{}.catalog: {} has a negative price",
-                            r.id, item.sku
-                        )));
-                    }
+                if let Err(e) = larder_shared::limits::catalog(&c.currency, &c.items) {
+                    p.push(Problem(format!("regions.{}.catalog: {e}", r.id)));
                 }
             }
         }

@@ -247,18 +247,20 @@ async fn healthz(State(s): State<HubState>) -> Json<serde_json::Value> {
 #[utoipa::path(
     get,
     path = "/metrics",
-    summary = "Prometheus / OpenMetrics text",
-    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String))
+    summary = "Prometheus / OpenMetrics text (admin token: it names devices and their sync lag)",
+    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String), Errors),
+    security(("bearer" = []))
 )]
-async fn metrics(State(s): State<HubState>) -> Response {
-    (
+async fn metrics(State(s): State<HubState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers, None, &[TokenRole::Admin])?;
+    Ok((
         [(
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         s.metrics.encode(),
     )
-        .into_response()
+        .into_response())
 }
 
 #[utoipa::path(

@@ -448,8 +448,12 @@ async fn catalog(
             Some(format!("sku {:?} is not a valid id", row.sku))
         } else if row.name.is_empty() {
             Some("name is empty".to_owned())
-        } else if row.price_minor < 0 {
-            Some("price_minor is negative".to_owned())
+        } else if !(0..=larder_shared::limits::PRICE_MINOR_MAX).contains(&row.price_minor) {
+            Some(format!(
+                "price_minor {} is not from 0 to {}",
+                row.price_minor,
+                larder_shared::limits::PRICE_MINOR_MAX
+            ))
         } else if let Some(first) = listed.get(&row.sku) {
             Some(format!("sku {} is already on line {first}", row.sku))
         } else {
@@ -473,6 +477,10 @@ async fn catalog(
                 .collect(),
             shelf_life_hours: row.shelf_life_hours,
         };
+        if let Err(e) = larder_shared::limits::catalog_item(&item) {
+            report.reject(line, &e.to_string())?;
+            continue;
+        }
         match items.iter_mut().find(|i| i.sku == item.sku) {
             Some(existing) if *existing == item => summary.unchanged += 1,
             Some(existing) => {

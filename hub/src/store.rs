@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS catalog_versions (
 CREATE TABLE IF NOT EXISTS ratings (
     id INTEGER PRIMARY KEY, sku TEXT NOT NULL, stars INTEGER NOT NULL, customer_id TEXT,
     rated_at_ms INTEGER NOT NULL);
+-- A customer rates a sku once (looked up before each rating).
+CREATE INDEX IF NOT EXISTS ratings_customer ON ratings (customer_id, sku);
 -- Keys a rotation replaced: each verifies its device's envelopes and connect tokens until
 -- `accepted_until_ms` (the overlap window), and its audit signatures for good.
 CREATE TABLE IF NOT EXISTS device_keys (
@@ -330,6 +332,16 @@ impl RegionStore {
             )?
             .query_row([format!("{device}-"), format!("{device}.")], |r| r.get(0))
             .optional()?)
+    }
+
+    /// Whether `customer` has rated `sku`.
+    pub fn rated(&self, sku: &str, customer: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM ratings WHERE customer_id = ?1 AND sku = ?2)",
+            )?
+            .query_row([customer, sku], |r| r.get(0))?)
     }
 
     /// Whether the region has held order `id`: in the projection, or archived.

@@ -44,7 +44,7 @@ pub fn weekday_name(d: Weekday) -> &'static str {
     }
 }
 
-pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+pub use larder_shared::limits::WEEKDAYS;
 
 impl Subscription {
     /// Whether the schedule has an occurrence on `date` (ignoring skips).

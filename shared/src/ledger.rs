@@ -1187,6 +1187,11 @@ impl Ledger {
             ));
         }
         self.check_new_units(&session.units_added)?;
+        if let Some(order) = &session.order_id
+            && !self.has_order(order)
+        {
+            return Err(LedgerError::UnknownOrder(order.clone()));
+        }
         if let Some(card) = &session.card_order_id
             && self.has(&self.maps.orders, card.as_str())
         {
@@ -1463,6 +1468,26 @@ impl Ledger {
             return Err(LedgerError::Invalid(format!(
                 "1 to {UNITS_PER_REQUEST_MAX} units per request"
             )));
+        }
+        // Only a unit loaded here and still in the fridge can leave it: removing a sold unit
+        // would rewrite its history, and removing one not loaded yet would leave its refill
+        // removed on arrival.
+        for unit in units {
+            let state = match self.unit(unit, now_ms) {
+                None => Some("not loaded in this fridge"),
+                Some(v) => match v.state {
+                    UnitState::Sold => Some("sold"),
+                    UnitState::Taken => Some("taken"),
+                    UnitState::Removed => Some("removed"),
+                    _ => None,
+                },
+            };
+            if let Some(state) = state {
+                return Err(LedgerError::UnitNotAvailable {
+                    unit: unit.clone(),
+                    state,
+                });
+            }
         }
         let mut touched = Touched::default();
         let mut tx = Writes::new();

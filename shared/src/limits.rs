@@ -134,9 +134,155 @@ pub fn client_order_id(id: &crate::ids::OrderId) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Items a catalog may list.
+pub const CATALOG_ITEMS_MAX: usize = 1000;
+/// The highest price of one item, in minor units (10,000.00 in a two-decimal currency), so
+/// that no order's total can overflow and no slip of a key can sell a meal for a fortune.
+pub const PRICE_MINOR_MAX: i64 = 1_000_000;
+/// Bytes of an item's name.
+pub const NAME_LEN_MAX: usize = 128;
+/// Allergens an item may list, and bytes of each.
+pub const ALLERGENS_MAX: usize = 32;
+pub const ALLERGEN_LEN_MAX: usize = 64;
+
+/// One catalog item, wherever it comes from (the hub's config, a catalog `PUT`, an import row).
+pub fn catalog_item(item: &crate::catalog::CatalogItem) -> Result<(), Invalid> {
+    let field = |f: &str| format!("sku {} {f}", item.sku);
+    if !(0..=PRICE_MINOR_MAX).contains(&item.price_minor) {
+        return Err(Invalid::field(
+            field("price_minor"),
+            format!("{}: from 0 to {PRICE_MINOR_MAX}", item.price_minor),
+        ));
+    }
+    if item.name.trim().is_empty() {
+        return Err(Invalid::field(field("name"), "empty"));
+    }
+    label(&field("name"), &item.name, NAME_LEN_MAX)?;
+    if item.allergens.len() > ALLERGENS_MAX {
+        return Err(Invalid::field(
+            field("allergens"),
+            format!("{} listed; at most {ALLERGENS_MAX}", item.allergens.len()),
+        ));
+    }
+    for a in &item.allergens {
+        label(&field("allergens"), a, ALLERGEN_LEN_MAX)?;
+    }
+    Ok(())
+}
+
+/// A catalog to publish: an ISO 4217 currency, 1 to [`CATALOG_ITEMS_MAX`] items, each sku once,
+/// each item by [`catalog_item`].
+pub fn catalog(currency: &str, items: &[crate::catalog::CatalogItem]) -> Result<(), Invalid> {
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(Invalid::field(
+            "currency",
+            format!("{currency:?} is not an ISO 4217 code"),
+        ));
+    }
+    if items.is_empty() || items.len() > CATALOG_ITEMS_MAX {
+        return Err(Invalid::field(
+            "items",
+            format!(
+                "{} items; a catalog lists 1 to {CATALOG_ITEMS_MAX}",
+                items.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for item in items {
+        if !seen.insert(&item.sku) {
+            return Err(Invalid::field(format!("sku {}", item.sku), "listed twice"));
+        }
+        catalog_item(item)?;
+    }
+    Ok(())
+}
+
+/// Bytes of a customer id (the app's name for its customer).
+pub const CUSTOMER_ID_LEN_MAX: usize = 128;
+
+/// A customer id a client gives: 1 to [`CUSTOMER_ID_LEN_MAX`] bytes, no control characters.
+pub fn customer_id(id: &str) -> Result<(), Invalid> {
+    if id.is_empty() {
+        return Err(Invalid::field("customer_id", "empty"));
+    }
+    label("customer_id", id, CUSTOMER_ID_LEN_MAX)
+}
+
+/// The weekdays a subscription names, Monday first.
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// Lines a subscription may have, and meals of one sku per delivery.
+pub const SUBSCRIPTION_LINES_MAX: usize = 20;
+pub const SUBSCRIPTION_SKU_QUANTITY_MAX: u32 = 20;
+/// How far ahead a subscription may start, in days.
+pub const SUBSCRIPTION_START_AHEAD_DAYS_MAX: i64 = 366;
+
+/// A subscription's lines and weekdays: 1 to [`SUBSCRIPTION_LINES_MAX`] lines, each sku's
+/// quantity over all its lines 1 to [`SUBSCRIPTION_SKU_QUANTITY_MAX`], weekdays named once
+/// each from `mon` to `sun`.
+pub fn subscription(
+    lines: &[crate::domain::AppOrderLine],
+    weekdays: &[String],
+) -> Result<(), Invalid> {
+    if lines.is_empty() || lines.len() > SUBSCRIPTION_LINES_MAX {
+        return Err(Invalid::field(
+            "lines",
+            format!("a subscription has 1 to {SUBSCRIPTION_LINES_MAX} lines"),
+        ));
+    }
+    let mut per_sku: std::collections::BTreeMap<&crate::ids::Sku, u32> = Default::default();
+    for l in lines {
+        if l.quantity == 0 {
+            return Err(Invalid::field("quantity", "at least 1"));
+        }
+        *per_sku.entry(&l.sku).or_default() += l.quantity.min(SUBSCRIPTION_SKU_QUANTITY_MAX + 1);
+    }
+    if let Some((sku, q)) = per_sku
+        .iter()
+        .find(|(_, q)| **q > SUBSCRIPTION_SKU_QUANTITY_MAX)
+    {
+        return Err(Invalid::field(
+            format!("sku {sku} quantity"),
+            format!("{q}+ over its lines; at most {SUBSCRIPTION_SKU_QUANTITY_MAX} of a sku"),
+        ));
+    }
+    if weekdays.is_empty() || weekdays.iter().any(|w| !WEEKDAYS.contains(&w.as_str())) {
+        return Err(Invalid::field(
+            "weekdays",
+            "one or more of mon, tue, wed, thu, fri, sat, sun",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = weekdays.iter().find(|w| !seen.insert(w.as_str())) {
+        return Err(Invalid::field(
+            "weekdays",
+            format!("{twice} is named twice"),
+        ));
+    }
+    Ok(())
+}
+
+/// A subscription's dates, as days from the epoch: it starts no earlier than yesterday (the
+/// region's today may be behind) and at most [`SUBSCRIPTION_START_AHEAD_DAYS_MAX`] ahead, and
+/// ends no earlier than it starts.
+pub fn subscription_dates(start_day: i64, end_day: Option<i64>, today: i64) -> Result<(), Invalid> {
+    if start_day < today - 1 || start_day > today + SUBSCRIPTION_START_AHEAD_DAYS_MAX {
+        return Err(Invalid::field(
+            "start_date",
+            format!("from yesterday to {SUBSCRIPTION_START_AHEAD_DAYS_MAX} days ahead"),
+        ));
+    }
+    if end_day.is_some_and(|e| e < start_day) {
+        return Err(Invalid::field("end_date", "before start_date"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::CatalogItem;
     use crate::domain::RefillUnit;
     use crate::ids::{Sku, UnitId};
 
@@ -174,6 +320,162 @@ mod tests {
                 want,
                 "{:?}",
                 u.batch.as_ref().map(String::len)
+            );
+        }
+    }
+
+    fn item(sku: &str, price_minor: i64, name: &str, allergens: usize) -> CatalogItem {
+        CatalogItem {
+            sku: Sku::new(sku).expect("sku"),
+            name: name.into(),
+            price_minor,
+            allergens: (0..allergens).map(|i| format!("a{i}")).collect(),
+            shelf_life_hours: 24,
+        }
+    }
+
+    fn field_of(r: Result<(), Invalid>) -> Option<String> {
+        r.err().map(|e| match e {
+            Invalid::Field { field, .. } => field,
+            other => other.to_string(),
+        })
+    }
+
+    #[test]
+    fn catalog_rules() {
+        let ok = item("soup", 590, "Soup", 2);
+        let long_name = "n".repeat(NAME_LEN_MAX + 1);
+        let cases: Vec<(&str, Vec<CatalogItem>, Option<&str>)> = vec![
+            ("EUR", vec![ok.clone()], None),
+            ("EUR", vec![item("soup", 0, "Free soup", 0)], None),
+            (
+                "EUR",
+                vec![item("soup", PRICE_MINOR_MAX, "Dear soup", 0)],
+                None,
+            ),
+            ("EUR", vec![], Some("items")),
+            ("EUR", vec![ok.clone(); 2], Some("sku soup")),
+            ("eur", vec![ok.clone()], Some("currency")),
+            (
+                "EUR",
+                vec![item("soup", -1, "Soup", 0)],
+                Some("sku soup price_minor"),
+            ),
+            (
+                "EUR",
+                vec![item("soup", i64::MAX, "Soup", 0)],
+                Some("sku soup price_minor"),
+            ),
+            (
+                "EUR",
+                vec![item("soup", 590, " ", 0)],
+                Some("sku soup name"),
+            ),
+            (
+                "EUR",
+                vec![item("soup", 590, &long_name, 0)],
+                Some("sku soup name"),
+            ),
+            (
+                "EUR",
+                vec![item("soup", 590, "Soup", ALLERGENS_MAX + 1)],
+                Some("sku soup allergens"),
+            ),
+        ];
+        for (currency, items, want) in cases {
+            assert_eq!(
+                field_of(catalog(currency, &items)).as_deref(),
+                want,
+                "{currency} {items:?}"
+            );
+        }
+        let many: Vec<CatalogItem> = (0..=CATALOG_ITEMS_MAX)
+            .map(|i| item(&format!("s{i}"), 1, "S", 0))
+            .collect();
+        assert_eq!(field_of(catalog("EUR", &many)).as_deref(), Some("items"));
+    }
+
+    #[test]
+    fn customer_and_order_id_rules() {
+        let huge = "c".repeat(100_000);
+        let cases: Vec<(&str, Option<&str>)> = vec![
+            ("cust-1", None),
+            ("", Some("customer_id")),
+            (&huge, Some("customer_id")),
+            ("a\u{0}b", Some("customer_id")),
+        ];
+        for (id, want) in cases {
+            assert_eq!(field_of(customer_id(id)).as_deref(), want, "{}", id.len());
+        }
+        let order = |s: &str| crate::ids::OrderId::new(s).expect("id");
+        assert_eq!(field_of(client_order_id(&order("app-7"))), None);
+        assert_eq!(field_of(client_order_id(&order("subway-1"))), None);
+        assert_eq!(
+            field_of(client_order_id(&order("sub-0a1b-2030-01-01"))).as_deref(),
+            Some("order_id")
+        );
+    }
+
+    #[test]
+    fn subscription_rules() {
+        let line = |sku: &str, quantity| crate::domain::AppOrderLine {
+            sku: Sku::new(sku).expect("sku"),
+            quantity,
+        };
+        let days = |d: &[&str]| d.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let cases: Vec<(Vec<crate::domain::AppOrderLine>, Vec<String>, Option<&str>)> = vec![
+            (vec![line("soup", 2)], days(&["mon", "wed"]), None),
+            (
+                vec![line("soup", 10), line("salad", 20)],
+                days(&["sun"]),
+                None,
+            ),
+            (vec![], days(&["mon"]), Some("lines")),
+            (vec![line("soup", 1); 21], days(&["mon"]), Some("lines")),
+            (vec![line("soup", 0)], days(&["mon"]), Some("quantity")),
+            (
+                vec![line("soup", 21)],
+                days(&["mon"]),
+                Some("sku soup quantity"),
+            ),
+            (
+                vec![line("soup", 15), line("soup", 15)],
+                days(&["mon"]),
+                Some("sku soup quantity"),
+            ),
+            (vec![line("soup", 1)], days(&[]), Some("weekdays")),
+            (
+                vec![line("soup", 1)],
+                days(&["mon", "mon"]),
+                Some("weekdays"),
+            ),
+            (vec![line("soup", 1)], days(&["monday"]), Some("weekdays")),
+        ];
+        for (lines, weekdays, want) in cases {
+            assert_eq!(
+                field_of(subscription(&lines, &weekdays)).as_deref(),
+                want,
+                "{lines:?} {weekdays:?}"
+            );
+        }
+        let today = 20_000;
+        let cases: [(i64, Option<i64>, Option<&str>); 6] = [
+            (today, None, None),
+            (today - 1, Some(today + 30), None),
+            (today + SUBSCRIPTION_START_AHEAD_DAYS_MAX, None, None),
+            (-4_371_000, None, Some("start_date")),
+            (
+                today + SUBSCRIPTION_START_AHEAD_DAYS_MAX + 1,
+                None,
+                Some("start_date"),
+            ),
+            (today + 3, Some(today + 2), Some("end_date")),
+        ];
+        for (start, end, want) in cases {
+            assert_eq!(
+                field_of(subscription_dates(start, end, today)).as_deref(),
+                want,
+                "{start} {end:?}"
             );
         }
     }

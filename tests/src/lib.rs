@@ -388,10 +388,12 @@ pub async fn hub_stock(hub_http: &str, fridge: &str) -> Result<Value> {
         .await?)
 }
 
-/// The Prometheus text a hub or an agent serves at `{base_url}/metrics`.
+/// The Prometheus text a hub or an agent serves at `{base_url}/metrics` (with the admin token,
+/// which the hub asks for).
 pub async fn metrics_text(base_url: &str) -> Result<String> {
     Ok(http()
         .get(format!("{base_url}/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await?
         .text()

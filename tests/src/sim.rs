@@ -894,7 +894,9 @@ impl Sim {
                 }
                 Ok(())
             }
-            Err(ledger::LedgerError::UnitNotAvailable { .. }) => Ok(()),
+            Err(
+                ledger::LedgerError::UnitNotAvailable { .. } | ledger::LedgerError::UnknownOrder(_),
+            ) => Ok(()),
             Err(e) => fail(self.cfg.seed, format!("door session: {e}")),
         }
     }

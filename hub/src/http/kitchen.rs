@@ -21,7 +21,7 @@ use super::{ApiPath, ApiQuery, HubState, authorize, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
 use crate::region::{ApiAnswer, RegionCommand, SubscriptionOp};
-use crate::subscriptions::{self, Calendar, Subscription, WEEKDAYS};
+use crate::subscriptions::{self, Calendar, Subscription};
 
 const KITCHEN: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
 const SUBSCRIBERS: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
@@ -69,6 +69,12 @@ struct LineBody {
     quantity: u32,
 }
 
+/// Days from 1970-01-01 (negative before it).
+fn epoch_day(d: Date) -> i64 {
+    d.since((jiff::Unit::Day, Date::constant(1970, 1, 1)))
+        .map_or(i64::MIN / 2, |s| i64::from(s.get_days()))
+}
+
 #[utoipa::path(
     post,
     path = "/v1/regions/{r}/subscriptions",
@@ -94,23 +100,28 @@ pub(super) async fn create_subscription(
         &format!("POST /v1/regions/{r}/subscriptions"),
         &bytes,
     )?;
-    if req.customer_id.is_empty() || req.customer_id.len() > 128 {
-        return Err(invalid("customer_id must be 1 to 128 bytes"));
-    }
-    if req.lines.is_empty() || req.lines.len() > 20 {
-        return Err(invalid("a subscription has 1 to 20 lines"));
-    }
-    if req.lines.iter().any(|l| l.quantity == 0 || l.quantity > 20) {
-        return Err(invalid("quantity must be 1 to 20"));
-    }
-    if req.weekdays.is_empty() || req.weekdays.iter().any(|w| !WEEKDAYS.contains(&w.as_str())) {
-        return Err(invalid(
-            "weekdays are one or more of mon, tue, wed, thu, fri, sat, sun",
-        ));
-    }
-    if req.end_date.is_some_and(|e| e < req.start_date) {
-        return Err(invalid("end_date is before start_date"));
-    }
+    let lines: Vec<AppOrderLine> = req
+        .lines
+        .iter()
+        .map(|l| AppOrderLine {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+        })
+        .collect();
+    let today = jiff::Timestamp::from_millisecond(larder_agent::writer::now_ms())
+        .map_err(internal)?
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    larder_shared::limits::customer_id(&req.customer_id)
+        .and_then(|()| larder_shared::limits::subscription(&lines, &req.weekdays))
+        .and_then(|()| {
+            larder_shared::limits::subscription_dates(
+                epoch_day(req.start_date),
+                req.end_date.map(epoch_day),
+                epoch_day(today),
+            )
+        })
+        .map_err(|e| invalid(&e.to_string()))?;
     if !h.config.fridges.iter().any(|f| f.id == req.fridge_id) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -128,14 +139,7 @@ pub(super) async fn create_subscription(
         ),
         customer_id: req.customer_id,
         fridge_id: req.fridge_id,
-        lines: req
-            .lines
-            .into_iter()
-            .map(|l| AppOrderLine {
-                sku: l.sku,
-                quantity: l.quantity,
-            })
-            .collect(),
+        lines,
         weekdays: req.weekdays,
         start_date: req.start_date,
         end_date: req.end_date,

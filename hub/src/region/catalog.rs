@@ -7,7 +7,7 @@ use std::sync::Arc;
 use larder_shared::Sku;
 use larder_shared::catalog::{Catalog, CatalogItem};
 use sha2::Digest;
-use tracing::info;
+use tracing::{error, info};
 
 use super::{ApiAnswer, RegionWriter, error_answer};
 use crate::events::EventKind;
@@ -30,24 +30,9 @@ fn config_digest(currency: &str, items: &[CatalogItem]) -> String {
     hex::encode(sha2::Sha256::digest(json))
 }
 
-/// Why a catalog cannot be published, if it cannot.
+/// Why a catalog cannot be published, if it cannot (the rules of `limits::catalog`).
 pub fn check_catalog(currency: &str, items: &[CatalogItem]) -> Result<(), String> {
-    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(format!("currency {currency:?} is not an ISO 4217 code"));
-    }
-    let mut seen = std::collections::HashSet::new();
-    for item in items {
-        if !seen.insert(&item.sku) {
-            return Err(format!("sku {} is listed twice", item.sku));
-        }
-        if item.price_minor < 0 {
-            return Err(format!("sku {} has a negative price", item.sku));
-        }
-        if item.name.trim().is_empty() {
-            return Err(format!("sku {} has no name", item.sku));
-        }
-    }
-    Ok(())
+    larder_shared::limits::catalog(currency, items).map_err(|e| e.to_string())
 }
 
 impl RegionWriter {
@@ -192,6 +177,26 @@ impl RegionWriter {
                 "unknown_sku",
                 format!("sku {} is not in the catalog", req.sku),
             ));
+        }
+        if let Some(customer) = &req.customer_id {
+            larder_shared::limits::customer_id(customer)
+                .map_err(|e| error_answer(422, "invalid_request", e))?;
+            // Once per customer and sku: a customer cannot move an average alone.
+            let in_group = batch
+                .ratings
+                .iter()
+                .any(|(s, _, c, _)| *s == req.sku && c.as_deref() == Some(customer));
+            let stored = self.store.rated(req.sku.as_str(), customer).map_err(|e| {
+                error!(region = %self.region, error = %e, "reading ratings failed");
+                error_answer(503, "storage_unavailable", e)
+            })?;
+            if in_group || stored {
+                return Err(error_answer(
+                    409,
+                    "already_rated",
+                    format!("customer {customer} has rated {} already", req.sku),
+                ));
+            }
         }
         let total = self.ratings.entry(req.sku.clone()).or_default();
         total.0 += i64::from(req.stars);

@@ -503,12 +503,25 @@ fn a_refill_knows_units_mentioned_before_it_however_they_came() {
         NOW,
     )
     .expect("sale");
-    pos.remove(
-        &[UnitId::new("m2").expect("id")],
-        crate::domain::RemovalReason::Damaged,
-        NOW,
-    )
-    .expect("remove");
+    // Removed before its refill: this ledger refuses that now, an older replica wrote it.
+    let mut older = Ledger::new(fridge(), actor_for(&dev("pos-9"))).expect("ledger");
+    {
+        let mut tx = older.doc.transaction();
+        tx.put(
+            &older.maps.removed,
+            "m2",
+            to_json(&crate::domain::RemovalReason::Damaged),
+        )
+        .expect("put");
+        tx.commit();
+    }
+    let removal = older
+        .doc
+        .get_last_local_change()
+        .expect("change")
+        .raw_bytes()
+        .to_vec();
+    pos.apply_changes(&[removal]).expect("merge");
     pos.refill(
         &Refill {
             units: vec![unit("m3", "lasagna", NOW + DAY)],
@@ -610,4 +623,40 @@ fn a_peer_change_writing_the_root_is_refused() {
     let genesis = hub.doc.get_changes(&[])[0].raw_bytes().to_vec();
     hub.apply_changes(&[genesis])
         .expect("a change already held");
+}
+
+/// Only a unit loaded here and still in the fridge can be removed: a sold one, one already
+/// removed and one never loaded are refused, and nothing is written.
+#[test]
+fn removals_take_only_units_in_the_fridge() {
+    let mut l = stocked();
+    l.sell(
+        &sale("o1", &[("lasagna", Some("u1"), 1)], 850),
+        &catalog(),
+        &dev("pos-1"),
+        NOW,
+    )
+    .expect("sale");
+    let heads = l.doc.get_heads();
+    let id = |u: &str| UnitId::new(u).expect("id");
+    for (unit, state) in [("u1", "sold"), ("ghost", "not loaded in this fridge")] {
+        let got = l.remove(&[id("u2"), id(unit)], RemovalReason::Damaged, NOW);
+        assert_eq!(
+            got,
+            Err(LedgerError::UnitNotAvailable {
+                unit: id(unit),
+                state
+            })
+        );
+    }
+    assert_eq!(l.doc.get_heads(), heads, "nothing written");
+    l.remove(&[id("u2")], RemovalReason::Damaged, NOW)
+        .expect("remove");
+    assert_eq!(
+        l.remove(&[id("u2")], RemovalReason::Expired, NOW),
+        Err(LedgerError::UnitNotAvailable {
+            unit: id("u2"),
+            state: "removed"
+        })
+    );
 }

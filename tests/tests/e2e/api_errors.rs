@@ -31,12 +31,14 @@ async fn agent_refuses_bad_requests_in_the_contract_shape() -> anyhow::Result<()
     let c = http();
     let sale = |fridge: &str| json!({"fridge_id": fridge, "lines": [{"sku": "lasagna", "quantity": 1}], "payment": {"method": "card", "amount_minor": 890, "currency": "EUR"}});
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
-        ("broken json", c.post(format!("{url}/v1/sales")).body("{\"fridge_id\": "), 400, "malformed_json"),
+        ("broken json", c.post(format!("{url}/v1/sales")).header("content-type", "application/json").body("{\"fridge_id\": "), 400, "malformed_json"),
+        ("not json", c.post(format!("{url}/v1/sales")).header("content-type", "text/plain").body("{}"), 415, "unsupported_media_type"),
+        ("another origin", c.post(format!("{url}/v1/sales")).header("origin", "http://evil.example").json(&sale("fridge-1")), 403, "cross_origin"),
         ("unknown field", c.post(format!("{url}/v1/sales")).json(&json!({"fridge_id": "fridge-1", "lines": [], "payment": {"method": "card", "amount_minor": 1, "currency": "EUR"}, "tip": 1})), 422, "invalid_request"),
         ("bad id", c.post(format!("{url}/v1/refills")).json(&json!({"fridge_id": "a/b", "units": []})), 422, "invalid_request"),
         ("bad method", c.post(format!("{url}/v1/sales")).json(&json!({"fridge_id": "fridge-1", "lines": [], "payment": {"method": "iou", "amount_minor": 1, "currency": "EUR"}})), 422, "invalid_request"),
-        ("too large", c.post(format!("{url}/v1/sales")).body(vec![b' '; 8192]), 413, "too_large"),
-        ("a cancel too large", c.post(format!("{url}/v1/orders/o-1/cancel")).body(vec![b' '; 8192]), 413, "too_large"),
+        ("too large", c.post(format!("{url}/v1/sales")).header("content-type", "application/json").body(vec![b' '; 8192]), 413, "too_large"),
+        ("a cancel too large", c.post(format!("{url}/v1/orders/o-1/cancel")).header("content-type", "application/json").body(vec![b' '; 8192]), 413, "too_large"),
         ("unknown fridge", c.post(format!("{url}/v1/sales")).json(&sale("fridge-9")), 404, "unknown_fridge"),
         ("no catalog yet", c.post(format!("{url}/v1/sales")).json(&sale("fridge-1")), 422, "unknown_sku"),
         ("empty refill", c.post(format!("{url}/v1/refills")).json(&json!({"fridge_id": "fridge-1", "units": []})), 422, "invalid_request"),

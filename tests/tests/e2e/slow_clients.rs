@@ -30,7 +30,8 @@ async fn read_until_closed(stream: &mut TcpStream) -> anyhow::Result<String> {
 async fn get_once(stream: &mut TcpStream, path: &str) -> anyhow::Result<String> {
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: larder\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await?;
     read_until_closed(stream).await
@@ -43,7 +44,7 @@ async fn stalled_body(addr: SocketAddr, post: &str) -> anyhow::Result<String> {
     stalled
         .write_all(
             format!(
-                "{post} HTTP/1.1\r\nHost: larder\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+                "{post} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
                  Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"fridge_id\""
             )
             .as_bytes(),
@@ -56,7 +57,7 @@ async fn stalled_body(addr: SocketAddr, post: &str) -> anyhow::Result<String> {
 /// by the server at `addr`, which goes on answering whole requests for `path`.
 async fn cuts_off_slow_clients(addr: SocketAddr, path: &str, post: &str) -> anyhow::Result<()> {
     let mut slow = TcpStream::connect(addr).await?;
-    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: larder\r\n").as_bytes())
+    slow.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n").as_bytes())
         .await?;
     let answer = read_until_closed(&mut slow).await?;
     assert!(
@@ -170,7 +171,7 @@ async fn connections_past_the_cap_wait_until_one_closes() -> anyhow::Result<()> 
     let _second = TcpStream::connect(addr).await?;
     let mut third = TcpStream::connect(addr).await?;
     third
-        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: larder\r\nConnection: close\r\n\r\n")
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await?;
     let mut byte = [0u8; 1];
     let early = tokio::time::timeout(Duration::from_secs(1), third.read(&mut byte)).await;
