@@ -9,7 +9,9 @@
 //! stalls for as long is cut off as well (`RequestBodyTimeoutLayer`), and a request not
 //! answered within `request_timeout` (a body sent a byte at a time, a handler stuck) is
 //! answered 408 `timeout`; a streamed answer (the hub's live events) is not cut, as its
-//! headers come at once.
+//! headers come at once. One address holds at most `connections_per_address_max` of the
+//! places (more from it are closed at once), and a connection whose answer nobody reads for
+//! `header_read_timeout` (its writes stalled: a stream that is never read) is dropped.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +30,8 @@ use tokio::sync::Semaphore;
 pub struct ServerLimits {
     /// Connections served at once; more wait to be accepted.
     pub connections_max: usize,
+    /// Connections one client address may hold at once; more from it are closed on accept.
+    pub connections_per_address_max: usize,
     /// How long a request's headers (or a request body between two chunks) may take to
     /// arrive, and how long a keep-alive connection may sit idle.
     pub header_read_timeout: Duration,
@@ -68,6 +72,7 @@ impl ServerLimits {
     ) -> Self {
         Self {
             connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
+            connections_per_address_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
             header_read_timeout: Duration::from_millis(header_read_timeout_ms),
             request_timeout: Duration::from_millis(request_timeout_ms),
         }
@@ -104,6 +109,10 @@ pub async fn serve(
             },
         ));
     let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    let per_address = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        std::net::IpAddr,
+        usize,
+    >::new()));
     let graceful = GracefulShutdown::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -118,9 +127,9 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, peer.ip()),
                 Err(e) if is_connection_error(&e) => continue,
                 Err(e) => {
                     // Out of file descriptors and the like: retrying at once would spin, as
@@ -134,13 +143,19 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(slot) = AddressSlot::take(&per_address, peer, limits.connections_per_address_max)
+        else {
+            tracing::debug!(%peer, "HTTP connection closed: its address holds its share of places");
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
-        let connection = graceful.watch(http1.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(WriteStallLimit::new(stream, limits.header_read_timeout));
+        let connection = graceful.watch(http1.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "HTTP connection ended");
             }
-            drop(permit);
+            drop((permit, slot));
         });
     }
     drop(listener);
@@ -154,6 +169,150 @@ pub async fn serve(
     }
 }
 
+/// One of the places an address holds; given back when dropped.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    address: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        address: std::net::IpAddr,
+        max: usize,
+    ) -> Option<Self> {
+        let mut map = counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = map.entry(address).or_default();
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(Self {
+            counts: counts.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = map.get_mut(&self.address) {
+            *held -= 1;
+            if *held == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// A connection whose writes may stall no longer than `limit`: a client that stops reading
+/// (a live event stream left open, an answer never taken) gets a `TimedOut` error, which ends
+/// the connection, instead of holding its place for good.
+struct WriteStallLimit<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteStallLimit<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a write that could not go on: arm the deadline (it wakes the task), and fail
+    /// once it has passed.
+    fn pending<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} ms", limit.as_millis()),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStallLimit<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStallLimit<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Pending => self.pending(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 /// Errors that end one incoming connection, not the listener.
 fn is_connection_error(e: &std::io::Error) -> bool {
     matches!(
@@ -162,4 +321,45 @@ fn is_connection_error(e: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A peer that stops reading: writes fill its pipe, and after the limit the next write
+    /// fails instead of waiting for ever; a peer that reads keeps the connection going.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_stalls_past_the_limit_fails() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut conn = WriteStallLimit::new(ours, Duration::from_secs(30));
+        conn.write_all(&[1; 64]).await.expect("fits the pipe");
+        // Read a little: the next write goes through.
+        let mut buf = [0u8; 16];
+        theirs.read_exact(&mut buf).await.expect("read");
+        conn.write_all(&[2; 16]).await.expect("room again");
+        // Then nothing is read: the write waits, then fails after the limit (paused time
+        // jumps to the deadline).
+        let started = tokio::time::Instant::now();
+        let err = conn.write_all(&[3; 64]).await.expect_err("stalled");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_address_holds_at_most_its_share() {
+        let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let a: std::net::IpAddr = [127, 0, 0, 1].into();
+        let b: std::net::IpAddr = [127, 0, 0, 2].into();
+        let first = AddressSlot::take(&counts, a, 2).expect("first");
+        let second = AddressSlot::take(&counts, a, 2).expect("second");
+        assert!(AddressSlot::take(&counts, a, 2).is_none(), "a third from a");
+        let other = AddressSlot::take(&counts, b, 2).expect("b has its own share");
+        drop(first);
+        let again = AddressSlot::take(&counts, a, 2).expect("a place freed");
+        drop((second, again, other));
+        assert!(counts.lock().expect("lock").is_empty(), "all given back");
+    }
 }

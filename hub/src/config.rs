@@ -9,6 +9,9 @@ use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
 use larder_shared::{DeviceId, FridgeId, RegionId, SiteId};
 use serde::{Deserialize, Serialize};
 
+mod http;
+pub use http::HttpConfig;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
@@ -31,51 +34,6 @@ pub struct HubConfig {
     pub regions: Vec<RegionConfig>,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    pub listen: SocketAddr,
-    pub request_body_bytes_max: usize,
-    /// Connections served at once; more wait to be accepted.
-    pub connections_max: u64,
-    /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
-    /// connection may sit idle.
-    pub header_read_timeout_ms: u64,
-    /// How long a request may take until its answer starts.
-    pub request_timeout_ms: u64,
-}
-
-impl HttpConfig {
-    /// The valid ranges of the limits, for the config check.
-    pub fn ranges(&self) -> [(&'static str, u64, u64, u64); 3] {
-        larder_agent::http_server::ServerLimits::config_ranges(
-            self.connections_max,
-            self.header_read_timeout_ms,
-            self.request_timeout_ms,
-        )
-    }
-
-    pub fn server_limits(&self) -> larder_agent::http_server::ServerLimits {
-        larder_agent::http_server::ServerLimits::from_config(
-            self.connections_max,
-            self.header_read_timeout_ms,
-            self.request_timeout_ms,
-        )
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            request_body_bytes_max: 1024 * 1024,
-            connections_max: 1_024,
-            header_read_timeout_ms: 30_000,
-            request_timeout_ms: 60_000,
-        }
-    }
 }
 
 /// Embedded broker, or an external one.

@@ -34,7 +34,7 @@ use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, RegionError};
 use crate::store::DeviceRecord;
 
-mod catalog;
+pub mod catalog;
 mod kitchen;
 mod openapi;
 mod orders;
@@ -49,6 +49,8 @@ pub struct HubState {
     /// Turns true when the hub shuts down: ends the event streams, which would otherwise hold
     /// the server's graceful shutdown open.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The live event streams open, in all and per token.
+    pub streams: Arc<catalog::EventStreams>,
 }
 
 impl From<RegionError> for ApiError {

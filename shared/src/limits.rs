@@ -215,8 +215,9 @@ pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"
 /// Lines a subscription may have, and meals of one sku per delivery.
 pub const SUBSCRIPTION_LINES_MAX: usize = 20;
 pub const SUBSCRIPTION_SKU_QUANTITY_MAX: u32 = 20;
-/// How far ahead a subscription may start, in days.
-pub const SUBSCRIPTION_START_AHEAD_DAYS_MAX: i64 = 366;
+/// How far from today a subscription's start may be, either way, in days (five years): an
+/// import may carry subscriptions that began before, and a customer may plan ahead.
+pub const SUBSCRIPTION_START_DAYS_MAX: i64 = 1827;
 
 /// A subscription's lines and weekdays: 1 to [`SUBSCRIPTION_LINES_MAX`] lines, each sku's
 /// quantity over all its lines 1 to [`SUBSCRIPTION_SKU_QUANTITY_MAX`], weekdays named once
@@ -263,14 +264,13 @@ pub fn subscription(
     Ok(())
 }
 
-/// A subscription's dates, as days from the epoch: it starts no earlier than yesterday (the
-/// region's today may be behind) and at most [`SUBSCRIPTION_START_AHEAD_DAYS_MAX`] ahead, and
-/// ends no earlier than it starts.
+/// A subscription's dates, as days from the epoch: it starts within
+/// [`SUBSCRIPTION_START_DAYS_MAX`] of today, either way, and ends no earlier than it starts.
 pub fn subscription_dates(start_day: i64, end_day: Option<i64>, today: i64) -> Result<(), Invalid> {
-    if start_day < today - 1 || start_day > today + SUBSCRIPTION_START_AHEAD_DAYS_MAX {
+    if (start_day - today).abs() > SUBSCRIPTION_START_DAYS_MAX {
         return Err(Invalid::field(
             "start_date",
-            format!("from yesterday to {SUBSCRIPTION_START_AHEAD_DAYS_MAX} days ahead"),
+            format!("within {SUBSCRIPTION_START_DAYS_MAX} days of today"),
         ));
     }
     if end_day.is_some_and(|e| e < start_day) {
@@ -459,13 +459,19 @@ mod tests {
             );
         }
         let today = 20_000;
-        let cases: [(i64, Option<i64>, Option<&str>); 6] = [
+        let cases: [(i64, Option<i64>, Option<&str>); 8] = [
             (today, None, None),
             (today - 1, Some(today + 30), None),
-            (today + SUBSCRIPTION_START_AHEAD_DAYS_MAX, None, None),
+            (today + SUBSCRIPTION_START_DAYS_MAX, None, None),
+            (today - SUBSCRIPTION_START_DAYS_MAX, None, None),
             (-4_371_000, None, Some("start_date")),
             (
-                today + SUBSCRIPTION_START_AHEAD_DAYS_MAX + 1,
+                today + SUBSCRIPTION_START_DAYS_MAX + 1,
+                None,
+                Some("start_date"),
+            ),
+            (
+                today - SUBSCRIPTION_START_DAYS_MAX - 1,
                 None,
                 Some("start_date"),
             ),

@@ -230,7 +230,8 @@ async fn a_new_catalog_version_reaches_every_agent_and_an_offline_price_stands()
     // Ratings: counted in order per sku, shown on the catalog.
     let rate = |key: &'static str, stars: Value, sku: &'static str| {
         let url = format!("{hub_http}/v1/regions/{REGION}/catalog/{sku}/ratings");
-        async move { post(&url, key, &json!({"stars": stars, "customer_id": "c-1"})).await }
+        // One rating per customer and sku: each key is a customer of its own.
+        async move { post(&url, key, &json!({"stars": stars, "customer_id": key})).await }
     };
     let (status, first) = rate("r-1", json!(5), SKU).await?;
     assert_eq!((status, first["count"].as_u64()), (201, Some(1)));

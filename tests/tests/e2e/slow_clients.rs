@@ -2,7 +2,9 @@
 //! connection whose request headers do not arrive within `http.header_read_timeout_ms` (an
 //! idle keep-alive connection too), answer 408 a request not answered within
 //! `http.request_timeout_ms`, and serve at most `http.connections_max` connections at once,
-//! the others waiting their turn rather than being refused.
+//! the others waiting their turn rather than being refused. One address holds at most
+//! `http.connections_per_address_max` of them, and live event streams are capped per token and
+//! in all.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -184,5 +186,91 @@ async fn connections_past_the_cap_wait_until_one_closes() -> anyhow::Result<()> 
     drop(first);
     let answer = read_until_closed(&mut third).await?;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    Ok(())
+}
+
+/// One address cannot take every place: past `http.connections_per_address_max` its new
+/// connections are closed at once, while another address (127.0.0.2) is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_only_its_share_of_the_places() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub_with(dir.path(), 1, |c| {
+        c.http.connections_max = 8;
+        c.http.connections_per_address_max = 3;
+        c.http.header_read_timeout_ms = 600_000;
+    })
+    .await?;
+    let addr = hub.http_addr;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(addr).await?);
+    }
+    let mut fourth = TcpStream::connect(addr).await?;
+    // Closed unanswered (or reset), well before the guard.
+    let said = read_until_closed(&mut fourth).await.unwrap_or_default();
+    assert_eq!(said, "", "a fourth connection from 127.0.0.1 was served");
+    let other = tokio::net::TcpSocket::new_v4()?;
+    other.bind("127.0.0.2:0".parse()?)?;
+    let mut other = other.connect(addr).await?;
+    let answer = get_once(&mut other, "/healthz").await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // A place given back (once the server has seen the connection close) is a place to take
+    // again.
+    drop(idle.pop());
+    eventually(GUARD, "a place given back", || async {
+        let mut again = TcpStream::connect(addr).await.ok()?;
+        let answer = get_once(&mut again, "/healthz").await.ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Live event streams are capped per token and in all (429 `too_many_streams` past either),
+/// and a stream's place is given back when it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_event_streams_are_capped_per_token_and_in_all() -> anyhow::Result<()> {
+    const WATCHER: &str = "watcher-token";
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub_with(dir.path(), 1, |c| {
+        c.http.event_streams_max = 3;
+        c.http.event_streams_per_token_max = 2;
+        c.tokens.push(larder_hub::config::TokenConfig {
+            sha256: larder_hub::http::token_sha256(WATCHER),
+            role: larder_hub::config::TokenRole::Kitchen,
+            regions: vec!["*".into()],
+        });
+    })
+    .await?;
+    let url = format!(
+        "http://{}/v1/regions/{}/events",
+        hub.http_addr,
+        larder_hub::demo::REGION
+    );
+    let open = |token: &'static str| {
+        let url = url.clone();
+        async move {
+            let resp = http().get(url).bearer_auth(token).send().await?;
+            anyhow::Ok(resp)
+        }
+    };
+    let a1 = open(ADMIN_TOKEN).await?;
+    let a2 = open(ADMIN_TOKEN).await?;
+    assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
+    let a3 = open(ADMIN_TOKEN).await?;
+    assert_eq!(a3.status().as_u16(), 429, "a third stream for one token");
+    let w1 = open(WATCHER).await?;
+    assert_eq!(w1.status().as_u16(), 200);
+    let w2 = open(WATCHER).await?;
+    assert_eq!(w2.status().as_u16(), 429, "a fourth stream in all");
+    let body: serde_json::Value = w2.json().await?;
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    drop(a1);
+    let w3 = eventually(GUARD, "a place given back", || async {
+        let r = open(WATCHER).await.ok()?;
+        (r.status().as_u16() == 200).then_some(r)
+    })
+    .await?;
+    drop((a2, w1, w3));
     Ok(())
 }
