@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use larder_shared::auth::connect_token;
 use larder_shared::envelope::{self, Ack, Body, BoxKey, EntryKind, Envelope, Header, Party};
+use larder_shared::presence::{Presence, Session};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, PublicKey, RegionId, SecretKey};
@@ -61,7 +62,8 @@ pub struct SyncContext {
 }
 
 enum LinkEvent {
-    Connected,
+    /// Connected for this session (the connect token's, or one made for a password).
+    Connected(Session),
     Lost(String),
     Message(String, bytes::Bytes),
 }
@@ -82,6 +84,8 @@ struct Sync {
     catalog_topic: String,
     /// The last connection failure, so repeats are not logged again.
     last_error: Option<String>,
+    /// The session of the connection up now, whose signed presence the hub takes.
+    session: Option<Session>,
     /// The key connect tokens are signed with, for the connection's poller.
     key_tx: watch::Sender<SecretKey>,
     /// When the pending key rotation was last announced.
@@ -192,6 +196,7 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
         catalog_topic: topics::catalog(&ctx.region),
         last_error: None,
         key_tx: watch::Sender::new(ctx.key.clone()),
+        session: None,
         rotation_announced_ms: 0,
         hub_box: BoxKey::new(&ctx.key, &ctx.hub_key),
         pending_box: ctx
@@ -217,8 +222,40 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Credentials for one connection attempt: the password (a fresh connect token unless a
+/// broker password is configured), the session it opens, and the will the broker publishes
+/// for it: the device's signed `offline` of that session.
+fn credentials(
+    key: &SecretKey,
+    region: &RegionId,
+    device: &DeviceId,
+    password: Option<&String>,
+    presence_topic: &str,
+) -> (String, Session, LastWill) {
+    let mut nonce = [0u8; 16];
+    let _ = getrandom::fill(&mut nonce);
+    let session = Session {
+        at_ms: now_ms(),
+        nonce,
+    };
+    let password = password
+        .cloned()
+        .unwrap_or_else(|| connect_token(key, device, session.at_ms, session.nonce));
+    let offline = Presence {
+        online: false,
+        session,
+    };
+    let will = LastWill::new(
+        presence_topic,
+        offline.seal(key, region, device),
+        QoS::AtLeastOnce,
+        true,
+    );
+    (password, session, will)
+}
+
 impl Sync {
-    fn options(&self) -> MqttOptions {
+    fn options(&self) -> (MqttOptions, Session) {
         let (host, port) = split_host_port(&self.ctx.mqtt.broker);
         let mut o = MqttOptions::new(self.ctx.device.as_str(), host, port);
         o.set_keep_alive(Duration::from_secs(self.ctx.mqtt.keepalive_seconds));
@@ -228,28 +265,24 @@ impl Sync {
             ));
         }
         o.set_clean_session(false);
-        o.set_credentials(
-            self.ctx.device.as_str(),
-            self.ctx
-                .mqtt
-                .password
-                .clone()
-                .unwrap_or_else(|| fresh_token(&self.ctx.key, &self.ctx.device)),
-        );
-        o.set_last_will(LastWill::new(
+        let (password, session, will) = credentials(
+            &self.key_tx.borrow(),
+            &self.ctx.region,
+            &self.ctx.device,
+            self.ctx.mqtt.password.as_ref(),
             &self.presence_topic,
-            "offline",
-            QoS::AtLeastOnce,
-            true,
-        ));
+        );
+        o.set_credentials(self.ctx.device.as_str(), password);
+        o.set_last_will(will);
         let max = self.ctx.mqtt.max_message_bytes + 1024;
         o.set_max_packet_size(max, max);
         o.set_inflight(64);
-        o
+        (o, session)
     }
 
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
-        let (client, mut eventloop) = AsyncClient::new(self.options(), 128);
+        let (options, mut session) = self.options();
+        let (client, mut eventloop) = AsyncClient::new(options, 128);
         let (ev_tx, mut ev_rx) = mpsc::channel(EVENT_QUEUE_MAX);
         let (min_ms, max_ms) = (
             self.ctx.mqtt.reconnect_delay_ms_min,
@@ -257,13 +290,14 @@ impl Sync {
         );
         let (key, device) = (self.key_tx.subscribe(), self.ctx.device.clone());
         let password = self.ctx.mqtt.password.clone();
+        let (region, presence_topic) = (self.ctx.region.clone(), self.presence_topic.clone());
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
             loop {
                 let event = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         attempt = 0;
-                        LinkEvent::Connected
+                        LinkEvent::Connected(session)
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         LinkEvent::Message(p.topic.clone(), p.payload.clone())
@@ -277,13 +311,20 @@ impl Sync {
                         let _ = getrandom::fill(&mut seed);
                         let delay = backoff_ms(min_ms, max_ms, attempt, u64::from_le_bytes(seed));
                         attempt = attempt.saturating_add(1);
-                        // A connect token is accepted once: every attempt carries a fresh one.
-                        if password.is_none() {
-                            eventloop.mqtt_options.set_credentials(
-                                device.as_str(),
-                                fresh_token(&key.borrow(), &device),
-                            );
-                        }
+                        // A connect token is accepted once: every attempt carries a fresh one,
+                        // and a session of its own with its own signed will.
+                        let (fresh, next, will) = credentials(
+                            &key.borrow(),
+                            &region,
+                            &device,
+                            password.as_ref(),
+                            &presence_topic,
+                        );
+                        eventloop
+                            .mqtt_options
+                            .set_credentials(device.as_str(), fresh);
+                        eventloop.mqtt_options.set_last_will(will);
+                        session = next;
                         // Reconnect backoff: the next poll reconnects.
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                         continue;
@@ -298,7 +339,7 @@ impl Sync {
         let end = loop {
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
-                    Some(LinkEvent::Connected) => self.on_connected(&client).await,
+                    Some(LinkEvent::Connected(session)) => self.on_connected(&client, session).await,
                     Some(LinkEvent::Lost(e)) => self.on_lost(&e),
                     Some(LinkEvent::Message(topic, payload)) => self.on_message(&client, &topic, &payload).await,
                     None => break SessionEnd::Shutdown,
@@ -321,8 +362,15 @@ impl Sync {
             }
             self.pump(&client).await;
         };
-        if self.sender.is_connected() {
-            let _ = client.try_publish(&self.presence_topic, QoS::AtLeastOnce, true, "offline");
+        if self.sender.is_connected()
+            && let Some(session) = self.session
+        {
+            let offline = Presence {
+                online: false,
+                session,
+            };
+            let sealed = offline.seal(&self.key_tx.borrow(), &self.ctx.region, &self.ctx.device);
+            let _ = client.try_publish(&self.presence_topic, QoS::AtLeastOnce, true, sealed);
         }
         let _ = client.try_disconnect();
         // Give the event loop a moment to flush the disconnect, then stop it.
@@ -341,8 +389,14 @@ impl Sync {
         end
     }
 
-    async fn on_connected(&mut self, client: &AsyncClient) {
+    async fn on_connected(&mut self, client: &AsyncClient, session: Session) {
         self.last_error = None;
+        self.session = Some(session);
+        let online = Presence {
+            online: true,
+            session,
+        }
+        .seal(&self.key_tx.borrow(), &self.ctx.region, &self.ctx.device);
         info!(device = %self.ctx.device, "connected to the hub's broker");
         self.ctx.shared.metrics.mqtt_connects.inc();
         self.ctx.shared.metrics.mqtt_connected.set(1);
@@ -355,7 +409,7 @@ impl Sync {
                 Request::Publish {
                     topic: self.presence_topic.clone(),
                     retain: true,
-                    payload: b"online".to_vec(),
+                    payload: online,
                 },
             ],
         );
@@ -618,14 +672,6 @@ impl Sync {
             let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
         }
     }
-}
-
-/// A connect token for now with a random nonce (a failed RNG leaves a zero nonce; the token's
-/// time still makes it fresh, and the hub refuses a repeat).
-fn fresh_token(key: &SecretKey, device: &DeviceId) -> String {
-    let mut nonce = [0u8; 16];
-    let _ = getrandom::fill(&mut nonce);
-    connect_token(key, device, now_ms(), nonce)
 }
 
 #[cfg(test)]

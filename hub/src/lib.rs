@@ -290,6 +290,7 @@ pub async fn start_with_clock(
             },
         );
     }
+    let presence = mqtt::PresenceBook::default();
     if config.mqtt.mode == BrokerMode::Embedded {
         let addr: SocketAddr = config.mqtt.broker.parse().map_err(|_| {
             StartError::Broker(mqtt::BrokerError::NotReady(SocketAddr::from((
@@ -301,6 +302,7 @@ pub async fn start_with_clock(
             config.mqtt.client_id.clone(),
             key.public(),
             regions.values().map(|r| r.reads.clone()).collect(),
+            presence.clone(),
         ));
         mqtt::start_embedded_broker(
             addr,
@@ -351,6 +353,7 @@ pub async fn start_with_clock(
         config: config.mqtt.clone(),
         sync: config.sync.clone(),
         metrics: metrics.clone(),
+        presence,
     };
     let compaction_task = tokio::spawn(run_compactions(
         regions.values().cloned().collect(),

@@ -21,6 +21,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+mod presence;
+pub use presence::PresenceBook;
+
 use crate::RegionHandle;
 use crate::config::{MqttConfig, SyncConfig};
 use crate::metrics::HubMetrics;
@@ -61,6 +64,8 @@ pub struct Admission {
     pub hub_key: larder_shared::PublicKey,
     pub regions: Vec<Arc<crate::store::RegionReads>>,
     nonces: std::sync::Mutex<HashMap<[u8; 16], i64>>,
+    /// Where each admitted connection's session is recorded, for presence.
+    presence: PresenceBook,
 }
 
 impl Admission {
@@ -68,12 +73,14 @@ impl Admission {
         hub_client_id: String,
         hub_key: larder_shared::PublicKey,
         regions: Vec<Arc<crate::store::RegionReads>>,
+        presence: PresenceBook,
     ) -> Self {
         Self {
             hub_client_id,
             hub_key,
             regions,
             nonces: std::sync::Mutex::new(HashMap::new()),
+            presence,
         }
     }
 
@@ -127,6 +134,10 @@ impl Admission {
         }
         if nonces.insert(nonce, now_ms).is_some() {
             return Err("replayed_token");
+        }
+        drop(nonces);
+        if let Some(session) = larder_shared::auth::token_session(password) {
+            self.presence.admitted(&device, session);
         }
         Ok(())
     }
@@ -268,6 +279,8 @@ pub struct MqttContext {
     pub config: MqttConfig,
     pub sync: SyncConfig,
     pub metrics: Arc<HubMetrics>,
+    /// Sessions admitted and presence taken (see [`PresenceBook`]).
+    pub presence: PresenceBook,
 }
 
 impl std::fmt::Debug for MqttContext {
@@ -346,6 +359,9 @@ struct HubLink {
     /// Acks that found the request queue full, the furthest per device, sent when it has room:
     /// a dropped ack would make its device resend what the hub already holds.
     held_acks: HashMap<(RegionId, DeviceId), larder_shared::envelope::Ack>,
+    /// Each region's catalog as last announced (the sealed envelope): anything else found on
+    /// its retained topic (an admitted device's overwrite or delete) is replaced by it again.
+    announced: HashMap<RegionId, Vec<u8>>,
 }
 
 /// Most uplink outcomes handled in one go (see `HubLink::on_outcomes`).
@@ -534,6 +550,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         pumped: HashMap::new(),
         jammed: false,
         held_acks: HashMap::new(),
+        announced: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Relays of new heads: at once when the last pass over every device is older than
@@ -588,7 +605,15 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                     link.connected = false;
                     Scope::None
                 }
-                Some(LinkEvent::Message(topic, payload)) => link.on_message(&topic, payload).await,
+                Some(LinkEvent::Message(topic, payload)) => {
+                    match link.ctx.regions.keys().find(|r| topics::catalog(r) == topic).cloned() {
+                        Some(region) => {
+                            link.on_catalog_topic(&client, &region, &payload);
+                            Scope::None
+                        }
+                        None => link.on_message(&topic, payload).await,
+                    }
+                }
                 None => break,
             },
             Some(first) = outcomes_rx.recv() => {
@@ -661,6 +686,8 @@ impl HubLink {
                 filters.push(topics::region_devices_filter(region, DeviceTopic::Up));
             }
             filters.push(topics::region_devices_filter(region, DeviceTopic::Presence));
+            // Its own catalog topic, to see (and undo) what anyone else leaves there.
+            filters.push(topics::catalog(region));
         }
         // Never awaited here: this loop takes the event loop's events (see `queue_requests`).
         queue_requests(
@@ -688,17 +715,39 @@ impl HubLink {
             .seal(region, Party::Region, Body::Catalog(catalog))
             .await
         {
-            let topic = topics::catalog(region);
-            queue_requests(
-                client,
-                vec![Request::Publish {
-                    topic,
-                    retain: true,
-                    payload: bytes,
-                }],
-            );
+            self.announced.insert(region.clone(), bytes.clone());
+            self.publish_catalog(client, region, bytes);
             info!(region = %region, version, "catalog announced");
         }
+    }
+
+    fn publish_catalog(&self, client: &AsyncClient, region: &RegionId, bytes: Vec<u8>) {
+        queue_requests(
+            client,
+            vec![Request::Publish {
+                topic: topics::catalog(region),
+                retain: true,
+                payload: bytes,
+            }],
+        );
+    }
+
+    /// A publish on a region's catalog topic: the hub's own announcement coming back, or
+    /// someone else's overwrite or delete of the retained catalog, which is put back at once
+    /// (agents check the hub's signature, so what was there could only have hidden it).
+    fn on_catalog_topic(&mut self, client: &AsyncClient, region: &RegionId, payload: &[u8]) {
+        let Some(announced) = self.announced.get(region) else {
+            return;
+        };
+        if payload == announced.as_slice() {
+            return;
+        }
+        warn!(region = %region, bytes = payload.len(),
+            "the retained catalog was overwritten or deleted by a client; announced again");
+        self.ctx
+            .metrics
+            .rejected(region.as_str(), "catalog_overwritten");
+        self.publish_catalog(client, region, announced.clone());
     }
 
     /// Seals an envelope from the hub with a fresh, persisted sequence number.
@@ -774,7 +823,23 @@ impl HubLink {
         };
         match which {
             DeviceTopic::Presence => {
-                let online = payload.as_ref() == b"online";
+                // Only what the device signed for its current session counts: another
+                // device publishing here cannot take it on or off line.
+                let (book, reads, r, d) = (
+                    self.ctx.presence.clone(),
+                    handle.reads.clone(),
+                    region.clone(),
+                    device.clone(),
+                );
+                let now = larder_agent::writer::now_ms();
+                let read =
+                    tokio::task::spawn_blocking(move || book.read(&reads, &r, &d, &payload, now))
+                        .await;
+                let Ok(Some(online)) = read else {
+                    debug!(region = %region, device = %device, "presence not taken: not signed for the device's session");
+                    self.ctx.metrics.rejected(region.as_str(), "bad_presence");
+                    return Scope::None;
+                };
                 self.set_presence(&region, &device, online).await;
                 return Scope::Device((region, device));
             }

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod ledger;
 pub mod limits;
 pub mod payments;
+pub mod presence;
 pub mod reliable;
 pub mod rotation;
 pub mod time;

@@ -109,11 +109,40 @@ pub async fn connect_session(
     max_packet: usize,
     clean: bool,
 ) -> Result<(AsyncClient, EventLoop)> {
+    let token = connect_token(device, key, nonce);
+    connect_with_token(broker, device, &token, max_packet, clean).await
+}
+
+/// The device's signed `online` presence for the session `token` opens, as an agent publishes
+/// it once connected.
+pub fn online_presence(
+    region: &larder_shared::RegionId,
+    device: &DeviceId,
+    key: &SecretKey,
+    token: &str,
+) -> Result<Vec<u8>> {
+    let session = larder_shared::auth::token_session(token)
+        .ok_or_else(|| anyhow::anyhow!("a token without a session"))?;
+    Ok(larder_shared::presence::Presence {
+        online: true,
+        session,
+    }
+    .seal(key, region, device))
+}
+
+/// An MQTT client connected to the hub's broker as `device` with `token`.
+pub async fn connect_with_token(
+    broker: &str,
+    device: &DeviceId,
+    token: &str,
+    max_packet: usize,
+    clean: bool,
+) -> Result<(AsyncClient, EventLoop)> {
     let (host, port) = broker
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("broker address {broker}"))?;
     let mut o = MqttOptions::new(device.as_str(), host, port.parse()?);
-    o.set_credentials(device.as_str(), connect_token(device, key, nonce));
+    o.set_credentials(device.as_str(), token);
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(max_packet, max_packet);
     o.set_inflight(100);

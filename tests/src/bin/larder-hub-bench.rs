@@ -630,9 +630,10 @@ async fn connected() -> Result<()> {
     let started = Instant::now();
     let mut clients = Vec::with_capacity(devices);
     for (i, (id, key)) in keys.iter().enumerate() {
-        // As an agent does: its down topic and the catalog, and a retained `online`.
+        // As an agent does: its down topic and the catalog, and a retained, signed `online`.
+        let token = larder_tests::ingest::connect_token(id, key, i as u64);
         let (client, events) =
-            larder_tests::ingest::connect(&broker, id, key, i as u64, 512 * 1024).await?;
+            larder_tests::ingest::connect_with_token(&broker, id, &token, 512 * 1024, true).await?;
         client
             .subscribe(
                 topics::device(&region, id, DeviceTopic::Down),
@@ -647,7 +648,7 @@ async fn connected() -> Result<()> {
                 topics::device(&region, id, DeviceTopic::Presence),
                 rumqttc::QoS::AtLeastOnce,
                 true,
-                "online",
+                larder_tests::ingest::online_presence(&region, id, key, &token)?,
             )
             .await?;
         drive(events, None, (id.clone(), key.clone()));

@@ -335,3 +335,126 @@ async fn a_refused_cancel_is_recorded_once_however_often_it_is_asked() -> anyhow
     .await?;
     Ok(())
 }
+
+/// Whether the hub shows `device` online (its devices listing).
+async fn hub_says_online(hub_http: &str, device: &str) -> anyhow::Result<bool> {
+    let v = get(&format!("{hub_http}/v1/regions/{REGION}/devices")).await?;
+    Ok(v["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["device_id"] == device))
+        .is_some_and(|d| d["online"] == true))
+}
+
+/// An admitted device cannot take another device on or off line, nor bring back an `online`
+/// it captured after that device went away, nor remove the region's retained catalog: the
+/// hub takes only presence the device signed for its current connection, and puts its
+/// catalog back, so a POS that connects afterwards still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_device_cannot_fake_presence_or_remove_the_catalog() -> anyhow::Result<()> {
+    use larder_shared::DeviceId;
+    use larder_shared::topics::{self, DeviceTopic};
+    use rumqttc::{Event, Packet, QoS};
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let hub_http = format!("http://{}", hub.http_addr);
+    let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
+    synced(&format!("http://{}", fridge.http_addr), WAIT).await?;
+    let evil_key = larder_hub::demo::seeded_key(7, "pos-evil");
+    enroll(
+        &hub_http,
+        "pos-evil",
+        Role::Pos,
+        &["fridge-1"],
+        &evil_key.public(),
+    )
+    .await?;
+    let region = larder_shared::RegionId::new(REGION)?;
+    let fridge_presence =
+        topics::device(&region, &DeviceId::new("fridge-1")?, DeviceTopic::Presence);
+    let (evil, mut events) = larder_tests::ingest::connect(
+        &hub.broker,
+        &DeviceId::new("pos-evil")?,
+        &evil_key,
+        1,
+        1 << 20,
+    )
+    .await?;
+    evil.subscribe(&fridge_presence, QoS::AtLeastOnce).await?;
+    // The fridge's own retained `online`, captured.
+    let captured = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = events.poll().await
+                && p.topic == fridge_presence
+            {
+                return p.payload.to_vec();
+            }
+        }
+    })
+    .await?;
+    let (tx, mut polled) = tokio::sync::mpsc::unbounded_channel();
+    let poller = tokio::spawn(async move {
+        while let Ok(ev) = events.poll().await {
+            let _ = tx.send(ev);
+        }
+    });
+    let refused = |reason: &'static str| {
+        let hub_http = hub_http.clone();
+        async move {
+            let text = metrics_text(&hub_http).await.ok()?;
+            text.lines()
+                .find(|l| {
+                    l.starts_with("larder_hub_envelopes_rejected_total{")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        }
+    };
+
+    // A plain `offline` in the fridge's name is not taken.
+    assert!(hub_says_online(&hub_http, "fridge-1").await?);
+    evil.publish(&fridge_presence, QoS::AtLeastOnce, true, "offline")
+        .await?;
+    eventually(WAIT, "the forged offline refused", || async {
+        (refused("bad_presence").await? >= 1).then_some(())
+    })
+    .await?;
+    assert!(
+        hub_says_online(&hub_http, "fridge-1").await?,
+        "a forged offline was taken"
+    );
+
+    // The fridge goes away; its captured `online` brought back is not taken.
+    cut_off(&fridge).await?;
+    eventually(WAIT, "the hub to see the fridge go", || async {
+        (!hub_says_online(&hub_http, "fridge-1").await.ok()?).then_some(())
+    })
+    .await?;
+    evil.publish(&fridge_presence, QoS::AtLeastOnce, true, captured)
+        .await?;
+    eventually(WAIT, "the replayed online refused", || async {
+        (refused("bad_presence").await? >= 2).then_some(())
+    })
+    .await?;
+    assert!(
+        !hub_says_online(&hub_http, "fridge-1").await?,
+        "a replayed online was taken"
+    );
+
+    // The retained catalog deleted: the hub puts it back, and a POS connecting after gets it.
+    evil.publish(
+        topics::catalog(&region),
+        QoS::AtLeastOnce,
+        true,
+        Vec::<u8>::new(),
+    )
+    .await?;
+    eventually(WAIT, "the catalog put back", || async {
+        (refused("catalog_overwritten").await? >= 1).then_some(())
+    })
+    .await?;
+    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
+    synced(&format!("http://{}", pos.http_addr), WAIT).await?;
+    poller.abort();
+    while polled.try_recv().is_ok() {}
+    Ok(())
+}
