@@ -945,7 +945,7 @@ impl Writer {
             return Err(CommandError::OutboxFull { pending });
         }
         if let Action::Sale { lines, .. } = &action {
-            self.check_units_belong(fridge, lines)?;
+            limits::sale_units_belong(&self.ledgers, fridge, lines)?;
         }
         let device = self.device.clone();
         let ledger = self
@@ -1106,27 +1106,6 @@ impl Writer {
     /// Takes a temperature reading. Above `max_celsius` an excursion starts (or goes on); once
     /// it has lasted `excursion_minutes`, every unit in the fridge is quarantined. A reading at
     /// or below the limit ends the excursion.
-    /// A unit that another ledger held here knows is sold from that fridge only (and so under
-    /// its own sku, which that ledger checks); a unit no ledger here knows may still be sold
-    /// offline, its refill on the way.
-    fn check_units_belong(&self, fridge: &FridgeId, lines: &[SaleLine]) -> Result<(), LedgerError> {
-        for unit in lines.iter().filter_map(|l| l.unit_id.as_ref()) {
-            let here = self.ledgers.get(fridge).is_some_and(|l| l.knows_unit(unit));
-            if !here
-                && self
-                    .ledgers
-                    .iter()
-                    .any(|(f, l)| f != fridge && l.knows_unit(unit))
-            {
-                return Err(LedgerError::UnitNotAvailable {
-                    unit: unit.clone(),
-                    state: "in another fridge",
-                });
-            }
-        }
-        Ok(())
-    }
-
     fn temperature(
         &mut self,
         fridge: &FridgeId,

@@ -424,10 +424,10 @@ impl HubConfig {
                     r.id
                 )));
             }
-            if let Some(c) = &r.catalog {
-                if let Err(e) = larder_shared::limits::catalog(&c.currency, &c.items) {
-                    p.push(Problem(format!("regions.{}.catalog: {e}", r.id)));
-                }
+            if let Some(c) = &r.catalog
+                && let Err(e) = larder_shared::limits::catalog(&c.currency, &c.items)
+            {
+                p.push(Problem(format!("regions.{}.catalog: {e}", r.id)));
             }
         }
         let c = &self.compaction;

@@ -114,6 +114,34 @@ pub fn loads(
     Ok(())
 }
 
+/// A sale a device records in `fridge`, which holds the ledgers `held`: a unit that another of
+/// them knows is sold from that fridge only (and so under its own sku, which that ledger
+/// checks); a unit no ledger here knows may still be sold, its refill on the way.
+pub fn sale_units_belong<'a>(
+    held: impl IntoIterator<Item = (&'a crate::ids::FridgeId, &'a crate::ledger::Ledger)> + Clone,
+    fridge: &crate::ids::FridgeId,
+    lines: &[crate::domain::SaleLine],
+) -> Result<(), crate::ledger::LedgerError> {
+    for unit in lines.iter().filter_map(|l| l.unit_id.as_ref()) {
+        let here = held
+            .clone()
+            .into_iter()
+            .any(|(f, l)| f == fridge && l.knows_unit(unit));
+        if !here
+            && held
+                .clone()
+                .into_iter()
+                .any(|(f, l)| f != fridge && l.knows_unit(unit))
+        {
+            return Err(crate::ledger::LedgerError::UnitNotAvailable {
+                unit: unit.clone(),
+                state: "in another fridge",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The prefix of the ids the hub gives subscriptions, and so of their occurrences' order ids
 /// (`{subscription}-{date}`).
 pub const SUBSCRIPTION_ID_PREFIX: &str = "sub-";

@@ -32,7 +32,9 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use larder_shared::catalog::{Catalog, CatalogItem};
 use larder_shared::domain::{Channel, Payment, PaymentMethod, Refill, RefillUnit, Sale, SaleLine};
-use larder_shared::envelope::{self, Ack, Batch, Body, BoxKey, Entry, Envelope, Header, Party};
+use larder_shared::envelope::{
+    self, Ack, Batch, Body, BoxKey, Entry, EntryKind, Envelope, Header, Party,
+};
 use larder_shared::keys::{PublicKey, SecretKey};
 use larder_shared::ledger::{self, Ledger};
 use larder_shared::reliable::{
@@ -41,6 +43,12 @@ use larder_shared::reliable::{
 use larder_shared::{DeviceId, FridgeId, OrderId, RegionId, Sku, UnitId};
 
 use crate::sim::Rng;
+
+mod adversary;
+pub use adversary::AdversaryReport;
+
+/// The share of local actions the adversary makes instead (see `adversary`).
+const HOSTILE_SHARE: f64 = 0.01;
 
 const SECOND: i64 = 1_000;
 const MINUTE: i64 = 60 * SECOND;
@@ -107,6 +115,8 @@ pub struct ProtoReport {
     pub device_refused: BTreeMap<&'static str, u64>,
     pub longest_stall_ms: i64,
     pub drain_ms: i64,
+    /// The hostile and careless device's actions (see `adversary`).
+    pub adversary: AdversaryReport,
 }
 
 #[derive(Debug)]
@@ -750,6 +760,14 @@ impl World {
             fr[self.rng.below(fr.len() as u64) as usize]
         };
         let (s, price) = SKUS[self.rng.below(SKUS.len() as u64) as usize];
+        let hostile = if self.rng.chance(HOSTILE_SHARE) {
+            match self.hostile_act(d, f, dev_now)? {
+                Some(change) => Some(change),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
         let restock = self.devs[d].is_fridge && {
             let Some(m) = self.devs[d].mem.as_ref() else {
                 return Ok(());
@@ -765,7 +783,9 @@ impl World {
         let Some(l) = m.ledgers.get_mut(&f) else {
             return fail(seed, format!("{} lost its ledger {f}", dev.id));
         };
-        let change = if restock {
+        let change = if let Some(change) = hostile {
+            change
+        } else if restock {
             let units = (0..4)
                 .map(|_| {
                     dev.units += 1;
@@ -904,6 +924,12 @@ impl World {
             let Some(batch) = build_batch(window, entries, dev.disk.head) else {
                 break;
             };
+            if batch.entries.iter().any(|e| e.kind == EntryKind::Withheld) {
+                self.violation = Some(format!(
+                    "seed {}: {} withheld a change too large for a message",
+                    self.cfg.seed, dev.id
+                ));
+            }
             let up_to = batch.up_to;
             let Some(bytes) = self.dev_seal(d, Body::Changes(batch)) else {
                 break;
@@ -1157,6 +1183,12 @@ impl World {
             let Some(batch) = build_batch(window, entries, head) else {
                 break;
             };
+            if batch.entries.iter().any(|e| e.kind == EntryKind::Withheld) {
+                self.violation = Some(format!(
+                    "seed {}: the hub withheld a change too large for a message",
+                    self.cfg.seed
+                ));
+            }
             let up_to = batch.up_to;
             let Some(bytes) = self.hub_seal(d, Body::Changes(batch)) else {
                 break;

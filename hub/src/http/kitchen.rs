@@ -121,7 +121,7 @@ pub(super) async fn create_subscription(
                 epoch_day(today),
             )
         })
-        .map_err(|e| invalid(&e.to_string()))?;
+        .map_err(|e| invalid(e.to_string()))?;
     if !h.config.fridges.iter().any(|f| f.id == req.fridge_id) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -83,6 +83,10 @@ impl IntoResponses for Errors {
             ("413", "Body too large"),
             ("415", "Body is not JSON"),
             ("422", "Well-formed but invalid request"),
+            (
+                "429",
+                "Too many live event streams open (http.event_streams_max, per token or in all)",
+            ),
             ("503", "The region's store is busy or unavailable"),
         ];
         let mut responses = ResponsesBuilder::new();

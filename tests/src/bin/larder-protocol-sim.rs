@@ -128,6 +128,11 @@ fn main() {
                 t.clock_steps += r.clock_steps;
                 t.revoked += r.revoked;
                 t.attacks += r.attacks;
+                let (a, b) = (&mut t.adversary, r.adversary);
+                a.oversized_refills += b.oversized_refills;
+                a.oversized_changes += b.oversized_changes;
+                a.foreign_sales_refused += b.foreign_sales_refused;
+                a.tagged_refills_refused += b.tagged_refills_refused;
                 t.longest_stall_ms = t.longest_stall_ms.max(r.longest_stall_ms);
                 for (k, v) in r.refused {
                     *refused.entry(k).or_default() += v;
@@ -144,7 +149,7 @@ fn main() {
     }
     let ran = results_len;
     println!(
-        "{ran} seeds in {:.1} s: {failed} failed; {} local changes, {} envelopes ({} dropped, {} duplicated, {} corrupted), {} partitions, {} agent and {} hub crashes ({} uncommitted changes lost and resent), {} clock steps back, {} devices revoked, {} attacks; the hub refused {:?}; longest wait with work pending {:.1} s",
+        "{ran} seeds in {:.1} s: {failed} failed; {} local changes, {} envelopes ({} dropped, {} duplicated, {} corrupted), {} partitions, {} agent and {} hub crashes ({} uncommitted changes lost and resent), {} clock steps back, {} devices revoked, {} attacks; the adversary's {} oversized refills went as {} changes, each within a message, {} sales of another fridge's unit and {} refills tagged with a walk-up sale were refused; the hub refused {:?}; longest wait with work pending {:.1} s",
         started.elapsed().as_secs_f64(),
         t.local_changes,
         t.envelopes_sent,
@@ -158,6 +163,10 @@ fn main() {
         t.clock_steps,
         t.revoked,
         t.attacks,
+        t.adversary.oversized_refills,
+        t.adversary.oversized_changes,
+        t.adversary.foreign_sales_refused,
+        t.adversary.tagged_refills_refused,
         refused,
         t.longest_stall_ms as f64 / 1000.0
     );
