@@ -143,8 +143,11 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Some(slot) = AddressSlot::take(&per_address, peer, limits.connections_per_address_max)
-        else {
+        let Some(slot) = AddressSlot::take(
+            &per_address,
+            client_of(peer),
+            limits.connections_per_address_max,
+        ) else {
             tracing::debug!(%peer, "HTTP connection closed: its address holds its share of places");
             continue;
         };
@@ -166,6 +169,20 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("HTTP connections still open at shutdown were left");
+    }
+}
+
+/// The client an address stands for: an IPv4 address, or an IPv6 address's /64 (one host
+/// commonly holds a whole /64, so counting its addresses one by one would count nothing).
+fn client_of(peer: std::net::IpAddr) -> std::net::IpAddr {
+    match peer {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+        v4 => v4,
     }
 }
 
@@ -361,5 +378,13 @@ mod tests {
         let again = AddressSlot::take(&counts, a, 2).expect("a place freed");
         drop((second, again, other));
         assert!(counts.lock().expect("lock").is_empty(), "all given back");
+        let v6 = |s: &str| client_of(s.parse().expect("address"));
+        assert_eq!(
+            v6("2001:db8::1"),
+            v6("2001:db8::ffff:1"),
+            "one /64, one client"
+        );
+        assert_ne!(v6("2001:db8::1"), v6("2001:db8:0:1::1"));
+        assert_eq!(v6("::ffff:10.0.0.1"), v6("10.0.0.1"));
     }
 }

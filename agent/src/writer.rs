@@ -278,9 +278,10 @@ pub struct Writer {
     outbox_head_tx: watch::Sender<u64>,
     orders: crate::config::OrdersConfig,
     temperature: crate::config::TemperatureConfig,
-    /// Ongoing temperature excursions per fridge: since when, the peak, and whether its units
-    /// were quarantined already. Kept in memory: after a restart an excursion starts over.
-    excursions: HashMap<FridgeId, (i64, f64, bool)>,
+    /// Ongoing temperature excursions per fridge: since when, the peak, whether its units
+    /// were quarantined already, and the last reading's time. Kept in memory: after a restart
+    /// an excursion starts over.
+    excursions: HashMap<FridgeId, (i64, f64, bool, i64)>,
     /// Card payments this device took offline, not yet captured.
     uncaptured: BTreeMap<OrderId, PendingCapture>,
     /// The furthest the hub has acknowledged, committed or not: an acknowledgement whose
@@ -326,13 +327,19 @@ impl Clock {
         self.trusted().now_ms
     }
 
-    /// The trusted time with its source and bounds.
-    pub fn trusted(&self) -> larder_shared::time::TrustedTime {
-        let wall = now_ms()
+    /// This device's own clock (moved by the offset, if any), before the hub's beacons: the
+    /// clock the firmware on the same board stamps its readings with.
+    pub fn wall_ms(&self) -> i64 {
+        now_ms()
             + self
                 .offset_ms
                 .as_ref()
-                .map_or(0, |o| o.load(Ordering::Relaxed));
+                .map_or(0, |o| o.load(Ordering::Relaxed))
+    }
+
+    /// The trusted time with its source and bounds.
+    pub fn trusted(&self) -> larder_shared::time::TrustedTime {
+        let wall = self.wall_ms();
         let beacon = self
             .beacon
             .lock()
@@ -1118,8 +1125,9 @@ impl Writer {
             excursion_since_ms: since,
             quarantined,
         };
-        // Only the fridge's own agent hears its sensor; the firmware's clock only has to agree
-        // with ours within the configured skew, and the excursion is timed on ours.
+        // Only the fridge's own agent hears its sensor; the firmware's clock (the board's, as
+        // ours is) only has to agree with ours within the configured skew, and the excursion
+        // is timed on the agent's trusted clock.
         if self.role != Role::Fridge {
             return Err(LedgerError::Invalid(
                 "temperature readings are taken at the fridge's own agent".into(),
@@ -1127,11 +1135,12 @@ impl Writer {
             .into());
         }
         let skew_ms = (self.temperature.reading_skew_seconds_max as i64).saturating_mul(1000);
-        if at_ms.abs_diff(now) > skew_ms.unsigned_abs() {
+        let wall = self.clock.wall_ms();
+        if at_ms.abs_diff(wall) > skew_ms.unsigned_abs() {
             return Err(LedgerError::Invalid(format!(
                 "at is {} s from this agent's clock; a reading may be at most {} s off \
                  (temperature.reading_skew_seconds_max)",
-                at_ms.saturating_sub(now) / 1000,
+                at_ms.saturating_sub(wall) / 1000,
                 self.temperature.reading_skew_seconds_max
             ))
             .into());
@@ -1141,13 +1150,26 @@ impl Writer {
             self.excursions.remove(fridge);
             return Ok((None, outcome(None, Vec::new())));
         }
+        // An excursion is readings above the limit one after another: a silence longer than
+        // two excursion windows (no readings, or the trusted clock jumping ahead when a board
+        // without a real-time clock hears its first time beacon) or a clock going back starts
+        // it over, rather than counting the gap as time spent warm.
+        let window_ms = (self.temperature.excursion_minutes as i64) * 60_000;
+        if self
+            .excursions
+            .get(fridge)
+            .is_some_and(|e| at_ms < e.3 || at_ms - e.3 > 2 * window_ms)
+        {
+            self.excursions.remove(fridge);
+        }
         let e = self
             .excursions
             .entry(fridge.clone())
-            .or_insert((at_ms, celsius, false));
+            .or_insert((at_ms, celsius, false, at_ms));
         e.1 = e.1.max(celsius);
-        let (since, peak, done) = *e;
-        let due = at_ms - since >= (self.temperature.excursion_minutes as i64) * 60_000;
+        e.3 = at_ms;
+        let (since, peak, done, _) = *e;
+        let due = at_ms - since >= window_ms;
         if done || !due {
             return Ok((None, outcome(Some(since), Vec::new())));
         }

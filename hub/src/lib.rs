@@ -290,7 +290,11 @@ pub async fn start_with_clock(
             },
         );
     }
-    let presence = mqtt::PresenceBook::default();
+    let presence = if config.mqtt.mode == BrokerMode::Embedded {
+        mqtt::PresenceBook::admitting()
+    } else {
+        mqtt::PresenceBook::default()
+    };
     if config.mqtt.mode == BrokerMode::Embedded {
         let addr: SocketAddr = config.mqtt.broker.parse().map_err(|_| {
             StartError::Broker(mqtt::BrokerError::NotReady(SocketAddr::from((

@@ -742,6 +742,20 @@ impl HubLink {
         if payload == announced.as_slice() {
             return;
         }
+        // An announcement of the hub's own (the retained one of its previous run, or one a
+        // reconnect re-sent) is no overwrite.
+        let hub_key = self.ctx.key.public();
+        let ours = larder_shared::envelope::open(payload, self.ctx.config.max_message_bytes)
+            .and_then(|u| u.verify(payload, &hub_key))
+            .and_then(larder_shared::envelope::Verified::plain)
+            .is_ok_and(|e| {
+                e.header.region == *region
+                    && e.header.sender == Party::Hub
+                    && matches!(e.body, Body::Catalog(_))
+            });
+        if ours {
+            return;
+        }
         warn!(region = %region, bytes = payload.len(),
             "the retained catalog was overwritten or deleted by a client; announced again");
         self.ctx
@@ -831,10 +845,8 @@ impl HubLink {
                     region.clone(),
                     device.clone(),
                 );
-                let now = larder_agent::writer::now_ms();
                 let read =
-                    tokio::task::spawn_blocking(move || book.read(&reads, &r, &d, &payload, now))
-                        .await;
+                    tokio::task::spawn_blocking(move || book.read(&reads, &r, &d, &payload)).await;
                 let Ok(Some(online)) = read else {
                     debug!(region = %region, device = %device, "presence not taken: not signed for the device's session");
                     self.ctx.metrics.rejected(region.as_str(), "bad_presence");

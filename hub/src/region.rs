@@ -119,33 +119,43 @@ type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 /// Makes a subscription's occurrence into an order: `None` if it was made before. An order
 /// of something else holding its id (placed before app order ids in `sub-…` were refused) does
 /// not skip it: the occurrence takes the next of `{id}.1`, `{id}.2`, … that is free, ids no
-/// client can choose, and says so.
+/// client can choose, and says so. An id is held if any of the region's ledgers holds it.
 fn schedule_occurrence(
-    ledger: &mut Ledger,
+    ledgers: &mut BTreeMap<FridgeId, Ledger>,
+    fridge: &FridgeId,
     mut order: larder_shared::domain::AppOrder,
     date: &jiff::civil::Date,
     catalog: &Catalog,
     now: i64,
 ) -> Result<Option<larder_shared::ledger::LocalChange>, larder_shared::ledger::LedgerError> {
+    use larder_shared::ledger::LedgerError;
     let base = order.order_id.clone();
     for k in 1..=8u32 {
-        match ledger.order(&order.order_id) {
-            Some(v) if v.record.subscription_id == order.subscription_id => return Ok(None),
-            Some(v) => {
+        let held = ledgers
+            .iter()
+            .find_map(|(f, l)| l.order(&order.order_id).map(|v| (f, v)));
+        match held {
+            Some((f, v)) if f == fridge && v.record.subscription_id == order.subscription_id => {
+                return Ok(None);
+            }
+            Some((_, v)) => {
                 let next = larder_shared::OrderId::new(format!("{base}.{k}"))
-                    .map_err(|e| larder_shared::ledger::LedgerError::Invalid(e.to_string()))?;
+                    .map_err(|e| LedgerError::Invalid(e.to_string()))?;
                 warn!(order = %order.order_id, held_by = ?v.record.customer_id, next = %next,
                     "a subscription occurrence's id is held by another order; it takes the next");
                 order.order_id = next;
             }
             None => {
+                let ledger = ledgers
+                    .get_mut(fridge)
+                    .ok_or_else(|| LedgerError::Invalid(format!("no fridge {fridge}")))?;
                 return ledger
                     .schedule_order(&order, &date.to_string(), catalog, now)
                     .map(|(c, _)| Some(c));
             }
         }
     }
-    Err(larder_shared::ledger::LedgerError::OrderExists(base))
+    Err(LedgerError::OrderExists(base))
 }
 
 /// Why a device cannot be enrolled under an id whose namespace an order already uses.
@@ -305,6 +315,7 @@ fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
         L::WrongStatus(_) => (409, "wrong_status"),
         L::UnitNotAvailable { .. } => (409, "unit_not_available"),
         L::Invalid(_) => (422, "invalid_request"),
+        L::TooLarge { .. } => (413, "too_large"),
         _ => (500, "internal"),
     };
     error_answer(status, code, e)
@@ -1266,7 +1277,13 @@ impl RegionWriter {
                 base: c.base.clone(),
             }
             .encode();
-            if rebase.len() + envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64 > self.max_message_bytes {
+            // The epoch's start must go whole, in one batch of its own (a rebase is never
+            // withheld): bounded as `build_batch` bounds an entry.
+            if rebase.len() + larder_shared::limits::ENTRY_OVERHEAD_BYTES_MAX
+                > self
+                    .max_message_bytes
+                    .saturating_sub(envelope::ENVELOPE_OVERHEAD_BYTES_MAX + 64)
+            {
                 warn!(fridge = %fridge, bytes = rebase.len(), limit = self.max_message_bytes,
                     "the live ledger is too large for one message; not compacted (raise mqtt.max_message_bytes)");
                 continue;
@@ -2217,10 +2234,17 @@ impl RegionWriter {
                     lines: sub.lines.clone(),
                     subscription_id: Some(sub.subscription_id.clone()),
                 };
-                let Some(ledger) = self.ledgers.get_mut(&sub.fridge_id) else {
+                if !self.ledgers.contains_key(&sub.fridge_id) {
                     continue;
-                };
-                match schedule_occurrence(ledger, order, &date, &self.catalog, now) {
+                }
+                match schedule_occurrence(
+                    &mut self.ledgers,
+                    &sub.fridge_id,
+                    order,
+                    &date,
+                    &self.catalog,
+                    now,
+                ) {
                     Ok(Some(c)) => changes.push((sub.fridge_id.clone(), c)),
                     Ok(None) => {}
                     Err(e) => {

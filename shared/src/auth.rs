@@ -38,7 +38,6 @@ fn message(device: &DeviceId, at_ms: i64, nonce: &[u8; 16]) -> Vec<u8> {
     m
 }
 
-/// A fresh token for `device` at `now_ms` with a random `nonce`.
 /// The session a connect token opens: its time and nonce (see [`crate::presence`]); `None` for
 /// a token that does not parse (its signature is not checked here).
 pub fn token_session(token: &str) -> Option<crate::presence::Session> {
@@ -48,6 +47,7 @@ pub fn token_session(token: &str) -> Option<crate::presence::Session> {
     Some(crate::presence::Session { at_ms, nonce })
 }
 
+/// A fresh token for `device` at `now_ms` with a random `nonce`.
 pub fn connect_token(key: &SecretKey, device: &DeviceId, now_ms: i64, nonce: [u8; 16]) -> String {
     let sig = key.sign(CONNECT_DOMAIN, &message(device, now_ms, &nonce));
     format!("{now_ms}.{}.{}", hex::encode(nonce), hex::encode(sig.0))

@@ -1187,11 +1187,6 @@ impl Ledger {
             ));
         }
         self.check_new_units(&session.units_added)?;
-        if let Some(order) = &session.order_id
-            && !self.has_order(order)
-        {
-            return Err(LedgerError::UnknownOrder(order.clone()));
-        }
         if let Some(card) = &session.card_order_id
             && self.has(&self.maps.orders, card.as_str())
         {

@@ -98,29 +98,42 @@ impl Presence {
 /// it admits connections itself), and the last presence it took.
 #[derive(Debug, Default)]
 pub struct Sessions {
+    /// The broker is the hub's own: every connection it holds was admitted in this run, so a
+    /// presence message of a session it did not admit is never taken.
+    admits: bool,
     admitted: std::collections::HashMap<DeviceId, Session>,
     taken: std::collections::HashMap<DeviceId, Presence>,
 }
 
 impl Sessions {
+    /// For the hub's embedded broker, which admits every connection itself.
+    pub fn admitting() -> Self {
+        Self {
+            admits: true,
+            ..Self::default()
+        }
+    }
+
     /// The broker admitted `device` for `session`: only that session's presence counts now.
     pub fn admitted(&mut self, device: &DeviceId, session: Session) {
         self.admitted.insert(device.clone(), session);
     }
 
-    /// Whether to take `p` (signature already checked): a message of the session the broker
-    /// admitted last (or, with no admissions seen, one no older than the last taken), and not
-    /// an `online` after that session's `offline`.
+    /// Whether to take `p` (signature already checked), and never an `online` after the same
+    /// session's `offline`. With the hub's own broker: only a message of the session it
+    /// admitted last for the device (none before the device connected in this run). With an
+    /// external broker, which keeps devices to their own topics: one of a session no older
+    /// than the last taken.
     pub fn take(&mut self, device: &DeviceId, p: Presence) -> bool {
-        if let Some(admitted) = self.admitted.get(device)
-            && *admitted != p.session
-        {
+        let admitted = self.admitted.get(device);
+        if self.admits && admitted != Some(&p.session) {
             return false;
         }
         if let Some(last) = self.taken.get(device) {
             let same = last.session == p.session;
-            if (same && !last.online && p.online) || (!same && p.session.at_ms < last.session.at_ms)
-            {
+            // The admitted session is the current one whatever its clock said.
+            let older = !same && admitted.is_none() && p.session.at_ms < last.session.at_ms;
+            if (same && !last.online && p.online) || older {
                 return false;
             }
         }
@@ -196,7 +209,11 @@ mod tests {
             session: s,
         };
         let (s1, s2) = (session(10, 1), session(20, 2));
-        let mut hub = Sessions::default();
+        let mut hub = Sessions::admitting();
+        assert!(
+            !hub.take(&x, on(s1)),
+            "before the device connected in this run"
+        );
         hub.admitted(&x, s1);
         assert!(hub.take(&x, on(s1)));
         assert!(hub.take(&x, off(s1)), "its will, at the disconnect");
@@ -205,6 +222,10 @@ mod tests {
         assert!(!hub.take(&x, off(s1)), "the old will replayed");
         assert!(hub.take(&x, on(s2)));
         assert!(!hub.take(&x, on(s1)), "an older session");
+        // A reconnect whose clock reads earlier (a step back) is still its current session.
+        let s3 = session(5, 3);
+        hub.admitted(&x, s3);
+        assert!(hub.take(&x, on(s3)));
         // With no admissions seen (an external broker): no older than the last taken.
         let mut ext = Sessions::default();
         assert!(ext.take(&x, on(s2)));

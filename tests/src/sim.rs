@@ -894,9 +894,7 @@ impl Sim {
                 }
                 Ok(())
             }
-            Err(
-                ledger::LedgerError::UnitNotAvailable { .. } | ledger::LedgerError::UnknownOrder(_),
-            ) => Ok(()),
+            Err(ledger::LedgerError::UnitNotAvailable { .. }) => Ok(()),
             Err(e) => fail(self.cfg.seed, format!("door session: {e}")),
         }
     }

@@ -14,6 +14,11 @@ use crate::store::RegionReads;
 pub struct PresenceBook(Arc<Mutex<Sessions>>);
 
 impl PresenceBook {
+    /// For the embedded broker: only sessions it admitted count.
+    pub fn admitting() -> Self {
+        Self(Arc::new(Mutex::new(Sessions::admitting())))
+    }
+
     /// The broker let `device` in for `session`.
     pub fn admitted(&self, device: &DeviceId, session: Session) {
         self.0
@@ -23,19 +28,19 @@ impl PresenceBook {
     }
 
     /// Reads a presence message on `device`'s topic: `Some(online)` if the device signed it
-    /// (with its key in force, or a retired one in its overlap) for the session that counts
-    /// now; `None` for a forgery, a replay or a word that is not a presence message.
+    /// (with its key in force or one a rotation retired: a will left before the rotation is
+    /// still the device's) for the session that counts now; `None` for a forgery, a replay or
+    /// a word that is not a presence message.
     pub fn read(
         &self,
         reads: &RegionReads,
         region: &RegionId,
         device: &DeviceId,
         payload: &[u8],
-        now_ms: i64,
     ) -> Option<bool> {
         let record = reads.device(device).ok().flatten()?;
         let mut keys = vec![record.public_key];
-        keys.extend(reads.retired_keys(device, Some(now_ms)).unwrap_or_default());
+        keys.extend(reads.retired_keys(device, None).unwrap_or_default());
         let p = Presence::open(payload, region, device, &keys)?;
         self.0
             .lock()

@@ -470,3 +470,68 @@ fn a_keyed_import_retried_at_once_gets_its_first_answer() {
     assert!(has_unit(&writer, "u-1"));
     assert!(!has_unit(&writer, "u-2"), "the other rows are not loaded");
 }
+
+/// An occurrence whose id another order holds, in any fridge of the region, is made under the
+/// next free `{id}.{k}`, not skipped; one made before is not made again.
+#[test]
+fn an_occurrence_whose_id_is_held_elsewhere_takes_the_next_id() {
+    use larder_shared::catalog::{Catalog, CatalogItem};
+    use larder_shared::domain::{AppOrder, AppOrderLine, Channel};
+    use larder_shared::ledger::{self, Ledger};
+    use larder_shared::{FridgeId, OrderId, Sku};
+    let catalog = Catalog {
+        version: 1,
+        currency: "EUR".into(),
+        items: vec![CatalogItem {
+            sku: Sku::new("lasagna").expect("sku"),
+            name: "Lasagna".into(),
+            price_minor: 890,
+            allergens: vec![],
+            shelf_life_hours: 48,
+        }],
+    };
+    let hub = ledger::actor_for(&ledger::hub_device());
+    let (f1, f2) = (
+        FridgeId::new("fridge-1").expect("id"),
+        FridgeId::new("fridge-2").expect("id"),
+    );
+    let mut ledgers: std::collections::BTreeMap<FridgeId, Ledger> = [&f1, &f2]
+        .into_iter()
+        .map(|f| {
+            (
+                f.clone(),
+                Ledger::new(f.clone(), hub.clone()).expect("ledger"),
+            )
+        })
+        .collect();
+    let date: jiff::civil::Date = "2030-01-02".parse().expect("date");
+    let occurrence = |sub: &str| AppOrder {
+        order_id: OrderId::new("sub-a-2030-01-02").expect("id"),
+        customer_id: "c".into(),
+        channel: Channel::Subscription,
+        lines: vec![AppOrderLine {
+            sku: Sku::new("lasagna").expect("sku"),
+            quantity: 1,
+        }],
+        subscription_id: Some(sub.into()),
+    };
+    // Another subscription's order holds the id in fridge-2 (as a collision from before).
+    ledgers
+        .get_mut(&f2)
+        .expect("fridge-2")
+        .schedule_order(&occurrence("sub-other"), "2030-01-02", &catalog, 1)
+        .expect("held");
+    let made =
+        super::schedule_occurrence(&mut ledgers, &f1, occurrence("sub-a"), &date, &catalog, 2)
+            .expect("scheduled")
+            .expect("a change");
+    assert!(!made.changes.is_empty());
+    let next = OrderId::new("sub-a-2030-01-02.1").expect("id");
+    assert!(ledgers[&f1].has_order(&next), "made under the next id");
+    assert!(!ledgers[&f1].has_order(&OrderId::new("sub-a-2030-01-02").expect("id")));
+    // Asked again: the id is held elsewhere, the next is this subscription's own: nothing new.
+    let again =
+        super::schedule_occurrence(&mut ledgers, &f1, occurrence("sub-a"), &date, &catalog, 3)
+            .expect("scheduled");
+    assert!(again.is_none(), "made once");
+}

@@ -854,3 +854,53 @@ fn a_sale_priced_from_a_superseded_catalog_is_flagged_and_its_price_stands() {
         .expect("after merge");
     assert!(again.is_empty(), "one record per conflict");
 }
+
+/// Placement events a device wrote on an unpaid app order (an agent from before the tagged
+/// refill's rule, or a hostile one) count for nothing on any replica: the order stays
+/// reserved; the same events on a paid order or a subscription occurrence count as before.
+#[test]
+fn placement_by_a_device_on_an_unpaid_order_counts_for_nothing() {
+    use automerge::transaction::Transactable;
+    let mut r = Replicas::new(2);
+    r.order("app-1", "lasagna", 1, true, T0);
+    r.sync();
+    {
+        let fridge = &mut r.fridge;
+        let mut tx = fridge.doc.transaction();
+        for status in [
+            OrderStatus::PlacedInFridge,
+            OrderStatus::AvailableForPicking,
+        ] {
+            let event = StatusEvent {
+                status,
+                at_ms: T0 + 1_000,
+                by: DeviceId::new("fridge-1").expect("id"),
+                note: None,
+            };
+            tx.put(
+                &fridge.maps.events,
+                super::super::event_key(&id("app-1"), &event),
+                super::super::to_json(&event),
+            )
+            .expect("put");
+        }
+        tx.commit();
+    }
+    let forged = r
+        .fridge
+        .doc
+        .get_last_local_change()
+        .expect("change")
+        .raw_bytes()
+        .to_vec();
+    r.hub.apply_changes(&[forged.clone()]).expect("merge");
+    r.pos.apply_changes(&[forged]).expect("merge");
+    for l in [&r.hub, &r.pos] {
+        assert_eq!(status(l, "app-1"), OrderStatus::Reserved);
+    }
+    // Once the hub records the capture, the order is ready to pick, as it should be.
+    r.hub
+        .record_payment(&id("app-1"), PaymentOutcome::Captured, &POLICY, T0 + 30_000)
+        .expect("captured");
+    assert_eq!(status(&r.hub, "app-1"), OrderStatus::AvailableForPicking);
+}
