@@ -893,7 +893,9 @@ fn placement_by_a_device_on_an_unpaid_order_counts_for_nothing() {
         .expect("change")
         .raw_bytes()
         .to_vec();
-    r.hub.apply_changes(&[forged.clone()]).expect("merge");
+    r.hub
+        .apply_changes(std::slice::from_ref(&forged))
+        .expect("merge");
     r.pos.apply_changes(&[forged]).expect("merge");
     for l in [&r.hub, &r.pos] {
         assert_eq!(status(l, "app-1"), OrderStatus::Reserved);
