@@ -119,32 +119,23 @@ impl RegionWriter {
         let unit_id = UnitId::new(row.unit_id.as_str())
             .map_err(|e| format!("unit_id {:?}: {e}", row.unit_id))?;
         let sku = Sku::new(row.sku.as_str()).map_err(|e| format!("sku {:?}: {e}", row.sku))?;
-        if self.catalog.item(&sku).is_none() {
-            return Err(format!("sku {sku} is not in the catalog"));
-        }
         let expires: jiff::Timestamp = row
             .expires_at
             .parse()
             .map_err(|e| format!("expires_at {:?}: {e}", row.expires_at))?;
-        let expires_at_ms = expires.as_millisecond();
         if l.knows_unit(&unit_id) {
             return Ok(None);
         }
-        if expires_at_ms <= now {
-            return Err(format!("unit {unit_id} expired at {expires}"));
-        }
-        if let Some(b) = &row.batch {
-            limits::label("batch", b, limits::BATCH_LEN_MAX).map_err(|e| e.to_string())?;
-        }
-        Ok(Some((
-            fridge,
-            RefillUnit {
-                unit_id,
-                sku,
-                expires_at_ms,
-                batch: row.batch.clone().filter(|b| !b.is_empty()),
-            },
-        )))
+        let unit = RefillUnit {
+            unit_id,
+            sku,
+            expires_at_ms: expires.as_millisecond(),
+            batch: row.batch.clone().filter(|b| !b.is_empty()),
+        };
+        // The rules every load is held to, as the agents' refills are.
+        limits::loads(std::slice::from_ref(&unit), &self.catalog, now)
+            .map_err(|e| e.to_string())?;
+        Ok(Some((fridge, unit)))
     }
 }
 
