@@ -419,7 +419,7 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
         ("agent_request", request(1, "", sale)),
         ("agent_request", request(6, "fridge_id=fridge-1", serde_json::json!({}))),
         ("hub_request", request(2, "", units)),
-        ("hub_request", request(1, "salad-quinoa", serde_json::json!({"stars": 5}))),
+        ("hub_request", request(1, "salad-quinoa", serde_json::json!({"stars": 5, "customer_id": "c-1"}))),
         ("hub_request", request(12, "status=open", serde_json::json!({}))),
         (
             "import_rows",

@@ -154,8 +154,8 @@ pub(super) async fn put_catalog(
 struct RatingBody {
     #[schema(minimum = 1, maximum = 5)]
     stars: u8,
-    #[serde(default)]
-    customer_id: Option<String>,
+    /// Who rates: a customer rates a sku once (409 `already_rated` after).
+    customer_id: String,
 }
 
 /// `POST /v1/regions/{r}/catalog/{sku}/ratings`: 201 with the sku's new average and count.
@@ -194,7 +194,7 @@ pub(super) async fn rate(
         rating: RatingRequest {
             sku,
             stars: b.stars,
-            customer_id: b.customer_id,
+            customer_id: Some(b.customer_id),
         },
         idem: idem.map(|i| (i.key, i.request_sha256)),
         reply,

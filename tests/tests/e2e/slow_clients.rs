@@ -148,7 +148,7 @@ async fn a_request_not_answered_in_time_gets_408() -> anyhow::Result<()> {
     let (status, body) = post(
         &format!("{hub_http}/v1/regions/demo/catalog/lasagna/ratings"),
         "rate-after-the-deadline",
-        &serde_json::json!({"stars": 4}),
+        &serde_json::json!({"stars": 4, "customer_id": "c-late"}),
     )
     .await?;
     assert_eq!(status, 201, "{body}");
