@@ -1,4 +1,4 @@
-//! The agent's local HTTP API for fridge firmware and the POS app (CONTRACT.md): JSON in and
+//! The agent's local HTTP API for fridge firmware and the POS app (docs/PROTOCOL.md): JSON in and
 //! out, errors as `{"error": {"code", "message"}}`, `Idempotency-Key` on every POST, and a 2xx
 //! only after the change is durable on disk.
 

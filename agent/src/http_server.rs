@@ -109,10 +109,7 @@ pub async fn serve(
             },
         ));
     let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
-    let per_address = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
-        std::net::IpAddr,
-        usize,
-    >::new()));
+    let per_address = Places::new(limits.connections_per_address_max, usize::MAX);
     let graceful = GracefulShutdown::new();
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -143,11 +140,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Some(slot) = AddressSlot::take(
-            &per_address,
-            client_of(peer),
-            limits.connections_per_address_max,
-        ) else {
+        let Ok(slot) = per_address.take(client_of(peer)) else {
             tracing::debug!(%peer, "HTTP connection closed: its address holds its share of places");
             continue;
         };
@@ -186,43 +179,68 @@ fn client_of(peer: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// One of the places an address holds; given back when dropped.
-struct AddressSlot {
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-    address: std::net::IpAddr,
+/// Places held per key (a client address, a bearer token), at most `per_key_max` for one key
+/// and `max` in all. A place is a guard: dropping it gives it back. The HTTP server counts
+/// connections per client address with it, the hub live event streams per token.
+#[derive(Debug)]
+pub struct Places<K> {
+    held: std::sync::Mutex<std::collections::HashMap<K, usize>>,
+    per_key_max: usize,
+    max: usize,
 }
 
-impl AddressSlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        address: std::net::IpAddr,
-        max: usize,
-    ) -> Option<Self> {
-        let mut map = counts
+/// How many places were held when one more was refused: by the key, and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlacesFull {
+    pub of_key: usize,
+    pub all: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Places<K> {
+    pub fn new(per_key_max: usize, max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            held: std::sync::Mutex::default(),
+            per_key_max,
+            max,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<K, usize>> {
+        self.held
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let held = map.entry(address).or_default();
-        if *held >= max {
-            return None;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for `key`, unless the key or everyone holds as many as allowed.
+    pub fn take(self: &Arc<Self>, key: K) -> Result<Place<K>, PlacesFull> {
+        let mut held = self.lock();
+        let of_key = held.get(&key).copied().unwrap_or(0);
+        let all = held.values().sum();
+        if of_key >= self.per_key_max || all >= self.max {
+            return Err(PlacesFull { of_key, all });
         }
-        *held += 1;
-        Some(Self {
-            counts: counts.clone(),
-            address,
+        *held.entry(key.clone()).or_default() += 1;
+        Ok(Place {
+            places: self.clone(),
+            key,
         })
     }
 }
 
-impl Drop for AddressSlot {
+/// One place taken from [`Places`]; given back when dropped.
+#[derive(Debug)]
+pub struct Place<K: std::hash::Hash + Eq + Clone> {
+    places: Arc<Places<K>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut map = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(held) = map.get_mut(&self.address) {
-            *held -= 1;
-            if *held == 0 {
-                map.remove(&self.address);
+        let mut held = self.places.lock();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
             }
         }
     }
@@ -366,17 +384,22 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_share() {
-        let counts = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let places = Places::new(2, 3);
         let a: std::net::IpAddr = [127, 0, 0, 1].into();
         let b: std::net::IpAddr = [127, 0, 0, 2].into();
-        let first = AddressSlot::take(&counts, a, 2).expect("first");
-        let second = AddressSlot::take(&counts, a, 2).expect("second");
-        assert!(AddressSlot::take(&counts, a, 2).is_none(), "a third from a");
-        let other = AddressSlot::take(&counts, b, 2).expect("b has its own share");
+        let first = places.take(a).expect("first");
+        let second = places.take(a).expect("second");
+        assert_eq!(places.take(a).err(), Some(PlacesFull { of_key: 2, all: 2 }));
+        let other = places.take(b).expect("b has its own share");
+        assert_eq!(
+            places.take(b).err(),
+            Some(PlacesFull { of_key: 1, all: 3 }),
+            "all places taken"
+        );
         drop(first);
-        let again = AddressSlot::take(&counts, a, 2).expect("a place freed");
+        let again = places.take(a).expect("a place freed");
         drop((second, again, other));
-        assert!(counts.lock().expect("lock").is_empty(), "all given back");
+        assert!(places.lock().is_empty(), "all given back");
         let v6 = |s: &str| client_of(s.parse().expect("address"));
         assert_eq!(
             v6("2001:db8::1"),

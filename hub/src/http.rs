@@ -1,4 +1,4 @@
-//! The hub's HTTP API for kitchens, apps and admins (CONTRACT.md): bearer tokens with a role and
+//! The hub's HTTP API for kitchens, apps and admins (`GET /openapi.json`, docs/PROTOCOL.md): bearer tokens with a role and
 //! regions, errors as `{"error": {"code", "message"}}`, reads from the region stores' WAL
 //! readers, admin writes through the region writer.
 
@@ -34,7 +34,7 @@ use crate::metrics::HubMetrics;
 use crate::region::{RegionCommand, RegionError};
 use crate::store::DeviceRecord;
 
-pub mod catalog;
+mod catalog;
 mod kitchen;
 mod openapi;
 mod orders;
@@ -49,8 +49,8 @@ pub struct HubState {
     /// Turns true when the hub shuts down: ends the event streams, which would otherwise hold
     /// the server's graceful shutdown open.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// The live event streams open, in all and per token.
-    pub streams: Arc<catalog::EventStreams>,
+    /// The live event streams open, per token and in all.
+    pub streams: Arc<larder_agent::http_server::Places<String>>,
 }
 
 impl From<RegionError> for ApiError {

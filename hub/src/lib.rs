@@ -336,10 +336,10 @@ pub async fn start_with_clock(
         metrics: metrics.clone(),
         archive_after: std::time::Duration::from_secs(config.compaction.archive_after_hours * 3600),
         shutdown: shutdown_rx.clone(),
-        streams: Arc::new(http::catalog::EventStreams::new(
-            config.http.event_streams_max,
-            config.http.event_streams_per_token_max,
-        )),
+        streams: larder_agent::http_server::Places::new(
+            usize::try_from(config.http.event_streams_per_token_max).unwrap_or(usize::MAX),
+            usize::try_from(config.http.event_streams_max).unwrap_or(usize::MAX),
+        ),
     };
     let app = http::router(state, config.http.request_body_bytes_max);
     let api = app.clone();

@@ -606,7 +606,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                     Scope::None
                 }
                 Some(LinkEvent::Message(topic, payload)) => {
-                    match link.ctx.regions.keys().find(|r| topics::catalog(r) == topic).cloned() {
+                    match topics::parse_catalog(&topic).filter(|r| link.ctx.regions.contains_key(r)) {
                         Some(region) => {
                             link.on_catalog_topic(&client, &region, &payload);
                             Scope::None

@@ -4,7 +4,7 @@
 //! Data flow: the MQTT task hands each `up` publish to the region's verifier thread
 //! (`verifier`), which batch-checks signatures ahead of the writer and passes it on as
 //! [`RegionCommand::Uplink`] → the writer thread takes every waiting command (group commit)
-//! → checks each envelope by CONTRACT.md's
+//! → checks each envelope by docs/PROTOCOL.md's
 //! rules (size, decoding, region, topic, sender enrolled and not revoked, signature, replay,
 //! ledgers served, change authors) → merges accepted changes into its ledgers → writes changes,
 //! stream positions and projections in one transaction → answers (the ack to send, or the

@@ -1,4 +1,4 @@
-//! MQTT topic names of CONTRACT.md, built and parsed in one place.
+//! MQTT topic names (docs/PROTOCOL.md), built and parsed in one place.
 
 use crate::ids::{DeviceId, RegionId};
 
@@ -38,6 +38,12 @@ pub fn all_devices_filter(which: DeviceTopic) -> String {
     format!("larder/v1/+/d/+/{}", which.as_str())
 }
 
+/// Parses `larder/v1/{region}/catalog`: the region whose catalog topic it is.
+pub fn parse_catalog(topic: &str) -> Option<RegionId> {
+    let region = topic.strip_prefix("larder/v1/")?.strip_suffix("/catalog")?;
+    RegionId::new(region).ok()
+}
+
 /// Parses `larder/v1/{region}/d/{device}/{up|down|presence}`.
 pub fn parse_device(topic: &str) -> Option<(RegionId, DeviceId, DeviceTopic)> {
     let mut parts = topic.split('/');
@@ -68,6 +74,20 @@ pub fn parse_device(topic: &str) -> Option<(RegionId, DeviceId, DeviceTopic)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn catalog_topics_parse_back_and_nothing_else_does() {
+        let r = RegionId::new("north").expect("id");
+        assert_eq!(parse_catalog(&catalog(&r)), Some(r.clone()));
+        for other in [
+            "larder/v1/north/d/pos-1/up",
+            "larder/v1/a/b/catalog",
+            "larder/v2/north/catalog",
+            "larder/v1//catalog",
+        ] {
+            assert_eq!(parse_catalog(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn round_trip_and_rejects() {

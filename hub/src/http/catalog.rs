@@ -202,76 +202,6 @@ pub(super) async fn rate(
     .await
 }
 
-/// The live event streams open: at most `max` in all and `per_token_max` per token, so neither
-/// many clients nor one token's holder can take every connection place with streams.
-#[derive(Debug)]
-pub struct EventStreams {
-    open: std::sync::Mutex<(u64, std::collections::HashMap<String, u64>)>,
-    max: u64,
-    per_token_max: u64,
-}
-
-/// One open stream's place.
-#[derive(Debug)]
-pub(super) struct StreamSlot {
-    streams: std::sync::Arc<EventStreams>,
-    token: String,
-}
-
-impl EventStreams {
-    pub fn new(max: u64, per_token_max: u64) -> Self {
-        Self {
-            open: std::sync::Mutex::new((0, std::collections::HashMap::new())),
-            max,
-            per_token_max,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, std::collections::HashMap<String, u64>)> {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(super) fn open(
-        self: &std::sync::Arc<Self>,
-        token_sha256: &str,
-    ) -> Result<StreamSlot, ApiError> {
-        let mut open = self.lock();
-        let of_token = open.1.get(token_sha256).copied().unwrap_or(0);
-        if open.0 >= self.max || of_token >= self.per_token_max {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                format!(
-                    "{} live event streams are open ({of_token} with this token); at most {} \
-                     (http.event_streams_max), {} per token (http.event_streams_per_token_max)",
-                    open.0, self.max, self.per_token_max
-                ),
-            ));
-        }
-        open.0 += 1;
-        *open.1.entry(token_sha256.to_owned()).or_default() += 1;
-        Ok(StreamSlot {
-            streams: self.clone(),
-            token: token_sha256.to_owned(),
-        })
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut open = self.streams.lock();
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.token) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.token);
-            }
-        }
-    }
-}
-
 /// `GET /v1/regions/{r}/events`: the region's live feed as Server-Sent Events. Each event's
 /// name is its `type`, its data the event as JSON, its id the feed's sequence number. Ends when
 /// the hub shuts down.
@@ -293,7 +223,17 @@ pub(super) async fn events(
     let h = region(&s, &r)?;
     // A place for the stream, given back when the stream ends (the client went away, or it
     // stopped reading and the server dropped it).
-    let slot = s.streams.open(&token.sha256)?;
+    let slot = s.streams.take(token.sha256.clone()).map_err(|full| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "{} live event streams are open ({} with this token); at most \
+                 http.event_streams_max in all and http.event_streams_per_token_max per token",
+                full.all, full.of_key
+            ),
+        )
+    })?;
     let mut stop = s.shutdown.clone();
     let stream = BroadcastStream::new(h.events.subscribe())
         .map(move |m| {

@@ -23,7 +23,8 @@ pub(crate) struct ErrorDetail {
     pub message: String,
 }
 
-/// A JSON object this document does not spell out field by field (CONTRACT.md does).
+/// A JSON object this document does not spell out field by field (the route's summary and
+/// docs/PROTOCOL.md say what it holds).
 #[derive(Debug)]
 pub(crate) struct AnyObject;
 
@@ -31,7 +32,9 @@ impl PartialSchema for AnyObject {
     fn schema() -> RefOr<Schema> {
         ObjectBuilder::new()
             .schema_type(Type::Object)
-            .description(Some("See CONTRACT.md for the fields"))
+            .description(Some(
+                "A JSON object; the route's summary says what it holds",
+            ))
             .into()
     }
 }

@@ -163,38 +163,15 @@ async fn the_hub_refuses_careless_catalogs_ratings_and_subscriptions() -> anyhow
                "weekdays": weekdays, "start_date": start})
     };
     let one = json!([{"sku": "lasagna", "quantity": 1}]);
-    refused(
-        &subs,
-        "s-9999",
-        sub(one.clone(), json!(["mon"]), "-009999-01-01"),
-        (422, "invalid_request"),
-    )
-    .await?;
-    refused(
-        &subs,
-        "s-1900",
-        sub(one.clone(), json!(["mon"]), "1900-01-01"),
-        (422, "invalid_request"),
-    )
-    .await?;
-    refused(
-        &subs,
-        "s-dup",
-        sub(one.clone(), json!(["mon", "mon"]), &tomorrow),
-        (422, "invalid_request"),
-    )
-    .await?;
-    refused(
-        &subs,
-        "s-lines",
-        sub(
-            json!([{"sku": "lasagna", "quantity": 15}, {"sku": "lasagna", "quantity": 15}]),
-            json!(["mon"]),
-            &tomorrow,
-        ),
-        (422, "invalid_request"),
-    )
-    .await?;
+    let twice = json!([{"sku": "lasagna", "quantity": 15}, {"sku": "lasagna", "quantity": 15}]);
+    for (key, body) in [
+        ("s-9999", sub(one.clone(), json!(["mon"]), "-009999-01-01")),
+        ("s-1900", sub(one.clone(), json!(["mon"]), "1900-01-01")),
+        ("s-dup", sub(one.clone(), json!(["mon", "mon"]), &tomorrow)),
+        ("s-lines", sub(twice, json!(["mon"]), &tomorrow)),
+    ] {
+        refused(&subs, key, body, (422, "invalid_request")).await?;
+    }
     assert_eq!(get(&subs).await?["subscriptions"], json!([]));
     let (status, body) = post(&subs, "s-ok", &sub(one, json!(["mon", "thu"]), &tomorrow)).await?;
     assert_eq!(status, 201, "{body}");

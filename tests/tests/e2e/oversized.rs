@@ -101,30 +101,26 @@ async fn a_refill_of_1000_long_ids_is_split_into_changes_that_sync() -> anyhow::
     let small = |c: &mut larder_agent::config::AgentConfig| {
         c.mqtt.max_message_bytes = larder_shared::limits::MESSAGE_BYTES_MIN;
     };
-    let clock = larder_agent::writer::Clock::system;
-    let fridge = start_agent_with(
-        dir.path(),
-        &hub,
-        "fridge-1",
-        larder_shared::domain::Role::Fridge,
-        &["fridge-1"],
-        small,
-        clock(),
-    )
-    .await?;
-    let pos = start_agent_with(
-        dir.path(),
-        &hub,
-        "pos-1",
-        larder_shared::domain::Role::Pos,
-        &["fridge-1"],
-        small,
-        clock(),
-    )
-    .await?;
+    let mut agents = Vec::new();
+    for (name, role) in [
+        ("fridge-1", larder_shared::domain::Role::Fridge),
+        ("pos-1", larder_shared::domain::Role::Pos),
+    ] {
+        let agent = start_agent_with(
+            dir.path(),
+            &hub,
+            name,
+            role,
+            &["fridge-1"],
+            small,
+            larder_agent::writer::Clock::system(),
+        )
+        .await?;
+        agents.push(agent);
+    }
     let (fridge_url, pos_url) = (
-        format!("http://{}", fridge.http_addr),
-        format!("http://{}", pos.http_addr),
+        format!("http://{}", agents[0].http_addr),
+        format!("http://{}", agents[1].http_addr),
     );
     synced(&fridge_url, WAIT).await?;
     let units: Vec<Value> = (0..1000)
