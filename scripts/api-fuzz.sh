@@ -14,9 +14,9 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
     "$venv/bin/pip" install -q 'schemathesis>=4.3,<5'
 fi
 
-cargo build -q -p larder-hub
+cargo build -q -p larder-demo
 out=$(mktemp)
-target/debug/larder-hub demo --seconds 0 --seed 5 >"$out" 2>/dev/null &
+target/debug/larder-demo --seconds 0 --seed 5 >"$out" 2>/dev/null &
 hub=$!
 trap 'kill $hub 2>/dev/null || true; wait $hub 2>/dev/null || true; rm -f "$out"' EXIT
 for _ in $(seq 1 120); do

@@ -3,14 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use larder_runtime::cli::{LogFormat, init_logging, wait_for_signal};
 
 use crate::config::AgentConfig;
 
 /// Larder's agent for smart fridges and POS terminals.
 #[derive(Debug, Parser)]
 #[command(name = "larder-agent", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -18,14 +19,8 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
-pub enum Cmd {
+pub(crate) enum Cmd {
     /// Run a fridge or POS agent.
     Run {
         /// The agent's TOML config (see firmware-config/).
@@ -61,22 +56,9 @@ pub enum Cmd {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ConfigCmd {
+pub(crate) enum ConfigCmd {
     /// Validate a config: exit 0, or one line per problem and exit 1.
     Check { file: PathBuf },
-}
-
-/// Installs the tracing subscriber writing to stderr: `RUST_LOG` if set, else `default`.
-pub fn init_logging(format: LogFormat, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 /// Entry point of the `larder-agent` binary.
@@ -106,7 +88,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match crate::write_key(&out, &key) {
+            match larder_runtime::keys::write_key(&out, &key) {
                 Ok(()) => {
                     println!("{}", key.public());
                     ExitCode::SUCCESS
@@ -221,28 +203,6 @@ fn run_agent(path: PathBuf) -> ExitCode {
         agent.shutdown().await;
         ExitCode::SUCCESS
     })
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 fn status(url: &str) -> ExitCode {

@@ -130,49 +130,20 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    pub listen: SocketAddr,
-    pub request_body_bytes_max: usize,
-    /// Connections served at once; more wait to be accepted.
-    pub connections_max: u64,
-    /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
-    /// connection may sit idle.
-    pub header_read_timeout_ms: u64,
-    /// How long a request may take until its answer starts.
-    pub request_timeout_ms: u64,
-}
+/// `[http]`, with the agent's defaults.
+pub type HttpConfig = larder_runtime::http::HttpConfig<AgentHttp>;
 
-impl HttpConfig {
-    /// The valid ranges of the limits, for the config check.
-    pub fn ranges(&self) -> [(&'static str, u64, u64, u64); 3] {
-        crate::http_server::ServerLimits::config_ranges(
-            self.connections_max,
-            self.header_read_timeout_ms,
-            self.request_timeout_ms,
-        )
-    }
+/// The agent's `[http]` defaults: port 7070 on loopback, a few clients (the firmware and the
+/// POS app), one address may hold them all, and no event streams.
+#[derive(Debug, Clone)]
+pub struct AgentHttp;
 
-    pub fn server_limits(&self) -> crate::http_server::ServerLimits {
-        crate::http_server::ServerLimits::from_config(
-            self.connections_max,
-            self.header_read_timeout_ms,
-            self.request_timeout_ms,
-        )
-    }
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            request_body_bytes_max: 1024 * 1024,
-            connections_max: 256,
-            header_read_timeout_ms: 30_000,
-            request_timeout_ms: 60_000,
-        }
-    }
+impl larder_runtime::http::HttpDefaults for AgentHttp {
+    const LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7070);
+    const CONNECTIONS_MAX: u64 = 256;
+    const CONNECTIONS_PER_ADDRESS_MAX: u64 = 256;
+    const EVENT_STREAMS: Option<(u64, u64)> = None;
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,108 +223,6 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("larder-agent-data")
 }
 
-/// One line for a TOML error: `line N: message` (the message names the key or value).
-pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().replace('\n', " ");
-    match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {}", message.trim())
-        }
-        None => message.trim().to_owned(),
-    }
-}
-
-/// Parses a TOML config, reporting every problem serde finds rather than only the first, one
-/// `line N: message` each.
-///
-/// serde stops at its first error. So after each one, the `key = value` entry it points at is
-/// blanked (its bytes replaced with spaces, newlines kept, so later problems keep their line
-/// numbers) and the text parsed again. It stops when the text parses, when an error cannot be
-/// pinned to one entry (a syntax error, a whole table), or when the only problem left is a
-/// required key it blanked itself, which would be a problem of its own making. Problems come
-/// in the file's order.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<String>> {
-    const PROBLEMS_MAX: usize = 64;
-    let mut work = text.to_owned();
-    let mut problems = Vec::new();
-    let mut blanked: Vec<String> = Vec::new();
-    while problems.len() < PROBLEMS_MAX {
-        let e = match toml::from_str::<T>(&work) {
-            Ok(value) if problems.is_empty() => return Ok(value),
-            Ok(_) => break,
-            Err(e) => e,
-        };
-        if blanked
-            .iter()
-            .any(|key| e.message().contains(&format!("missing field `{key}`")))
-        {
-            break;
-        }
-        let problem = describe_toml_error(&work, &e);
-        if problems.iter().any(|(_, p)| *p == problem) {
-            break; // blanking made no progress
-        }
-        problems.push((e.span().map_or(0, |at| at.start), problem));
-        // An empty span (a required key missing from the top level) holds no entry.
-        let Some((range, key)) = e
-            .span()
-            .filter(|at| !at.is_empty())
-            .and_then(|at| entry_at(&work, at))
-        else {
-            break;
-        };
-        let mut bytes = std::mem::take(&mut work).into_bytes();
-        for b in &mut bytes[range] {
-            if *b != b'\n' && *b != b'\r' {
-                *b = b' ';
-            }
-        }
-        // Only ASCII bytes were written over whole entries, so the text stays UTF-8; a text
-        // that no longer parses as TOML ends the search (a dotted key, an inline table).
-        match String::from_utf8(bytes) {
-            Ok(t) if toml::de::DeTable::parse(&t).is_ok() => work = t,
-            _ => break,
-        }
-        blanked.push(key);
-    }
-    // In the file's order, not serde's (blanking keeps every byte where it was).
-    problems.sort_by_key(|(at, _)| *at);
-    Err(problems.into_iter().map(|(_, p)| p).collect())
-}
-
-/// The byte range of the innermost `key = value` entry holding all of `at`, and its key.
-fn entry_at(text: &str, at: std::ops::Range<usize>) -> Option<(std::ops::Range<usize>, String)> {
-    type Best = Option<(std::ops::Range<usize>, String)>;
-    fn walk(table: &toml::de::DeTable<'_>, at: &std::ops::Range<usize>, best: &mut Best) {
-        for (key, value) in table.iter() {
-            let range = key.span().start..value.span().end;
-            if range.start <= at.start
-                && at.end <= range.end
-                && best.as_ref().is_none_or(|(b, _)| range.len() < b.len())
-            {
-                *best = Some((range, key.get_ref().to_string()));
-            }
-            walk_value(value.get_ref(), at, best);
-        }
-    }
-    fn walk_value(value: &toml::de::DeValue<'_>, at: &std::ops::Range<usize>, best: &mut Best) {
-        match value {
-            toml::de::DeValue::Table(t) => walk(t, at, best),
-            toml::de::DeValue::Array(items) => {
-                for item in items.iter() {
-                    walk_value(item.get_ref(), at, best);
-                }
-            }
-            _ => {}
-        }
-    }
-    let doc = toml::de::DeTable::parse(text).ok()?;
-    let mut best = None;
-    walk(doc.get_ref(), &at, &mut best);
-    best
-}
-
 /// A configuration problem, one per line for `config check`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -380,9 +249,9 @@ impl AgentConfig {
         }
     }
 
-    /// Parses a config's text: every problem serde finds, one line each (see [`parse_toml`]).
+    /// Parses a config's text: every problem serde finds, one line each (see [`larder_runtime::config::parse_toml`]).
     pub fn parse(text: &str) -> Result<Self, Vec<String>> {
-        parse_toml(text)
+        larder_runtime::config::parse_toml(text)
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -441,7 +310,7 @@ impl AgentConfig {
             p.push(Problem(format!("key_file: {}: {e}", key.display())));
         }
         if let Some(ca) = &self.mqtt.tls_ca_file
-            && let Err(e) = crate::tls::client_config(ca)
+            && let Err(e) = larder_runtime::tls::client_config(ca)
         {
             p.push(Problem(format!("mqtt.tls_ca_file: {e}")));
         }
@@ -569,6 +438,7 @@ impl AgentConfig {
                 p.push(Problem(format!("{name}: {value} is outside {min}..={max}")));
             }
         }
+        p.extend(self.http.problems().into_iter().map(Problem));
         p
     }
 }

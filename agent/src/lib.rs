@@ -7,27 +7,29 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod api;
-pub mod cli;
+mod api;
+mod cli;
 pub mod config;
-pub mod http_server;
-pub mod metrics;
-pub mod store;
-pub mod sync;
-pub mod systemd;
-pub mod tls;
-pub mod writer;
+mod metrics;
+mod store;
+mod sync;
+mod systemd;
+mod writer;
+
+pub use cli::main;
+pub use config::AgentConfig;
+pub use metrics::{Metrics, Shared};
+pub use store::StoreError;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use larder_runtime::keys::write_key;
 use larder_shared::{FridgeId, SecretKey};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
-use crate::metrics::Shared;
 use crate::store::{ReadPool, Store};
 use crate::writer::{Command, Writer};
 
@@ -74,24 +76,6 @@ pub fn load_or_create_key(path: &Path) -> Result<SecretKey, StartError> {
         }
         Err(e) => Err(err(e.to_string())),
     }
-}
-
-/// Writes a key file readable by its owner only; refuses to overwrite.
-pub fn write_key(path: &Path, key: &SecretKey) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(key.to_file_text().as_bytes())?;
-    f.sync_all()
 }
 
 /// Where a rotation's next key waits until the hub confirms it: `KEY_FILE.next`.
@@ -262,7 +246,7 @@ impl AgentHandle {
 
 /// Starts an agent: opens the store, loads the ledgers, binds the HTTP API and starts syncing.
 pub async fn start(config: AgentConfig, key: SecretKey) -> Result<AgentHandle, StartError> {
-    start_with_clock(config, key, writer::Clock::system()).await
+    start_with_clock(config, key, larder_runtime::Clock::system()).await
 }
 
 /// A seed for the simulated payment provider: stable per device.
@@ -328,13 +312,13 @@ async fn capture_offline_payments(
 pub async fn start_with_clock(
     config: AgentConfig,
     key: SecretKey,
-    clock: writer::Clock,
+    clock: larder_runtime::Clock,
 ) -> Result<AgentHandle, StartError> {
     let tls = config
         .mqtt
         .tls_ca_file
         .as_deref()
-        .map(tls::client_config)
+        .map(larder_runtime::tls::client_config)
         .transpose()
         .map_err(StartError::Tls)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
@@ -385,7 +369,7 @@ pub async fn start_with_clock(
         let stop = async move {
             let _ = http_shutdown.wait_for(|s| *s).await;
         };
-        crate::http_server::serve(listener, app, limits, stop).await;
+        larder_runtime::http::serve(listener, app, limits, stop).await;
     });
     let ctx = sync::SyncContext {
         device: config.device_id.clone(),

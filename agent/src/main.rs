@@ -1,5 +1,5 @@
-//! The `larder-agent` binary; everything lives in the library's `cli` module.
+//! The `larder-agent` binary; everything lives in the library (its `cli` module).
 
 fn main() -> std::process::ExitCode {
-    larder_agent::cli::main()
+    larder_agent::main()
 }

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Labels of per-reason counters.
-pub type ReasonLabels = Vec<(&'static str, String)>;
+pub(crate) type ReasonLabels = Vec<(&'static str, String)>;
 
 /// Every metric the agent exports.
 #[derive(Debug)]

@@ -5,7 +5,6 @@
 //! goes through [`Store::commit_batch`], one transaction and one fsync (`synchronous=FULL`).
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use larder_shared::catalog::Catalog;
 use larder_shared::domain::{OrderView, UnitView};
@@ -13,19 +12,9 @@ use larder_shared::envelope::Entry;
 use larder_shared::{FridgeId, OrderId};
 use rusqlite::{Connection, OptionalExtension, params};
 
-pub mod projection;
-
-pub use projection::SkuStock;
-
-/// Store errors: the disk or the database file said no.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-}
+pub(crate) use larder_runtime::projection::{self, SkuStock};
+pub use larder_runtime::sqlite::StoreError;
+use larder_runtime::sqlite::{Readers, checkpoint_connection, open_connection, run_checkpointer};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,7 +67,7 @@ fn archive_once(conn: &Connection) -> Result<(), StoreError> {
 }
 
 /// The archive's file for a database at `db`.
-pub fn archive_path(db: &Path) -> std::path::PathBuf {
+pub(crate) fn archive_path(db: &Path) -> std::path::PathBuf {
     db.with_file_name("archive.db")
 }
 
@@ -107,42 +96,29 @@ pub(crate) const META_OUTBOX_FLOOR: &str = "outbox_floor";
 
 /// The page cache of each of the agent's read connections, in KiB: a fridge's stock and order
 /// reads touch few pages, and a board has little memory.
-pub const READ_CACHE_KIB: u32 = 512;
+pub(crate) const READ_CACHE_KIB: u32 = 512;
 
 /// The page cache of the agent's writer connection, in KiB (SQLite's default is 2 MiB). A sale
 /// touches the right-hand edges of a few B-trees and one unit's rows, which 128 pages hold;
 /// other pages are read from the kernel's page cache, which the board can reclaim, rather than
 /// kept in the agent's own memory (docs/BENCHMARKS.md, "Resident memory").
-pub const WRITER_CACHE_KIB: u32 = 512;
+pub(crate) const WRITER_CACHE_KIB: u32 = 512;
 
 /// The page cache for the attached archive on each connection, in KiB: it is written by the
 /// daily compaction and read by history queries, and would otherwise keep SQLite's default
 /// 2 MiB per connection once those have run.
-pub const ARCHIVE_CACHE_KIB: u32 = 256;
-
-/// How often the checkpointer moves the WAL into the database file.
-pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
-
-/// Opens a connection in WAL mode with `synchronous=FULL` (the agent's and the hub's stores).
-pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    Ok(conn)
-}
+pub(crate) const ARCHIVE_CACHE_KIB: u32 = 256;
 
 /// What the writer loads on start.
 #[derive(Debug, Default)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub snapshot: Option<Vec<u8>>,
     pub changes: Vec<Vec<u8>>,
 }
 
 /// A change row: local ones carry their outbox position and audit-chain link.
 #[derive(Debug, Clone)]
-pub struct ChangeRow {
+pub(crate) struct ChangeRow {
     pub fridge: FridgeId,
     pub epoch: u32,
     pub outbox_seq: Option<u64>,
@@ -153,7 +129,7 @@ pub struct ChangeRow {
 
 /// A ledger moved onto a new epoch: its rows and projections are replaced.
 #[derive(Debug, Clone)]
-pub struct RebaseWrite {
+pub(crate) struct RebaseWrite {
     pub fridge: FridgeId,
     pub epoch: u32,
     /// The new epoch's base document, the ledger's new snapshot.
@@ -163,7 +139,7 @@ pub struct RebaseWrite {
 
 /// A local row of the outbox, as a rebase re-links it.
 #[derive(Debug, Clone)]
-pub struct OutboxRow {
+pub(crate) struct OutboxRow {
     pub seq: u64,
     pub fridge: FridgeId,
     pub epoch: u32,
@@ -172,7 +148,7 @@ pub struct OutboxRow {
 
 /// One transaction's worth of writes.
 #[derive(Debug, Default)]
-pub struct WriteBatch {
+pub(crate) struct WriteBatch {
     /// Ledgers moved onto a new epoch; written before everything else of the batch.
     pub rebases: Vec<RebaseWrite>,
     /// New audit-chain links of outbox rows `(seq, prev, hash)` after a rebase.
@@ -189,7 +165,7 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.changes.is_empty()
             && self.rebases.is_empty()
             && self.units.is_empty()
@@ -202,12 +178,12 @@ impl WriteBatch {
 
 /// The writer's connection.
 #[derive(Debug)]
-pub struct Store {
+pub(crate) struct Store {
     conn: Connection,
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(projection::SCHEMA)?;
@@ -220,14 +196,14 @@ impl Store {
         Ok(Self { conn })
     }
 
-    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()?)
     }
 
-    pub fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+    pub(crate) fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
         match self.meta(key)? {
             None => Ok(0),
             Some(v) => v
@@ -238,7 +214,7 @@ impl Store {
 
     /// The last outbox position handed out: the newest local change still stored, or the
     /// hub's acknowledgement if every local change was acknowledged and compacted away.
-    pub fn outbox_head(&self) -> Result<u64, StoreError> {
+    pub(crate) fn outbox_head(&self) -> Result<u64, StoreError> {
         let max: Option<i64> =
             self.conn
                 .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| {
@@ -249,7 +225,7 @@ impl Store {
             .max(self.meta_u64(META_OUTBOX_FLOOR)?))
     }
 
-    pub fn catalog(&self) -> Result<Catalog, StoreError> {
+    pub(crate) fn catalog(&self) -> Result<Catalog, StoreError> {
         match self.meta(META_CATALOG)? {
             None => Ok(Catalog::default()),
             Some(json) => serde_json::from_str(&json)
@@ -257,7 +233,7 @@ impl Store {
         }
     }
 
-    pub fn load_ledger(&self, fridge: &FridgeId) -> Result<Loaded, StoreError> {
+    pub(crate) fn load_ledger(&self, fridge: &FridgeId) -> Result<Loaded, StoreError> {
         let snapshot = self
             .conn
             .query_row(
@@ -276,7 +252,7 @@ impl Store {
     }
 
     /// The stored outcome for an idempotency key: `(request_sha256, outcome)`.
-    pub fn idempotency(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
+    pub(crate) fn idempotency(&self, key: &str) -> Result<Option<(String, String)>, StoreError> {
         Ok(self
             .conn
             .query_row(
@@ -295,7 +271,11 @@ impl Store {
     /// not archived (lost) after a power cut. Archived first, a cut between the two commits
     /// leaves the records in both places until the rebase is redone, which archives nothing
     /// twice ([`archive_once`]).
-    pub fn commit_batch(&mut self, batch: &WriteBatch, now_ms: i64) -> Result<(), StoreError> {
+    pub(crate) fn commit_batch(
+        &mut self,
+        batch: &WriteBatch,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         if batch.rebases.iter().any(|r| !r.archived.is_empty()) {
             let tx = self.conn.transaction()?;
             {
@@ -380,7 +360,10 @@ impl Store {
 
     /// The audit-chain link `(seq, hash)` of the newest local change at or before `seq`,
     /// whether its row is still stored or was compacted away (then recorded in meta).
-    pub fn chain_at_or_before(&self, seq: u64) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    pub(crate) fn chain_at_or_before(
+        &self,
+        seq: u64,
+    ) -> Result<Option<(u64, [u8; 32])>, StoreError> {
         let row: Option<(i64, Option<Vec<u8>>)> = self
             .conn
             .query_row(
@@ -399,12 +382,12 @@ impl Store {
     }
 
     /// The audit-chain hash of the newest local change.
-    pub fn chain_head(&self) -> Result<Option<[u8; 32]>, StoreError> {
+    pub(crate) fn chain_head(&self) -> Result<Option<[u8; 32]>, StoreError> {
         Ok(self.chain_at_or_before(u64::MAX)?.map(|(_, h)| h))
     }
 
     /// The link of the newest compacted-away local change, as recorded when it was removed.
-    pub fn chain_acked(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    pub(crate) fn chain_acked(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
         Ok(self.meta(META_CHAIN_ACKED)?.and_then(|v| {
             let (seq, hash) = v.split_once(':')?;
             Some((seq.parse().ok()?, hex::decode(hash).ok()?.try_into().ok()?))
@@ -412,7 +395,7 @@ impl Store {
     }
 
     /// Local changes of a ledger after `seq`, in order (what a rebase carries over).
-    pub fn local_changes_after(
+    pub(crate) fn local_changes_after(
         &self,
         fridge: &FridgeId,
         seq: u64,
@@ -426,7 +409,7 @@ impl Store {
     }
 
     /// Every local change after `seq` (the outbox beyond the hub's acknowledgement), in order.
-    pub fn outbox_rows_after(&self, seq: u64) -> Result<Vec<OutboxRow>, StoreError> {
+    pub(crate) fn outbox_rows_after(&self, seq: u64) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT outbox_seq, fridge, epoch, bytes FROM ledger_changes WHERE outbox_seq > ?1
              ORDER BY outbox_seq",
@@ -454,7 +437,7 @@ impl Store {
     }
 
     /// Deletes idempotency records created before `before_ms`.
-    pub fn prune_idempotency(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+    pub(crate) fn prune_idempotency(&mut self, before_ms: i64) -> Result<usize, StoreError> {
         Ok(self.conn.execute(
             "DELETE FROM idempotency WHERE created_at_ms < ?1",
             [before_ms],
@@ -462,7 +445,7 @@ impl Store {
     }
 
     /// Deletes archived records older than `before_ms` (the retention setting).
-    pub fn prune_archive(&mut self, before_ms: i64) -> Result<usize, StoreError> {
+    pub(crate) fn prune_archive(&mut self, before_ms: i64) -> Result<usize, StoreError> {
         Ok(self
             .conn
             .execute("DELETE FROM archive WHERE archived_at_ms < ?1", [before_ms])?)
@@ -470,7 +453,7 @@ impl Store {
 
     /// Replaces a ledger's change log by a snapshot of the whole document, keeping the local
     /// changes the hub has not acknowledged (the outbox).
-    pub fn compact_ledger(
+    pub(crate) fn compact_ledger(
         &mut self,
         fridge: &FridgeId,
         snapshot: &[u8],
@@ -500,32 +483,32 @@ impl Store {
 }
 
 /// The meta text of an audit-chain link.
-pub fn chain_link_text((seq, hash): (u64, [u8; 32])) -> String {
+pub(crate) fn chain_link_text((seq, hash): (u64, [u8; 32])) -> String {
     format!("{seq}:{}", hex::encode(hash))
 }
 
 /// Watches free space on the database's filesystem against the configured reserve.
 #[derive(Debug, Clone)]
-pub struct DiskGuard {
+pub(crate) struct DiskGuard {
     dir: std::path::PathBuf,
     reserve_bytes: u64,
 }
 
 impl DiskGuard {
-    pub fn new(dir: &Path, reserve_bytes: u64) -> Self {
+    pub(crate) fn new(dir: &Path, reserve_bytes: u64) -> Self {
         Self {
             dir: dir.to_path_buf(),
             reserve_bytes,
         }
     }
 
-    pub fn reserve_bytes(&self) -> u64 {
+    pub(crate) fn reserve_bytes(&self) -> u64 {
         self.reserve_bytes
     }
 
     /// Bytes an unprivileged writer may still use there, or `None` if the filesystem cannot
     /// tell (then writes are not held back; SQLite's own disk-full error still refuses them).
-    pub fn free_bytes(&self) -> Option<u64> {
+    pub(crate) fn free_bytes(&self) -> Option<u64> {
         rustix::fs::statvfs(&self.dir)
             .ok()
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
@@ -533,78 +516,26 @@ impl DiskGuard {
 }
 
 /// Whether a store error means the disk is full.
-pub fn is_disk_full(e: &StoreError) -> bool {
+pub(crate) fn is_disk_full(e: &StoreError) -> bool {
     matches!(e, StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull))
 }
 
 /// Read-only connections for the HTTP API and the sync task.
 #[derive(Debug)]
-pub struct ReadPool {
+pub(crate) struct ReadPool {
     readers: Readers,
-}
-
-/// A few read-only WAL connections, the first idle one used (the agent's and the hub's read
-/// side).
-#[derive(Debug)]
-pub struct Readers {
-    conns: Vec<Mutex<Connection>>,
-    next: std::sync::atomic::AtomicUsize,
-}
-
-impl Readers {
-    /// `size` read-only connections; each with a page cache of `cache_kib` KiB if given
-    /// (SQLite's default is 2 MiB per connection).
-    pub fn open(path: &Path, size: usize, cache_kib: Option<u32>) -> Result<Self, StoreError> {
-        let mut conns = Vec::with_capacity(size.max(1));
-        for _ in 0..size.max(1) {
-            let conn = open_connection(path)?;
-            conn.pragma_update(None, "query_only", "ON")?;
-            if let Some(kib) = cache_kib {
-                conn.pragma_update(None, "cache_size", -i64::from(kib))?;
-            }
-            conns.push(Mutex::new(conn));
-        }
-        Ok(Self {
-            conns,
-            next: std::sync::atomic::AtomicUsize::new(0),
-        })
-    }
-
-    /// Runs `f` on the first idle connection, or waits for the next one in turn when all are
-    /// busy. Preferring the first keeps one page cache warm when reads come one at a time,
-    /// instead of the same pages cached by every connection.
-    pub fn with<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
-    ) -> Result<T, StoreError> {
-        // A connection poisoned by a panic is passed over here, as a busy one is.
-        for conn in &self.conns {
-            if let Ok(conn) = conn.try_lock() {
-                return Ok(f(&conn)?);
-            }
-        }
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
-        let conn = self.conns[i]
-            .lock()
-            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
-        Ok(f(&conn)?)
-    }
 }
 
 impl ReadPool {
     /// Opens after [`Store::open`], which creates the archive file.
-    pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
-        let readers = Readers::open(path, size, Some(READ_CACHE_KIB))?;
-        for conn in &readers.conns {
-            let conn = conn
-                .lock()
-                .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
+    pub(crate) fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
+        let readers = Readers::open_with(path, size, Some(READ_CACHE_KIB), |conn| {
             conn.execute(
                 "ATTACH DATABASE ?1 AS arc",
                 [archive_path(path).to_string_lossy().as_ref()],
             )?;
-            conn.pragma_update(Some("arc"), "cache_size", -i64::from(ARCHIVE_CACHE_KIB))?;
-        }
+            conn.pragma_update(Some("arc"), "cache_size", -i64::from(ARCHIVE_CACHE_KIB))
+        })?;
         Ok(Self { readers })
     }
 
@@ -616,7 +547,7 @@ impl ReadPool {
     }
 
     /// Outbox entries after `after`, at most `limit`, in order, each with its audit-chain hash.
-    pub fn outbox_after(
+    pub(crate) fn outbox_after(
         &self,
         after: u64,
         limit: u64,
@@ -662,7 +593,7 @@ impl ReadPool {
         })
     }
 
-    pub fn stock(
+    pub(crate) fn stock(
         &self,
         fridge: &FridgeId,
         now_ms: i64,
@@ -670,7 +601,7 @@ impl ReadPool {
         self.with(|c| projection::stock(c, fridge, now_ms))
     }
 
-    pub fn order(&self, order: &OrderId) -> Result<Option<OrderView>, StoreError> {
+    pub(crate) fn order(&self, order: &OrderId) -> Result<Option<OrderView>, StoreError> {
         self.with(|c| {
             let json: Option<String> = c
                 .query_row(
@@ -699,7 +630,11 @@ impl ReadPool {
         })
     }
 
-    pub fn orders(&self, status: Option<&str>, limit: u32) -> Result<Vec<OrderView>, StoreError> {
+    pub(crate) fn orders(
+        &self,
+        status: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
         self.with(|c| projection::orders(c, None, status, limit))
     }
 }
@@ -707,7 +642,7 @@ impl ReadPool {
 /// Moves the WAL into the database file every [`CHECKPOINT_INTERVAL_MS`] on its own thread and
 /// connection, so that checkpoints never run inside the writer's commits. Stops when the sender
 /// of `stop` is dropped.
-pub fn spawn_checkpointer(
+pub(crate) fn spawn_checkpointer(
     path: &Path,
     stop: std::sync::mpsc::Receiver<()>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
@@ -715,37 +650,6 @@ pub fn spawn_checkpointer(
     // A checkpoint on this connection covers the archive's file too.
     attach_archive(&conn, path)?;
     run_checkpointer(conn, "checkpointer".into(), stop)
-}
-
-/// A connection for [`run_checkpointer`]: checkpoints copy pages through and need no cache to
-/// speak of.
-pub fn checkpoint_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = open_connection(path)?;
-    conn.pragma_update(None, "cache_size", -256)?;
-    Ok(conn)
-}
-
-/// Runs a passive WAL checkpoint on `conn` every [`CHECKPOINT_INTERVAL_MS`], on a thread named
-/// `name`, and a last one when the sender of `stop` is dropped (the agent's store and each of the
-/// hub's region stores, whose writers set `wal_autocheckpoint` to 0).
-pub fn run_checkpointer(
-    conn: Connection,
-    name: String,
-    stop: std::sync::mpsc::Receiver<()>,
-) -> Result<std::thread::JoinHandle<()>, StoreError> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval)
-            {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-                }
-            }
-            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-        })
-        .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpointer: {e}")))
 }
 
 #[cfg(test)]

@@ -28,7 +28,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::{MqttConfig, SyncConfig};
 use crate::metrics::Shared;
 use crate::store::ReadPool;
-use crate::writer::{Command, now_ms};
+use larder_runtime::mqtt::{Request, queue_requests};
+
+use crate::writer::Command;
 
 /// Envelope sequence numbers reserved per persisted block.
 const ENV_SEQ_BLOCK: u64 = 1_000;
@@ -37,7 +39,7 @@ const EVENT_QUEUE_MAX: usize = 256;
 
 /// Everything the sync task needs.
 #[derive(Debug)]
-pub struct SyncContext {
+pub(crate) struct SyncContext {
     pub device: DeviceId,
     pub region: RegionId,
     pub key: SecretKey,
@@ -58,7 +60,7 @@ pub struct SyncContext {
     pub network: watch::Receiver<bool>,
     pub env_seq_reserved: u64,
     /// The trusted clock, which takes the hub's time beacons.
-    pub clock: crate::writer::Clock,
+    pub clock: larder_runtime::Clock,
 }
 
 enum LinkEvent {
@@ -96,15 +98,8 @@ struct Sync {
     pending_box: Option<BoxKey>,
 }
 
-fn split_host_port(addr: &str) -> (String, u16) {
-    match addr.rsplit_once(':') {
-        Some((host, port)) => (host.to_owned(), port.parse().unwrap_or(1883)),
-        None => (addr.to_owned(), 1883),
-    }
-}
-
 /// A reconnect delay: exponential in `attempt`, capped, with up to 50 % jitter.
-pub fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u64 {
+pub(crate) fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u64 {
     let base = min_ms.saturating_mul(1u64 << attempt.min(16)).min(max_ms);
     let jitter = if base == 0 {
         0
@@ -114,68 +109,8 @@ pub fn backoff_ms(min_ms: u64, max_ms: u64, attempt: u32, jitter_seed: u64) -> u
     (base / 2 + jitter).max(min_ms.min(max_ms))
 }
 
-/// A request for the broker that must not be dropped (unlike a publish the sender resends).
-#[derive(Debug, Clone)]
-pub enum Request {
-    /// Subscribe to a filter at QoS 1.
-    Subscribe(String),
-    /// Publish at QoS 1.
-    Publish {
-        topic: String,
-        retain: bool,
-        payload: Vec<u8>,
-    },
-}
-
-/// Queues `requests` on `client`, in order, without waiting for room in its request queue.
-///
-/// A task that awaits room there while also being the one that takes the event loop's events
-/// can deadlock: the event loop waits for its events to be taken before it takes requests, so
-/// neither moves. What fits is queued now; the rest waits in a task of its own, still in order.
-pub fn queue_requests(client: &AsyncClient, requests: Vec<Request>) {
-    let mut requests = requests.into_iter();
-    for request in requests.by_ref() {
-        let queued = match &request {
-            Request::Subscribe(filter) => client.try_subscribe(filter.as_str(), QoS::AtLeastOnce),
-            Request::Publish {
-                topic,
-                retain,
-                payload,
-            } => client.try_publish(topic.as_str(), QoS::AtLeastOnce, *retain, payload.clone()),
-        };
-        if queued.is_err() {
-            let rest: Vec<Request> = std::iter::once(request).chain(requests).collect();
-            let client = client.clone();
-            tokio::spawn(async move {
-                for request in rest {
-                    let sent = match request {
-                        Request::Subscribe(filter) => {
-                            client.subscribe(filter, QoS::AtLeastOnce).await
-                        }
-                        Request::Publish {
-                            topic,
-                            retain,
-                            payload,
-                        } => {
-                            client
-                                .publish(topic, QoS::AtLeastOnce, retain, payload)
-                                .await
-                        }
-                    };
-                    if let Err(e) = sent {
-                        // The event loop is gone: the next connection queues these again.
-                        debug!(error = %e, "request not queued");
-                        return;
-                    }
-                }
-            });
-            return;
-        }
-    }
-}
-
 /// Runs the sync task until `shutdown` turns true.
-pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
     let up_acked = ctx.shared.up_acked.load(Ordering::Relaxed);
     let limits = SenderLimits {
         batch_entries_max: ctx.sync.batch_entries_max,
@@ -226,6 +161,7 @@ pub async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
 /// broker password is configured), the session it opens, and the will the broker publishes
 /// for it: the device's signed `offline` of that session.
 fn credentials(
+    at_ms: i64,
     key: &SecretKey,
     region: &RegionId,
     device: &DeviceId,
@@ -234,10 +170,7 @@ fn credentials(
 ) -> (String, Session, LastWill) {
     let mut nonce = [0u8; 16];
     let _ = getrandom::fill(&mut nonce);
-    let session = Session {
-        at_ms: now_ms(),
-        nonce,
-    };
+    let session = Session { at_ms, nonce };
     let password = password
         .cloned()
         .unwrap_or_else(|| connect_token(key, device, session.at_ms, session.nonce));
@@ -256,7 +189,7 @@ fn credentials(
 
 impl Sync {
     fn options(&self) -> (MqttOptions, Session) {
-        let (host, port) = split_host_port(&self.ctx.mqtt.broker);
+        let (host, port) = larder_runtime::mqtt::host_port(&self.ctx.mqtt.broker);
         let mut o = MqttOptions::new(self.ctx.device.as_str(), host, port);
         o.set_keep_alive(Duration::from_secs(self.ctx.mqtt.keepalive_seconds));
         if let Some(tls) = &self.ctx.tls {
@@ -266,6 +199,7 @@ impl Sync {
         }
         o.set_clean_session(false);
         let (password, session, will) = credentials(
+            self.ctx.clock.network_ms(),
             &self.key_tx.borrow(),
             &self.ctx.region,
             &self.ctx.device,
@@ -291,6 +225,7 @@ impl Sync {
         let (key, device) = (self.key_tx.subscribe(), self.ctx.device.clone());
         let password = self.ctx.mqtt.password.clone();
         let (region, presence_topic) = (self.ctx.region.clone(), self.presence_topic.clone());
+        let clock = self.ctx.clock.clone();
         let poller = tokio::spawn(async move {
             let mut attempt = 0u32;
             loop {
@@ -314,6 +249,7 @@ impl Sync {
                         // A connect token is accepted once: every attempt carries a fresh one,
                         // and a session of its own with its own signed will.
                         let (fresh, next, will) = credentials(
+                            clock.network_ms(),
                             &key.borrow(),
                             &region,
                             &device,
@@ -346,7 +282,7 @@ impl Sync {
                 },
                 r = self.ctx.outbox_head.changed() => if r.is_err() { break SessionEnd::Shutdown },
                 _ = tick.tick() => {
-                    let now = now_ms();
+                    let now = self.ctx.clock.network_ms();
                     self.sender.tick(now);
                     if self.sender.is_connected()
                         && now - self.rotation_announced_ms >= self.ctx.sync.retransmit_after_ms as i64
@@ -413,7 +349,7 @@ impl Sync {
                 },
             ],
         );
-        self.sender.on_connected(now_ms());
+        self.sender.on_connected(self.ctx.clock.network_ms());
         self.announce_rotation(client).await;
     }
 
@@ -430,7 +366,7 @@ impl Sync {
             next,
         );
         let new_key = rotation.new_key;
-        self.rotation_announced_ms = now_ms();
+        self.rotation_announced_ms = self.ctx.clock.network_ms();
         if let Some(bytes) = self.seal(Body::KeyRotation(rotation)).await
             && client
                 .try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes)
@@ -514,7 +450,7 @@ impl Sync {
                 sender: Party::Device(self.ctx.device.clone()),
                 recipient: Party::Hub,
                 seq,
-                sent_at_ms: now_ms(),
+                sent_at_ms: self.ctx.clock.network_ms(),
             },
             body,
         };
@@ -642,7 +578,7 @@ impl Sync {
                         self.ctx
                             .shared
                             .last_sync_at_ms
-                            .store(now_ms(), Ordering::Relaxed);
+                            .store(self.ctx.clock.network_ms(), Ordering::Relaxed);
                         if let Some(bytes) = self.seal(Body::Ack(ack)).await {
                             let _ =
                                 client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes);
@@ -667,8 +603,8 @@ impl Sync {
         self.ctx
             .shared
             .last_sync_at_ms
-            .store(now_ms(), Ordering::Relaxed);
-        if let Some(up_to) = self.sender.on_ack(ack, now_ms()) {
+            .store(self.ctx.clock.network_ms(), Ordering::Relaxed);
+        if let Some(up_to) = self.sender.on_ack(ack, self.ctx.clock.network_ms()) {
             let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
         }
     }

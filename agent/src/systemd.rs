@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 use crate::AgentHandle;
 
 /// Tells systemd the agent is serving (`READY=1`), with a status line.
-pub fn notify_ready(http: std::net::SocketAddr) {
+pub(crate) fn notify_ready(http: std::net::SocketAddr) {
     let status = format!("serving on http://{http}");
     if let Err(e) = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
@@ -20,18 +20,18 @@ pub fn notify_ready(http: std::net::SocketAddr) {
 }
 
 /// Tells systemd the agent is stopping.
-pub fn notify_stopping() {
+pub(crate) fn notify_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// The watchdog interval systemd asked for, if any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
 /// Feeds the watchdog at half its interval, but only while the writer answers within a quarter
 /// of it: a stuck writer stops the pings and systemd restarts the agent (`Restart=always`).
-pub async fn feed_watchdog(agent: &AgentHandle, interval: Duration) {
+pub(crate) async fn feed_watchdog(agent: &AgentHandle, interval: Duration) {
     let period = interval / 2;
     loop {
         if agent.writer_alive(interval / 4).await {

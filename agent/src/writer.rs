@@ -23,21 +23,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
+use larder_runtime::Clock;
+
 use crate::config::{StoreConfig, WriterConfig};
 use crate::metrics::Shared;
 use crate::store::{self, ChangeRow, DiskGuard, RebaseWrite, Store, StoreError, WriteBatch};
 
-/// An idempotency key with the hash of the request it came with.
-#[derive(Debug, Clone)]
-pub struct Idem {
-    pub key: String,
-    pub request_sha256: String,
-}
+pub(crate) use larder_runtime::http::Idem;
 
 /// What a successful POST did; stored with its idempotency key and replayed on retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Refilled {
         fridge_id: FridgeId,
         units: usize,
@@ -70,7 +67,7 @@ pub enum Outcome {
 
 /// How one unit taken in a door session was matched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UnitMatch {
+pub(crate) struct UnitMatch {
     pub unit_id: UnitId,
     #[serde(flatten)]
     pub matched: TakenMatch,
@@ -113,7 +110,7 @@ type Reply = oneshot::Sender<Result<Outcome, CommandError>>;
 
 /// What a local command asks for.
 #[derive(Debug)]
-pub enum Action {
+pub(crate) enum Action {
     Refill(Refill),
     Sale {
         lines: Vec<SaleLine>,
@@ -141,7 +138,7 @@ pub enum Action {
 
 /// A request to the writer.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// A local action from the HTTP API.
     Local {
         fridge: FridgeId,
@@ -189,7 +186,7 @@ pub enum Command {
 
 /// An offline card payment waiting to be captured.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingCapture {
+pub(crate) struct PendingCapture {
     pub fridge: FridgeId,
     pub order: OrderId,
     pub amount_minor: i64,
@@ -198,7 +195,7 @@ pub struct PendingCapture {
 
 /// A conflict as the agent lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ConflictEntry {
+pub(crate) struct ConflictEntry {
     #[serde(flatten)]
     pub view: larder_shared::domain::ConflictView,
     /// False for a conflict this replica sees that the hub has not recorded yet.
@@ -259,7 +256,7 @@ fn own_order_id(ledger: &Ledger, device: &DeviceId, n: u64) -> Result<OrderId, C
 
 /// The writer's state. Lives on its own thread.
 #[derive(Debug)]
-pub struct Writer {
+pub(crate) struct Writer {
     store: Store,
     device: DeviceId,
     role: Role,
@@ -296,85 +293,9 @@ enum Refusal {
     Disk { free_bytes: u64 },
 }
 
-/// The time the writer stamps records with and checks expiry against: the system clock, or
-/// for simulations and benchmarks, the system clock moved by an adjustable offset (a simulated
-/// year runs in minutes). The network side (tokens, retransmits) always uses the system clock.
-///
-/// Either way the time is trusted time ([`larder_shared::time`]): the later of that clock and
-/// the hub's last signed time beacon plus the monotonic time since it arrived.
-#[derive(Debug, Clone, Default)]
-pub struct Clock {
-    offset_ms: Option<Arc<std::sync::atomic::AtomicI64>>,
-    /// The last beacon: the hub's time and when (monotonic) it arrived.
-    beacon: Arc<std::sync::Mutex<Option<(i64, std::time::Instant)>>>,
-}
-
-impl Clock {
-    /// The system clock.
-    pub fn system() -> Self {
-        Self::default()
-    }
-
-    /// The system clock plus `offset_ms` (milliseconds), which the caller may move at any time.
-    pub fn offset(offset_ms: Arc<std::sync::atomic::AtomicI64>) -> Self {
-        Self {
-            offset_ms: Some(offset_ms),
-            beacon: Arc::default(),
-        }
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        self.trusted().now_ms
-    }
-
-    /// This device's own clock (moved by the offset, if any), before the hub's beacons: the
-    /// clock the firmware on the same board stamps its readings with.
-    pub fn wall_ms(&self) -> i64 {
-        now_ms()
-            + self
-                .offset_ms
-                .as_ref()
-                .map_or(0, |o| o.load(Ordering::Relaxed))
-    }
-
-    /// The trusted time with its source and bounds.
-    pub fn trusted(&self) -> larder_shared::time::TrustedTime {
-        let wall = self.wall_ms();
-        let beacon = self
-            .beacon
-            .lock()
-            .map(|b| b.map(|(hub_ms, at)| (hub_ms, at.elapsed().as_millis() as i64)))
-            .unwrap_or(None);
-        larder_shared::time::trusted_now(wall, beacon)
-    }
-
-    /// Takes a time beacon the hub signed (its envelope was verified). An older beacon than
-    /// the last one changes nothing.
-    pub fn observe_beacon(&self, hub_ms: i64) {
-        if let Ok(mut b) = self.beacon.lock() {
-            let newer = b.is_none_or(|(last, at)| {
-                hub_ms
-                    > last.saturating_add(at.elapsed().as_millis() as i64)
-                        - larder_shared::time::BEACON_TRANSIT_MS_MAX
-            });
-            if newer {
-                *b = Some((hub_ms, std::time::Instant::now()));
-            }
-        }
-    }
-}
-
-/// Milliseconds since the Unix epoch from the system clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Writer {
     /// Opens the store and loads every ledger this device holds.
-    pub fn open(
+    pub(crate) fn open(
         store: Store,
         agent: &crate::config::AgentConfig,
         clock: Clock,
@@ -480,7 +401,7 @@ impl Writer {
     }
 
     /// Runs until every sender of the channel is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut held: Option<Command> = None;
         while let Some(first) = held.take().or_else(|| rx.blocking_recv()) {
             let mut group = Vec::with_capacity(self.config.group_commit_max.min(64));
@@ -1493,7 +1414,7 @@ impl Writer {
 }
 
 /// Sends a command and waits for its answer; maps a full queue to `Overloaded`.
-pub async fn submit(
+pub(crate) async fn submit(
     tx: &mpsc::Sender<Command>,
     fridge: FridgeId,
     action: Action,

@@ -1,4 +1,4 @@
-//! The `larder-hub` command line: `demo`, `run`, `config check`, `device add/list/revoke` and
+//! The `larder-hub` command line: `run`, `config check`, `device add/list/revoke` and
 //! `token create`.
 
 use std::path::PathBuf;
@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use larder_shared::domain::Role;
 use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SiteId};
+
+use larder_runtime::cli::{init_logging, wait_for_signal};
 
 use crate::config::{HubConfig, TokenRole};
 use crate::store::{DeviceRecord, RegionBatch, RegionStore};
@@ -22,13 +24,11 @@ pub struct Cli {
     pub command: Cmd,
 }
 
-pub use larder_agent::cli::LogFormat;
+pub use larder_runtime::cli::LogFormat;
 
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Cmd {
-    /// A hub with its embedded broker plus a simulated fleet of fridges and POS agents.
-    Demo(crate::demo::DemoOptions),
     /// Run a hub for the regions in a config file.
     Run {
         /// The hub's TOML config (see hub/hub.example.toml).
@@ -215,29 +215,9 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Entry point of the `larder-hub` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Cmd::Demo(_)) {
-        "warn"
-    } else {
-        "info"
-    };
     // rumqttd logs every client disconnect as an error; the hub reports connections itself.
-    larder_agent::cli::init_logging(
-        cli.log_format,
-        &if matches!(cli.command, Cmd::Demo(_)) {
-            format!("{default_level},rumqttd=off")
-        } else {
-            format!("{default_level},rumqttd::server::broker=off")
-        },
-    );
+    init_logging(cli.log_format, "info,rumqttd::server::broker=off");
     match cli.command {
-        Cmd::Demo(opts) => match runtime() {
-            Ok(rt) => match rt.block_on(crate::demo::run(opts)) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => fail([format!("error: {e:#}")]),
-            },
-            Err(e) => fail([format!("error: {e}")]),
-        },
         Cmd::Run { config } => run_hub(config),
         Cmd::Config {
             command: ConfigCmd::Check { file },
@@ -366,7 +346,7 @@ fn run_hub(path: PathBuf) -> ExitCode {
             "hub http://{}  broker mqtt://{}  public key {}",
             hub.http_addr, hub.broker, hub.public_key
         );
-        larder_agent::cli::wait_for_signal().await;
+        wait_for_signal().await;
         tracing::info!("shutting down");
         hub.shutdown().await;
         ExitCode::SUCCESS
@@ -470,7 +450,7 @@ fn device(cmd: DeviceCmd) -> ExitCode {
                 site,
                 fridges,
                 public_key,
-                enrolled_at_ms: larder_agent::writer::now_ms(),
+                enrolled_at_ms: larder_runtime::Clock::system().now_ms(),
                 revoked_at_ms: None,
                 last_seen_ms: None,
             };
@@ -528,7 +508,7 @@ fn device(cmd: DeviceCmd) -> ExitCode {
                 Err(e) => return fail([e.to_string()]),
             }
             let batch = RegionBatch {
-                revoke: vec![(id.clone(), larder_agent::writer::now_ms())],
+                revoke: vec![(id.clone(), larder_runtime::Clock::system().now_ms())],
                 ..RegionBatch::default()
             };
             match store.commit(&batch) {

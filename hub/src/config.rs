@@ -9,8 +9,21 @@ use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
 use larder_shared::{DeviceId, FridgeId, RegionId, SiteId};
 use serde::{Deserialize, Serialize};
 
-mod http;
-pub use http::HttpConfig;
+/// `[http]`, with the hub's defaults.
+pub type HttpConfig = larder_runtime::http::HttpConfig<HubHttp>;
+
+/// The hub's `[http]` defaults: port 8080, room for many kitchens and apps, and live event
+/// streams.
+#[derive(Debug, Clone)]
+pub struct HubHttp;
+
+impl larder_runtime::http::HttpDefaults for HubHttp {
+    const LISTEN: std::net::SocketAddr =
+        std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+    const CONNECTIONS_MAX: u64 = 1_024;
+    const CONNECTIONS_PER_ADDRESS_MAX: u64 = 64;
+    const EVENT_STREAMS: Option<(u64, u64)> = Some((256, 8));
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -346,12 +359,13 @@ impl HubConfig {
     /// Parses a config file's text; `path` names the file in problems, and relative paths in
     /// it are taken from its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self, Vec<Problem>> {
-        let mut config: HubConfig = larder_agent::config::parse_toml(text).map_err(|problems| {
-            problems
-                .into_iter()
-                .map(|e| Problem(format!("{}: {e}", path.display())))
-                .collect::<Vec<_>>()
-        })?;
+        let mut config: HubConfig =
+            larder_runtime::config::parse_toml(text).map_err(|problems| {
+                problems
+                    .into_iter()
+                    .map(|e| Problem(format!("{}: {e}", path.display())))
+                    .collect::<Vec<_>>()
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if config.data_dir.is_relative() {
             config.data_dir = base.join(&config.data_dir);
@@ -635,7 +649,7 @@ fn tls_problems(tls: &MqttTlsConfig, mode: BrokerMode) -> Vec<Problem> {
         )),
     }
     if let Some(ca) = tls.client_ca()
-        && let Err(e) = larder_agent::tls::client_config(ca)
+        && let Err(e) = larder_runtime::tls::client_config(ca)
     {
         p.push(Problem(format!("mqtt.tls.ca_file: {e}")));
     }

@@ -24,8 +24,8 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use larder_agent::api::{ApiError, parse_body};
-pub(crate) use larder_agent::api::{ApiPath, ApiQuery};
+use larder_runtime::http::{ApiError, parse_body};
+pub(crate) use larder_runtime::http::{ApiPath, ApiQuery};
 use openapi::{AnyObject, Errors};
 
 use crate::RegionHandle;
@@ -50,7 +50,7 @@ pub struct HubState {
     /// the server's graceful shutdown open.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// The live event streams open, per token and in all.
-    pub streams: Arc<larder_agent::http_server::Places<String>>,
+    pub streams: Arc<larder_runtime::http::Places<String>>,
 }
 
 impl From<RegionError> for ApiError {
@@ -198,9 +198,9 @@ async fn count_requests(State(s): State<HubState>, req: Request, next: Next) -> 
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = larder_agent::api::method_label(req.method());
+    let method = larder_runtime::http::method_label(req.method());
     let started = std::time::Instant::now();
-    let response = larder_agent::api::count_into(&s.metrics.http_requests, req, next).await;
+    let response = larder_runtime::http::count_into(&s.metrics.http_requests, req, next).await;
     // For the event feed this is the time to its first byte, not the stream's life.
     s.metrics
         .http_seconds
@@ -313,7 +313,7 @@ async fn fridges(
         &[TokenRole::Admin, TokenRole::Kitchen],
     )?;
     let h = region(&s, &r)?.clone();
-    let now = larder_agent::writer::now_ms();
+    let now = h.clock.now_ms();
     let reads = h.reads.clone();
     let config = h.config.clone();
     let (devices, stocks) =
@@ -389,7 +389,7 @@ async fn stock(
     .map_err(internal)?;
     let summary = rx.await.map_err(internal)?;
     let reads = h.reads.clone();
-    let now = larder_agent::writer::now_ms();
+    let now = h.clock.now_ms();
     let fid = fridge.clone();
     let (skus, units) = tokio::task::spawn_blocking(move || reads.stock(&fid, now))
         .await
@@ -526,7 +526,7 @@ pub async fn enroll_device(
         site: body.site,
         fridges: body.fridges,
         public_key: body.public_key,
-        enrolled_at_ms: larder_agent::writer::now_ms(),
+        enrolled_at_ms: h.clock.now_ms(),
         revoked_at_ms: None,
         last_seen_ms: None,
     };
@@ -559,8 +559,8 @@ pub async fn compact_region(
     idem: Option<(String, String)>,
 ) -> Result<crate::region::CompactionReport, RegionError> {
     let (reply, rx) = oneshot::channel();
-    let archive_before_ms = larder_agent::writer::now_ms()
-        - i64::try_from(archive_after.as_millis()).unwrap_or(i64::MAX);
+    let archive_before_ms =
+        h.clock.now_ms() - i64::try_from(archive_after.as_millis()).unwrap_or(i64::MAX);
     h.tx.try_send(RegionCommand::Compact {
         archive_before_ms,
         idem,
@@ -592,7 +592,7 @@ async fn compaction(
         Ok(b) if b.is_empty() => (CompactionBody::default(), b),
         other => parse_body(other)?,
     };
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/compaction"),
         &bytes,
@@ -631,9 +631,12 @@ async fn enroll(
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
     let (body, bytes): (EnrollBody, _) = parse_body(body)?;
-    let idem =
-        larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/devices"), &bytes)?
-            .map(|i| (i.key, i.request_sha256));
+    let idem = larder_runtime::http::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/devices"),
+        &bytes,
+    )?
+    .map(|i| (i.key, i.request_sha256));
     match enroll_device(h, body.clone(), idem).await {
         Ok(d) => Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response()),
         Err(RegionError::DeviceExists(id)) => {

@@ -13,7 +13,6 @@ pub mod audit;
 pub mod broker_config;
 pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod events;
 pub mod http;
 pub mod import;
@@ -79,6 +78,8 @@ pub struct RegionHandle {
     /// The region's live event feed.
     pub events: events::Events,
     pub env_seq_reserved: u64,
+    /// The region's clock, the one its writer stamps records with.
+    pub clock: larder_runtime::Clock,
     /// Devices whose presence is online, as the MQTT task last heard.
     pub presence: Arc<RwLock<HashMap<DeviceId, bool>>>,
 }
@@ -129,7 +130,8 @@ pub fn load_or_create_key(path: &std::path::Path) -> Result<SecretKey, String> {
         Ok(t) => SecretKey::from_file_text(&t).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate().map_err(|e| e.to_string())?;
-            larder_agent::write_key(path, &key).map_err(|e| format!("{}: {e}", path.display()))?;
+            larder_runtime::keys::write_key(path, &key)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             info!(path = %path.display(), public_key = %key.public(), "created a new hub key");
             Ok(key)
         }
@@ -170,7 +172,7 @@ async fn run_compactions(
 /// Starts a hub: region stores and writers, the broker (if embedded), the MQTT client and the
 /// HTTP API.
 pub async fn start(config: HubConfig, key: SecretKey) -> Result<HubHandle, StartError> {
-    start_with_clock(config, key, larder_agent::writer::Clock::system()).await
+    start_with_clock(config, key, larder_runtime::Clock::system()).await
 }
 
 /// Sends every region writer a tick every `orders.tick_interval_ms`, so what time makes due
@@ -196,7 +198,7 @@ async fn run_ticks(regions: Vec<RegionHandle>, every_ms: u64, mut shutdown: watc
 pub async fn start_with_clock(
     config: HubConfig,
     key: SecretKey,
-    clock: larder_agent::writer::Clock,
+    clock: larder_runtime::Clock,
 ) -> Result<HubHandle, StartError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
@@ -242,9 +244,9 @@ pub async fn start_with_clock(
         let (tx, rx) = mpsc::channel(config.sync.queue_depth_max);
         // The checkpointer makes its last checkpoint once the writer has stopped.
         let (checkpoint_stop, checkpoint_rx) = std::sync::mpsc::channel::<()>();
-        let checkpointer = larder_agent::store::checkpoint_connection(&path)
+        let checkpointer = larder_runtime::sqlite::checkpoint_connection(&path)
             .and_then(|conn| {
-                larder_agent::store::run_checkpointer(
+                larder_runtime::sqlite::run_checkpointer(
                     conn,
                     format!("checkpoint-{}", rc.id),
                     checkpoint_rx,
@@ -286,6 +288,7 @@ pub async fn start_with_clock(
                 catalog,
                 events,
                 env_seq_reserved,
+                clock: clock.clone(),
                 presence: Arc::new(RwLock::new(HashMap::new())),
             },
         );
@@ -307,6 +310,7 @@ pub async fn start_with_clock(
             key.public(),
             regions.values().map(|r| r.reads.clone()).collect(),
             presence.clone(),
+            clock.clone(),
         ));
         mqtt::start_embedded_broker(
             addr,
@@ -336,10 +340,13 @@ pub async fn start_with_clock(
         metrics: metrics.clone(),
         archive_after: std::time::Duration::from_secs(config.compaction.archive_after_hours * 3600),
         shutdown: shutdown_rx.clone(),
-        streams: larder_agent::http_server::Places::new(
-            usize::try_from(config.http.event_streams_per_token_max).unwrap_or(usize::MAX),
-            usize::try_from(config.http.event_streams_max).unwrap_or(usize::MAX),
-        ),
+        streams: {
+            let (all, per_token) = config.http.event_streams();
+            larder_runtime::http::Places::new(
+                usize::try_from(per_token).unwrap_or(usize::MAX),
+                usize::try_from(all).unwrap_or(usize::MAX),
+            )
+        },
     };
     let app = http::router(state, config.http.request_body_bytes_max);
     let api = app.clone();
@@ -349,7 +356,7 @@ pub async fn start_with_clock(
         let stop = async move {
             let _ = http_stop.wait_for(|s| *s).await;
         };
-        larder_agent::http_server::serve(listener, app, limits, stop).await;
+        larder_runtime::http::serve(listener, app, limits, stop).await;
     });
     let ctx = mqtt::MqttContext {
         regions: regions.clone(),
@@ -358,6 +365,7 @@ pub async fn start_with_clock(
         sync: config.sync.clone(),
         metrics: metrics.clone(),
         presence,
+        clock: clock.clone(),
     };
     let compaction_task = tokio::spawn(run_compactions(
         regions.values().cloned().collect(),

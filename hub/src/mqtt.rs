@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use larder_agent::sync::{Request, queue_requests};
+use larder_runtime::mqtt::{Request, queue_requests};
 use larder_shared::envelope::{Body, BoxKey, Entry, EntryKind, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
@@ -66,6 +66,8 @@ pub struct Admission {
     nonces: std::sync::Mutex<HashMap<[u8; 16], i64>>,
     /// Where each admitted connection's session is recorded, for presence.
     presence: PresenceBook,
+    /// Judges connect tokens' ages.
+    clock: larder_runtime::Clock,
 }
 
 impl Admission {
@@ -74,6 +76,7 @@ impl Admission {
         hub_key: larder_shared::PublicKey,
         regions: Vec<Arc<crate::store::RegionReads>>,
         presence: PresenceBook,
+        clock: larder_runtime::Clock,
     ) -> Self {
         Self {
             hub_client_id,
@@ -81,6 +84,7 @@ impl Admission {
             regions,
             nonces: std::sync::Mutex::new(HashMap::new()),
             presence,
+            clock,
         }
     }
 
@@ -180,7 +184,7 @@ pub fn start_embedded_broker(
     connections.set_auth_handler(move |client_id: String, _user: String, password: String| {
         let (admission, metrics) = (admission.clone(), metrics.clone());
         async move {
-            let now = larder_agent::writer::now_ms();
+            let now = admission.clock.network_ms();
             match admission.admit(&client_id, &password, now) {
                 Ok(()) => true,
                 Err(reason) => {
@@ -281,6 +285,8 @@ pub struct MqttContext {
     pub metrics: Arc<HubMetrics>,
     /// Sessions admitted and presence taken (see [`PresenceBook`]).
     pub presence: PresenceBook,
+    /// The network side's time: tokens, retransmits, presence, beacons.
+    pub clock: larder_runtime::Clock,
 }
 
 impl std::fmt::Debug for MqttContext {
@@ -432,35 +438,29 @@ enum Scope {
     All,
 }
 
-fn split_host_port(addr: &str) -> (String, u16) {
-    match addr.rsplit_once(':') {
-        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(1883)),
-        None => (addr.to_owned(), 1883),
-    }
-}
-
 /// Runs the hub's MQTT client until `shutdown` turns true.
 pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
-    let (host, port) = split_host_port(&ctx.config.broker);
+    let (host, port) = larder_runtime::mqtt::host_port(&ctx.config.broker);
     let mut opts = MqttOptions::new(ctx.config.client_id.clone(), host, port);
     let hub_id = DeviceId::new(ctx.config.client_id.as_str()).ok();
     // The embedded broker checks a fresh connect token; an external broker knows the hub by
     // the password derived from its key (`larder-hub broker-config`).
     let external = ctx.config.mode == crate::config::BrokerMode::External;
+    let clock = ctx.clock.clone();
     let token = move |key: &SecretKey, id: &DeviceId| {
         if external {
             return larder_shared::auth::broker_password(key, id.as_str());
         }
         let mut nonce = [0u8; 16];
         let _ = getrandom::fill(&mut nonce);
-        larder_shared::auth::connect_token(key, id, larder_agent::writer::now_ms(), nonce)
+        larder_shared::auth::connect_token(key, id, clock.network_ms(), nonce)
     };
     if let Some(id) = &hub_id {
         opts.set_credentials(ctx.config.client_id.clone(), token(&ctx.key, id));
     }
     let key = ctx.key.clone();
     if let Some(ca) = ctx.config.tls.as_ref().and_then(|t| t.client_ca()) {
-        match larder_agent::tls::client_config(ca) {
+        match larder_runtime::tls::client_config(ca) {
             Ok(tls) => {
                 opts.set_transport(rumqttc::Transport::tls_with_config(
                     rumqttc::TlsConfiguration::Rustls(tls),
@@ -649,7 +649,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                 Scope::All
             }
             _ = tick.tick() => {
-                let now = larder_agent::writer::now_ms();
+                let now = link.ctx.clock.network_ms();
                 for d in link.devices.values_mut() { d.sender.tick(now); }
                 link.update_sync_gauges(now);
                 if now - link.revocations_checked_ms >= REVOCATION_CHECK_MS {
@@ -790,7 +790,7 @@ impl HubLink {
                 sender: Party::Hub,
                 recipient: to,
                 seq,
-                sent_at_ms: larder_agent::writer::now_ms(),
+                sent_at_ms: self.ctx.clock.network_ms(),
             },
             body,
         };
@@ -882,7 +882,7 @@ impl HubLink {
 
     async fn set_presence(&mut self, region: &RegionId, device: &DeviceId, online: bool) {
         let key = (region.clone(), device.clone());
-        let now = larder_agent::writer::now_ms();
+        let now = self.ctx.clock.network_ms();
         let was_online = self
             .devices
             .get(&key)
@@ -1055,7 +1055,7 @@ impl HubLink {
             UplinkOutcome::DownAcked(up_to) => {
                 if let Some(d) = self.devices.get_mut(&key) {
                     let ack = larder_shared::envelope::Ack { up_to, gap: false };
-                    d.sender.on_ack(ack, larder_agent::writer::now_ms());
+                    d.sender.on_ack(ack, self.ctx.clock.network_ms());
                     d.on_acked(d.sender.acked());
                 }
             }
@@ -1138,7 +1138,7 @@ impl HubLink {
                 }
             }
         }
-        let now = larder_agent::writer::now_ms();
+        let now = self.ctx.clock.network_ms();
         let beacon_every = (self.ctx.sync.time_beacon_interval_seconds * 1000) as i64;
         for key in keys {
             if self.jammed {

@@ -305,20 +305,8 @@ fn error_answer(status: u16, code: &str, message: impl std::fmt::Display) -> Api
 
 /// The API's answer for a ledger error (nothing was changed).
 fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
-    use larder_shared::ledger::LedgerError as L;
-    let (status, code) = match e {
-        L::InsufficientStock { .. } => (409, "insufficient_stock"),
-        L::OrderExists(_) => (409, "order_exists"),
-        L::UnknownSku(_) => (422, "unknown_sku"),
-        L::UnknownOrder(_) => (404, "unknown_order"),
-        L::UnknownConflict(_) => (404, "unknown_conflict"),
-        L::WrongStatus(_) => (409, "wrong_status"),
-        L::UnitNotAvailable { .. } => (409, "unit_not_available"),
-        L::Invalid(_) => (422, "invalid_request"),
-        L::TooLarge { .. } => (413, "too_large"),
-        _ => (500, "internal"),
-    };
-    error_answer(status, code, e)
+    let (status, code) = larder_runtime::http::ledger_error_status(e);
+    error_answer(status.as_u16(), code, e)
 }
 
 /// What the stock view shows of a ledger beyond its projection.
@@ -387,7 +375,7 @@ pub struct RegionWriter {
     compactions: Vec<AskedCompaction>,
     catalog: Catalog,
     orders: crate::config::OrdersConfig,
-    clock: larder_agent::writer::Clock,
+    clock: larder_runtime::Clock,
     provider: Box<dyn larder_shared::payments::PaymentProvider>,
     /// App orders whose capture the provider did not answer (they time out).
     unanswered: std::collections::HashSet<larder_shared::OrderId>,
@@ -738,7 +726,7 @@ impl RegionWriter {
         compaction: crate::config::CompactionConfig,
         orders: crate::config::OrdersConfig,
         calendar: crate::subscriptions::Calendar,
-        clock: larder_agent::writer::Clock,
+        clock: larder_runtime::Clock,
         metrics: Arc<HubMetrics>,
         events: crate::events::Events,
         hub_key: larder_shared::SecretKey,
@@ -756,6 +744,7 @@ impl RegionWriter {
         let (group_commit_max, snapshot_every_changes) =
             (sync.group_commit_max, sync.snapshot_every_changes);
         let (head_tx, head_rx) = watch::channel(store.head()?);
+        let store = store.with_clock(clock.clone());
         let mut w = Self {
             region,
             store,
@@ -1320,9 +1309,8 @@ impl RegionWriter {
                 .map_err(storage)?;
         }
         let keep_since = now - (self.compaction.retention_days as i64) * 86_400_000;
-        // Stored answers are stamped with the system's time when committed (`RegionStore::commit`).
-        let answers_since = larder_agent::writer::now_ms()
-            - (self.compaction.idempotency_retention_hours as i64) * 3_600_000;
+        // Stored answers are stamped with the store's clock, this writer's (`RegionStore::commit`).
+        let answers_since = now - (self.compaction.idempotency_retention_hours as i64) * 3_600_000;
         let pruned = self
             .store
             .prune(keep_since, answers_since)

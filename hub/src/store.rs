@@ -7,8 +7,9 @@
 
 use std::path::Path;
 
-use larder_agent::store::projection::{self, SkuStock};
-use larder_agent::store::{Readers, open_connection};
+use larder_runtime::Clock;
+use larder_runtime::projection::{self, SkuStock};
+use larder_runtime::sqlite::{Readers, open_connection};
 use larder_shared::domain::{OrderView, Role, UnitView};
 use larder_shared::envelope::Entry;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SiteId};
@@ -16,7 +17,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-pub use larder_agent::store::StoreError;
+pub use larder_runtime::sqlite::StoreError;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -270,6 +271,8 @@ pub struct Pruned {
 #[derive(Debug)]
 pub struct RegionStore {
     conn: Connection,
+    /// Stamps stored answers (`commit`): the region writer's clock once it holds the store.
+    clock: Clock,
 }
 
 impl RegionStore {
@@ -283,13 +286,24 @@ impl RegionStore {
         // Room for every statement of a group's commit, its projections and its reads: with
         // rusqlite's default of 16 they pushed each other out and were parsed again each time.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED);
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            clock: Clock::system(),
+        })
+    }
+
+    /// The store, stamping what it commits by `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Another connection to this store's file (the region's committer writes through one).
     pub fn open_again(&self) -> Result<Self, StoreError> {
         match self.conn.path() {
-            Some(path) if !path.is_empty() => Self::open(Path::new(path)),
+            Some(path) if !path.is_empty() => {
+                Ok(Self::open(Path::new(path))?.with_clock(self.clock.clone()))
+            }
             _ => Err(StoreError::Corrupt("the region store has no file".into())),
         }
     }
@@ -634,7 +648,7 @@ impl RegionStore {
                 "INSERT OR IGNORE INTO idempotency (key, request_sha256, status, response, created_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
-            let now = larder_agent::writer::now_ms();
+            let now = self.clock.now_ms();
             for (k, h, status, body) in &b.idempotency {
                 idem.execute(params![k, h, status, body, now])?;
             }
@@ -1041,12 +1055,12 @@ mod tests {
             idempotency: vec![("k-1".into(), "hash".into(), 201, "{}".into())],
             ..RegionBatch::default()
         };
-        let before = larder_agent::writer::now_ms();
+        let before = Clock::system().now_ms();
         store.commit(&batch).expect("commit");
         let kept = store.prune(i64::MIN, before - 1).expect("prune");
         assert_eq!(kept.answers, 0);
         assert!(store.idempotency("k-1").expect("read").is_some());
-        let later = larder_agent::writer::now_ms() + 1;
+        let later = Clock::system().now_ms() + 1;
         let pruned = store.prune(i64::MIN, later).expect("prune");
         assert_eq!(
             pruned,

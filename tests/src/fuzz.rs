@@ -50,7 +50,7 @@ fn fridge() -> FridgeId {
 }
 
 fn a_key() -> PublicKey {
-    larder_hub::demo::seeded_key(7, "fuzz-pos").public()
+    larder_demo::seeded_key(7, "fuzz-pos").public()
 }
 
 /// An envelope as it arrives on an MQTT topic: decoded strictly, then checked against a key.
@@ -63,8 +63,8 @@ pub fn envelope(data: &[u8]) {
     // The seed is signed by this key, so the fuzzer starts inside the signature: past it, the
     // hub opens the sealed body with its box key.
     static HUB_BOX: OnceLock<envelope::BoxKey> = OnceLock::new();
-    let hub_box = HUB_BOX
-        .get_or_init(|| envelope::BoxKey::new(&larder_hub::demo::seeded_key(7, "hub"), &a_key()));
+    let hub_box =
+        HUB_BOX.get_or_init(|| envelope::BoxKey::new(&larder_demo::seeded_key(7, "hub"), &a_key()));
     if let Ok(verified) = unverified.verify(data, &a_key()) {
         let _ = verified.open_sealed(&[hub_box]);
     }
@@ -300,7 +300,7 @@ pub fn hub_request(data: &[u8]) {
         return;
     };
     let hub = &world().hub;
-    let r = format!("/v1/regions/{}", larder_hub::demo::REGION);
+    let r = format!("/v1/regions/{}", larder_demo::REGION);
     let token = Some(crate::ADMIN_TOKEN);
     let (method, uri) = match route % 16 {
         0 => ("PUT", format!("{r}/catalog")),
@@ -352,8 +352,8 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
     use larder_shared::envelope::{Batch, BoxKey, Entry, Envelope, Header, Party};
     use larder_shared::ids::{RegionId, Sku, UnitId};
 
-    let device_key = larder_hub::demo::seeded_key(7, "fuzz-pos");
-    let hub_key = larder_hub::demo::seeded_key(7, "hub");
+    let device_key = larder_demo::seeded_key(7, "fuzz-pos");
+    let hub_key = larder_demo::seeded_key(7, "hub");
     let mut ledger = Ledger::new(fridge(), actor_for(&device()))?;
     let change = ledger.refill(
         &Refill {
@@ -372,7 +372,7 @@ pub fn seeds() -> anyhow::Result<Vec<(&'static str, Vec<u8>)>> {
     let body = Body::Changes(Batch::new(0, 1, vec![entry]));
     let envelope = Envelope {
         header: Header {
-            region: RegionId::new(larder_hub::demo::REGION)?,
+            region: RegionId::new(larder_demo::REGION)?,
             sender: envelope::Party::Device(device()),
             recipient: Party::Hub,
             seq: 1,

@@ -85,7 +85,7 @@ pub fn connect_token(device: &DeviceId, key: &SecretKey, attempt: u64) -> String
     let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{device}/{attempt}"));
     let mut n = [0u8; 16];
     n.copy_from_slice(&digest[..16]);
-    larder_shared::auth::connect_token(key, device, larder_agent::writer::now_ms(), n)
+    larder_shared::auth::connect_token(key, device, larder_runtime::Clock::system().now_ms(), n)
 }
 
 /// An MQTT client connected to the hub's broker as `device` (a fresh connect token).

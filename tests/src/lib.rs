@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use larder_agent::AgentHandle;
+use larder_demo::{REGION, agent_config, seeded_key};
 use larder_hub::HubHandle;
-use larder_hub::demo::{REGION, agent_config, seeded_key};
 use larder_shared::domain::Role;
 use larder_shared::{DeviceId, FridgeId, PublicKey, SecretKey};
 use serde_json::{Value, json};
@@ -57,7 +57,7 @@ pub fn http() -> reqwest::Client {
 
 /// Starts an in-process hub with the embedded broker on a free port.
 pub async fn start_hub(dir: &Path, fridges: u32) -> Result<HubHandle> {
-    larder_hub::demo::start_hub(
+    larder_demo::start_hub(
         dir,
         fridges,
         &larder_hub::http::token_sha256(ADMIN_TOKEN),
@@ -72,7 +72,7 @@ pub async fn start_hub_with(
     fridges: u32,
     tweak: impl Fn(&mut larder_hub::config::HubConfig),
 ) -> Result<HubHandle> {
-    start_hub_with_clock(dir, fridges, tweak, larder_agent::writer::Clock::system()).await
+    start_hub_with_clock(dir, fridges, tweak, larder_runtime::Clock::system()).await
 }
 
 /// [`start_hub_with`] with the clock the hub judges time by (tests move it instead of
@@ -81,12 +81,12 @@ pub async fn start_hub_with_clock(
     dir: &Path,
     fridges: u32,
     tweak: impl Fn(&mut larder_hub::config::HubConfig),
-    clock: larder_agent::writer::Clock,
+    clock: larder_runtime::Clock,
 ) -> Result<HubHandle> {
     let mut last = None;
     for _ in 0..5 {
         let port = larder_hub::mqtt::free_port()?;
-        let mut config = larder_hub::demo::hub_config(
+        let mut config = larder_demo::hub_config(
             dir,
             port,
             fridges,
@@ -174,7 +174,7 @@ pub async fn start_agent(
         role,
         fridges,
         |_| {},
-        larder_agent::writer::Clock::system(),
+        larder_runtime::Clock::system(),
     )
     .await
 }
@@ -220,7 +220,7 @@ pub async fn start_agent_with(
     role: Role,
     fridges: &[&str],
     tweak: impl Fn(&mut larder_agent::config::AgentConfig),
-    clock: larder_agent::writer::Clock,
+    clock: larder_runtime::Clock,
 ) -> Result<AgentHandle> {
     let key = seeded_key(7, device);
     enroll(
@@ -326,7 +326,7 @@ pub async fn refill(url: &str, fridge: &str, prefix: &str, sku: &str, n: usize) 
 
 /// The price of a demo sku.
 pub fn price(sku: &str) -> i64 {
-    larder_hub::demo::demo_catalog()
+    larder_demo::demo_catalog()
         .items
         .iter()
         .find(|i| i.sku.as_str() == sku)
@@ -525,7 +525,7 @@ pub fn write_hub_config(
     http_port: u16,
     fridges: u32,
 ) -> Result<PathBuf> {
-    let mut c = larder_hub::demo::hub_config(
+    let mut c = larder_demo::hub_config(
         &dir.join("data"),
         broker_port,
         fridges,
@@ -536,7 +536,7 @@ pub fn write_hub_config(
     let key = seeded_key(7, "hub");
     let key_path = dir.join("hub.key");
     if !key_path.exists() {
-        larder_agent::write_key(&key_path, &key)?;
+        larder_runtime::keys::write_key(&key_path, &key)?;
     }
     let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
     let text = format!(
@@ -561,7 +561,7 @@ pub fn write_agent_config(
     let key = seeded_key(7, device);
     let key_path = dir.join("device.key");
     if !key_path.exists() {
-        larder_agent::write_key(&key_path, &key)?;
+        larder_runtime::keys::write_key(&key_path, &key)?;
     }
     let text = format!(
         "device_id = \"{device}\"\nrole = \"{}\"\nregion = \"{REGION}\"\nfridges = {}\nhub_public_key = \"{hub_key}\"\ndata_dir = {:?}\nkey_file = {:?}\n\

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};

@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Writes a hub config owning `region` (one fridge, `fridge-{region}`) on the external broker.
 fn hub_config(dir: &Path, region: &str, broker_port: u16) -> anyhow::Result<String> {
-    let mut c = larder_hub::demo::hub_config(
+    let mut c = larder_demo::hub_config(
         &dir.join("data"),
         broker_port,
         1,
@@ -30,7 +30,7 @@ fn hub_config(dir: &Path, region: &str, broker_port: u16) -> anyhow::Result<Stri
     let http_port = larder_hub::mqtt::free_port()?;
     std::fs::create_dir_all(dir)?;
     let key_path = dir.join("hub.key");
-    larder_agent::write_key(&key_path, &larder_hub::demo::seeded_key(7, "hub"))?;
+    larder_runtime::keys::write_key(&key_path, &larder_demo::seeded_key(7, "hub"))?;
     let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
     let text = format!(
         "data_dir = {:?}\nkey_file = {key_path:?}\n\
@@ -126,7 +126,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
             (format!("fridge-{region}"), "fridge"),
             (format!("pos-{region}"), "pos"),
         ] {
-            let key = larder_hub::demo::seeded_key(7, &device);
+            let key = larder_demo::seeded_key(7, &device);
             run(
                 hub_exe,
                 &[
@@ -225,7 +225,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
     let mut agents = Vec::new();
     for region in regions {
         let device = format!("fridge-{region}");
-        let mut config = larder_hub::demo::agent_config(
+        let mut config = larder_demo::agent_config(
             &dir.path().join(&device),
             &device,
             Role::Fridge,
@@ -235,7 +235,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
         )?;
         config.region = region.parse()?;
         config.mqtt.password = Some(password(&broker_dir, &device)?);
-        let agent = larder_agent::start(config, larder_hub::demo::seeded_key(7, &device)).await?;
+        let agent = larder_agent::start(config, larder_demo::seeded_key(7, &device)).await?;
         let url = format!("http://{}", agent.http_addr);
         synced(&url, WAIT).await?;
         refill(&url, &device, &format!("{region}-u"), "lasagna", 2).await?;
@@ -372,7 +372,7 @@ async fn the_embedded_broker_refuses_stock_clients_without_a_fresh_device_token(
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_http = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "pos-1");
+    let key = larder_demo::seeded_key(7, "pos-1");
     enroll(&hub_http, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
     let (host, port) = hub.broker.rsplit_once(':').context("broker address")?;
     let base = ["-h", host, "-p", port];
@@ -380,7 +380,7 @@ async fn the_embedded_broker_refuses_stock_clients_without_a_fresh_device_token(
         larder_shared::auth::connect_token(
             k,
             &device("pos-1"),
-            larder_agent::writer::now_ms(),
+            larder_runtime::Clock::system().now_ms(),
             [nonce; 16],
         )
     };
@@ -409,7 +409,7 @@ async fn the_embedded_broker_refuses_stock_clients_without_a_fresh_device_token(
         stock_client("mosquitto_pub", &args)
     };
     // No credentials, a made-up password, a token signed by another key: refused.
-    let stranger = larder_hub::demo::seeded_key(9, "stranger");
+    let stranger = larder_demo::seeded_key(9, "stranger");
     let forged = token(&stranger, 1);
     for (what, extra) in [
         ("no credentials", vec![]),

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
+use larder_runtime::http::ApiError;
 
 /// Whether a `Host` (or an `Origin`'s host) names this device by address or as `localhost`,
 /// never by a domain name: a page that rebinds its own name to 127.0.0.1 still sends that name.

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use larder_agent::api::{ApiError, parse_body};
+use larder_runtime::http::{ApiError, parse_body};
 use larder_shared::Sku;
 use larder_shared::catalog::CatalogItem;
 use serde::Deserialize;
@@ -137,8 +137,11 @@ pub(super) async fn put_catalog(
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
     let (b, bytes): (CatalogBody, _) = parse_body(body)?;
-    let idem =
-        larder_agent::api::idempotency(&headers, &format!("PUT /v1/regions/{r}/catalog"), &bytes)?;
+    let idem = larder_runtime::http::idempotency(
+        &headers,
+        &format!("PUT /v1/regions/{r}/catalog"),
+        &bytes,
+    )?;
     submit(&h.tx, |reply| RegionCommand::PutCatalog {
         currency: b.currency,
         items: b.items,
@@ -185,7 +188,7 @@ pub(super) async fn rate(
         )
     })?;
     let (b, bytes): (RatingBody, _) = parse_body(body)?;
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/catalog/{sku}/ratings"),
         &bytes,
@@ -288,7 +291,7 @@ pub(super) async fn import_units(
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin])?;
     let h = region(&s, &r)?;
     let (b, bytes): (ImportBody, _) = parse_body(body)?;
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/imports/units"),
         &bytes,

@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jiff::civil::Date;
-use larder_agent::api::{ApiError, parse_body};
+use larder_runtime::http::{ApiError, parse_body};
 use larder_shared::domain::AppOrderLine;
 use larder_shared::{FridgeId, Sku};
 use serde::Deserialize;
@@ -33,7 +33,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 async fn submit(
     h: &RegionHandle,
     op: SubscriptionOp,
-    idem: Option<larder_agent::writer::Idem>,
+    idem: Option<larder_runtime::http::Idem>,
 ) -> Result<Response, ApiError> {
     let (reply, rx) = oneshot::channel();
     let idem = idem.map(|i| (i.key, i.request_sha256));
@@ -95,7 +95,7 @@ pub(super) async fn create_subscription(
     let h = region(&s, &r)?.clone();
     let (req, bytes): (SubscriptionBody, _) = parse_body(body)?;
     // A retry with the same Idempotency-Key answers the first answer and creates nothing.
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/subscriptions"),
         &bytes,
@@ -108,7 +108,7 @@ pub(super) async fn create_subscription(
             quantity: l.quantity,
         })
         .collect();
-    let today = jiff::Timestamp::from_millisecond(larder_agent::writer::now_ms())
+    let today = jiff::Timestamp::from_millisecond(h.clock.now_ms())
         .map_err(internal)?
         .to_zoned(jiff::tz::TimeZone::UTC)
         .date();
@@ -143,7 +143,7 @@ pub(super) async fn create_subscription(
         weekdays: req.weekdays,
         start_date: req.start_date,
         end_date: req.end_date,
-        created_at_ms: larder_agent::writer::now_ms(),
+        created_at_ms: h.clock.now_ms(),
         ended_at_ms: None,
     };
     submit(&h, SubscriptionOp::Create(Box::new(sub)), idem).await
@@ -209,9 +209,7 @@ pub(super) async fn delete_subscription(
 /// The plan's date: `?date=`, or today in the region's time zone.
 fn plan_date(h: &RegionHandle, q: &DateQuery) -> Result<(Calendar, Date), ApiError> {
     let cal = Calendar::of(&h.config).map_err(internal)?;
-    let date = q
-        .date
-        .unwrap_or_else(|| cal.date(larder_agent::writer::now_ms()));
+    let date = q.date.unwrap_or_else(|| cal.date(h.clock.now_ms()));
     Ok((cal, date))
 }
 
@@ -228,7 +226,7 @@ async fn plan(
             format!("{date} is the last date there is: no plan follows it"),
         )
     })?;
-    let now = larder_agent::writer::now_ms();
+    let now = h.clock.now_ms();
     // The counts come from the region writer's ledgers (a pass over the in-memory stock
     // indexes), the schedules from the store.
     let (reply, rx) = oneshot::channel();

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use larder_agent::api::{ApiError, parse_body};
+use larder_runtime::http::{ApiError, parse_body};
 use larder_shared::domain::{
     AppOrder, AppOrderLine, Channel, ConflictView, Resolution, ResolutionAction, Role,
 };
@@ -32,7 +32,7 @@ async fn submit(
     fridge: Option<FridgeId>,
     order: Option<OrderId>,
     action: OrderAction,
-    idem: Option<larder_agent::writer::Idem>,
+    idem: Option<larder_runtime::http::Idem>,
 ) -> Result<Response, ApiError> {
     let (reply, rx) = oneshot::channel();
     h.tx.try_send(RegionCommand::Order {
@@ -145,8 +145,11 @@ pub(super) async fn place(
         .ok()
         .filter(|f| h.config.fridges.iter().any(|c| &c.id == f))
         .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
-    let idem =
-        larder_agent::api::idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
+    let idem = larder_runtime::http::idempotency(
+        &headers,
+        &format!("POST /v1/regions/{r}/orders"),
+        &bytes,
+    )?;
     if let Some(id) = &req.order_id {
         larder_shared::limits::client_order_id(id).map_err(|e| {
             ApiError::new(
@@ -272,8 +275,8 @@ async fn order_route(
 ) -> Result<Response, ApiError> {
     authorize(s, headers, Some(&r), roles)?;
     let h = region(s, &r)?.clone();
-    let bytes = larder_agent::api::body_bytes(body)?;
-    let idem = larder_agent::api::idempotency(
+    let bytes = larder_runtime::http::body_bytes(body)?;
+    let idem = larder_runtime::http::idempotency(
         headers,
         &format!("POST /v1/regions/{r}/orders/{id}/{name}"),
         &bytes,
@@ -363,7 +366,7 @@ pub(super) async fn payment(
     authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
     let h = region(&s, &r)?.clone();
     let (req, bytes): (PaymentBody, _) = parse_body(body)?;
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/orders/{id}/payment"),
         &bytes,
@@ -477,7 +480,7 @@ pub(super) async fn resolve(
             "note is at most 1000 bytes",
         ));
     }
-    let idem = larder_agent::api::idempotency(
+    let idem = larder_runtime::http::idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/conflicts/{id}/resolve"),
         &bytes,

@@ -198,7 +198,7 @@ pub(super) fn writer(region: &RegionId, store: RegionStore, hub: &SecretKey) -> 
             tz: jiff::tz::TimeZone::UTC,
             cutoff: jiff::civil::Time::midnight(),
         },
-        larder_agent::writer::Clock::system(),
+        larder_runtime::Clock::system(),
         Arc::new(crate::metrics::HubMetrics::default()),
         crate::events::Events::default(),
         hub.clone(),

@@ -2,5 +2,5 @@
 //! and kill it as a separate process.
 
 fn main() -> std::process::ExitCode {
-    larder_agent::cli::main()
+    larder_agent::main()
 }

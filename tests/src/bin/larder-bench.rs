@@ -36,7 +36,7 @@ async fn fridge_with_stock(
         Role::Fridge,
         &["fridge-1"],
         |c| c.orders.escrow_share = 0.0,
-        larder_agent::writer::Clock::system(),
+        larder_runtime::Clock::system(),
     )
     .await?;
     let url = format!("http://{}", agent.http_addr);

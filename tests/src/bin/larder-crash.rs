@@ -137,7 +137,7 @@ async fn agent_run(seed: u64, points: usize) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "fridge-1");
+    let key = larder_demo::seeded_key(7, "fridge-1");
     enroll(
         &hub_url,
         "fridge-1",
@@ -341,7 +341,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
     // The hub runs in this process too; its files are on the same layer, never cut.
     let hub = start_hub(&tmp.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "fridge-1");
+    let key = larder_demo::seeded_key(7, "fridge-1");
     enroll(
         &hub_url,
         "fridge-1",
@@ -354,7 +354,7 @@ async fn power_cut_run(seed: u64, cuts: usize, per_burst: usize) -> Result<Strin
         let key = key.clone();
         let (public, broker) = (hub.public_key, hub.broker.clone());
         async move {
-            let mut config = larder_hub::demo::agent_config(
+            let mut config = larder_demo::agent_config(
                 std::path::Path::new(&data),
                 "fridge-1",
                 Role::Fridge,
@@ -545,7 +545,7 @@ async fn hub_holds(hub_url: &str, acked: &[(String, String)]) -> Result<Vec<(Str
         let o: Value = client
             .get(format!(
                 "{hub_url}/v1/regions/{}/orders/{order}",
-                larder_hub::demo::REGION
+                larder_demo::REGION
             ))
             .bearer_auth(ADMIN_TOKEN)
             .send()
@@ -572,7 +572,7 @@ async fn hub_orders(hub_url: &str) -> Result<Vec<(String, String)>> {
     let v: Value = http()
         .get(format!(
             "{hub_url}/v1/regions/{}/orders?limit=10000",
-            larder_hub::demo::REGION
+            larder_demo::REGION
         ))
         .bearer_auth(ADMIN_TOKEN)
         .send()
@@ -627,9 +627,9 @@ async fn hub_run(seed: u64, devices: usize, sales: usize, kills: usize) -> Resul
     let names: Vec<String> = (0..devices).map(|i| format!("fridge-{}", i + 1)).collect();
     let mut agents = Vec::with_capacity(devices);
     for name in &names {
-        let key = larder_hub::demo::seeded_key(7, name);
+        let key = larder_demo::seeded_key(7, name);
         enroll(&hub_url, name, Role::Fridge, &[name], &key.public()).await?;
-        let mut config = larder_hub::demo::agent_config(
+        let mut config = larder_demo::agent_config(
             &dir.path().join(name),
             name,
             Role::Fridge,
@@ -688,7 +688,7 @@ async fn hub_run(seed: u64, devices: usize, sales: usize, kills: usize) -> Resul
         let v: Value = http()
             .get(format!(
                 "{hub_url}/v1/regions/{}/orders?fridge_id={name}&limit=10000",
-                larder_hub::demo::REGION
+                larder_demo::REGION
             ))
             .bearer_auth(ADMIN_TOKEN)
             .send()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use larder_agent::AgentHandle;
-use larder_agent::writer::Clock;
+use larder_runtime::Clock;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::json;
@@ -300,7 +300,7 @@ async fn start_fridge(
     hub: &larder_hub::HubHandle,
     clock: &Clock,
 ) -> Result<(AgentHandle, Duration)> {
-    let mut config = larder_hub::demo::agent_config(
+    let mut config = larder_demo::agent_config(
         &dir.join("fridge-1"),
         "fridge-1",
         Role::Fridge,
@@ -313,7 +313,7 @@ async fn start_fridge(
     let started = Instant::now();
     let agent = larder_agent::start_with_clock(
         config,
-        larder_hub::demo::seeded_key(7, "fridge-1"),
+        larder_demo::seeded_key(7, "fridge-1"),
         clock.clone(),
     )
     .await?;
@@ -352,11 +352,11 @@ async fn year(days: usize, archive_after_hours: i64) -> Result<()> {
     let offset = Arc::new(AtomicI64::new(0));
     let clock = Clock::offset(offset.clone());
     for (name, role) in [("fridge-1", Role::Fridge), ("pos-1", Role::Pos)] {
-        let key = larder_hub::demo::seeded_key(7, name);
+        let key = larder_demo::seeded_key(7, name);
         enroll(&hub_url, name, role, &["fridge-1"], &key.public()).await?;
     }
     let (mut fridge, startup_day_one_empty) = start_fridge(dir.path(), &hub, &clock).await?;
-    let pos_config = larder_hub::demo::agent_config(
+    let pos_config = larder_demo::agent_config(
         &dir.path().join("pos-1"),
         "pos-1",
         Role::Pos,
@@ -366,7 +366,7 @@ async fn year(days: usize, archive_after_hours: i64) -> Result<()> {
     )?;
     let pos = larder_agent::start_with_clock(
         pos_config,
-        larder_hub::demo::seeded_key(7, "pos-1"),
+        larder_demo::seeded_key(7, "pos-1"),
         clock.clone(),
     )
     .await?;

@@ -63,7 +63,7 @@ async fn orders() -> Result<()> {
     };
     let seeded = Instant::now();
     {
-        let mut config = larder_hub::demo::hub_config(
+        let mut config = larder_demo::hub_config(
             &hub_dir,
             1883,
             ORDER_FRIDGES,
@@ -73,8 +73,8 @@ async fn orders() -> Result<()> {
         std::fs::create_dir_all(&hub_dir)?;
         let region = config.regions[0].id.clone();
         let mut store = larder_hub::store::RegionStore::open(&config.region_db(&region))?;
-        let now = larder_agent::writer::now_ms();
-        let key = larder_hub::demo::seeded_key(7, "bench").public();
+        let now = larder_runtime::Clock::system().now_ms();
+        let key = larder_demo::seeded_key(7, "bench").public();
         let mut batch = larder_hub::store::RegionBatch::default();
         for f in 1..=ORDER_FRIDGES {
             let fridge = larder_shared::FridgeId::new(format!("fridge-{f}"))?;
@@ -152,7 +152,7 @@ async fn orders() -> Result<()> {
     let base = format!(
         "http://{}/v1/regions/{}",
         hub.http_addr,
-        larder_hub::demo::REGION
+        larder_demo::REGION
     );
     let client = http();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -230,10 +230,10 @@ async fn orders() -> Result<()> {
     let mut counts = Vec::with_capacity(PLANS);
     let skus: Vec<String> = items.iter().map(|i| i.sku.to_string()).collect();
     // Tomorrow's plan: the next delivery is fixed while the kitchen asks again and again.
-    let next_delivery = larder_agent::writer::now_ms() + 86_400_000;
+    let next_delivery = larder_runtime::Clock::system().now_ms() + 86_400_000;
     for _ in 0..PLANS {
         let start = Instant::now();
-        let now = larder_agent::writer::now_ms();
+        let now = larder_runtime::Clock::system().now_ms();
         let (reply, rx) = tokio::sync::oneshot::channel();
         region
             .tx
@@ -360,12 +360,12 @@ async fn ingest() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), INGEST_FRIDGES).await?;
     let hub_http = format!("http://{}", hub.http_addr);
-    let region = RegionId::new(larder_hub::demo::REGION)?;
+    let region = RegionId::new(larder_demo::REGION)?;
     let mut devices = Vec::with_capacity(INGEST_DEVICES);
     for i in 0..INGEST_DEVICES {
         let name = format!("pos-{i:05}");
         let fridge = format!("fridge-{}", i as u32 % INGEST_FRIDGES + 1);
-        let key = larder_hub::demo::seeded_key(11, &name);
+        let key = larder_demo::seeded_key(11, &name);
         enroll(&hub_http, &name, Role::Pos, &[&fridge], &key.public()).await?;
         let id = DeviceId::new(name.as_str())?;
         let envs = larder_tests::ingest::envelopes(
@@ -389,7 +389,7 @@ async fn ingest() -> Result<()> {
         clients.push(client);
     }
     // One more device takes every raw message.
-    let sub_key = larder_hub::demo::seeded_key(11, "bench-sub");
+    let sub_key = larder_demo::seeded_key(11, "bench-sub");
     enroll(
         &hub_http,
         "bench-sub",
@@ -440,7 +440,7 @@ async fn ingest() -> Result<()> {
     let accepted = || {
         hub.metrics
             .envelopes_accepted
-            .get_or_create(&vec![("region", larder_hub::demo::REGION.to_owned())])
+            .get_or_create(&vec![("region", larder_demo::REGION.to_owned())])
             .get() as usize
     };
     let before = accepted();
@@ -466,7 +466,7 @@ async fn ingest() -> Result<()> {
     let rate = total as f64 / took.as_secs_f64();
     let rejected: u64 = ["bad_signature", "replay", "gap", "chain_broken"]
         .iter()
-        .map(|r| hub.metrics.rejected_count(larder_hub::demo::REGION, r))
+        .map(|r| hub.metrics.rejected_count(larder_demo::REGION, r))
         .sum();
     println!("envelope size: {size} bytes");
     println!(
@@ -617,11 +617,11 @@ async fn connected() -> Result<()> {
             })
             .unwrap_or(0)
     };
-    let region = RegionId::new(larder_hub::demo::REGION)?;
+    let region = RegionId::new(larder_demo::REGION)?;
     let mut keys = Vec::with_capacity(devices);
     for i in 0..devices {
         let name = format!("idle-{i:05}");
-        let key = larder_hub::demo::seeded_key(13, &name);
+        let key = larder_demo::seeded_key(13, &name);
         enroll(&hub_http, &name, Role::Pos, &["fridge-1"], &key.public()).await?;
         keys.push((DeviceId::new(name.as_str())?, key));
     }
@@ -844,7 +844,7 @@ async fn main() -> Result<()> {
             let summary = larder_hub::import::run(&larder_hub::import::Options {
                 kind: larder_hub::import::Kind::Units,
                 file: file.into(),
-                region: larder_hub::demo::REGION.into(),
+                region: larder_demo::REGION.into(),
                 hub,
                 token: ADMIN_TOKEN.into(),
                 report: None,

@@ -2,8 +2,8 @@
 //! status for malformed, invalid, too large, unknown and unauthorized requests, and nothing
 //! changed by a refused request.
 
+use larder_demo::{agent_config, hub_config, seeded_key};
 use larder_hub::config::{TokenConfig, TokenRole};
-use larder_hub::demo::{agent_config, hub_config, seeded_key};
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};

@@ -27,9 +27,9 @@ async fn audit_verify_names_every_gap_and_tampered_entry() -> anyhow::Result<()>
     let hub_exe = env!("CARGO_BIN_EXE_hub-node");
     let config = hub_toml.to_string_lossy().to_string();
     let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
-    let key = larder_hub::demo::seeded_key(7, "pos-1");
+    let key = larder_demo::seeded_key(7, "pos-1");
     enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut pos_config = larder_hub::demo::agent_config(
+    let mut pos_config = larder_demo::agent_config(
         &dir.path().join("pos"),
         "pos-1",
         Role::Pos,

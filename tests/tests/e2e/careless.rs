@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_tests::*;
 use serde_json::{Value, json};
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::{REGION, demo_catalog};
+use larder_demo::{REGION, demo_catalog};
 use larder_tests::*;
 use serde_json::{Value, json};
 

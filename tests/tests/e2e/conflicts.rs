@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};
@@ -31,7 +31,7 @@ async fn scene() -> anyhow::Result<Scene> {
         |c| {
             c.orders.tick_interval_ms = 20;
         },
-        larder_agent::writer::Clock::offset(offset.clone()),
+        larder_runtime::Clock::offset(offset.clone()),
     )
     .await?;
     let hub_http = format!("http://{}", hub.http_addr);

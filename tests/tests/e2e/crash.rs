@@ -16,7 +16,7 @@ async fn kill_9_during_a_sales_burst_loses_and_doubles_nothing() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "fridge-1");
+    let key = larder_demo::seeded_key(7, "fridge-1");
     enroll(
         &hub_url,
         "fridge-1",

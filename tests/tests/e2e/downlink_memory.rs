@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::{REGION, seeded_key};
+use larder_demo::{REGION, seeded_key};
 use larder_shared::domain::Role;
 use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
 use larder_shared::topics::{self, DeviceTopic};

@@ -129,7 +129,7 @@ async fn sales_survive_a_flapping_network_and_links_recover_within_two_keepalive
                 // Every unit may be sold at the fridge or the POS: no escrow for the hub.
                 c.orders.escrow_share = 0.0;
             },
-            larder_agent::writer::Clock::system(),
+            larder_runtime::Clock::system(),
         )
         .await?;
         proxies.push(proxy);

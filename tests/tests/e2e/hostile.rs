@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};
@@ -359,7 +359,7 @@ async fn another_device_cannot_fake_presence_or_remove_the_catalog() -> anyhow::
     let hub_http = format!("http://{}", hub.http_addr);
     let fridge = start_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
     synced(&format!("http://{}", fridge.http_addr), WAIT).await?;
-    let evil_key = larder_hub::demo::seeded_key(7, "pos-evil");
+    let evil_key = larder_demo::seeded_key(7, "pos-evil");
     enroll(
         &hub_http,
         "pos-evil",

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_shared::domain::Role;
 use larder_tests::*;
 

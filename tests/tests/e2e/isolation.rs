@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::{REGION, agent_config, seeded_key};
+use larder_demo::{REGION, agent_config, seeded_key};
 use larder_shared::DeviceId;
 use larder_shared::domain::Role;
 use larder_shared::envelope::{self, BoxKey, EnvelopeError, MAX_MESSAGE_BYTES_DEFAULT};

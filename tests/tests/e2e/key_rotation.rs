@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::{REGION, agent_config, seeded_key};
+use larder_demo::{REGION, agent_config, seeded_key};
 use larder_shared::SecretKey;
 use larder_shared::domain::Role;
 use larder_tests::*;
@@ -77,7 +77,7 @@ async fn enrolled_fridge(
         &hub.broker,
     )?;
     let key_path = config.key_path();
-    larder_agent::write_key(&key_path, &old)?;
+    larder_runtime::keys::write_key(&key_path, &old)?;
     Ok((old, config, key_path))
 }
 
@@ -142,7 +142,7 @@ async fn a_rotated_key_takes_over_and_the_old_one_still_syncs_inside_the_overlap
     );
     let refused_before = hub.metrics.rejected_count(REGION, "retired_key");
     let thief = SecretKey::from_seed([9; 32]);
-    larder_agent::write_key(&larder_agent::pending_key_path(&key_path), &thief)?;
+    larder_runtime::keys::write_key(&larder_agent::pending_key_path(&key_path), &thief)?;
     let agent = larder_agent::start(config.clone(), old.clone()).await?;
     eventually(
         WAIT,

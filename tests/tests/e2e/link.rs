@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use larder_agent::sync::{Request, queue_requests};
-use larder_hub::demo::seeded_key;
+use larder_demo::seeded_key;
+use larder_runtime::mqtt::{Request, queue_requests};
 use larder_shared::DeviceId;
 use larder_shared::domain::Role;
 use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;

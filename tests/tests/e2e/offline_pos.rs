@@ -20,8 +20,8 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
     let hub_url = hub.url.clone();
     let broker = format!("127.0.0.1:{broker_port}");
 
-    let fridge_key = larder_hub::demo::seeded_key(7, "fridge-1");
-    let pos_key = larder_hub::demo::seeded_key(7, "pos-1");
+    let fridge_key = larder_demo::seeded_key(7, "fridge-1");
+    let pos_key = larder_demo::seeded_key(7, "pos-1");
     enroll(
         &hub_url,
         "fridge-1",
@@ -38,7 +38,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
         &pos_key.public(),
     )
     .await?;
-    let mut fridge_cfg = larder_hub::demo::agent_config(
+    let mut fridge_cfg = larder_demo::agent_config(
         &dir.path().join("fridge"),
         "fridge-1",
         Role::Fridge,
@@ -46,7 +46,7 @@ async fn pos_sells_offline_and_converges_after_the_hub_restarts() -> anyhow::Res
         hub_public_key(),
         &broker,
     )?;
-    let mut pos_cfg = larder_hub::demo::agent_config(
+    let mut pos_cfg = larder_demo::agent_config(
         &dir.path().join("pos"),
         "pos-1",
         Role::Pos,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use larder_agent::writer::Clock;
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
+use larder_runtime::Clock;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};
@@ -313,7 +313,7 @@ async fn app_orders_keep_out_of_the_ids_devices_give_their_sales() -> anyhow::Re
     // be enrolled under that id (it would number around them: the agent's `own_order_id`).
     let (status, body) = scene.place("pos-2-1", 1).await?;
     assert_eq!(status, 201, "{body}");
-    let key = larder_hub::demo::seeded_key(7, "pos-2");
+    let key = larder_demo::seeded_key(7, "pos-2");
     let refused = enroll(
         &scene.hub_http,
         "pos-2",

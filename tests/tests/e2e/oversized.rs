@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_tests::*;
 use serde_json::{Value, json};
 
@@ -113,7 +113,7 @@ async fn a_refill_of_1000_long_ids_is_split_into_changes_that_sync() -> anyhow::
             role,
             &["fridge-1"],
             small,
-            larder_agent::writer::Clock::system(),
+            larder_runtime::Clock::system(),
         )
         .await?;
         agents.push(agent);

@@ -130,7 +130,7 @@ fn connect_token(key: &SecretKey, device_name: &str) -> String {
     larder_shared::auth::connect_token(
         key,
         &device(device_name),
-        larder_agent::writer::now_ms(),
+        larder_runtime::Clock::system().now_ms(),
         [7; 16],
     )
 }
@@ -161,8 +161,8 @@ async fn the_broker_admits_only_enrolled_devices_with_fresh_tokens() -> anyhow::
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let pos = larder_hub::demo::seeded_key(9, "pos-1");
-    let gone = larder_hub::demo::seeded_key(9, "gone-pos");
+    let pos = larder_demo::seeded_key(9, "pos-1");
+    let gone = larder_demo::seeded_key(9, "gone-pos");
     enroll(&hub_url, "pos-1", Role::Pos, &["fridge-1"], &pos.public()).await?;
     enroll(
         &hub_url,
@@ -177,7 +177,7 @@ async fn the_broker_admits_only_enrolled_devices_with_fresh_tokens() -> anyhow::
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await?;
-    let now = larder_agent::writer::now_ms();
+    let now = larder_runtime::Clock::system().now_ms();
     let token = |key: &SecretKey, name: &str, at: i64, nonce: u8| {
         larder_shared::auth::connect_token(key, &device(name), at, [nonce; 16])
     };
@@ -272,9 +272,9 @@ async fn hostile_envelopes_are_rejected_and_counted() -> anyhow::Result<()> {
     )
     .await?;
 
-    let evil = larder_hub::demo::seeded_key(9, "evil-pos");
-    let gone = larder_hub::demo::seeded_key(9, "gone-pos");
-    let ghost = larder_hub::demo::seeded_key(9, "ghost");
+    let evil = larder_demo::seeded_key(9, "evil-pos");
+    let gone = larder_demo::seeded_key(9, "gone-pos");
+    let ghost = larder_demo::seeded_key(9, "ghost");
     enroll(
         &hub_url,
         "evil-pos",
@@ -599,7 +599,7 @@ fn attacker_client(broker: &str, key: &SecretKey, name: &str) -> AsyncClient {
     let token = larder_shared::auth::connect_token(
         key,
         &device(name),
-        larder_agent::writer::now_ms(),
+        larder_runtime::Clock::system().now_ms(),
         nonce,
     );
     let mut opts = MqttOptions::new(name, "127.0.0.1", broker_port(broker));
@@ -626,10 +626,10 @@ fn attacker_client(broker: &str, key: &SecretKey, name: &str) -> AsyncClient {
 async fn replays_a_day_later_and_after_a_hub_restart_are_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let offset = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let clock = larder_agent::writer::Clock::offset(offset.clone());
+    let clock = larder_runtime::Clock::offset(offset.clone());
     let hub = start_hub_with_clock(&dir.path().join("hub"), 1, |_| {}, clock.clone()).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let evil = larder_hub::demo::seeded_key(9, "evil-pos");
+    let evil = larder_demo::seeded_key(9, "evil-pos");
     enroll(
         &hub_url,
         "evil-pos",

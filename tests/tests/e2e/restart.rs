@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use larder_hub::demo::{agent_config, seeded_key};
+use larder_demo::{agent_config, seeded_key};
 use larder_shared::domain::Role;
 use larder_tests::*;
 

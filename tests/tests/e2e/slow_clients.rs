@@ -100,7 +100,7 @@ async fn start_pos(
         Role::Pos,
         &["fridge-1"],
         http,
-        larder_agent::writer::Clock::system(),
+        larder_runtime::Clock::system(),
     )
     .await
 }
@@ -233,8 +233,8 @@ async fn live_event_streams_are_capped_per_token_and_in_all() -> anyhow::Result<
     const WATCHER: &str = "watcher-token";
     let dir = tempfile::tempdir()?;
     let hub = start_hub_with(dir.path(), 1, |c| {
-        c.http.event_streams_max = 3;
-        c.http.event_streams_per_token_max = 2;
+        c.http.event_streams_max = Some(3);
+        c.http.event_streams_per_token_max = Some(2);
         c.tokens.push(larder_hub::config::TokenConfig {
             sha256: larder_hub::http::token_sha256(WATCHER),
             role: larder_hub::config::TokenRole::Kitchen,
@@ -245,7 +245,7 @@ async fn live_event_streams_are_capped_per_token_and_in_all() -> anyhow::Result<
     let url = format!(
         "http://{}/v1/regions/{}/events",
         hub.http_addr,
-        larder_hub::demo::REGION
+        larder_demo::REGION
     );
     let open = |token: &'static str| {
         let url = url.clone();

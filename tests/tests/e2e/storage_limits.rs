@@ -88,7 +88,7 @@ async fn start_on(
     hub: &larder_hub::HubHandle,
     reserve: u64,
 ) -> anyhow::Result<larder_agent::AgentHandle> {
-    let mut config = larder_hub::demo::agent_config(
+    let mut config = larder_demo::agent_config(
         data_dir,
         "fridge-1",
         Role::Fridge,
@@ -97,7 +97,7 @@ async fn start_on(
         &hub.broker,
     )?;
     config.store.disk_reserve_bytes = reserve;
-    Ok(larder_agent::start(config, larder_hub::demo::seeded_key(7, "fridge-1")).await?)
+    Ok(larder_agent::start(config, larder_demo::seeded_key(7, "fridge-1")).await?)
 }
 
 fn orders_in(db: &Path) -> anyhow::Result<i64> {
@@ -113,7 +113,7 @@ async fn below_the_disk_reserve_writes_are_refused_and_resume_when_space_returns
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "fridge-1");
+    let key = larder_demo::seeded_key(7, "fridge-1");
     enroll(
         &hub_url,
         "fridge-1",
@@ -221,9 +221,9 @@ async fn at_the_outbox_cap_writes_wait_for_the_hub() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_url = format!("http://{}", hub.http_addr);
-    let key = larder_hub::demo::seeded_key(7, "pos-1");
+    let key = larder_demo::seeded_key(7, "pos-1");
     enroll(&hub_url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut config = larder_hub::demo::agent_config(
+    let mut config = larder_demo::agent_config(
         &dir.path().join("pos"),
         "pos-1",
         Role::Pos,

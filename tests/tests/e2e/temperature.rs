@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use larder_agent::writer::Clock;
+use larder_runtime::Clock;
 
-use larder_hub::demo::REGION;
+use larder_demo::REGION;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};

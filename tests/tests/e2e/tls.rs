@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use larder_demo::{agent_config, seeded_key};
 use larder_hub::config::MqttTlsConfig;
-use larder_hub::demo::{agent_config, seeded_key};
 use larder_shared::domain::Role;
 use larder_tests::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

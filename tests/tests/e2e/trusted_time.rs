@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use larder_agent::writer::Clock;
+use larder_runtime::Clock;
 use larder_shared::domain::Role;
 use larder_tests::*;
 use serde_json::{Value, json};

@@ -1,31 +1,18 @@
-//! `larder-hub demo`: a hub with its embedded broker and a simulated fleet in one process.
-//!
-//! Each fridge and POS is a real agent (own SQLite file in a temp dir, own local HTTP API, MQTT
-//! over loopback TCP). A seeded schedule refills fridges, sells at POS terminals and fridge card
-//! readers over the agents' HTTP APIs, records pickups, and cuts POS agents off the network and
-//! lets them rejoin. At the end every partition heals, and the demo checks that every replica of
-//! every ledger converged and that every sale that got a 2xx reached the hub.
+//! The demo's fleet: a seeded schedule of refills, sales, pickups and network cuts over the
+//! agents' HTTP APIs, a summary every few seconds, and the final check.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use larder_agent::AgentHandle;
-use larder_agent::config::AgentConfig;
-use larder_shared::catalog::CatalogItem;
+use larder_hub::HubHandle;
+use larder_hub::http::{EnrollBody, enroll_device};
 use larder_shared::domain::Role;
-use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SecretKey, SiteId, Sku};
+use larder_shared::{DeviceId, FridgeId, RegionId};
 use serde_json::{Value, json};
-use sha2::Digest;
 
-use crate::HubHandle;
-use crate::config::{
-    BrokerMode, CatalogConfig, FridgeConfig, HttpConfig, HubConfig, MqttConfig, RegionConfig,
-    SyncConfig, TokenConfig, TokenRole,
-};
-use crate::http::{EnrollBody, enroll_device};
+use crate::{REGION, agent_config, demo_catalog, seeded_key, start_hub};
 
 /// Options of `larder-hub demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,136 +29,6 @@ pub struct DemoOptions {
     /// Seed of the schedule (and of the device keys).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-}
-
-/// The demo region's id.
-pub const REGION: &str = "demo";
-
-/// A key derived from a seed and a name, so a demo run is repeatable.
-pub fn seeded_key(seed: u64, name: &str) -> SecretKey {
-    let mut h = sha2::Sha256::new();
-    h.update(seed.to_le_bytes());
-    h.update(name.as_bytes());
-    SecretKey::from_seed(h.finalize().into())
-}
-
-/// The demo catalog.
-pub fn demo_catalog() -> CatalogConfig {
-    let items = [
-        ("lasagna", "Lasagna al forno", 890),
-        ("lasagna-lf", "Lactose-free lasagna", 920),
-        ("salad-quinoa", "Quinoa salad", 750),
-        ("curry-veg", "Vegetable curry", 820),
-        ("soup-lentil", "Lentil soup", 590),
-        ("wrap-chicken", "Chicken wrap", 680),
-    ];
-    CatalogConfig {
-        currency: "EUR".into(),
-        items: items
-            .iter()
-            .filter_map(|(sku, name, price)| {
-                Some(CatalogItem {
-                    sku: Sku::new(*sku).ok()?,
-                    name: (*name).into(),
-                    price_minor: *price,
-                    allergens: vec![],
-                    shelf_life_hours: 72,
-                })
-            })
-            .collect(),
-    }
-}
-
-/// A hub config for one region with `fridges` fridges, loopback addresses and one admin token.
-pub fn hub_config(
-    data_dir: &Path,
-    broker_port: u16,
-    fridges: u32,
-    admin_token_sha256: String,
-) -> anyhow::Result<HubConfig> {
-    let fridges = (1..=fridges)
-        .map(|i| -> anyhow::Result<FridgeConfig> {
-            Ok(FridgeConfig {
-                id: FridgeId::new(format!("fridge-{i}"))?,
-                site: SiteId::new(format!("site-{i}"))?,
-                low_stock_units: 2,
-                par_levels: Default::default(),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(HubConfig {
-        data_dir: data_dir.to_path_buf(),
-        key_file: None,
-        http: HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..HttpConfig::default()
-        },
-        mqtt: MqttConfig {
-            mode: BrokerMode::Embedded,
-            broker: format!("127.0.0.1:{broker_port}"),
-            ..MqttConfig::default()
-        },
-        sync: SyncConfig {
-            retransmit_after_ms: 2_000,
-            ..SyncConfig::default()
-        },
-        compaction: crate::config::CompactionConfig::default(),
-        orders: crate::config::OrdersConfig::default(),
-        regions: vec![RegionConfig {
-            id: RegionId::new(REGION)?,
-            fridges,
-            catalog: Some(demo_catalog()),
-            timezone: "UTC".into(),
-            subscription_cutoff: "20:00".into(),
-            par_level_default: 4,
-        }],
-        tokens: vec![TokenConfig {
-            sha256: admin_token_sha256,
-            role: TokenRole::Admin,
-            regions: vec!["*".into()],
-        }],
-    })
-}
-
-/// An agent config on loopback for the demo and tests.
-pub fn agent_config(
-    data_dir: &Path,
-    device: &str,
-    role: Role,
-    fridges: &[FridgeId],
-    hub_key: PublicKey,
-    broker: &str,
-) -> anyhow::Result<AgentConfig> {
-    let mut c = AgentConfig::parse(&format!(
-        "device_id = \"{device}\"\nrole = \"{}\"\nregion = \"{REGION}\"\nfridges = {}\nhub_public_key = \"{hub_key}\"\n\
-         [http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nbroker = \"{broker}\"\nreconnect_delay_ms_min = 50\nreconnect_delay_ms_max = 1000\n\
-         [sync]\nretransmit_after_ms = 2000\n",
-        role.as_str(),
-        serde_json::to_string(fridges)?,
-    ))
-    .map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
-    c.data_dir = data_dir.to_path_buf();
-    Ok(c)
-}
-
-/// Starts a hub on a free broker port, retrying if the port was taken meanwhile.
-pub async fn start_hub(
-    dir: &Path,
-    fridges: u32,
-    admin_token_sha256: &str,
-    key: SecretKey,
-) -> anyhow::Result<HubHandle> {
-    let mut last = None;
-    for _ in 0..5 {
-        let port = crate::mqtt::free_port()?;
-        let config = hub_config(dir, port, fridges, admin_token_sha256.to_owned())?;
-        match crate::start(config, key.clone()).await {
-            Ok(h) => return Ok(h),
-            Err(e @ crate::StartError::Broker(_)) => last = Some(e),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last.map_or_else(|| anyhow::anyhow!("no free port"), Into::into))
 }
 
 struct Device {
@@ -222,7 +79,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let hub = start_hub(
         &tmp.path().join("hub"),
         opts.fridges,
-        &crate::http::token_sha256(&admin_token),
+        &larder_hub::http::token_sha256(&admin_token),
         seeded_key(opts.seed, "hub"),
     )
     .await?;
@@ -457,7 +314,7 @@ async fn converged(hub: &HubHandle, fleet: &[Device]) -> bool {
         let (reply, rx) = tokio::sync::oneshot::channel();
         if region
             .tx
-            .send(crate::region::RegionCommand::Digest {
+            .send(larder_hub::region::RegionCommand::Digest {
                 fridge: fridge.clone(),
                 reply,
             })

@@ -39,46 +39,6 @@ pub struct ServerLimits {
     pub request_timeout: Duration,
 }
 
-impl ServerLimits {
-    /// The `[http]` config's limits with their valid ranges, as `(key, value, min, max)`, for
-    /// the agent's and the hub's config checks.
-    pub fn config_ranges(
-        connections_max: u64,
-        header_read_timeout_ms: u64,
-        request_timeout_ms: u64,
-    ) -> [(&'static str, u64, u64, u64); 3] {
-        [
-            ("http.connections_max", connections_max, 1, 1_000_000),
-            (
-                "http.header_read_timeout_ms",
-                header_read_timeout_ms,
-                100,
-                3_600_000,
-            ),
-            (
-                "http.request_timeout_ms",
-                request_timeout_ms,
-                100,
-                3_600_000,
-            ),
-        ]
-    }
-
-    /// The limits as the agent's and the hub's `[http]` config give them.
-    pub fn from_config(
-        connections_max: u64,
-        header_read_timeout_ms: u64,
-        request_timeout_ms: u64,
-    ) -> Self {
-        Self {
-            connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
-            connections_per_address_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
-            header_read_timeout: Duration::from_millis(header_read_timeout_ms),
-            request_timeout: Duration::from_millis(request_timeout_ms),
-        }
-    }
-}
-
 /// Serves `app` on `listener` until `shutdown` completes, then waits for the connections open
 /// at that moment to finish their requests, for at most `header_read_timeout`.
 pub async fn serve(
@@ -96,7 +56,7 @@ pub async fn serve(
             move |request: axum::extract::Request, next: axum::middleware::Next| async move {
                 match tokio::time::timeout(deadline, next.run(request)).await {
                     Ok(response) => response,
-                    Err(_) => crate::api::ApiError::new(
+                    Err(_) => super::ApiError::new(
                         axum::http::StatusCode::REQUEST_TIMEOUT,
                         "timeout",
                         format!(

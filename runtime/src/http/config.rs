@@ -1,0 +1,133 @@
+//! The `[http]` settings of the agent's and the hub's configs: one struct, each deployable
+//! with its own defaults ([`HttpDefaults`]).
+
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ServerLimits;
+
+/// A deployable's defaults for its `[http]` settings.
+pub trait HttpDefaults {
+    const LISTEN: SocketAddr;
+    const CONNECTIONS_MAX: u64;
+    const CONNECTIONS_PER_ADDRESS_MAX: u64;
+    /// Live event streams in all and per token, for a deployable that serves them; `None`
+    /// for one that serves none (then setting them is a config problem).
+    const EVENT_STREAMS: Option<(u64, u64)>;
+}
+
+/// `[http]`: where the API listens and what it allows its clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, bound(deserialize = "D: HttpDefaults"))]
+pub struct HttpConfig<D> {
+    pub listen: SocketAddr,
+    pub request_body_bytes_max: usize,
+    /// Connections served at once; more wait to be accepted.
+    pub connections_max: u64,
+    /// Connections one client address may hold at once; more from it are closed on accept.
+    pub connections_per_address_max: u64,
+    /// How long a request's headers may take to arrive, a body may stall, or a keep-alive
+    /// connection may sit idle.
+    pub header_read_timeout_ms: u64,
+    /// How long a request may take until its answer starts.
+    pub request_timeout_ms: u64,
+    /// Live event streams (`GET .../events`) open at once, in all and per token; past either
+    /// a new stream is answered 429 `too_many_streams`. Only a deployable that serves them
+    /// takes these.
+    pub event_streams_max: Option<u64>,
+    pub event_streams_per_token_max: Option<u64>,
+    /// Whose defaults these are (public so that `..Default::default()` can fill it).
+    #[serde(skip)]
+    pub defaults: PhantomData<D>,
+}
+
+impl<D: HttpDefaults> Default for HttpConfig<D> {
+    fn default() -> Self {
+        Self {
+            listen: D::LISTEN,
+            request_body_bytes_max: 1024 * 1024,
+            connections_max: D::CONNECTIONS_MAX,
+            connections_per_address_max: D::CONNECTIONS_PER_ADDRESS_MAX,
+            header_read_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
+            event_streams_max: None,
+            event_streams_per_token_max: None,
+            defaults: PhantomData,
+        }
+    }
+}
+
+impl<D: HttpDefaults> HttpConfig<D> {
+    /// The limits with their valid ranges, as `(key, value, min, max)`, for the config check.
+    pub fn ranges(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        let mut ranges = vec![
+            ("http.connections_max", self.connections_max, 1, 1_000_000),
+            (
+                "http.connections_per_address_max",
+                self.connections_per_address_max,
+                1,
+                1_000_000,
+            ),
+            (
+                "http.header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                100,
+                3_600_000,
+            ),
+            (
+                "http.request_timeout_ms",
+                self.request_timeout_ms,
+                100,
+                3_600_000,
+            ),
+        ];
+        if D::EVENT_STREAMS.is_some() {
+            let (all, per_token) = self.event_streams();
+            ranges.push(("http.event_streams_max", all, 1, 100_000));
+            ranges.push(("http.event_streams_per_token_max", per_token, 1, 100_000));
+        }
+        ranges
+    }
+
+    /// Problems beyond the ranges: settings this deployable does not take.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if D::EVENT_STREAMS.is_none() {
+            for (key, value) in [
+                ("http.event_streams_max", self.event_streams_max),
+                (
+                    "http.event_streams_per_token_max",
+                    self.event_streams_per_token_max,
+                ),
+            ] {
+                if value.is_some() {
+                    problems.push(format!("{key}: this program serves no event streams"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Live event streams allowed in all and per token.
+    pub fn event_streams(&self) -> (u64, u64) {
+        let (all, per_token) = D::EVENT_STREAMS.unwrap_or((0, 0));
+        (
+            self.event_streams_max.unwrap_or(all),
+            self.event_streams_per_token_max.unwrap_or(per_token),
+        )
+    }
+
+    /// What the server loop allows its clients.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            connections_max: usize::try_from(self.connections_max).unwrap_or(usize::MAX),
+            connections_per_address_max: usize::try_from(self.connections_per_address_max)
+                .unwrap_or(usize::MAX),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        }
+    }
+}

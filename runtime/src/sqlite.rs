@@ -1,0 +1,122 @@
+//! SQLite as the agent and the hub use it: connections in WAL mode with `synchronous=FULL` (a
+//! commit is on disk before it is acknowledged), a few read-only connections beside the one
+//! writer, and a checkpointer thread that keeps checkpoints out of the writer's commits.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::Connection;
+
+/// Store errors: the disk or the database file said no.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// How often the checkpointer moves the WAL into the database file.
+pub const CHECKPOINT_INTERVAL_MS: u64 = 500;
+
+/// Opens a connection in WAL mode with `synchronous=FULL` (the agent's and the hub's stores).
+pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// A few read-only WAL connections, the first idle one used (the agent's and the hub's read
+/// side).
+#[derive(Debug)]
+pub struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Readers {
+    /// `size` read-only connections; each with a page cache of `cache_kib` KiB if given
+    /// (SQLite's default is 2 MiB per connection).
+    pub fn open(path: &Path, size: usize, cache_kib: Option<u32>) -> Result<Self, StoreError> {
+        Self::open_with(path, size, cache_kib, |_| Ok(()))
+    }
+
+    /// As [`Readers::open`], with `setup` run on each connection once it is open (to attach
+    /// another database file, say).
+    pub fn open_with(
+        path: &Path,
+        size: usize,
+        cache_kib: Option<u32>,
+        setup: impl Fn(&Connection) -> Result<(), rusqlite::Error>,
+    ) -> Result<Self, StoreError> {
+        let mut conns = Vec::with_capacity(size.max(1));
+        for _ in 0..size.max(1) {
+            let conn = open_connection(path)?;
+            conn.pragma_update(None, "query_only", "ON")?;
+            if let Some(kib) = cache_kib {
+                conn.pragma_update(None, "cache_size", -i64::from(kib))?;
+            }
+            setup(&conn)?;
+            conns.push(Mutex::new(conn));
+        }
+        Ok(Self {
+            conns,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `f` on the first idle connection, or waits for the next one in turn when all are
+    /// busy. Preferring the first keeps one page cache warm when reads come one at a time,
+    /// instead of the same pages cached by every connection.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        // A connection poisoned by a panic is passed over here, as a busy one is.
+        for conn in &self.conns {
+            if let Ok(conn) = conn.try_lock() {
+                return Ok(f(&conn)?);
+            }
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.conns.len();
+        let conn = self.conns[i]
+            .lock()
+            .map_err(|_| StoreError::Corrupt("read connection poisoned".into()))?;
+        Ok(f(&conn)?)
+    }
+}
+
+/// A connection for [`run_checkpointer`]: checkpoints copy pages through and need no cache to
+/// speak of.
+pub fn checkpoint_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = open_connection(path)?;
+    conn.pragma_update(None, "cache_size", -256)?;
+    Ok(conn)
+}
+
+/// Runs a passive WAL checkpoint on `conn` every [`CHECKPOINT_INTERVAL_MS`], on a thread named
+/// `name`, and a last one when the sender of `stop` is dropped (the agent's store and each of the
+/// hub's region stores, whose writers set `wal_autocheckpoint` to 0).
+pub fn run_checkpointer(
+    conn: Connection,
+    name: String,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let interval = std::time::Duration::from_millis(CHECKPOINT_INTERVAL_MS);
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+            let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot start the checkpointer: {e}")))
+}
