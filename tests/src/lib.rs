@@ -4,6 +4,7 @@
 pub mod flaky;
 pub mod fuzz;
 pub mod ingest;
+#[cfg(feature = "power-cut")]
 pub mod powercut;
 pub mod protocol_sim;
 pub mod sim;
