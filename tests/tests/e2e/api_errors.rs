@@ -366,3 +366,26 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     hub.shutdown().await;
     Ok(())
 }
+
+/// The HTTP reference committed in `docs/openapi.json` is what a running hub serves at
+/// `/openapi.json`. After changing the API, `LARDER_WRITE_OPENAPI=1 cargo test -p larder-tests
+/// --test e2e openapi` writes the served document there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committed_openapi_document_is_what_the_hub_serves() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(dir.path(), 1).await?;
+    let (s, served) = call(http().get(format!("http://{}/openapi.json", hub.http_addr))).await;
+    hub.shutdown().await;
+    assert_eq!(s, 200, "{served}");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    if std::env::var_os("LARDER_WRITE_OPENAPI").is_some() {
+        std::fs::write(&path, serde_json::to_string_pretty(&served)? + "\n")?;
+    }
+    let committed: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    assert!(
+        committed == served,
+        "docs/openapi.json differs from the hub's /openapi.json; after an API change, write it \
+         with LARDER_WRITE_OPENAPI=1 cargo test -p larder-tests --test e2e openapi"
+    );
+    Ok(())
+}
