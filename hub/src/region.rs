@@ -26,10 +26,11 @@ pub mod verifier;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use larder_shared::admission::{self, Admitted, Rejection};
 use larder_shared::catalog::Catalog;
 use larder_shared::envelope::{self, Ack, Body, EntryKind, Party};
 use larder_shared::ledger::{self, Checked, Ledger, Touched};
-use larder_shared::reliable::{Receipt, StreamReceiver};
+use larder_shared::reliable::Receipt;
 use larder_shared::{DeviceId, FridgeId, RegionId};
 use sha2::Digest;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -307,6 +308,34 @@ fn error_answer(status: u16, code: &str, message: impl std::fmt::Display) -> Api
 fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
     let (status, code) = larder_runtime::http::ledger_error_status(e);
     error_answer(status.as_u16(), code, e)
+}
+
+/// The sealing box between the hub and a device key, made once and kept.
+fn device_box<'a>(
+    boxes: &'a mut Boxes,
+    hub_key: &larder_shared::SecretKey,
+    signer: larder_shared::PublicKey,
+) -> &'a envelope::BoxKey {
+    if boxes.get(&signer).is_none() {
+        boxes.make_room(1);
+    }
+    boxes.get_or_make(hub_key, signer)
+}
+
+/// The region's state as uplink admission judges an envelope by it.
+struct RegionState<'a> {
+    ledgers: &'a BTreeMap<FridgeId, Ledger>,
+    head: u64,
+}
+
+impl admission::Region for RegionState<'_> {
+    fn epoch(&self, ledger: &FridgeId) -> Option<u32> {
+        self.ledgers.get(ledger).map(Ledger::epoch)
+    }
+
+    fn down_head(&self) -> u64 {
+        self.head
+    }
 }
 
 /// What the stock view shows of a ledger beyond its projection.
@@ -1482,13 +1511,6 @@ impl RegionWriter {
     }
 
     /// The box for a device's key: what its uplink bodies are sealed with.
-    fn device_box(&mut self, signer: larder_shared::PublicKey) -> &envelope::BoxKey {
-        if self.boxes.get(&signer).is_none() {
-            self.boxes.make_room(1);
-        }
-        self.boxes.get_or_make(&self.hub_key, signer)
-    }
-
     /// Checks the signatures of a group's uplinks all at once, under each sender's current
     /// key: the envelopes' signatures in one Ed25519 batch, then the audit heads they carry in
     /// another (a third of the cost of checking each alone, see `keys::verify_batch`). A large
@@ -1565,33 +1587,34 @@ impl RegionWriter {
         batch: &mut RegionBatch,
         now: i64,
     ) -> UplinkOutcome {
-        let opened = match envelope::open(payload, self.max_message_bytes) {
+        let reject = |r: Rejection| UplinkOutcome::Rejected(r.reason());
+        let opened = match admission::check_header(
+            payload,
+            self.max_message_bytes,
+            &self.region,
+            topic_device,
+        ) {
             Ok(o) => o,
-            Err(e) => return UplinkOutcome::Rejected(e.reason()),
+            Err(r) => return reject(r),
         };
         let h = opened.header().clone();
-        if h.region != self.region {
-            return UplinkOutcome::Rejected("wrong_region");
-        }
-        let Party::Device(sender) = &h.sender else {
-            return UplinkOutcome::Rejected("wrong_topic");
-        };
-        if sender != topic_device {
-            return UplinkOutcome::Rejected("wrong_topic");
-        }
-        if h.recipient != Party::Hub {
-            return UplinkOutcome::Rejected("wrong_recipient");
-        }
+        let sender = topic_device;
         let (record, stored) = match devices.known.get(sender) {
             Some(d) => d.clone(),
             None => match self.store.device(sender) {
                 Ok(Some(d)) => d,
-                Ok(None) => return UplinkOutcome::Rejected("unknown_device"),
+                Ok(None) => return reject(Rejection::UnknownDevice),
                 Err(_) => return UplinkOutcome::Rejected("storage"),
             },
         };
-        if record.revoked_at_ms.is_some() {
-            return UplinkOutcome::Rejected("revoked_device");
+        let device = admission::Device {
+            id: sender,
+            fridges: &record.fridges,
+            revoked: record.revoked_at_ms.is_some(),
+            key: record.public_key,
+        };
+        if let Err(r) = admission::check_device(Some(&device)) {
+            return reject(r);
         }
         // The current key, then any key a rotation retired that is inside its overlap window:
         // those are read only when the batch check did not find the current key's signature.
@@ -1603,63 +1626,37 @@ impl RegionWriter {
         }
         let (env, signer, verified_head) = match pre.filter(|p| keys.contains(&p.signer)) {
             Some(p) => (p.envelope, p.signer, p.head),
-            None => {
-                let (verified, signer) = match opened.verify_any(payload, &keys) {
-                    Ok((v, i)) => (v, keys[i]),
-                    Err(e) => return UplinkOutcome::Rejected(e.reason()),
-                };
-                match verified.open_sealed(&[self.device_box(signer)]) {
-                    Ok(env) => (env, signer, None),
-                    Err(e) => return UplinkOutcome::Rejected(e.reason()),
-                }
-            }
+            None => match admission::verify_and_open(opened, payload, &keys, |k| {
+                device_box(&mut self.boxes, &self.hub_key, *k)
+            }) {
+                Ok((env, signer)) => (env, signer, None),
+                Err(r) => return reject(r),
+            },
         };
         let mut p = *devices.progress.get(sender).unwrap_or(&stored);
-        if h.seq <= p.last_env_seq {
-            return UplinkOutcome::Rejected("replayed");
-        }
-        let outcome = match env.body {
-            Body::Changes(b) => {
-                let actor = ledger::actor_for(sender);
-                for e in &b.entries {
-                    if !record.fridges.contains(&e.ledger) {
-                        return UplinkOutcome::Rejected("foreign_ledger");
-                    }
-                }
-                for e in &b.entries {
-                    if e.kind == EntryKind::Rebase || e.change_digest().is_none() {
-                        return UplinkOutcome::Rejected("malformed");
-                    }
-                    if e.seq <= p.up_hwm {
-                        continue;
-                    }
-                    // A change of an older epoch waits on the device until it has rebased onto
-                    // the new one (its downlink stream brings it) and carried it over.
-                    match self.ledgers.get(&e.ledger).map(Ledger::epoch) {
-                        Some(current) if e.epoch < current => {
-                            return UplinkOutcome::Rejected("stale_epoch");
-                        }
-                        Some(current) if e.epoch > current => {
-                            return UplinkOutcome::Rejected("future_epoch");
-                        }
-                        _ => {}
-                    }
-                }
-                let head_sig = b.head_sig.clone();
-                let changes: Vec<Vec<u8>> = b
-                    .entries
-                    .iter()
-                    .filter(|e| e.kind == EntryKind::Change)
-                    .map(|e| e.change.clone())
-                    .collect();
-                if let Err(e) = Ledger::check_authors(&changes, &actor) {
-                    return UplinkOutcome::Rejected(match e {
-                        larder_shared::ledger::LedgerError::ForeignActor => "foreign_actor",
-                        _ => "malformed",
-                    });
-                }
-                let mut receiver = StreamReceiver::new(p.up_hwm);
-                let gap = match receiver.on_batch(b) {
+        let state = RegionState {
+            ledgers: &self.ledgers,
+            head: *self.head_tx.borrow(),
+        };
+        let admitted = match admission::admit_body(
+            env.body,
+            h.seq,
+            &device,
+            &signer,
+            &self.region,
+            &state,
+            &mut p,
+        ) {
+            Ok(a) => a,
+            Err(r) => return reject(r),
+        };
+        let outcome = match admitted {
+            Admitted::Changes {
+                receipt,
+                mut receiver,
+                head_sig,
+            } => {
+                let gap = match receipt {
                     Receipt::Apply { entries, up_to } => {
                         let audit = match audit_rows(
                             sender,
@@ -1693,49 +1690,34 @@ impl RegionWriter {
                         receiver.on_committed(up_to);
                         false
                     }
-                    Receipt::Duplicate => false,
                     Receipt::Gap => true,
-                    Receipt::Malformed => return UplinkOutcome::Rejected("malformed"),
+                    // A duplicate changes nothing (a malformed batch was refused above).
+                    Receipt::Duplicate | Receipt::Malformed => false,
                 };
                 p.up_hwm = receiver.hwm();
                 UplinkOutcome::Ack(receiver.ack(gap))
             }
-            Body::Ack(ack) => {
-                // A device can only have received what the region committed: an ack past its
-                // head would count escrow grants as delivered that never were.
-                let head = *self.head_tx.borrow();
-                p.down_acked = p.down_acked.max(ack.up_to.min(head));
-                UplinkOutcome::DownAcked(p.down_acked)
-            }
-            Body::KeyRotation(r) => {
-                if r.new_key == record.public_key {
-                    // A retried announcement of the rotation already in force.
-                    UplinkOutcome::KeyRotated(r.new_key)
-                } else if signer != record.public_key {
-                    // Only the key in force may hand over: a retired key cannot rotate again.
-                    return UplinkOutcome::Rejected("retired_key");
-                } else if !larder_shared::rotation::check(&self.region, sender, &signer, &r) {
-                    return UplinkOutcome::Rejected("bad_rotation_proof");
-                } else if batch.key_rotations.iter().any(|k| &k.device == sender) {
+            Admitted::DownAcked(up_to) => UplinkOutcome::DownAcked(up_to),
+            Admitted::KeyRotation {
+                new_key,
+                again: true,
+            } => UplinkOutcome::KeyRotated(new_key),
+            Admitted::KeyRotation { new_key, .. } => {
+                if batch.key_rotations.iter().any(|k| &k.device == sender) {
                     // One rotation per device per group: the next waits for this one's commit.
                     return UplinkOutcome::Rejected("rotation_in_progress");
-                } else {
-                    info!(device = %sender, key = %r.new_key, "device key rotated");
-                    batch.key_rotations.push(crate::store::KeyRotationRow {
-                        device: sender.clone(),
-                        old: signer,
-                        new: r.new_key,
-                        at_ms: now,
-                        old_until_ms: now.saturating_add(self.key_overlap_ms),
-                    });
-                    UplinkOutcome::KeyRotated(r.new_key)
                 }
-            }
-            Body::Catalog(_) | Body::Time(_) | Body::KeyRotated(_) => {
-                return UplinkOutcome::Rejected("unexpected_kind");
+                info!(device = %sender, key = %new_key, "device key rotated");
+                batch.key_rotations.push(crate::store::KeyRotationRow {
+                    device: sender.clone(),
+                    old: signer,
+                    new: new_key,
+                    at_ms: now,
+                    old_until_ms: now.saturating_add(self.key_overlap_ms),
+                });
+                UplinkOutcome::KeyRotated(new_key)
             }
         };
-        p.last_env_seq = h.seq;
         devices.progress.insert(sender.clone(), p);
         outcome
     }

@@ -99,15 +99,8 @@ pub struct DeviceRecord {
 /// A ledger's snapshot (if any) and the change bytes stored after it.
 pub type LoadedLedger = (Option<Vec<u8>>, Vec<Vec<u8>>);
 
-/// A device's stream positions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Progress {
-    pub last_env_seq: u64,
-    pub up_hwm: u64,
-    pub down_acked: u64,
-    /// The audit-chain hash of the device's last change the hub stored.
-    pub chain_head: [u8; 32],
-}
+/// A device's stream positions (the same the uplink admission rules judge by).
+pub use larder_shared::admission::Progress;
 
 /// A change the hub accepted.
 #[derive(Debug, Clone)]

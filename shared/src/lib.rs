@@ -4,6 +4,7 @@
 //! Nothing in this crate does IO: no files, sockets, clocks, tokio, SQLite or MQTT. Callers
 //! pass bytes and the current time in and get bytes and decisions out.
 
+pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod catalog;

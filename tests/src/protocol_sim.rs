@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
+use larder_shared::admission::{self, Admitted, Progress};
 use larder_shared::catalog::{Catalog, CatalogItem};
 use larder_shared::domain::{Channel, Payment, PaymentMethod, Refill, RefillUnit, Sale, SaleLine};
 use larder_shared::envelope::{
@@ -43,6 +44,22 @@ use larder_shared::reliable::{
 use larder_shared::{DeviceId, FridgeId, OrderId, RegionId, Sku, UnitId};
 
 use crate::sim::Rng;
+
+/// The simulated region as admission judges an envelope by it: every ledger in its first
+/// epoch, and a device's downlink committed up to `down_head`.
+struct SimRegion {
+    down_head: u64,
+}
+
+impl admission::Region for SimRegion {
+    fn epoch(&self, _ledger: &FridgeId) -> Option<u32> {
+        Some(0)
+    }
+
+    fn down_head(&self) -> u64 {
+        self.down_head
+    }
+}
 
 mod adversary;
 pub use adversary::AdversaryReport;
@@ -197,13 +214,6 @@ struct Dev {
     down_waiting_since: Option<i64>,
     /// Entries of the hub's downlink this device applied (none twice).
     applied_down: HashSet<u64>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Progress {
-    last_env_seq: u64,
-    up_hwm: u64,
-    down_acked: u64,
 }
 
 struct LogRow {
@@ -1225,47 +1235,11 @@ impl World {
         Ok(())
     }
 
-    /// The hub's checks of an envelope on device `d`'s `up` topic, in the order the region
-    /// writer makes them.
+    /// The hub's checks of an envelope on device `d`'s `up` topic: the region writer's own
+    /// admission rules (`larder_shared::admission`), run on what the simulated hub holds.
     fn hub_receive(&mut self, d: usize, bytes: &[u8], honest: bool) -> Result<(), String> {
-        if self.hub.is_none() {
+        let Some(hub) = self.hub.as_ref() else {
             self.report.dropped += 1;
-            return Ok(());
-        }
-        let opened = match envelope::open(bytes, MAX_MESSAGE_BYTES) {
-            Ok(o) => o,
-            Err(e) => return self.hub_refuse(e.reason(), honest, d),
-        };
-        let h = opened.header().clone();
-        if h.region != self.region {
-            return self.hub_refuse("wrong_region", honest, d);
-        }
-        if h.sender != Party::Device(self.devs[d].id.clone()) {
-            return self.hub_refuse("wrong_topic", honest, d);
-        }
-        if h.recipient != Party::Hub {
-            return self.hub_refuse("wrong_recipient", honest, d);
-        }
-        if self.hub_disk.revoked[d] {
-            return self.hub_refuse("revoked_device", honest, d);
-        }
-        let verified = match opened.verify(bytes, &self.device_keys[d]) {
-            Ok(v) => v,
-            Err(e) => return self.hub_refuse(e.reason(), honest, d),
-        };
-        let env = match verified.open_sealed(&[&self.hub_boxes[d]]) {
-            Ok(env) => env,
-            Err(e) => return self.hub_refuse(e.reason(), honest, d),
-        };
-        match self.hub_stage(d, h.seq, env.body) {
-            Ok(()) => Ok(()),
-            Err(reason) => self.hub_refuse(reason, honest, d),
-        }
-    }
-
-    /// Stages an envelope that passed the checks of its sender, or says why not.
-    fn hub_stage(&mut self, d: usize, env_seq: u64, body: Body) -> Result<(), &'static str> {
-        let Some(hub) = self.hub.as_mut() else {
             return Ok(());
         };
         let mut p = *hub
@@ -1273,52 +1247,71 @@ impl World {
             .progress
             .get(&d)
             .unwrap_or(&self.hub_disk.progress[d]);
-        if env_seq <= p.last_env_seq {
-            return Err("replayed");
+        let fridges: Vec<FridgeId> = self.devs[d].fridges.iter().map(|f| fridge_id(*f)).collect();
+        let device = admission::Device {
+            id: &self.devs[d].id,
+            fridges: &fridges,
+            revoked: self.hub_disk.revoked[d],
+            key: self.device_keys[d],
+        };
+        let region = SimRegion {
+            down_head: self.down_head(d),
+        };
+        let admitted = admission::admit(
+            bytes,
+            MAX_MESSAGE_BYTES,
+            &self.region,
+            &self.devs[d].id,
+            Some(&device),
+            &[self.device_keys[d]],
+            |_| &self.hub_boxes[d],
+            &region,
+            &mut p,
+        );
+        match admitted {
+            Ok((_, admitted)) => {
+                self.hub_stage(d, admitted, p);
+                Ok(())
+            }
+            Err(r) => self.hub_refuse(r.reason(), honest, d),
         }
-        match body {
-            Body::Changes(batch) => {
-                let actor = ledger::actor_for(&self.devs[d].id);
-                if batch.entries.iter().any(|e| {
-                    !self.devs[d]
-                        .fridges
-                        .iter()
-                        .any(|f| fridge_id(*f) == e.ledger)
-                }) {
-                    return Err("foreign_ledger");
-                }
-                let changes: Vec<Vec<u8>> =
-                    batch.entries.iter().map(|e| e.change.clone()).collect();
-                if Ledger::check_authors(&changes, &actor).is_err() {
-                    return Err("foreign_actor");
-                }
-                let receiver = StreamReceiver::new(p.up_hwm);
-                match receiver.on_batch(batch) {
+    }
+
+    /// Stages what an admitted envelope asks, with the device's positions `p` moved on.
+    fn hub_stage(&mut self, d: usize, admitted: Admitted, mut p: Progress) {
+        let Some(hub) = self.hub.as_mut() else {
+            return;
+        };
+        match admitted {
+            Admitted::Changes { receipt, .. } => {
+                match receipt {
                     Receipt::Apply { entries, up_to } => {
                         hub.staged
                             .changes
                             .extend(entries.into_iter().map(|e| (d, e)));
                         p.up_hwm = up_to;
                     }
-                    Receipt::Duplicate => {}
                     Receipt::Gap => {
                         hub.staged.gaps.insert(d);
                     }
-                    Receipt::Malformed => return Err("malformed"),
+                    // Admission refuses a malformed batch; a duplicate changes nothing.
+                    Receipt::Duplicate | Receipt::Malformed => {}
                 }
                 hub.staged.acks.insert(d);
             }
-            Body::Ack(ack) => {
-                p.down_acked = p.down_acked.max(ack.up_to);
+            Admitted::DownAcked(up_to) => {
+                // As the hub's MQTT task hands the region's answer to its sender.
+                let ack = larder_shared::envelope::Ack { up_to, gap: false };
                 if hub.senders[d].on_ack(ack, self.now).is_some()
                     && self.devs[d].down_waiting_since.is_some()
                 {
                     self.devs[d].down_waiting_since = Some(self.now);
                 }
             }
-            _ => return Err("unexpected_kind"),
+            // The simulated devices keep their keys: an honest one never sends a rotation, and
+            // no other can sign one.
+            Admitted::KeyRotation { .. } => {}
         }
-        p.last_env_seq = env_seq;
         hub.staged.progress.insert(d, p);
         if !hub.commit_scheduled {
             hub.commit_scheduled = true;
@@ -1330,7 +1323,6 @@ impl World {
                 self.schedule(1, Ev::HubCrash { periodic: false });
             }
         }
-        Ok(())
     }
 
     /// Commits the staged group, then acknowledges and relays it.

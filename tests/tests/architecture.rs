@@ -74,7 +74,10 @@ fn the_crate_rules_hold() {
     let graph = normal_dependencies();
     let forbidden = |root: &str, names: &[&str]| {
         let deps = closure(&graph, root);
-        assert!(!deps.is_empty() || graph.contains_key(root), "{root} is not in the graph");
+        assert!(
+            !deps.is_empty() || graph.contains_key(root),
+            "{root} is not in the graph"
+        );
         let found: Vec<&&str> = names.iter().filter(|n| deps.contains(**n)).collect();
         assert!(found.is_empty(), "{root} depends on {found:?}");
     };
@@ -94,9 +97,15 @@ fn the_crate_rules_hold() {
         ],
     );
     // The plumbing knows neither deployable.
-    forbidden("larder-runtime", &["larder-agent", "larder-hub", "larder-demo"]);
+    forbidden(
+        "larder-runtime",
+        &["larder-agent", "larder-hub", "larder-demo"],
+    );
     // The production hub links no agent code and no demo; the agent no hub code and no broker.
-    forbidden("larder-hub", &["larder-agent", "larder-demo", "larder-tests"]);
+    forbidden(
+        "larder-hub",
+        &["larder-agent", "larder-demo", "larder-tests"],
+    );
     forbidden(
         "larder-agent",
         &["larder-hub", "larder-demo", "larder-tests", "rumqttd"],
