@@ -521,17 +521,29 @@ fn an_occurrence_whose_id_is_held_elsewhere_takes_the_next_id() {
         .expect("fridge-2")
         .schedule_order(&occurrence("sub-other"), "2030-01-02", &catalog, 1)
         .expect("held");
-    let made =
-        super::schedule_occurrence(&mut ledgers, &f1, occurrence("sub-a"), &date, &catalog, 2)
-            .expect("scheduled")
-            .expect("a change");
+    let made = super::subscriptions::schedule_occurrence(
+        &mut ledgers,
+        &f1,
+        occurrence("sub-a"),
+        &date,
+        &catalog,
+        2,
+    )
+    .expect("scheduled")
+    .expect("a change");
     assert!(!made.changes.is_empty());
     let next = OrderId::new("sub-a-2030-01-02.1").expect("id");
     assert!(ledgers[&f1].has_order(&next), "made under the next id");
     assert!(!ledgers[&f1].has_order(&OrderId::new("sub-a-2030-01-02").expect("id")));
     // Asked again: the id is held elsewhere, the next is this subscription's own: nothing new.
-    let again =
-        super::schedule_occurrence(&mut ledgers, &f1, occurrence("sub-a"), &date, &catalog, 3)
-            .expect("scheduled");
+    let again = super::subscriptions::schedule_occurrence(
+        &mut ledgers,
+        &f1,
+        occurrence("sub-a"),
+        &date,
+        &catalog,
+        3,
+    )
+    .expect("scheduled");
     assert!(again.is_none(), "made once");
 }
