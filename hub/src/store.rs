@@ -17,6 +17,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+mod queries;
+mod reads;
+
+use queries::{entry_from_row, rating_totals, retired_keys, skipped_on, subscriptions};
+pub use reads::RegionReads;
+
 pub use larder_runtime::sqlite::StoreError;
 
 const SCHEMA: &str = "
@@ -189,65 +195,6 @@ impl RegionBatch {
     }
 }
 
-fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(DeviceRecord, Progress)> {
-    let bad = |i: usize, e: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
-    };
-    let id: String = r.get(0)?;
-    let role: String = r.get(1)?;
-    let site: Option<String> = r.get(2)?;
-    let fridges: String = r.get(3)?;
-    let key: String = r.get(4)?;
-    let record = DeviceRecord {
-        device_id: DeviceId::new(id).map_err(|e| bad(0, e.to_string()))?,
-        role: role.parse().map_err(|e: String| bad(1, e))?,
-        site: site
-            .map(SiteId::new)
-            .transpose()
-            .map_err(|e| bad(2, e.to_string()))?,
-        fridges: serde_json::from_str(&fridges).map_err(|e| bad(3, e.to_string()))?,
-        public_key: key
-            .parse()
-            .map_err(|e: larder_shared::keys::KeyError| bad(4, e.to_string()))?,
-        enrolled_at_ms: r.get(5)?,
-        revoked_at_ms: r.get(6)?,
-        last_seen_ms: r.get(10)?,
-    };
-    let chain_head: Option<Vec<u8>> = r.get(11)?;
-    let progress = Progress {
-        last_env_seq: r.get::<_, i64>(7)? as u64,
-        up_hwm: r.get::<_, i64>(8)? as u64,
-        down_acked: r.get::<_, i64>(9)? as u64,
-        chain_head: chain_head
-            .and_then(|h| h.try_into().ok())
-            .unwrap_or(larder_shared::audit::GENESIS),
-    };
-    Ok((record, progress))
-}
-
-/// The keys a rotation retired from `device`: those still accepted at `now_ms` (the overlap
-/// window), or every one (`None`, for the audit chain's signatures).
-fn retired_keys(
-    conn: &Connection,
-    device: &DeviceId,
-    now_ms: Option<i64>,
-) -> rusqlite::Result<Vec<PublicKey>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT public_key FROM device_keys WHERE device_id = ?1 AND accepted_until_ms > ?2
-         ORDER BY retired_at_ms DESC",
-    )?;
-    let keys = stmt
-        .query_map(params![device.as_str(), now_ms.unwrap_or(i64::MIN)], |r| {
-            r.get::<_, String>(0)
-        })?
-        .filter_map(|k| k.ok().and_then(|k| k.parse().ok()))
-        .collect();
-    Ok(keys)
-}
-
-const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_key, enrolled_at_ms, \
-     revoked_at_ms, last_env_seq, up_hwm, down_acked, last_seen_ms, chain_head";
-
 /// Statements the region writer's connection keeps prepared.
 const STATEMENTS_CACHED: usize = 64;
 
@@ -319,13 +266,7 @@ impl RegionStore {
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
-            ))?
-            .query_row([id.as_str()], device_from_row)
-            .optional()?)
+        Ok(queries::device(&self.conn, id)?)
     }
 
     /// An order of the region whose id is in `device`'s namespace (`{device}-…`), where the
@@ -353,21 +294,11 @@ impl RegionStore {
 
     /// Whether the region has held order `id`: in the projection, or archived.
     pub fn order_exists(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = ?1)
-                     OR EXISTS (SELECT 1 FROM archive WHERE kind = 'order' AND record_id = ?1)",
-            )?
-            .query_row([id], |r| r.get(0))?)
+        Ok(queries::order_exists(&self.conn, id)?)
     }
 
     pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
-        ))?;
-        let rows = stmt.query_map([], device_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(queries::devices(&self.conn)?)
     }
 
     /// A ledger's snapshot and the changes stored after it.
@@ -392,10 +323,7 @@ impl RegionStore {
 
     /// The id of the last stored change (the head of every downlink stream).
     pub fn head(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM changes")?
-            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+        Ok(queries::head(&self.conn)?)
     }
 
     pub fn snapshot_ledger(&mut self, fridge: &FridgeId, bytes: &[u8]) -> Result<(), StoreError> {
@@ -588,14 +516,6 @@ impl RegionStore {
             .optional()?)
     }
 
-    pub fn subscriptions(&self) -> Result<Vec<crate::subscriptions::Subscription>, StoreError> {
-        subscriptions(&self.conn).map_err(Into::into)
-    }
-
-    pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        skipped_on(&self.conn, date).map_err(Into::into)
-    }
-
     /// The stored answer to an idempotent request: request hash, status and body.
     /// Every catalog version published, oldest first, with when.
     pub fn catalog_versions(
@@ -614,6 +534,14 @@ impl RegionStore {
             ));
         }
         Ok(out)
+    }
+
+    pub fn subscriptions(&self) -> Result<Vec<crate::subscriptions::Subscription>, StoreError> {
+        subscriptions(&self.conn).map_err(Into::into)
+    }
+
+    pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        skipped_on(&self.conn, date).map_err(Into::into)
     }
 
     /// Each rated sku's sum of stars and count.
@@ -774,265 +702,6 @@ impl RegionStore {
         tx.commit()?;
         Ok(())
     }
-}
-
-/// Read connections of one region.
-#[derive(Debug)]
-pub struct RegionReads {
-    readers: Readers,
-}
-
-impl RegionReads {
-    pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
-        Ok(Self {
-            readers: Readers::open(path, size, None)?,
-        })
-    }
-
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        self.readers.with(f)
-    }
-
-    /// Each rated sku's sum of stars and count.
-    pub fn rating_totals(
-        &self,
-    ) -> Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>, StoreError> {
-        self.with(rating_totals)
-    }
-
-    /// Keys a rotation retired from `device`: those still accepted at `now_ms`, or all of them.
-    pub fn retired_keys(
-        &self,
-        device: &DeviceId,
-        now_ms: Option<i64>,
-    ) -> Result<Vec<PublicKey>, StoreError> {
-        self.with(|c| retired_keys(c, device, now_ms))
-    }
-
-    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        Ok(self.device_progress(id)?.map(|(d, _)| d))
-    }
-
-    /// A device with its sync progress (one indexed row).
-    pub fn device_progress(
-        &self,
-        id: &DeviceId,
-    ) -> Result<Option<(DeviceRecord, Progress)>, StoreError> {
-        self.with(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?1"
-            ))?
-            .query_row([id.as_str()], device_from_row)
-            .optional()
-        })
-    }
-
-    pub fn devices(&self) -> Result<Vec<(DeviceRecord, Progress)>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id"
-            ))?;
-            let rows = stmt.query_map([], device_from_row)?;
-            rows.collect()
-        })
-    }
-
-    /// The unrevoked devices that hold `fridge`'s ledger, with their roles (no key parsing).
-    pub fn devices_of(&self, fridge: &FridgeId) -> Result<Vec<(DeviceId, Role)>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT device_id, role FROM devices, json_each(devices.fridges)
-                 WHERE json_each.value = ?1 AND revoked_at_ms IS NULL",
-            )?;
-            let rows = stmt.query_map([fridge.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (d, role) = row?;
-                if let (Ok(d), Ok(role)) = (DeviceId::new(d), role.parse::<Role>()) {
-                    out.push((d, role));
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    /// Every change with a sequence number in `(after, up_to]`, with its author, in order, at
-    /// most `limit` of them: one read the downlink pump shares among all devices that are
-    /// caught up to `after`, instead of one [`Self::downlink_after`] each.
-    pub fn changes_between(
-        &self,
-        after: u64,
-        up_to: u64,
-        limit: u64,
-    ) -> Result<Vec<(String, Entry)>, StoreError> {
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, ledger, bytes, epoch, kind, author FROM changes
-                 WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![after as i64, up_to as i64, limit as i64], |r| {
-                Ok((r.get::<_, String>(5)?, entry_from_row(r)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                if let (author, Some(entry)) = row? {
-                    out.push((author, entry));
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    /// The downlink stream of a device: changes to its ledgers by other authors after `after`.
-    pub fn downlink_after(
-        &self,
-        device: &DeviceId,
-        fridges: &[FridgeId],
-        after: u64,
-        limit: u64,
-    ) -> Result<Vec<Entry>, StoreError> {
-        let ledgers = serde_json::to_string(fridges).unwrap_or_default();
-        self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, ledger, bytes, epoch, kind FROM changes
-                 WHERE id > ?1 AND author != ?2 AND ledger IN (SELECT value FROM json_each(?3))
-                 ORDER BY id LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(
-                params![after as i64, device.as_str(), ledgers, limit as i64],
-                entry_from_row,
-            )?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.extend(row?);
-            }
-            Ok(out)
-        })
-    }
-
-    pub fn head(&self) -> Result<u64, StoreError> {
-        self.with(|c| {
-            c.query_row("SELECT COALESCE(MAX(id), 0) FROM changes", [], |r| {
-                r.get::<_, i64>(0)
-            })
-        })
-        .map(|n| n as u64)
-    }
-
-    pub fn stock(
-        &self,
-        fridge: &FridgeId,
-        now_ms: i64,
-    ) -> Result<(Vec<SkuStock>, Vec<UnitView>), StoreError> {
-        self.with(|c| projection::stock(c, fridge, now_ms))
-    }
-
-    /// Orders of one fridge or all, newest first.
-    pub fn orders(
-        &self,
-        fridge: Option<&FridgeId>,
-        limit: u32,
-    ) -> Result<Vec<OrderView>, StoreError> {
-        self.with(|c| projection::orders(c, fridge, None, limit))
-    }
-
-    pub fn subscriptions(&self) -> Result<Vec<crate::subscriptions::Subscription>, StoreError> {
-        self.with(subscriptions)
-    }
-
-    pub fn skipped_on(&self, date: &str) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        self.with(|c| skipped_on(c, date))
-    }
-
-    /// Orders, newest first, optionally of one fridge and one status.
-    pub fn orders_with_status(
-        &self,
-        fridge: Option<&FridgeId>,
-        status: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<OrderView>, StoreError> {
-        self.with(|c| projection::orders(c, fridge, status, limit))
-    }
-
-    /// One order as the hub's projection holds it.
-    pub fn order(&self, order: &str) -> Result<Option<OrderView>, StoreError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT view FROM orders WHERE order_id = ?1",
-                [order],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map(|v| v.and_then(|json| serde_json::from_str(&json).ok()))
-        })
-    }
-
-    pub fn order_exists(&self, order: &str) -> Result<bool, StoreError> {
-        self.with(|c| {
-            c.query_row("SELECT 1 FROM orders WHERE order_id = ?1", [order], |_| {
-                Ok(())
-            })
-            .optional()
-            .map(|r| r.is_some())
-        })
-    }
-}
-
-fn subscriptions(c: &Connection) -> rusqlite::Result<Vec<crate::subscriptions::Subscription>> {
-    let mut stmt = c.prepare_cached("SELECT record FROM subscriptions ORDER BY subscription_id")?;
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-    Ok(rows
-        .filter_map(|r| r.ok().and_then(|json| serde_json::from_str(&json).ok()))
-        .collect())
-}
-
-fn skipped_on(c: &Connection, date: &str) -> rusqlite::Result<std::collections::BTreeSet<String>> {
-    let mut stmt =
-        c.prepare_cached("SELECT subscription_id FROM subscription_skips WHERE date = ?1")?;
-    let rows = stmt.query_map([date], |r| r.get::<_, String>(0))?;
-    rows.collect()
-}
-
-fn rating_totals(
-    c: &Connection,
-) -> rusqlite::Result<std::collections::HashMap<larder_shared::Sku, (i64, u64)>> {
-    let mut stmt = c.prepare_cached("SELECT sku, stars_sum, count FROM rating_totals")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    let mut out = std::collections::HashMap::new();
-    for row in rows {
-        let (sku, sum, count) = row?;
-        if let Ok(sku) = larder_shared::Sku::new(sku) {
-            out.insert(sku, (sum, u64::try_from(count).unwrap_or(0)));
-        }
-    }
-    Ok(out)
-}
-
-/// A downlink entry from a `changes` row read as `id, ledger, bytes, epoch, kind`; `None` for a
-/// row whose ledger name no longer parses.
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Entry>> {
-    let (id, ledger, change, epoch, kind) = (
-        r.get::<_, i64>(0)?,
-        r.get::<_, String>(1)?,
-        r.get::<_, Vec<u8>>(2)?,
-        r.get::<_, u32>(3)?,
-        r.get::<_, i64>(4)?,
-    );
-    Ok(FridgeId::new(ledger).ok().map(|ledger| {
-        let mut entry = Entry::change(id as u64, ledger, epoch, change);
-        if kind == KIND_REBASE {
-            entry.kind = larder_shared::envelope::EntryKind::Rebase;
-        }
-        entry
-    }))
 }
 
 #[cfg(test)]
