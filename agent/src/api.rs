@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use larder_runtime::http::{
     ApiError, ApiPath, ApiQuery, body_bytes, count_into, idempotency, parse_body,
+    with_contract_fallbacks,
 };
 
 use crate::metrics::Shared;
@@ -71,7 +72,7 @@ impl From<CommandError> for ApiError {
 
 /// Builds the router.
 pub(crate) fn router(state: ApiState, body_bytes_max: usize) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/health", get(health))
         .route("/v1/refills", post(refill))
         .route("/v1/sales", post(sale))
@@ -83,15 +84,8 @@ pub(crate) fn router(state: ApiState, body_bytes_max: usize) -> Router {
         .route("/v1/orders/{order_id}", get(order))
         .route("/v1/orders/{order_id}/cancel", post(cancel))
         .route("/v1/conflicts", get(conflicts))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+        .route("/metrics", get(metrics));
+    with_contract_fallbacks(routes)
         .layer(middleware::from_fn(guard::local_only))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -177,11 +171,7 @@ async fn refill(
 ) -> Result<Response, ApiError> {
     let (req, bytes): (RefillBody, _) = parse_body(body)?;
     if req.units.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "units is empty",
-        ));
+        return Err(ApiError::invalid("units is empty"));
     }
     let idem = idempotency(&headers, "/v1/refills", &bytes)?;
     let action = Action::Refill(Refill {
@@ -261,11 +251,7 @@ async fn door_session(
 ) -> Result<Response, ApiError> {
     let (req, bytes): (DoorSessionBody, _) = parse_body(body)?;
     if req.session_id.is_empty() || req.session_id.len() > 128 {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "session_id must be 1 to 128 bytes",
-        ));
+        return Err(ApiError::invalid("session_id must be 1 to 128 bytes"));
     }
     let idem = idempotency(&headers, "/v1/door-sessions", &bytes)?;
     let action = Action::DoorSession {
@@ -320,9 +306,7 @@ async fn temperature(
 ) -> Result<Response, ApiError> {
     let (req, bytes): (TemperatureBody, _) = parse_body(body)?;
     if !req.celsius.is_finite() || !(-100.0..=200.0).contains(&req.celsius) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
+        return Err(ApiError::invalid(
             "celsius must be a reading between -100 and 200",
         ));
     }
@@ -468,13 +452,7 @@ async fn stock(
     ApiQuery(q): ApiQuery<StockQuery>,
 ) -> Result<Json<StockAnswer>, ApiError> {
     let fridge = match q.fridge_id {
-        Some(f) => FridgeId::new(f).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                e.to_string(),
-            )
-        })?,
+        Some(f) => FridgeId::new(f).map_err(|e| ApiError::invalid(e.to_string()))?,
         None if s.fridges.len() == 1 => s.fridges[0].clone(),
         None => {
             return Err(ApiError::new(
@@ -541,7 +519,7 @@ async fn orders(
     if let Some(status) = &q.status {
         status
             .parse::<larder_shared::domain::OrderStatus>()
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e))?;
+            .map_err(ApiError::invalid)?;
     }
     let limit = q.limit.unwrap_or(100).clamp(1, ORDER_LIST_MAX);
     let reads = s.reads.clone();

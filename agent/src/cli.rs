@@ -68,18 +68,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Cmd::Config {
             command: ConfigCmd::Check { file },
-        } => match AgentConfig::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(problems) => {
-                for p in problems {
-                    eprintln!("{p}");
-                }
-                ExitCode::FAILURE
-            }
-        },
+        } => larder_runtime::config::check_report(&file, AgentConfig::load(&file)),
         Cmd::Keygen { out } => {
             let key = match larder_shared::SecretKey::generate() {
                 Ok(k) => k,

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use larder_runtime::config;
 use larder_shared::domain::Role;
 use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
 use larder_shared::{DeviceId, FridgeId, PublicKey, RegionId, SiteId};
@@ -223,24 +224,13 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("larder-agent-data")
 }
 
-/// A configuration problem, one per line for `config check`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Problem(pub String);
+pub use larder_runtime::config::Problem;
 
 impl AgentConfig {
     /// Reads, parses and checks a config file; relative paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
-        let mut config = Self::parse(&text).map_err(|problems| {
-            problems
-                .into_iter()
-                .map(|e| Problem(format!("{}: {e}", path.display())))
-                .collect::<Vec<_>>()
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        let mut config: Self = larder_runtime::config::parse_named(&config::read(path)?, path)?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -249,24 +239,19 @@ impl AgentConfig {
         }
     }
 
-    /// Parses a config's text: every problem serde finds, one line each (see [`larder_runtime::config::parse_toml`]).
+    /// Parses a config's text: every problem serde finds, one line each (see
+    /// [`larder_runtime::config::parse_toml`]).
     pub fn parse(text: &str) -> Result<Self, Vec<String>> {
-        larder_runtime::config::parse_toml(text)
+        config::parse_toml(text)
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
-        if self.data_dir.is_relative() {
-            self.data_dir = base.join(&self.data_dir);
-        }
-        if let Some(key) = &self.key_file
-            && key.is_relative()
+        config::resolve(base, &mut self.data_dir);
+        for path in [&mut self.key_file, &mut self.mqtt.tls_ca_file]
+            .into_iter()
+            .flatten()
         {
-            self.key_file = Some(base.join(key));
-        }
-        if let Some(ca) = &self.mqtt.tls_ca_file
-            && ca.is_relative()
-        {
-            self.mqtt.tls_ca_file = Some(base.join(ca));
+            config::resolve(base, path);
         }
     }
 

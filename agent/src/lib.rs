@@ -40,20 +40,14 @@ const READ_CONNECTIONS: usize = 4;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    #[error("data directory {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DataDir(#[from] larder_runtime::config::DataDirError),
     #[error("key file {path}: {message}")]
     Key { path: String, message: String },
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] larder_runtime::http::ListenError),
     #[error("cannot start the writer thread: {0}")]
     Thread(std::io::Error),
     #[error("mqtt.tls_ca_file: {0}")]
@@ -321,10 +315,7 @@ pub async fn start_with_clock(
         .map(larder_runtime::tls::client_config)
         .transpose()
         .map_err(StartError::Tls)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-        path: config.data_dir.display().to_string(),
-        source,
-    })?;
+    larder_runtime::config::create_data_dir(&config.data_dir)?;
     let db = config.database_path();
     let store = Store::open(&db)?;
     let env_seq_reserved = store.meta_u64(store::META_ENV_SEQ_RESERVED)?;
@@ -341,16 +332,6 @@ pub async fn start_with_clock(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (network_tx, network_rx) = watch::channel(true);
 
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.http.listen,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.http.listen,
-        source,
-    })?;
     let state = api::ApiState {
         device_id: config.device_id.clone(),
         role: config.role,
@@ -363,14 +344,7 @@ pub async fn start_with_clock(
     };
     let app = api::router(state, config.http.request_body_bytes_max);
     let api = app.clone();
-    let mut http_shutdown = shutdown_rx.clone();
-    let limits = config.http.server_limits();
-    let http = tokio::spawn(async move {
-        let stop = async move {
-            let _ = http_shutdown.wait_for(|s| *s).await;
-        };
-        larder_runtime::http::serve(listener, app, limits, stop).await;
-    });
+    let (http_addr, http) = config.http.start(app, shutdown_rx.clone()).await?;
     let ctx = sync::SyncContext {
         device: config.device_id.clone(),
         region: config.region.clone(),

@@ -221,13 +221,7 @@ pub fn main() -> ExitCode {
         Cmd::Run { config } => run_hub(config),
         Cmd::Config {
             command: ConfigCmd::Check { file },
-        } => match HubConfig::load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(problems) => fail(problems.into_iter().map(|p| p.to_string())),
-        },
+        } => larder_runtime::config::check_report(&file, HubConfig::load(&file)),
         Cmd::Device { command } => device(command),
         Cmd::BrokerConfig { config, out } => broker_config(&config, &out),
         Cmd::Import {

@@ -344,46 +344,27 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("larder-hub-data")
 }
 
-/// A configuration problem, one line each.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Problem(pub String);
+pub use larder_runtime::config::Problem;
 
 impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])?;
-        Self::parse(&text, path)
+        Self::parse(&larder_runtime::config::read(path)?, path)
     }
 
     /// Parses a config file's text; `path` names the file in problems, and relative paths in
     /// it are taken from its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self, Vec<Problem>> {
-        let mut config: HubConfig =
-            larder_runtime::config::parse_toml(text).map_err(|problems| {
-                problems
-                    .into_iter()
-                    .map(|e| Problem(format!("{}: {e}", path.display())))
-                    .collect::<Vec<_>>()
-            })?;
+        use larder_runtime::config::resolve;
+        let mut config: HubConfig = larder_runtime::config::parse_named(text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if config.data_dir.is_relative() {
-            config.data_dir = base.join(&config.data_dir);
-        }
-        if let Some(k) = &config.key_file
-            && k.is_relative()
-        {
-            config.key_file = Some(base.join(k));
-        }
-        if let Some(tls) = &mut config.mqtt.tls {
-            for f in [&mut tls.cert_file, &mut tls.key_file, &mut tls.ca_file]
-                .into_iter()
-                .flatten()
-            {
-                if f.is_relative() {
-                    *f = base.join(&*f);
-                }
-            }
+        resolve(base, &mut config.data_dir);
+        let tls = config
+            .mqtt
+            .tls
+            .iter_mut()
+            .flat_map(|tls| [&mut tls.cert_file, &mut tls.key_file, &mut tls.ca_file]);
+        for f in tls.chain([&mut config.key_file]).flatten() {
+            resolve(base, f);
         }
         let problems = config.problems();
         if problems.is_empty() {

@@ -24,7 +24,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use larder_runtime::http::{ApiError, parse_body};
+use larder_runtime::http::{ApiError, parse_body, with_contract_fallbacks};
 pub(crate) use larder_runtime::http::{ApiPath, ApiQuery};
 use openapi::{AnyObject, Errors};
 
@@ -172,19 +172,11 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .routes(routes!(compaction))
         .split_for_parts();
     let doc = Bytes::from(doc.to_json().unwrap_or_default());
-    routes
-        .route(
-            "/openapi.json",
-            get(move || async move { ([("content-type", "application/json")], doc) }),
-        )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+    let routes = routes.route(
+        "/openapi.json",
+        get(move || async move { ([("content-type", "application/json")], doc) }),
+    );
+    with_contract_fallbacks(routes)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -435,17 +427,15 @@ async fn list_orders(
         &[TokenRole::Admin, TokenRole::Kitchen],
     )?;
     let h = region(&s, &r)?;
-    let fridge = q.fridge_id.map(FridgeId::new).transpose().map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            e.to_string(),
-        )
-    })?;
+    let fridge = q
+        .fridge_id
+        .map(FridgeId::new)
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     if let Some(status) = &q.status {
         status
             .parse::<larder_shared::domain::OrderStatus>()
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e))?;
+            .map_err(ApiError::invalid)?;
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let reads = h.reads.clone();

@@ -41,11 +41,8 @@ const READ_CONNECTIONS: usize = 4;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
-    #[error("data directory {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DataDir(#[from] larder_runtime::config::DataDirError),
     #[error("region {region}: {source}")]
     Store {
         region: RegionId,
@@ -53,11 +50,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Broker(#[from] mqtt::BrokerError),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] larder_runtime::http::ListenError),
     #[error("cannot start a writer thread: {0}")]
     Thread(std::io::Error),
     #[error("configuration: {0}")]
@@ -200,10 +194,7 @@ pub async fn start_with_clock(
     key: SecretKey,
     clock: larder_runtime::Clock,
 ) -> Result<HubHandle, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-        path: config.data_dir.display().to_string(),
-        source,
-    })?;
+    larder_runtime::config::create_data_dir(&config.data_dir)?;
     let metrics = Arc::new(HubMetrics::default());
     let mut regions = BTreeMap::new();
     let mut writer_threads = Vec::new();
@@ -324,16 +315,6 @@ pub async fn start_with_clock(
         )?;
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.http.listen,
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.http.listen,
-        source,
-    })?;
     let state = http::HubState {
         regions: Arc::new(regions.clone()),
         tokens: Arc::new(config.tokens.clone()),
@@ -350,14 +331,7 @@ pub async fn start_with_clock(
     };
     let app = http::router(state, config.http.request_body_bytes_max);
     let api = app.clone();
-    let mut http_stop = shutdown_rx.clone();
-    let limits = config.http.server_limits();
-    let http_task = tokio::spawn(async move {
-        let stop = async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        };
-        larder_runtime::http::serve(listener, app, limits, stop).await;
-    });
+    let (http_addr, http_task) = config.http.start(app, shutdown_rx.clone()).await?;
     let ctx = mqtt::MqttContext {
         regions: regions.clone(),
         key: key.clone(),

@@ -1,5 +1,72 @@
 //! Config files in TOML: every problem reported at once, each as `line N: message`.
 
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// A configuration problem, one line each for `config check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Problem(pub String);
+
+/// Parses a config file's text, each problem naming `path`.
+pub fn parse_named<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, Vec<Problem>> {
+    parse_toml(text).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|e| Problem(format!("{}: {e}", path.display())))
+            .collect()
+    })
+}
+
+/// Reads a config file's text, or the one problem of not being able to.
+pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
+    std::fs::read_to_string(path)
+        .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])
+}
+
+/// The data directory could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("data directory {}: {source}", path.display())]
+pub struct DataDirError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+/// Makes the data directory (and its parents) if it is not there.
+pub fn create_data_dir(path: &Path) -> Result<(), DataDirError> {
+    std::fs::create_dir_all(path).map_err(|source| DataDirError {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Makes a path given relative to a config file's folder `base` absolute.
+pub fn resolve(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
+/// `config check`'s answer: `FILE: ok` and success, or each problem on a line of stderr and
+/// failure.
+pub fn check_report<T>(file: &Path, loaded: Result<T, Vec<Problem>>) -> ExitCode {
+    match loaded {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// One line for a TOML error: `line N: message` (the message names the key or value).
 pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().replace('\n', " ");

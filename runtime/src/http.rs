@@ -26,6 +26,56 @@ pub use server::{Place, Places, PlacesFull, ServerLimits, serve};
 
 use crate::sqlite::StoreError;
 
+/// The contract's answers to a route that does not exist (404 `not_found`) and to a method a
+/// route does not take (405 `method_not_allowed`), for the agent's and the hub's routers; added
+/// before their layers, so that these answers pass through the layers as the routes' do.
+pub fn with_contract_fallbacks<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+) -> axum::Router<S> {
+    router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+}
+
+/// The API's listening socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: std::net::SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds the API's listener; answers it with the address it got (port 0 picks a free one).
+pub async fn bind(
+    addr: std::net::SocketAddr,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), ListenError> {
+    let err = |source| ListenError { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Serves `app` on `listener` in a task of its own until `shutdown` turns true.
+pub fn spawn_server(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    limits: ServerLimits,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        serve(listener, app, limits, stop).await;
+    })
+}
+
 /// Metric labels: name and value pairs.
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -53,6 +103,13 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+}
+
+impl ApiError {
+    /// 422 `invalid_request`: the request parsed, but a value in it is not one the API takes.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
     }
 }
 
@@ -112,13 +169,7 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(q)| Self(q))
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request",
-                    e.body_text(),
-                )
-            })
+            .map_err(|e| ApiError::invalid(e.body_text()))
     }
 }
 
@@ -164,11 +215,7 @@ pub fn parse_body<T: DeserializeOwned>(
     let bytes = body_bytes(body)?;
     let value = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                e.to_string(),
-            )
+            ApiError::invalid(e.to_string())
         } else {
             ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
         }

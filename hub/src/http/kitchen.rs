@@ -26,10 +26,6 @@ use crate::subscriptions::{self, Calendar, Subscription};
 const KITCHEN: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
 const SUBSCRIBERS: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
-}
-
 async fn submit(
     h: &RegionHandle,
     op: SubscriptionOp,
@@ -121,7 +117,7 @@ pub(super) async fn create_subscription(
                 epoch_day(today),
             )
         })
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     if !h.config.fridges.iter().any(|f| f.id == req.fridge_id) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -220,11 +216,9 @@ async fn plan(
 ) -> Result<(Date, Vec<subscriptions::PlanRow>), ApiError> {
     let (cal, date) = plan_date(h, q)?;
     let next_delivery = date.tomorrow().map(|d| cal.start_of(d)).map_err(|_| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            format!("{date} is the last date there is: no plan follows it"),
-        )
+        ApiError::invalid(format!(
+            "{date} is the last date there is: no plan follows it"
+        ))
     })?;
     let now = h.clock.now_ms();
     // The counts come from the region writer's ledgers (a pass over the in-memory stock

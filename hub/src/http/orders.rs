@@ -135,11 +135,7 @@ pub(super) async fn place(
     let h = region(&s, &r)?.clone();
     let (req, bytes): (PlaceBody, _) = parse_body(body)?;
     if req.customer_id.is_empty() || req.customer_id.len() > 128 {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "customer_id must be 1 to 128 bytes",
-        ));
+        return Err(ApiError::invalid("customer_id must be 1 to 128 bytes"));
     }
     let fridge = FridgeId::new(req.fridge_id.as_str())
         .ok()
@@ -151,13 +147,7 @@ pub(super) async fn place(
         &bytes,
     )?;
     if let Some(id) = &req.order_id {
-        larder_shared::limits::client_order_id(id).map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                e.to_string(),
-            )
-        })?;
+        larder_shared::limits::client_order_id(id).map_err(|e| ApiError::invalid(e.to_string()))?;
     }
     let chosen = req.order_id.is_some();
     let order_id = match req.order_id {
@@ -180,14 +170,10 @@ pub(super) async fn place(
         .map_err(internal)??
     };
     if let Some(device) = owner {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            format!(
-                "order_id {order_id} is in device {device}'s namespace ({device}-…), where it \
+        return Err(ApiError::invalid(format!(
+            "order_id {order_id} is in device {device}'s namespace ({device}-…), where it \
                  numbers its own sales: choose another id, or leave order_id out"
-            ),
-        ));
+        )));
     }
     let order = AppOrder {
         order_id,
@@ -413,11 +399,7 @@ pub(super) async fn conflicts(
     let h = region(&s, &r)?;
     let wanted = q.status.unwrap_or_else(|| "open".into());
     if !matches!(wanted.as_str(), "open" | "resolved" | "all") {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "status is open, resolved or all",
-        ));
+        return Err(ApiError::invalid("status is open, resolved or all"));
     }
     let (reply, rx) = oneshot::channel();
     h.tx.send(RegionCommand::Conflicts { reply })
@@ -474,11 +456,7 @@ pub(super) async fn resolve(
     let h = region(&s, &r)?.clone();
     let (req, bytes): (ResolveBody, _) = parse_body(body)?;
     if req.note.as_ref().is_some_and(|n| n.len() > 1000) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            "note is at most 1000 bytes",
-        ));
+        return Err(ApiError::invalid("note is at most 1000 bytes"));
     }
     let idem = larder_runtime::http::idempotency(
         &headers,

@@ -120,6 +120,18 @@ impl<D: HttpDefaults> HttpConfig<D> {
         )
     }
 
+    /// Binds `listen` and serves `app` there in a task of its own until `shutdown` turns true,
+    /// with these limits; answers the address it got (port 0 picks a free one).
+    pub async fn start(
+        &self,
+        app: axum::Router,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), super::ListenError> {
+        let (listener, addr) = super::bind(self.listen).await?;
+        let task = super::spawn_server(listener, app, self.server_limits(), shutdown);
+        Ok((addr, task))
+    }
+
     /// What the server loop allows its clients.
     pub fn server_limits(&self) -> ServerLimits {
         ServerLimits {
