@@ -266,6 +266,8 @@ impl AgentConfig {
     }
 
     /// Every value problem, one line each.
+    ///
+    /// One piece: a flat list of independent checks, read top to bottom like the config file.
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
         match (self.role, self.fridges.len()) {

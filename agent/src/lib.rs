@@ -303,6 +303,9 @@ async fn capture_offline_payments(
 }
 
 /// [`start`] with the clock records are stamped with (simulations move it).
+///
+/// One piece: start-up in the order its parts depend on each other (store, writer, API, sync,
+/// captures), each step a call.
 pub async fn start_with_clock(
     config: AgentConfig,
     key: SecretKey,

@@ -39,6 +39,7 @@ pub struct Metrics {
 }
 
 impl Default for Metrics {
+    /// One piece: the registry, one metric after another.
     fn default() -> Self {
         let mut registry = Registry::with_prefix("larder_agent");
         let m = Self {

@@ -214,6 +214,8 @@ impl Sync {
         (o, session)
     }
 
+    /// One piece: one MQTT connection's life; the poller task and the select over its events
+    /// share the session's state.
     async fn session(&mut self, shutdown: &mut watch::Receiver<bool>) -> SessionEnd {
         let (options, mut session) = self.options();
         let (client, mut eventloop) = AsyncClient::new(options, 128);

@@ -271,6 +271,9 @@ impl Writer {
             .inc();
     }
 
+    /// One piece: a group is staged into one batch in arrival order and committed once; each
+    /// command's work is a call into `local` or `remote`, and what stays here is the dispatch,
+    /// the one commit and the answers after it.
     fn process(&mut self, group: Vec<Command>) {
         let now = self.clock.now_ms();
         let refusal = if group

@@ -71,6 +71,8 @@ struct Tally {
 }
 
 /// Runs the demo; `Ok(false)` if the final check failed.
+///
+/// One piece: the demo's script from start to final check, read as the README tells it.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let tmp = tempfile::tempdir().context("creating a temp dir")?;
     let mut token_bytes = [0u8; 16];

@@ -43,6 +43,8 @@ pub struct BrokerFiles {
 
 /// Builds the files for every region of `config`, reading the enrolled devices from the
 /// region stores (read-only: the hub may be running).
+///
+/// One piece: the generated files in the order an operator reads them (passwords, ACLs, config).
 pub fn build(config: &HubConfig, key: &SecretKey, dir: &Path) -> Result<BrokerFiles, String> {
     let mut passwords = String::new();
     let mut acl = String::from(

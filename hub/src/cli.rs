@@ -213,6 +213,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Entry point of the `larder-hub` binary.
+///
+/// One piece: the subcommands, one arm each.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // rumqttd logs every client disconnect as an error; the hub reports connections itself.
@@ -394,6 +396,7 @@ fn open_region(
     Ok((c, store))
 }
 
+/// One piece: the `device` subcommands, one arm each.
 fn device(cmd: DeviceCmd) -> ExitCode {
     match cmd {
         DeviceCmd::Add {

@@ -388,6 +388,7 @@ impl HubConfig {
         self.regions.iter().find(|r| &r.id == id)
     }
 
+    /// One piece: a flat list of independent checks, read top to bottom like the config file.
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
         if let Some(tls) = &self.mqtt.tls {

@@ -189,6 +189,9 @@ async fn run_ticks(regions: Vec<RegionHandle>, every_ms: u64, mut shutdown: watc
 
 /// [`start`] with the clock the region writers stamp records with and judge time by (tests
 /// and simulations move it).
+///
+/// One piece: start-up in the order its parts depend on each other (stores, writers, broker, API,
+/// MQTT client, timers), each step a call.
 pub async fn start_with_clock(
     config: HubConfig,
     key: SecretKey,

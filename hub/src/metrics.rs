@@ -41,6 +41,7 @@ fn http_histogram() -> Histogram {
 }
 
 impl Default for HubMetrics {
+    /// One piece: the registry, one metric after another.
     fn default() -> Self {
         let mut registry = Registry::with_prefix("larder_hub");
         let m = Self {

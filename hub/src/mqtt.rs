@@ -103,6 +103,10 @@ enum Scope {
 }
 
 /// Runs the hub's MQTT client until `shutdown` turns true.
+///
+/// One piece: this task alone takes the MQTT client's events (the rule that keeps it from
+/// deadlocking on the client's queue), so every source it waits on is a branch of one `select!`;
+/// each branch's work is a method of `HubLink`.
 pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
     let (host, port) = larder_runtime::mqtt::host_port(&ctx.config.broker);
     let mut opts = MqttOptions::new(ctx.config.client_id.clone(), host, port);

@@ -423,6 +423,10 @@ impl RegionWriter {
         }
     }
 
+    /// One piece: a group is staged into one batch in arrival order and committed once, and every
+    /// command kind reads and extends the same group state (devices, answers, replies); each
+    /// kind's work is a call into its family's file, so what stays here is the dispatch and the
+    /// commit.
     fn process(&mut self, group: Vec<RegionCommand>) {
         // Import batches are committed behind the writer (see `committer`); anything else
         // may read the store, so it waits for the batch in flight first. So does an import with

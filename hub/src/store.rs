@@ -562,6 +562,8 @@ impl RegionStore {
             .optional()?)
     }
 
+    /// One piece: one transaction; every table a group writes, in an order that keeps foreign
+    /// rows before the rows that name them.
     pub fn commit(&mut self, b: &RegionBatch) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {

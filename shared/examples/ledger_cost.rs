@@ -10,6 +10,7 @@ use larder_shared::domain::{Channel, Payment, PaymentMethod, Refill, RefillUnit,
 use larder_shared::ledger::{Ledger, actor_for};
 use larder_shared::{DeviceId, FridgeId, OrderId, Sku, UnitId};
 
+/// One piece: the example's measurement from start to print.
 fn main() {
     let n: usize = std::env::args()
         .nth(1)

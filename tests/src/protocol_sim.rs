@@ -469,6 +469,7 @@ impl World {
         self.now + self.devs[d].skew
     }
 
+    /// One piece: the event loop's dispatch, one arm per event kind.
     fn handle(&mut self, ev: Ev) -> Result<(), String> {
         match ev {
             Ev::Deliver {

@@ -233,6 +233,7 @@ fn run_inner(cfg: SimConfig) -> Result<SimReport, String> {
 }
 
 impl Sim {
+    /// One piece: the simulated region's setup, fridges, devices and catalog together.
     fn new(cfg: SimConfig) -> Result<Self, String> {
         let mut rng = Rng(cfg.seed ^ 0x005e_ed1a_2de2_u64);
         let catalog = Catalog {
@@ -404,6 +405,7 @@ impl Sim {
         }
     }
 
+    /// One piece: the end-of-week checks, one after another.
     fn check(&mut self) -> Result<(), String> {
         let seed = self.cfg.seed;
         for f in 0..self.cfg.fridges {

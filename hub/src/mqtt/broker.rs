@@ -132,6 +132,8 @@ pub const DOWN_SEGMENTS: usize = 3;
 /// far a window can go. The two full segments kept behind the one being filled hold at least
 /// two windows, so a device that falls behind by more loses the oldest, and the hub's
 /// go-back-N resend still finds a whole copy of its window within what is kept.
+///
+/// One piece: rumqttd's settings are one struct, filled in from the hub's config.
 pub fn start_embedded_broker(
     addr: SocketAddr,
     tls: Option<&crate::config::MqttTlsConfig>,

@@ -287,6 +287,9 @@ impl HubLink {
     }
 
     /// Sends every online device the changes it lacks, within its window.
+    ///
+    /// One piece: one pass over the devices with work, sharing the region reads and the sealing
+    /// between them.
     pub(super) async fn pump(&mut self, client: &AsyncClient, scope: Scope) {
         if !self.connected || self.jammed {
             return;

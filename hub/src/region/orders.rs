@@ -216,6 +216,9 @@ impl RegionWriter {
     }
 
     /// Applies what time has made due in every ledger.
+    ///
+    /// One piece: the tick's passes over every ledger (captures, timeouts, no-shows,
+    /// subscriptions, expired reservations) share the group's batch and time.
     pub(super) fn tick(&mut self, batch: &mut RegionBatch, now: i64) {
         self.generate_subscription_orders(batch, now);
         use larder_shared::payments::CaptureResult;

@@ -307,6 +307,9 @@ impl RegionWriter {
 
     /// Checks and stages one envelope from a device's `up` topic; `pre` is what the group's
     /// batch check found of it.
+    ///
+    /// One piece: admission's steps in order (`larder_shared::admission`), with the writer's own
+    /// state between them (its device rows, the batch check's findings, the group's batch).
     pub(super) fn uplink(
         &mut self,
         topic_device: &DeviceId,

@@ -297,6 +297,9 @@ impl Ledger {
 
     /// Moves this replica onto a newer epoch's `base`, carrying over `carry`: this device's
     /// changes of the old epoch that the base does not include. Writes as `actor` from now on.
+    ///
+    /// One piece: the new epoch's document, the replica's own changes carried over and the
+    /// archived records, built together so the rebase is one write.
     pub fn rebase(
         &self,
         base: &[u8],

@@ -10,6 +10,10 @@ impl Ledger {
     /// fridge card, in a new order priced from `catalog`; else it is recorded as taken unpaid.
     /// Reservations of other orders whose units were taken move to free units of their sku, or
     /// become `reservation_lost` conflicts. Units added are loaded like a refill.
+    ///
+    /// One piece: a door session is one change whose steps share the units taken and added
+    /// (matching to orders, loads, repairs of others' reservations), in the order the fridge saw
+    /// them.
     pub fn door_session(
         &mut self,
         session: &DoorSession,

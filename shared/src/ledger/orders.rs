@@ -271,6 +271,8 @@ impl Ledger {
     /// confirmed only within the escrow allowance, which it consumes; the allowance counts only
     /// grants every walk-up seller of the fridge has received (`granted_usable` per sku, see
     /// [`Ledger::allowance_with`]).
+    ///
+    /// One piece: an order's checks, reservation and record are one change.
     pub fn place_order(
         &mut self,
         order: &AppOrder,

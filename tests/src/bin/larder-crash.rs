@@ -149,6 +149,7 @@ const UNITS_PER_ROUND: usize = 48;
 const CLIENTS: usize = 6;
 const SKU: &str = "wrap-chicken";
 
+/// One piece: the kill schedule's loop, each kill followed by its checks.
 async fn agent_run(seed: u64, points: usize) -> Result<String> {
     let mut rng = Rng(seed);
     let exe = sibling("agent-node")?;
@@ -379,6 +380,7 @@ fn spawn_hub(exe: &str, config: &str) -> Result<Process> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("the hub did not start")))
 }
 
+/// One piece: the kill schedule's loop, each kill followed by its checks.
 async fn hub_run(seed: u64, devices: usize, sales: usize, kills: usize) -> Result<String> {
     let mut rng = Rng(seed);
     let exe = sibling("hub-node")?;

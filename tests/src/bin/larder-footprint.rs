@@ -342,6 +342,8 @@ fn archive_size(db: &Path) -> Result<(i64, i64)> {
 }
 
 /// A simulated year at one fridge.
+///
+/// One piece: the simulated year's run, setup to figures.
 async fn year(days: usize, archive_after_hours: i64) -> Result<()> {
     let dir = tempfile::tempdir()?;
     if std::env::var_os("LARDER_FOOTPRINT_KEEP").is_some() {

@@ -104,6 +104,8 @@ async fn until_count(n: usize, started: Instant, count: impl Fn() -> usize) -> R
 }
 
 /// Hub ingest beside the broker's raw pass-through, in one run.
+///
+/// One piece: a benchmark's run, setup to figures, as BENCHMARKS.md describes it.
 async fn ingest() -> Result<()> {
     use larder_shared::{DeviceId, FridgeId, RegionId};
     println!(

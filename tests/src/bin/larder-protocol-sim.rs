@@ -38,6 +38,7 @@ struct Args {
     jobs: Option<u64>,
 }
 
+/// One piece: the command line's run over seeds and its report.
 fn main() {
     let args = Args::parse();
     if args.fridges == 0 {

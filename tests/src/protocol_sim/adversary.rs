@@ -34,6 +34,8 @@ fn long_id(tail: &str) -> String {
 impl World {
     /// One hostile action at device `d` in fridge `f`: `Ok(Some(change))` for a change to store
     /// and send like any other, `Ok(None)` for an action refused.
+    ///
+    /// One piece: one arm per hostile action, each with its expected refusal.
     pub(super) fn hostile_act(
         &mut self,
         d: usize,

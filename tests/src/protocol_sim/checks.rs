@@ -72,6 +72,8 @@ impl World {
         })
     }
 
+    /// One piece: the end-of-run checks, one after another, each failing the seed with its
+    /// reason.
     pub(super) fn final_checks(&mut self) -> Result<(), String> {
         let seed = self.cfg.seed;
         let Some(hub) = self.hub.as_ref() else {

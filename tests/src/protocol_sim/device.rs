@@ -37,6 +37,8 @@ impl World {
     }
 
     /// A local action: a fridge restocks when it runs low, otherwise someone buys a meal.
+    ///
+    /// One piece: one arm per local action a device draws.
     pub(super) fn act(&mut self, d: usize) -> Result<(), String> {
         let seed = self.cfg.seed;
         let dev_now = self.dev_clock(d);
@@ -250,6 +252,7 @@ impl World {
         Ok(())
     }
 
+    /// One piece: the device's checks of a hub envelope, in order, then one arm per body kind.
     pub(super) fn dev_receive(
         &mut self,
         d: usize,

@@ -66,6 +66,8 @@ fn check_image(
     Ok(sold)
 }
 
+/// One piece: the cut schedule's loop, each burst's cuts checked as images and the last
+/// restarted.
 pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<String> {
     let vfs = larder_tests::powercut::PowerCut::install().map_err(|e| anyhow::anyhow!(e))?;
     let per_burst = per_burst.max(1);

@@ -13,6 +13,8 @@ pub(super) fn connected_devices() -> usize {
 }
 
 /// The hub's resident memory per connected, idle device.
+///
+/// One piece: a benchmark's run, setup to figures, as BENCHMARKS.md describes it.
 pub(super) async fn connected() -> Result<()> {
     let devices = connected_devices();
     use larder_shared::topics::{self, DeviceTopic};

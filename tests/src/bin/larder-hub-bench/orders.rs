@@ -18,6 +18,8 @@ pub(super) const PLANS: usize = 20;
 /// order status reads and the refill plan, over HTTP. The region store is seeded before the
 /// hub starts as if every fridge had enrolled and sent one refill of 4 units per sku (200,000
 /// units), and every fridge is marked online, so orders take the ordinary (non-escrow) path.
+///
+/// One piece: a benchmark's run, setup to figures, as BENCHMARKS.md describes it.
 pub(super) async fn orders() -> Result<()> {
     use larder_shared::catalog::CatalogItem;
     let dir = tempfile::tempdir_in(".")?;
