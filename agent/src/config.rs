@@ -135,7 +135,7 @@ impl Default for StoreConfig {
 pub type HttpConfig = larder_runtime::http::HttpConfig<AgentHttp>;
 
 /// The agent's `[http]` defaults: port 7070 on loopback, a few clients (the firmware and the
-/// POS app), one address may hold them all, and no event streams.
+/// POS app) that share one address and may hold every place, and no event streams.
 #[derive(Debug, Clone)]
 pub struct AgentHttp;
 
@@ -143,7 +143,7 @@ impl larder_runtime::http::HttpDefaults for AgentHttp {
     const LISTEN: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7070);
     const CONNECTIONS_MAX: u64 = 256;
-    const CONNECTIONS_PER_ADDRESS_MAX: u64 = 256;
+    const CONNECTIONS_PER_ADDRESS_MAX: Option<u64> = None;
     const EVENT_STREAMS: Option<(u64, u64)> = None;
 }
 

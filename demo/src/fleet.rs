@@ -354,7 +354,9 @@ async fn refill(
     t: &mut Tally,
 ) {
     let catalog = demo_catalog();
-    let now = jiff::Timestamp::now();
+    // The fleet's own clock, as a device's firmware would read it.
+    let now = jiff::Timestamp::from_millisecond(larder_runtime::Clock::system().wall_ms())
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
     let units: Vec<Value> = (0..n)
         .map(|_| {
             *counter += 1;

@@ -21,7 +21,7 @@ impl larder_runtime::http::HttpDefaults for HubHttp {
     const LISTEN: std::net::SocketAddr =
         std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
     const CONNECTIONS_MAX: u64 = 1_024;
-    const CONNECTIONS_PER_ADDRESS_MAX: u64 = 64;
+    const CONNECTIONS_PER_ADDRESS_MAX: Option<u64> = Some(64);
     const EVENT_STREAMS: Option<(u64, u64)> = Some((256, 8));
 }
 

@@ -132,13 +132,17 @@ impl From<&UnitView> for StockMove {
 pub struct Events {
     tx: broadcast::Sender<Arc<Event>>,
     next: Arc<AtomicU64>,
+    /// Stamps each event (the region's clock).
+    clock: larder_runtime::Clock,
 }
 
-impl Default for Events {
-    fn default() -> Self {
+impl Events {
+    /// A feed whose events are stamped by `clock`.
+    pub fn new(clock: larder_runtime::Clock) -> Self {
         Self {
             tx: broadcast::channel(CAPACITY).0,
             next: Arc::new(AtomicU64::new(1)),
+            clock,
         }
     }
 }
@@ -150,7 +154,9 @@ impl Events {
             return;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let at = jiff::Timestamp::now().to_string();
+        let at = jiff::Timestamp::from_millisecond(self.clock.now_ms())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .to_string();
         let _ = self.tx.send(Arc::new(Event { id, at, kind }));
     }
 

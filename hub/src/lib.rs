@@ -211,7 +211,7 @@ pub async fn start_with_clock(
         let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
         let calendar = subscriptions::Calendar::of(rc)
             .map_err(|e| StartError::Config(format!("region {}: {e}", rc.id)))?;
-        let events = events::Events::default();
+        let events = events::Events::new(clock.clone());
         let (mut writer, head) = RegionWriter::open(
             rc.id.clone(),
             store,

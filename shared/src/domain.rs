@@ -380,7 +380,7 @@ pub enum TakenMatch {
     Unpaid,
 }
 
-/// The kinds of conflict PRODUCT.md's table names.
+/// The kinds of conflict (docs/DESIGN.md, "Orders, reservations, escrow and conflicts").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConflictKind {

@@ -98,6 +98,28 @@ impl StreamSender {
         self.in_flight.clear();
     }
 
+    /// What the sender relies on: nothing is acknowledged that was not sent, and the batches in
+    /// flight cover, in order, what lies between the two.
+    fn check(&self) {
+        assert!(
+            self.acked <= self.sent_up_to,
+            "acknowledged {} past what was sent, {}",
+            self.acked,
+            self.sent_up_to
+        );
+        debug_assert!(
+            self.in_flight
+                .iter()
+                .try_fold(self.acked, |after, (up_to, _)| (*up_to > after
+                    && *up_to <= self.sent_up_to)
+                    .then_some(*up_to))
+                .is_some(),
+            "batches in flight out of order: {:?} after {}",
+            self.in_flight,
+            self.acked
+        );
+    }
+
     pub fn acked(&self) -> u64 {
         self.acked
     }
@@ -155,6 +177,7 @@ impl StreamSender {
             self.in_flight.push_back((up_to, bytes));
             self.sent_up_to = up_to;
         }
+        self.check();
     }
 
     /// An acknowledgement arrived. Returns the new acknowledged position if it moved, so the
@@ -179,6 +202,7 @@ impl StreamSender {
             self.rewind();
             self.last_progress_ms = now_ms;
         }
+        self.check();
         moved
     }
 

@@ -44,7 +44,8 @@ pub(super) fn own_order_id(
 
 impl Writer {
     /// A fridge online tops up the escrow allowance it grants the hub after its stock changed
-    /// (PRODUCT.md, offline-safe promises). Offline it never grants: the hub could not use it.
+    /// (docs/DESIGN.md, "Orders, reservations, escrow and conflicts"). Offline it never grants:
+    /// the hub could not use it.
     pub(super) fn grant_escrow(
         &mut self,
         touched: &HashMap<FridgeId, usize>,

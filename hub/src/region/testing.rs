@@ -200,7 +200,7 @@ pub(super) fn writer(region: &RegionId, store: RegionStore, hub: &SecretKey) -> 
         },
         larder_runtime::Clock::system(),
         Arc::new(crate::metrics::HubMetrics::default()),
-        crate::events::Events::default(),
+        crate::events::Events::new(larder_runtime::Clock::system()),
         hub.clone(),
     )
     .expect("writer");

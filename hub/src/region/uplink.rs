@@ -239,7 +239,6 @@ pub(super) fn audit_rows(
 }
 
 impl RegionWriter {
-    /// The box for a device's key: what its uplink bodies are sealed with.
     /// Checks the signatures of a group's uplinks all at once, under each sender's current
     /// key: the envelopes' signatures in one Ed25519 batch, then the audit heads they carry in
     /// another (a third of the cost of checking each alone, see `keys::verify_batch`). A large

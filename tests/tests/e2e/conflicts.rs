@@ -1,4 +1,4 @@
-//! Every rule of PRODUCT.md's conflict table, end to end: each conflict becomes exactly one
+//! Every kind of conflict (`ConflictKind`), end to end: each conflict becomes exactly one
 //! record, visible on the hub and on every agent, resolvable at the hub, and nothing is
 //! resolved by dropping a record.
 

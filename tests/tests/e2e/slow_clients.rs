@@ -196,7 +196,7 @@ async fn one_address_holds_only_its_share_of_the_places() -> anyhow::Result<()> 
     let dir = tempfile::tempdir()?;
     let hub = start_hub_with(dir.path(), 1, |c| {
         c.http.connections_max = 8;
-        c.http.connections_per_address_max = 3;
+        c.http.connections_per_address_max = Some(3);
         c.http.header_read_timeout_ms = 600_000;
     })
     .await?;
