@@ -24,7 +24,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use larder_runtime::http::{ApiError, parse_body, with_contract_fallbacks};
+use larder_runtime::http::{ApiError, Idem, parse_body, with_contract_fallbacks};
 pub(crate) use larder_runtime::http::{ApiPath, ApiQuery};
 use openapi::{AnyObject, Errors};
 
@@ -508,7 +508,7 @@ pub struct EnrollBody {
 pub async fn enroll_device(
     h: &RegionHandle,
     body: EnrollBody,
-    idem: Option<(String, String)>,
+    idem: Option<Idem>,
 ) -> Result<DeviceRecord, RegionError> {
     let record = DeviceRecord {
         device_id: body.device_id,
@@ -546,7 +546,7 @@ struct CompactionBody {
 pub async fn compact_region(
     h: &RegionHandle,
     archive_after: std::time::Duration,
-    idem: Option<(String, String)>,
+    idem: Option<Idem>,
 ) -> Result<crate::region::CompactionReport, RegionError> {
     let (reply, rx) = oneshot::channel();
     let archive_before_ms =
@@ -586,8 +586,7 @@ async fn compaction(
         &headers,
         &format!("POST /v1/regions/{r}/compaction"),
         &bytes,
-    )?
-    .map(|i| (i.key, i.request_sha256));
+    )?;
     let after = body
         .archive_after_seconds
         .map_or(s.archive_after, std::time::Duration::from_secs);
@@ -625,8 +624,7 @@ async fn enroll(
         &headers,
         &format!("POST /v1/regions/{r}/devices"),
         &bytes,
-    )?
-    .map(|i| (i.key, i.request_sha256));
+    )?;
     match enroll_device(h, body.clone(), idem).await {
         Ok(d) => Ok((StatusCode::CREATED, Json(device_json(&d, false))).into_response()),
         Err(RegionError::DeviceExists(id)) => {

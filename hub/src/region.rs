@@ -43,7 +43,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::metrics::HubMetrics;
-use crate::store::{DeviceRecord, Progress, RegionBatch, RegionStore, StoreError, StoredChange};
+use larder_runtime::http::Idem;
+
+use crate::store::{
+    DeviceRecord, IdempotencyRow, Progress, RegionBatch, RegionStore, StoreError, StoredChange,
+};
 use answers::{Replay, answer, error_answer, ledger_error_answer, remember};
 pub use command::{
     ApiAnswer, OrderAction, Prechecked, RegionCommand, RegionError, SubscriptionOp, UplinkOutcome,

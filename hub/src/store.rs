@@ -108,6 +108,18 @@ pub type LoadedLedger = (Option<Vec<u8>>, Vec<Vec<u8>>);
 /// A device's stream positions (the same the uplink admission rules judge by).
 pub use larder_shared::admission::Progress;
 
+/// A stored answer to a request with an Idempotency-Key: a retry gets it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRow {
+    pub key: String,
+    /// SHA-256 of the request's method, path and body: the same key with another request is
+    /// refused.
+    pub request_sha256: String,
+    /// The HTTP status and JSON body answered.
+    pub status: u16,
+    pub response: String,
+}
+
 /// A change the hub accepted.
 #[derive(Debug, Clone)]
 pub struct StoredChange {
@@ -154,8 +166,7 @@ pub struct RegionBatch {
     pub enroll: Vec<DeviceRecord>,
     pub revoke: Vec<(DeviceId, i64)>,
     pub meta: Vec<(&'static str, String)>,
-    /// Idempotency records: key, request hash, HTTP status, response body.
-    pub idempotency: Vec<(String, String, u16, String)>,
+    pub idempotency: Vec<IdempotencyRow>,
     pub subscriptions: Vec<crate::subscriptions::Subscription>,
     /// Occurrences cancelled: subscription id and date.
     pub skips: Vec<(String, String)>,
@@ -572,7 +583,13 @@ impl RegionStore {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let now = self.clock.now_ms();
-            for (k, h, status, body) in &b.idempotency {
+            for IdempotencyRow {
+                key: k,
+                request_sha256: h,
+                status,
+                response: body,
+            } in &b.idempotency
+            {
                 idem.execute(params![k, h, status, body, now])?;
             }
             let mut sub = tx.prepare_cached(
@@ -716,7 +733,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let mut store = RegionStore::open(&dir.path().join("region.db")).expect("store");
         let batch = RegionBatch {
-            idempotency: vec![("k-1".into(), "hash".into(), 201, "{}".into())],
+            idempotency: vec![IdempotencyRow {
+                key: "k-1".into(),
+                request_sha256: "hash".into(),
+                status: 201,
+                response: "{}".into(),
+            }],
             ..RegionBatch::default()
         };
         let before = Clock::system().now_ms();

@@ -146,7 +146,7 @@ pub(super) async fn put_catalog(
         currency: b.currency,
         items: b.items,
         base: b.version,
-        idem: idem.map(|i| (i.key, i.request_sha256)),
+        idem,
         reply,
     })
     .await
@@ -199,7 +199,7 @@ pub(super) async fn rate(
             stars: b.stars,
             customer_id: Some(b.customer_id),
         },
-        idem: idem.map(|i| (i.key, i.request_sha256)),
+        idem,
         reply,
     })
     .await
@@ -295,8 +295,7 @@ pub(super) async fn import_units(
         &headers,
         &format!("POST /v1/regions/{r}/imports/units"),
         &bytes,
-    )?
-    .map(|i| (i.key, i.request_sha256));
+    )?;
     if b.rows.len() > IMPORT_ROWS_MAX {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -32,7 +32,6 @@ async fn submit(
     idem: Option<larder_runtime::http::Idem>,
 ) -> Result<Response, ApiError> {
     let (reply, rx) = oneshot::channel();
-    let idem = idem.map(|i| (i.key, i.request_sha256));
     h.tx.try_send(RegionCommand::Subscription { op, idem, reply })
         .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
     let (status, body): ApiAnswer = rx.await.map_err(internal)??;

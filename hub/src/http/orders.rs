@@ -39,7 +39,7 @@ async fn submit(
         fridge,
         order,
         action,
-        idem: idem.map(|i| (i.key, i.request_sha256)),
+        idem,
         reply,
     })
     .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;

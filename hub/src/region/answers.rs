@@ -34,16 +34,19 @@ pub(super) enum Replay {
 
 /// Stores a request's answer under its Idempotency-Key, in the group's transaction.
 pub(super) fn remember(
-    idem: Option<(String, String)>,
+    idem: Option<Idem>,
     answer: &ApiAnswer,
     batch: &mut RegionBatch,
     in_group: &mut HashMap<String, (String, ApiAnswer)>,
 ) {
-    if let Some((key, hash)) = idem {
-        batch
-            .idempotency
-            .push((key.clone(), hash.clone(), answer.0, answer.1.to_string()));
-        in_group.insert(key, (hash, answer.clone()));
+    if let Some(idem) = idem {
+        batch.idempotency.push(IdempotencyRow {
+            key: idem.key.clone(),
+            request_sha256: idem.request_sha256.clone(),
+            status: answer.0,
+            response: answer.1.to_string(),
+        });
+        in_group.insert(idem.key, (idem.request_sha256, answer.clone()));
     }
 }
 
@@ -110,7 +113,7 @@ impl RegionWriter {
     /// go at once.
     pub(super) fn answer_once(
         &mut self,
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<ApiAnswer>,
         (batch, pending, in_group): InGroup<'_>,
         act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<ApiAnswer, ApiAnswer>,
@@ -145,15 +148,15 @@ impl RegionWriter {
     /// for a new request.
     pub(super) fn replay(
         &self,
-        idem: Option<&(String, String)>,
+        idem: Option<&Idem>,
         in_group: &HashMap<String, (String, ApiAnswer)>,
     ) -> Option<Replay> {
-        let (key, hash) = idem?;
-        let (h, status, body) = match in_group.get(key) {
+        let idem = idem?;
+        let (h, status, body) = match in_group.get(&idem.key) {
             Some((h, a)) => (h.clone(), a.0, a.1.to_string()),
-            None => self.store.idempotency(key).ok()??,
+            None => self.store.idempotency(&idem.key).ok()??,
         };
-        Some(if &h == hash {
+        Some(if h == idem.request_sha256 {
             Replay::First((status, serde_json::from_str(&body).unwrap_or_default()))
         } else {
             Replay::KeyReused

@@ -50,7 +50,7 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 
 /// A compaction asked for: records finished before when, the request's Idempotency-Key and
 /// request hash, and the reply.
-pub(super) type AskedCompaction = (i64, Option<(String, String)>, Reply<CompactionReport>);
+pub(super) type AskedCompaction = (i64, Option<Idem>, Reply<CompactionReport>);
 
 #[derive(Debug)]
 pub enum RegionCommand {
@@ -64,7 +64,7 @@ pub enum RegionCommand {
     Enroll {
         record: Box<DeviceRecord>,
         /// The request's Idempotency-Key and request hash, if it had one.
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<DeviceRecord>,
     },
     Revoke {
@@ -86,7 +86,7 @@ pub enum RegionCommand {
     Compact {
         archive_before_ms: i64,
         /// The request's Idempotency-Key and request hash, if it had one.
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<CompactionReport>,
     },
     /// An app order placed, cancelled, paid, or a conflict resolved, through the API.
@@ -95,14 +95,14 @@ pub enum RegionCommand {
         order: Option<larder_shared::OrderId>,
         action: OrderAction,
         /// The request's Idempotency-Key and the hash of its method, path and body.
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<ApiAnswer>,
     },
     /// Create, end or skip an occurrence of a subscription.
     Subscription {
         op: SubscriptionOp,
         /// The request's Idempotency-Key and the hash of its method, path and body.
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<ApiAnswer>,
     },
     /// Every conflict record of the region's ledgers.
@@ -122,20 +122,20 @@ pub enum RegionCommand {
         items: Vec<larder_shared::catalog::CatalogItem>,
         /// The version the change was made to, if the caller named one.
         base: Option<u64>,
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<ApiAnswer>,
     },
     /// A customer's rating of a meal.
     Rate {
         rating: catalog::RatingRequest,
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<ApiAnswer>,
     },
     /// Load a batch of unit rows (`larder-hub import units`).
     ImportUnits {
         rows: Vec<import::UnitRow>,
         /// The request's Idempotency-Key and request hash, if it had one.
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
         reply: Reply<import::ImportReport>,
     },
     /// Apply what time has made due: payment captures after grace windows, payment timeouts,

@@ -33,7 +33,7 @@ impl RegionWriter {
     pub(super) fn compact_once(
         &mut self,
         archive_before_ms: i64,
-        idem: Option<(String, String)>,
+        idem: Option<Idem>,
     ) -> Result<CompactionReport, RegionError> {
         match self.replay(idem.as_ref(), &HashMap::new()) {
             Some(Replay::KeyReused) => return Err(RegionError::IdempotencyKeyReused),
@@ -45,9 +45,14 @@ impl RegionWriter {
             None => {}
         }
         let report = self.compact(archive_before_ms)?;
-        if let Some((key, hash)) = idem {
+        if let Some(idem) = idem {
             let answer = RegionBatch {
-                idempotency: vec![(key, hash, 200, serde_json::json!(report).to_string())],
+                idempotency: vec![IdempotencyRow {
+                    key: idem.key,
+                    request_sha256: idem.request_sha256,
+                    status: 200,
+                    response: serde_json::json!(report).to_string(),
+                }],
                 ..RegionBatch::default()
             };
             if let Err(e) = self.store.commit(&answer) {

@@ -446,7 +446,10 @@ fn a_keyed_import_retried_at_once_gets_its_first_answer() {
         let (reply, answer) = oneshot::channel();
         writer.process(vec![RegionCommand::ImportUnits {
             rows,
-            idem: Some(("import-1".into(), hash.into())),
+            idem: Some(larder_runtime::http::Idem {
+                key: "import-1".into(),
+                request_sha256: hash.into(),
+            }),
             reply,
         }]);
         answer
