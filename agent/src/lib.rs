@@ -41,15 +41,11 @@ const READ_CONNECTIONS: usize = 4;
 #[non_exhaustive]
 pub enum StartError {
     #[error(transparent)]
-    DataDir(#[from] larder_runtime::config::DataDirError),
+    Startup(#[from] larder_runtime::StartupError),
     #[error("key file {path}: {message}")]
     Key { path: String, message: String },
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error(transparent)]
-    Listen(#[from] larder_runtime::http::ListenError),
-    #[error("cannot start the writer thread: {0}")]
-    Thread(std::io::Error),
     #[error("mqtt.tls_ca_file: {0}")]
     Tls(String),
 }
@@ -331,7 +327,7 @@ pub async fn start_with_clock(
     let writer_thread = std::thread::Builder::new()
         .name(format!("writer-{}", config.device_id))
         .spawn(move || writer.run(writer_rx))
-        .map_err(StartError::Thread)?;
+        .map_err(larder_runtime::StartupError::Thread)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (network_tx, network_rx) = watch::channel(true);
 

@@ -42,7 +42,7 @@ const READ_CONNECTIONS: usize = 4;
 #[non_exhaustive]
 pub enum StartError {
     #[error(transparent)]
-    DataDir(#[from] larder_runtime::config::DataDirError),
+    Startup(#[from] larder_runtime::StartupError),
     #[error("region {region}: {source}")]
     Store {
         region: RegionId,
@@ -50,10 +50,6 @@ pub enum StartError {
     },
     #[error(transparent)]
     Broker(#[from] mqtt::BrokerError),
-    #[error(transparent)]
-    Listen(#[from] larder_runtime::http::ListenError),
-    #[error("cannot start a writer thread: {0}")]
-    Thread(std::io::Error),
     #[error("configuration: {0}")]
     Config(String),
 }
@@ -254,7 +250,7 @@ pub async fn start_with_clock(
                     writer.run(rx);
                     drop(checkpoint_stop);
                 })
-                .map_err(StartError::Thread)?,
+                .map_err(larder_runtime::StartupError::Thread)?,
         );
         writer_threads.push(checkpointer);
         // The verifier needs only a group's worth of lookahead: uplinks wait in the writer's
@@ -269,7 +265,7 @@ pub async fn start_with_clock(
         writer_threads.push(
             verifier
                 .spawn(format!("verify-{}", rc.id), uplinks_rx, tx.clone())
-                .map_err(StartError::Thread)?,
+                .map_err(larder_runtime::StartupError::Thread)?,
         );
         regions.insert(
             rc.id.clone(),

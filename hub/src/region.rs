@@ -144,11 +144,13 @@ pub struct RegionWriter {
     after_commit: Vec<crate::events::EventKind>,
 }
 
-/// A ledger's counted stock and the (minute, next delivery) it was counted for.
-type StockCache = (
-    (i64, i64),
-    Arc<std::collections::HashMap<String, crate::subscriptions::StockCount>>,
-);
+/// A ledger's counted stock and what it was counted for.
+#[derive(Debug)]
+struct StockCache {
+    /// The minute and the next delivery it was counted for.
+    key: (i64, i64),
+    counts: Arc<std::collections::HashMap<String, crate::subscriptions::StockCount>>,
+}
 
 /// What a group knows of its senders: their device rows as committed before the group, read
 /// once each, and their stream progress as the group has moved it.
@@ -260,8 +262,9 @@ impl RegionWriter {
         w.reload()?;
         let head = w.store.head()?;
         for (fridge, ledger) in &w.ledgers {
+            let granted = ledger.granted_all();
             w.grants
-                .insert(fridge.clone(), vec![(head, ledger.granted_all())]);
+                .insert(fridge.clone(), vec![GrantSnapshot { head, granted }]);
         }
         Ok((w, head_rx))
     }
@@ -319,10 +322,11 @@ impl RegionWriter {
         self.dirty.extend(self.fridges.iter().cloned());
         self.stock_dirty.extend(self.fridges.iter().cloned());
         for fridge in self.fridges.clone() {
-            let (snap, changes) = self.store.load_ledger(&fridge)?;
+            let loaded = self.store.load_ledger(&fridge)?;
             self.changes_since_snapshot
-                .insert(fridge.clone(), changes.len());
-            let ledger = Ledger::load(fridge.clone(), hub_actor(), snap.as_deref(), &changes)
+                .insert(fridge.clone(), loaded.changes.len());
+            let snapshot = loaded.snapshot.as_deref();
+            let ledger = Ledger::load(fridge.clone(), hub_actor(), snapshot, &loaded.changes)
                 .map_err(|e| StoreError::Corrupt(format!("ledger {fridge}: {e}")))?;
             self.ledgers.insert(fridge, ledger);
         }

@@ -103,7 +103,12 @@ pub struct DeviceRecord {
 }
 
 /// A ledger's snapshot (if any) and the change bytes stored after it.
-pub type LoadedLedger = (Option<Vec<u8>>, Vec<Vec<u8>>);
+#[derive(Debug, Clone, Default)]
+pub struct LoadedLedger {
+    pub snapshot: Option<Vec<u8>>,
+    /// Change bytes stored after the snapshot, in order.
+    pub changes: Vec<Vec<u8>>,
+}
 
 /// A device's stream positions (the same the uplink admission rules judge by).
 pub use larder_shared::admission::Progress;
@@ -329,7 +334,10 @@ impl RegionStore {
         let changes = stmt
             .query_map(params![fridge.as_str(), after], |r| r.get(0))?
             .collect::<Result<Vec<Vec<u8>>, _>>()?;
-        Ok((snap.map(|s| s.0), changes))
+        Ok(LoadedLedger {
+            snapshot: snap.map(|s| s.0),
+            changes,
+        })
     }
 
     /// The id of the last stored change (the head of every downlink stream).

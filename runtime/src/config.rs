@@ -27,17 +27,9 @@ pub fn read(path: &Path) -> Result<String, Vec<Problem>> {
         .map_err(|e| vec![Problem(format!("{}: cannot read: {e}", path.display()))])
 }
 
-/// The data directory could not be made.
-#[derive(Debug, thiserror::Error)]
-#[error("data directory {}: {source}", path.display())]
-pub struct DataDirError {
-    pub path: PathBuf,
-    pub source: std::io::Error,
-}
-
 /// Makes the data directory (and its parents) if it is not there.
-pub fn create_data_dir(path: &Path) -> Result<(), DataDirError> {
-    std::fs::create_dir_all(path).map_err(|source| DataDirError {
+pub fn create_data_dir(path: &Path) -> Result<(), crate::StartupError> {
+    std::fs::create_dir_all(path).map_err(|source| crate::StartupError::DataDir {
         path: path.to_path_buf(),
         source,
     })

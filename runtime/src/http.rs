@@ -43,19 +43,11 @@ pub fn with_contract_fallbacks<S: Clone + Send + Sync + 'static>(
         })
 }
 
-/// The API's listening socket could not be opened.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
-pub struct ListenError {
-    pub addr: std::net::SocketAddr,
-    pub source: std::io::Error,
-}
-
 /// Binds the API's listener; answers it with the address it got (port 0 picks a free one).
 pub async fn bind(
     addr: std::net::SocketAddr,
-) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), ListenError> {
-    let err = |source| ListenError { addr, source };
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::StartupError> {
+    let err = |source| crate::StartupError::Listen { addr, source };
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     Ok((listener, local))

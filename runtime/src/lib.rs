@@ -21,3 +21,22 @@ pub mod sqlite;
 pub mod tls;
 
 pub use clock::Clock;
+
+/// What the runtime's part of a start-up can fail at, for the agent's and the hub's own start
+/// errors to carry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    #[error("data directory {}: {source}", path.display())]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start a writer thread: {0}")]
+    Thread(std::io::Error),
+}

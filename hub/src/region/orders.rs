@@ -5,7 +5,12 @@
 use super::*;
 
 /// A fridge's escrow grants per sku as they stood once the change table reached a head.
-pub(super) type GrantSnapshot = (u64, BTreeMap<larder_shared::Sku, i64>);
+#[derive(Debug)]
+pub(super) struct GrantSnapshot {
+    /// The change table's head when the grants stood so.
+    pub(super) head: u64,
+    pub(super) granted: BTreeMap<larder_shared::Sku, i64>,
+}
 
 impl RegionWriter {
     /// Stages a change the hub made to a ledger: a row of the change table (so it reaches
@@ -153,8 +158,7 @@ impl RegionWriter {
         let dirty = std::mem::take(&mut self.stock_dirty);
         let mut out = crate::subscriptions::PerFridge::new();
         for (f, l) in &self.ledgers {
-            let fresh =
-                !dirty.contains(f) && self.stock_cache.get(f).is_some_and(|(k, _)| *k == key);
+            let fresh = !dirty.contains(f) && self.stock_cache.get(f).is_some_and(|c| c.key == key);
             if !fresh {
                 let counts = l
                     .stock_counts(key.0 * 60_000, before_ms)
@@ -168,9 +172,11 @@ impl RegionWriter {
                         (sku.to_string(), c)
                     })
                     .collect();
-                self.stock_cache.insert(f.clone(), (key, Arc::new(counts)));
+                let counts = Arc::new(counts);
+                self.stock_cache
+                    .insert(f.clone(), StockCache { key, counts });
             }
-            if let Some((_, counts)) = self.stock_cache.get(f) {
+            if let Some(StockCache { counts, .. }) = self.stock_cache.get(f) {
                 out.insert(f.clone(), counts.clone());
             }
         }
@@ -184,8 +190,8 @@ impl RegionWriter {
         };
         let now = ledger.granted_all();
         let list = self.grants.entry(fridge.clone()).or_default();
-        if list.last().is_none_or(|(_, g)| g != &now) {
-            list.push((head, now));
+        if list.last().is_none_or(|s| s.granted != now) {
+            list.push(GrantSnapshot { head, granted: now });
         }
     }
 
@@ -208,11 +214,11 @@ impl RegionWriter {
         let Some(list) = self.grants.get_mut(fridge) else {
             return BTreeMap::new();
         };
-        let Some(i) = list.iter().rposition(|(head, _)| *head <= min_acked) else {
+        let Some(i) = list.iter().rposition(|s| s.head <= min_acked) else {
             return BTreeMap::new();
         };
         list.drain(..i);
-        list.first().map(|(_, g)| g.clone()).unwrap_or_default()
+        list.first().map(|s| s.granted.clone()).unwrap_or_default()
     }
 
     /// Applies what time has made due in every ledger.

@@ -136,7 +136,7 @@ impl<D: HttpDefaults> HttpConfig<D> {
         &self,
         app: axum::Router,
         shutdown: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), super::ListenError> {
+    ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), crate::StartupError> {
         let (listener, addr) = super::bind(self.listen).await?;
         let task = super::spawn_server(listener, app, self.server_limits(), shutdown);
         Ok((addr, task))
