@@ -20,7 +20,7 @@ use sha2::Digest;
 mod queries;
 mod reads;
 
-use queries::{entry_from_row, rating_totals, retired_keys, skipped_on, subscriptions};
+use queries::{rating_totals, retired_keys, skipped_on, subscriptions};
 pub use reads::RegionReads;
 
 pub use larder_runtime::sqlite::StoreError;

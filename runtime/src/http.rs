@@ -44,7 +44,7 @@ pub fn with_contract_fallbacks<S: Clone + Send + Sync + 'static>(
 }
 
 /// Binds the API's listener; answers it with the address it got (port 0 picks a free one).
-pub async fn bind(
+async fn bind(
     addr: std::net::SocketAddr,
 ) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), crate::StartupError> {
     let err = |source| crate::StartupError::Listen { addr, source };
@@ -54,7 +54,7 @@ pub async fn bind(
 }
 
 /// Serves `app` on `listener` in a task of its own until `shutdown` turns true.
-pub fn spawn_server(
+fn spawn_server(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: ServerLimits,

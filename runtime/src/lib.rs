@@ -37,6 +37,6 @@ pub enum StartupError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start a writer thread: {0}")]
+    #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }

@@ -134,12 +134,12 @@ pub fn check_header(
     Ok(opened)
 }
 
-/// Step 2: the sender is enrolled and not revoked.
-pub fn check_device(device: Option<&Device<'_>>) -> Result<(), Rejection> {
+/// Step 2: the sender is enrolled and not revoked; answers it.
+pub fn check_device<'a, 'd>(device: Option<&'a Device<'d>>) -> Result<&'a Device<'d>, Rejection> {
     match device {
         None => Err(Rejection::UnknownDevice),
         Some(d) if d.revoked => Err(Rejection::RevokedDevice),
-        Some(_) => Ok(()),
+        Some(d) => Ok(d),
     }
 }
 
@@ -301,8 +301,7 @@ pub fn admit<'k>(
     progress: &mut Progress,
 ) -> Result<(Header, Admitted), Rejection> {
     let opened = check_header(bytes, max_message_bytes, region_id, topic_device)?;
-    check_device(device)?;
-    let device = device.ok_or(Rejection::UnknownDevice)?;
+    let device = check_device(device)?;
     let header = opened.header().clone();
     let (envelope, signer) = verify_and_open(opened, bytes, keys, box_of)?;
     let admitted = admit_body(

@@ -4,6 +4,18 @@
 
 use super::*;
 
+/// The ledger of `fridge` among the device's, or 404 `unknown_fridge`. A function of the map
+/// alone, so that the writer's other fields (its catalog, its device id) stay borrowable beside
+/// it.
+fn ledger_in<'a>(
+    ledgers: &'a mut BTreeMap<FridgeId, Ledger>,
+    fridge: &FridgeId,
+) -> Result<&'a mut Ledger, CommandError> {
+    ledgers
+        .get_mut(fridge)
+        .ok_or_else(|| CommandError::UnknownFridge(fridge.clone()))
+}
+
 /// What a local action did: the ledger change to record, if any, and the answer.
 type Done = (Option<LocalChange>, Outcome);
 
@@ -115,7 +127,7 @@ impl Writer {
         if let Action::Sale { lines, .. } = &action {
             limits::sale_units_belong(&self.ledgers, fridge, lines)?;
         }
-        self.ledger_mut(fridge)?;
+        ledger_in(&mut self.ledgers, fridge)?;
         let now = group.now;
         let (change, outcome) = match action {
             Action::Refill(refill) => self.refill(fridge, &refill, now)?,
@@ -125,7 +137,7 @@ impl Writer {
                 fridge_card,
             } => self.door_session(fridge, session, fridge_card, now)?,
             Action::Removal { units, reason } => {
-                let change = self.ledger_mut(fridge)?.remove(&units, reason, now)?;
+                let change = ledger_in(&mut self.ledgers, fridge)?.remove(&units, reason, now)?;
                 let units = units.len();
                 let fridge_id = fridge.clone();
                 (Some(change), Outcome::Removed { fridge_id, units })
@@ -202,12 +214,6 @@ impl Writer {
         Ok(())
     }
 
-    fn ledger_mut(&mut self, fridge: &FridgeId) -> Result<&mut Ledger, CommandError> {
-        self.ledgers
-            .get_mut(fridge)
-            .ok_or_else(|| CommandError::UnknownFridge(fridge.clone()))
-    }
-
     fn refill(
         &mut self,
         fridge: &FridgeId,
@@ -223,8 +229,7 @@ impl Writer {
             )
             .into());
         }
-        let device = self.device.clone();
-        let change = self.ledger_mut(fridge)?.refill(refill, &device, now)?;
+        let change = ledger_in(&mut self.ledgers, fridge)?.refill(refill, &self.device, now)?;
         let units = refill.units.len();
         let fridge_id = fridge.clone();
         Ok((Some(change), Outcome::Refilled { fridge_id, units }))
@@ -254,18 +259,15 @@ impl Writer {
                 });
             }
         }
-        let (device, next) = (self.device.clone(), self.counters.outbox_head + 1);
-        let channel = ledger::channel_for(self.role);
-        let catalog = self.catalog.clone();
-        let ledger = self.ledger_mut(fridge)?;
+        let ledger = ledger_in(&mut self.ledgers, fridge)?;
         let sale = Sale {
-            order_id: own_order_id(ledger, &device, next)?,
-            channel,
+            order_id: own_order_id(ledger, &self.device, self.counters.outbox_head + 1)?,
+            channel: ledger::channel_for(self.role),
             lines,
             payment,
             payment_pending: offline_card,
         };
-        let (change, view) = ledger.sell(&sale, &catalog, &device, now)?;
+        let (change, view) = ledger.sell(&sale, &self.catalog, &self.device, now)?;
         if offline_card {
             self.uncaptured.insert(
                 view.record.order_id.clone(),
@@ -290,13 +292,12 @@ impl Writer {
         now: i64,
     ) -> Result<Done, CommandError> {
         limits::loads(&session.units_added, &self.catalog, now).map_err(LedgerError::from)?;
-        let (device, next) = (self.device.clone(), self.counters.outbox_head + 1);
-        let catalog = self.catalog.clone();
-        let ledger = self.ledger_mut(fridge)?;
+        let ledger = ledger_in(&mut self.ledgers, fridge)?;
         if fridge_card {
-            session.card_order_id = Some(own_order_id(ledger, &device, next)?);
+            let next = self.counters.outbox_head + 1;
+            session.card_order_id = Some(own_order_id(ledger, &self.device, next)?);
         }
-        let (change, matches) = ledger.door_session(&session, &catalog, &device, now)?;
+        let (change, matches) = ledger.door_session(&session, &self.catalog, &self.device, now)?;
         let matches = matches
             .into_iter()
             .map(|(unit_id, matched)| UnitMatch { unit_id, matched })
@@ -325,9 +326,8 @@ impl Writer {
             payment_timeout_ms: 0,
             pickup_hold_ms: 0,
         };
-        let device = self.device.clone();
-        let ledger = self.ledger_mut(fridge)?;
-        let (change, outcome) = ledger.cancel(&order, &device, &policy, now)?;
+        let ledger = ledger_in(&mut self.ledgers, fridge)?;
+        let (change, outcome) = ledger.cancel(&order, &self.device, &policy, now)?;
         let view = ledger
             .order(&order)
             .ok_or(CommandError::Ledger(LedgerError::UnknownOrder(order)))?;

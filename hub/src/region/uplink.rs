@@ -344,9 +344,10 @@ impl RegionWriter {
             revoked: record.revoked_at_ms.is_some(),
             key: record.public_key,
         };
-        if let Err(r) = admission::check_device(Some(&device)) {
-            return reject(r);
-        }
+        let device = match admission::check_device(Some(&device)) {
+            Ok(d) => *d,
+            Err(r) => return reject(r),
+        };
         // The current key, then any key a rotation retired that is inside its overlap window:
         // those are read only when the batch check did not find the current key's signature.
         let mut keys = vec![record.public_key];

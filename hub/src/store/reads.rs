@@ -1,6 +1,7 @@
 //! The region's read side: read-only connections for the API, the MQTT task's downlink and
 //! the broker's admission, beside the one writer.
 
+use super::queries::entry_from_row;
 use super::*;
 
 /// Read connections of one region.

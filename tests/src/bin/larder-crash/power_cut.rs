@@ -150,6 +150,7 @@ pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<Stri
                     vfs.disarm();
                     break vfs.fired();
                 }
+                // Polled: the file layer records a cut in a flag and wakes nobody.
                 tokio::time::sleep(Duration::from_millis(1)).await;
             };
             let Some(report) = report else {
@@ -177,6 +178,7 @@ pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<Stri
             (acked.lock().ok()?.len() >= final_after).then_some(())
         })
         .await?;
+        // The last cut of the burst lands at a random moment, not at an I/O point.
         tokio::time::sleep(Duration::from_micros(rng.below(4_000))).await;
         cut_off(&agent).await?;
         let last_acked: Vec<(String, String)> = acked.lock().map(|a| a.clone()).unwrap_or_default();
