@@ -42,10 +42,35 @@ pub(crate) use larder_runtime::http::Idem;
 use local::LocalGroup;
 use remote::{Remote, starts_epoch};
 
+/// A command of the group waiting for the group's commit before it is answered.
 enum Pending {
     Local(Reply, Outcome),
+    /// Refused on its own merits: it changed nothing, but it is answered after the group like
+    /// the rest, so whoever hears the refusal sees what the group committed.
+    Refused(Reply, CommandError),
     Downlink(oneshot::Sender<Result<Ack, CommandError>>, Ack),
     Reserve(oneshot::Sender<Result<(), CommandError>>),
+}
+
+impl Pending {
+    /// Answers the command once its group's fate is known: what it staged if the group
+    /// committed, else `failed`. A refused command keeps its own refusal either way.
+    fn answer(self, failed: Option<&CommandError>) {
+        match self {
+            Pending::Local(reply, done) => {
+                let _ = reply.send(failed.map_or(Ok(done), |e| Err(e.clone())));
+            }
+            Pending::Refused(reply, refusal) => {
+                let _ = reply.send(Err(refusal));
+            }
+            Pending::Downlink(reply, ack) => {
+                let _ = reply.send(failed.map_or(Ok(ack), |e| Err(e.clone())));
+            }
+            Pending::Reserve(reply) => {
+                let _ = reply.send(failed.map_or(Ok(()), |e| Err(e.clone())));
+            }
+        }
+    }
 }
 
 /// Where the writer's counters stand; copied before a group and restored if its commit fails.
@@ -318,9 +343,7 @@ impl Writer {
                             }
                             pending.push(Pending::Local(reply, outcome));
                         }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
+                        Err(e) => pending.push(Pending::Refused(reply, e)),
                     }
                 }
                 Command::Downlink { batch: down, reply } => {
@@ -434,17 +457,7 @@ impl Writer {
             }
             let err = CommandError::Storage(e.to_string());
             for p in pending {
-                match p {
-                    Pending::Local(reply, _) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Pending::Downlink(reply, _) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                    Pending::Reserve(reply) => {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
+                p.answer(Some(&err));
             }
             self.publish_counters();
             return;
@@ -468,17 +481,7 @@ impl Writer {
                 // before anyone hears it is done.
                 self.publish_counters();
                 for p in pending {
-                    match p {
-                        Pending::Local(reply, outcome) => {
-                            let _ = reply.send(Ok(outcome));
-                        }
-                        Pending::Downlink(reply, ack) => {
-                            let _ = reply.send(Ok(ack));
-                        }
-                        Pending::Reserve(reply) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                    }
+                    p.answer(None);
                 }
                 for (fridge, n) in touched_fridges {
                     *self.changes_since_snapshot.entry(fridge).or_default() += n;
@@ -504,17 +507,7 @@ impl Writer {
                     CommandError::Storage(e.to_string())
                 };
                 for p in pending {
-                    match p {
-                        Pending::Local(reply, _) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Pending::Downlink(reply, _) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Pending::Reserve(reply) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
+                    p.answer(Some(&err));
                 }
             }
         }

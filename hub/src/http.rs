@@ -31,7 +31,7 @@ use openapi::{AnyObject, Errors};
 use crate::RegionHandle;
 use crate::config::{TokenConfig, TokenRole};
 use crate::metrics::HubMetrics;
-use crate::region::{RegionCommand, RegionError};
+use crate::region::{Outcome, RegionCommand, RegionError, Reply};
 use crate::store::DeviceRecord;
 
 mod catalog;
@@ -64,9 +64,37 @@ impl From<RegionError> for ApiError {
             RegionError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
             RegionError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             RegionError::IdempotencyKeyReused => (S::CONFLICT, "idempotency_key_reused"),
+            RegionError::NoSuchFridge(_) => (S::NOT_FOUND, "unknown_fridge"),
+            RegionError::UnknownOrder => (S::NOT_FOUND, "unknown_order"),
+            RegionError::UnknownConflict(_) => (S::NOT_FOUND, "unknown_conflict"),
+            RegionError::UnknownSubscription(_) => (S::NOT_FOUND, "unknown_subscription"),
+            RegionError::UnknownSku(_) => (S::UNPROCESSABLE_ENTITY, "unknown_sku"),
+            RegionError::NoSuchMeal(_) => (S::NOT_FOUND, "unknown_sku"),
+            RegionError::OrderExists { .. } => (S::CONFLICT, "order_exists"),
+            RegionError::NoOccurrence { .. } => (S::UNPROCESSABLE_ENTITY, "no_occurrence"),
+            RegionError::PastCutoff(_) => (S::CONFLICT, "past_cutoff"),
+            RegionError::CatalogVersionConflict { .. } => (S::CONFLICT, "catalog_version_conflict"),
+            RegionError::CatalogTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "catalog_too_large"),
+            RegionError::AlreadyRated { .. } => (S::CONFLICT, "already_rated"),
+            RegionError::Ledger(l) => larder_runtime::http::ledger_error_status(l),
         };
         ApiError::new(status, code, e.to_string())
     }
+}
+
+/// Hands the region writer a command and answers with what it did: its outcome's status and
+/// body, or its error in the contract's shape.
+async fn ask_writer(
+    tx: &tokio::sync::mpsc::Sender<RegionCommand>,
+    cmd: impl FnOnce(Reply<Outcome>) -> RegionCommand,
+) -> Result<Response, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    tx.try_send(cmd(reply))
+        .map_err(|_| ApiError::from(RegionError::Overloaded))?;
+    let outcome = rx.await.map_err(internal)??;
+    let status =
+        StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    Ok((status, Json(outcome.body())).into_response())
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

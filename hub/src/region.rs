@@ -21,6 +21,7 @@ mod committer;
 mod compaction;
 pub mod import;
 mod orders;
+mod outcome;
 mod subscriptions;
 #[cfg(test)]
 mod testing;
@@ -48,13 +49,14 @@ use larder_runtime::http::Idem;
 use crate::store::{
     DeviceRecord, IdempotencyRow, Progress, RegionBatch, RegionStore, StoreError, StoredChange,
 };
-use answers::{Replay, answer, error_answer, ledger_error_answer, remember};
+use answers::{KeptInGroup, Replay, answer, remember};
+use command::AskedCompaction;
 pub use command::{
-    ApiAnswer, OrderAction, Prechecked, RegionCommand, RegionError, SubscriptionOp, UplinkOutcome,
+    OrderAction, Prechecked, RegionCommand, RegionError, Reply, SubscriptionOp, UplinkOutcome,
 };
-use command::{AskedCompaction, Reply};
 pub use compaction::{CompactionReport, LedgerCompaction};
 use orders::GrantSnapshot;
+pub use outcome::Outcome;
 use subscriptions::META_GENERATED_THROUGH;
 use uplink::{Boxes, precheck_part};
 
@@ -75,7 +77,7 @@ pub struct LedgerSummary {
 }
 
 enum Pending {
-    Answer(Reply<ApiAnswer>, ApiAnswer),
+    Answer(Reply<Outcome>, Outcome),
     Uplink(oneshot::Sender<UplinkOutcome>, UplinkOutcome),
     Enroll(Reply<DeviceRecord>, Box<DeviceRecord>),
     Unit(Reply<()>),
@@ -446,7 +448,7 @@ impl RegionWriter {
             self.settle();
         }
         let now = self.clock.now_ms();
-        let mut in_group: HashMap<String, (String, ApiAnswer)> = HashMap::new();
+        let mut in_group = KeptInGroup::new();
         let mut batch = RegionBatch::default();
         let mut pending = Vec::new();
         let mut devices = GroupDevices::default();
@@ -476,19 +478,21 @@ impl RegionWriter {
                     idem,
                     reply,
                 } => match self.replay(idem.as_ref(), &in_group) {
-                    Some(Replay::KeyReused) => {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(Some(Replay::KeyReused)) => {
                         let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                     }
                     // A retry: the device is enrolled, and the route answers as it first did.
-                    Some(Replay::First(_)) => {
+                    Ok(Some(Replay::First(..))) => {
                         let _ =
                             reply.send(Err(RegionError::DeviceExists(record.device_id.clone())));
                     }
-                    None => match self.enroll_check(&record, &batch) {
+                    Ok(None) => match self.enroll_check(&record, &batch) {
                         Ok(()) => {
-                            let answer =
-                                (201, serde_json::json!({ "device_id": record.device_id }));
-                            remember(idem, &answer, &mut batch, &mut in_group);
+                            let answer = serde_json::json!({ "device_id": record.device_id });
+                            remember(idem, (201, answer), &mut batch, &mut in_group);
                             batch.enroll.push((*record).clone());
                             pending.push(Pending::Enroll(reply, record));
                         }
@@ -577,20 +581,23 @@ impl RegionWriter {
                 ),
                 RegionCommand::ImportUnits { rows, idem, reply } => {
                     match self.replay(idem.as_ref(), &in_group) {
-                        Some(Replay::KeyReused) => {
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Ok(Some(Replay::KeyReused)) => {
                             let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                         }
                         // A retry: the first answer again.
-                        Some(Replay::First((_, first))) => {
+                        Ok(Some(Replay::First(_, first))) => {
                             let _ = reply.send(serde_json::from_value(first).map_err(|e| {
                                 RegionError::Storage(format!("a stored answer is unreadable: {e}"))
                             }));
                         }
-                        None => {
+                        Ok(None) => {
                             let report = self.import_units(rows, &mut batch, now);
                             if idem.is_some() {
-                                let answer = (200, serde_json::json!(report));
-                                remember(idem, &answer, &mut batch, &mut in_group);
+                                let answer = serde_json::json!(report);
+                                remember(idem, (200, answer), &mut batch, &mut in_group);
                             }
                             pending.push(Pending::Import(reply, report));
                         }

@@ -21,26 +21,14 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use super::openapi::{AnyObject, Errors};
-use super::{ApiPath, HubState, authorize, internal, region};
+use super::{ApiPath, HubState, ask_writer, authorize, internal, region};
 use crate::config::TokenRole;
 use crate::region::catalog::{RatingRequest, average};
-use crate::region::{ApiAnswer, RegionCommand, RegionError};
+use crate::region::{RegionCommand, RegionError};
 
 const READERS: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
 const RATERS: [TokenRole; 2] = [TokenRole::Admin, TokenRole::App];
 const WATCHERS: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
-
-async fn submit(
-    tx: &tokio::sync::mpsc::Sender<RegionCommand>,
-    cmd: impl FnOnce(oneshot::Sender<Result<ApiAnswer, RegionError>>) -> RegionCommand,
-) -> Result<Response, ApiError> {
-    let (reply, rx) = oneshot::channel();
-    tx.try_send(cmd(reply))
-        .map_err(|_| ApiError::from(RegionError::Overloaded))?;
-    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    Ok((status, Json(body)).into_response())
-}
 
 /// `GET /v1/regions/{r}/catalog`: the current version, each item with its rating.
 #[utoipa::path(
@@ -142,7 +130,7 @@ pub(super) async fn put_catalog(
         &format!("PUT /v1/regions/{r}/catalog"),
         &bytes,
     )?;
-    submit(&h.tx, |reply| RegionCommand::PutCatalog {
+    ask_writer(&h.tx, |reply| RegionCommand::PutCatalog {
         currency: b.currency,
         items: b.items,
         base: b.version,
@@ -193,7 +181,7 @@ pub(super) async fn rate(
         &format!("POST /v1/regions/{r}/catalog/{sku}/ratings"),
         &bytes,
     )?;
-    submit(&h.tx, |reply| RegionCommand::Rate {
+    ask_writer(&h.tx, |reply| RegionCommand::Rate {
         rating: RatingRequest {
             sku,
             stars: b.stars,

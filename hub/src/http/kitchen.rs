@@ -17,10 +17,10 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::openapi::{AnyObject, Errors};
-use super::{ApiPath, ApiQuery, HubState, authorize, internal, region};
+use super::{ApiPath, ApiQuery, HubState, ask_writer, authorize, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
-use crate::region::{ApiAnswer, RegionCommand, SubscriptionOp};
+use crate::region::{RegionCommand, SubscriptionOp};
 use crate::subscriptions::{self, Calendar, Subscription};
 
 const KITCHEN: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
@@ -31,12 +31,12 @@ async fn submit(
     op: SubscriptionOp,
     idem: Option<larder_runtime::http::Idem>,
 ) -> Result<Response, ApiError> {
-    let (reply, rx) = oneshot::channel();
-    h.tx.try_send(RegionCommand::Subscription { op, idem, reply })
-        .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
-    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    Ok((status, Json(body)).into_response())
+    ask_writer(&h.tx, |reply| RegionCommand::Subscription {
+        op,
+        idem,
+        reply,
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -19,10 +19,10 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::openapi::{AnyObject, Errors};
-use super::{ApiPath, ApiQuery, HubState, authorize, internal, region};
+use super::{ApiPath, ApiQuery, HubState, ask_writer, authorize, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
-use crate::region::{ApiAnswer, OrderAction, RegionCommand};
+use crate::region::{OrderAction, RegionCommand};
 
 const ANYONE: [TokenRole; 3] = [TokenRole::Admin, TokenRole::Kitchen, TokenRole::App];
 
@@ -34,18 +34,14 @@ async fn submit(
     action: OrderAction,
     idem: Option<larder_runtime::http::Idem>,
 ) -> Result<Response, ApiError> {
-    let (reply, rx) = oneshot::channel();
-    h.tx.try_send(RegionCommand::Order {
+    ask_writer(&h.tx, |reply| RegionCommand::Order {
         fridge,
         order,
         action,
         idem,
         reply,
     })
-    .map_err(|_| ApiError::from(crate::region::RegionError::Overloaded))?;
-    let (status, body): ApiAnswer = rx.await.map_err(internal)??;
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    Ok((status, Json(body)).into_response())
+    .await
 }
 
 fn unknown_fridge(f: &str, r: &str) -> ApiError {

@@ -1,52 +1,57 @@
-//! Answers to the API's requests: the contract's error bodies, and each answer stored with its
-//! Idempotency-Key so that a retry gets the first answer and changes nothing.
+//! Answers to the writer's requests, sent once their group committed, and each API answer
+//! stored with its Idempotency-Key so that a retry gets the first answer and changes nothing.
 
 use super::*;
 
-pub(super) fn error_answer(status: u16, code: &str, message: impl std::fmt::Display) -> ApiAnswer {
-    (
-        status,
-        serde_json::json!({"error": {"code": code, "message": message.to_string()}}),
-    )
+/// An answer kept under an Idempotency-Key within a group: the request's hash and what it was
+/// answered, as the store keeps it.
+#[derive(Debug, Clone)]
+pub(super) struct Kept {
+    request_sha256: String,
+    status: u16,
+    body: serde_json::Value,
 }
 
-/// The API's answer for a ledger error (nothing was changed).
-pub(super) fn ledger_error_answer(e: &larder_shared::ledger::LedgerError) -> ApiAnswer {
-    let (status, code) = larder_runtime::http::ledger_error_status(e);
-    error_answer(status.as_u16(), code, e)
-}
+/// The answers a group kept under Idempotency-Keys, by key.
+pub(super) type KeptInGroup = HashMap<String, Kept>;
 
 /// What a group of commands builds: its transaction, the answers waiting for its commit, and
 /// the answers stored under Idempotency-Keys within it.
 pub(super) type InGroup<'a> = (
     &'a mut RegionBatch,
     &'a mut Vec<Pending>,
-    &'a mut HashMap<String, (String, ApiAnswer)>,
+    &'a mut KeptInGroup,
 );
 
 /// A request whose Idempotency-Key was seen before (see [`RegionWriter::replay`]).
 pub(super) enum Replay {
-    /// The same request again: its first answer.
-    First(ApiAnswer),
+    /// The same request again: the status and body it was answered first.
+    First(u16, serde_json::Value),
     /// The key was used with another request.
     KeyReused,
 }
 
-/// Stores a request's answer under its Idempotency-Key, in the group's transaction.
+/// Stores a request's answer (`status` and `body`) under its Idempotency-Key, in the group's
+/// transaction.
 pub(super) fn remember(
     idem: Option<Idem>,
-    answer: &ApiAnswer,
+    (status, body): (u16, serde_json::Value),
     batch: &mut RegionBatch,
-    in_group: &mut HashMap<String, (String, ApiAnswer)>,
+    in_group: &mut KeptInGroup,
 ) {
     if let Some(idem) = idem {
         batch.idempotency.push(IdempotencyRow {
             key: idem.key.clone(),
             request_sha256: idem.request_sha256.clone(),
-            status: answer.0,
-            response: answer.1.to_string(),
+            status,
+            response: body.to_string(),
         });
-        in_group.insert(idem.key, (idem.request_sha256, answer.clone()));
+        let kept = Kept {
+            request_sha256: idem.request_sha256,
+            status,
+            body,
+        };
+        in_group.insert(idem.key, kept);
     }
 }
 
@@ -75,8 +80,8 @@ pub(super) fn answer(
     }
     for p in pending {
         match (p, &result) {
-            (Pending::Answer(reply, answer), Ok(())) => {
-                let _ = reply.send(Ok(answer));
+            (Pending::Answer(reply, outcome), Ok(())) => {
+                let _ = reply.send(Ok(outcome));
             }
             (Pending::Answer(reply, _), Err(e)) => {
                 let _ = reply.send(Err(e.clone()));
@@ -108,58 +113,73 @@ pub(super) fn answer(
 
 impl RegionWriter {
     /// Answers an API request once: a retry (the same Idempotency-Key and request) gets the
-    /// stored answer and changes nothing; a new request runs `act`, whose answer is stored with
-    /// the group's transaction and sent once it is committed. `Err` answers change nothing and
-    /// go at once.
+    /// stored answer and changes nothing; a new request runs `act`, whose outcome is stored with
+    /// the group's transaction and sent once it is committed. An `Err` changed nothing and goes
+    /// at once.
     pub(super) fn answer_once(
         &mut self,
         idem: Option<Idem>,
-        reply: Reply<ApiAnswer>,
+        reply: Reply<Outcome>,
         (batch, pending, in_group): InGroup<'_>,
-        act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<ApiAnswer, ApiAnswer>,
+        act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<Outcome, RegionError>,
     ) {
         match self.replay(idem.as_ref(), in_group) {
-            Some(Replay::First(answer)) => {
-                let _ = reply.send(Ok(answer));
+            Ok(None) => {}
+            Ok(Some(Replay::First(status, body))) => {
+                let _ = reply.send(Ok(Outcome::Replayed { status, body }));
                 return;
             }
-            Some(Replay::KeyReused) => {
-                let _ = reply.send(Ok(error_answer(
-                    409,
-                    "idempotency_key_reused",
-                    RegionError::IdempotencyKeyReused,
-                )));
+            Ok(Some(Replay::KeyReused)) => {
+                let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                 return;
             }
-            None => {}
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         match act(self, batch) {
-            Ok(answer) => {
-                remember(idem, &answer, batch, in_group);
-                pending.push(Pending::Answer(reply, answer));
+            Ok(outcome) => {
+                remember(idem, (outcome.status(), outcome.body()), batch, in_group);
+                pending.push(Pending::Answer(reply, outcome));
             }
-            Err(answer) => {
-                let _ = reply.send(Ok(answer));
+            Err(e) => {
+                let _ = reply.send(Err(e));
             }
         }
     }
 
     /// What a request with an Idempotency-Key (and request hash) was answered before: `None`
-    /// for a new request.
+    /// for a new request. A store that cannot say is an error, not a new request: taking it
+    /// as new could do a retried request twice.
     pub(super) fn replay(
         &self,
         idem: Option<&Idem>,
-        in_group: &HashMap<String, (String, ApiAnswer)>,
-    ) -> Option<Replay> {
-        let idem = idem?;
-        let (h, status, body) = match in_group.get(&idem.key) {
-            Some((h, a)) => (h.clone(), a.0, a.1.to_string()),
-            None => self.store.idempotency(&idem.key).ok()??,
+        in_group: &KeptInGroup,
+    ) -> Result<Option<Replay>, RegionError> {
+        let Some(idem) = idem else {
+            return Ok(None);
         };
-        Some(if h == idem.request_sha256 {
-            Replay::First((status, serde_json::from_str(&body).unwrap_or_default()))
+        let (h, status, body) = match in_group.get(&idem.key) {
+            Some(kept) => (kept.request_sha256.clone(), kept.status, kept.body.clone()),
+            None => {
+                let stored = self.store.idempotency(&idem.key).map_err(|e| {
+                    error!(region = %self.region, error = %e, "reading an Idempotency-Key failed");
+                    RegionError::Storage(e.to_string())
+                })?;
+                let Some((h, status, body)) = stored else {
+                    return Ok(None);
+                };
+                let body = serde_json::from_str(&body).map_err(|e| {
+                    RegionError::Storage(format!("a stored answer is unreadable: {e}"))
+                })?;
+                (h, status, body)
+            }
+        };
+        Ok(Some(if h == idem.request_sha256 {
+            Replay::First(status, body)
         } else {
             Replay::KeyReused
-        })
+        }))
     }
 }

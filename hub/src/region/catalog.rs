@@ -9,7 +9,7 @@ use larder_shared::catalog::{Catalog, CatalogItem};
 use sha2::Digest;
 use tracing::{error, info};
 
-use super::{ApiAnswer, RegionWriter, error_answer};
+use super::{Outcome, RegionError, RegionWriter};
 use crate::events::EventKind;
 use crate::store::{META_CATALOG, RegionBatch, StoreError};
 
@@ -115,22 +115,18 @@ impl RegionWriter {
         base: Option<u64>,
         batch: &mut RegionBatch,
         now: i64,
-    ) -> Result<ApiAnswer, ApiAnswer> {
-        check_catalog(&currency, &items).map_err(|m| error_answer(422, "invalid_request", m))?;
+    ) -> Result<Outcome, RegionError> {
+        check_catalog(&currency, &items).map_err(RegionError::Invalid)?;
         if currency == self.catalog.currency && items == self.catalog.items {
-            return Ok((200, self.catalog_json(&self.catalog)));
+            return Ok(Outcome::CatalogUnchanged(Box::new(self.catalog.clone())));
         }
         if let Some(base) = base
             && base != self.catalog.version
         {
-            return Err(error_answer(
-                409,
-                "catalog_version_conflict",
-                format!(
-                    "the change was made to version {base}, but the catalog is at version {} now; fetch it and make the change again",
-                    self.catalog.version
-                ),
-            ));
+            return Err(RegionError::CatalogVersionConflict {
+                base,
+                current: self.catalog.version,
+            });
         }
         let next = Catalog {
             version: self.catalog.version + 1,
@@ -140,21 +136,17 @@ impl RegionWriter {
         // The version travels to every agent in one envelope.
         let size = serde_json::to_vec(&next).map_or(usize::MAX, |v| v.len());
         if size + 1024 > self.max_message_bytes {
-            return Err(error_answer(
-                413,
-                "catalog_too_large",
-                format!(
-                    "the catalog takes {size} bytes, more than an envelope may carry (mqtt.max_message_bytes = {})",
-                    self.max_message_bytes
-                ),
-            ));
+            return Err(RegionError::CatalogTooLarge {
+                size,
+                max: self.max_message_bytes,
+            });
         }
         self.stage_catalog(&next, now, batch);
         // Orders later in the group are priced from it; a failed commit reloads the old one.
         self.catalog = next.clone();
         self.published = Some(next.clone());
         info!(region = %self.region, version = next.version, "catalog published through the API");
-        Ok((201, self.catalog_json(&next)))
+        Ok(Outcome::CatalogPublished(Box::new(next)))
     }
 
     /// `POST /v1/regions/{r}/catalog/{sku}/ratings`: counts the rating into its sku's total.
@@ -163,24 +155,18 @@ impl RegionWriter {
         req: RatingRequest,
         batch: &mut RegionBatch,
         now: i64,
-    ) -> Result<ApiAnswer, ApiAnswer> {
+    ) -> Result<Outcome, RegionError> {
         if !(1..=5).contains(&req.stars) {
-            return Err(error_answer(
-                422,
-                "invalid_request",
-                "stars must be a whole number from 1 to 5",
+            return Err(RegionError::Invalid(
+                "stars must be a whole number from 1 to 5".into(),
             ));
         }
         if self.catalog.item(&req.sku).is_none() {
-            return Err(error_answer(
-                404,
-                "unknown_sku",
-                format!("sku {} is not in the catalog", req.sku),
-            ));
+            return Err(RegionError::NoSuchMeal(req.sku));
         }
         if let Some(customer) = &req.customer_id {
             larder_shared::limits::customer_id(customer)
-                .map_err(|e| error_answer(422, "invalid_request", e))?;
+                .map_err(|e| RegionError::Invalid(e.to_string()))?;
             // Once per customer and sku: a customer cannot move an average alone.
             let in_group = batch
                 .ratings
@@ -188,14 +174,13 @@ impl RegionWriter {
                 .any(|(s, _, c, _)| *s == req.sku && c.as_deref() == Some(customer));
             let stored = self.store.rated(req.sku.as_str(), customer).map_err(|e| {
                 error!(region = %self.region, error = %e, "reading ratings failed");
-                error_answer(503, "storage_unavailable", e)
+                RegionError::Storage(e.to_string())
             })?;
             if in_group || stored {
-                return Err(error_answer(
-                    409,
-                    "already_rated",
-                    format!("customer {customer} has rated {} already", req.sku),
-                ));
+                return Err(RegionError::AlreadyRated {
+                    customer: customer.clone(),
+                    sku: req.sku,
+                });
             }
         }
         let total = self.ratings.entry(req.sku.clone()).or_default();
@@ -211,15 +196,12 @@ impl RegionWriter {
             average,
             count,
         });
-        Ok((
-            201,
-            serde_json::json!({"sku": req.sku, "stars": req.stars, "average": average, "count": count}),
-        ))
-    }
-
-    /// A catalog as the API shows it.
-    fn catalog_json(&self, catalog: &Catalog) -> serde_json::Value {
-        serde_json::to_value(catalog).unwrap_or_default()
+        Ok(Outcome::Rated {
+            sku: req.sku,
+            stars: req.stars,
+            average,
+            count,
+        })
     }
 }
 

@@ -44,9 +44,50 @@ pub enum RegionError {
     Overloaded,
     #[error("this Idempotency-Key was used with another request")]
     IdempotencyKeyReused,
+    /// A fridge a request names is not one of the region's ledgers.
+    #[error("no fridge {0} here")]
+    NoSuchFridge(FridgeId),
+    #[error("no such order")]
+    UnknownOrder,
+    #[error("no conflict {0} in this region")]
+    UnknownConflict(String),
+    #[error("no subscription {0}")]
+    UnknownSubscription(String),
+    /// A sku a request's body names is not in the catalog.
+    #[error("sku {0} is not in the catalog")]
+    UnknownSku(larder_shared::Sku),
+    /// The meal a request's path names is not in the catalog.
+    #[error("sku {0} is not in the catalog")]
+    NoSuchMeal(larder_shared::Sku),
+    #[error("order {order} already exists in region {region}")]
+    OrderExists {
+        order: larder_shared::OrderId,
+        region: RegionId,
+    },
+    #[error("subscription {id} has no meal on {date}")]
+    NoOccurrence { id: String, date: jiff::civil::Date },
+    #[error("the cut-off for {0} has passed: the meal is already an order")]
+    PastCutoff(jiff::civil::Date),
+    #[error(
+        "the change was made to version {base}, but the catalog is at version {current} now; \
+         fetch it and make the change again"
+    )]
+    CatalogVersionConflict { base: u64, current: u64 },
+    #[error(
+        "the catalog takes {size} bytes, more than an envelope may carry \
+         (mqtt.max_message_bytes = {max})"
+    )]
+    CatalogTooLarge { size: usize, max: usize },
+    #[error("customer {customer} has rated {sku} already")]
+    AlreadyRated {
+        customer: String,
+        sku: larder_shared::Sku,
+    },
+    #[error(transparent)]
+    Ledger(#[from] larder_shared::ledger::LedgerError),
 }
 
-pub(super) type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
+pub type Reply<T> = oneshot::Sender<Result<T, RegionError>>;
 
 /// A compaction asked for: records finished before when, the request's Idempotency-Key and
 /// request hash, and the reply.
@@ -96,14 +137,14 @@ pub enum RegionCommand {
         action: OrderAction,
         /// The request's Idempotency-Key and the hash of its method, path and body.
         idem: Option<Idem>,
-        reply: Reply<ApiAnswer>,
+        reply: Reply<Outcome>,
     },
     /// Create, end or skip an occurrence of a subscription.
     Subscription {
         op: SubscriptionOp,
         /// The request's Idempotency-Key and the hash of its method, path and body.
         idem: Option<Idem>,
-        reply: Reply<ApiAnswer>,
+        reply: Reply<Outcome>,
     },
     /// Every conflict record of the region's ledgers.
     Conflicts {
@@ -123,13 +164,13 @@ pub enum RegionCommand {
         /// The version the change was made to, if the caller named one.
         base: Option<u64>,
         idem: Option<Idem>,
-        reply: Reply<ApiAnswer>,
+        reply: Reply<Outcome>,
     },
     /// A customer's rating of a meal.
     Rate {
         rating: catalog::RatingRequest,
         idem: Option<Idem>,
-        reply: Reply<ApiAnswer>,
+        reply: Reply<Outcome>,
     },
     /// Load a batch of unit rows (`larder-hub import units`).
     ImportUnits {
@@ -169,6 +210,3 @@ pub enum SubscriptionOp {
     End { id: String },
     Skip { id: String, date: jiff::civil::Date },
 }
-
-/// An HTTP status and JSON body: the API's answer, stored for idempotent retries.
-pub type ApiAnswer = (u16, serde_json::Value);

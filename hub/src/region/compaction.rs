@@ -35,9 +35,9 @@ impl RegionWriter {
         archive_before_ms: i64,
         idem: Option<Idem>,
     ) -> Result<CompactionReport, RegionError> {
-        match self.replay(idem.as_ref(), &HashMap::new()) {
+        match self.replay(idem.as_ref(), &KeptInGroup::new())? {
             Some(Replay::KeyReused) => return Err(RegionError::IdempotencyKeyReused),
-            Some(Replay::First((_, first))) => {
+            Some(Replay::First(_, first)) => {
                 return serde_json::from_value(first).map_err(|e| {
                     RegionError::Storage(format!("a stored answer is unreadable: {e}"))
                 });

@@ -41,22 +41,24 @@ impl RegionWriter {
 
     /// An order id is one order in the whole region: none of its ledgers, nor the projection
     /// (archived orders too), holds it.
-    pub(super) fn check_order_id_free(&self, id: &larder_shared::OrderId) -> Result<(), ApiAnswer> {
+    pub(super) fn check_order_id_free(
+        &self,
+        id: &larder_shared::OrderId,
+    ) -> Result<(), RegionError> {
         let in_store = self.store.order_exists(id.as_str()).map_err(|e| {
             error!(region = %self.region, error = %e, "reading orders failed");
-            error_answer(503, "storage_unavailable", e)
+            RegionError::Storage(e.to_string())
         })?;
         if in_store || self.ledgers.values().any(|l| l.has_order(id)) {
-            return Err(error_answer(
-                409,
-                "order_exists",
-                format!("order {id} already exists in region {}", self.region),
-            ));
+            return Err(RegionError::OrderExists {
+                order: id.clone(),
+                region: self.region.clone(),
+            });
         }
         Ok(())
     }
 
-    /// Carries out an order action; `Err` is an answer for a request that changed nothing.
+    /// Carries out an order action; an `Err` changed nothing.
     pub(super) fn order_action(
         &mut self,
         fridge: Option<FridgeId>,
@@ -64,7 +66,7 @@ impl RegionWriter {
         action: OrderAction,
         batch: &mut RegionBatch,
         now: i64,
-    ) -> Result<ApiAnswer, ApiAnswer> {
+    ) -> Result<Outcome, RegionError> {
         let policy = self.orders.policy();
         let fridge = match (&action, fridge) {
             (OrderAction::Resolve { conflict_id, .. }, _) => self
@@ -72,15 +74,9 @@ impl RegionWriter {
                 .iter()
                 .find(|(_, l)| l.conflict(conflict_id).is_some())
                 .map(|(f, _)| f.clone())
-                .ok_or_else(|| {
-                    error_answer(
-                        404,
-                        "unknown_conflict",
-                        format!("no conflict {conflict_id} in this region"),
-                    )
-                })?,
+                .ok_or_else(|| RegionError::UnknownConflict(conflict_id.clone()))?,
             (_, Some(f)) => f,
-            (_, None) => return Err(error_answer(422, "invalid_request", "no fridge given")),
+            (_, None) => return Err(RegionError::Invalid("no fridge given".into())),
         };
         let usable = match &action {
             OrderAction::Place {
@@ -92,59 +88,53 @@ impl RegionWriter {
         if let OrderAction::Place { order, .. } = &action {
             self.check_order_id_free(&order.order_id)?;
         }
-        let ledger = self.ledgers.get_mut(&fridge).ok_or_else(|| {
-            error_answer(404, "unknown_fridge", format!("no fridge {fridge} here"))
-        })?;
-        let no_order = || error_answer(404, "unknown_order", "no such order");
-        let (change, answer) = match action {
+        let ledger = self
+            .ledgers
+            .get_mut(&fridge)
+            .ok_or_else(|| RegionError::NoSuchFridge(fridge.clone()))?;
+        let order_now = |ledger: &Ledger, order: &larder_shared::OrderId| {
+            Outcome::Order(ledger.order(order).map(Box::new))
+        };
+        let (change, outcome) = match action {
             OrderAction::Place { order, .. } => {
-                let (change, view) = ledger
-                    .place_order(&order, &self.catalog, usable.as_ref(), &policy, now)
-                    .map_err(|e| ledger_error_answer(&e))?;
-                (Some(change), (201, serde_json::json!(view)))
+                let (change, view) =
+                    ledger.place_order(&order, &self.catalog, usable.as_ref(), &policy, now)?;
+                (Some(change), Outcome::OrderPlaced(Box::new(view)))
             }
             OrderAction::Cancel => {
-                let order = order.ok_or_else(no_order)?;
-                let (change, outcome) = ledger
-                    .cancel(&order, &ledger::hub_device(), &policy, now)
-                    .map_err(|e| ledger_error_answer(&e))?;
-                let answer = match outcome {
-                    ledger::CancelOutcome::Done(_) => {
-                        (200, serde_json::json!(ledger.order(&order)))
+                let order = order.ok_or(RegionError::UnknownOrder)?;
+                let (change, done) = ledger.cancel(&order, &ledger::hub_device(), &policy, now)?;
+                let outcome = match done {
+                    ledger::CancelOutcome::Done(_) => order_now(ledger, &order),
+                    ledger::CancelOutcome::Rejected(code, why) => {
+                        Outcome::CancelRefused { code, why }
                     }
-                    ledger::CancelOutcome::Rejected(code, why) => error_answer(409, code, why),
                 };
-                (change, answer)
+                (change, outcome)
             }
             OrderAction::Dispatch => {
-                let order = order.ok_or_else(no_order)?;
-                let change = ledger
-                    .dispatch(&order, now)
-                    .map_err(|e| ledger_error_answer(&e))?;
-                (Some(change), (200, serde_json::json!(ledger.order(&order))))
+                let order = order.ok_or(RegionError::UnknownOrder)?;
+                let change = ledger.dispatch(&order, now)?;
+                (Some(change), order_now(ledger, &order))
             }
-            OrderAction::Payment(outcome) => {
-                let order = order.ok_or_else(no_order)?;
-                let change = ledger
-                    .record_payment(&order, outcome, &policy, now)
-                    .map_err(|e| ledger_error_answer(&e))?;
-                (Some(change), (200, serde_json::json!(ledger.order(&order))))
+            OrderAction::Payment(paid) => {
+                let order = order.ok_or(RegionError::UnknownOrder)?;
+                let change = ledger.record_payment(&order, paid, &policy, now)?;
+                (Some(change), order_now(ledger, &order))
             }
             OrderAction::Resolve {
                 conflict_id,
                 mut resolution,
             } => {
                 resolution.at_ms = now;
-                let (change, view) = ledger
-                    .resolve(&conflict_id, &resolution, now)
-                    .map_err(|e| ledger_error_answer(&e))?;
-                (Some(change), (200, serde_json::json!(view)))
+                let (change, view) = ledger.resolve(&conflict_id, &resolution, now)?;
+                (Some(change), Outcome::Resolved(Box::new(view)))
             }
         };
         if let Some(change) = change {
             self.hub_change(&fridge, change, batch);
         }
-        Ok(answer)
+        Ok(outcome)
     }
 
     /// Every ledger's stock counts, recounting only ledgers that changed since they were last

@@ -48,19 +48,19 @@ pub(super) fn schedule_occurrence(
 pub(super) const META_GENERATED_THROUGH: &str = "subscriptions_generated_through";
 
 impl RegionWriter {
-    /// Creates, ends or skips; `Err` is an answer for a request that changed nothing.
+    /// Creates, ends or skips; an `Err` changed nothing.
     pub(super) fn subscription_op(
         &mut self,
         op: SubscriptionOp,
         batch: &mut RegionBatch,
         now: i64,
-    ) -> Result<ApiAnswer, ApiAnswer> {
-        let storage = |e: StoreError| error_answer(503, "storage_unavailable", e);
+    ) -> Result<Outcome, RegionError> {
+        let storage = |e: StoreError| RegionError::Storage(e.to_string());
         // As this group left it: created or ended earlier in the group, or as stored.
         let find = |store: &RegionStore,
                     staged: &[crate::subscriptions::Subscription],
                     id: &str|
-         -> Result<crate::subscriptions::Subscription, ApiAnswer> {
+         -> Result<crate::subscriptions::Subscription, RegionError> {
             if let Some(s) = staged.iter().rev().find(|s| s.subscription_id == id) {
                 return Ok(s.clone());
             }
@@ -69,30 +69,20 @@ impl RegionWriter {
                 .map_err(storage)?
                 .into_iter()
                 .find(|s| s.subscription_id == id)
-                .ok_or_else(|| {
-                    error_answer(404, "unknown_subscription", format!("no subscription {id}"))
-                })
+                .ok_or_else(|| RegionError::UnknownSubscription(id.to_owned()))
         };
         match op {
             SubscriptionOp::Create(sub) => {
                 if !self.ledgers.contains_key(&sub.fridge_id) {
-                    return Err(error_answer(
-                        404,
-                        "unknown_fridge",
-                        format!("no fridge {} here", sub.fridge_id),
-                    ));
+                    return Err(RegionError::NoSuchFridge(sub.fridge_id.clone()));
                 }
                 for l in &sub.lines {
                     if self.catalog.item(&l.sku).is_none() {
-                        return Err(error_answer(
-                            422,
-                            "unknown_sku",
-                            format!("sku {} is not in the catalog", l.sku),
-                        ));
+                        return Err(RegionError::UnknownSku(l.sku.clone()));
                     }
                 }
                 batch.subscriptions.push((*sub).clone());
-                Ok((201, serde_json::json!(sub)))
+                Ok(Outcome::SubscriptionCreated(sub))
             }
             SubscriptionOp::End { id } => {
                 let mut sub = find(&self.store, &batch.subscriptions, &id)?;
@@ -100,29 +90,21 @@ impl RegionWriter {
                     sub.ended_at_ms = Some(now);
                     batch.subscriptions.push(sub.clone());
                 }
-                Ok((200, serde_json::json!(sub)))
+                Ok(Outcome::SubscriptionEnded(Box::new(sub)))
             }
             SubscriptionOp::Skip { id, date } => {
                 let sub = find(&self.store, &batch.subscriptions, &id)?;
                 if !sub.occurs_on(date) {
-                    return Err(error_answer(
-                        422,
-                        "no_occurrence",
-                        format!("subscription {id} has no meal on {date}"),
-                    ));
+                    return Err(RegionError::NoOccurrence { id, date });
                 }
                 if self.generated_through.is_some_and(|g| date <= g) {
-                    return Err(error_answer(
-                        409,
-                        "past_cutoff",
-                        format!("the cut-off for {date} has passed: the meal is already an order"),
-                    ));
+                    return Err(RegionError::PastCutoff(date));
                 }
                 batch.skips.push((id.clone(), date.to_string()));
-                Ok((
-                    200,
-                    serde_json::json!({"subscription_id": id, "date": date.to_string(), "cancelled": true}),
-                ))
+                Ok(Outcome::Skipped {
+                    subscription_id: id,
+                    date,
+                })
             }
         }
     }

@@ -7,7 +7,7 @@ use larder_shared::{RegionId, SecretKey, UnitId};
 use tokio::sync::oneshot;
 
 use super::testing::{Loader, Scene, fridge, record, scene, writer};
-use super::{RegionCommand, RegionError, RegionWriter, UplinkOutcome};
+use super::{Outcome, RegionCommand, RegionError, RegionWriter, UplinkOutcome};
 use crate::store::{RegionBatch, RegionStore};
 
 /// Hands the writer `payload` from `from` as a group of its own, and answers the writer's
@@ -240,7 +240,7 @@ fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
 fn group_with_tick(
     writer: &mut RegionWriter,
     ops: Vec<super::SubscriptionOp>,
-) -> Vec<super::ApiAnswer> {
+) -> Vec<super::Outcome> {
     let (mut group, mut answers) = (Vec::new(), Vec::new());
     for op in ops {
         let (reply, answer) = oneshot::channel();
@@ -342,7 +342,7 @@ fn a_tick_sees_the_subscriptions_and_skips_of_its_own_group() {
             },
         ],
     );
-    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    let statuses: Vec<u16> = answers.iter().map(super::Outcome::status).collect();
     assert_eq!(statuses, [201, 201, 200], "{answers:?}");
     assert!(
         has_order(&writer, &daily("kept", today), tomorrow),
@@ -430,7 +430,10 @@ fn a_keyed_import_retried_at_once_gets_its_first_answer() {
         reply,
     }]);
     assert_eq!(
-        published.blocking_recv().expect("answered").map(|a| a.0),
+        published
+            .blocking_recv()
+            .expect("answered")
+            .map(|a| a.status()),
         Ok(201)
     );
 
@@ -549,4 +552,54 @@ fn an_occurrence_whose_id_is_held_elsewhere_takes_the_next_id() {
     )
     .expect("scheduled");
     assert!(again.is_none(), "made once");
+}
+
+/// A request whose Idempotency-Key the store cannot look up is refused (503, nothing done),
+/// not taken as new: it may be the retry of one already done. Once the store reads again, the
+/// request is done once and its retry gets the first answer.
+#[test]
+fn a_key_the_store_cannot_look_up_refuses_the_request() {
+    let Scene {
+        dir: _dir,
+        path,
+        region,
+        hub,
+    } = scene();
+    let mut writer = writer(&region, RegionStore::open(&path).expect("store"), &hub);
+    publish_lasagna(&mut writer);
+    let (today, _) = days(&writer);
+    let create = |writer: &mut RegionWriter| {
+        let (reply, answer) = oneshot::channel();
+        writer.process(vec![RegionCommand::Subscription {
+            op: super::SubscriptionOp::Create(Box::new(daily("s-1", today))),
+            idem: Some(larder_runtime::http::Idem {
+                key: "create-s-1".into(),
+                request_sha256: "request-s-1".into(),
+            }),
+            reply,
+        }]);
+        answer.blocking_recv().expect("answered")
+    };
+    let admin = rusqlite::Connection::open(&path).expect("connection");
+    admin
+        .execute_batch("ALTER TABLE idempotency RENAME COLUMN response TO unreadable")
+        .expect("break the lookup");
+    let refused = create(&mut writer);
+    assert!(
+        matches!(refused, Err(RegionError::Storage(_))),
+        "{refused:?}"
+    );
+    let stored = |writer: &RegionWriter| writer.store.subscriptions().expect("read").len();
+    assert_eq!(stored(&writer), 0, "nothing done");
+    admin
+        .execute_batch("ALTER TABLE idempotency RENAME COLUMN unreadable TO response")
+        .expect("mend the lookup");
+    let first = create(&mut writer).expect("created");
+    let retry = create(&mut writer).expect("replayed");
+    assert_eq!(first.status(), 201);
+    assert!(
+        matches!(&retry, Outcome::Replayed { status: 201, body } if *body == first.body()),
+        "{retry:?}"
+    );
+    assert_eq!(stored(&writer), 1, "done once");
 }
