@@ -1,4 +1,5 @@
-//! The `larder-agent` command line: `run`, `keygen`, `rotate-key`, `config check` and `status`.
+//! The `larder-agent` command line: `run`, `keygen`, `rotate-key`, `config check`, `migrate`
+//! and `status`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,17 @@ pub(crate) enum Cmd {
         #[command(subcommand)]
         command: ConfigCmd,
     },
+    /// Bring the agent's store to this program's version, or with `--check` say what that
+    /// would run, changing nothing. The agent does it itself when it starts; this lets an
+    /// operator see it, or do it, first. Exits 1 if the store is newer than this program.
+    Migrate {
+        /// The agent's TOML config (its `data_dir`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Only say what would run.
+        #[arg(long)]
+        check: bool,
+    },
     /// Ask the local agent for its health and print it for a person.
     Status {
         /// The agent's local API.
@@ -91,6 +103,30 @@ pub fn main() -> ExitCode {
         Cmd::Run { config } => run_agent(config),
         Cmd::RotateKey { config } => rotate_key(&config),
         Cmd::Status { url } => status(&url),
+        Cmd::Migrate { config, check } => migrate(&config, check),
+    }
+}
+
+fn migrate(path: &std::path::Path, check: bool) -> ExitCode {
+    let config = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let ok = larder_runtime::sqlite::migrate::command(
+        &crate::store::AGENT_SCHEMA,
+        &config.database_path(),
+        check,
+        |db| crate::store::Store::open_migrated(db).map(|(_, ran)| ran),
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -19,7 +19,7 @@ mod writer;
 pub use cli::main;
 pub use config::AgentConfig;
 pub use metrics::{Metrics, Shared};
-pub use store::StoreError;
+pub use store::{AGENT_SCHEMA as STORE_SCHEMA, StoreError};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

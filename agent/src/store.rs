@@ -14,8 +14,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub(crate) use larder_runtime::projection::{self, SkuStock};
 pub use larder_runtime::sqlite::StoreError;
+use larder_runtime::sqlite::migrate::{Migration, Plan, Schema};
 use larder_runtime::sqlite::{Readers, checkpoint_connection, open_connection, run_checkpointer};
 
+/// The schema as it stood before stores had versions: the first migration, never changed.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger_snapshots (fridge TEXT PRIMARY KEY, bytes BLOB NOT NULL);
@@ -44,23 +46,44 @@ CREATE INDEX IF NOT EXISTS arc.archive_record ON archive (kind, record_id);
 CREATE INDEX IF NOT EXISTS arc.archive_age ON archive (archived_at_ms);
 ";
 
+/// The agent store's schema: one migration per change, appended only (see
+/// `larder_runtime::sqlite::migrate`).
+pub const AGENT_SCHEMA: Schema = Schema {
+    store: "agent store",
+    migrations: &[
+        Migration {
+            name: "ledgers, changes and outbox, idempotency, projections and the archive \
+                   (the schema before stores had versions)",
+            apply: |tx| {
+                tx.execute_batch(SCHEMA)?;
+                tx.execute_batch(projection::SCHEMA)?;
+                tx.execute_batch(ARCHIVE_SCHEMA)
+            },
+        },
+        Migration {
+            name: "the archive holds each record once per epoch",
+            apply: archive_once,
+        },
+    ],
+};
+
 /// Each record archived once per epoch: the archive's rows are committed before the rebase that
 /// archives them (the two files are not atomic together in WAL mode), so a rebase redone after
 /// a crash between the two commits adds nothing twice. A store from before this index may hold
-/// such duplicates; they are removed, keeping the first, when it is created.
-fn archive_once(conn: &Connection) -> Result<(), StoreError> {
-    let exists: bool = conn.query_row(
+/// such duplicates; they are removed, keeping the first, when it is created. Idempotent: the
+/// index lives in the archive's file, which may have it when the agent store's version does
+/// not say so.
+fn archive_once(tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+    let exists: bool = tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM arc.sqlite_master WHERE name = 'archive_once')",
         [],
         |r| r.get(0),
     )?;
     if !exists {
-        conn.execute_batch(
-            "BEGIN;
-             DELETE FROM arc.archive WHERE id NOT IN
+        tx.execute_batch(
+            "DELETE FROM arc.archive WHERE id NOT IN
                  (SELECT MIN(id) FROM arc.archive GROUP BY fridge, epoch, kind, record_id);
-             CREATE UNIQUE INDEX arc.archive_once ON archive (fridge, epoch, kind, record_id);
-             COMMIT;",
+             CREATE UNIQUE INDEX arc.archive_once ON archive (fridge, epoch, kind, record_id);",
         )?;
     }
     Ok(())
@@ -184,16 +207,20 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = open_connection(path)?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(projection::SCHEMA)?;
-        attach_archive(&conn, path)?;
-        conn.execute_batch(ARCHIVE_SCHEMA)?;
-        archive_once(&conn)?;
+        let (conn, _) = Self::open_migrated(path)?;
         // Checkpoints run on the checkpointer's connection, not in the writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "cache_size", -i64::from(WRITER_CACHE_KIB))?;
         Ok(Self { conn })
+    }
+
+    /// A connection to the store at `path` (the archive attached), brought to this program's
+    /// version, and what that ran.
+    pub(crate) fn open_migrated(path: &Path) -> Result<(Connection, Plan), StoreError> {
+        let mut conn = open_connection(path)?;
+        attach_archive(&conn, path)?;
+        let ran = AGENT_SCHEMA.migrate(&mut conn)?;
+        Ok((conn, ran))
     }
 
     pub(crate) fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -653,134 +680,4 @@ pub(crate) fn spawn_checkpointer(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Where a connection lives: the same value each time the same connection is used.
-    fn which(conn: &Connection) -> rusqlite::Result<usize> {
-        Ok(std::ptr::from_ref(conn).addr())
-    }
-
-    fn archived(id: &str) -> larder_shared::ledger::compaction::Archived {
-        larder_shared::ledger::compaction::Archived {
-            kind: larder_shared::ledger::compaction::ArchivedKind::Order,
-            id: id.to_owned(),
-            record: serde_json::json!({"orders": [id]}),
-        }
-    }
-
-    fn count(conn: &Connection, sql: &str) -> i64 {
-        conn.query_row(sql, [], |r| r.get(0)).expect("count")
-    }
-
-    /// A rebase's records are archived in a commit of their own before the rebase: when the
-    /// rebase's commit then fails (as a power cut between the two would leave it), the records
-    /// are archived and the live state is untouched; the rebase redone archives nothing twice.
-    #[test]
-    fn a_rebase_archives_first_and_once() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("agent.db");
-        let mut store = Store::open(&path).expect("store");
-        let fridge = FridgeId::new("fridge-1").expect("id");
-        let change = WriteBatch {
-            changes: vec![ChangeRow {
-                fridge: fridge.clone(),
-                epoch: 0,
-                outbox_seq: Some(1),
-                chain: None,
-                bytes: vec![1, 2, 3],
-            }],
-            ..WriteBatch::default()
-        };
-        store.commit_batch(&change, 1).expect("commit");
-        let rebase = WriteBatch {
-            rebases: vec![RebaseWrite {
-                fridge: fridge.clone(),
-                epoch: 1,
-                base: vec![9],
-                archived: vec![archived("o-1"), archived("o-2")],
-            }],
-            ..WriteBatch::default()
-        };
-        let admin = Connection::open(&path).expect("connection");
-        admin
-            .execute_batch(
-                "CREATE TRIGGER cut BEFORE INSERT ON ledger_snapshots
-                 BEGIN SELECT RAISE(ABORT, 'power cut'); END;",
-            )
-            .expect("trigger");
-        store
-            .commit_batch(&rebase, 2)
-            .expect_err("the rebase's commit fails");
-        let archive = Connection::open(archive_path(&path)).expect("archive");
-        assert_eq!(
-            count(&archive, "SELECT COUNT(*) FROM archive"),
-            2,
-            "archived first"
-        );
-        assert_eq!(
-            count(&admin, "SELECT COUNT(*) FROM ledger_changes"),
-            1,
-            "the live state is as it was"
-        );
-        admin.execute_batch("DROP TRIGGER cut").expect("drop");
-        store.commit_batch(&rebase, 3).expect("the rebase redone");
-        assert_eq!(
-            count(&archive, "SELECT COUNT(*) FROM archive"),
-            2,
-            "archived once"
-        );
-        assert_eq!(count(&admin, "SELECT COUNT(*) FROM ledger_changes"), 0);
-    }
-
-    /// A store from before the archive's unique index loses its duplicate rows, keeping the
-    /// first, when it is opened.
-    #[test]
-    fn opening_an_older_archive_removes_its_duplicates() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("agent.db");
-        drop(Store::open(&path).expect("store"));
-        let archive = Connection::open(archive_path(&path)).expect("archive");
-        archive
-            .execute_batch(
-                "DROP INDEX archive_once;
-                 INSERT INTO archive (fridge, epoch, kind, record_id, record, archived_at_ms)
-                 VALUES ('fridge-1', 0, 'order', 'o-1', 'first', 1),
-                        ('fridge-1', 0, 'order', 'o-1', 'again', 2),
-                        ('fridge-1', 1, 'order', 'o-1', 'next epoch', 3);",
-            )
-            .expect("an older archive");
-        drop(Store::open(&path).expect("store"));
-        let kept: Vec<String> = archive
-            .prepare("SELECT record FROM archive ORDER BY id")
-            .expect("prepare")
-            .query_map([], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        assert_eq!(kept, ["first", "next epoch"]);
-    }
-
-    /// Reads one at a time all use the first connection, so one page cache stays warm rather
-    /// than every connection caching the same pages; a read while it is busy uses another.
-    #[test]
-    fn reads_prefer_the_first_idle_connection() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("agent.db");
-        Store::open(&path).expect("store");
-        let readers = Readers::open(&path, 3, Some(READ_CACHE_KIB)).expect("readers");
-        let first = readers.with(which).expect("read");
-        for _ in 0..10 {
-            assert_eq!(readers.with(which).expect("read"), first);
-        }
-        let mut inner = None;
-        let outer = readers
-            .with(|conn| {
-                inner = Some(readers.with(which).expect("read"));
-                which(conn)
-            })
-            .expect("read");
-        assert_eq!(outer, first);
-        assert!(inner.is_some_and(|i| i != first));
-    }
-}
+mod tests;

@@ -1,5 +1,5 @@
-//! The `larder-hub` command line: `run`, `config check`, `device add/list/revoke` and
-//! `token create`.
+//! The `larder-hub` command line: `run`, `config check`, `device add/list/revoke`,
+//! `token create`, `audit verify`, `import`, `broker-config` and `migrate`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,6 +81,17 @@ pub enum Cmd {
         /// Rows per request (at most 10000; fewer when the rows are long).
         #[arg(long, default_value_t = crate::import::BATCH_ROWS_DEFAULT)]
         batch_rows: usize,
+    },
+    /// Bring every region store to this program's version, or with `--check` say what that
+    /// would run, changing nothing. The hub does it itself when it starts; this lets an
+    /// operator see it, or do it, first. Exits 1 if a store is newer than this program.
+    Migrate {
+        /// The hub's TOML config: its regions and where their stores are.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only say what would run.
+        #[arg(long)]
+        check: bool,
     },
     /// Write an external Mosquitto's password file, ACL and config for this hub's regions:
     /// only the hub and enrolled, unrevoked devices get in, each device to its own topics.
@@ -226,6 +237,7 @@ pub fn main() -> ExitCode {
         } => larder_runtime::config::check_report(&file, HubConfig::load(&file)),
         Cmd::Device { command } => device(command),
         Cmd::BrokerConfig { config, out } => broker_config(&config, &out),
+        Cmd::Migrate { config, check } => migrate(&config, check),
         Cmd::Import {
             kind,
             file,
@@ -317,6 +329,27 @@ pub fn main() -> ExitCode {
             println!("regions = {:?}", regions);
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn migrate(path: &std::path::Path, check: bool) -> ExitCode {
+    let config = match HubConfig::load(path) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    let mut ok = true;
+    for r in &config.regions {
+        ok &= larder_runtime::sqlite::migrate::command(
+            &crate::store::REGION_SCHEMA,
+            &config.region_db(&r.id),
+            check,
+            |db| RegionStore::open_migrated(db).map(|(_, ran)| ran),
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use larder_runtime::Clock;
 use larder_runtime::projection::{self, SkuStock};
+use larder_runtime::sqlite::migrate::{Migration, Plan, Schema};
 use larder_runtime::sqlite::{Readers, open_connection};
 use larder_shared::domain::{OrderView, Role, UnitView};
 use larder_shared::envelope::Entry;
@@ -25,6 +26,7 @@ pub use reads::RegionReads;
 
 pub use larder_runtime::sqlite::StoreError;
 
+/// The schema as it stood before stores had versions: the first migration, never changed.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -83,6 +85,21 @@ CREATE TABLE IF NOT EXISTS device_keys (
 CREATE TABLE IF NOT EXISTS rating_totals (
     sku TEXT PRIMARY KEY, stars_sum INTEGER NOT NULL, count INTEGER NOT NULL) WITHOUT ROWID;
 ";
+
+/// A region store's schema: one migration per change, appended only (see
+/// `larder_runtime::sqlite::migrate`).
+pub const REGION_SCHEMA: Schema = Schema {
+    store: "region store",
+    migrations: &[Migration {
+        name: "devices, changes, audit, archive, idempotency, subscriptions, snapshots, \
+               catalog versions, ratings, device keys and projections (the schema before \
+               stores had versions)",
+        apply: |tx| {
+            tx.execute_batch(projection::SCHEMA)?;
+            tx.execute_batch(SCHEMA)
+        },
+    }],
+};
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
 /// `changes.kind` of a new epoch's start.
@@ -233,9 +250,7 @@ pub struct RegionStore {
 
 impl RegionStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = open_connection(path)?;
-        conn.execute_batch(projection::SCHEMA)?;
-        conn.execute_batch(SCHEMA)?;
+        let (conn, _) = Self::open_migrated(path)?;
         // Checkpoints run on the region's checkpointer (`spawn_checkpointer`), not inside the
         // writer's commits.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -246,6 +261,14 @@ impl RegionStore {
             conn,
             clock: Clock::system(),
         })
+    }
+
+    /// A connection to the store at `path`, brought to this program's version, and what that
+    /// ran.
+    pub fn open_migrated(path: &Path) -> Result<(Connection, Plan), StoreError> {
+        let mut conn = open_connection(path)?;
+        let ran = REGION_SCHEMA.migrate(&mut conn)?;
+        Ok((conn, ran))
     }
 
     /// The store, stamping what it commits by `clock`.

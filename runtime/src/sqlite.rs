@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use rusqlite::Connection;
 
+pub mod migrate;
+
 /// Store errors: the disk or the database file said no.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -15,6 +17,23 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A store a newer release wrote: this program would not know what it stored.
+    #[error(
+        "the {store} is at version {found}, newer than this program's {supported}: run the \
+         release that wrote it (or a newer one); this one would not know what it stored"
+    )]
+    TooNew {
+        store: &'static str,
+        found: u32,
+        supported: u32,
+    },
+    #[error("migrating the {store} to version {version} ({name}) failed: {error}")]
+    Migration {
+        store: &'static str,
+        version: u32,
+        name: &'static str,
+        error: rusqlite::Error,
+    },
 }
 
 /// How often the checkpointer moves the WAL into the database file.

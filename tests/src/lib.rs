@@ -1,6 +1,7 @@
 //! Helpers for Larder's end-to-end tests: start hubs and agents in-process or as real processes,
 //! enroll devices, and talk to them over real HTTP. Nothing here fakes a component.
 
+pub mod fixtures;
 pub mod flaky;
 pub mod fuzz;
 pub mod ingest;

@@ -120,3 +120,19 @@ fn unknown_keys_and_bad_values_are_named() {
     assert!(!ok);
     assert!(out.contains("missing.toml"), "{out}");
 }
+
+/// The example configs of the release before stores had versions (`tests/fixtures/configs-v0/`,
+/// kept as that release shipped them) still pass: a config that started the release before
+/// starts this one.
+#[test]
+fn configs_of_the_release_before_still_pass() {
+    let dir = root().join("tests/fixtures/configs-v0");
+    for (exe, file) in [
+        (env!("CARGO_BIN_EXE_agent-node"), "fridge.example.toml"),
+        (env!("CARGO_BIN_EXE_agent-node"), "pos.example.toml"),
+        (env!("CARGO_BIN_EXE_hub-node"), "hub.example.toml"),
+    ] {
+        let (ok, out) = check(exe, &dir.join(file));
+        assert!(ok, "{file}: {out}");
+    }
+}

@@ -33,4 +33,5 @@ mod systemd_notify;
 mod temperature;
 mod tls;
 mod trusted_time;
+mod upgrade;
 mod week_sim;
