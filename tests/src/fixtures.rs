@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 use larder_demo::REGION;
-use larder_shared::domain::Role;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -84,10 +83,16 @@ pub async fn write(out: &Path, written_by: &str) -> Result<Manifest> {
         pos_url,
     } = start_fridge_and_pos(work.path(), &hub, WAIT).await?;
     refill(&fridge_url, "fridge-1", "u", SKU, 8).await?;
-    for (url, unit) in [(&fridge_url, "u-0"), (&fridge_url, "u-1"), (&pos_url, "u-2")] {
+    for (url, unit) in [
+        (&fridge_url, "u-0"),
+        (&fridge_url, "u-1"),
+        (&pos_url, "u-2"),
+    ] {
         let (status, body) = sell_unit(&http(), url, "fridge-1", unit, SKU, unit).await?;
         ensure!(status == 201, "sale of {unit}: {status} {body}");
     }
+    synced(&fridge_url, WAIT).await?;
+    synced(&pos_url, WAIT).await?;
     let region = format!("{hub_http}/v1/regions/{REGION}");
     let tomorrow = jiff::Zoned::now().date().tomorrow()?.to_string();
     for (path, key, body) in [
@@ -144,7 +149,8 @@ pub async fn write(out: &Path, written_by: &str) -> Result<Manifest> {
     }
     let hub_db = rusqlite::Connection::open(out.join(&store_files()[0]))?;
     let count = |table: &str| -> Result<usize> {
-        let n: i64 = hub_db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?;
+        let n: i64 =
+            hub_db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))?;
         Ok(usize::try_from(n)?)
     };
     let mut orders = hub_db.prepare("SELECT order_id FROM orders ORDER BY order_id")?;

@@ -183,7 +183,9 @@ mod tests {
             },
             Migration {
                 name: "add a column",
-                apply: |tx| tx.execute_batch("ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT 'x';"),
+                apply: |tx| {
+                    tx.execute_batch("ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT 'x';")
+                },
             },
         ],
     };

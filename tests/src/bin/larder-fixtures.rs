@@ -25,12 +25,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let written = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
-        .and_then(|rt| {
-            rt.block_on(larder_tests::fixtures::write(&args.out, &args.written_by))
-        });
+        .and_then(|rt| rt.block_on(larder_tests::fixtures::write(&args.out, &args.written_by)));
     match written {
         Ok(manifest) => {
-            println!("{}", serde_json::to_string_pretty(&manifest).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&manifest).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

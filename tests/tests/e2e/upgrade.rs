@@ -36,7 +36,12 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
     let dir = tempfile::tempdir()?;
     let manifest = copy_fixture(&stores_v0(), dir.path())?;
     for file in store_files() {
-        assert_eq!(user_version(&dir.path().join(&file))?, 0, "{}", file.display());
+        assert_eq!(
+            user_version(&dir.path().join(&file))?,
+            0,
+            "{}",
+            file.display()
+        );
     }
     let hub = start_hub(&dir.path().join("hub"), 1).await?;
     let hub_http = format!("http://{}", hub.http_addr);
@@ -55,7 +60,11 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
         .as_array()
         .and_then(|items| items.iter().find(|i| i["sku"] == SKU))
         .map(|i| i["rating"]["count"].clone());
-    assert_eq!(rated, Some(serde_json::json!(manifest.ratings)), "{catalog}");
+    assert_eq!(
+        rated,
+        Some(serde_json::json!(manifest.ratings)),
+        "{catalog}"
+    );
     assert_eq!(count(&hub_db, "archive")?, manifest.hub_archive);
     assert!(count(&hub_db, "audit")? >= manifest.hub_audit);
     assert_eq!(
@@ -86,7 +95,11 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
     })
     .await?;
     for sale in &manifest.offline_sales {
-        assert_eq!(at_hub.iter().filter(|id| *id == sale).count(), 1, "{sale} once");
+        assert_eq!(
+            at_hub.iter().filter(|id| *id == sale).count(),
+            1,
+            "{sale} once"
+        );
     }
     assert_eq!(
         user_version(&dir.path().join("fridge-1/agent.db"))?,
@@ -142,31 +155,59 @@ async fn migrate_check_says_what_would_run_and_a_newer_store_is_refused() -> any
     let agent_data = dir.path().join("fridge/data");
     std::fs::create_dir_all(&agent_data)?;
     for file in ["agent.db", "archive.db"] {
-        std::fs::copy(fixture.path().join("fridge-1").join(file), agent_data.join(file))?;
+        std::fs::copy(
+            fixture.path().join("fridge-1").join(file),
+            agent_data.join(file),
+        )?;
     }
     let agent_db = agent_data.join("agent.db");
     let cases = [
-        (env!("CARGO_BIN_EXE_hub-node"), &hub_config, &hub_db, larder_hub::store::REGION_SCHEMA),
-        (env!("CARGO_BIN_EXE_agent-node"), &agent_config, &agent_db, larder_agent::STORE_SCHEMA),
+        (
+            env!("CARGO_BIN_EXE_hub-node"),
+            &hub_config,
+            &hub_db,
+            larder_hub::store::REGION_SCHEMA,
+        ),
+        (
+            env!("CARGO_BIN_EXE_agent-node"),
+            &agent_config,
+            &agent_db,
+            larder_agent::STORE_SCHEMA,
+        ),
     ];
     for (exe, config, db, schema) in cases {
         let config = config.to_str().expect("a UTF-8 path");
         let target = schema.version();
         let (ok, said) = run(exe, &["migrate", "--config", config, "--check"]).await?;
         assert!(ok, "{said}");
-        assert!(said.contains(&format!("at version 0, to version {target}")), "{said}");
-        assert!(said.contains("the schema before stores had versions"), "{said}");
+        assert!(
+            said.contains(&format!("at version 0, to version {target}")),
+            "{said}"
+        );
+        assert!(
+            said.contains("the schema before stores had versions"),
+            "{said}"
+        );
         assert_eq!(user_version(db)?, 0, "--check changes nothing");
 
         let (ok, said) = run(exe, &["migrate", "--config", config]).await?;
-        assert!(ok && said.contains(&format!("{target} migration(s) ran")), "{said}");
+        assert!(
+            ok && said.contains(&format!("{target} migration(s) ran")),
+            "{said}"
+        );
         assert_eq!(user_version(db)?, target);
         let (ok, said) = run(exe, &["migrate", "--config", config, "--check"]).await?;
         assert!(ok && said.contains("nothing to migrate"), "{said}");
 
         rusqlite::Connection::open(db)?.pragma_update(None, "user_version", target + 1)?;
-        let newer = format!("is at version {}, newer than this program's {target}", target + 1);
-        for args in [&["migrate", "--config", config, "--check"][..], &["run", "--config", config]] {
+        let newer = format!(
+            "is at version {}, newer than this program's {target}",
+            target + 1
+        );
+        for args in [
+            &["migrate", "--config", config, "--check"][..],
+            &["run", "--config", config],
+        ] {
             let (ok, said) = run(exe, args).await?;
             assert!(!ok && said.contains(&newer), "{args:?}: {said}");
         }
