@@ -1,5 +1,6 @@
 //! The `larder-hub` command line: `run`, `config check`, `device add/list/revoke`,
-//! `token create`, `audit verify`, `import`, `broker-config` and `migrate`.
+//! `token create`, `audit verify`, `import`, `broker-config`, `migrate`, `backup [verify]` and
+//! `restore`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,33 @@ pub enum Cmd {
         #[arg(long, default_value_t = crate::import::BATCH_ROWS_DEFAULT)]
         batch_rows: usize,
     },
+    /// Copy every region store and the hub's key into a new directory, with a manifest (schema
+    /// versions, each device's stream positions, checksums), while the hub serves. `backup
+    /// verify --dir DIR` checks one.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Backup {
+        #[command(subcommand)]
+        command: Option<BackupCmd>,
+        /// The hub's TOML config: its regions, stores and key.
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
+        /// A new (or empty) directory to write the backup into.
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
+    },
+    /// Put a backup back into a stopped hub's data directory, once it verifies. Refuses while
+    /// the hub runs, and over existing stores unless `--replace`.
+    Restore {
+        /// The hub's TOML config: where its stores and key go.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup's directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace region stores that exist.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Bring every region store to this program's version, or with `--check` say what that
     /// would run, changing nothing. The hub does it itself when it starts; this lets an
     /// operator see it, or do it, first. Exits 1 if a store is newer than this program.
@@ -103,6 +131,17 @@ pub enum Cmd {
         /// `emqx-acl.conf`.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCmd {
+    /// Check a backup: its manifest, every file's checksum, SQLite's integrity check, and that
+    /// this program can read its stores. Exit 0, or one line per problem and exit 1.
+    Verify {
+        /// The backup's directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -238,6 +277,48 @@ pub fn main() -> ExitCode {
         Cmd::Device { command } => device(command),
         Cmd::BrokerConfig { config, out } => broker_config(&config, &out),
         Cmd::Migrate { config, check } => migrate(&config, check),
+        Cmd::Backup {
+            command: Some(BackupCmd::Verify { dir }),
+            ..
+        } => match crate::backup::verify(&dir) {
+            Ok(m) => {
+                let devices: usize = m.regions.iter().map(|r| r.devices.len()).sum();
+                println!(
+                    "{}: {} region store(s), {devices} device(s), taken {} by {}: intact",
+                    dir.display(),
+                    m.regions.len(),
+                    m.taken_at,
+                    m.program
+                );
+                ExitCode::SUCCESS
+            }
+            Err(problems) => fail(problems),
+        },
+        Cmd::Backup {
+            config: Some(config),
+            out: Some(out),
+            ..
+        } => backup(&config, &out),
+        Cmd::Backup { .. } => fail(["error: backup needs --config and --out".to_owned()]),
+        Cmd::Restore {
+            config,
+            from,
+            replace,
+        } => {
+            let config = match HubConfig::load(&config) {
+                Ok(c) => c,
+                Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+            };
+            match crate::backup::restore(&config, &from, replace) {
+                Ok(said) => {
+                    for line in said {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail([format!("error: {e}")]),
+            }
+        }
         Cmd::Import {
             kind,
             file,
@@ -329,6 +410,41 @@ pub fn main() -> ExitCode {
             println!("regions = {:?}", regions);
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn backup(path: &std::path::Path, out: &std::path::Path) -> ExitCode {
+    let config = match HubConfig::load(path) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    let now = larder_runtime::Clock::system().wall_ms();
+    match crate::backup::backup(&config, out, now) {
+        Ok(m) => {
+            for r in &m.regions {
+                println!(
+                    "region {}: {} ({} bytes, {} devices, schema version {})",
+                    r.region,
+                    r.file,
+                    r.bytes,
+                    r.devices.len(),
+                    r.schema_version
+                );
+            }
+            if m.hub_key.is_none() {
+                println!(
+                    "no hub key file at {}: not in the backup",
+                    config.key_path().display()
+                );
+            }
+            println!(
+                "backup written to {} ({})",
+                out.display(),
+                crate::backup::MANIFEST
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail([format!("error: {e}")]),
     }
 }
 

@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod audit;
+pub mod backup;
 pub mod broker_config;
 pub mod cli;
 pub mod config;

@@ -22,7 +22,7 @@ mod queries;
 mod reads;
 
 use queries::{rating_totals, retired_keys, skipped_on, subscriptions};
-pub use reads::RegionReads;
+pub use reads::{RegionReads, read_copy};
 
 pub use larder_runtime::sqlite::StoreError;
 

@@ -49,6 +49,35 @@ pub fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Copies the database at `from` into a new file `to` (`VACUUM INTO`): one read transaction, so
+/// the copy is the database as one commit left it, taken while its writer goes on (a WAL
+/// reader blocks no writer). The copy is synced to disk before this returns.
+pub fn copy_into(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let conn = open_connection(from)?;
+    conn.execute("VACUUM INTO ?1", [to.to_string_lossy().as_ref()])?;
+    drop(conn);
+    std::fs::File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::Corrupt(format!("syncing {}: {e}", to.display())))?;
+    Ok(())
+}
+
+/// SQLite's own check of a database file (`PRAGMA integrity_check`), read-only: the problems
+/// it names, none if the file is sound.
+pub fn integrity_problems(path: &Path) -> Result<Vec<String>, StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut problems = Vec::new();
+    for row in rows {
+        let row = row?;
+        if row != "ok" {
+            problems.push(row);
+        }
+    }
+    Ok(problems)
+}
+
 /// A few read-only WAL connections, the first idle one used (the agent's and the hub's read
 /// side).
 #[derive(Debug)]

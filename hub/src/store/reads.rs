@@ -10,6 +10,15 @@ pub struct RegionReads {
     readers: Readers,
 }
 
+/// What a copy of a region store (a backup) holds that its manifest records: its schema version
+/// and every device with its stream positions. Read through a read-only connection, so the copy
+/// is not changed by being read.
+pub fn read_copy(path: &Path) -> Result<(u32, Vec<(DeviceRecord, Progress)>), StoreError> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let version = larder_runtime::sqlite::migrate::stored_version(&conn)?;
+    Ok((version, queries::devices(&conn)?))
+}
+
 impl RegionReads {
     pub fn open(path: &Path, size: usize) -> Result<Self, StoreError> {
         Ok(Self {

@@ -3,6 +3,7 @@
 
 mod api_errors;
 mod audit;
+mod backup;
 mod careless;
 mod catalog;
 mod compaction;
