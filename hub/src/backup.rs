@@ -357,3 +357,37 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
     }
     Ok(said)
 }
+
+/// Litestream's config (YAML) replicating every region store `config` names to `replica`: a
+/// URL Litestream takes (`file:///…`, `s3://bucket/prefix`, …) or an absolute directory, under
+/// which each store gets its own path (`region-ID`). Litestream's default sync interval (1 s)
+/// is kept: it bounds what a lost disk loses of what no device holds.
+pub fn litestream_config(config: &HubConfig, replica: &str) -> Result<String, String> {
+    let base = if replica.starts_with('/') {
+        format!("file://{replica}")
+    } else if replica.contains("://") {
+        replica.to_owned()
+    } else {
+        return Err(format!(
+            "--replica {replica:?}: give a URL Litestream takes (file:///dir, s3://bucket/prefix) \
+             or an absolute directory"
+        ));
+    };
+    let base = base.trim_end_matches('/');
+    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut yaml = String::from(
+        "# Litestream's config for larder-hub's region stores (`larder-hub litestream-config`).\n\
+         # Run it beside the hub: litestream replicate -config THIS_FILE\n\
+         # Restore a store: litestream restore -config THIS_FILE -o NEW_PATH STORE_PATH\n\
+         dbs:\n",
+    );
+    for r in &config.regions {
+        let path = config.region_db(&r.id);
+        yaml.push_str(&format!(
+            "  - path: {}\n    replicas:\n      - url: {}\n",
+            quote(&path.to_string_lossy()),
+            quote(&format!("{base}/region-{}", r.id))
+        ));
+    }
+    Ok(yaml)
+}

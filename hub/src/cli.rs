@@ -1,6 +1,6 @@
 //! The `larder-hub` command line: `run`, `config check`, `device add/list/revoke`,
-//! `token create`, `audit verify`, `import`, `broker-config`, `migrate`, `backup [verify]` and
-//! `restore`.
+//! `token create`, `audit verify`, `import`, `broker-config`, `migrate`, `backup [verify]`,
+//! `restore` and `litestream-config`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +120,20 @@ pub enum Cmd {
         /// Only say what would run.
         #[arg(long)]
         check: bool,
+    },
+    /// Print (or write) Litestream's config replicating every region store continuously to a
+    /// file or S3-compatible replica (docs/OPERATIONS.md says how to run it beside the hub).
+    LitestreamConfig {
+        /// The hub's TOML config: its regions and where their stores are.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the replicas go: `file:///dir`, `s3://bucket/prefix` (any URL Litestream
+        /// takes), or an absolute directory. Each store gets its own path below it.
+        #[arg(long)]
+        replica: String,
+        /// Write it to this file instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Write an external Mosquitto's password file, ACL and config for this hub's regions:
     /// only the hub and enrolled, unrevoked devices get in, each device to its own topics.
@@ -277,6 +291,33 @@ pub fn main() -> ExitCode {
         Cmd::Device { command } => device(command),
         Cmd::BrokerConfig { config, out } => broker_config(&config, &out),
         Cmd::Migrate { config, check } => migrate(&config, check),
+        Cmd::LitestreamConfig {
+            config,
+            replica,
+            out,
+        } => {
+            let config = match HubConfig::load(&config) {
+                Ok(c) => c,
+                Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+            };
+            let yaml = match crate::backup::litestream_config(&config, &replica) {
+                Ok(y) => y,
+                Err(e) => return fail([format!("error: {e}")]),
+            };
+            match out {
+                None => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Some(out) => match std::fs::write(&out, yaml) {
+                    Ok(()) => {
+                        println!("wrote {}", out.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail([format!("error: {}: {e}", out.display())]),
+                },
+            }
+        }
         Cmd::Backup {
             command: Some(BackupCmd::Verify { dir }),
             ..
