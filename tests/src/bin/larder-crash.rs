@@ -14,6 +14,13 @@
 //! record) or not at all. The last cut of each burst is started as the agent again and goes on
 //! as after a kill; at the end the hub holds every acknowledged sale, no unit in two orders.
 //!
+//! `larder-crash hub-power-cut --cuts N` does the same under an in-process hub, while three
+//! fridge agents sell and sync through it and an app places orders through its API. Every
+//! image must pass `PRAGMA integrity_check`, hold every device's uplink as far as the hub had
+//! acknowledged it and every app order it had answered 201 with its stored answer; the last
+//! cut of each burst is started as the hub again, and every app order retried with its key
+//! answers one order. At the end the hub holds every sale the devices made exactly once.
+//!
 //! `larder-crash hub --devices D --sales S --kills K` runs a real hub process with D in-process
 //! agents selling S units each, and kills the hub K times at random points meanwhile. At the
 //! end every agent has synced and the hub holds exactly the union of the agents' orders.
@@ -38,6 +45,11 @@ use serde_json::Value;
 #[cfg(feature = "power-cut")]
 #[path = "larder-crash/power_cut.rs"]
 mod power_cut;
+
+/// Power cuts under an in-process hub (the `power-cut` feature, as above).
+#[cfg(feature = "power-cut")]
+#[path = "larder-crash/hub_power_cut.rs"]
+mod hub_power_cut;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +81,18 @@ enum Mode {
         /// Cuts per sale burst at most: the others land at exact points of the agent's I/O and
         /// are checked as images; the last is restarted as the agent and goes on.
         #[arg(long, default_value_t = 10)]
+        per_burst: usize,
+    },
+    /// Cut the power under an in-process hub while fridges sell and sync through it and an
+    /// app places orders: its SQLite files run on the file layer that loses the writes not
+    /// yet synced.
+    HubPowerCut {
+        /// Power cuts in all (CI: 1000).
+        #[arg(long, default_value_t = 1000)]
+        cuts: usize,
+        /// Cuts per burst at most: the others land at exact points of the hub's I/O and are
+        /// checked as images; the last is restarted as the hub and goes on.
+        #[arg(long, default_value_t = 20)]
         per_burst: usize,
     },
     /// Kill the hub process while devices sell and sync.
@@ -116,6 +140,19 @@ async fn main() -> Result<()> {
         Mode::PowerCut { cuts, per_burst } => {
             #[cfg(feature = "power-cut")]
             let run = power_cut::run(cli.seed, cuts, per_burst).await;
+            #[cfg(not(feature = "power-cut"))]
+            let run: Result<String> = {
+                let _ = (cuts, per_burst);
+                Err(anyhow::anyhow!(
+                    "built without the power-cut file layer: \
+                     cargo build -p larder-tests --features power-cut --bin larder-crash"
+                ))
+            };
+            run
+        }
+        Mode::HubPowerCut { cuts, per_burst } => {
+            #[cfg(feature = "power-cut")]
+            let run = hub_power_cut::run(cli.seed, cuts, per_burst).await;
             #[cfg(not(feature = "power-cut"))]
             let run: Result<String> = {
                 let _ = (cuts, per_burst);
