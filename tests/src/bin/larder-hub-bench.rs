@@ -8,13 +8,17 @@
 //! - `connected`: the hub's resident memory per connected, idle device at 10,000 devices (the
 //!   hub in a child process of its own);
 //! - `import`: `larder-hub import units` of 1,000,000 rows into a running hub (rows/s, and the
-//!   importer's peak memory, in a child process of its own).
+//!   importer's peak memory, in a child process of its own);
+//! - `backup`: ingest from 1,000 devices in a region of 1,000 fridges with and without
+//!   `larder-hub backup` copying the store meanwhile.
 //!
 //! Run with `cargo run --release -p larder-tests --bin larder-hub-bench -- all` (or one of
-//! `orders`, `ingest`, `connected`, `import`). Everything runs on loopback with real SQLite
+//! `orders`, `ingest`, `connected`, `import`, `backup`). Everything runs on loopback with real SQLite
 //! files, real HTTP and real MQTT through the hub's embedded broker. The agent's benchmarks
 //! are `larder-bench`.
 
+#[path = "larder-hub-bench/backup.rs"]
+mod backup;
 #[path = "larder-hub-bench/connected.rs"]
 mod connected;
 #[path = "larder-hub-bench/orders.rs"]
@@ -30,6 +34,7 @@ use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, RegionId};
 use larder_tests::*;
 
+use backup::backup;
 use connected::{connected, connected_devices};
 use orders::orders;
 
@@ -436,11 +441,12 @@ async fn main() -> Result<()> {
     if matches!(which.as_str(), "-h" | "--help" | "help") {
         println!(
             "Larder's hub benchmarks (build with --release)\n\n\
-             usage: larder-hub-bench [orders|ingest|connected|import|all]   (default: all)\n\n\
+             usage: larder-hub-bench [orders|ingest|connected|import|backup|all]   (default: all)\n\n\
              orders     the order platform of a region of 1,000 fridges\n\
              ingest     1,000 devices sending signed changes, beside the broker's raw rate\n\
              connected  hub memory per idle device (LARDER_BENCH_DEVICES, default 10000)\n\
-             import     larder-hub import units of 1,000,000 rows\n\n\
+             import     larder-hub import units of 1,000,000 rows\n\
+             backup     ingest with and without larder-hub backup running\n\n\
              The agent's benchmarks are in larder-bench; figures in docs/BENCHMARKS.md."
         );
         return Ok(());
@@ -450,6 +456,7 @@ async fn main() -> Result<()> {
         "orders" => orders().await,
         "import" => import().await,
         "ingest" => ingest().await,
+        "backup" => backup().await,
         "connected" => connected().await,
         // A hub in a process of its own, for `connected`: prints its addresses, runs until
         // killed.
@@ -495,11 +502,12 @@ async fn main() -> Result<()> {
             orders().await?;
             ingest().await?;
             connected().await?;
-            import().await
+            import().await?;
+            backup().await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}: orders, ingest, connected, import or all (the agent's are in larder-bench)"
+                "unknown benchmark {other:?}: orders, ingest, connected, import, backup or all (the agent's are in larder-bench)"
             )
         }
     }
