@@ -295,46 +295,11 @@ pub fn main() -> ExitCode {
             config,
             replica,
             out,
-        } => {
-            let config = match HubConfig::load(&config) {
-                Ok(c) => c,
-                Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
-            };
-            let yaml = match crate::backup::litestream_config(&config, &replica) {
-                Ok(y) => y,
-                Err(e) => return fail([format!("error: {e}")]),
-            };
-            match out {
-                None => {
-                    print!("{yaml}");
-                    ExitCode::SUCCESS
-                }
-                Some(out) => match std::fs::write(&out, yaml) {
-                    Ok(()) => {
-                        println!("wrote {}", out.display());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => fail([format!("error: {}: {e}", out.display())]),
-                },
-            }
-        }
+        } => litestream_config(&config, &replica, out.as_deref()),
         Cmd::Backup {
             command: Some(BackupCmd::Verify { dir }),
             ..
-        } => match crate::backup::verify(&dir) {
-            Ok(m) => {
-                let devices: usize = m.regions.iter().map(|r| r.devices.len()).sum();
-                println!(
-                    "{}: {} region store(s), {devices} device(s), taken {} by {}: intact",
-                    dir.display(),
-                    m.regions.len(),
-                    m.taken_at,
-                    m.program
-                );
-                ExitCode::SUCCESS
-            }
-            Err(problems) => fail(problems),
-        },
+        } => backup_verify(&dir),
         Cmd::Backup {
             config: Some(config),
             out: Some(out),
@@ -345,21 +310,7 @@ pub fn main() -> ExitCode {
             config,
             from,
             replace,
-        } => {
-            let config = match HubConfig::load(&config) {
-                Ok(c) => c,
-                Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
-            };
-            match crate::backup::restore(&config, &from, replace) {
-                Ok(said) => {
-                    for line in said {
-                        println!("{line}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail([format!("error: {e}")]),
-            }
-        }
+        } => restore(&config, &from, replace),
         Cmd::Import {
             kind,
             file,
@@ -451,6 +402,67 @@ pub fn main() -> ExitCode {
             println!("regions = {:?}", regions);
             ExitCode::SUCCESS
         }
+    }
+}
+
+fn restore(path: &std::path::Path, from: &std::path::Path, replace: bool) -> ExitCode {
+    let config = match HubConfig::load(path) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    match crate::backup::restore(&config, from, replace) {
+        Ok(said) => {
+            for line in said {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail([format!("error: {e}")]),
+    }
+}
+
+fn backup_verify(dir: &std::path::Path) -> ExitCode {
+    match crate::backup::verify(dir) {
+        Ok(m) => {
+            let devices: usize = m.regions.iter().map(|r| r.devices.len()).sum();
+            println!(
+                "{}: {} region store(s), {devices} device(s), taken {} by {}: intact",
+                dir.display(),
+                m.regions.len(),
+                m.taken_at,
+                m.program
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => fail(problems),
+    }
+}
+
+fn litestream_config(
+    path: &std::path::Path,
+    replica: &str,
+    out: Option<&std::path::Path>,
+) -> ExitCode {
+    let config = match HubConfig::load(path) {
+        Ok(c) => c,
+        Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
+    };
+    let yaml = match crate::backup::litestream_config(&config, replica) {
+        Ok(y) => y,
+        Err(e) => return fail([format!("error: {e}")]),
+    };
+    match out {
+        None => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Some(out) => match std::fs::write(out, yaml) {
+            Ok(()) => {
+                println!("wrote {}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail([format!("error: {}: {e}", out.display())]),
+        },
     }
 }
 

@@ -35,6 +35,8 @@ async fn run(exe: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
+/// One piece: the scenario in the order it happens (replicate, sell, kill, catch up, restore,
+/// take the POS back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

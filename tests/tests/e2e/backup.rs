@@ -30,6 +30,7 @@ async fn hub_cli(args: &[&str]) -> anyhow::Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
+/// One piece: the scenario in the order it happens (sell, back up, verify, restore, damage).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_while_selling_restores_every_sale_the_hub_had() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -12,6 +12,7 @@ const PER_ROUND: u64 = 10;
 /// Measured rounds, alternating: without backups, with, without, …
 const ROUNDS: usize = 6;
 
+/// One piece: the benchmark's run, setup to figures, as BENCHMARKS.md describes it.
 pub(crate) async fn backup() -> Result<()> {
     use larder_shared::{DeviceId, FridgeId, RegionId};
     println!(
