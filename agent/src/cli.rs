@@ -107,15 +107,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn migrate(path: &std::path::Path, check: bool) -> ExitCode {
-    let config = match AgentConfig::load(path) {
-        Ok(c) => c,
+/// The config at `path`, or `None` once every problem with it is printed.
+fn load(path: &std::path::Path) -> Option<AgentConfig> {
+    match AgentConfig::load(path) {
+        Ok(c) => Some(c),
         Err(problems) => {
             for p in problems {
                 eprintln!("{p}");
             }
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn migrate(path: &std::path::Path, check: bool) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
     };
     let ok = larder_runtime::sqlite::migrate::command(
         &crate::store::AGENT_SCHEMA,
@@ -131,14 +138,8 @@ fn migrate(path: &std::path::Path, check: bool) -> ExitCode {
 }
 
 fn rotate_key(path: &std::path::Path) -> ExitCode {
-    let config = match AgentConfig::load(path) {
-        Ok(c) => c,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load(path) else {
+        return ExitCode::FAILURE;
     };
     let key_path = config.key_path();
     match crate::prepare_rotation(&key_path) {
@@ -181,14 +182,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_agent(path: PathBuf) -> ExitCode {
-    let config = match AgentConfig::load(&path) {
-        Ok(c) => c,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
-            }
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load(&path) else {
+        return ExitCode::FAILURE;
     };
     let rt = match runtime() {
         Ok(rt) => rt,

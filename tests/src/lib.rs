@@ -213,6 +213,63 @@ pub async fn start_fridge_and_pos(
     })
 }
 
+/// Runs a command to its end; its exit status and what it printed (stdout, then stderr). One
+/// that has not ended in two minutes (a server that started when it should have refused, say)
+/// is killed and fails.
+pub async fn run_to_end(exe: &str, args: &[&str]) -> Result<(bool, String)> {
+    let run = tokio::process::Command::new(exe)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .map_err(|_| anyhow!("{exe} {args:?} did not end"))??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// Enrolls `pos-1` (serving fridge-1) at the hub at `hub_url` and starts it in-process on
+/// the broker at `broker_port`, its data under `dir`.
+pub async fn start_pos(dir: &Path, hub_url: &str, broker_port: u16) -> Result<AgentHandle> {
+    let key = seeded_key(7, "pos-1");
+    enroll(hub_url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
+    let mut config = agent_config(
+        dir,
+        "pos-1",
+        Role::Pos,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &format!("127.0.0.1:{broker_port}"),
+    )?;
+    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    Ok(larder_agent::start(config, key).await?)
+}
+
+/// Starts an in-process agent already enrolled at `hub` (one coming back, its data in
+/// `dir/DEVICE`).
+pub async fn restart_agent(
+    dir: &Path,
+    hub: &HubHandle,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+) -> Result<AgentHandle> {
+    let mut config = agent_config(
+        &dir.join(device),
+        device,
+        role,
+        &fridge_ids(fridges),
+        hub.public_key,
+        &hub.broker,
+    )?;
+    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    Ok(larder_agent::start(config, seeded_key(7, device)).await?)
+}
+
 /// Starts an in-process agent (after enrolling it) with its config adjusted by `tweak` and
 /// its records stamped by `clock`.
 pub async fn start_agent_with(

@@ -9,30 +9,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use larder_shared::domain::Role;
 use larder_tests::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 fn litestream() -> String {
     std::env::var("LARDER_LITESTREAM").unwrap_or_else(|_| "litestream".to_owned())
-}
-
-/// Runs a command to its end (two minutes at most); its exit status and what it printed.
-async fn run(exe: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let out = tokio::process::Command::new(exe)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .map_err(|_| anyhow::anyhow!("{exe} {args:?} did not end"))??;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.success(), text))
 }
 
 /// One piece: the scenario in the order it happens (replicate, sell, kill, catch up, restore,
@@ -53,7 +35,7 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
 
     let replica = dir.path().join("replica");
     let litestream_yml = dir.path().join("litestream.yml");
-    let (ok, said) = run(
+    let (ok, said) = run_to_end(
         hub_exe,
         &[
             "litestream-config",
@@ -75,18 +57,7 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
         .kill_on_drop(true)
         .spawn()?;
 
-    let key = larder_demo::seeded_key(7, "pos-1");
-    enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut pos_config = larder_demo::agent_config(
-        &dir.path().join("pos"),
-        "pos-1",
-        Role::Pos,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    pos_config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    let pos = larder_agent::start(pos_config, key).await?;
+    let pos = start_pos(&dir.path().join("pos"), &hub.url, broker_port).await?;
     let url = format!("http://{}", pos.http_addr);
     synced(&url, WAIT).await?;
 
@@ -114,7 +85,7 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
     assert!(stopped.success(), "litestream stopped cleanly: {stopped}");
     // Litestream comes back with the host, whose disk survived the hub's crash, and catches up
     // with what the hub had committed (its last sync interval, in its WAL).
-    let (ok, said) = run(&litestream(), &["replicate", "-config", &yml, "-once"]).await?;
+    let (ok, said) = run_to_end(&litestream(), &["replicate", "-config", &yml, "-once"]).await?;
     assert!(ok, "{said}");
 
     // The standby: the replica restored into a new data directory, the same key and broker.
@@ -127,7 +98,7 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
     let restored = dir.path().join("standby/data/region-demo.db");
     std::fs::create_dir_all(restored.parent().expect("a data dir"))?;
     let primary_store = dir.path().join("hub/data/region-demo.db");
-    let (ok, said) = run(
+    let (ok, said) = run_to_end(
         &litestream(),
         &[
             "restore",

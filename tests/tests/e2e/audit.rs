@@ -5,7 +5,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use larder_shared::domain::Role;
 use larder_tests::*;
 
 fn verify(exe: &str, config: &str) -> anyhow::Result<(bool, String)> {
@@ -27,18 +26,7 @@ async fn audit_verify_names_every_gap_and_tampered_entry() -> anyhow::Result<()>
     let hub_exe = env!("CARGO_BIN_EXE_hub-node");
     let config = hub_toml.to_string_lossy().to_string();
     let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
-    let key = larder_demo::seeded_key(7, "pos-1");
-    enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut pos_config = larder_demo::agent_config(
-        &dir.path().join("pos"),
-        "pos-1",
-        Role::Pos,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    pos_config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    let pos = larder_agent::start(pos_config, key).await?;
+    let pos = start_pos(&dir.path().join("pos"), &hub.url, broker_port).await?;
     let url = format!("http://{}", pos.http_addr);
     synced(&url, Duration::from_secs(20)).await?;
     let client = http();

@@ -7,27 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use larder_shared::domain::Role;
 use larder_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Runs the hub's command line to its end; its exit status and what it printed. One that has
-/// not ended in two minutes is killed and fails.
+/// Runs the hub's command line to its end: its exit status and what it printed.
 async fn hub_cli(args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_hub-node"))
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .map_err(|_| anyhow::anyhow!("hub-node {args:?} did not end"))??;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.success(), text))
+    run_to_end(env!("CARGO_BIN_EXE_hub-node"), args).await
 }
 
 /// One piece: the scenario in the order it happens (sell, back up, verify, restore, damage).
@@ -42,18 +28,7 @@ async fn a_backup_taken_while_selling_restores_every_sale_the_hub_had() -> anyho
     let config = hub_toml.to_string_lossy().to_string();
     let hub_exe = env!("CARGO_BIN_EXE_hub-node");
     let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
-    let key = larder_demo::seeded_key(7, "pos-1");
-    enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut pos_config = larder_demo::agent_config(
-        &dir.path().join("pos"),
-        "pos-1",
-        Role::Pos,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    pos_config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    let pos = larder_agent::start(pos_config, key).await?;
+    let pos = start_pos(&dir.path().join("pos"), &hub.url, broker_port).await?;
     let url = format!("http://{}", pos.http_addr);
     synced(&url, WAIT).await?;
 

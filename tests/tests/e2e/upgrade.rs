@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use larder_demo::{REGION, agent_config, seeded_key};
+use larder_demo::REGION;
 use larder_hub::mqtt::free_port;
 use larder_shared::domain::Role;
 use larder_tests::fixtures::{SKU, copy_fixture, store_files, stores_v0};
 use larder_tests::{
-    eventually, fridge_ids, get, hub_order_ids, hub_public_key, start_hub, synced,
+    eventually, get, hub_order_ids, hub_public_key, restart_agent, run_to_end, start_hub, synced,
     write_agent_config, write_hub_config,
 };
 
@@ -73,16 +73,7 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
     );
 
     // The fridge comes back on the new build with the sales it made offline.
-    let mut config = agent_config(
-        &dir.path().join("fridge-1"),
-        "fridge-1",
-        Role::Fridge,
-        &fridge_ids(&["fridge-1"]),
-        hub.public_key,
-        &hub.broker,
-    )?;
-    config.sync.batch_entries_max = larder_tests::TEST_BATCH_ENTRIES_MAX;
-    let fridge = larder_agent::start(config, seeded_key(7, "fridge-1")).await?;
+    let fridge = restart_agent(dir.path(), &hub, "fridge-1", Role::Fridge, &["fridge-1"]).await?;
     let fridge_url = format!("http://{}", fridge.http_addr);
     synced(&fridge_url, WAIT).await?;
     let at_hub = eventually(WAIT, "the offline sales at the hub", || async {
@@ -108,24 +99,6 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
     fridge.shutdown().await;
     hub.shutdown().await;
     Ok(())
-}
-
-/// Runs a test binary's command line; its exit status and what it printed. One that has not
-/// ended in a minute (a server that started when it should have refused) is killed and fails.
-async fn run(exe: &str, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let child = tokio::process::Command::new(exe)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), child)
-        .await
-        .map_err(|_| anyhow::anyhow!("{exe} {args:?} did not end"))??;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.success(), text))
 }
 
 /// `migrate --check` on the release before's stores names the migrations and changes nothing;
@@ -178,7 +151,7 @@ async fn migrate_check_says_what_would_run_and_a_newer_store_is_refused() -> any
     for (exe, config, db, schema) in cases {
         let config = config.to_str().expect("a UTF-8 path");
         let target = schema.version();
-        let (ok, said) = run(exe, &["migrate", "--config", config, "--check"]).await?;
+        let (ok, said) = run_to_end(exe, &["migrate", "--config", config, "--check"]).await?;
         assert!(ok, "{said}");
         assert!(
             said.contains(&format!("at version 0, to version {target}")),
@@ -190,13 +163,13 @@ async fn migrate_check_says_what_would_run_and_a_newer_store_is_refused() -> any
         );
         assert_eq!(user_version(db)?, 0, "--check changes nothing");
 
-        let (ok, said) = run(exe, &["migrate", "--config", config]).await?;
+        let (ok, said) = run_to_end(exe, &["migrate", "--config", config]).await?;
         assert!(
             ok && said.contains(&format!("{target} migration(s) ran")),
             "{said}"
         );
         assert_eq!(user_version(db)?, target);
-        let (ok, said) = run(exe, &["migrate", "--config", config, "--check"]).await?;
+        let (ok, said) = run_to_end(exe, &["migrate", "--config", config, "--check"]).await?;
         assert!(ok && said.contains("nothing to migrate"), "{said}");
 
         rusqlite::Connection::open(db)?.pragma_update(None, "user_version", target + 1)?;
@@ -208,7 +181,7 @@ async fn migrate_check_says_what_would_run_and_a_newer_store_is_refused() -> any
             &["migrate", "--config", config, "--check"][..],
             &["run", "--config", config],
         ] {
-            let (ok, said) = run(exe, args).await?;
+            let (ok, said) = run_to_end(exe, args).await?;
             assert!(!ok && said.contains(&newer), "{args:?}: {said}");
         }
         assert_eq!(user_version(db)?, target + 1, "left as it was");
