@@ -258,6 +258,18 @@ pub async fn restart_agent(
     role: Role,
     fridges: &[&str],
 ) -> Result<AgentHandle> {
+    let config = test_agent_config(dir, hub, device, role, fridges)?;
+    Ok(larder_agent::start(config, seeded_key(7, device)).await?)
+}
+
+/// The config of a test agent of `hub`, its data in `dir/DEVICE`.
+fn test_agent_config(
+    dir: &Path,
+    hub: &HubHandle,
+    device: &str,
+    role: Role,
+    fridges: &[&str],
+) -> Result<larder_agent::config::AgentConfig> {
     let mut config = agent_config(
         &dir.join(device),
         device,
@@ -267,7 +279,7 @@ pub async fn restart_agent(
         &hub.broker,
     )?;
     config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    Ok(larder_agent::start(config, seeded_key(7, device)).await?)
+    Ok(config)
 }
 
 /// Starts an in-process agent (after enrolling it) with its config adjusted by `tweak` and
@@ -290,15 +302,7 @@ pub async fn start_agent_with(
         &key.public(),
     )
     .await?;
-    let mut config = agent_config(
-        &dir.join(device),
-        device,
-        role,
-        &fridge_ids(fridges),
-        hub.public_key,
-        &hub.broker,
-    )?;
-    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    let mut config = test_agent_config(dir, hub, device, role, fridges)?;
     tweak(&mut config);
     Ok(larder_agent::start_with_clock(config, key, clock).await?)
 }
