@@ -220,6 +220,12 @@ impl Store {
         let mut conn = open_connection(path)?;
         attach_archive(&conn, path)?;
         let ran = AGENT_SCHEMA.migrate(&mut conn)?;
+        // The archive is a file of its own, which may be lost while the store's version says
+        // it was made: its tables are made again, empty, if missing (both steps idempotent).
+        let tx = conn.transaction()?;
+        tx.execute_batch(ARCHIVE_SCHEMA)?;
+        archive_once(&tx)?;
+        tx.commit()?;
         Ok((conn, ran))
     }
 

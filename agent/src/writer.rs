@@ -46,22 +46,24 @@ use remote::{Remote, starts_epoch};
 enum Pending {
     Local(Reply, Outcome),
     /// Refused on its own merits: it changed nothing, but it is answered after the group like
-    /// the rest, so whoever hears the refusal sees what the group committed.
+    /// the rest, so whoever hears the refusal sees what the group committed. If the group's
+    /// commit fails, it gets the group's error instead: the refusal may have rested on what the
+    /// group had staged (a unit sold earlier in it, say).
     Refused(Reply, CommandError),
     Downlink(oneshot::Sender<Result<Ack, CommandError>>, Ack),
     Reserve(oneshot::Sender<Result<(), CommandError>>),
 }
 
 impl Pending {
-    /// Answers the command once its group's fate is known: what it staged if the group
-    /// committed, else `failed`. A refused command keeps its own refusal either way.
+    /// Answers the command once its group's fate is known: what it staged (or its refusal) if
+    /// the group committed, else `failed`.
     fn answer(self, failed: Option<&CommandError>) {
         match self {
             Pending::Local(reply, done) => {
                 let _ = reply.send(failed.map_or(Ok(done), |e| Err(e.clone())));
             }
             Pending::Refused(reply, refusal) => {
-                let _ = reply.send(Err(refusal));
+                let _ = reply.send(Err(failed.cloned().unwrap_or(refusal)));
             }
             Pending::Downlink(reply, ack) => {
                 let _ = reply.send(failed.map_or(Ok(ack), |e| Err(e.clone())));

@@ -75,6 +75,12 @@ pub enum BackupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Failed part way: what was done before it, for the operator.
+    #[error("{source} (done before it: {done})")]
+    Incomplete {
+        done: String,
+        source: Box<BackupError>,
+    },
     #[error("{}: {source}", path.display())]
     Store {
         path: PathBuf,
@@ -147,6 +153,9 @@ pub fn backup(config: &HubConfig, out: &Path, taken_at_ms: i64) -> Result<Manife
         )));
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
     let mut regions = Vec::new();
     for r in &config.regions {
         let live = config.region_db(&r.id);
@@ -202,6 +211,8 @@ pub fn backup(config: &HubConfig, out: &Path, taken_at_ms: i64) -> Result<Manife
     std::fs::write(&partial, text)
         .and_then(|()| std::fs::File::open(&partial)?.sync_all())
         .map_err(io(&partial))?;
+    // The copies' entries are durable before the manifest that names them.
+    sync_dir(out)?;
     let done = out.join(MANIFEST);
     std::fs::rename(&partial, &done).map_err(io(&done))?;
     sync_dir(out)?;
@@ -223,24 +234,38 @@ pub fn verify(dir: &Path) -> Result<Manifest, Vec<String>> {
             )]
         })?;
     let mut problems = Vec::new();
-    let mut check_file = |file: &str, sha256: &str, bytes: Option<u64>| {
+    let check_file = |file: &str, sha256: &str, bytes: Option<u64>| -> Option<String> {
         let path = dir.join(file);
         match checksum(&path) {
-            Err(e) => problems.push(e.to_string()),
-            Ok((b, s)) if s != sha256 || bytes.is_some_and(|n| n != b) => problems.push(format!(
+            Err(e) => Some(e.to_string()),
+            Ok((b, s)) if s != sha256 || bytes.is_some_and(|n| n != b) => Some(format!(
                 "{}: its content is not what the manifest records (sha256 {s}, {b} bytes)",
                 path.display()
             )),
-            Ok(_) => {}
+            Ok(_) => None,
         }
     };
     for r in &manifest.regions {
-        check_file(&r.file, &r.sha256, Some(r.bytes));
+        if r.file != format!("region-{}.db", r.region) || r.file.contains('/') {
+            problems.push(format!(
+                "{}: names the file {:?} for region {:?}, not region-{}.db",
+                path.display(),
+                r.file,
+                r.region,
+                r.region
+            ));
+            continue;
+        }
+        problems.extend(check_file(&r.file, &r.sha256, Some(r.bytes)));
     }
     if let Some(key) = &manifest.hub_key {
-        check_file(KEY_FILE, &key.sha256, None);
+        problems.extend(check_file(KEY_FILE, &key.sha256, None));
     }
-    for r in &manifest.regions {
+    for r in manifest
+        .regions
+        .iter()
+        .filter(|r| r.file == format!("region-{}.db", r.region) && !r.file.contains('/'))
+    {
         let path = dir.join(&r.file);
         if r.schema_version > REGION_SCHEMA.version() {
             problems.push(format!(
@@ -268,10 +293,12 @@ pub fn verify(dir: &Path) -> Result<Manifest, Vec<String>> {
 }
 
 /// Puts the backup in `from` back into `config`'s data directory, once it verifies. Refuses,
-/// changing nothing, while the hub seems to run (its HTTP address is taken), when a region
-/// store exists and `replace` is not set, or when the config's key file holds another key.
-/// Each store is copied beside its place, synced and renamed over it (its old WAL files
-/// removed). Answers a line per region for the operator.
+/// changing nothing, while the hub seems to run (its fixed HTTP address is taken: a check, not
+/// a lock, so stop the hub first), when a region store exists and `replace` is not set, or
+/// when the config's key file holds another key. Every store is copied beside its place,
+/// synced and checked against the manifest before any is replaced; each then takes its place,
+/// the old store kept beside it (`….db.pre-restore`). Answers a line per region for the
+/// operator; an error part way says what was done before it.
 pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<String>, BackupError> {
     let manifest = verify(from).map_err(|p| BackupError::Refused(p.join("\n")))?;
     let listen = config.http.listen;
@@ -284,7 +311,7 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
              (systemctl stop larder-hub)"
         )));
     }
-    let mut said = Vec::new();
+    let mut said: Vec<String> = Vec::new();
     let mut plan = Vec::new();
     for copy in &manifest.regions {
         let known = RegionId::new(&copy.region)
@@ -323,20 +350,31 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
         None => false,
     };
     std::fs::create_dir_all(&config.data_dir).map_err(io(&config.data_dir))?;
+    // Every copy staged beside its place and checked first: nothing is replaced until all are.
+    let mut staged = Vec::with_capacity(plan.len());
     for (copy, dest) in plan {
-        let staged = dest.with_extension("db.restoring");
-        let _ = std::fs::remove_file(&staged);
-        std::fs::copy(from.join(&copy.file), &staged)
-            .and_then(|_| std::fs::File::open(&staged)?.sync_all())
-            .map_err(io(&staged))?;
-        for stale in ["db-wal", "db-shm"] {
-            let path = dest.with_extension(stale);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
-                _ => {}
-            }
+        let at = dest.with_extension("db.restoring");
+        let _ = std::fs::remove_file(&at);
+        std::fs::copy(from.join(&copy.file), &at)
+            .and_then(|_| std::fs::File::open(&at)?.sync_all())
+            .map_err(io(&at))?;
+        if checksum(&at)?.1 != copy.sha256 {
+            let _ = std::fs::remove_file(&at);
+            return Err(BackupError::Refused(format!(
+                "{}: the copy is not what the manifest records (it changed after it was                  verified); nothing was replaced",
+                from.join(&copy.file).display()
+            )));
         }
-        std::fs::rename(&staged, &dest).map_err(io(&dest))?;
+        staged.push((copy, dest, at));
+    }
+    sync_dir(&config.data_dir)?;
+    for (copy, dest, at) in staged {
+        if let Err(e) = replace_store(&at, &dest) {
+            return Err(BackupError::Incomplete {
+                done: said.join("; "),
+                source: Box::new(e),
+            });
+        }
         said.push(format!(
             "region {}: restored to {} ({} devices, taken {})",
             copy.region,
@@ -356,6 +394,31 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
         }
     }
     Ok(said)
+}
+
+/// Puts the staged copy `staged` in place of the store at `dest`. A store there is kept beside
+/// it, with its write-ahead log, as `….db.pre-restore` (and `….db.pre-restore-wal`), replacing
+/// an older such pair; its WAL index is removed (SQLite makes it again).
+fn replace_store(staged: &Path, dest: &Path) -> Result<(), BackupError> {
+    let aside = dest.with_extension("db.pre-restore");
+    for (from, to) in [
+        (dest.to_path_buf(), aside.clone()),
+        (
+            dest.with_extension("db-wal"),
+            aside.with_extension("pre-restore-wal"),
+        ),
+    ] {
+        match std::fs::rename(&from, &to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&from)(e)),
+            _ => {}
+        }
+    }
+    let shm = dest.with_extension("db-shm");
+    match std::fs::remove_file(&shm) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&shm)(e)),
+        _ => {}
+    }
+    std::fs::rename(staged, dest).map_err(io(dest))
 }
 
 /// Litestream's config (YAML) replicating every region store `config` names to `replica`: a

@@ -61,7 +61,9 @@ impl From<RegionError> for ApiError {
             RegionError::UnknownDevice(_) => (S::NOT_FOUND, "unknown_device"),
             RegionError::UnknownFridge(_) => (S::UNPROCESSABLE_ENTITY, "unknown_fridge"),
             RegionError::Invalid(_) => (S::UNPROCESSABLE_ENTITY, "invalid_request"),
-            RegionError::Storage(_) => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
+            RegionError::Storage(_) | RegionError::StoreRead(_) => {
+                (S::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
             RegionError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             RegionError::IdempotencyKeyReused => (S::CONFLICT, "idempotency_key_reused"),
             RegionError::NoSuchFridge(_) => (S::NOT_FOUND, "unknown_fridge"),

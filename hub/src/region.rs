@@ -76,8 +76,13 @@ pub struct LedgerSummary {
     pub incidents: Vec<larder_shared::domain::Incident>,
 }
 
+/// A command of the group waiting for the group's commit before it is answered.
 enum Pending {
     Answer(Reply<Outcome>, Outcome),
+    /// Refused on its own: answered after the group like the rest, so whoever hears it finds
+    /// what the group committed; if the group's commit fails, the group's error instead (the
+    /// refusal may have rested on what the group had staged).
+    Refused(Reply<Outcome>, RegionError),
     Uplink(oneshot::Sender<UplinkOutcome>, UplinkOutcome),
     Enroll(Reply<DeviceRecord>, Box<DeviceRecord>),
     Unit(Reply<()>),
@@ -587,12 +592,16 @@ impl RegionWriter {
                         Ok(Some(Replay::KeyReused)) => {
                             let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
                         }
-                        // A retry: the first answer again.
-                        Ok(Some(Replay::First(_, first))) => {
-                            let _ = reply.send(serde_json::from_value(first).map_err(|e| {
-                                RegionError::Storage(format!("a stored answer is unreadable: {e}"))
-                            }));
-                        }
+                        // A retry: the first answer again, once the group (which may hold
+                        // the first) is committed.
+                        Ok(Some(Replay::First(_, first))) => match serde_json::from_value(first) {
+                            Ok(report) => pending.push(Pending::Import(reply, report)),
+                            Err(e) => {
+                                let _ = reply.send(Err(RegionError::Storage(format!(
+                                    "a stored answer is unreadable: {e}"
+                                ))));
+                            }
+                        },
                         Ok(None) => {
                             let report = self.import_units(rows, &mut batch, now);
                             if idem.is_some() {

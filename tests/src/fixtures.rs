@@ -1,7 +1,7 @@
 //! Stores a release wrote, kept in the repository (`tests/fixtures/stores-v0/`, written by the
-//! release before stores had versions), and how they were written: `larder-fixtures write
-//! --out DIR`. Later releases are tested against them (`e2e upgrade::`): they must open them,
-//! keep every record and sync what the devices had not sent.
+//! release before stores had versions), and how they were written: `larder-fixtures --out
+//! DIR`. Later releases are tested against them (`e2e upgrade::`): they must open them, keep
+//! every record and sync what the devices had not sent.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

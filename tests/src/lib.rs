@@ -307,6 +307,32 @@ pub async fn start_agent_with(
     Ok(larder_agent::start_with_clock(config, key, clock).await?)
 }
 
+/// Every order at the hub (up to 10,000) with its first unit: a unit in two orders is a sale
+/// doubled.
+pub async fn hub_sales(hub_url: &str) -> Result<Vec<(String, String)>> {
+    let v: Value = http()
+        .get(format!(
+            "{hub_url}/v1/regions/{}/orders?limit=10000",
+            larder_demo::REGION
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["orders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            Some((
+                o["order_id"].as_str()?.to_owned(),
+                o["lines"][0]["unit_ids"][0].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
 /// POSTs JSON (with the admin token and an Idempotency-Key); returns the status and body.
 pub async fn post(url: &str, key: &str, body: &Value) -> Result<(u16, Value)> {
     let resp = http()

@@ -76,7 +76,7 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
         let (status, body) = sell_unit(&client, &url, "fridge-1", &unit, "lasagna", &unit).await?;
         anyhow::ensure!(status == 201, "{unit}: {status} {body}");
         let order = body["order_id"].as_str().unwrap_or_default().to_owned();
-        sales.push(order);
+        sales.push((order, unit));
     }
     let pid = rustix::process::Pid::from_raw(replicating.id().unwrap_or_default() as i32)
         .ok_or_else(|| anyhow::anyhow!("litestream has no pid"))?;
@@ -115,16 +115,20 @@ async fn a_hub_killed_under_sales_comes_back_from_its_litestream_replica() -> an
     let standby = Process::spawn(hub_exe, &["run", "--config", &standby_config], "hub ")?;
     synced(&url, WAIT).await?;
     let at_hub = eventually(WAIT, "every sale at the new hub", || async {
-        let ids = hub_order_ids(&standby.url).await.ok()?;
-        sales.iter().all(|s| ids.contains(s)).then_some(ids)
+        let held = hub_sales(&standby.url).await.ok()?;
+        sales
+            .iter()
+            .all(|(order, _)| held.iter().any(|(o, _)| o == order))
+            .then_some(held)
     })
     .await?;
-    for sale in &sales {
-        assert_eq!(
-            at_hub.iter().filter(|id| *id == sale).count(),
-            1,
-            "{sale} once"
-        );
+    for (order, unit) in &sales {
+        let holding: Vec<&String> = at_hub
+            .iter()
+            .filter(|(_, u)| u == unit)
+            .map(|(o, _)| o)
+            .collect();
+        assert_eq!(holding, [order], "{unit} sold once, in {order}");
     }
     pos.shutdown().await;
     Ok(())

@@ -133,3 +133,21 @@ fn reads_prefer_the_first_idle_connection() {
     assert_eq!(outer, first);
     assert!(inner.is_some_and(|i| i != first));
 }
+
+/// A store whose archive file was lost gets an empty archive again when it is opened, though
+/// its version says the archive was made long ago.
+#[test]
+fn a_lost_archive_file_is_made_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("agent.db");
+    drop(Store::open(&path).expect("store"));
+    std::fs::remove_file(archive_path(&path)).expect("the archive lost");
+    drop(Store::open(&path).expect("opened again"));
+    let archive = Connection::open(archive_path(&path)).expect("archive");
+    assert_eq!(count(&archive, "SELECT COUNT(*) FROM archive"), 0);
+    let once: i64 = count(
+        &archive,
+        "SELECT COUNT(*) FROM sqlite_master WHERE name = 'archive_once'",
+    );
+    assert_eq!(once, 1, "its unique index too");
+}

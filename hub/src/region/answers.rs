@@ -86,6 +86,12 @@ pub(super) fn answer(
             (Pending::Answer(reply, _), Err(e)) => {
                 let _ = reply.send(Err(e.clone()));
             }
+            (Pending::Refused(reply, refusal), Ok(())) => {
+                let _ = reply.send(Err(refusal));
+            }
+            (Pending::Refused(reply, _), Err(e)) => {
+                let _ = reply.send(Err(e.clone()));
+            }
             (Pending::Uplink(reply, outcome), Ok(())) => {
                 let _ = reply.send(outcome);
             }
@@ -114,8 +120,8 @@ pub(super) fn answer(
 impl RegionWriter {
     /// Answers an API request once: a retry (the same Idempotency-Key and request) gets the
     /// stored answer and changes nothing; a new request runs `act`, whose outcome is stored with
-    /// the group's transaction and sent once it is committed. An `Err` changed nothing and goes
-    /// at once.
+    /// the group's transaction. Every answer, a replay or a refusal too, is sent once the group
+    /// is committed: a replay may be of a request in this very group.
     pub(super) fn answer_once(
         &mut self,
         idem: Option<Idem>,
@@ -123,30 +129,18 @@ impl RegionWriter {
         (batch, pending, in_group): InGroup<'_>,
         act: impl FnOnce(&mut Self, &mut RegionBatch) -> Result<Outcome, RegionError>,
     ) {
-        match self.replay(idem.as_ref(), in_group) {
-            Ok(None) => {}
-            Ok(Some(Replay::First(status, body))) => {
-                let _ = reply.send(Ok(Outcome::Replayed { status, body }));
-                return;
-            }
-            Ok(Some(Replay::KeyReused)) => {
-                let _ = reply.send(Err(RegionError::IdempotencyKeyReused));
-                return;
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return;
-            }
-        }
-        match act(self, batch) {
-            Ok(outcome) => {
+        let answer = match self.replay(idem.as_ref(), in_group) {
+            Ok(None) => act(self, batch).inspect(|outcome| {
                 remember(idem, (outcome.status(), outcome.body()), batch, in_group);
-                pending.push(Pending::Answer(reply, outcome));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-        }
+            }),
+            Ok(Some(Replay::First(status, body))) => Ok(Outcome::Replayed { status, body }),
+            Ok(Some(Replay::KeyReused)) => Err(RegionError::IdempotencyKeyReused),
+            Err(e) => Err(e),
+        };
+        pending.push(match answer {
+            Ok(outcome) => Pending::Answer(reply, outcome),
+            Err(e) => Pending::Refused(reply, e),
+        });
     }
 
     /// What a request with an Idempotency-Key (and request hash) was answered before: `None`

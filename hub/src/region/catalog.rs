@@ -174,7 +174,7 @@ impl RegionWriter {
                 .any(|(s, _, c, _)| *s == req.sku && c.as_deref() == Some(customer));
             let stored = self.store.rated(req.sku.as_str(), customer).map_err(|e| {
                 error!(region = %self.region, error = %e, "reading ratings failed");
-                RegionError::Storage(e.to_string())
+                RegionError::StoreRead(e.to_string())
             })?;
             if in_group || stored {
                 return Err(RegionError::AlreadyRated {

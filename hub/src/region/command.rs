@@ -40,6 +40,9 @@ pub enum RegionError {
     Invalid(String),
     #[error("storage unavailable: {0}")]
     Storage(String),
+    /// A read of the store the request needed failed: the store's own words.
+    #[error("{0}")]
+    StoreRead(String),
     #[error("the region writer is busy; retry shortly")]
     Overloaded,
     #[error("this Idempotency-Key was used with another request")]

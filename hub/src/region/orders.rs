@@ -47,7 +47,7 @@ impl RegionWriter {
     ) -> Result<(), RegionError> {
         let in_store = self.store.order_exists(id.as_str()).map_err(|e| {
             error!(region = %self.region, error = %e, "reading orders failed");
-            RegionError::Storage(e.to_string())
+            RegionError::StoreRead(e.to_string())
         })?;
         if in_store || self.ledgers.values().any(|l| l.has_order(id)) {
             return Err(RegionError::OrderExists {

@@ -55,7 +55,7 @@ impl RegionWriter {
         batch: &mut RegionBatch,
         now: i64,
     ) -> Result<Outcome, RegionError> {
-        let storage = |e: StoreError| RegionError::Storage(e.to_string());
+        let storage = |e: StoreError| RegionError::StoreRead(e.to_string());
         // As this group left it: created or ended earlier in the group, or as stored.
         let find = |store: &RegionStore,
                     staged: &[crate::subscriptions::Subscription],

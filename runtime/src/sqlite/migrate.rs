@@ -88,9 +88,11 @@ impl Schema {
     }
 
     /// Runs the migrations `conn`'s store lacks, each in its own transaction that also records
-    /// the version it reaches, and logs each. Returns what it ran.
+    /// the version it reaches, and logs each. Returns what it ran (`pending`: the steps it
+    /// applied itself, not those another process applied meanwhile).
     pub fn migrate(&self, conn: &mut Connection) -> Result<Plan, StoreError> {
-        let plan = self.plan(conn)?;
+        let mut plan = self.plan(conn)?;
+        let mut ran = Vec::with_capacity(plan.pending.len());
         for &(version, name) in &plan.pending {
             let started = std::time::Instant::now();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -116,7 +118,9 @@ impl Schema {
                 ms = started.elapsed().as_millis() as u64,
                 "store migrated"
             );
+            ran.push((version, name));
         }
+        plan.pending = ran;
         Ok(plan)
     }
 }

@@ -345,7 +345,7 @@ async fn sell_round(url: &str, prefix: &str) -> Result<Vec<(String, String)>> {
 /// Checks the hub holds every acknowledged order and no unit in two orders; answers the
 /// orders seen. The hub lists at most 10,000 orders: those beyond are fetched one by one.
 async fn hub_holds(hub_url: &str, acked: &[(String, String)]) -> Result<Vec<(String, String)>> {
-    let mut seen = hub_orders(hub_url).await?;
+    let mut seen = hub_sales(hub_url).await?;
     let listed: BTreeSet<String> = seen.iter().map(|(o, _)| o.clone()).collect();
     let client = http();
     for (order, _) in acked {
@@ -375,31 +375,6 @@ async fn hub_holds(hub_url: &str, acked: &[(String, String)]) -> Result<Vec<(Str
         "a unit sold in two orders at the hub"
     );
     Ok(seen)
-}
-
-/// Every order at the hub with its first unit.
-async fn hub_orders(hub_url: &str) -> Result<Vec<(String, String)>> {
-    let v: Value = http()
-        .get(format!(
-            "{hub_url}/v1/regions/{}/orders?limit=10000",
-            larder_demo::REGION
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await?
-        .json()
-        .await?;
-    Ok(v["orders"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| {
-            Some((
-                o["order_id"].as_str()?.to_owned(),
-                o["lines"][0]["unit_ids"][0].as_str()?.to_owned(),
-            ))
-        })
-        .collect())
 }
 
 /// Starts the hub process, retrying while its ports are still held by the killed one.

@@ -11,8 +11,8 @@ use larder_hub::mqtt::free_port;
 use larder_shared::domain::Role;
 use larder_tests::fixtures::{SKU, copy_fixture, store_files, stores_v0};
 use larder_tests::{
-    eventually, get, hub_order_ids, hub_public_key, restart_agent, run_to_end, start_hub, synced,
-    write_agent_config, write_hub_config,
+    eventually, get, hub_order_ids, hub_public_key, hub_sales, restart_agent, run_to_end,
+    start_hub, synced, write_agent_config, write_hub_config,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -77,20 +77,18 @@ async fn stores_of_the_release_before_open_keep_every_record_and_sync() -> anyho
     let fridge_url = format!("http://{}", fridge.http_addr);
     synced(&fridge_url, WAIT).await?;
     let at_hub = eventually(WAIT, "the offline sales at the hub", || async {
-        let ids = hub_order_ids(&hub_http).await.ok()?;
+        let held = hub_sales(&hub_http).await.ok()?;
         manifest
             .offline_sales
             .iter()
-            .all(|s| ids.contains(s))
-            .then_some(ids)
+            .all(|s| held.iter().any(|(o, _)| o == s))
+            .then_some(held)
     })
     .await?;
     for sale in &manifest.offline_sales {
-        assert_eq!(
-            at_hub.iter().filter(|id| *id == sale).count(),
-            1,
-            "{sale} once"
-        );
+        let unit = &at_hub.iter().find(|(o, _)| o == sale).expect("held").1;
+        let holding = at_hub.iter().filter(|(_, u)| u == unit).count();
+        assert_eq!(holding, 1, "{sale}: its unit {unit} in one order");
     }
     assert_eq!(
         user_version(&dir.path().join("fridge-1/agent.db"))?,
