@@ -323,10 +323,22 @@ pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<Stri
         synced(&f.url, Duration::from_secs(120)).await?;
     }
     let held = hub_holds(&hub_url, &sales).await?;
+    // Each app order by its id (the listing holds 10,000 orders at most).
+    let client = http();
     for order in &app_orders {
+        let o: Value = client
+            .get(format!(
+                "{hub_url}/v1/regions/{}/orders/{order}",
+                larder_demo::REGION
+            ))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await?
+            .json()
+            .await?;
         ensure!(
-            held.iter().filter(|(o, _)| o == order).count() == 1,
-            "app order {order} not at the hub once"
+            o["order_id"] == order.as_str(),
+            "app order {order} not at the hub: {o}"
         );
     }
     let mine: BTreeSet<&String> = sales.iter().map(|(o, _)| o).collect();
