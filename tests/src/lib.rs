@@ -309,23 +309,34 @@ pub async fn start_agent_with(
     Ok(larder_agent::start_with_clock(config, key, clock).await?)
 }
 
+/// Every order at the hub as its listing shows them (10,000 at most).
+async fn hub_listing(hub_url: &str) -> Result<Vec<Value>> {
+    let v: Value = get(&format!(
+        "{hub_url}/v1/regions/{}/orders?limit=10000",
+        larder_demo::REGION
+    ))
+    .await?;
+    Ok(v["orders"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no orders in {v}"))?
+        .clone())
+}
+
+/// One order at the hub by its id, as the API answers (an error body if there is none).
+pub async fn hub_order(hub_url: &str, order: &str) -> Result<Value> {
+    get(&format!(
+        "{hub_url}/v1/regions/{}/orders/{order}",
+        larder_demo::REGION
+    ))
+    .await
+}
+
 /// Every order at the hub (up to 10,000) with its first unit: a unit in two orders is a sale
 /// doubled.
 pub async fn hub_sales(hub_url: &str) -> Result<Vec<(String, String)>> {
-    let v: Value = http()
-        .get(format!(
-            "{hub_url}/v1/regions/{}/orders?limit=10000",
-            larder_demo::REGION
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    Ok(hub_listing(hub_url)
         .await?
-        .json()
-        .await?;
-    Ok(v["orders"]
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter_map(|o| {
             Some((
                 o["order_id"].as_str()?.to_owned(),
@@ -491,18 +502,10 @@ pub async fn metrics_text(base_url: &str) -> Result<String> {
         .await?)
 }
 
-/// The order ids the hub holds.
+/// The order ids the hub holds (10,000 at most).
 pub async fn hub_order_ids(hub_http: &str) -> Result<Vec<String>> {
-    let v: Value = http()
-        .get(format!("{hub_http}/v1/regions/{REGION}/orders?limit=10000"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
+    Ok(hub_listing(hub_http)
         .await?
-        .json()
-        .await?;
-    Ok(v["orders"]
-        .as_array()
-        .ok_or_else(|| anyhow!("no orders in {v}"))?
         .iter()
         .filter_map(|o| o["order_id"].as_str().map(str::to_owned))
         .collect())

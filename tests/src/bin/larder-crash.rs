@@ -347,21 +347,11 @@ async fn sell_round(url: &str, prefix: &str) -> Result<Vec<(String, String)>> {
 async fn hub_holds(hub_url: &str, acked: &[(String, String)]) -> Result<Vec<(String, String)>> {
     let mut seen = hub_sales(hub_url).await?;
     let listed: BTreeSet<String> = seen.iter().map(|(o, _)| o.clone()).collect();
-    let client = http();
     for (order, _) in acked {
         if listed.contains(order) {
             continue;
         }
-        let o: Value = client
-            .get(format!(
-                "{hub_url}/v1/regions/{}/orders/{order}",
-                larder_demo::REGION
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let o = hub_order(hub_url, order).await?;
         let unit = o["lines"][0]["unit_ids"][0].as_str();
         ensure!(
             o["order_id"] == order.as_str() && unit.is_some(),

@@ -89,15 +89,15 @@ async fn a_backup_taken_while_selling_restores_every_sale_the_hub_had() -> anyho
         assert!(after.contains(id), "{id} restored");
     }
     drop(new_hub);
-    let (ok, said) = hub_cli(&[
+    let replace = [
         "restore",
         "--config",
         &new_config,
         "--from",
         &backup_dir,
         "--replace",
-    ])
-    .await?;
+    ];
+    let (ok, said) = hub_cli(&replace).await?;
     assert!(ok && said.contains("region demo: restored"), "{said}");
     assert!(
         dir.path()
@@ -117,15 +117,7 @@ async fn a_backup_taken_while_selling_restores_every_sale_the_hub_had() -> anyho
         !ok && said.contains("region-demo.db: its content is not what the manifest records"),
         "{said}"
     );
-    let (ok, said) = hub_cli(&[
-        "restore",
-        "--config",
-        &new_config,
-        "--from",
-        &backup_dir,
-        "--replace",
-    ])
-    .await?;
+    let (ok, said) = hub_cli(&replace).await?;
     assert!(
         !ok && said.contains("not what the manifest records"),
         "{said}"

@@ -275,6 +275,7 @@ pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<Stri
             || async { (sold.lock().ok()?.len() >= SALES * FRIDGES / 2).then_some(()) },
         )
         .await?;
+        // The fault's timing, not a wait for anything: the cut lands at a random moment.
         tokio::time::sleep(Duration::from_micros(rng.below(4_000))).await;
         for f in &fridges {
             cut_off(&f.agent).await?;
@@ -324,18 +325,8 @@ pub(crate) async fn run(seed: u64, cuts: usize, per_burst: usize) -> Result<Stri
     }
     let held = hub_holds(&hub_url, &sales).await?;
     // Each app order by its id (the listing holds 10,000 orders at most).
-    let client = http();
     for order in &app_orders {
-        let o: Value = client
-            .get(format!(
-                "{hub_url}/v1/regions/{}/orders/{order}",
-                larder_demo::REGION
-            ))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let o = hub_order(&hub_url, order).await?;
         ensure!(
             o["order_id"] == order.as_str(),
             "app order {order} not at the hub: {o}"
