@@ -36,6 +36,11 @@ pub struct Metrics {
     pub disk_free_bytes: Gauge,
     pub outbox_limit: Gauge,
     pub writes_refused: Family<ReasonLabels, Counter>,
+    /// Times the hub's store was seen at a new generation (restored or rebuilt).
+    pub hub_generations: Counter,
+    /// 1 while the hub does not read this agent's protocol version (it sent a notice): upgrade
+    /// the agent. Its outbox is kept meanwhile.
+    pub protocol_refused: Gauge,
 }
 
 impl Default for Metrics {
@@ -61,6 +66,8 @@ impl Default for Metrics {
             disk_free_bytes: Gauge::default(),
             outbox_limit: Gauge::default(),
             writes_refused: Family::default(),
+            hub_generations: Counter::default(),
+            protocol_refused: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales committed", m.sales.clone());
@@ -148,6 +155,16 @@ impl Default for Metrics {
             "writes_refused",
             "Local writes refused to protect the disk, by reason (insufficient_storage, outbox_full)",
             m.writes_refused.clone(),
+        );
+        registry.register(
+            "hub_generations",
+            "Times the hub's store was seen at a new generation (restored or rebuilt), each followed by the outbox offered again",
+            m.hub_generations.clone(),
+        );
+        registry.register(
+            "protocol_refused",
+            "1 while the hub does not read this agent's protocol version: upgrade the agent (its outbox is kept)",
+            m.protocol_refused.clone(),
         );
         Self { registry, ..m }
     }

@@ -64,8 +64,28 @@ pub const AGENT_SCHEMA: Schema = Schema {
             name: "the archive holds each record once per epoch",
             apply: archive_once,
         },
+        Migration {
+            name: "local changes the hub acknowledged are kept a while, to offer again to a \
+                   restored hub",
+            apply: |tx| tx.execute_batch(SENT_CHANGES_SCHEMA),
+        },
     ],
 };
+
+/// Local changes the hub acknowledged, moved here from `ledger_changes` when their ledger is
+/// compacted and kept, the newest [`SENT_CHANGES_KEPT`], with their audit links: a hub whose
+/// store was restored from a backup or a replica lacks the last of them, and gets them again
+/// from here (see `Writer::hub_generation`).
+const SENT_CHANGES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sent_changes (
+    outbox_seq INTEGER PRIMARY KEY, fridge TEXT NOT NULL, bytes BLOB NOT NULL,
+    epoch INTEGER NOT NULL, chain_prev BLOB, chain_hash BLOB);
+";
+
+/// How many acknowledged local changes a device keeps to offer a restored hub: at a busy
+/// fridge's thousand sales a day, three weeks of them (a few MB), far past a nightly backup's
+/// recovery point or a replica's seconds.
+pub(crate) const SENT_CHANGES_KEPT: u64 = 20_000;
 
 /// Each record archived once per epoch: the archive's rows are committed before the rebase that
 /// archives them (the two files are not atomic together in WAL mode), so a rebase redone after
@@ -116,6 +136,10 @@ pub(crate) const META_CHAIN_ACKED: &str = "chain_acked";
 /// The outbox position a rebase reached: positions are never handed out twice, even when the
 /// rows that held them were replaced.
 pub(crate) const META_OUTBOX_FLOOR: &str = "outbox_floor";
+/// The hub store's generation last seen in an acknowledgement.
+pub(crate) const META_HUB_GENERATION: &str = "hub_generation";
+/// `1` while the downlink waits to restart at a restored hub's position.
+pub(crate) const META_DOWN_RESTART: &str = "down_restart";
 
 /// The page cache of each of the agent's read connections, in KiB: a fridge's stock and order
 /// reads touch few pages, and a board has little memory.
@@ -248,11 +272,12 @@ impl Store {
     /// The last outbox position handed out: the newest local change still stored, or the
     /// hub's acknowledgement if every local change was acknowledged and compacted away.
     pub(crate) fn outbox_head(&self) -> Result<u64, StoreError> {
-        let max: Option<i64> =
-            self.conn
-                .query_row("SELECT MAX(outbox_seq) FROM ledger_changes", [], |r| {
-                    r.get(0)
-                })?;
+        let max: Option<i64> = self.conn.query_row(
+            "SELECT MAX(seq) FROM (SELECT MAX(outbox_seq) AS seq FROM ledger_changes
+                 UNION ALL SELECT MAX(outbox_seq) FROM sent_changes)",
+            [],
+            |r| r.get(0),
+        )?;
         Ok((max.unwrap_or(0) as u64)
             .max(self.meta_u64(META_UP_ACKED)?)
             .max(self.meta_u64(META_OUTBOX_FLOOR)?))
@@ -406,12 +431,23 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let row = row.and_then(|(s, h)| Some((s as u64, h?.try_into().ok()?)));
+        let sent: Option<(i64, Option<Vec<u8>>)> = self
+            .conn
+            .query_row(
+                "SELECT outbox_seq, chain_hash FROM sent_changes WHERE outbox_seq <= ?1
+                 ORDER BY outbox_seq DESC LIMIT 1",
+                [seq.min(i64::MAX as u64) as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let link = |row: Option<(i64, Option<Vec<u8>>)>| {
+            row.and_then(|(s, h)| Some((s as u64, h?.try_into().ok()?)))
+        };
         let recorded = self.chain_acked()?.filter(|(s, _)| *s <= seq);
-        Ok(match (row, recorded) {
-            (Some(r), Some(m)) => Some(if r.0 >= m.0 { r } else { m }),
-            (r, m) => r.or(m),
-        })
+        Ok([link(row), link(sent), recorded]
+            .into_iter()
+            .flatten()
+            .max_by_key(|(s, _)| *s))
     }
 
     /// The audit-chain hash of the newest local change.
@@ -506,9 +542,21 @@ impl Store {
             params![fridge.as_str(), snapshot],
         )?;
         tx.execute(
+            "INSERT OR IGNORE INTO sent_changes
+                 (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash)
+             SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash FROM ledger_changes
+             WHERE fridge = ?1 AND outbox_seq <= ?2",
+            params![fridge.as_str(), up_acked as i64],
+        )?;
+        tx.execute(
             "DELETE FROM ledger_changes
              WHERE fridge = ?1 AND (outbox_seq IS NULL OR outbox_seq <= ?2)",
             params![fridge.as_str(), up_acked as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM sent_changes
+             WHERE outbox_seq <= (SELECT MAX(outbox_seq) FROM sent_changes) - ?1",
+            [SENT_CHANGES_KEPT as i64],
         )?;
         tx.commit()?;
         Ok(())
@@ -579,17 +627,36 @@ impl ReadPool {
         self.readers.with(f)
     }
 
-    /// Outbox entries after `after`, at most `limit`, in order, each with its audit-chain hash.
+    /// Outbox entries after `after`, at most `limit`, in order, each with its audit-chain hash:
+    /// the local changes still in their ledger's log and, when a restored hub lacks some it
+    /// acknowledged before, those kept after a compaction (two ordered reads, merged).
     pub(crate) fn outbox_after(
         &self,
         after: u64,
         limit: u64,
     ) -> Result<Vec<(Entry, [u8; 32])>, StoreError> {
+        let mut entries = self.changes_after("ledger_changes", after, limit)?;
+        let sent = self.changes_after("sent_changes", after, limit)?;
+        if !sent.is_empty() {
+            entries.extend(sent);
+            entries.sort_by_key(|(e, _)| e.seq);
+            entries.dedup_by_key(|(e, _)| e.seq);
+            entries.truncate(limit as usize);
+        }
+        Ok(entries)
+    }
+
+    fn changes_after(
+        &self,
+        table: &'static str,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<(Entry, [u8; 32])>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash
-                 FROM ledger_changes WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2",
-            )?;
+                 FROM {table} WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
                 let seq: i64 = r.get(0)?;
                 let fridge: String = r.get(1)?;

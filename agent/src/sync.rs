@@ -16,7 +16,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use larder_shared::auth::connect_token;
-use larder_shared::envelope::{self, Ack, Body, BoxKey, EntryKind, Envelope, Header, Party};
+use larder_shared::envelope::{
+    self, Ack, Batch, Body, BoxKey, EntryKind, Envelope, Generation, Header, Party,
+};
 use larder_shared::presence::{Presence, Session};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
@@ -96,6 +98,10 @@ struct Sync {
     hub_box: BoxKey,
     /// The same for the pending key of a rotation: the hub's confirmation may come sealed to it.
     pending_box: Option<BoxKey>,
+    /// The hub store's generation the writer last confirmed (see `Command::HubGeneration`).
+    hub_generation: Option<Generation>,
+    /// Since when this connection waits for the hub's first acknowledgement.
+    unanswered_since_ms: Option<i64>,
 }
 
 /// A reconnect delay: exponential in `attempt`, capped, with up to 50 % jitter.
@@ -139,6 +145,8 @@ pub(crate) async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
             .as_ref()
             .map(|k| BoxKey::new(k, &ctx.hub_key)),
         sender: StreamSender::new(up_acked, limits),
+        hub_generation: None,
+        unanswered_since_ms: None,
         seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
         ctx,
     };
@@ -286,6 +294,12 @@ impl Sync {
                 _ = tick.tick() => {
                     let now = self.ctx.clock.network_ms();
                     self.sender.tick(now);
+                    if let Some(since) = self.unanswered_since_ms
+                        && now - since >= self.ctx.sync.retransmit_after_ms as i64
+                    {
+                        self.unanswered_since_ms = Some(now);
+                        self.say_position(&client).await;
+                    }
                     if self.sender.is_connected()
                         && now - self.rotation_announced_ms >= self.ctx.sync.retransmit_after_ms as i64
                     {
@@ -352,7 +366,23 @@ impl Sync {
             ],
         );
         self.sender.on_connected(self.ctx.clock.network_ms());
+        self.unanswered_since_ms = Some(self.ctx.clock.network_ms());
+        self.say_position(client).await;
         self.announce_rotation(client).await;
+    }
+
+    /// Sends the stream's position in an empty batch. Every connection opens with it, and it is
+    /// repeated until the hub answers (its subscription may not have been up yet): the hub's
+    /// acknowledgement names its store's generation, so a restored hub is noticed even when
+    /// nothing waits to be sent.
+    async fn say_position(&mut self, client: &AsyncClient) {
+        let at = self.sender.acked();
+        if let Some(bytes) = self
+            .seal(Body::Changes(Batch::new(at, at, Vec::new())))
+            .await
+        {
+            let _ = client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, bytes);
+        }
     }
 
     /// Announces the pending key rotation, if any, signed with the key in force; repeated until
@@ -406,6 +436,7 @@ impl Sync {
     }
 
     fn on_lost(&mut self, error: &str) {
+        self.unanswered_since_ms = None;
         if self.sender.is_connected() {
             info!(device = %self.ctx.device, error, "disconnected from the hub's broker");
         } else {
@@ -525,8 +556,17 @@ impl Sync {
     }
 
     async fn on_message(&mut self, client: &AsyncClient, topic: &str, payload: &[u8]) {
+        if let Some((min, max)) = envelope::read_notice(payload) {
+            self.protocol_refused(min, max);
+            return;
+        }
         let opened = match envelope::open(payload, self.ctx.mqtt.max_message_bytes) {
             Ok(o) => o,
+            Err(envelope::EnvelopeError::Version(v)) if v > envelope::PROTOCOL_VERSION => {
+                self.ctx.shared.metrics.reject("version");
+                self.protocol_refused(v, v);
+                return;
+            }
             Err(e) => {
                 self.ctx.shared.metrics.reject(e.reason());
                 warn!(topic, error = %e, "envelope refused");
@@ -601,11 +641,48 @@ impl Sync {
         }
     }
 
+    /// The hub reads none of this agent's envelopes: it reads versions `min..=max` (a notice),
+    /// or writes a version newer than this agent reads.
+    fn protocol_refused(&self, min: u8, max: u8) {
+        if self.ctx.shared.metrics.protocol_refused.set(1) == 0 {
+            error!(
+                hub = ?(min..=max),
+                agent = envelope::PROTOCOL_VERSION,
+                outbox = self.ctx.shared.outbox_head.load(Ordering::Relaxed)
+                    .saturating_sub(self.ctx.shared.up_acked.load(Ordering::Relaxed)),
+                "the hub speaks protocol versions this agent does not: upgrade this agent; \
+                 its outbox is kept until the hub takes it"
+            );
+        }
+    }
+
     async fn on_ack(&mut self, ack: Ack) {
+        let now = self.ctx.clock.network_ms();
         self.ctx
             .shared
             .last_sync_at_ms
-            .store(self.ctx.clock.network_ms(), Ordering::Relaxed);
+            .store(now, Ordering::Relaxed);
+        self.ctx.shared.metrics.protocol_refused.set(0);
+        self.unanswered_since_ms = None;
+        if let Some(generation) = ack.generation
+            && self.hub_generation != Some(generation)
+        {
+            let (reply, rx) = oneshot::channel();
+            let up_to = ack.up_to;
+            let asked = Command::HubGeneration {
+                generation,
+                up_to,
+                reply,
+            };
+            if self.ctx.writer.send(asked).await.is_err() {
+                return;
+            }
+            let Ok(from) = rx.await else { return };
+            self.hub_generation = Some(generation);
+            if from < self.sender.acked() {
+                self.sender.restart_at(from, now);
+            }
+        }
         if let Some(up_to) = self.sender.on_ack(ack, self.ctx.clock.network_ms()) {
             let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use larder_shared::catalog::Catalog;
 use larder_shared::domain::{DoorSession, Payment, Refill, Role, Sale, SaleLine, TakenMatch};
-use larder_shared::envelope::{Ack, Batch, EntryKind, Rebase};
+use larder_shared::envelope::{Ack, Batch, EntryKind, Generation, Rebase};
 use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
 use larder_shared::{DeviceId, FridgeId, OrderId, UnitId, limits};
@@ -83,6 +83,11 @@ struct Counters {
     down: StreamReceiver,
     /// The audit-chain hash of the newest local change.
     chain_head: [u8; 32],
+    /// The hub store's generation last seen in an acknowledgement.
+    hub_generation: Option<Generation>,
+    /// The hub's store changed generation and its downlink stream starts again where it
+    /// stands: the next downlink batch sets `down`'s position.
+    down_restart: bool,
 }
 
 /// The writer's state. Lives on its own thread.
@@ -148,6 +153,11 @@ impl Writer {
             up_acked: store.meta_u64(store::META_UP_ACKED)?,
             down: StreamReceiver::new(store.meta_u64(store::META_DOWN_HWM)?),
             chain_head: store.chain_head()?.unwrap_or(larder_shared::audit::GENESIS),
+            hub_generation: store
+                .meta(store::META_HUB_GENERATION)?
+                .as_deref()
+                .and_then(Generation::parse),
+            down_restart: store.meta_u64(store::META_DOWN_RESTART)? == 1,
         };
         let (outbox_head_tx, outbox_head_rx) = watch::channel(counters.outbox_head);
         let mut writer = Self {
@@ -366,6 +376,13 @@ impl Writer {
                     }
                     self.forget_acked(&mut batch);
                 }
+                Command::HubGeneration {
+                    generation,
+                    up_to,
+                    reply,
+                } => {
+                    let _ = reply.send(self.hub_generation(generation, up_to, &mut batch));
+                }
                 Command::Ping { reply } => {
                     let _ = reply.send(());
                 }
@@ -518,6 +535,10 @@ impl Writer {
 
     fn counters_to_meta(&self, saved: &Counters, batch: &mut WriteBatch) {
         let c = &self.counters;
+        if c.down_restart != saved.down_restart {
+            let flag = u8::from(c.down_restart).to_string();
+            batch.meta.push((store::META_DOWN_RESTART, flag));
+        }
         if c.down.hwm() != saved.down.hwm() {
             batch
                 .meta

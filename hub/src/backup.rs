@@ -361,14 +361,22 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
         if checksum(&at)?.1 != copy.sha256 {
             let _ = std::fs::remove_file(&at);
             return Err(BackupError::Refused(format!(
-                "{}: the copy is not what the manifest records (it changed after it was                  verified); nothing was replaced",
+                "{}: the copy is not what the manifest records (it changed after it was verified); nothing was replaced",
                 from.join(&copy.file).display()
             )));
         }
-        staged.push((copy, dest, at));
+        // A restored store is a new generation: its devices may hold what it lacks.
+        let renewed = rusqlite::Connection::open(&at)
+            .map_err(StoreError::from)
+            .and_then(|conn| crate::store::generation::renew(&conn))
+            .map_err(|e| BackupError::Store {
+                path: at.clone(),
+                source: Box::new(e),
+            })?;
+        staged.push((copy, dest, at, renewed));
     }
     sync_dir(&config.data_dir)?;
-    for (copy, dest, at) in staged {
+    for (copy, dest, at, generation) in staged {
         if let Err(e) = replace_store(&at, &dest) {
             return Err(BackupError::Incomplete {
                 done: said.join("; "),
@@ -376,7 +384,7 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
             });
         }
         said.push(format!(
-            "region {}: restored to {} ({} devices, taken {})",
+            "region {}: restored to {} ({} devices, taken {}; new generation {generation})",
             copy.region,
             dest.display(),
             copy.devices.len(),

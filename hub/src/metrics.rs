@@ -14,6 +14,8 @@ pub struct HubMetrics {
     registry: Registry,
     pub envelopes_accepted: Family<Labels, Counter>,
     pub envelopes_rejected: Family<Labels, Counter>,
+    /// Envelopes taken from devices, by region and protocol version: how far a rollout came.
+    pub uplink_versions: Family<Labels, Counter>,
     pub changes_merged: Family<Labels, Counter>,
     /// Changes too large for a message, withheld: by region and direction (`up` from a
     /// device, `down` to one). Alert on any.
@@ -48,6 +50,7 @@ impl Default for HubMetrics {
             registry: Registry::default(),
             envelopes_accepted: Family::default(),
             envelopes_rejected: Family::default(),
+            uplink_versions: Family::default(),
             changes_merged: Family::default(),
             changes_withheld: Family::default(),
             downlink_envelopes: Family::default(),
@@ -114,6 +117,11 @@ impl Default for HubMetrics {
             "envelopes_rejected",
             "Envelopes rejected, by region and reason",
             m.envelopes_rejected.clone(),
+        );
+        registry.register(
+            "uplink_versions",
+            "Envelopes taken from devices, by region and protocol version (an older version's count stops growing once every device is upgraded)",
+            m.uplink_versions.clone(),
         );
         registry.register(
             "changes_merged",

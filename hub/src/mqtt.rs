@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use larder_runtime::mqtt::{Request, queue_requests};
-use larder_shared::envelope::{Body, BoxKey, Entry, EntryKind, Envelope, Header, Party};
+use larder_shared::envelope::{self, Body, BoxKey, Entry, EntryKind, Envelope, Header, Party};
 use larder_shared::reliable::{SenderLimits, SeqAllocator, StreamSender, build_batch};
 use larder_shared::topics::{self, DeviceTopic};
 use larder_shared::{DeviceId, FridgeId, RegionId, SecretKey};
@@ -42,6 +42,8 @@ const ENV_SEQ_BLOCK: u64 = 1_000;
 const EVENT_QUEUE_MAX: usize = 1_024;
 /// How often the downlink pump re-reads which devices were revoked (by the API or the CLI).
 const REVOCATION_CHECK_MS: i64 = 2_000;
+/// How often a device whose protocol version the hub does not read is sent a notice.
+const NOTICE_EVERY_MS: i64 = 60_000;
 
 pub struct MqttContext {
     pub regions: BTreeMap<RegionId, RegionHandle>,
@@ -74,7 +76,7 @@ struct HubLink {
     limits: SenderLimits,
     devices: HashMap<(RegionId, DeviceId), Downlink>,
     seqs: HashMap<RegionId, SeqAllocator>,
-    outcomes_tx: mpsc::Sender<(RegionId, DeviceId, UplinkOutcome)>,
+    outcomes_tx: mpsc::Sender<(RegionId, DeviceId, u8, UplinkOutcome)>,
     connected: bool,
     revocations_checked_ms: i64,
     /// The box each device's downlink bodies are sealed with, for the key it holds.
@@ -92,6 +94,11 @@ struct HubLink {
     /// Each region's catalog as last announced (the sealed envelope): anything else found on
     /// its retained topic (an admitted device's overwrite or delete) is replaced by it again.
     announced: HashMap<RegionId, Vec<u8>>,
+    /// The protocol version of each device's last accepted envelope: what the hub writes to it
+    /// (a device not heard from since the start gets the oldest version the hub writes).
+    versions: HashMap<(RegionId, DeviceId), u8>,
+    /// When each device whose version the hub does not read was last sent a notice.
+    noticed: HashMap<(RegionId, DeviceId), i64>,
 }
 
 /// The devices an event may have given downlink work to.
@@ -219,6 +226,8 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         jammed: false,
         held_acks: HashMap::new(),
         announced: HashMap::new(),
+        versions: HashMap::new(),
+        noticed: HashMap::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Relays of new heads: at once when the last pass over every device is older than
@@ -279,7 +288,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
                             link.on_catalog_topic(&client, &region, &payload);
                             Scope::None
                         }
-                        None => link.on_message(&topic, payload).await,
+                        None => link.on_message(&client, &topic, payload).await,
                     }
                 }
                 None => break,
@@ -413,9 +422,9 @@ impl HubLink {
         // An announcement of the hub's own (the retained one of its previous run, or one a
         // reconnect re-sent) is no overwrite.
         let hub_key = self.ctx.key.public();
-        let ours = larder_shared::envelope::open(payload, self.ctx.config.max_message_bytes)
+        let ours = envelope::open(payload, self.ctx.config.max_message_bytes)
             .and_then(|u| u.verify(payload, &hub_key))
-            .and_then(larder_shared::envelope::Verified::plain)
+            .and_then(envelope::Verified::plain)
             .is_ok_and(|e| {
                 e.header.region == *region
                     && e.header.sender == Party::Hub
@@ -462,13 +471,21 @@ impl HubLink {
             },
             body,
         };
+        // A device gets the version it speaks; what every device of a region reads (the
+        // catalog) goes in the oldest version the hub writes, which they all read.
         let bytes = match &env.header.recipient {
             Party::Device(device) => {
                 self.ensure_box(region, device)?;
-                let device_box = self.boxes.get(&(region.clone(), device.clone()))?;
-                env.seal_to(&self.ctx.key, device_box)?
+                let key = (region.clone(), device.clone());
+                let version = self
+                    .versions
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(envelope::PROTOCOL_VERSION_MIN);
+                let device_box = self.boxes.get(&key)?;
+                env.seal_to_version(&self.ctx.key, device_box, version)?
             }
-            _ => env.seal(&self.ctx.key),
+            _ => env.seal_version(&self.ctx.key, envelope::PROTOCOL_VERSION_MIN),
         };
         self.ctx
             .metrics
@@ -494,7 +511,12 @@ impl HubLink {
     }
 
     /// Handles a publish; answers which device it may have given downlink work to.
-    async fn on_message(&mut self, topic: &str, payload: bytes::Bytes) -> Scope {
+    async fn on_message(
+        &mut self,
+        client: &AsyncClient,
+        topic: &str,
+        payload: bytes::Bytes,
+    ) -> Scope {
         let Some((region, device, which)) = topics::parse_device(topic) else {
             debug!(topic, "publish on an unknown topic ignored");
             return Scope::None;
@@ -524,6 +546,15 @@ impl HubLink {
                 return Scope::Device((region, device));
             }
             DeviceTopic::Up => {
+                // Judged as `envelope::open` would: an oversized or truncated message is the
+                // verifier's to refuse, by that reason.
+                let version = envelope::wire_version(&payload).unwrap_or(0);
+                let sized = (envelope::ENVELOPE_MIN_BYTES..=self.ctx.config.max_message_bytes)
+                    .contains(&payload.len());
+                if sized && !envelope::reads_version(version) {
+                    self.refuse_version(client, &region, &device, version);
+                    return Scope::None;
+                }
                 let (reply, rx) = oneshot::channel();
                 let uplink = crate::region::verifier::Uplink {
                     topic_device: device.clone(),
@@ -539,13 +570,55 @@ impl HubLink {
                 let tx = self.outcomes_tx.clone();
                 tokio::spawn(async move {
                     if let Ok(outcome) = rx.await {
-                        let _ = tx.send((region, device, outcome)).await;
+                        let _ = tx.send((region, device, version, outcome)).await;
                     }
                 });
             }
             DeviceTopic::Down => {}
         }
         Scope::None
+    }
+
+    /// Refuses an envelope of a protocol version the hub does not read: counted, logged, and
+    /// answered with a [`notice`](envelope::notice) of the versions it reads, at most once a
+    /// minute per device. The device keeps its outbox until it is upgraded.
+    fn refuse_version(
+        &mut self,
+        client: &AsyncClient,
+        region: &RegionId,
+        device: &DeviceId,
+        version: u8,
+    ) {
+        self.ctx.metrics.rejected(region.as_str(), "version");
+        let now = self.ctx.clock.network_ms();
+        let key = (region.clone(), device.clone());
+        if self
+            .noticed
+            .get(&key)
+            .is_some_and(|at| now.saturating_sub(*at) < NOTICE_EVERY_MS)
+        {
+            return;
+        }
+        self.noticed.insert(key, now);
+        warn!(region = %region, device = %device, version,
+            reads = ?(envelope::PROTOCOL_VERSION_MIN..=envelope::PROTOCOL_VERSION),
+            "a device speaks a protocol version this hub does not read: upgrade it; its outbox waits on the device");
+        let notice = envelope::notice(envelope::PROTOCOL_VERSION_MIN, envelope::PROTOCOL_VERSION);
+        self.publish_down(client, region, device, notice);
+    }
+
+    /// Records the version of a device's accepted envelope.
+    fn note_version(&mut self, region: &RegionId, device: &DeviceId, version: u8) {
+        self.versions
+            .insert((region.clone(), device.clone()), version);
+        self.ctx
+            .metrics
+            .uplink_versions
+            .get_or_create(&vec![
+                ("region", region.to_string()),
+                ("version", version.to_string()),
+            ])
+            .inc();
     }
 
     async fn set_presence(&mut self, region: &RegionId, device: &DeviceId, online: bool) {

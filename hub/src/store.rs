@@ -18,6 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+pub mod generation;
 mod queries;
 mod reads;
 
@@ -90,15 +91,21 @@ CREATE TABLE IF NOT EXISTS rating_totals (
 /// `larder_runtime::sqlite::migrate`).
 pub const REGION_SCHEMA: Schema = Schema {
     store: "region store",
-    migrations: &[Migration {
-        name: "devices, changes, audit, archive, idempotency, subscriptions, snapshots, \
-               catalog versions, ratings, device keys and projections (the schema before \
-               stores had versions)",
-        apply: |tx| {
-            tx.execute_batch(projection::SCHEMA)?;
-            tx.execute_batch(SCHEMA)
+    migrations: &[
+        Migration {
+            name: "devices, changes, audit, archive, idempotency, subscriptions, snapshots, \
+                   catalog versions, ratings, device keys and projections (the schema before \
+                   stores had versions)",
+            apply: |tx| {
+                tx.execute_batch(projection::SCHEMA)?;
+                tx.execute_batch(SCHEMA)
+            },
         },
-    }],
+        Migration {
+            name: "the store's generation, named in every acknowledgement",
+            apply: |tx| generation::ensure(tx),
+        },
+    ],
 };
 
 pub(crate) const META_ENV_SEQ_RESERVED: &str = "env_seq_reserved";
@@ -285,6 +292,11 @@ impl RegionStore {
             }
             _ => Err(StoreError::Corrupt("the region store has no file".into())),
         }
+    }
+
+    /// The store's generation (see [`generation`]).
+    pub fn generation(&self) -> Result<larder_shared::envelope::Generation, StoreError> {
+        generation::read(&self.conn)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

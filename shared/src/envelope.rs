@@ -1,12 +1,19 @@
 //! The signed envelope every MQTT message of Larder travels in.
 //!
-//! Wire form (version 2):
+//! Wire form (version 3):
 //!
 //! ```text
-//! [version: u8 = 2] [payload: postcard(Header, WireBody)] [signature: 64 bytes]
+//! [version: u8 = 3] [payload: postcard(Header, WireBody)] [signature: 64 bytes]
 //! signature = Ed25519(sender key, "larder/envelope/v1\0" || version || payload)
 //! WireBody  = Plain(Body) | Sealed { nonce: 24 bytes, ciphertext }
 //! ```
+//!
+//! Versions: a build writes [`PROTOCOL_VERSION`] and reads it and the one before
+//! ([`PROTOCOL_VERSION_MIN`], see [`v2`]), and writes that one to a peer that speaks it, so a
+//! device one release behind keeps syncing with an upgraded hub. Version 3 adds the store
+//! generation to [`Ack`]. A message whose first byte is [`NOTICE_VERSION`] is no envelope but a
+//! [`notice`]: the hub's word to a device whose version it does not read, in a form every
+//! version from 3 on reads.
 //!
 //! On a device's own topics (`up`, `down`) the body is sealed to its recipient: a `crypto_box`
 //! `ChaChaBox` (X25519 key agreement, XChaCha20-Poly1305, a random 24-byte nonce) between the
@@ -31,10 +38,18 @@ use crate::catalog::Catalog;
 use crate::ids::{DeviceId, FridgeId, RegionId};
 use crate::keys::{PublicKey, SIGNATURE_LEN, SecretKey, Signature};
 
-/// The envelope format version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+mod v2;
+
+/// The envelope format version this build writes.
+pub const PROTOCOL_VERSION: u8 = 3;
+/// The oldest version this build reads, and writes to a peer that speaks no newer one.
+pub const PROTOCOL_VERSION_MIN: u8 = 2;
+/// The first byte of a protocol [`notice`].
+pub const NOTICE_VERSION: u8 = 0;
 /// Default limit on an encoded envelope, in bytes.
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 256 * 1024;
+/// The shortest an envelope can be: its version, a payload byte and the signature.
+pub const ENVELOPE_MIN_BYTES: usize = 1 + 1 + SIGNATURE_LEN;
 /// Domain separation for envelope signatures.
 const SIGNING_DOMAIN: &[u8] = b"larder/envelope/v1\0";
 /// Bytes an envelope spends besides its entries' change bytes (header, framing, signature),
@@ -199,6 +214,51 @@ impl Batch {
 pub struct Ack {
     pub up_to: u64,
     pub gap: bool,
+    /// The hub's acknowledgements: the generation of the region store that holds what they
+    /// acknowledge (`None` from a device, and in version 2). A device that sees it change knows
+    /// the store was restored or rebuilt, and may lack what an earlier generation acknowledged.
+    pub generation: Option<Generation>,
+}
+
+impl Ack {
+    /// An acknowledgement of everything up to `up_to`, naming no generation.
+    pub fn new(up_to: u64, gap: bool) -> Self {
+        Self {
+            up_to,
+            gap,
+            generation: None,
+        }
+    }
+}
+
+/// A store's generation: a random id made when the store is created, restored or rebuilt.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Generation(pub [u8; 16]);
+
+impl Generation {
+    /// A fresh generation; `None` only if the OS gives no randomness.
+    pub fn random() -> Option<Self> {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).ok()?;
+        Some(Self(id))
+    }
+
+    /// The generation written as [`Display`](std::fmt::Display) writes it (32 hex digits).
+    pub fn parse(text: &str) -> Option<Self> {
+        hex::decode(text).ok()?.try_into().ok().map(Self)
+    }
+}
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Generation({self})")
+    }
 }
 
 /// What an envelope carries.
@@ -223,10 +283,19 @@ pub struct TimeBeacon {
 }
 
 impl Body {
-    /// Decodes an opened body strictly: trailing bytes are refused.
+    /// Decodes an opened body of this build's version strictly: trailing bytes are refused.
     pub fn decode(plaintext: &[u8]) -> Result<Self, EnvelopeError> {
-        let (body, rest): (Body, &[u8]) = postcard::take_from_bytes(plaintext)
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        Self::decode_version(plaintext, PROTOCOL_VERSION)
+    }
+
+    /// Decodes an opened body of envelope version `version` strictly.
+    pub fn decode_version(plaintext: &[u8], version: u8) -> Result<Self, EnvelopeError> {
+        let (body, rest): (Body, &[u8]) = match version {
+            PROTOCOL_VERSION => postcard::take_from_bytes(plaintext),
+            2 => postcard::take_from_bytes::<v2::Body>(plaintext).map(|(b, r)| (b.into(), r)),
+            v => return Err(EnvelopeError::Version(v)),
+        }
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(EnvelopeError::Malformed(format!(
                 "{} trailing bytes in the sealed body",
@@ -256,8 +325,8 @@ pub struct Envelope {
 
 /// The body as it travels: in clear (the catalog) or sealed to the recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum WireBody {
-    Plain(Body),
+enum WireBody<B = Body> {
+    Plain(B),
     Sealed {
         nonce: [u8; NONCE_LEN],
         #[serde(with = "serde_bytes")]
@@ -265,16 +334,60 @@ enum WireBody {
     },
 }
 
+impl<B> WireBody<B> {
+    fn map<C>(self, f: impl FnOnce(B) -> C) -> WireBody<C> {
+        match self {
+            WireBody::Plain(b) => WireBody::Plain(f(b)),
+            WireBody::Sealed { nonce, ciphertext } => WireBody::Sealed { nonce, ciphertext },
+        }
+    }
+}
+
 #[derive(Serialize)]
-struct WireRef<'a> {
+struct WireRef<'a, B> {
     header: &'a Header,
-    body: &'a WireBody,
+    body: &'a WireBody<B>,
 }
 
 #[derive(Deserialize)]
-struct Wire {
+struct Wire<B> {
     header: Header,
-    body: WireBody,
+    body: WireBody<B>,
+}
+
+/// `body` encoded as envelope version `version` writes it.
+fn body_bytes(body: &Body, version: u8) -> Vec<u8> {
+    // Serialising plain data structs into a Vec cannot fail.
+    match version {
+        2 => postcard::to_stdvec(&v2::BodyRef::from(body)),
+        _ => postcard::to_stdvec(body),
+    }
+    .unwrap_or_default()
+}
+
+/// A protocol notice: the hub does not read the envelopes of the device it sends this to, and
+/// reads versions `min..=max`. Three bytes, `[NOTICE_VERSION, min, max]`, unsigned: a device
+/// only logs it and counts it (the device's own topic takes publishes from the hub alone).
+pub fn notice(min: u8, max: u8) -> Vec<u8> {
+    vec![NOTICE_VERSION, min, max]
+}
+
+/// The versions a [`notice`] names, if `bytes` is one.
+pub fn read_notice(bytes: &[u8]) -> Option<(u8, u8)> {
+    match bytes {
+        [NOTICE_VERSION, min, max] => Some((*min, *max)),
+        _ => None,
+    }
+}
+
+/// The version an encoded envelope claims (its first byte), read before anything else.
+pub fn wire_version(bytes: &[u8]) -> Option<u8> {
+    bytes.first().copied()
+}
+
+/// Whether this build reads envelopes of `version`.
+pub fn reads_version(version: u8) -> bool {
+    (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&version)
 }
 
 /// The key two parties seal envelope bodies with: X25519 agreement between one's own key and
@@ -335,17 +448,35 @@ impl EnvelopeError {
 impl Envelope {
     /// Encodes and signs the envelope with its body in clear (for the region's catalog).
     pub fn seal(&self, key: &SecretKey) -> Vec<u8> {
-        let body = WireBody::Plain(self.body.clone());
-        sign_wire(&self.header, &body, key)
+        self.seal_version(key, PROTOCOL_VERSION)
+    }
+
+    /// [`Envelope::seal`] in envelope version `version` (this build's or the one before).
+    pub fn seal_version(&self, key: &SecretKey, version: u8) -> Vec<u8> {
+        let version = version.clamp(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION);
+        match version {
+            2 => sign_wire(
+                &self.header,
+                &WireBody::Plain(v2::BodyRef::from(&self.body)),
+                key,
+                version,
+            ),
+            _ => sign_wire(&self.header, &WireBody::Plain(&self.body), key, version),
+        }
     }
 
     /// Encodes the envelope with its body sealed with `to` (the sender's key and the
     /// recipient's), then signs it with `key`.
     /// `None` only if the OS gives no randomness for the nonce.
     pub fn seal_to(&self, key: &SecretKey, to: &BoxKey) -> Option<Vec<u8>> {
+        self.seal_to_version(key, to, PROTOCOL_VERSION)
+    }
+
+    /// [`Envelope::seal_to`] in envelope version `version` (this build's or the one before).
+    pub fn seal_to_version(&self, key: &SecretKey, to: &BoxKey, version: u8) -> Option<Vec<u8>> {
         use crypto_box::aead::Aead;
-        // Serialising plain data structs into a Vec cannot fail.
-        let plaintext = postcard::to_stdvec(&self.body).unwrap_or_default();
+        let version = version.clamp(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION);
+        let plaintext = body_bytes(&self.body, version);
         let mut nonce = [0u8; NONCE_LEN];
         // A failed RNG would repeat nonces: never send then. The OS RNG does not fail once
         // the system has booted; an all-zero nonce is refused below rather than used.
@@ -355,26 +486,32 @@ impl Envelope {
         let ciphertext = to.0.encrypt(&nonce.into(), plaintext.as_slice()).ok()?;
         Some(sign_wire(
             &self.header,
-            &WireBody::Sealed { nonce, ciphertext },
+            &WireBody::<Body>::Sealed { nonce, ciphertext },
             key,
+            version,
         ))
     }
 }
 
-fn sign_wire(header: &Header, body: &WireBody, key: &SecretKey) -> Vec<u8> {
+fn sign_wire<B: Serialize>(
+    header: &Header,
+    body: &WireBody<B>,
+    key: &SecretKey,
+    version: u8,
+) -> Vec<u8> {
     // Serialising plain data structs into a Vec cannot fail.
     let payload = postcard::to_stdvec(&WireRef { header, body }).unwrap_or_default();
-    let signature = key.sign(SIGNING_DOMAIN, &signed_bytes(&payload));
+    let signature = key.sign(SIGNING_DOMAIN, &signed_bytes(version, &payload));
     let mut out = Vec::with_capacity(1 + payload.len() + SIGNATURE_LEN);
-    out.push(PROTOCOL_VERSION);
+    out.push(version);
     out.extend_from_slice(&payload);
     out.extend_from_slice(&signature.0);
     out
 }
 
-fn signed_bytes(payload: &[u8]) -> Vec<u8> {
+fn signed_bytes(version: u8, payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(1 + payload.len());
-    bytes.push(PROTOCOL_VERSION);
+    bytes.push(version);
     bytes.extend_from_slice(payload);
     bytes
 }
@@ -382,6 +519,7 @@ fn signed_bytes(payload: &[u8]) -> Vec<u8> {
 /// A decoded envelope whose signature is not checked yet.
 #[derive(Debug)]
 pub struct Unverified {
+    version: u8,
     header: Header,
     body: WireBody,
     payload_end: usize,
@@ -393,6 +531,11 @@ impl Unverified {
     /// The claimed header, to find the sender's key. Not to be trusted before `verify`.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The envelope's version.
+    pub fn version(&self) -> u8 {
+        self.version
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -416,13 +559,14 @@ impl Unverified {
         let payload = bytes
             .get(1..self.payload_end)
             .ok_or(EnvelopeError::Truncated)?;
-        let signed = signed_bytes(payload);
+        let signed = signed_bytes(self.version, payload);
         let i = keys
             .iter()
             .position(|k| k.verify(SIGNING_DOMAIN, &signed, &self.signature).is_ok())
             .ok_or(EnvelopeError::BadSignature)?;
         Ok((
             Verified {
+                version: self.version,
                 header: self.header,
                 body: self.body,
             },
@@ -441,7 +585,7 @@ pub fn verify_batch(items: Vec<(Unverified, &[u8], PublicKey)>) -> Vec<Option<Ve
         .map(|(u, bytes, key)| {
             let message = bytes
                 .get(..u.payload_end)
-                .filter(|s| s.first() == Some(&PROTOCOL_VERSION))?;
+                .filter(|s| s.first() == Some(&u.version))?;
             Some(crate::keys::Signed {
                 key,
                 domain: SIGNING_DOMAIN,
@@ -457,6 +601,7 @@ pub fn verify_batch(items: Vec<(Unverified, &[u8], PublicKey)>) -> Vec<Option<Ve
         .zip(ok)
         .map(|((u, _, _), ok)| {
             ok.then_some(Verified {
+                version: u.version,
                 header: u.header,
                 body: u.body,
             })
@@ -467,11 +612,17 @@ pub fn verify_batch(items: Vec<(Unverified, &[u8], PublicKey)>) -> Vec<Option<Ve
 /// An envelope whose signature verified; its body may still be sealed.
 #[derive(Debug)]
 pub struct Verified {
+    version: u8,
     header: Header,
     body: WireBody,
 }
 
 impl Verified {
+    /// The envelope's version: the one to answer its sender in.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
     /// The envelope of a body sent in clear (the catalog); a sealed one is refused.
     pub fn plain(self) -> Result<Envelope, EnvelopeError> {
         match self.body {
@@ -497,7 +648,7 @@ impl Verified {
             .ok_or(EnvelopeError::Undecryptable)?;
         Ok(Envelope {
             header: self.header,
-            body: Body::decode(&plaintext)?,
+            body: Body::decode_version(&plaintext, self.version)?,
         })
     }
 }
@@ -510,15 +661,27 @@ pub fn open(bytes: &[u8], max_message_bytes: usize) -> Result<Unverified, Envelo
             max: max_message_bytes,
         });
     }
-    if bytes.len() < 1 + SIGNATURE_LEN + 1 {
+    if bytes.len() < ENVELOPE_MIN_BYTES {
         return Err(EnvelopeError::Truncated);
     }
-    if bytes[0] != PROTOCOL_VERSION {
-        return Err(EnvelopeError::Version(bytes[0]));
-    }
+    let version = bytes[0];
     let payload_end = bytes.len() - SIGNATURE_LEN;
-    let (wire, rest): (Wire, &[u8]) = postcard::take_from_bytes(&bytes[1..payload_end])
-        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let payload = &bytes[1..payload_end];
+    let (wire, rest): (Wire<Body>, &[u8]) = match version {
+        PROTOCOL_VERSION => postcard::take_from_bytes(payload),
+        2 => postcard::take_from_bytes::<Wire<v2::Body>>(payload).map(|(w, rest)| {
+            let body = w.body.map(Body::from);
+            (
+                Wire {
+                    header: w.header,
+                    body,
+                },
+                rest,
+            )
+        }),
+        v => return Err(EnvelopeError::Version(v)),
+    }
+    .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(EnvelopeError::Malformed(format!(
             "{} trailing bytes",
@@ -528,6 +691,7 @@ pub fn open(bytes: &[u8], max_message_bytes: usize) -> Result<Unverified, Envelo
     let mut signature = [0u8; SIGNATURE_LEN];
     signature.copy_from_slice(&bytes[payload_end..]);
     Ok(Unverified {
+        version,
         header: wire.header,
         body: wire.body,
         payload_end,
@@ -537,234 +701,4 @@ pub fn open(bytes: &[u8], max_message_bytes: usize) -> Result<Unverified, Envelo
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn sample() -> Envelope {
-        Envelope {
-            header: Header {
-                region: RegionId::new("north").expect("id"),
-                sender: Party::Device(DeviceId::new("pos-1").expect("id")),
-                recipient: Party::Hub,
-                seq: 42,
-                sent_at_ms: 1_700_000_000_000,
-            },
-            body: Body::Changes(Batch {
-                after: 3,
-                up_to: 4,
-                entries: vec![Entry {
-                    seq: 4,
-                    ledger: FridgeId::new("fridge-1").expect("id"),
-                    epoch: 2,
-                    kind: EntryKind::Change,
-                    prev: Some([7; 32]),
-                    change: vec![1, 2, 3, 4],
-                }],
-                head_sig: Some(vec![9; 64]),
-            }),
-        }
-    }
-
-    #[test]
-    fn a_batch_verifies_the_good_envelopes_and_hands_back_the_others() {
-        let keys: Vec<SecretKey> = (0..12).map(|i| SecretKey::from_seed([i + 1; 32])).collect();
-        let mut wires: Vec<Vec<u8>> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let mut e = sample();
-                e.header.seq = i as u64;
-                e.seal(k)
-            })
-            .collect();
-        // A flipped signature bit, and an envelope checked against another device's key.
-        let last = wires[4].len() - 1;
-        wires[4][last] ^= 1;
-        let items: Vec<(Unverified, &[u8], PublicKey)> = wires
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let key = if i == 9 {
-                    keys[0].public()
-                } else {
-                    keys[i].public()
-                };
-                (
-                    open(w, MAX_MESSAGE_BYTES_DEFAULT).expect("decodes"),
-                    w.as_slice(),
-                    key,
-                )
-            })
-            .collect();
-        let results = verify_batch(items);
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Some(v) => {
-                    assert!(i != 4 && i != 9, "envelope {i} must not verify");
-                    assert_eq!(v.plain().expect("plain").header.seq, i as u64);
-                }
-                None => assert!(i == 4 || i == 9, "envelope {i} must verify"),
-            }
-        }
-    }
-
-    #[test]
-    fn round_trip_verifies() {
-        let key = SecretKey::from_seed([1; 32]);
-        let bytes = sample().seal(&key);
-        let opened = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT).expect("decodes");
-        assert_eq!(opened.header(), &sample().header);
-        assert_eq!(
-            opened
-                .verify(&bytes, &key.public())
-                .and_then(Verified::plain),
-            Ok(sample())
-        );
-    }
-
-    #[test]
-    fn a_sealed_body_opens_for_its_recipient_only() {
-        let device = SecretKey::from_seed([1; 32]);
-        let hub = SecretKey::from_seed([2; 32]);
-        let other = SecretKey::from_seed([3; 32]);
-        let bytes = sample()
-            .seal_to(&device, &BoxKey::new(&device, &hub.public()))
-            .expect("sealed");
-        let change = [1u8, 2, 3, 4];
-        assert!(
-            !bytes.windows(change.len()).any(|w| w == change),
-            "the change bytes travel in clear"
-        );
-        let open_with = |key: &BoxKey| {
-            open(&bytes, MAX_MESSAGE_BYTES_DEFAULT)
-                .and_then(|u| u.verify(&bytes, &device.public()))
-                .and_then(|v| v.open_sealed(&[key]))
-        };
-        // The hub opens it with its key and the device's public key.
-        assert_eq!(
-            open_with(&BoxKey::new(&hub, &device.public())),
-            Ok(sample())
-        );
-        // Another device of the region, reading the topic, cannot.
-        assert_eq!(
-            open_with(&BoxKey::new(&other, &device.public())),
-            Err(EnvelopeError::Undecryptable)
-        );
-        assert_eq!(
-            open_with(&BoxKey::new(&other, &hub.public())),
-            Err(EnvelopeError::Undecryptable)
-        );
-        // A sealed body is not taken as a clear one, nor a clear one where sealing is required.
-        let sealed = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT)
-            .and_then(|u| u.verify(&bytes, &device.public()))
-            .and_then(Verified::plain);
-        assert_eq!(sealed, Err(EnvelopeError::UnexpectedSeal));
-        let clear = sample().seal(&device);
-        let verdict = open(&clear, MAX_MESSAGE_BYTES_DEFAULT)
-            .and_then(|u| u.verify(&clear, &device.public()))
-            .and_then(|v| v.open_sealed(&[&BoxKey::new(&hub, &device.public())]));
-        assert_eq!(verdict, Err(EnvelopeError::NotSealed));
-        // Two seals of the same envelope differ (fresh nonces).
-        let again = sample()
-            .seal_to(&device, &BoxKey::new(&device, &hub.public()))
-            .expect("sealed");
-        assert_ne!(bytes, again);
-    }
-
-    #[test]
-    fn every_bit_flip_of_a_sealed_envelope_is_refused() {
-        let device = SecretKey::from_seed([1; 32]);
-        let hub = SecretKey::from_seed([2; 32]);
-        let bytes = sample()
-            .seal_to(&device, &BoxKey::new(&device, &hub.public()))
-            .expect("sealed");
-        let hub_box = BoxKey::new(&hub, &device.public());
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes.clone();
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            let verdict = open(&flipped, MAX_MESSAGE_BYTES_DEFAULT)
-                .and_then(|u| u.verify(&flipped, &device.public()))
-                .and_then(|v| v.open_sealed(&[&hub_box]));
-            assert!(verdict.is_err(), "bit {bit} flipped was accepted");
-        }
-    }
-
-    #[test]
-    fn wrong_key_and_every_bit_flip_are_refused() {
-        let key = SecretKey::from_seed([1; 32]);
-        let other = SecretKey::from_seed([2; 32]);
-        let bytes = sample().seal(&key);
-        let opened = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT).expect("decodes");
-        assert_eq!(
-            opened.verify(&bytes, &other.public()).map(|_| ()),
-            Err(EnvelopeError::BadSignature)
-        );
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes.clone();
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            let verdict = open(&flipped, MAX_MESSAGE_BYTES_DEFAULT)
-                .and_then(|u| u.verify(&flipped, &key.public()))
-                .and_then(Verified::plain);
-            assert!(verdict.is_err(), "bit {bit} flipped was accepted");
-        }
-    }
-
-    #[test]
-    fn limits_truncation_version_and_trailing_bytes() {
-        let key = SecretKey::from_seed([1; 32]);
-        let bytes = sample().seal(&key);
-        assert!(matches!(
-            open(&bytes, bytes.len() - 1),
-            Err(EnvelopeError::Oversized { .. })
-        ));
-        for cut in 0..bytes.len() {
-            let r = open(&bytes[..cut], MAX_MESSAGE_BYTES_DEFAULT)
-                .and_then(|u| u.verify(&bytes[..cut], &key.public()))
-                .and_then(Verified::plain);
-            assert!(r.is_err(), "truncated at {cut} accepted");
-        }
-        let mut v2 = bytes.clone();
-        v2[0] = 3;
-        assert_eq!(
-            open(&v2, MAX_MESSAGE_BYTES_DEFAULT).err(),
-            Some(EnvelopeError::Version(3))
-        );
-        let mut trailing = bytes[..bytes.len() - SIGNATURE_LEN].to_vec();
-        trailing.push(0);
-        trailing.extend_from_slice(&bytes[bytes.len() - SIGNATURE_LEN..]);
-        assert!(matches!(
-            open(&trailing, MAX_MESSAGE_BYTES_DEFAULT),
-            Err(EnvelopeError::Malformed(_))
-        ));
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let key = SecretKey::from_seed([1; 32]);
-            if let Ok(u) = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT) {
-                prop_assert!(u.verify(&bytes, &key.public()).is_err());
-            }
-        }
-
-        #[test]
-        fn round_trips_any_batch(after in 0u64..u64::MAX / 2, seqs in proptest::collection::vec((0u64..1000, proptest::collection::vec(any::<u8>(), 0..64)), 0..8)) {
-            let key = SecretKey::from_seed([3; 32]);
-            let mut env = sample();
-            env.body = Body::Changes(Batch::new(
-                after,
-                after + 1000,
-                seqs.into_iter().map(|(s, change)| Entry::change(
-                    after + s + 1,
-                    FridgeId::new("f").expect("id"),
-                    0,
-                    change,
-                )).collect(),
-            ));
-            let bytes = env.seal(&key);
-            let back = open(&bytes, MAX_MESSAGE_BYTES_DEFAULT).and_then(|u| u.verify(&bytes, &key.public())).and_then(Verified::plain);
-            prop_assert_eq!(back, Ok(env));
-        }
-    }
-}
+mod tests;

@@ -139,6 +139,14 @@ impl StreamSender {
         self.last_progress_ms = now_ms;
     }
 
+    /// The receiver's store was restored and holds the stream only up to `acked` (below what
+    /// it acknowledged before): send again from there.
+    pub fn restart_at(&mut self, acked: u64, now_ms: i64) {
+        self.acked = self.acked.min(acked);
+        self.rewind();
+        self.last_progress_ms = now_ms;
+    }
+
     pub fn on_disconnected(&mut self) {
         self.connected = false;
         self.rewind();
@@ -330,10 +338,7 @@ impl StreamReceiver {
 
     /// The acknowledgement to send now.
     pub fn ack(&self, gap: bool) -> Ack {
-        Ack {
-            up_to: self.hwm,
-            gap,
-        }
+        Ack::new(self.hwm, gap)
     }
 }
 
@@ -438,39 +443,14 @@ mod tests {
         assert_eq!((w.after, w.entries_max), (20, 5), "in-flight cap");
         s.on_sent(25, 100);
         assert_eq!(s.poll_send(50), None, "at the in-flight cap");
-        assert_eq!(
-            s.on_ack(
-                Ack {
-                    up_to: 10,
-                    gap: false
-                },
-                10
-            ),
-            Some(10)
-        );
-        assert_eq!(
-            s.on_ack(
-                Ack {
-                    up_to: 5,
-                    gap: false
-                },
-                11
-            ),
-            None,
-            "old ack"
-        );
+        assert_eq!(s.on_ack(Ack::new(10, false), 10), Some(10));
+        assert_eq!(s.on_ack(Ack::new(5, false), 11), None, "old ack");
         s.tick(50);
         assert_eq!(s.sent_up_to(), 25, "not stalled yet");
         s.tick(111);
         assert_eq!(s.sent_up_to(), 10, "stalled: rewound");
         s.on_sent(25, 100);
-        s.on_ack(
-            Ack {
-                up_to: 12,
-                gap: true,
-            },
-            120,
-        );
+        s.on_ack(Ack::new(12, true), 120);
         assert_eq!(s.sent_up_to(), 12, "gap: rewound to the ack");
         s.on_disconnected();
         assert_eq!(s.poll_send(50), None);
@@ -497,13 +477,7 @@ mod tests {
         );
         s.on_sent(30, 900);
         assert_eq!(s.poll_send(100), None, "past the cap");
-        s.on_ack(
-            Ack {
-                up_to: 10,
-                gap: false,
-            },
-            1,
-        );
+        s.on_ack(Ack::new(10, false), 1);
         assert_eq!(s.inflight_bytes(), 1900);
         assert_eq!(
             s.poll_send(100).map(|w| (w.after, w.bytes_max)),

@@ -26,13 +26,74 @@ impl Writer {
         }
     }
 
+    /// An acknowledgement named the hub store's `generation` and held this device's stream up
+    /// to `up_to`. A generation other than the last one seen (not the first one: a device from
+    /// before generations, or a new one, has nothing to doubt) means the store was restored or
+    /// rebuilt and may lack what the one before acknowledged: the outbox is offered again from
+    /// `up_to` (the changes acknowledged since are kept for this, see
+    /// `store::SENT_CHANGES_KEPT`), and the downlink starts again where the hub stands.
+    /// Answers the position to send from.
+    pub(super) fn hub_generation(
+        &mut self,
+        generation: Generation,
+        up_to: u64,
+        batch: &mut WriteBatch,
+    ) -> u64 {
+        let seen = self.counters.hub_generation.replace(generation);
+        if seen == Some(generation) {
+            return self.counters.up_acked;
+        }
+        batch
+            .meta
+            .push((store::META_HUB_GENERATION, generation.to_string()));
+        if seen.is_none() {
+            return self.counters.up_acked;
+        }
+        let from = up_to.min(self.counters.up_acked);
+        warn!(
+            %generation,
+            was = ?seen,
+            hub_holds = up_to,
+            acknowledged = self.counters.up_acked,
+            "the hub's store is of a new generation (restored or rebuilt): offering again what it lacks"
+        );
+        self.shared.metrics.hub_generations.inc();
+        // The position goes back; the outbox's head never does (no number is handed out twice).
+        self.counters.up_acked = from;
+        self.hub_acked = from;
+        self.counters.down_restart = true;
+        batch.meta.extend([
+            (store::META_UP_ACKED, from.to_string()),
+            (
+                store::META_OUTBOX_FLOOR,
+                self.counters.outbox_head.to_string(),
+            ),
+            (store::META_DOWN_RESTART, "1".to_owned()),
+        ]);
+        from
+    }
+
     /// Takes a downlink batch: its new entries are staged in `remote` and merged once per
     /// group by [`Writer::apply_remote`]. Returns the ack to send once the group committed.
+    ///
+    /// The first batch after the hub's store changed generation sets the stream's position:
+    /// the restored hub numbers its downlink from where its store stands, and what the device
+    /// already holds of it merges again as nothing new.
     pub(super) fn downlink(
         &mut self,
         down: Batch,
         remote: &mut BTreeMap<FridgeId, Vec<Remote>>,
     ) -> Ack {
+        if self.counters.down_restart {
+            let from = down.after.min(self.counters.down.hwm());
+            info!(
+                from,
+                was = self.counters.down.hwm(),
+                "downlink restarted at the hub's position"
+            );
+            self.counters.down = StreamReceiver::new(from);
+            self.counters.down_restart = false;
+        }
         match self.counters.down.on_batch(down) {
             Receipt::Apply { entries, up_to } => {
                 for e in entries {

@@ -150,12 +150,15 @@ impl HubLink {
     pub(super) async fn on_outcomes(
         &mut self,
         client: &AsyncClient,
-        outcomes: Vec<(RegionId, DeviceId, UplinkOutcome)>,
+        outcomes: Vec<(RegionId, DeviceId, u8, UplinkOutcome)>,
     ) -> Scope {
         let mut acks: Vec<((RegionId, DeviceId), larder_shared::envelope::Ack)> = Vec::new();
         let mut held: HashMap<(RegionId, DeviceId), usize> = HashMap::new();
         let mut pumps = Vec::new();
-        for (region, device, outcome) in outcomes {
+        for (region, device, version, outcome) in outcomes {
+            if !matches!(outcome, UplinkOutcome::Rejected(_)) {
+                self.note_version(&region, &device, version);
+            }
             if let UplinkOutcome::Ack(ack) = outcome {
                 let key = (region, device);
                 match held.get(&key) {
@@ -227,7 +230,7 @@ impl HubLink {
             }
             UplinkOutcome::DownAcked(up_to) => {
                 if let Some(d) = self.devices.get_mut(&key) {
-                    let ack = larder_shared::envelope::Ack { up_to, gap: false };
+                    let ack = larder_shared::envelope::Ack::new(up_to, false);
                     d.sender.on_ack(ack, self.ctx.clock.network_ms());
                     d.on_acked(d.sender.acked());
                 }
@@ -263,6 +266,10 @@ impl HubLink {
     ) {
         if !self.jammed {
             let to = Party::Device(key.1.clone());
+            let ack = larder_shared::envelope::Ack {
+                generation: self.ctx.regions.get(&key.0).map(|r| r.generation),
+                ..ack
+            };
             let Some(bytes) = self.seal(&key.0, to, Body::Ack(ack)).await else {
                 return;
             };

@@ -80,10 +80,7 @@ pub(super) fn ack(
     key: &SecretKey,
     hub: &SecretKey,
 ) -> Vec<u8> {
-    let ack = Ack {
-        up_to: 0,
-        gap: false,
-    };
+    let ack = Ack::new(0, false);
     sealed(region, sender, key, hub, 1, Body::Ack(ack))
 }
 

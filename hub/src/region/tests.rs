@@ -67,7 +67,7 @@ fn enrolled_writer(scene: &Scene, devices: &[&Loader]) -> RegionWriter {
 }
 
 fn acked(up_to: u64) -> UplinkOutcome {
-    UplinkOutcome::Ack(Ack { up_to, gap: false })
+    UplinkOutcome::Ack(Ack::new(up_to, false))
 }
 
 fn has_unit(writer: &RegionWriter, unit: &str) -> bool {
@@ -218,10 +218,7 @@ fn a_downlink_ack_past_the_head_counts_up_to_the_head() {
         &a.key,
         hub,
         2,
-        larder_shared::envelope::Body::Ack(Ack {
-            up_to: u64::MAX,
-            gap: false,
-        }),
+        larder_shared::envelope::Body::Ack(Ack::new(u64::MAX, false)),
     );
     assert_eq!(
         send(&mut writer, &a, &everything),

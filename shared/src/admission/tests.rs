@@ -108,10 +108,7 @@ fn changes(ledger: &str, epoch: u32, change: Vec<u8>) -> Body {
 #[test]
 fn the_header_names_this_region_the_topics_device_and_the_hub() {
     let f = Fixture::new();
-    let ack = Body::Ack(Ack {
-        up_to: 0,
-        gap: false,
-    });
+    let ack = Body::Ack(Ack::new(0, false));
     let bytes = f.seal("north", 1, ack.clone());
     assert!(check_header(&bytes, 64 * 1024, &north(), &f.device_id).is_ok());
     let south = RegionId::new("south").expect("id");
@@ -156,14 +153,7 @@ fn an_unknown_or_revoked_sender_is_refused() {
 fn an_envelope_is_taken_once_and_an_ack_goes_no_further_than_the_region_committed() {
     let f = Fixture::new();
     let region = At { epoch: 0, head: 10 };
-    let bytes = f.seal(
-        "north",
-        5,
-        Body::Ack(Ack {
-            up_to: 99,
-            gap: false,
-        }),
-    );
+    let bytes = f.seal("north", 5, Body::Ack(Ack::new(99, false)));
     let mut progress = Progress::default();
     let admit_once = |progress: &mut Progress| {
         admit(
@@ -191,14 +181,7 @@ fn an_envelope_is_taken_once_and_an_ack_goes_no_further_than_the_region_committe
 #[test]
 fn a_signature_by_another_key_is_refused() {
     let f = Fixture::new();
-    let bytes = f.seal(
-        "north",
-        1,
-        Body::Ack(Ack {
-            up_to: 0,
-            gap: false,
-        }),
-    );
+    let bytes = f.seal("north", 1, Body::Ack(Ack::new(0, false)));
     let other = SecretKey::from_seed([9; 32]).public();
     let opened = check_header(&bytes, 64 * 1024, &north(), &f.device_id).expect("opens");
     let refused = verify_and_open(opened, &bytes, &[other], |_| &f.hub_box).err();

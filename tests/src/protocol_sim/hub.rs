@@ -253,7 +253,7 @@ impl World {
             }
             Admitted::DownAcked(up_to) => {
                 // As the hub's MQTT task hands the region's answer to its sender.
-                let ack = larder_shared::envelope::Ack { up_to, gap: false };
+                let ack = larder_shared::envelope::Ack::new(up_to, false);
                 if hub.senders[d].on_ack(ack, self.now).is_some()
                     && self.devs[d].down_waiting_since.is_some()
                 {
@@ -322,10 +322,7 @@ impl World {
             if !self.link_live(d) {
                 continue;
             }
-            let ack = Ack {
-                up_to: self.hub_disk.progress[d].up_hwm,
-                gap: staged.gaps.contains(&d),
-            };
+            let ack = Ack::new(self.hub_disk.progress[d].up_hwm, staged.gaps.contains(&d));
             if let Some(bytes) = self.hub_seal(d, Body::Ack(ack)) {
                 self.send(false, d, bytes, true);
             }

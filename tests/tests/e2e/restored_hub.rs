@@ -1,0 +1,173 @@
+//! A hub restored from a backup is behind its devices, and learns it (the real `hub-node`
+//! binary, killed with SIGKILL, restored with `larder-hub restore`): the restored store is of a
+//! new generation, the POS sees it in the next acknowledgement and offers again every sale the
+//! lost store had acknowledged after the backup (kept after its ledger's compaction), each
+//! lands once, and the downlink starts again so what another device stocks after the restore
+//! reaches the POS.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use larder_demo::{agent_config, seeded_key};
+use larder_shared::domain::Role;
+use larder_tests::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn sell(url: &str, from: usize, to: usize) -> anyhow::Result<()> {
+    let client = http();
+    for i in from..to {
+        let unit = format!("u{i}");
+        let (status, body) = sell_unit(&client, url, "fridge-1", &unit, "lasagna", &unit).await?;
+        anyhow::ensure!(status == 201, "{unit}: {status} {body}");
+    }
+    Ok(())
+}
+
+/// The hub's order ids once it holds `n` of them, each once.
+async fn orders_at_hub(hub_url: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    eventually(WAIT, &format!("{n} orders at the hub"), || async {
+        let ids = hub_order_ids(hub_url).await.ok()?;
+        (ids.len() >= n).then_some(ids)
+    })
+    .await
+}
+
+/// One piece: the scenario in the order it happens (sell, back up, sell, lose the hub,
+/// restore, re-offer, order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (broker_port, http_port) = (
+        larder_hub::mqtt::free_port()?,
+        larder_hub::mqtt::free_port()?,
+    );
+    let hub_toml = write_hub_config(&dir.path().join("hub"), broker_port, http_port, 1)?;
+    let config = hub_toml.to_string_lossy().to_string();
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
+    let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+
+    // A POS whose ledger is compacted every 8 changes: what the hub acknowledged leaves the
+    // ledger's log soon after, and is kept only for a restored hub.
+    let key = seeded_key(7, "pos-1");
+    enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
+    let mut pos_config = agent_config(
+        &dir.path().join("pos"),
+        "pos-1",
+        Role::Pos,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &format!("127.0.0.1:{broker_port}"),
+    )?;
+    pos_config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    pos_config.writer.snapshot_every_changes = 8;
+    let pos = larder_agent::start(pos_config, key).await?;
+    let url = format!("http://{}", pos.http_addr);
+    synced(&url, WAIT).await?;
+    // A fridge whose refills reach the POS through the hub's downlink.
+    let key = seeded_key(7, "fridge-1");
+    enroll(
+        &hub.url,
+        "fridge-1",
+        Role::Fridge,
+        &["fridge-1"],
+        &key.public(),
+    )
+    .await?;
+    let mut fridge_config = agent_config(
+        &dir.path().join("fridge"),
+        "fridge-1",
+        Role::Fridge,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &format!("127.0.0.1:{broker_port}"),
+    )?;
+    fridge_config.writer.snapshot_every_changes = 4;
+    let fridge = larder_agent::start(fridge_config.clone(), key).await?;
+    let fridge_url = format!("http://{}", fridge.http_addr);
+    synced(&fridge_url, WAIT).await?;
+    refill(&fridge_url, "fridge-1", "early", "lasagna", 2).await?;
+    sell(&url, 0, 10).await?;
+    orders_at_hub(&hub.url, 10).await?;
+
+    let backup = dir.path().join("backup").to_string_lossy().to_string();
+    let (ok, said) =
+        run_to_end(hub_exe, &["backup", "--config", &config, "--out", &backup]).await?;
+    assert!(ok, "{said}");
+
+    // Twenty more sales, acknowledged by the store about to be lost.
+    sell(&url, 10, 30).await?;
+    refill(&fridge_url, "fridge-1", "lost", "lasagna", 5).await?;
+    eventually(WAIT, "the fridge's refills at the POS", || async {
+        let stock = agent_stock(&url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == 7).then_some(())
+    })
+    .await?;
+    let before: HashSet<String> = orders_at_hub(&hub.url, 30).await?.into_iter().collect();
+    synced(&url, WAIT).await?;
+    synced(&fridge_url, WAIT).await?;
+    // The fridge goes offline before the hub is lost, and stays off until later: the restored
+    // hub's downlink has a hole where its refills were.
+    fridge.shutdown().await;
+    hub.kill();
+
+    let restore = [
+        "restore",
+        "--config",
+        &config,
+        "--from",
+        &backup,
+        "--replace",
+    ];
+    let (ok, said) = run_to_end(hub_exe, &restore).await?;
+    assert!(ok && said.contains("new generation"), "{said}");
+    let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+
+    // Every sale is back, each once: the ten of the backup and the twenty re-offered.
+    let after = orders_at_hub(&hub.url, 30).await?;
+    let unique: HashSet<String> = after.iter().cloned().collect();
+    assert_eq!(unique.len(), after.len(), "no order twice: {after:?}");
+    assert_eq!(unique, before);
+    let metrics = metrics_text(&url).await?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "larder_agent_hub_generations_total 1"),
+        "{metrics}"
+    );
+
+    // The downlink starts again at the restored hub's position: the POS sees what a new
+    // device stocks, numbered by the restored hub where the lost store had numbered the
+    // fridge's refills.
+    let key = seeded_key(7, "pos-2");
+    enroll(&hub.url, "pos-2", Role::Pos, &["fridge-1"], &key.public()).await?;
+    let pos2_config = agent_config(
+        &dir.path().join("pos-2"),
+        "pos-2",
+        Role::Pos,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &format!("127.0.0.1:{broker_port}"),
+    )?;
+    let pos2 = larder_agent::start(pos2_config, key).await?;
+    let pos2_url = format!("http://{}", pos2.http_addr);
+    synced(&pos2_url, WAIT).await?;
+    refill(&pos2_url, "fridge-1", "late", "lasagna", 3).await?;
+    eventually(WAIT, "the late refill at the POS", || async {
+        let stock = agent_stock(&url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == 10).then_some(())
+    })
+    .await?;
+
+    // The fridge comes back, learns of the restore and offers its refills again.
+    let fridge = larder_agent::start(fridge_config, seeded_key(7, "fridge-1")).await?;
+    eventually(WAIT, "every refill at the hub", || async {
+        let stock = hub_stock(&hub.url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == 10).then_some(())
+    })
+    .await?;
+    fridge.shutdown().await;
+    pos2.shutdown().await;
+    pos.shutdown().await;
+    Ok(())
+}
