@@ -38,6 +38,8 @@ pub struct Metrics {
     pub writes_refused: Family<ReasonLabels, Counter>,
     /// Times the hub's store was seen at a new generation (restored or rebuilt).
     pub hub_generations: Counter,
+    /// Local changes offered again to a hub whose store came back behind them.
+    pub changes_reoffered: Counter,
     /// 1 while the hub does not read this agent's protocol version (it sent a notice): upgrade
     /// the agent. Its outbox is kept meanwhile.
     pub protocol_refused: Gauge,
@@ -67,6 +69,7 @@ impl Default for Metrics {
             outbox_limit: Gauge::default(),
             writes_refused: Family::default(),
             hub_generations: Counter::default(),
+            changes_reoffered: Counter::default(),
             protocol_refused: Gauge::default(),
             registry: Registry::default(),
         };
@@ -160,6 +163,11 @@ impl Default for Metrics {
             "hub_generations",
             "Times the hub's store was seen at a new generation (restored or rebuilt), each followed by the outbox offered again",
             m.hub_generations.clone(),
+        );
+        registry.register(
+            "changes_reoffered",
+            "Local changes the hub had acknowledged, offered again because its store came back behind them",
+            m.changes_reoffered.clone(),
         );
         registry.register(
             "protocol_refused",

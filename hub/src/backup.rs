@@ -2,18 +2,23 @@
 //! (`VACUUM INTO`: one read transaction per store, which holds up no writer), with the hub's key
 //! and a manifest written last (program, schema versions, each device's stream positions,
 //! checksums). `backup verify` checks a backup against its manifest and SQLite's integrity
-//! check; `restore` puts one back into the data directory of a stopped hub.
+//! check; `restore` puts one back into the data directory of a stopped hub. Litestream's side
+//! (its config, and `promote`, a standby taking over from the replica) is in [`replica`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use larder_runtime::sqlite::{StoreError, copy_into, integrity_problems};
 use larder_shared::RegionId;
+use larder_shared::envelope::Generation;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::HubConfig;
 use crate::store::{REGION_SCHEMA, read_copy};
+
+mod replica;
+pub use replica::{litestream_config, promote};
 
 /// The manifest's file name in a backup directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -301,16 +306,7 @@ pub fn verify(dir: &Path) -> Result<Manifest, Vec<String>> {
 /// operator; an error part way says what was done before it.
 pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<String>, BackupError> {
     let manifest = verify(from).map_err(|p| BackupError::Refused(p.join("\n")))?;
-    let listen = config.http.listen;
-    if listen.port() != 0
-        && let Err(e) = std::net::TcpListener::bind(listen)
-        && e.kind() == std::io::ErrorKind::AddrInUse
-    {
-        return Err(BackupError::Refused(format!(
-            "the hub seems to be running: its HTTP address {listen} is taken. Stop it first \
-             (systemctl stop larder-hub)"
-        )));
-    }
+    refuse_if_running(config)?;
     let mut said: Vec<String> = Vec::new();
     let mut plan = Vec::new();
     for copy in &manifest.regions {
@@ -365,14 +361,7 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
                 from.join(&copy.file).display()
             )));
         }
-        // A restored store is a new generation: its devices may hold what it lacks.
-        let renewed = rusqlite::Connection::open(&at)
-            .map_err(StoreError::from)
-            .and_then(|conn| crate::store::generation::renew(&conn))
-            .map_err(|e| BackupError::Store {
-                path: at.clone(),
-                source: Box::new(e),
-            })?;
+        let renewed = renew_generation(&at)?;
         staged.push((copy, dest, at, renewed));
     }
     sync_dir(&config.data_dir)?;
@@ -404,6 +393,33 @@ pub fn restore(config: &HubConfig, from: &Path, replace: bool) -> Result<Vec<Str
     Ok(said)
 }
 
+/// Refuses while the hub seems to run: its fixed HTTP address is taken (a check, not a lock).
+fn refuse_if_running(config: &HubConfig) -> Result<(), BackupError> {
+    let listen = config.http.listen;
+    if listen.port() != 0
+        && let Err(e) = std::net::TcpListener::bind(listen)
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        return Err(BackupError::Refused(format!(
+            "the hub seems to be running: its HTTP address {listen} is taken. Stop it first \
+             (systemctl stop larder-hub)"
+        )));
+    }
+    Ok(())
+}
+
+/// Makes the staged store at `at` a new generation: a restored store may lack what devices
+/// were told before, and they offer it again when they see the change. Answers the new one.
+fn renew_generation(at: &Path) -> Result<Generation, BackupError> {
+    rusqlite::Connection::open(at)
+        .map_err(StoreError::from)
+        .and_then(|conn| crate::store::generation::renew(&conn))
+        .map_err(|e| BackupError::Store {
+            path: at.to_path_buf(),
+            source: Box::new(e),
+        })
+}
+
 /// Puts the staged copy `staged` in place of the store at `dest`. A store there is kept beside
 /// it, with its write-ahead log, as `….db.pre-restore` (and `….db.pre-restore-wal`), replacing
 /// an older such pair; its WAL index is removed (SQLite makes it again).
@@ -427,38 +443,4 @@ fn replace_store(staged: &Path, dest: &Path) -> Result<(), BackupError> {
         _ => {}
     }
     std::fs::rename(staged, dest).map_err(io(dest))
-}
-
-/// Litestream's config (YAML) replicating every region store `config` names to `replica`: a
-/// URL Litestream takes (`file:///…`, `s3://bucket/prefix`, …) or an absolute directory, under
-/// which each store gets its own path (`region-ID`). Litestream's default sync interval (1 s)
-/// is kept: it bounds what a lost disk loses of what no device holds.
-pub fn litestream_config(config: &HubConfig, replica: &str) -> Result<String, String> {
-    let base = if replica.starts_with('/') {
-        format!("file://{replica}")
-    } else if replica.contains("://") {
-        replica.to_owned()
-    } else {
-        return Err(format!(
-            "--replica {replica:?}: give a URL Litestream takes (file:///dir, s3://bucket/prefix) \
-             or an absolute directory"
-        ));
-    };
-    let base = base.trim_end_matches('/');
-    let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let mut yaml = String::from(
-        "# Litestream's config for larder-hub's region stores (`larder-hub litestream-config`).\n\
-         # Run it beside the hub: litestream replicate -config THIS_FILE\n\
-         # Restore a store: litestream restore -config THIS_FILE -o NEW_PATH STORE_PATH\n\
-         dbs:\n",
-    );
-    for r in &config.regions {
-        let path = config.region_db(&r.id);
-        yaml.push_str(&format!(
-            "  - path: {}\n    replicas:\n      - url: {}\n",
-            quote(&path.to_string_lossy()),
-            quote(&format!("{base}/region-{}", r.id))
-        ));
-    }
-    Ok(yaml)
 }

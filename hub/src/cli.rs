@@ -135,6 +135,24 @@ pub enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Take over the regions of a primary hub that died, on a standby holding its key: restore
+    /// every region store from its Litestream replica, check it, make it a new generation (its
+    /// devices offer again what the replica lacks). Then start the hub with `run`.
+    Promote {
+        /// The standby's TOML config: the same regions as the primary's, its own data directory.
+        #[arg(long)]
+        config: PathBuf,
+        /// The replica the primary's `litestream-config` was given (`file:///dir`,
+        /// `s3://bucket/prefix`, or an absolute directory).
+        #[arg(long)]
+        replica: String,
+        /// The Litestream program.
+        #[arg(long, default_value = "litestream")]
+        litestream: PathBuf,
+        /// Replace region stores that exist (each is kept beside as `….db.pre-restore`).
+        #[arg(long)]
+        replace: bool,
+    },
     /// Write an external Mosquitto's password file, ACL and config for this hub's regions:
     /// only the hub and enrolled, unrevoked devices get in, each device to its own topics.
     BrokerConfig {
@@ -296,6 +314,12 @@ pub fn main() -> ExitCode {
             replica,
             out,
         } => litestream_config(&config, &replica, out.as_deref()),
+        Cmd::Promote {
+            config,
+            replica,
+            litestream,
+            replace,
+        } => promote(&config, &replica, &litestream, replace),
         Cmd::Backup {
             command: Some(BackupCmd::Verify { dir }),
             ..
@@ -406,11 +430,30 @@ pub fn main() -> ExitCode {
 }
 
 fn restore(path: &std::path::Path, from: &std::path::Path, replace: bool) -> ExitCode {
+    said_or_failed(path, |config| crate::backup::restore(config, from, replace))
+}
+
+fn promote(
+    path: &std::path::Path,
+    replica: &str,
+    litestream: &std::path::Path,
+    replace: bool,
+) -> ExitCode {
+    said_or_failed(path, |config| {
+        crate::backup::promote(config, replica, litestream, replace)
+    })
+}
+
+/// Runs `f` on the config at `path`, printing the lines it answers, or the error.
+fn said_or_failed(
+    path: &std::path::Path,
+    f: impl FnOnce(&HubConfig) -> Result<Vec<String>, crate::backup::BackupError>,
+) -> ExitCode {
     let config = match HubConfig::load(path) {
         Ok(c) => c,
         Err(p) => return fail(p.into_iter().map(|p| p.to_string())),
     };
-    match crate::backup::restore(&config, from, replace) {
+    match f(&config) {
         Ok(said) => {
             for line in said {
                 println!("{line}");

@@ -142,6 +142,8 @@ pub struct Checked {
     changes: Vec<Change>,
     hashes: std::collections::HashSet<automerge::ChangeHash>,
     touched: Touched,
+    /// What each of `changes` touches, in their order.
+    each: Vec<Touched>,
 }
 
 impl Checked {
@@ -150,6 +152,7 @@ impl Checked {
         self.changes.extend(piece.changes);
         self.hashes.extend(piece.hashes);
         self.touched.extend(piece.touched);
+        self.each.extend(piece.each);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -245,6 +248,10 @@ pub struct Ledger {
     /// Actors with a change in the document, read from it on first need (see
     /// [`Ledger::check_actors`]).
     actors: std::cell::RefCell<Option<std::collections::HashSet<ActorId>>>,
+    /// Changes merged before a change they depend on (a store restored behind its devices
+    /// gets them in any order) wait in Automerge's queue, unapplied: what each touches, to be
+    /// projected when it applies (see [`Ledger::apply_checked`]).
+    queued: HashMap<automerge::ChangeHash, Touched>,
 }
 
 /// The genesis change of a ledger's epoch: the same bytes on every replica. Epoch 0 is the
@@ -327,8 +334,20 @@ impl Ledger {
                     .map_err(|e| LedgerError::BadChange(e.to_string()))?,
             );
         }
+        let hashes: Vec<automerge::ChangeHash> = parsed.iter().map(Change::hash).collect();
         doc.apply_changes(parsed)?;
-        Self::from_doc(fridge, doc.with_actor(actor))
+        let mut ledger = Self::from_doc(fridge, doc.with_actor(actor))?;
+        // Changes still waiting for a dependency: found only when some wait at all.
+        if !ledger.doc.get_missing_deps(&[]).is_empty() {
+            for (hash, bytes) in hashes.iter().zip(changes) {
+                if ledger.doc.get_change_meta_by_hash(hash).is_none()
+                    && let Ok(change) = Change::from_bytes(bytes.clone())
+                {
+                    ledger.queued.insert(*hash, merge::touched_by(&change));
+                }
+            }
+        }
+        Ok(ledger)
     }
 
     fn from_doc(fridge: FridgeId, doc: Automerge) -> Result<Self, LedgerError> {
@@ -346,6 +365,7 @@ impl Ledger {
             unit_keys: HashMap::new(),
             loose: Default::default(),
             actors: Default::default(),
+            queued: HashMap::new(),
         };
         let ids: Vec<UnitId> = ledger.unit_ids();
         for id in ids {

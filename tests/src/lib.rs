@@ -5,6 +5,7 @@ pub mod fixtures;
 pub mod flaky;
 pub mod fuzz;
 pub mod ingest;
+pub mod mosquitto;
 #[cfg(feature = "power-cut")]
 pub mod powercut;
 mod process;

@@ -8,6 +8,8 @@
 
 use std::path::Path;
 use std::process::Command;
+
+use larder_tests::mosquitto::{Mosquitto, run, write_external_hub_config};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -27,54 +29,7 @@ fn hub_config(dir: &Path, region: &str, broker_port: u16) -> anyhow::Result<Stri
     )?;
     c.regions[0].id = region.parse()?;
     c.regions[0].fridges[0].id = format!("fridge-{region}").parse()?;
-    let http_port = larder_hub::mqtt::free_port()?;
-    std::fs::create_dir_all(dir)?;
-    let key_path = dir.join("hub.key");
-    larder_runtime::keys::write_key(&key_path, &larder_demo::seeded_key(7, "hub"))?;
-    let regions = toml::to_string(&serde_json::json!({"regions": c.regions}))?;
-    let text = format!(
-        "data_dir = {:?}\nkey_file = {key_path:?}\n\
-         [http]\nlisten = \"127.0.0.1:{http_port}\"\n\
-         [mqtt]\nmode = \"external\"\nbroker = \"127.0.0.1:{broker_port}\"\nclient_id = \"hub-{region}\"\n\
-         watch_other_regions = true\n\
-         [[tokens]]\nsha256 = \"{}\"\nrole = \"admin\"\nregions = [\"*\"]\n{regions}",
-        c.data_dir, c.tokens[0].sha256,
-    );
-    let path = dir.join("hub.toml");
-    std::fs::write(&path, text)?;
-    Ok(path.display().to_string())
-}
-
-fn run(exe: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(exe)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {exe}"))?;
-    ensure!(
-        out.status.success(),
-        "{exe} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The password `device-passwords` gives `user`.
-fn password(dir: &Path, user: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(dir.join("device-passwords"))?
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{user}:")).map(str::to_owned))
-        .with_context(|| format!("no password for {user}"))
-}
-
-/// The Mosquitto process, killed when the test ends, whether it passed or not.
-struct Broker(std::process::Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    write_external_hub_config(dir, &c, broker_port, &format!("hub-{region}"))
 }
 
 /// A connected client as `user`.
@@ -151,7 +106,6 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
     }
 
     // Each hub writes its part; one broker gets both.
-    let broker_dir = dir.path().join("broker");
     let (mut passwords, mut acl) = (String::new(), String::new());
     for (region, config) in regions.iter().zip(&configs) {
         let out = dir.path().join(format!("broker-{region}"));
@@ -178,39 +132,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
     // The test's own publisher, standing in for any traffic on other devices' topics.
     passwords.push_str("test-publisher:test-publisher-password\n");
     acl.push_str("\nuser test-publisher\ntopic write larder/#\n");
-    std::fs::create_dir_all(&broker_dir)?;
-    std::fs::write(broker_dir.join("passwords"), &passwords)?;
-    std::fs::write(broker_dir.join("device-passwords"), &passwords)?;
-    std::fs::write(broker_dir.join("acl"), &acl)?;
-    run(
-        "mosquitto_passwd",
-        &["-U", broker_dir.join("passwords").to_str().context("path")?],
-    )?;
-    let conf = broker_dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nper_listener_settings false\nallow_anonymous false\n\
-             use_username_as_clientid true\npersistence false\npassword_file {}\nacl_file {}\n",
-            broker_dir.join("passwords").display(),
-            broker_dir.join("acl").display()
-        ),
-    )?;
-    let _broker = Broker(
-        Command::new("mosquitto")
-            .args(["-c", conf.to_str().context("path")?])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting mosquitto (install Debian's mosquitto)")?,
-    );
-    eventually(WAIT, "mosquitto to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await?;
+    let broker = Mosquitto::start(&dir.path().join("broker"), port, &passwords, &acl).await?;
 
     let mut hubs = Vec::new();
     for config in &configs {
@@ -234,7 +156,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
             &format!("127.0.0.1:{port}"),
         )?;
         config.region = region.parse()?;
-        config.mqtt.password = Some(password(&broker_dir, &device)?);
+        config.mqtt.password = Some(broker.password(&device)?);
         let agent = larder_agent::start(config, larder_demo::seeded_key(7, &device)).await?;
         let url = format!("http://{}", agent.http_addr);
         synced(&url, WAIT).await?;
@@ -304,7 +226,7 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
     // An admitted device reads its own topics and nothing of another device's, in any region:
     // the publisher sends to other devices' topics, then to the device's own; MQTT keeps one
     // publisher's messages in order, so had any other been delivered it would come first.
-    let own = password(&broker_dir, "pos-north")?;
+    let own = broker.password("pos-north")?;
     let (snoop, mut snoop_events) = connect(port, "pos-north", &own).await?;
     let mine = "larder/v1/north/d/pos-north/down";
     let others = [

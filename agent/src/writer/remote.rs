@@ -58,6 +58,10 @@ impl Writer {
             "the hub's store is of a new generation (restored or rebuilt): offering again what it lacks"
         );
         self.shared.metrics.hub_generations.inc();
+        self.shared
+            .metrics
+            .changes_reoffered
+            .inc_by(self.counters.up_acked - from);
         // The position goes back; the outbox's head never does (no number is handed out twice).
         self.counters.up_acked = from;
         self.hub_acked = from;

@@ -26,6 +26,7 @@ impl Ledger {
     ) -> Result<Checked, LedgerError> {
         let mut checked = Checked::default();
         for bytes in changes {
+            let mut touched = Touched::default();
             change_check::check_chunk(bytes)?;
             let change = Change::from_bytes(bytes.clone())
                 .map_err(|e| LedgerError::BadChange(e.to_string()))?;
@@ -53,39 +54,48 @@ impl Ledger {
                         change.hash()
                     )));
                 };
-                // Keys of `events` are `{order}/...`; other keys are unit or order ids, and
-                // projecting an id that is not one is a cheap no-op.
-                match key.split_once('/') {
-                    Some((order, _)) => {
-                        if let Ok(id) = OrderId::new(order) {
-                            checked.touched.orders.insert(id);
-                        }
-                    }
-                    None => {
-                        if let Ok(id) = UnitId::new(key.as_str()) {
-                            checked.touched.units.insert(id);
-                        }
-                        if let Ok(id) = OrderId::new(key.as_str()) {
-                            checked.touched.orders.insert(id);
-                        }
-                    }
-                }
+                touch(&mut touched, key.as_str());
             }
             checked.hashes.insert(change.hash());
             checked.changes.push(change);
+            checked.touched.extend(touched.clone());
+            checked.each.push(touched);
         }
         self.check_actors(&checked.changes, before)?;
         Ok(checked)
     }
 
     /// Applies changes [`Self::check_changes`] passed, with what they touched.
+    ///
+    /// A change whose dependencies this replica lacks waits, unapplied, in Automerge's queue;
+    /// what it touches is answered again once a later merge brings what it waits for.
     pub fn apply_checked(&mut self, checked: Checked) -> Result<Touched, LedgerError> {
         let Checked {
             changes,
             mut touched,
+            each,
             ..
         } = checked;
+        let hashes: Vec<automerge::ChangeHash> = changes.iter().map(Change::hash).collect();
         self.doc.apply_changes(changes)?;
+        for (hash, t) in hashes.into_iter().zip(each) {
+            if self.doc.get_change_meta_by_hash(&hash).is_none() {
+                self.queued.insert(hash, t);
+            }
+        }
+        if !self.queued.is_empty() {
+            let applied: Vec<automerge::ChangeHash> = self
+                .queued
+                .keys()
+                .filter(|h| self.doc.get_change_meta_by_hash(h).is_some())
+                .copied()
+                .collect();
+            for hash in applied {
+                if let Some(t) = self.queued.remove(&hash) {
+                    touched.extend(t);
+                }
+            }
+        }
         for unit in &touched.units {
             self.reindex(unit);
         }
@@ -178,4 +188,35 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+/// Adds what a put under `key` touches: keys of `events` are `{order}/...`; other keys are unit
+/// or order ids, and projecting an id that is not one is a cheap no-op.
+fn touch(touched: &mut Touched, key: &str) {
+    match key.split_once('/') {
+        Some((order, _)) => {
+            if let Ok(id) = OrderId::new(order) {
+                touched.orders.insert(id);
+            }
+        }
+        None => {
+            if let Ok(id) = UnitId::new(key) {
+                touched.units.insert(id);
+            }
+            if let Ok(id) = OrderId::new(key) {
+                touched.orders.insert(id);
+            }
+        }
+    }
+}
+
+/// What a change touches, read from its ops' keys (a change already checked or stored).
+pub(super) fn touched_by(change: &Change) -> Touched {
+    let mut touched = Touched::default();
+    for op in change.decode().operations {
+        if let automerge::legacy::Key::Map(key) = op.key {
+            touch(&mut touched, key.as_str());
+        }
+    }
+    touched
 }

@@ -660,3 +660,56 @@ fn removals_take_only_units_in_the_fridge() {
         })
     );
 }
+
+/// A change merged before the change it depends on waits in Automerge's queue; what it
+/// touches is answered again when the merge that brings its dependency applies it (a hub
+/// restored behind its devices gets their changes in any order).
+#[test]
+fn a_change_that_waited_for_its_dependency_is_touched_when_it_applies() {
+    let mut fridge_l = stocked();
+    let first: Vec<Vec<u8>> = fridge_l
+        .doc
+        .get_changes(&[])
+        .iter()
+        .filter(|c| c.actor_id() == &actor_for(&dev("fr-1")))
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let more = Refill {
+        units: vec![unit("u9", "lasagna", NOW + DAY)],
+        order_id: None,
+    };
+    let refill = fridge_l
+        .refill(&more, &dev("fr-1"), NOW)
+        .expect("refill")
+        .changes;
+    let (sold, _) = fridge_l
+        .sell(
+            &sale("o1", &[("lasagna", Some("u9"), 1)], 850),
+            &catalog(),
+            &dev("fr-1"),
+            NOW,
+        )
+        .expect("sale");
+    let order = OrderId::new("o1").expect("id");
+    for restarted in [false, true] {
+        let mut hub = Ledger::new(fridge(), actor_for(&dev("hub"))).expect("ledger");
+        hub.apply_changes(&first).expect("merge");
+        if restarted {
+            // As a hub restarted with the sale stored and the refill it needs still missing.
+            let stored = [first.clone(), sold.changes.clone()].concat();
+            hub = Ledger::load(fridge(), actor_for(&dev("hub")), None, &stored).expect("load");
+        } else {
+            hub.apply_changes(&sold.changes).expect("merge waits");
+        }
+        assert_eq!(hub.order(&order), None, "the sale waits for its refill");
+        let touched = hub.apply_changes(&refill).expect("merge");
+        assert!(
+            touched.orders.contains(&order),
+            "the sale that waited is touched when it applies (restarted: {restarted}): {touched:?}"
+        );
+        assert!(hub.order(&order).is_some());
+        // Nothing waits any more: merged again, the sale touches nothing new.
+        let again = hub.apply_changes(&sold.changes).expect("a duplicate");
+        assert!(again.orders.is_empty(), "{again:?}");
+    }
+}
