@@ -171,3 +171,85 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     pos.shutdown().await;
     Ok(())
 }
+
+/// Starts an in-process agent of the region on the embedded broker at `broker_port`, its
+/// ledger compacted every `snapshot_every` changes.
+async fn agent(
+    dir: &std::path::Path,
+    device: &str,
+    role: Role,
+    broker_port: u16,
+    snapshot_every: usize,
+) -> anyhow::Result<larder_agent::AgentHandle> {
+    let mut config = agent_config(
+        &dir.join(device),
+        device,
+        role,
+        &fridge_ids(&["fridge-1"]),
+        hub_public_key(),
+        &format!("127.0.0.1:{broker_port}"),
+    )?;
+    config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
+    config.writer.snapshot_every_changes = snapshot_every;
+    Ok(larder_agent::start(config, seeded_key(7, device)).await?)
+}
+
+/// Enrolls the test's fridge and POS at the hub.
+async fn enroll_both(hub_url: &str) -> anyhow::Result<()> {
+    for (device, role) in [("fridge-1", Role::Fridge), ("pos-1", Role::Pos)] {
+        let key = seeded_key(7, device).public();
+        enroll(hub_url, device, role, &["fridge-1"], &key).await?;
+    }
+    Ok(())
+}
+
+/// The hub's disk is lost and there is no backup: started on an empty store with the same
+/// config and key, and the devices enrolled again, it rebuilds the fridge's ledger from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_on_an_empty_store_rebuilds_every_ledger_from_its_devices() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (broker_port, http_port) = (
+        larder_hub::mqtt::free_port()?,
+        larder_hub::mqtt::free_port()?,
+    );
+    let hub_toml = write_hub_config(&dir.path().join("hub"), broker_port, http_port, 1)?;
+    let config = hub_toml.to_string_lossy().to_string();
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
+    let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    enroll_both(&hub.url).await?;
+    let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 5_000).await?;
+    let pos = agent(dir.path(), "pos-1", Role::Pos, broker_port, 8).await?;
+    let (fridge_url, pos_url) = (
+        format!("http://{}", fridge.http_addr),
+        format!("http://{}", pos.http_addr),
+    );
+    synced(&fridge_url, WAIT).await?;
+    synced(&pos_url, WAIT).await?;
+    refill(&fridge_url, "fridge-1", "stock", "lasagna", 6).await?;
+    sell(&pos_url, 0, 25).await?;
+    let before: HashSet<String> = orders_at_hub(&hub.url, 25).await?.into_iter().collect();
+    synced(&fridge_url, WAIT).await?;
+    synced(&pos_url, WAIT).await?;
+    let digest = pos.digests().await[0].state_digest.clone();
+
+    // The disk is lost: the store and its WAL go; the key and the config are kept elsewhere.
+    hub.kill();
+    for ext in ["db", "db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("hub/data/region-demo.{ext}")));
+    }
+    let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    enroll_both(&hub.url).await?;
+    let after = orders_at_hub(&hub.url, 25).await?;
+    let unique: HashSet<String> = after.iter().cloned().collect();
+    assert_eq!(unique.len(), after.len(), "no order twice: {after:?}");
+    assert_eq!(unique, before);
+    eventually(WAIT, "the fridge's ledger rebuilt at the hub", || async {
+        let at_hub = hub_stock(&hub.url, "fridge-1").await.ok()?;
+        (at_hub["state_digest"].as_str()? == digest).then_some(())
+    })
+    .await?;
+    assert_eq!(fridge.digests().await[0].state_digest, digest);
+    fridge.shutdown().await;
+    pos.shutdown().await;
+    Ok(())
+}
