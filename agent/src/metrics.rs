@@ -166,7 +166,7 @@ impl Default for Metrics {
         );
         registry.register(
             "changes_reoffered",
-            "Local changes the hub had acknowledged, offered again because its store came back behind them",
+            "Outbox positions the hub had acknowledged, offered again because its store came back behind them",
             m.changes_reoffered.clone(),
         );
         registry.register(

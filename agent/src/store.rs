@@ -357,8 +357,17 @@ impl Store {
             }
             tx.commit()?;
         }
+        let acked = self.meta_u64(META_UP_ACKED)?.min(i64::MAX as u64) as i64;
         let tx = self.conn.transaction()?;
         for r in &batch.rebases {
+            // What the hub acknowledged is kept for a restored hub, as a compaction keeps it.
+            tx.execute(
+                "INSERT OR IGNORE INTO sent_changes
+                     (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash)
+                 SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash
+                 FROM ledger_changes WHERE fridge = ?1 AND outbox_seq <= ?2",
+                params![r.fridge.as_str(), acked],
+            )?;
             tx.execute(
                 "DELETE FROM ledger_changes WHERE fridge = ?1",
                 [r.fridge.as_str()],

@@ -34,6 +34,10 @@ use larder_runtime::mqtt::{Request, queue_requests};
 
 use crate::writer::Command;
 
+/// How long a connection may go without an acknowledgement from the hub before the device
+/// says its stream position again: how soon an idle device that never reconnected (an
+/// external broker) learns that the hub's store was restored.
+const POSITION_EVERY_MS: i64 = 30_000;
 /// Envelope sequence numbers reserved per persisted block.
 const ENV_SEQ_BLOCK: u64 = 1_000;
 /// Events buffered between the poller and the sync task.
@@ -100,8 +104,13 @@ struct Sync {
     pending_box: Option<BoxKey>,
     /// The hub store's generation the writer last confirmed (see `Command::HubGeneration`).
     hub_generation: Option<Generation>,
-    /// Since when this connection waits for the hub's first acknowledgement.
+    /// Since when this connection waits for the hub's first acknowledgement (or, after a
+    /// quiet spell, its next one).
     unanswered_since_ms: Option<i64>,
+    /// When the hub last acknowledged anything.
+    acked_at_ms: i64,
+    /// The hub acknowledged something on this connection.
+    answered: bool,
 }
 
 /// A reconnect delay: exponential in `attempt`, capped, with up to 50 % jitter.
@@ -147,6 +156,8 @@ pub(crate) async fn run(ctx: SyncContext, mut shutdown: watch::Receiver<bool>) {
         sender: StreamSender::new(up_acked, limits),
         hub_generation: None,
         unanswered_since_ms: None,
+        acked_at_ms: 0,
+        answered: false,
         seqs: SeqAllocator::resume(ctx.env_seq_reserved, ENV_SEQ_BLOCK),
         ctx,
     };
@@ -294,9 +305,11 @@ impl Sync {
                 _ = tick.tick() => {
                     let now = self.ctx.clock.network_ms();
                     self.sender.tick(now);
-                    if let Some(since) = self.unanswered_since_ms
-                        && now - since >= self.ctx.sync.retransmit_after_ms as i64
-                    {
+                    let quiet = match self.unanswered_since_ms {
+                        Some(since) => now - since >= self.ctx.sync.retransmit_after_ms as i64,
+                        None => now - self.acked_at_ms >= POSITION_EVERY_MS,
+                    };
+                    if self.sender.is_connected() && quiet {
                         self.unanswered_since_ms = Some(now);
                         self.say_position(&client).await;
                     }
@@ -367,6 +380,7 @@ impl Sync {
         );
         self.sender.on_connected(self.ctx.clock.network_ms());
         self.unanswered_since_ms = Some(self.ctx.clock.network_ms());
+        self.answered = false;
         self.say_position(client).await;
         self.announce_rotation(client).await;
     }
@@ -604,6 +618,12 @@ impl Sync {
         };
         match env.body {
             Body::Ack(ack) => self.on_ack(ack).await,
+            // Not before the hub has acknowledged something on this connection: the
+            // acknowledgement names its store's generation, and a restored store's downlink
+            // must not be taken at the old one's positions. The hub sends it again.
+            Body::Changes(_) if !self.answered => {
+                debug!("downlink before the hub's first acknowledgement; left for its resend");
+            }
             Body::Changes(batch) => {
                 let (reply, rx) = oneshot::channel();
                 if self
@@ -664,6 +684,8 @@ impl Sync {
             .store(now, Ordering::Relaxed);
         self.ctx.shared.metrics.protocol_refused.set(0);
         self.unanswered_since_ms = None;
+        self.acked_at_ms = now;
+        self.answered = true;
         if let Some(generation) = ack.generation
             && self.hub_generation != Some(generation)
         {

@@ -52,6 +52,9 @@ enum Pending {
     Refused(Reply, CommandError),
     Downlink(oneshot::Sender<Result<Ack, CommandError>>, Ack),
     Reserve(oneshot::Sender<Result<(), CommandError>>),
+    /// The position to send from after the hub's store changed generation: dropped unanswered
+    /// if the group fails, so the sync task asks again with the next acknowledgement.
+    Generation(oneshot::Sender<u64>, u64),
 }
 
 impl Pending {
@@ -70,6 +73,11 @@ impl Pending {
             }
             Pending::Reserve(reply) => {
                 let _ = reply.send(failed.map_or(Ok(()), |e| Err(e.clone())));
+            }
+            Pending::Generation(reply, from) => {
+                if failed.is_none() {
+                    let _ = reply.send(from);
+                }
             }
         }
     }
@@ -381,7 +389,8 @@ impl Writer {
                     up_to,
                     reply,
                 } => {
-                    let _ = reply.send(self.hub_generation(generation, up_to, &mut batch));
+                    let from = self.hub_generation(generation, up_to, &mut batch);
+                    pending.push(Pending::Generation(reply, from));
                 }
                 Command::Ping { reply } => {
                     let _ = reply.send(());

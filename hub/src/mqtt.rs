@@ -44,6 +44,11 @@ const EVENT_QUEUE_MAX: usize = 1_024;
 const REVOCATION_CHECK_MS: i64 = 2_000;
 /// How often a device whose protocol version the hub does not read is sent a notice.
 const NOTICE_EVERY_MS: i64 = 60_000;
+/// How long after the start the downlink waits for a device to speak first (see `pump`): past
+/// the agent's 30 s between statements of its position.
+const VERSION_WAIT_MS: i64 = 35_000;
+/// The most devices kept in the notice book; past it, the book starts again.
+const NOTICED_MAX: usize = 10_000;
 
 pub struct MqttContext {
     pub regions: BTreeMap<RegionId, RegionHandle>,
@@ -99,6 +104,8 @@ struct HubLink {
     versions: HashMap<(RegionId, DeviceId), u8>,
     /// When each device whose version the hub does not read was last sent a notice.
     noticed: HashMap<(RegionId, DeviceId), i64>,
+    /// When this process's link started (see `VERSION_WAIT_MS`).
+    started_ms: i64,
 }
 
 /// The devices an event may have given downlink work to.
@@ -212,6 +219,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
             )
         })
         .collect();
+    let started_ms = ctx.clock.network_ms();
     let mut link = HubLink {
         ctx,
         limits,
@@ -228,6 +236,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         announced: HashMap::new(),
         versions: HashMap::new(),
         noticed: HashMap::new(),
+        started_ms,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // Relays of new heads: at once when the last pass over every device is older than
@@ -552,7 +561,7 @@ impl HubLink {
                 let sized = (envelope::ENVELOPE_MIN_BYTES..=self.ctx.config.max_message_bytes)
                     .contains(&payload.len());
                 if sized && !envelope::reads_version(version) {
-                    self.refuse_version(client, &region, &device, version);
+                    self.refuse_version(client, &region, &device, version).await;
                     return Scope::None;
                 }
                 let (reply, rx) = oneshot::channel();
@@ -579,10 +588,11 @@ impl HubLink {
         Scope::None
     }
 
-    /// Refuses an envelope of a protocol version the hub does not read: counted, logged, and
-    /// answered with a [`notice`](envelope::notice) of the versions it reads, at most once a
-    /// minute per device. The device keeps its outbox until it is upgraded.
-    fn refuse_version(
+    /// Refuses an envelope of a protocol version the hub does not read: counted, logged, and,
+    /// to an enrolled device, answered with a [`notice`](envelope::notice) of the versions it
+    /// reads, at most once a minute per device. The device keeps its outbox until it is
+    /// upgraded.
+    async fn refuse_version(
         &mut self,
         client: &AsyncClient,
         region: &RegionId,
@@ -598,6 +608,17 @@ impl HubLink {
             .is_some_and(|at| now.saturating_sub(*at) < NOTICE_EVERY_MS)
         {
             return;
+        }
+        let Some(handle) = self.ctx.regions.get(region) else {
+            return;
+        };
+        let (reads, id) = (handle.reads.clone(), device.clone());
+        let enrolled = tokio::task::spawn_blocking(move || reads.device(&id)).await;
+        if !matches!(enrolled, Ok(Ok(Some(_)))) {
+            return;
+        }
+        if self.noticed.len() >= NOTICED_MAX {
+            self.noticed.clear();
         }
         self.noticed.insert(key, now);
         warn!(region = %region, device = %device, version,

@@ -294,11 +294,6 @@ impl RegionStore {
         }
     }
 
-    /// The store's generation (see [`generation`]).
-    pub fn generation(&self) -> Result<larder_shared::envelope::Generation, StoreError> {
-        generation::read(&self.conn)
-    }
-
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn

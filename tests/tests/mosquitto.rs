@@ -68,6 +68,8 @@ async fn next<T>(
     }
 }
 
+/// One piece: the scenario in the order it happens (enroll, broker files, broker, hubs, agents,
+/// what each hub holds, strangers, snooping).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> anyhow::Result<()> {
     let hub_exe = env!("CARGO_BIN_EXE_hub-node");

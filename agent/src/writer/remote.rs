@@ -66,6 +66,8 @@ impl Writer {
         self.counters.up_acked = from;
         self.hub_acked = from;
         self.counters.down_restart = true;
+        // An acknowledgement of the lost store taken earlier in this group is void.
+        batch.outbox_forget_up_to = None;
         batch.meta.extend([
             (store::META_UP_ACKED, from.to_string()),
             (

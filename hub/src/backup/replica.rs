@@ -40,7 +40,7 @@ pub fn litestream_config(config: &HubConfig, replica: &str) -> Result<String, St
     let mut yaml = String::from(
         "# Litestream's config for larder-hub's region stores (`larder-hub litestream-config`).\n\
          # Run it beside the hub: litestream replicate -config THIS_FILE\n\
-         # Restore a store: litestream restore -config THIS_FILE -o NEW_PATH STORE_PATH\n\
+         # Restore the stores (a new generation each): larder-hub promote --config HUB_TOML --replica REPLICA [--replace]\n\
          dbs:\n",
     );
     for r in &config.regions {

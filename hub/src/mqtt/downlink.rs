@@ -328,6 +328,16 @@ impl HubLink {
                 // The rest wait for room: the next pass serves them.
                 break;
             }
+            // Soon after the start, nothing goes to a device before it has spoken to this
+            // process: its first envelope says its version, and the acknowledgement it gets
+            // names this store's generation before any downlink batch (a device that held a
+            // restored store's downlink positions would take its new changes as ones it had).
+            // A device of this release says its position at once, or within the agent's 30 s
+            // when it never lost its broker; one of the release before never does, and is
+            // served in its version once the wait is over.
+            if !self.versions.contains_key(&key) && now - self.started_ms < VERSION_WAIT_MS {
+                continue;
+            }
             if self
                 .devices
                 .get(&key)

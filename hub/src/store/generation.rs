@@ -33,6 +33,13 @@ pub fn renew(conn: &Connection) -> Result<Generation, StoreError> {
     Ok(generation)
 }
 
+impl super::RegionStore {
+    /// The store's generation.
+    pub fn generation(&self) -> Result<Generation, StoreError> {
+        read(&self.conn)
+    }
+}
+
 /// The store's generation.
 pub fn read(conn: &Connection) -> Result<Generation, StoreError> {
     let text: Option<String> = conn

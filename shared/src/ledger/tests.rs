@@ -493,6 +493,8 @@ fn a_refill_returns_the_views_the_document_gives() {
 /// made here, merged from another replica, or in the document a ledger was loaded from. In
 /// each case the refill's views are the document's, a sold or removed unit is not offered,
 /// and a unit refilled elsewhere cannot be refilled again.
+///
+/// One piece: the three ways a unit can be mentioned first, each followed by its refill.
 #[test]
 fn a_refill_knows_units_mentioned_before_it_however_they_came() {
     let mut pos = stocked();

@@ -166,6 +166,20 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
         (available(&stock, "lasagna") == 10).then_some(())
     })
     .await?;
+    // And it takes the downlink from the restored hub's position: the ledger is the same on
+    // all four sides.
+    eventually(WAIT, "the fridge-1 ledger the same everywhere", || async {
+        let at_hub = hub_stock(&hub.url, "fridge-1").await.ok()?["state_digest"]
+            .as_str()?
+            .to_owned();
+        for agent in [&fridge, &pos, &pos2] {
+            if agent.digests().await.first()?.state_digest != at_hub {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
     fridge.shutdown().await;
     pos2.shutdown().await;
     pos.shutdown().await;
