@@ -431,32 +431,26 @@ impl Store {
         &self,
         seq: u64,
     ) -> Result<Option<(u64, [u8; 32])>, StoreError> {
-        let row: Option<(i64, Option<Vec<u8>>)> = self
-            .conn
-            .query_row(
-                "SELECT outbox_seq, chain_hash FROM ledger_changes WHERE outbox_seq <= ?1
-                 ORDER BY outbox_seq DESC LIMIT 1",
-                [seq.min(i64::MAX as u64) as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let sent: Option<(i64, Option<Vec<u8>>)> = self
-            .conn
-            .query_row(
-                "SELECT outbox_seq, chain_hash FROM sent_changes WHERE outbox_seq <= ?1
-                 ORDER BY outbox_seq DESC LIMIT 1",
-                [seq.min(i64::MAX as u64) as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let link = |row: Option<(i64, Option<Vec<u8>>)>| {
-            row.and_then(|(s, h)| Some((s as u64, h?.try_into().ok()?)))
-        };
-        let recorded = self.chain_acked()?.filter(|(s, _)| *s <= seq);
-        Ok([link(row), link(sent), recorded]
-            .into_iter()
-            .flatten()
-            .max_by_key(|(s, _)| *s))
+        // The newest link of either table of local changes (the log, and what was kept after
+        // a compaction), or the one recorded in meta.
+        let mut links = Vec::with_capacity(3);
+        for table in ["ledger_changes", "sent_changes"] {
+            let row: Option<(i64, Option<Vec<u8>>)> = self
+                .conn
+                .query_row(
+                    &format!(
+                        "SELECT outbox_seq, chain_hash FROM {table} WHERE outbox_seq <= ?1
+                         ORDER BY outbox_seq DESC LIMIT 1"
+                    ),
+                    [seq.min(i64::MAX as u64) as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            links.push(row.and_then(|(s, h)| Some((s as u64, h?.try_into().ok()?))));
+        }
+        links.push(self.chain_acked()?.filter(|(s, _)| *s <= seq));
+        // The log's row first: a change kept both before and after a rebase is the log's.
+        Ok(links.into_iter().flatten().rev().max_by_key(|(s, _)| *s))
     }
 
     /// The audit-chain hash of the newest local change.

@@ -116,3 +116,31 @@ pub fn write_external_hub_config(
     std::fs::write(&path, text)?;
     Ok(path.display().to_string())
 }
+
+/// `larder-hub device add` (the binary `hub_exe`) of `device` in `region`, with the tests'
+/// seeded key, holding `fridge`.
+pub fn add_device(
+    hub_exe: &str,
+    config: &str,
+    region: &str,
+    (device, role, fridge): (&str, &str, &str),
+) -> Result<()> {
+    let key = larder_demo::seeded_key(7, device).public().to_string();
+    let args = [
+        "device",
+        "add",
+        "--config",
+        config,
+        "--region",
+        region,
+        "--id",
+        device,
+        "--role",
+        role,
+        "--fridges",
+        fridge,
+        "--public-key",
+        &key,
+    ];
+    run(hub_exe, &args).map(|_| ())
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use larder_agent::AgentHandle;
 use larder_shared::domain::Role;
-use larder_tests::mosquitto::{Mosquitto, run, write_external_hub_config};
+use larder_tests::mosquitto::{Mosquitto, add_device, run, write_external_hub_config};
 use larder_tests::*;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -111,26 +111,8 @@ async fn a_standby_takes_over_from_the_replica_and_loses_no_acknowledged_sale() 
     let primary_config = hub_config(&dir.path().join("primary"), port)?;
     let standby_config = hub_config(&dir.path().join("standby"), port)?;
     for (device, role, fridge) in devices() {
-        let key = larder_demo::seeded_key(7, &device);
-        run(
-            hub_exe,
-            &[
-                "device",
-                "add",
-                "--config",
-                &primary_config,
-                "--region",
-                "demo",
-                "--id",
-                &device,
-                "--role",
-                role.as_str(),
-                "--fridges",
-                &fridge,
-                "--public-key",
-                &key.public().to_string(),
-            ],
-        )?;
+        let id = (device.as_str(), role.as_str(), fridge.as_str());
+        add_device(hub_exe, &primary_config, "demo", id)?;
     }
     let out = dir.path().join("broker-files");
     let said = run(

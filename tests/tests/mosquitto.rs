@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use larder_tests::mosquitto::{Mosquitto, run, write_external_hub_config};
+use larder_tests::mosquitto::{Mosquitto, add_device, run, write_external_hub_config};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -79,30 +79,9 @@ async fn two_hubs_share_a_mosquitto_that_keeps_each_device_to_its_topics() -> an
     let mut configs = Vec::new();
     for region in regions {
         let config = hub_config(&dir.path().join(region), region, port)?;
-        for (device, role) in [
-            (format!("fridge-{region}"), "fridge"),
-            (format!("pos-{region}"), "pos"),
-        ] {
-            let key = larder_demo::seeded_key(7, &device);
-            run(
-                hub_exe,
-                &[
-                    "device",
-                    "add",
-                    "--config",
-                    &config,
-                    "--region",
-                    region,
-                    "--id",
-                    &device,
-                    "--role",
-                    role,
-                    "--fridges",
-                    &format!("fridge-{region}"),
-                    "--public-key",
-                    &key.public().to_string(),
-                ],
-            )?;
+        let fridge = format!("fridge-{region}");
+        for (device, role) in [(fridge.clone(), "fridge"), (format!("pos-{region}"), "pos")] {
+            add_device(hub_exe, &config, region, (&device, role, &fridge))?;
         }
         configs.push(config);
     }

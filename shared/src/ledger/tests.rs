@@ -226,13 +226,7 @@ fn replicas_converge_and_double_sale_is_kept() {
     // Ship the refill as change bytes, as sync does.
     let loaded = Ledger::load(fridge(), actor_for(&dev("x")), Some(&refill), &[]).expect("load");
     assert_eq!(loaded.state_digest(), fridge_l.state_digest());
-    let refill_changes: Vec<Vec<u8>> = fridge_l
-        .doc
-        .get_changes(&[])
-        .iter()
-        .filter(|c| c.actor_id() == &actor_for(&dev("fr-1")))
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
+    let refill_changes = changes_of(&fridge_l, "fr-1");
     let touched = pos.apply_changes(&refill_changes).expect("merge");
     assert_eq!(touched.units.len(), 4);
     pos2.apply_changes(&refill_changes).expect("merge");
@@ -669,13 +663,7 @@ fn removals_take_only_units_in_the_fridge() {
 #[test]
 fn a_change_that_waited_for_its_dependency_is_touched_when_it_applies() {
     let mut fridge_l = stocked();
-    let first: Vec<Vec<u8>> = fridge_l
-        .doc
-        .get_changes(&[])
-        .iter()
-        .filter(|c| c.actor_id() == &actor_for(&dev("fr-1")))
-        .map(|c| c.raw_bytes().to_vec())
-        .collect();
+    let first = changes_of(&fridge_l, "fr-1");
     let more = Refill {
         units: vec![unit("u9", "lasagna", NOW + DAY)],
         order_id: None,
@@ -714,4 +702,15 @@ fn a_change_that_waited_for_its_dependency_is_touched_when_it_applies() {
         let again = hub.apply_changes(&sold.changes).expect("a duplicate");
         assert!(again.orders.is_empty(), "{again:?}");
     }
+}
+
+/// The changes `device` made in `ledger`'s document, as sync ships them.
+fn changes_of(ledger: &Ledger, device: &str) -> Vec<Vec<u8>> {
+    ledger
+        .doc
+        .get_changes(&[])
+        .iter()
+        .filter(|c| c.actor_id() == &actor_for(&dev(device)))
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
 }

@@ -13,7 +13,7 @@
 //!   `larder-hub backup` copying the store meanwhile.
 //!
 //! Run with `cargo run --release -p larder-tests --bin larder-hub-bench -- all` (or one of
-//! `orders`, `ingest`, `connected`, `import`, `backup`). Everything runs on loopback with real SQLite
+//! `orders`, `ingest`, `connected`, `import`, `backup`, `migrate`). Everything runs on loopback with real SQLite
 //! files, real HTTP and real MQTT through the hub's embedded broker. The agent's benchmarks
 //! are `larder-bench`.
 
@@ -21,6 +21,8 @@
 mod backup;
 #[path = "larder-hub-bench/connected.rs"]
 mod connected;
+#[path = "larder-hub-bench/migrate.rs"]
+mod migrate;
 #[path = "larder-hub-bench/orders.rs"]
 mod orders;
 
@@ -36,6 +38,7 @@ use larder_tests::*;
 
 use backup::backup;
 use connected::{connected, connected_devices};
+use migrate::migrate;
 use orders::orders;
 
 /// The hub's own allocator (`hub/src/main.rs`): the hub runs in this process.
@@ -441,12 +444,13 @@ async fn main() -> Result<()> {
     if matches!(which.as_str(), "-h" | "--help" | "help") {
         println!(
             "Larder's hub benchmarks (build with --release)\n\n\
-             usage: larder-hub-bench [orders|ingest|connected|import|backup|all]   (default: all)\n\n\
+             usage: larder-hub-bench [orders|ingest|connected|import|backup|migrate|all]   (default: all)\n\n\
              orders     the order platform of a region of 1,000 fridges\n\
              ingest     1,000 devices sending signed changes, beside the broker's raw rate\n\
              connected  hub memory per idle device (LARDER_BENCH_DEVICES, default 10000)\n\
              import     larder-hub import units of 1,000,000 rows\n\
-             backup     ingest with and without larder-hub backup running\n\n\
+             backup     ingest with and without larder-hub backup running\n\
+             migrate    the region store's migrations from version 0, small and grown\n\n\
              The agent's benchmarks are in larder-bench; figures in docs/BENCHMARKS.md."
         );
         return Ok(());
@@ -457,6 +461,7 @@ async fn main() -> Result<()> {
         "import" => import().await,
         "ingest" => ingest().await,
         "backup" => backup().await,
+        "migrate" => migrate().await,
         "connected" => connected().await,
         // A hub in a process of its own, for `connected`: prints its addresses, runs until
         // killed.
@@ -503,11 +508,12 @@ async fn main() -> Result<()> {
             ingest().await?;
             connected().await?;
             import().await?;
-            backup().await
+            backup().await?;
+            migrate().await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}: orders, ingest, connected, import, backup or all (the agent's are in larder-bench)"
+                "unknown benchmark {other:?}: orders, ingest, connected, import, backup, migrate or all (the agent's are in larder-bench)"
             )
         }
     }

@@ -38,52 +38,21 @@ async fn orders_at_hub(hub_url: &str, n: usize) -> anyhow::Result<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (broker_port, http_port) = (
-        larder_hub::mqtt::free_port()?,
-        larder_hub::mqtt::free_port()?,
-    );
-    let hub_toml = write_hub_config(&dir.path().join("hub"), broker_port, http_port, 1)?;
-    let config = hub_toml.to_string_lossy().to_string();
+    let (mut hub, config, broker_port) = hub_process(dir.path())?;
     let hub_exe = env!("CARGO_BIN_EXE_hub-node");
-    let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    enroll_all(
+        &hub.url,
+        &[("fridge-1", Role::Fridge), ("pos-1", Role::Pos)],
+    )
+    .await?;
 
     // A POS whose ledger is compacted every 8 changes: what the hub acknowledged leaves the
     // ledger's log soon after, and is kept only for a restored hub.
-    let key = seeded_key(7, "pos-1");
-    enroll(&hub.url, "pos-1", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let mut pos_config = agent_config(
-        &dir.path().join("pos"),
-        "pos-1",
-        Role::Pos,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    pos_config.sync.batch_entries_max = TEST_BATCH_ENTRIES_MAX;
-    pos_config.writer.snapshot_every_changes = 8;
-    let pos = larder_agent::start(pos_config, key).await?;
+    let pos = agent(dir.path(), "pos-1", Role::Pos, broker_port, 8).await?;
     let url = format!("http://{}", pos.http_addr);
     synced(&url, WAIT).await?;
     // A fridge whose refills reach the POS through the hub's downlink.
-    let key = seeded_key(7, "fridge-1");
-    enroll(
-        &hub.url,
-        "fridge-1",
-        Role::Fridge,
-        &["fridge-1"],
-        &key.public(),
-    )
-    .await?;
-    let mut fridge_config = agent_config(
-        &dir.path().join("fridge"),
-        "fridge-1",
-        Role::Fridge,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    fridge_config.writer.snapshot_every_changes = 4;
-    let fridge = larder_agent::start(fridge_config.clone(), key).await?;
+    let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 4).await?;
     let fridge_url = format!("http://{}", fridge.http_addr);
     synced(&fridge_url, WAIT).await?;
     refill(&fridge_url, "fridge-1", "early", "lasagna", 2).await?;
@@ -139,17 +108,8 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     // The downlink starts again at the restored hub's position: the POS sees what a new
     // device stocks, numbered by the restored hub where the lost store had numbered the
     // fridge's refills.
-    let key = seeded_key(7, "pos-2");
-    enroll(&hub.url, "pos-2", Role::Pos, &["fridge-1"], &key.public()).await?;
-    let pos2_config = agent_config(
-        &dir.path().join("pos-2"),
-        "pos-2",
-        Role::Pos,
-        &fridge_ids(&["fridge-1"]),
-        hub_public_key(),
-        &format!("127.0.0.1:{broker_port}"),
-    )?;
-    let pos2 = larder_agent::start(pos2_config, key).await?;
+    enroll_all(&hub.url, &[("pos-2", Role::Pos)]).await?;
+    let pos2 = agent(dir.path(), "pos-2", Role::Pos, broker_port, 5_000).await?;
     let pos2_url = format!("http://{}", pos2.http_addr);
     synced(&pos2_url, WAIT).await?;
     refill(&pos2_url, "fridge-1", "late", "lasagna", 3).await?;
@@ -160,7 +120,7 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     .await?;
 
     // The fridge comes back, learns of the restore and offers its refills again.
-    let fridge = larder_agent::start(fridge_config, seeded_key(7, "fridge-1")).await?;
+    let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 4).await?;
     eventually(WAIT, "every refill at the hub", || async {
         let stock = hub_stock(&hub.url, "fridge-1").await.ok()?;
         (available(&stock, "lasagna") == 10).then_some(())
@@ -208,13 +168,30 @@ async fn agent(
     Ok(larder_agent::start(config, seeded_key(7, device)).await?)
 }
 
-/// Enrolls the test's fridge and POS at the hub.
-async fn enroll_both(hub_url: &str) -> anyhow::Result<()> {
-    for (device, role) in [("fridge-1", Role::Fridge), ("pos-1", Role::Pos)] {
+/// Enrolls devices of fridge-1 at the hub.
+async fn enroll_all(hub_url: &str, devices: &[(&str, Role)]) -> anyhow::Result<()> {
+    for (device, role) in devices {
         let key = seeded_key(7, device).public();
-        enroll(hub_url, device, role, &["fridge-1"], &key).await?;
+        enroll(hub_url, device, *role, &["fridge-1"], &key).await?;
     }
     Ok(())
+}
+
+/// A hub process (`hub-node run`) of one fridge in `dir/hub`: it, its config's path and its
+/// embedded broker's port.
+fn hub_process(dir: &std::path::Path) -> anyhow::Result<(Process, String, u16)> {
+    let (broker_port, http_port) = (
+        larder_hub::mqtt::free_port()?,
+        larder_hub::mqtt::free_port()?,
+    );
+    let hub_toml = write_hub_config(&dir.join("hub"), broker_port, http_port, 1)?;
+    let config = hub_toml.to_string_lossy().to_string();
+    let hub = Process::spawn(
+        env!("CARGO_BIN_EXE_hub-node"),
+        &["run", "--config", &config],
+        "hub ",
+    )?;
+    Ok((hub, config, broker_port))
 }
 
 /// The hub's disk is lost and there is no backup: started on an empty store with the same
@@ -222,15 +199,9 @@ async fn enroll_both(hub_url: &str) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_on_an_empty_store_rebuilds_every_ledger_from_its_devices() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (broker_port, http_port) = (
-        larder_hub::mqtt::free_port()?,
-        larder_hub::mqtt::free_port()?,
-    );
-    let hub_toml = write_hub_config(&dir.path().join("hub"), broker_port, http_port, 1)?;
-    let config = hub_toml.to_string_lossy().to_string();
-    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
-    let mut hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
-    enroll_both(&hub.url).await?;
+    let (mut hub, config, broker_port) = hub_process(dir.path())?;
+    let both = [("fridge-1", Role::Fridge), ("pos-1", Role::Pos)];
+    enroll_all(&hub.url, &both).await?;
     let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 5_000).await?;
     let pos = agent(dir.path(), "pos-1", Role::Pos, broker_port, 8).await?;
     let (fridge_url, pos_url) = (
@@ -251,8 +222,9 @@ async fn a_hub_on_an_empty_store_rebuilds_every_ledger_from_its_devices() -> any
     for ext in ["db", "db-wal", "db-shm"] {
         let _ = std::fs::remove_file(dir.path().join(format!("hub/data/region-demo.{ext}")));
     }
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
     let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
-    enroll_both(&hub.url).await?;
+    enroll_all(&hub.url, &both).await?;
     let after = orders_at_hub(&hub.url, 25).await?;
     let unique: HashSet<String> = after.iter().cloned().collect();
     assert_eq!(unique.len(), after.len(), "no order twice: {after:?}");
