@@ -46,6 +46,9 @@ pub(crate) async fn migrate() -> Result<()> {
                 let _ = std::fs::remove_file(copy.with_extension(ext));
             }
             std::fs::copy(source, &copy)?;
+            // On disk before the clock starts: the migration's commit syncs, and on ext4 that
+            // would write the whole fresh copy out with it.
+            std::fs::File::open(&copy)?.sync_all()?;
             let started = Instant::now();
             let (conn, plan) = larder_hub::store::RegionStore::open_migrated(&copy)?;
             let migrated = started.elapsed();
