@@ -40,6 +40,8 @@ pub struct Metrics {
     pub hub_generations: Counter,
     /// Local changes offered again to a hub whose store came back behind them.
     pub changes_reoffered: Counter,
+    /// Changes the hub made, given back to a hub whose store came back without them.
+    pub hub_changes_given_back: Counter,
     /// 1 while the hub does not read this agent's protocol version (it sent a notice): upgrade
     /// the agent. Its outbox is kept meanwhile.
     pub protocol_refused: Gauge,
@@ -70,6 +72,7 @@ impl Default for Metrics {
             writes_refused: Family::default(),
             hub_generations: Counter::default(),
             changes_reoffered: Counter::default(),
+            hub_changes_given_back: Counter::default(),
             protocol_refused: Gauge::default(),
             registry: Registry::default(),
         };
@@ -168,6 +171,11 @@ impl Default for Metrics {
             "changes_reoffered",
             "Outbox positions the hub had acknowledged, offered again because its store came back behind them",
             m.changes_reoffered.clone(),
+        );
+        registry.register(
+            "hub_changes_given_back",
+            "Changes the hub made (app orders, kitchen statuses, escrow grants), given back because its store came back without them",
+            m.hub_changes_given_back.clone(),
         );
         registry.register(
             "protocol_refused",

@@ -69,6 +69,11 @@ pub const AGENT_SCHEMA: Schema = Schema {
                    restored hub",
             apply: |tx| tx.execute_batch(SENT_CHANGES_SCHEMA),
         },
+        Migration {
+            name: "the hub's changes are kept with its signatures, to give back to a restored \
+                   hub",
+            apply: given_back::migrate,
+        },
     ],
 };
 
@@ -172,6 +177,8 @@ pub(crate) struct ChangeRow {
     /// `(prev, hash)` of the audit chain, for local changes.
     pub chain: Option<([u8; 32], [u8; 32])>,
     pub bytes: Vec<u8>,
+    /// A change of the hub's given back in the outbox: the hub's signature of it.
+    pub hub_sig: Option<Vec<u8>>,
 }
 
 /// A ledger moved onto a new epoch: its rows and projections are replaced.
@@ -209,6 +216,8 @@ pub(crate) struct WriteBatch {
     pub meta: Vec<(&'static str, String)>,
     /// Forget outbox entries up to this seq (the hub acknowledged them).
     pub outbox_forget_up_to: Option<u64>,
+    /// Changes of the hub's the downlink brought, to keep.
+    pub hub_changes: Vec<HubChange>,
 }
 
 impl WriteBatch {
@@ -220,6 +229,7 @@ impl WriteBatch {
             && self.idempotency.is_empty()
             && self.meta.is_empty()
             && self.outbox_forget_up_to.is_none()
+            && self.hub_changes.is_empty()
     }
 }
 
@@ -363,8 +373,8 @@ impl Store {
             // What the hub acknowledged is kept for a restored hub, as a compaction keeps it.
             tx.execute(
                 "INSERT OR IGNORE INTO sent_changes
-                     (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash)
-                 SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash
+                     (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash, hub_sig)
+                 SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash, hub_sig
                  FROM ledger_changes WHERE fridge = ?1 AND outbox_seq <= ?2",
                 params![r.fridge.as_str(), acked],
             )?;
@@ -386,8 +396,9 @@ impl Store {
                 rechain.execute(params![*seq as i64, &prev[..], &hash[..]])?;
             }
             let mut change = tx.prepare_cached(
-                "INSERT INTO ledger_changes (fridge, outbox_seq, bytes, epoch, chain_prev, chain_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO ledger_changes
+                     (fridge, outbox_seq, bytes, epoch, chain_prev, chain_hash, hub_sig)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for c in &batch.changes {
                 change.execute(params![
@@ -397,8 +408,10 @@ impl Store {
                     c.epoch,
                     c.chain.map(|(p, _)| p.to_vec()),
                     c.chain.map(|(_, h)| h.to_vec()),
+                    c.hub_sig,
                 ])?;
             }
+            given_back::keep(&tx, &batch.hub_changes)?;
             for (fridge, view) in &batch.units {
                 projection::upsert_unit(&tx, fridge, view)?;
             }
@@ -466,15 +479,16 @@ impl Store {
         }))
     }
 
-    /// Local changes of a ledger after `seq`, in order (what a rebase carries over).
+    /// Local changes of a ledger after `seq`, in order (what a rebase carries over). Changes
+    /// of the hub's given back are not the device's to carry.
     pub(crate) fn local_changes_after(
         &self,
         fridge: &FridgeId,
         seq: u64,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT bytes FROM ledger_changes WHERE fridge = ?1 AND outbox_seq > ?2
-             ORDER BY outbox_seq",
+            "SELECT bytes FROM ledger_changes
+             WHERE fridge = ?1 AND outbox_seq > ?2 AND hub_sig IS NULL ORDER BY outbox_seq",
         )?;
         let rows = stmt.query_map(params![fridge.as_str(), seq as i64], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -546,9 +560,9 @@ impl Store {
         )?;
         tx.execute(
             "INSERT OR IGNORE INTO sent_changes
-                 (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash)
-             SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash FROM ledger_changes
-             WHERE fridge = ?1 AND outbox_seq <= ?2",
+                 (outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash, hub_sig)
+             SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash, hub_sig
+             FROM ledger_changes WHERE fridge = ?1 AND outbox_seq <= ?2",
             params![fridge.as_str(), up_acked as i64],
         )?;
         tx.execute(
@@ -561,6 +575,7 @@ impl Store {
              WHERE outbox_seq <= (SELECT MAX(outbox_seq) FROM sent_changes) - ?1",
             [SENT_CHANGES_KEPT as i64],
         )?;
+        given_back::prune(&tx)?;
         tx.commit()?;
         Ok(())
     }
@@ -657,7 +672,7 @@ impl ReadPool {
     ) -> Result<Vec<(Entry, [u8; 32])>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash
+                "SELECT outbox_seq, fridge, bytes, epoch, chain_prev, chain_hash, hub_sig
                  FROM {table} WHERE outbox_seq > ?1 ORDER BY outbox_seq LIMIT ?2"
             ))?;
             let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
@@ -667,11 +682,12 @@ impl ReadPool {
                 let epoch: u32 = r.get(3)?;
                 let prev: Option<Vec<u8>> = r.get(4)?;
                 let hash: Option<Vec<u8>> = r.get(5)?;
-                Ok((seq, fridge, change, epoch, prev, hash))
+                let hub_sig: Option<Vec<u8>> = r.get(6)?;
+                Ok((seq, fridge, change, epoch, prev, hash, hub_sig))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (seq, fridge, change, epoch, prev, hash) = row?;
+                let (seq, fridge, change, epoch, prev, hash, hub_sig) = row?;
                 // Ids were validated before they were stored.
                 let (Ok(ledger), Some(prev), Some(hash)) = (
                     FridgeId::new(fridge),
@@ -688,6 +704,7 @@ impl ReadPool {
                         kind: larder_shared::envelope::EntryKind::Change,
                         prev: Some(prev),
                         change,
+                        hub_sig,
                     },
                     hash,
                 ));
@@ -754,6 +771,9 @@ pub(crate) fn spawn_checkpointer(
     attach_archive(&conn, path)?;
     run_checkpointer(conn, "checkpointer".into(), stop)
 }
+
+mod given_back;
+pub(crate) use given_back::HubChange;
 
 #[cfg(test)]
 mod tests;

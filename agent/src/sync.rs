@@ -694,6 +694,7 @@ impl Sync {
             let asked = Command::HubGeneration {
                 generation,
                 up_to,
+                changes_from: ack.generation_from,
                 reply,
             };
             if self.ctx.writer.send(asked).await.is_err() {

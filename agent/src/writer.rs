@@ -375,7 +375,7 @@ impl Writer {
                         }));
                         continue;
                     }
-                    let ack = self.downlink(down, &mut remote);
+                    let ack = self.downlink(down, &mut remote, &mut batch);
                     pending.push(Pending::Downlink(reply, ack));
                 }
                 Command::UpAcked { up_to } => {
@@ -387,9 +387,10 @@ impl Writer {
                 Command::HubGeneration {
                     generation,
                     up_to,
+                    changes_from,
                     reply,
                 } => {
-                    let from = self.hub_generation(generation, up_to, &mut batch);
+                    let from = self.hub_generation(generation, up_to, changes_from, &mut batch);
                     pending.push(Pending::Generation(reply, from));
                 }
                 Command::Ping { reply } => {

@@ -193,9 +193,10 @@ fn raise_head(head_tx: &watch::Sender<u64>, head: u64) {
     });
 }
 
-/// The hub's own Automerge actor (for what the hub writes into ledgers in later versions).
-pub fn hub_actor() -> automerge::ActorId {
-    automerge::ActorId::from(&b"\x00hub"[..])
+/// The hub's own Automerge actor in a store of `generation`: a restored store numbers the hub's
+/// changes under a new actor, never again those the lost one numbered (devices give them back).
+pub fn hub_actor(generation: &larder_shared::envelope::Generation) -> automerge::ActorId {
+    automerge::ActorId::from([&b"\x00hub"[..], &generation.0].concat())
 }
 
 impl RegionWriter {
@@ -328,12 +329,13 @@ impl RegionWriter {
         self.ledgers.clear();
         self.dirty.extend(self.fridges.iter().cloned());
         self.stock_dirty.extend(self.fridges.iter().cloned());
+        let actor = hub_actor(&self.store.generation()?.0);
         for fridge in self.fridges.clone() {
             let loaded = self.store.load_ledger(&fridge)?;
             self.changes_since_snapshot
                 .insert(fridge.clone(), loaded.changes.len());
             let snapshot = loaded.snapshot.as_deref();
-            let ledger = Ledger::load(fridge.clone(), hub_actor(), snapshot, &loaded.changes)
+            let ledger = Ledger::load(fridge.clone(), actor.clone(), snapshot, &loaded.changes)
                 .map_err(|e| StoreError::Corrupt(format!("ledger {fridge}: {e}")))?;
             self.ledgers.insert(fridge, ledger);
         }

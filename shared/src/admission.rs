@@ -80,6 +80,8 @@ pub enum Rejection {
     FutureEpoch,
     #[error("a change authored by another actor")]
     ForeignActor,
+    #[error("a change given back as the hub's that the hub's key did not sign")]
+    BadHubSignature,
     #[error("a key rotation signed by a retired key")]
     RetiredKey,
     #[error("a key rotation whose proof does not hold")]
@@ -104,6 +106,7 @@ impl Rejection {
             Self::StaleEpoch => "stale_epoch",
             Self::FutureEpoch => "future_epoch",
             Self::ForeignActor => "foreign_actor",
+            Self::BadHubSignature => "bad_hub_signature",
             Self::RetiredKey => "retired_key",
             Self::BadRotationProof => "bad_rotation_proof",
             Self::UnexpectedKind => "unexpected_kind",
@@ -164,6 +167,9 @@ pub trait Region {
     fn epoch(&self, ledger: &FridgeId) -> Option<u32>;
     /// How far the region's downlink stream is committed: no device can have received more.
     fn down_head(&self) -> u64;
+    /// The hub's key, which signed the changes the hub made (a device gives them back to a hub
+    /// whose store lost them).
+    fn hub_key(&self) -> PublicKey;
 }
 
 /// What an admitted envelope asks of the region.
@@ -202,7 +208,7 @@ pub fn admit_body(
     }
     let admitted = match body {
         Body::Changes(batch) => {
-            check_entries(&batch.entries, device, region, progress.up_hwm)?;
+            check_entries(&batch.entries, device, region_id, region, progress.up_hwm)?;
             let head_sig = batch.head_sig.clone();
             let receiver = StreamReceiver::new(progress.up_hwm);
             let receipt = receiver.on_batch(batch);
@@ -249,10 +255,12 @@ pub fn admit_body(
 
 /// A batch's entries: each of a ledger the device holds, a change (a rebase comes only from
 /// the hub) with a digest, those not yet held of the ledger's current epoch, and every change
-/// authored by the device's own actor.
+/// authored by the device's own actor, or signed by the hub's key (a change of the hub's the
+/// device gives back).
 fn check_entries(
     entries: &[Entry],
     device: &Device<'_>,
+    region_id: &RegionId,
     region: &impl Region,
     up_hwm: u64,
 ) -> Result<(), Rejection> {
@@ -274,11 +282,26 @@ fn check_entries(
             _ => {}
         }
     }
-    let changes: Vec<Vec<u8>> = entries
+    let (given_back, own): (Vec<&Entry>, Vec<&Entry>) = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Change)
-        .map(|e| e.change.clone())
-        .collect();
+        .partition(|e| e.hub_sig.is_some());
+    // The hub signs only the changes it makes, under whichever actor its store's generation
+    // gives it: its signature is the proof.
+    if !given_back.is_empty() {
+        let hub_key = region.hub_key();
+        let vouched = given_back.iter().all(|e| {
+            e.hub_sig.as_deref().is_some_and(|sig| {
+                crate::audit::verify_hub_change(
+                    &hub_key, region_id, &e.ledger, e.epoch, &e.change, sig,
+                )
+            })
+        });
+        if !vouched {
+            return Err(Rejection::BadHubSignature);
+        }
+    }
+    let changes: Vec<Vec<u8>> = own.into_iter().map(|e| e.change.clone()).collect();
     match Ledger::check_authors(&changes, &ledger::actor_for(device.id)) {
         Ok(()) => Ok(()),
         Err(LedgerError::ForeignActor) => Err(Rejection::ForeignActor),

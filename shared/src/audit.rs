@@ -8,16 +8,24 @@
 //! head signature = Ed25519(device key, "larder/audit-head/v1\0" || device || seq || hash)
 //! ```
 //! A device's first entry links to [`GENESIS`].
+//!
+//! The hub vouches for each change it makes itself (app orders, kitchen statuses, escrow
+//! grants) the same way, so a device can give it back to a hub whose store lost it:
+//! ```text
+//! hub change signature = Ed25519(hub key, "larder/hub-change/v1\0" || len(region) || region
+//!                                || len(ledger) || ledger || epoch (u32 BE) || SHA-256(change))
+//! ```
 
 use sha2::{Digest, Sha256};
 
-use crate::ids::{DeviceId, FridgeId};
+use crate::ids::{DeviceId, FridgeId, RegionId};
 use crate::keys::{PublicKey, SIGNATURE_LEN, SecretKey, Signature};
 
 /// The link before a device's first entry.
 pub const GENESIS: [u8; 32] = [0; 32];
 const HASH_DOMAIN: &[u8] = b"larder/audit/v1\0";
 const HEAD_DOMAIN: &[u8] = b"larder/audit-head/v1\0";
+const HUB_CHANGE_DOMAIN: &[u8] = b"larder/hub-change/v1\0";
 
 /// The SHA-256 of a change's bytes.
 pub fn change_digest(change: &[u8]) -> [u8; 32] {
@@ -118,6 +126,53 @@ pub fn verify_head(
     .is_ok()
 }
 
+fn hub_change_message(region: &RegionId, ledger: &FridgeId, epoch: u32, change: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(2 + region.as_str().len() + ledger.as_str().len() + 4 + 32);
+    m.push(region.as_str().len() as u8);
+    m.extend_from_slice(region.as_str().as_bytes());
+    m.push(ledger.as_str().len() as u8);
+    m.extend_from_slice(ledger.as_str().as_bytes());
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&change_digest(change));
+    m
+}
+
+/// The hub's signature of a change it made to `ledger` (of epoch `epoch`) in `region`.
+pub fn sign_hub_change(
+    key: &SecretKey,
+    region: &RegionId,
+    ledger: &FridgeId,
+    epoch: u32,
+    change: &[u8],
+) -> Vec<u8> {
+    key.sign(
+        HUB_CHANGE_DOMAIN,
+        &hub_change_message(region, ledger, epoch, change),
+    )
+    .0
+    .to_vec()
+}
+
+/// Checks a signature made by [`sign_hub_change`].
+pub fn verify_hub_change(
+    key: &PublicKey,
+    region: &RegionId,
+    ledger: &FridgeId,
+    epoch: u32,
+    change: &[u8],
+    sig: &[u8],
+) -> bool {
+    let Ok(sig) = <[u8; SIGNATURE_LEN]>::try_from(sig) else {
+        return false;
+    };
+    key.verify(
+        HUB_CHANGE_DOMAIN,
+        &hub_change_message(region, ledger, epoch, change),
+        &Signature(sig),
+    )
+    .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +241,75 @@ mod tests {
             .collect();
         assert_eq!(single, [true, false, false, false, false, true]);
         assert_eq!(verify_heads(&heads), single);
+    }
+
+    #[test]
+    fn a_hub_change_signature_binds_region_ledger_epoch_and_change() {
+        let key = SecretKey::from_seed([6; 32]);
+        let r = RegionId::new("north").expect("id");
+        let f = FridgeId::new("fridge-1").expect("id");
+        let sig = sign_hub_change(&key, &r, &f, 2, b"change");
+        assert!(verify_hub_change(&key.public(), &r, &f, 2, b"change", &sig));
+        let other_region = RegionId::new("south").expect("id");
+        let other_fridge = FridgeId::new("fridge-2").expect("id");
+        let device = SecretKey::from_seed([7; 32]);
+        assert!(!verify_hub_change(
+            &key.public(),
+            &other_region,
+            &f,
+            2,
+            b"change",
+            &sig
+        ));
+        assert!(!verify_hub_change(
+            &key.public(),
+            &r,
+            &other_fridge,
+            2,
+            b"change",
+            &sig
+        ));
+        assert!(!verify_hub_change(
+            &key.public(),
+            &r,
+            &f,
+            3,
+            b"change",
+            &sig
+        ));
+        assert!(!verify_hub_change(
+            &key.public(),
+            &r,
+            &f,
+            2,
+            b"changE",
+            &sig
+        ));
+        assert!(!verify_hub_change(
+            &device.public(),
+            &r,
+            &f,
+            2,
+            b"change",
+            &sig
+        ));
+        assert!(!verify_hub_change(
+            &key.public(),
+            &r,
+            &f,
+            2,
+            b"change",
+            &sig[..63]
+        ));
+        // A device's own key signing the same message is not the hub's word.
+        let forged = sign_hub_change(&device, &r, &f, 2, b"change");
+        assert!(!verify_hub_change(
+            &key.public(),
+            &r,
+            &f,
+            2,
+            b"change",
+            &forged
+        ));
     }
 }

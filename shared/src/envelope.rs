@@ -123,6 +123,11 @@ pub struct Entry {
     /// An Automerge change as `Change::raw_bytes` gives it, or a postcard [`Rebase`].
     #[serde(with = "serde_bytes")]
     pub change: Vec<u8>,
+    /// A change the hub made: its signature of it ([`crate::audit::sign_hub_change`]). The hub
+    /// sends it with each of its changes (version 3 on); a device keeps both and gives them
+    /// back, in its own stream, to a hub whose store lost them.
+    #[serde(with = "serde_bytes")]
+    pub hub_sig: Option<Vec<u8>>,
 }
 
 impl Entry {
@@ -135,6 +140,7 @@ impl Entry {
             kind: EntryKind::Change,
             prev: None,
             change,
+            hub_sig: None,
         }
     }
 
@@ -158,7 +164,7 @@ impl Entry {
 
     /// An upper bound of this entry's encoded size.
     pub fn encoded_len_max(&self) -> usize {
-        10 + 1 + self.ledger.as_str().len() + 5 + 1 + 33 + 5 + self.change.len()
+        10 + 1 + self.ledger.as_str().len() + 5 + 1 + 33 + 5 + self.change.len() + 2 + 64
     }
 }
 
@@ -218,6 +224,11 @@ pub struct Ack {
     /// acknowledge (`None` from a device, and in version 2). A device that sees it change knows
     /// the store was restored or rebuilt, and may lack what an earlier generation acknowledged.
     pub generation: Option<Generation>,
+    /// With a generation: the region's change position the store stood at when the generation
+    /// was made (0 for a store made empty). It holds every change the hub numbered up to there;
+    /// of the hub's own changes an earlier generation sent, a device gives back those numbered
+    /// after it.
+    pub generation_from: u64,
 }
 
 impl Ack {
@@ -227,6 +238,7 @@ impl Ack {
             up_to,
             gap,
             generation: None,
+            generation_from: 0,
         }
     }
 }

@@ -12,8 +12,9 @@ use crate::ids::ID_LEN_MAX;
 /// The smallest `mqtt.max_message_bytes` a hub or device may be configured with.
 pub const MESSAGE_BYTES_MIN: usize = 16 * 1024;
 /// Bytes one stream entry spends besides its change (sequence, ledger id, epoch, kind, audit
-/// link, length prefixes), and a batch besides its entries (range, head signature).
-pub const ENTRY_OVERHEAD_BYTES_MAX: usize = 10 + 1 + ID_LEN_MAX + 5 + 1 + 33 + 5;
+/// link, length prefixes, the hub's signature), and a batch besides its entries (range, head
+/// signature).
+pub const ENTRY_OVERHEAD_BYTES_MAX: usize = 10 + 1 + ID_LEN_MAX + 5 + 1 + 33 + 5 + 2 + 64;
 const BATCH_OVERHEAD_BYTES_MAX: usize = 2 * 10 + 2 + 64 + 8;
 /// The largest ledger change any write path makes. A change this size, alone in an envelope,
 /// fits the smallest message a device or hub may be configured with, so every change can be

@@ -250,7 +250,8 @@ impl Sim {
                 })
                 .collect(),
         };
-        let hub_actor = larder_hub::region::hub_actor();
+        let hub_actor =
+            larder_hub::region::hub_actor(&larder_shared::envelope::Generation([0; 16]));
         let mut hub = Hub {
             ledgers: Vec::new(),
             log: Vec::new(),

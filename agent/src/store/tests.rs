@@ -35,6 +35,7 @@ fn a_rebase_archives_first_and_once() {
             outbox_seq: Some(1),
             chain: None,
             bytes: vec![1, 2, 3],
+            hub_sig: None,
         }],
         ..WriteBatch::default()
     };

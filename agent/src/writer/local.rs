@@ -439,30 +439,44 @@ impl Writer {
     ) {
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
         for bytes in change.changes {
-            self.counters.outbox_head += 1;
-            let seq = self.counters.outbox_head;
-            let prev = self.counters.chain_head;
-            let hash = larder_shared::audit::entry_hash(
-                &prev,
-                &self.device,
-                seq,
-                fridge,
-                epoch,
-                &larder_shared::audit::change_digest(&bytes),
-            );
-            self.counters.chain_head = hash;
-            batch.changes.push(ChangeRow {
-                fridge: fridge.clone(),
-                epoch,
-                outbox_seq: Some(seq),
-                chain: Some((prev, hash)),
-                bytes,
-            });
+            self.push_outbox(fridge, epoch, bytes, None, batch);
         }
         batch
             .units
             .extend(change.units.into_iter().map(|u| (fridge.clone(), u)));
         batch.orders.extend(change.orders);
+    }
+
+    /// Stages a change at the outbox's head, linked into the audit chain: one of the device's,
+    /// or one of the hub's it gives back (with the hub's signature).
+    pub(super) fn push_outbox(
+        &mut self,
+        fridge: &FridgeId,
+        epoch: u32,
+        bytes: Vec<u8>,
+        hub_sig: Option<Vec<u8>>,
+        batch: &mut WriteBatch,
+    ) {
+        self.counters.outbox_head += 1;
+        let seq = self.counters.outbox_head;
+        let prev = self.counters.chain_head;
+        let hash = larder_shared::audit::entry_hash(
+            &prev,
+            &self.device,
+            seq,
+            fridge,
+            epoch,
+            &larder_shared::audit::change_digest(&bytes),
+        );
+        self.counters.chain_head = hash;
+        batch.changes.push(ChangeRow {
+            fridge: fridge.clone(),
+            epoch,
+            outbox_seq: Some(seq),
+            chain: Some((prev, hash)),
+            bytes,
+            hub_sig,
+        });
     }
 
     pub(super) fn project(&self, fridge: &FridgeId, touched: &Touched, batch: &mut WriteBatch) {

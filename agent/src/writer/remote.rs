@@ -31,18 +31,32 @@ impl Writer {
     /// before generations, or a new one, has nothing to doubt) means the store was restored or
     /// rebuilt and may lack what the one before acknowledged: the outbox is offered again from
     /// `up_to` (the changes acknowledged since are kept for this, see
-    /// `store::SENT_CHANGES_KEPT`), and the downlink starts again where the hub stands.
-    /// Answers the position to send from.
+    /// `store::SENT_CHANGES_KEPT`), the hub's own changes that came numbered after
+    /// `changes_from` (what the store holds of them) are given back at the outbox's head, and
+    /// the downlink starts again where the hub stands. Answers the position to send from.
     pub(super) fn hub_generation(
         &mut self,
         generation: Generation,
         up_to: u64,
+        changes_from: u64,
         batch: &mut WriteBatch,
     ) -> u64 {
-        let seen = self.counters.hub_generation.replace(generation);
+        let seen = self.counters.hub_generation;
         if seen == Some(generation) {
             return self.counters.up_acked;
         }
+        let give_back = match seen {
+            None => Vec::new(),
+            Some(_) => match self.store.hub_changes_after(changes_from) {
+                Ok(kept) => kept,
+                Err(e) => {
+                    // The generation is not taken: the hub's next acknowledgement asks again.
+                    error!(error = %e, "reading the hub's changes to give back failed");
+                    return self.counters.up_acked;
+                }
+            },
+        };
+        self.counters.hub_generation = Some(generation);
         batch
             .meta
             .push((store::META_HUB_GENERATION, generation.to_string()));
@@ -55,6 +69,8 @@ impl Writer {
             was = ?seen,
             hub_holds = up_to,
             acknowledged = self.counters.up_acked,
+            hub_changes_from = changes_from,
+            hub_changes = give_back.len(),
             "the hub's store is of a new generation (restored or rebuilt): offering again what it lacks"
         );
         self.shared.metrics.hub_generations.inc();
@@ -76,6 +92,15 @@ impl Writer {
             ),
             (store::META_DOWN_RESTART, "1".to_owned()),
         ]);
+        let mut given = 0;
+        for c in give_back {
+            // A change of an epoch the ledger has left is in the new epoch's base already.
+            if self.ledgers.get(&c.fridge).map(Ledger::epoch) == Some(c.epoch) {
+                self.push_outbox(&c.fridge, c.epoch, c.bytes, Some(c.sig), batch);
+                given += 1;
+            }
+        }
+        self.shared.metrics.hub_changes_given_back.inc_by(given);
         from
     }
 
@@ -89,6 +114,7 @@ impl Writer {
         &mut self,
         down: Batch,
         remote: &mut BTreeMap<FridgeId, Vec<Remote>>,
+        batch: &mut WriteBatch,
     ) -> Ack {
         if self.counters.down_restart {
             let from = down.after.min(self.counters.down.hwm());
@@ -108,10 +134,23 @@ impl Writer {
                         continue;
                     }
                     let item = match e.kind {
-                        EntryKind::Change => Remote::Change {
-                            epoch: e.epoch,
-                            bytes: e.change,
-                        },
+                        EntryKind::Change => {
+                            if let Some(sig) = e.hub_sig {
+                                // The hub's own change: kept to give back should its store
+                                // lose it.
+                                batch.hub_changes.push(store::HubChange {
+                                    down_seq: e.seq,
+                                    fridge: e.ledger.clone(),
+                                    epoch: e.epoch,
+                                    bytes: e.change.clone(),
+                                    sig,
+                                });
+                            }
+                            Remote::Change {
+                                epoch: e.epoch,
+                                bytes: e.change,
+                            }
+                        }
                         EntryKind::Withheld => {
                             error!(fridge = %e.ledger, seq = e.seq, "the hub withheld a change too large for a message; skipped");
                             self.shared
@@ -227,6 +266,7 @@ impl Writer {
                         outbox_seq: None,
                         chain: None,
                         bytes,
+                        hub_sig: None,
                     });
                 }
                 self.project(fridge, &touched, batch);

@@ -266,8 +266,10 @@ impl HubLink {
     ) {
         if !self.jammed {
             let to = Party::Device(key.1.clone());
+            let generation = self.ctx.regions.get(&key.0).map(|r| r.generation);
             let ack = larder_shared::envelope::Ack {
-                generation: self.ctx.regions.get(&key.0).map(|r| r.generation),
+                generation: generation.map(|(g, _)| g),
+                generation_from: generation.map_or(0, |(_, from)| from),
                 ..ack
             };
             let Some(bytes) = self.seal(&key.0, to, Body::Ack(ack)).await else {

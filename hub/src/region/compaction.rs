@@ -109,7 +109,8 @@ impl RegionWriter {
             self.store
                 .start_epoch(&fridge, c.epoch, &rebase, &c.base, &c.archived, now)
                 .map_err(storage)?;
-            let next = Ledger::load(fridge.clone(), hub_actor(), Some(&c.base), &[])
+            let actor = hub_actor(&self.store.generation().map_err(storage)?.0);
+            let next = Ledger::load(fridge.clone(), actor, Some(&c.base), &[])
                 .map_err(|e| RegionError::Storage(format!("loading {fridge}'s new epoch: {e}")))?;
             self.ledgers.insert(fridge.clone(), next);
             self.dirty.insert(fridge.clone());

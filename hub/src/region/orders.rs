@@ -14,7 +14,8 @@ pub(super) struct GrantSnapshot {
 
 impl RegionWriter {
     /// Stages a change the hub made to a ledger: a row of the change table (so it reaches
-    /// every replica through its downlink stream) and the projection rows it touched.
+    /// every replica through its downlink stream), signed so a replica can give it back to a
+    /// store that lost it, and the projection rows it touched.
     pub(super) fn hub_change(
         &mut self,
         fridge: &FridgeId,
@@ -25,12 +26,20 @@ impl RegionWriter {
         self.stock_dirty.insert(fridge.clone());
         let epoch = self.ledgers.get(fridge).map_or(0, Ledger::epoch);
         for bytes in change.changes {
+            let sig = larder_shared::audit::sign_hub_change(
+                &self.hub_key,
+                &self.region,
+                fridge,
+                epoch,
+                &bytes,
+            );
             batch.changes.push(StoredChange {
                 ledger: fridge.clone(),
                 author: ledger::hub_device(),
                 epoch,
                 hash: sha2::Sha256::digest(&bytes).into(),
                 bytes,
+                hub_sig: Some(sig),
             });
         }
         batch

@@ -53,6 +53,7 @@ pub(super) fn device_box<'a>(
 pub(super) struct RegionState<'a> {
     ledgers: &'a BTreeMap<FridgeId, Ledger>,
     head: u64,
+    hub_key: larder_shared::PublicKey,
 }
 
 impl admission::Region for RegionState<'_> {
@@ -62,6 +63,10 @@ impl admission::Region for RegionState<'_> {
 
     fn down_head(&self) -> u64 {
         self.head
+    }
+
+    fn hub_key(&self) -> larder_shared::PublicKey {
+        self.hub_key
     }
 }
 
@@ -369,6 +374,7 @@ impl RegionWriter {
         let state = RegionState {
             ledgers: &self.ledgers,
             head: *self.head_tx.borrow(),
+            hub_key: self.hub_key.public(),
         };
         let admitted = match admission::admit_body(
             env.body,
@@ -497,12 +503,19 @@ impl RegionWriter {
         }
         for e in entries {
             let hash: [u8; 32] = sha2::Sha256::digest(&e.change).into();
+            // A change of the hub's the device gave back (admission checked the signature) is
+            // stored as the hub's, so the next restore can have it back too.
+            let author = match e.hub_sig {
+                Some(_) => ledger::hub_device(),
+                None => author.clone(),
+            };
             batch.changes.push(StoredChange {
                 ledger: e.ledger,
-                author: author.clone(),
+                author,
                 epoch: e.epoch,
                 hash,
                 bytes: e.change,
+                hub_sig: e.hub_sig,
             });
         }
         Ok(())

@@ -64,15 +64,17 @@ pub(super) const DEVICE_COLUMNS: &str = "device_id, role, site, fridges, public_
 /// A downlink entry from a `changes` row read as `id, ledger, bytes, epoch, kind`; `None` for a
 /// row whose ledger name no longer parses.
 pub(super) fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Entry>> {
-    let (id, ledger, change, epoch, kind) = (
+    let (id, ledger, change, epoch, kind, hub_sig) = (
         r.get::<_, i64>(0)?,
         r.get::<_, String>(1)?,
         r.get::<_, Vec<u8>>(2)?,
         r.get::<_, u32>(3)?,
         r.get::<_, i64>(4)?,
+        r.get::<_, Option<Vec<u8>>>(5)?,
     );
     Ok(FridgeId::new(ledger).ok().map(|ledger| {
         let mut entry = Entry::change(id as u64, ledger, epoch, change);
+        entry.hub_sig = hub_sig;
         if kind == KIND_REBASE {
             entry.kind = larder_shared::envelope::EntryKind::Rebase;
         }

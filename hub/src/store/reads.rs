@@ -94,11 +94,11 @@ impl RegionReads {
     ) -> Result<Vec<(String, Entry)>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, ledger, bytes, epoch, kind, author FROM changes
+                "SELECT id, ledger, bytes, epoch, kind, hub_sig, author FROM changes
                  WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
             )?;
             let rows = stmt.query_map(params![after as i64, up_to as i64, limit as i64], |r| {
-                Ok((r.get::<_, String>(5)?, entry_from_row(r)?))
+                Ok((r.get::<_, String>(6)?, entry_from_row(r)?))
             })?;
             let mut out = Vec::new();
             for row in rows {
@@ -121,7 +121,7 @@ impl RegionReads {
         let ledgers = serde_json::to_string(fridges).unwrap_or_default();
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, ledger, bytes, epoch, kind FROM changes
+                "SELECT id, ledger, bytes, epoch, kind, hub_sig FROM changes
                  WHERE id > ?1 AND author != ?2 AND ledger IN (SELECT value FROM json_each(?3))
                  ORDER BY id LIMIT ?4",
             )?;

@@ -169,6 +169,27 @@ pub fn command(
     }
 }
 
+/// Adds a column to a table unless it has one of that name: `ALTER TABLE ... ADD COLUMN` made
+/// idempotent, for a migration (`definition` is the column's type and constraints).
+pub fn add_column(
+    tx: &Transaction<'_>,
+    table: &str,
+    column: &str,
+    definition: &str,
+) -> Result<(), rusqlite::Error> {
+    let has: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        [table, column],
+        |r| r.get(0),
+    )?;
+    if !has {
+        tx.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {definition};"
+        ))?;
+    }
+    Ok(())
+}
+
 /// The version a store's file records (0 for a new file or one from before versions).
 pub fn stored_version(conn: &Connection) -> Result<u32, StoreError> {
     Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
@@ -187,9 +208,7 @@ mod tests {
             },
             Migration {
                 name: "add a column",
-                apply: |tx| {
-                    tx.execute_batch("ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT 'x';")
-                },
+                apply: |tx| add_column(tx, "t", "b", "TEXT NOT NULL DEFAULT 'x'"),
             },
         ],
     };

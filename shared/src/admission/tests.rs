@@ -26,9 +26,8 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let device_key = SecretKey::from_seed([3; 32]);
-        let hub_key = SecretKey::from_seed([4; 32]);
         Self {
-            hub_box: BoxKey::new(&hub_key, &device_key.public()),
+            hub_box: BoxKey::new(&hub_key(), &device_key.public()),
             device_key,
             fridges: vec![fridge("fridge-1")],
             device_id: id("pos-1"),
@@ -68,6 +67,11 @@ struct At {
     head: u64,
 }
 
+/// The hub's key of these tests (the one [`Fixture`] seals to).
+fn hub_key() -> SecretKey {
+    SecretKey::from_seed([4; 32])
+}
+
 impl Region for At {
     fn epoch(&self, _: &FridgeId) -> Option<u32> {
         Some(self.epoch)
@@ -75,6 +79,10 @@ impl Region for At {
 
     fn down_head(&self) -> u64 {
         self.head
+    }
+
+    fn hub_key(&self) -> PublicKey {
+        hub_key().public()
     }
 }
 
@@ -90,6 +98,11 @@ fn change_by(device: &DeviceId) -> Vec<u8> {
 }
 
 fn changes(ledger: &str, epoch: u32, change: Vec<u8>) -> Body {
+    given_back(ledger, epoch, change, None)
+}
+
+/// A batch of one change, with the hub's signature `hub_sig` if given.
+fn given_back(ledger: &str, epoch: u32, change: Vec<u8>, hub_sig: Option<Vec<u8>>) -> Body {
     Body::Changes(Batch {
         after: 0,
         up_to: 1,
@@ -100,6 +113,7 @@ fn changes(ledger: &str, epoch: u32, change: Vec<u8>) -> Body {
             kind: EntryKind::Change,
             prev: Some([0; 32]),
             change,
+            hub_sig,
         }],
         head_sig: None,
     })
@@ -226,6 +240,41 @@ fn changes_only_of_its_own_ledgers_in_the_current_epoch_by_its_own_actor() {
     assert_eq!(
         judge(Body::Time(crate::envelope::TimeBeacon { hub_ms: 0 }), 2),
         (Err("unexpected_kind"), 0)
+    );
+    // The hub's change, given back by a device: taken with the hub's signature only.
+    let hubs = change_by(&id("hub-of-a-generation"));
+    let signed = |key: &SecretKey, change: &[u8], epoch: u32| {
+        Some(crate::audit::sign_hub_change(
+            key,
+            &north(),
+            &fridge("fridge-1"),
+            epoch,
+            change,
+        ))
+    };
+    let sig = signed(&hub_key(), &hubs, 2);
+    assert_eq!(
+        judge(given_back("fridge-1", 2, hubs.clone(), sig.clone()), 2),
+        (Ok(()), 1)
+    );
+    assert_eq!(
+        judge(given_back("fridge-1", 2, hubs.clone(), None), 2),
+        (Err("foreign_actor"), 0)
+    );
+    assert_eq!(
+        judge(
+            given_back("fridge-1", 2, hubs.clone(), signed(&f.device_key, &hubs, 2)),
+            2
+        ),
+        (Err("bad_hub_signature"), 0)
+    );
+    // The signature is of another epoch's change: it does not vouch for this one.
+    assert_eq!(
+        judge(
+            given_back("fridge-1", 2, hubs.clone(), signed(&hub_key(), &hubs, 1)),
+            2
+        ),
+        (Err("bad_hub_signature"), 0)
     );
 }
 

@@ -22,6 +22,7 @@ fn sample() -> Envelope {
                 kind: EntryKind::Change,
                 prev: Some([7; 32]),
                 change: vec![1, 2, 3, 4],
+                hub_sig: None,
             }],
             head_sig: Some(vec![9; 64]),
         }),
@@ -238,6 +239,7 @@ fn the_previous_version_is_read_and_written_byte_for_byte() {
             up_to: 41,
             gap: true,
             generation: Some(Generation([5; 16])),
+            generation_from: 12,
         }),
     };
     // Written in version 2 the generation is left out, and the bytes are the old release's.
@@ -281,6 +283,31 @@ fn the_previous_version_is_read_and_written_byte_for_byte() {
 }
 
 #[test]
+fn the_hubs_signature_of_its_change_travels_in_this_version_only() {
+    let hub = SecretKey::from_seed([2; 32]);
+    let plain = sample();
+    let mut signed = plain.clone();
+    let Body::Changes(batch) = &mut signed.body else {
+        panic!("the sample is a batch");
+    };
+    batch.entries[0].hub_sig = Some(vec![3; 64]);
+    // Version 3 carries it and reads it back.
+    let now = signed.seal(&hub);
+    let back = open(&now, MAX_MESSAGE_BYTES_DEFAULT)
+        .and_then(|u| u.verify(&now, &hub.public()))
+        .and_then(Verified::plain);
+    assert_eq!(back, Ok(signed.clone()));
+    assert!(now.len() > plain.seal(&hub).len() + 64);
+    // Version 2 leaves it out: the bytes are those of the entry without it.
+    let old = signed.seal_version(&hub, 2);
+    assert_eq!(old, plain.seal_version(&hub, 2));
+    let back = open(&old, MAX_MESSAGE_BYTES_DEFAULT)
+        .and_then(|u| u.verify(&old, &hub.public()))
+        .and_then(Verified::plain);
+    assert_eq!(back, Ok(plain));
+}
+
+#[test]
 fn this_version_carries_the_generation_and_batches_verify_either_version() {
     let hub = SecretKey::from_seed([2; 32]);
     let ack = Envelope {
@@ -289,6 +316,7 @@ fn this_version_carries_the_generation_and_batches_verify_either_version() {
             up_to: 9,
             gap: false,
             generation: Some(Generation([6; 16])),
+            generation_from: 7,
         }),
     };
     let now = ack.seal(&hub);

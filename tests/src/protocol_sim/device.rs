@@ -141,6 +141,7 @@ impl World {
                 kind: Default::default(),
                 prev: None,
                 change: bytes.clone(),
+                hub_sig: None,
             };
             dev.disk.changes.entry(f).or_default().push(bytes);
             dev.disk.outbox.push(entry);

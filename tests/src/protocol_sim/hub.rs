@@ -7,6 +7,7 @@ use super::*;
 /// epoch, and a device's downlink committed up to `down_head`.
 pub(super) struct SimRegion {
     down_head: u64,
+    hub_key: larder_shared::PublicKey,
 }
 
 impl admission::Region for SimRegion {
@@ -16,6 +17,10 @@ impl admission::Region for SimRegion {
 
     fn down_head(&self) -> u64 {
         self.down_head
+    }
+
+    fn hub_key(&self) -> larder_shared::PublicKey {
+        self.hub_key
     }
 }
 
@@ -208,6 +213,7 @@ impl World {
         };
         let region = SimRegion {
             down_head: self.down_head(d),
+            hub_key: self.hub_key.public(),
         };
         let admitted = admission::admit(
             bytes,

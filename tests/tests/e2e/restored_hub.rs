@@ -3,7 +3,7 @@
 //! new generation, the POS sees it in the next acknowledgement and offers again every sale the
 //! lost store had acknowledged after the backup (kept after its ledger's compaction), each
 //! lands once, and the downlink starts again so what another device stocks after the restore
-//! reaches the POS.
+//! reaches the POS. An app order the lost store made comes back from the fridge it reached.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -143,6 +143,148 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     fridge.shutdown().await;
     pos2.shutdown().await;
     pos.shutdown().await;
+    Ok(())
+}
+
+/// Places an app order at the hub for `quantity` of `sku` at fridge-1.
+async fn place(
+    hub_url: &str,
+    id: &str,
+    sku: &str,
+    quantity: u32,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    post(
+        &format!("{hub_url}/v1/regions/{}/orders", larder_demo::REGION),
+        &format!("place-{id}"),
+        &serde_json::json!({"customer_id": "cust-1", "fridge_id": "fridge-1", "order_id": id,
+            "lines": [{"sku": sku, "quantity": quantity}]}),
+    )
+    .await
+}
+
+/// An order as an agent answers it, once it has one of that id.
+async fn agent_order(url: &str, id: &str) -> Option<serde_json::Value> {
+    let v: serde_json::Value = http()
+        .get(format!("{url}/v1/orders/{id}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v.get("status").is_some().then_some(v)
+}
+
+/// The units an order reserved.
+fn units_of(order: &serde_json::Value) -> HashSet<String> {
+    order["reserved_units"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// One piece: the scenario in the order it happens (stock, back up, order, lose the hub,
+/// restore, order again, give back).
+///
+/// An app order is a change the hub makes to the fridge's ledger; the lost store made this one
+/// after the backup and sent it to the fridge, which kept it with the hub's signature. The
+/// restored store lacks it, and makes an order of its own before the fridge is back; the
+/// fridge then gives the lost one back and the hub takes it on its own signature. The restored
+/// store writes under a new actor, so its order and the one given back stand side by side in
+/// the ledger (under the lost store's actor they would be two changes of one number, and
+/// neither side could merge the other's), the same at the hub and on the fridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_order_the_lost_store_made_comes_back_from_the_fridge() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut hub, config, broker_port) = hub_process(dir.path())?;
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
+    enroll_all(&hub.url, &[("fridge-1", Role::Fridge)]).await?;
+    let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 4).await?;
+    let fridge_url = format!("http://{}", fridge.http_addr);
+    synced(&fridge_url, WAIT).await?;
+    refill(&fridge_url, "fridge-1", "l", "lasagna", 6).await?;
+    refill(&fridge_url, "fridge-1", "c", "curry-veg", 3).await?;
+    synced(&fridge_url, WAIT).await?;
+    eventually(WAIT, "the refills at the hub", || async {
+        let stock = hub_stock(&hub.url, "fridge-1").await.ok()?;
+        (available(&stock, "lasagna") == 6 && available(&stock, "curry-veg") == 3).then_some(())
+    })
+    .await?;
+    let backup = dir.path().join("backup").to_string_lossy().to_string();
+    let (ok, said) =
+        run_to_end(hub_exe, &["backup", "--config", &config, "--out", &backup]).await?;
+    assert!(ok, "{said}");
+
+    // After the backup: an app order, which reaches the fridge.
+    let (status, placed) = place(&hub.url, "app-lost", "lasagna", 2).await?;
+    assert_eq!(status, 201, "{placed}");
+    assert_eq!(units_of(&placed).len(), 2, "{placed}");
+    eventually(WAIT, "the order on the fridge", || async {
+        let o = agent_order(&fridge_url, "app-lost").await?;
+        (o["status"] == placed["status"]).then_some(())
+    })
+    .await?;
+    synced(&fridge_url, WAIT).await?;
+    fridge.shutdown().await;
+    hub.kill();
+    let restore = [
+        "restore",
+        "--config",
+        &config,
+        "--from",
+        &backup,
+        "--replace",
+    ];
+    let (ok, said) = run_to_end(hub_exe, &restore).await?;
+    assert!(ok, "{said}");
+    let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    let absent = hub_order(&hub.url, "app-lost").await?;
+    assert_eq!(absent["error"]["code"], "unknown_order", "{absent}");
+    // The restored hub's own order, while the fridge is away.
+    let (status, next) = place(&hub.url, "app-new", "curry-veg", 1).await?;
+    assert_eq!(status, 201, "{next}");
+
+    // The fridge comes back and gives the lost order back: the same order, the same units.
+    let fridge = agent(dir.path(), "fridge-1", Role::Fridge, broker_port, 4).await?;
+    let fridge_url = format!("http://{}", fridge.http_addr);
+    let back = eventually(WAIT, "the order back at the hub", || async {
+        let o = hub_order(&hub.url, "app-lost").await.ok()?;
+        (o["status"] == placed["status"]).then_some(o)
+    })
+    .await?;
+    assert_eq!(units_of(&back), units_of(&placed), "{back}");
+    let metrics = metrics_text(&fridge_url).await?;
+    let given: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("larder_agent_hub_changes_given_back_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(given >= 1, "{metrics}");
+
+    // Both orders hold their units, and the ledger is one at the hub and on the fridge.
+    eventually(
+        WAIT,
+        "both orders in one ledger at the hub and on the fridge",
+        || async {
+            agent_order(&fridge_url, "app-new").await?;
+            let at_hub = hub_stock(&hub.url, "fridge-1").await.ok()?;
+            let digest = at_hub["state_digest"].as_str()?.to_owned();
+            (available(&at_hub, "lasagna") == 4
+                && available(&at_hub, "curry-veg") == 2
+                && fridge.digests().await.first()?.state_digest == digest)
+                .then_some(())
+        },
+    )
+    .await?;
+    let stock = agent_stock(&fridge_url, "fridge-1").await?;
+    assert_eq!(
+        (available(&stock, "lasagna"), available(&stock, "curry-veg")),
+        (4, 2),
+        "{stock}"
+    );
+    fridge.shutdown().await;
     Ok(())
 }
 

@@ -94,6 +94,7 @@ pub(super) async fn orders() -> Result<()> {
                     epoch: 0,
                     hash: sha2::Sha256::digest(&bytes).into(),
                     bytes,
+                    hub_sig: None,
                 });
             }
             batch.enroll.push(larder_hub::store::DeviceRecord {

@@ -1,0 +1,100 @@
+//! The hub's own changes (app orders, kitchen statuses, escrow grants), kept as the downlink
+//! brought them, each with the hub's signature, to give back to a hub whose store lost them (see
+//! `Writer::hub_generation`).
+
+use larder_runtime::sqlite::migrate::add_column;
+use larder_shared::FridgeId;
+use rusqlite::{Transaction, params};
+
+use super::{Store, StoreError};
+
+/// The agent store's fourth migration: the hub's signature beside each change of the outbox (a
+/// change of the hub's given back travels with it), and the hub's changes kept. Idempotent.
+pub(super) fn migrate(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
+    add_column(tx, "ledger_changes", "hub_sig", "BLOB")?;
+    add_column(tx, "sent_changes", "hub_sig", "BLOB")?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS hub_changes (
+             id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, down_seq INTEGER NOT NULL,
+             fridge TEXT NOT NULL, epoch INTEGER NOT NULL, bytes BLOB NOT NULL, sig BLOB NOT NULL);",
+    )
+}
+
+/// How many of the hub's changes a device keeps: weeks of a busy fridge's app orders, far past
+/// a nightly backup's recovery point or a replica's seconds.
+pub(crate) const HUB_CHANGES_KEPT: u64 = 20_000;
+
+/// A change the hub made, as its downlink brought it.
+#[derive(Debug, Clone)]
+pub(crate) struct HubChange {
+    /// Its position in the downlink stream (the hub's change number) when it last came.
+    pub down_seq: u64,
+    pub fridge: FridgeId,
+    pub epoch: u32,
+    pub bytes: Vec<u8>,
+    /// The hub's signature (`larder_shared::audit::sign_hub_change`).
+    pub sig: Vec<u8>,
+}
+
+/// Keeps `rows`; one that came before keeps its place and takes its latest position (a
+/// restored hub numbers what it sends again from where its store stands).
+pub(super) fn keep(tx: &Transaction<'_>, rows: &[HubChange]) -> Result<(), rusqlite::Error> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO hub_changes (hash, down_seq, fridge, epoch, bytes, sig)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (hash) DO UPDATE SET down_seq = excluded.down_seq",
+    )?;
+    for c in rows {
+        insert.execute(params![
+            &larder_shared::audit::change_digest(&c.bytes)[..],
+            c.down_seq as i64,
+            c.fridge.as_str(),
+            c.epoch,
+            c.bytes,
+            c.sig
+        ])?;
+    }
+    Ok(())
+}
+
+/// Forgets all but the newest [`HUB_CHANGES_KEPT`].
+pub(super) fn prune(tx: &Transaction<'_>) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "DELETE FROM hub_changes WHERE id <= (SELECT MAX(id) FROM hub_changes) - ?1",
+        [HUB_CHANGES_KEPT as i64],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// The hub's changes kept that came at downlink positions after `down_seq`, in the order
+    /// they first came (each after the changes it depends on).
+    pub(crate) fn hub_changes_after(&self, down_seq: u64) -> Result<Vec<HubChange>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT down_seq, fridge, epoch, bytes, sig FROM hub_changes WHERE down_seq > ?1
+             ORDER BY id",
+        )?;
+        let rows = stmt.query_map([down_seq.min(i64::MAX as u64) as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (down_seq, fridge, epoch, bytes, sig) = row?;
+            let fridge = FridgeId::new(fridge).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push(HubChange {
+                down_seq: down_seq as u64,
+                fridge,
+                epoch,
+                bytes,
+                sig,
+            });
+        }
+        Ok(out)
+    }
+}
