@@ -409,15 +409,32 @@ fn refuse_if_running(config: &HubConfig) -> Result<(), BackupError> {
 }
 
 /// Makes the staged store at `at` a new generation: a restored store may lack what devices
-/// were told before, and they offer it again when they see the change. Answers the new one.
+/// were told before, and they offer it again when they see the change. The file is synced
+/// once the connection has closed (a store in WAL mode is checkpointed into it then), so it
+/// is on disk whole before it is put in place. Answers the new one.
 fn renew_generation(at: &Path) -> Result<Generation, BackupError> {
-    rusqlite::Connection::open(at)
+    let generation = rusqlite::Connection::open(at)
         .map_err(StoreError::from)
-        .and_then(|conn| crate::store::generation::renew(&conn))
+        .and_then(|conn| {
+            let generation = crate::store::generation::renew(&conn)?;
+            conn.close().map_err(|(_, e)| StoreError::from(e))?;
+            Ok(generation)
+        })
         .map_err(|e| BackupError::Store {
             path: at.to_path_buf(),
             source: Box::new(e),
-        })
+        })?;
+    let wal = std::path::PathBuf::from(format!("{}-wal", at.display()));
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return Err(BackupError::Refused(format!(
+            "{}: its write-ahead log was not checkpointed when it closed; nothing was replaced",
+            at.display()
+        )));
+    }
+    std::fs::File::open(at)
+        .and_then(|f| f.sync_all())
+        .map_err(io(at))?;
+    Ok(generation)
 }
 
 /// Puts the staged copy `staged` in place of the store at `dest`. A store there is kept beside

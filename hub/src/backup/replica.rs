@@ -126,9 +126,6 @@ pub fn promote(
         }
         larder_runtime::sqlite::migrate::check(&REGION_SCHEMA, &at).map_err(store)?;
         let generation = renew_generation(&at)?;
-        std::fs::File::open(&at)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&at))?;
         staged.push((r.id.clone(), url, dest, at, generation));
     }
     sync_dir(&config.data_dir)?;
