@@ -174,7 +174,7 @@ impl Default for Metrics {
         );
         registry.register(
             "hub_changes_given_back",
-            "Changes the hub made (app orders, kitchen statuses, escrow grants), given back because its store came back without them",
+            "Changes the hub made (app orders, kitchen statuses, escrow consumed or returned), given back because its store came back without them",
             m.hub_changes_given_back.clone(),
         );
         registry.register(

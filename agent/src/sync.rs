@@ -694,13 +694,15 @@ impl Sync {
             let asked = Command::HubGeneration {
                 generation,
                 up_to,
-                changes_from: ack.generation_from,
+                origin: ack.origin,
                 reply,
             };
             if self.ctx.writer.send(asked).await.is_err() {
                 return;
             }
-            let Ok(from) = rx.await else { return };
+            // Not taken (its group failed, or reading what to give back did): the next
+            // acknowledgement asks again.
+            let Ok(Some(from)) = rx.await else { return };
             self.hub_generation = Some(generation);
             if from < self.sender.acked() {
                 self.sender.restart_at(from, now);

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use larder_shared::catalog::Catalog;
 use larder_shared::domain::{DoorSession, Payment, Refill, Role, Sale, SaleLine, TakenMatch};
-use larder_shared::envelope::{Ack, Batch, EntryKind, Generation, Rebase};
+use larder_shared::envelope::{Ack, Batch, EntryKind, Generation, Origin, Rebase};
 use larder_shared::ledger::{self, Ledger, LedgerError, LocalChange, Touched};
 use larder_shared::reliable::{Receipt, StreamReceiver};
 use larder_shared::{DeviceId, FridgeId, OrderId, UnitId, limits};
@@ -52,9 +52,10 @@ enum Pending {
     Refused(Reply, CommandError),
     Downlink(oneshot::Sender<Result<Ack, CommandError>>, Ack),
     Reserve(oneshot::Sender<Result<(), CommandError>>),
-    /// The position to send from after the hub's store changed generation: dropped unanswered
-    /// if the group fails, so the sync task asks again with the next acknowledgement.
-    Generation(oneshot::Sender<u64>, u64),
+    /// The position to send from after the hub's store changed generation (`None`: not
+    /// taken): dropped unanswered if the group fails, so the sync task asks again with the next
+    /// acknowledgement.
+    Generation(oneshot::Sender<Option<u64>>, Option<u64>),
 }
 
 impl Pending {
@@ -387,10 +388,10 @@ impl Writer {
                 Command::HubGeneration {
                     generation,
                     up_to,
-                    changes_from,
+                    origin,
                     reply,
                 } => {
-                    let from = self.hub_generation(generation, up_to, changes_from, &mut batch);
+                    let from = self.hub_generation(generation, up_to, origin, &mut batch);
                     pending.push(Pending::Generation(reply, from));
                 }
                 Command::Ping { reply } => {

@@ -69,9 +69,11 @@ pub struct RegionHandle {
     /// The region's live event feed.
     pub events: events::Events,
     pub env_seq_reserved: u64,
-    /// The region store's generation, named in every acknowledgement, and the change position
-    /// it was made at.
-    pub generation: (larder_shared::envelope::Generation, u64),
+    /// The region store's generation, named in every acknowledgement, and where it began.
+    pub generation: (
+        larder_shared::envelope::Generation,
+        Option<larder_shared::envelope::Origin>,
+    ),
     /// The region's clock, the one its writer stamps records with.
     pub clock: larder_runtime::Clock,
     /// Devices whose presence is online, as the MQTT task last heard.
@@ -209,7 +211,7 @@ pub async fn start_with_clock(
         };
         let store = RegionStore::open(&path).map_err(store_err)?;
         let generation = store.generation().map_err(store_err)?;
-        info!(region = %rc.id, generation = %generation.0, from = generation.1, "region store open");
+        info!(region = %rc.id, generation = %generation.0, origin = ?generation.1, "region store open");
         let fridges = rc.fridges.iter().map(|f| f.id.clone()).collect();
         let calendar = subscriptions::Calendar::of(rc)
             .map_err(|e| StartError::Config(format!("region {}: {e}", rc.id)))?;

@@ -224,11 +224,20 @@ pub struct Ack {
     /// acknowledge (`None` from a device, and in version 2). A device that sees it change knows
     /// the store was restored or rebuilt, and may lack what an earlier generation acknowledged.
     pub generation: Option<Generation>,
-    /// With a generation: the region's change position the store stood at when the generation
-    /// was made (0 for a store made empty). It holds every change the hub numbered up to there;
-    /// of the hub's own changes an earlier generation sent, a device gives back those numbered
-    /// after it.
-    pub generation_from: u64,
+    /// With a generation: where it began, if the store was copied from another generation's
+    /// (a restore, a promote); `None` for a store made new or empty. Of the hub's own changes a
+    /// device kept, it gives back every one not sent by that generation at or below that
+    /// position.
+    pub origin: Option<Origin>,
+}
+
+/// Where a store's generation began: the generation of the store it was copied from, and the
+/// change position that copy stood at (the highest number its change table had given). The copy
+/// holds every change that generation numbered up to there, and none it numbered after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub generation: Generation,
+    pub changes_up_to: u64,
 }
 
 impl Ack {
@@ -238,7 +247,7 @@ impl Ack {
             up_to,
             gap,
             generation: None,
-            generation_from: 0,
+            origin: None,
         }
     }
 }

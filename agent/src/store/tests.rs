@@ -152,3 +152,67 @@ fn a_lost_archive_file_is_made_again() {
     );
     assert_eq!(once, 1, "its unique index too");
 }
+
+/// The hub's changes are kept in the order they first came, each with the generation that
+/// sent it last and its number there; a store begun at an origin lacks all but what that
+/// generation numbered up to its position; the newest `HUB_CHANGES_KEPT` outlive a compaction.
+#[test]
+fn the_hubs_changes_are_kept_and_judged_by_generation_and_number() {
+    use larder_shared::envelope::{Generation, Origin};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("agent.db");
+    let mut store = Store::open(&path).expect("store");
+    let fridge = FridgeId::new("fridge-1").expect("id");
+    let (g1, g2) = (Generation([1; 16]), Generation([2; 16]));
+    let change = |n: u64, generation: Generation, down_seq: u64| HubChange {
+        generation: Some(generation),
+        down_seq,
+        fridge: fridge.clone(),
+        epoch: 0,
+        bytes: n.to_be_bytes().to_vec(),
+        sig: vec![1; 64],
+    };
+    let kept = given_back::HUB_CHANGES_KEPT;
+    let batch = WriteBatch {
+        hub_changes: (1..=kept + 10).map(|n| change(n, g1, n)).collect(),
+        ..WriteBatch::default()
+    };
+    store.commit_batch(&batch, 1).expect("commit");
+    // The first one comes again from a restored store, numbered anew.
+    let again = WriteBatch {
+        hub_changes: vec![change(1, g2, 3)],
+        ..WriteBatch::default()
+    };
+    store.commit_batch(&again, 2).expect("commit");
+    let lacked = |store: &Store, origin: Option<Origin>| -> Vec<u64> {
+        store
+            .hub_changes_lacked(origin)
+            .expect("read")
+            .into_iter()
+            .map(|c| u64::from_be_bytes(c.bytes.try_into().expect("8 bytes")))
+            .collect()
+    };
+    let from = |generation, changes_up_to| {
+        Some(Origin {
+            generation,
+            changes_up_to,
+        })
+    };
+    // Begun at g1's change 2: change 2 is there; change 1 came last from g2, so it may not be.
+    assert_eq!(lacked(&store, from(g1, 2))[..3], [1, 3, 4]);
+    // Begun at g2's change 5: change 1 is there; every one g1 sent may not be.
+    assert_eq!(lacked(&store, from(g2, 5))[..2], [2, 3]);
+    assert_eq!(lacked(&store, from(g2, 5)).len() as u64, kept + 9);
+    // A store made empty lacks them all.
+    assert_eq!(lacked(&store, None).len() as u64, kept + 10);
+    store
+        .compact_ledger(&fridge, b"snapshot", 0)
+        .expect("compact");
+    let left = lacked(&store, None);
+    assert_eq!(left.len() as u64, kept);
+    assert_eq!(
+        (left[0], left[left.len() - 1]),
+        (11, kept + 10),
+        "the newest kept"
+    );
+}

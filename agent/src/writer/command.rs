@@ -126,14 +126,14 @@ pub(crate) enum Command {
     /// The hub acknowledged the outbox up to here.
     UpAcked { up_to: u64 },
     /// An acknowledgement named a store generation of the hub's other than the last one seen:
-    /// the hub's store was restored or rebuilt and holds this device's stream up to `up_to`
-    /// only, and the hub's changes up to `changes_from`. Answered with the position the device
-    /// sends from again.
+    /// the hub's store was restored or rebuilt (from `origin`) and holds this device's stream
+    /// up to `up_to` only. Answered with the position the device sends from again, or `None`
+    /// if the generation was not taken (the next acknowledgement asks again).
     HubGeneration {
         generation: larder_shared::envelope::Generation,
         up_to: u64,
-        changes_from: u64,
-        reply: oneshot::Sender<u64>,
+        origin: Option<larder_shared::envelope::Origin>,
+        reply: oneshot::Sender<Option<u64>>,
     },
     /// A newer catalog from the hub.
     Catalog(Catalog),

@@ -31,28 +31,28 @@ impl Writer {
     /// before generations, or a new one, has nothing to doubt) means the store was restored or
     /// rebuilt and may lack what the one before acknowledged: the outbox is offered again from
     /// `up_to` (the changes acknowledged since are kept for this, see
-    /// `store::SENT_CHANGES_KEPT`), the hub's own changes that came numbered after
-    /// `changes_from` (what the store holds of them) are given back at the outbox's head, and
-    /// the downlink starts again where the hub stands. Answers the position to send from.
+    /// `store::SENT_CHANGES_KEPT`), the hub's own changes the store may lack, by where it began
+    /// (`origin`), are given back at the outbox's head, and the downlink starts again where the
+    /// hub stands. Answers the position to send from, or `None` if the generation could not be
+    /// taken (the next acknowledgement asks again).
     pub(super) fn hub_generation(
         &mut self,
         generation: Generation,
         up_to: u64,
-        changes_from: u64,
+        origin: Option<Origin>,
         batch: &mut WriteBatch,
-    ) -> u64 {
+    ) -> Option<u64> {
         let seen = self.counters.hub_generation;
         if seen == Some(generation) {
-            return self.counters.up_acked;
+            return Some(self.counters.up_acked);
         }
         let give_back = match seen {
             None => Vec::new(),
-            Some(_) => match self.store.hub_changes_after(changes_from) {
+            Some(_) => match self.store.hub_changes_lacked(origin) {
                 Ok(kept) => kept,
                 Err(e) => {
-                    // The generation is not taken: the hub's next acknowledgement asks again.
                     error!(error = %e, "reading the hub's changes to give back failed");
-                    return self.counters.up_acked;
+                    return None;
                 }
             },
         };
@@ -61,7 +61,7 @@ impl Writer {
             .meta
             .push((store::META_HUB_GENERATION, generation.to_string()));
         if seen.is_none() {
-            return self.counters.up_acked;
+            return Some(self.counters.up_acked);
         }
         let from = up_to.min(self.counters.up_acked);
         warn!(
@@ -69,7 +69,7 @@ impl Writer {
             was = ?seen,
             hub_holds = up_to,
             acknowledged = self.counters.up_acked,
-            hub_changes_from = changes_from,
+            ?origin,
             hub_changes = give_back.len(),
             "the hub's store is of a new generation (restored or rebuilt): offering again what it lacks"
         );
@@ -101,7 +101,7 @@ impl Writer {
             }
         }
         self.shared.metrics.hub_changes_given_back.inc_by(given);
-        from
+        Some(from)
     }
 
     /// Takes a downlink batch: its new entries are staged in `remote` and merged once per
@@ -139,6 +139,7 @@ impl Writer {
                                 // The hub's own change: kept to give back should its store
                                 // lose it.
                                 batch.hub_changes.push(store::HubChange {
+                                    generation: self.counters.hub_generation,
                                     down_seq: e.seq,
                                     fridge: e.ledger.clone(),
                                     epoch: e.epoch,

@@ -269,7 +269,7 @@ impl HubLink {
             let generation = self.ctx.regions.get(&key.0).map(|r| r.generation);
             let ack = larder_shared::envelope::Ack {
                 generation: generation.map(|(g, _)| g),
-                generation_from: generation.map_or(0, |(_, from)| from),
+                origin: generation.and_then(|(_, origin)| origin),
                 ..ack
             };
             let Some(bytes) = self.seal(&key.0, to, Body::Ack(ack)).await else {

@@ -239,7 +239,10 @@ fn the_previous_version_is_read_and_written_byte_for_byte() {
             up_to: 41,
             gap: true,
             generation: Some(Generation([5; 16])),
-            generation_from: 12,
+            origin: Some(Origin {
+                generation: Generation([4; 16]),
+                changes_up_to: 12,
+            }),
         }),
     };
     // Written in version 2 the generation is left out, and the bytes are the old release's.
@@ -316,7 +319,10 @@ fn this_version_carries_the_generation_and_batches_verify_either_version() {
             up_to: 9,
             gap: false,
             generation: Some(Generation([6; 16])),
-            generation_from: 7,
+            origin: Some(Origin {
+                generation: Generation([3; 16]),
+                changes_up_to: 7,
+            }),
         }),
     };
     let now = ack.seal(&hub);

@@ -139,7 +139,7 @@ impl From<Body> for super::Body {
                 up_to: a.up_to,
                 gap: a.gap,
                 generation: None,
-                generation_from: 0,
+                origin: None,
             }),
             Body::Catalog(c) => Self::Catalog(c),
             Body::Time(t) => Self::Time(t),

@@ -262,6 +262,24 @@ async fn an_app_order_the_lost_store_made_comes_back_from_the_fridge() -> anyhow
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     assert!(given >= 1, "{metrics}");
+    // Every change of the hub's the fridge keeps is in the restored store, as the hub's and
+    // with its signature, so a later restore can have it back too.
+    let kept: HashSet<Vec<u8>> = rusqlite::Connection::open(dir.path().join("fridge-1/agent.db"))?
+        .prepare("SELECT hash FROM hub_changes")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let at_hub: HashSet<Vec<u8>> =
+        rusqlite::Connection::open(dir.path().join("hub/data/region-demo.db"))?
+            .prepare("SELECT hash FROM changes WHERE author = 'hub' AND hub_sig IS NOT NULL")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+    assert!(kept.len() as u64 >= given, "{} kept", kept.len());
+    assert!(
+        kept.is_subset(&at_hub),
+        "{} of {} kept at the hub",
+        kept.intersection(&at_hub).count(),
+        kept.len()
+    );
 
     // Both orders hold their units, and the ledger is one at the hub and on the fridge.
     eventually(

@@ -13,9 +13,17 @@ pub(in crate::ledger) const ESCROW_CONSUMED: &str = "consumed";
 pub(in crate::ledger) const ESCROW_SHARE: &str = "share";
 
 impl Ledger {
+    /// A counter's total. Each is written by one writer, as a total that only grows; the hub's
+    /// two are written by two of its actors after its store was restored (the lost store's
+    /// writes, given back by devices, beside the restored store's), and Automerge keeps both:
+    /// the larger is the nearer, and the next write, which sees both, settles it.
     pub(in crate::ledger) fn escrow_counter(&self, sku: &Sku, which: &str) -> i64 {
-        self.get_str(&self.maps.escrow, &format!("{sku}/{which}"))
-            .and_then(|v| v.parse().ok())
+        self.doc
+            .get_all(&self.maps.escrow, format!("{sku}/{which}").as_str())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(v, _)| v.as_str()?.parse::<i64>().ok())
+            .max()
             .unwrap_or(0)
     }
 
@@ -131,5 +139,45 @@ impl Ledger {
         }
         let changes = tx.commit(&mut self.doc, now_ms)?;
         Ok(Some(self.last_local_change(Touched::default(), changes)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FridgeId;
+    use automerge::ActorId;
+
+    /// After a restore, a hub counter is written by two of the hub's actors from one base (the
+    /// lost store's write, given back, and the restored store's): it reads as the larger total
+    /// on every replica, and the next write, which sees both, settles it.
+    #[test]
+    fn a_counter_two_hub_actors_wrote_reads_as_the_larger() {
+        let fridge = FridgeId::new("fridge-1").expect("id");
+        let sku = Sku::new("lasagna").expect("sku");
+        let key = format!("{sku}/{ESCROW_CONSUMED}");
+        let put = |l: &mut Ledger, v: &str, at: i64| {
+            l.put_escrow(vec![(key.clone(), v.to_owned())], at)
+                .expect("put")
+                .expect("a change")
+                .changes
+        };
+        let mut lost =
+            Ledger::new(fridge.clone(), ActorId::from(&b"\0hub-lost"[..])).expect("ledger");
+        let base = put(&mut lost, "5", 1);
+        let mut restored =
+            Ledger::new(fridge, ActorId::from(&b"\0hub-restored"[..])).expect("ledger");
+        restored.apply_changes(&base).expect("apply");
+        let lost_write = put(&mut lost, "7", 2);
+        let restored_write = put(&mut restored, "6", 3);
+        restored.apply_changes(&lost_write).expect("merge");
+        lost.apply_changes(&restored_write).expect("merge");
+        for l in [&lost, &restored] {
+            assert_eq!(l.escrow_counter(&sku, ESCROW_CONSUMED), 7);
+        }
+        let next = restored.escrow_counter(&sku, ESCROW_CONSUMED) + 1;
+        let settled = put(&mut restored, &next.to_string(), 4);
+        lost.apply_changes(&settled).expect("merge");
+        assert_eq!(lost.escrow_counter(&sku, ESCROW_CONSUMED), 8);
     }
 }
