@@ -274,16 +274,17 @@ async fn a_standby_takes_over_from_the_replica_and_loses_no_acknowledged_sale() 
         })
         .await?;
     }
-    let mut reoffered = 0;
+    let (mut reoffered, mut given_back) = (0, 0);
     for (device, _, agent) in &agents {
         let seen = agent_counter(agent, "larder_agent_hub_generations_total").await?;
         assert_eq!(seen, 1, "{device} saw the standby's generation once");
         reoffered += agent_counter(agent, "larder_agent_changes_reoffered_total").await?;
+        given_back += agent_counter(agent, "larder_agent_hub_changes_given_back_total").await?;
     }
     println!(
         "failover: {} ms from the primary's death to the standby's first accepted envelope; \
-         {reoffered} changes offered again by {} devices; {held_at_promote} of {} sales at the \
-         standby by its first accepted envelope",
+         {reoffered} changes offered again and {given_back} of the hub's given back by {} \
+         devices; {held_at_promote} of {} sales at the standby by its first accepted envelope",
         failover.as_millis(),
         agents.len(),
         sold.len()
