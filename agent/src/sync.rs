@@ -685,10 +685,12 @@ impl Sync {
         self.ctx.shared.metrics.protocol_refused.set(0);
         self.unanswered_since_ms = None;
         self.acked_at_ms = now;
-        self.answered = true;
         if let Some(generation) = ack.generation
             && self.hub_generation != Some(generation)
         {
+            // No downlink is taken until the writer holds this generation: a batch of the new
+            // store taken at the old one's positions would be taken as changes held.
+            self.answered = false;
             let (reply, rx) = oneshot::channel();
             let up_to = ack.up_to;
             let asked = Command::HubGeneration {
@@ -708,6 +710,7 @@ impl Sync {
                 self.sender.restart_at(from, now);
             }
         }
+        self.answered = true;
         if let Some(up_to) = self.sender.on_ack(ack, self.ctx.clock.network_ms()) {
             let _ = self.ctx.writer.send(Command::UpAcked { up_to }).await;
         }

@@ -104,6 +104,8 @@ struct HubLink {
     versions: HashMap<(RegionId, DeviceId), u8>,
     /// When each device whose version the hub does not read was last sent a notice.
     noticed: HashMap<(RegionId, DeviceId), i64>,
+    /// Devices this process has sent an acknowledgement (naming its store's generation).
+    answered: std::collections::HashSet<(RegionId, DeviceId)>,
     /// When this process's link started (see `VERSION_WAIT_MS`).
     started_ms: i64,
 }
@@ -236,6 +238,7 @@ pub async fn run(ctx: MqttContext, mut shutdown: watch::Receiver<bool>) {
         announced: HashMap::new(),
         versions: HashMap::new(),
         noticed: HashMap::new(),
+        answered: std::collections::HashSet::new(),
         started_ms,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));

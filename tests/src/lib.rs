@@ -478,6 +478,19 @@ pub async fn agent_stock(url: &str, fridge: &str) -> Result<Value> {
         .await?)
 }
 
+/// An order as an agent answers it, once it has one of that id (`None` before, or on an error).
+pub async fn agent_order(url: &str, id: &str) -> Option<Value> {
+    let v: Value = http()
+        .get(format!("{url}/v1/orders/{id}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v.get("status").is_some().then_some(v)
+}
+
 /// The hub's stock view (with its ledger digest).
 pub async fn hub_stock(hub_http: &str, fridge: &str) -> Result<Value> {
     Ok(http()

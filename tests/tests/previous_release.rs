@@ -32,19 +32,6 @@ async fn uplinks_of_version(hub_url: &str, version: u8) -> anyhow::Result<u64> {
         .unwrap_or(0))
 }
 
-/// An order as an agent answers it, once it has one of that id.
-async fn agent_order(url: &str, id: &str) -> Option<serde_json::Value> {
-    let v: serde_json::Value = http()
-        .get(format!("{url}/v1/orders/{id}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v.get("status").is_some().then_some(v)
-}
-
 /// The version a store's file records.
 fn user_version(db: &std::path::Path) -> anyhow::Result<u32> {
     let conn = rusqlite::Connection::open(db)?;

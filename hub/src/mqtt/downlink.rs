@@ -276,6 +276,7 @@ impl HubLink {
                 return;
             };
             if self.publish_down(client, &key.0, &key.1, bytes) {
+                self.answered.insert(key);
                 return;
             }
         }
@@ -330,14 +331,16 @@ impl HubLink {
                 // The rest wait for room: the next pass serves them.
                 break;
             }
-            // Soon after the start, nothing goes to a device before it has spoken to this
-            // process: its first envelope says its version, and the acknowledgement it gets
-            // names this store's generation before any downlink batch (a device that held a
-            // restored store's downlink positions would take its new changes as ones it had).
-            // A device of this release says its position at once, or within the agent's 30 s
-            // when it never lost its broker; one of the release before never does, and is
-            // served in its version once the wait is over.
-            if !self.versions.contains_key(&key) && now - self.started_ms < VERSION_WAIT_MS {
+            // Soon after the start, nothing goes to a device before this process has
+            // acknowledged something of it: its envelope says its version, and the
+            // acknowledgement names this store's generation before any downlink batch (a device
+            // that held a restored store's downlink positions would take its new changes as
+            // ones it had). A downlink acknowledgement left queued for the store before (a
+            // persistent session on an external broker) is not enough. A device of this release
+            // says its position at once, or within the agent's 30 s when it never lost its
+            // broker; one of the release before never does, and is served in its version once
+            // the wait is over.
+            if !self.answered.contains(&key) && now - self.started_ms < VERSION_WAIT_MS {
                 continue;
             }
             if self

@@ -162,19 +162,6 @@ async fn place(
     .await
 }
 
-/// An order as an agent answers it, once it has one of that id.
-async fn agent_order(url: &str, id: &str) -> Option<serde_json::Value> {
-    let v: serde_json::Value = http()
-        .get(format!("{url}/v1/orders/{id}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v.get("status").is_some().then_some(v)
-}
-
 /// The units an order reserved.
 fn units_of(order: &serde_json::Value) -> HashSet<String> {
     order["reserved_units"]

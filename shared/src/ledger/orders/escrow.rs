@@ -179,5 +179,10 @@ mod tests {
         let settled = put(&mut restored, &next.to_string(), 4);
         lost.apply_changes(&settled).expect("merge");
         assert_eq!(lost.escrow_counter(&sku, ESCROW_CONSUMED), 8);
+        let values = lost
+            .doc
+            .get_all(&lost.maps.escrow, key.as_str())
+            .expect("read");
+        assert_eq!(values.len(), 1, "one value left: {values:?}");
     }
 }
