@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 release=aa2db9e
 src=target/previous-release/src
 if ! git cat-file -e "$release^{commit}" 2>/dev/null; then
-    echo "error: commit $release (the previous release) is not in this clone's history; fetch it (a shallow clone lacks it)" >&2
+    # A shallow clone lacks it: fetch the history from where the clone came from.
+    git fetch --quiet --unshallow 2>/dev/null || git fetch --quiet origin 2>/dev/null || true
+fi
+if ! git cat-file -e "$release^{commit}" 2>/dev/null; then
+    echo "error: commit $release (the previous release) is not in this clone's history and could not be fetched" >&2
     exit 1
 fi
 if [ "$(cat target/previous-release/built 2>/dev/null)" != "$release" ]; then
