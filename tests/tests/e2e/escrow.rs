@@ -238,14 +238,7 @@ async fn offline_card_payments_are_capped_and_captured_once_online() -> anyhow::
             "payment_captured"
         };
         eventually(WAIT, &format!("{order} to be {expected}"), || async {
-            let o: Value = http()
-                .get(format!("{url}/v1/orders/{order}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let o = agent_order(url, order).await?;
             o["history"]
                 .as_array()?
                 .iter()

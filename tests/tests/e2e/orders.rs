@@ -86,24 +86,12 @@ impl Scene {
         v["status"].as_str().map(str::to_owned)
     }
 
-    async fn agent_order(&self, url: &str, id: &str) -> Option<Value> {
-        let v: Value = http()
-            .get(format!("{url}/v1/orders/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        v.get("status").is_some().then_some(v)
-    }
-
     /// Waits until the hub and both agents show `status` for the order.
     async fn everywhere(&self, id: &str, status: &str) -> anyhow::Result<()> {
         eventually(WAIT, &format!("{id} to be {status} everywhere"), || async {
             let hub = self.hub_status(id).await?;
-            let f = self.agent_order(&self.fridge_url, id).await?;
-            let p = self.agent_order(&self.pos_url, id).await?;
+            let f = agent_order(&self.fridge_url, id).await?;
+            let p = agent_order(&self.pos_url, id).await?;
             (hub == status && f["status"] == status && p["status"] == status).then_some(())
         })
         .await
@@ -208,8 +196,7 @@ async fn app_orders_through_grace_payment_pickup_and_no_show() -> anyhow::Result
         e["order_id"] == "a-1" && e["status"] == "reserved"
     })
     .await?;
-    let g = s
-        .agent_order(&s.fridge_url, "g-noanswer")
+    let g = agent_order(&s.fridge_url, "g-noanswer")
         .await
         .expect("order");
     let history: Vec<&str> = g["history"]

@@ -80,17 +80,7 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     fridge.shutdown().await;
     hub.kill();
 
-    let restore = [
-        "restore",
-        "--config",
-        &config,
-        "--from",
-        &backup,
-        "--replace",
-    ];
-    let (ok, said) = run_to_end(hub_exe, &restore).await?;
-    assert!(ok && said.contains("new generation"), "{said}");
-    let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    let hub = restored(&config, &backup).await?;
 
     // Every sale is back, each once: the ten of the backup and the twenty re-offered.
     let after = orders_at_hub(&hub.url, 30).await?;
@@ -144,6 +134,16 @@ async fn a_restored_hub_gets_back_what_it_acknowledged_after_its_backup() -> any
     pos2.shutdown().await;
     pos.shutdown().await;
     Ok(())
+}
+
+/// Restores the hub of `config` from the backup in `backup` (`restore --replace`, which must
+/// say it made a new generation) and starts it again.
+async fn restored(config: &str, backup: &str) -> anyhow::Result<Process> {
+    let hub_exe = env!("CARGO_BIN_EXE_hub-node");
+    let restore = ["restore", "--config", config, "--from", backup, "--replace"];
+    let (ok, said) = run_to_end(hub_exe, &restore).await?;
+    assert!(ok && said.contains("new generation"), "{said}");
+    Process::spawn(hub_exe, &["run", "--config", config], "hub ")
 }
 
 /// Places an app order at the hub for `quantity` of `sku` at fridge-1.
@@ -216,17 +216,7 @@ async fn an_app_order_the_lost_store_made_comes_back_from_the_fridge() -> anyhow
     synced(&fridge_url, WAIT).await?;
     fridge.shutdown().await;
     hub.kill();
-    let restore = [
-        "restore",
-        "--config",
-        &config,
-        "--from",
-        &backup,
-        "--replace",
-    ];
-    let (ok, said) = run_to_end(hub_exe, &restore).await?;
-    assert!(ok, "{said}");
-    let hub = Process::spawn(hub_exe, &["run", "--config", &config], "hub ")?;
+    let hub = restored(&config, &backup).await?;
     let absent = hub_order(&hub.url, "app-lost").await?;
     assert_eq!(absent["error"]["code"], "unknown_order", "{absent}");
     // The restored hub's own order, while the fridge is away.

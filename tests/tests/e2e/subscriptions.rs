@@ -123,14 +123,7 @@ async fn occurrences_become_orders_at_the_cut_off_and_reach_the_fridge() -> anyh
     let (status, _) = post(&format!("{order_url}/dispatch"), "d-2", &json!({})).await?;
     assert_eq!(status, 409);
     eventually(WAIT, "the fridge to see the order", || async {
-        let o: Value = http()
-            .get(format!("{url}/v1/orders/{order_id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let o = agent_order(&url, &order_id).await?;
         (o["status"] == "dispatched").then_some(())
     })
     .await?;
