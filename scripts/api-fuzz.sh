@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes the hub's HTTP API from its own OpenAPI document with schemathesis (from PyPI): a demo
-# hub with its fleet runs, schemathesis sends generated and mutated requests to every operation
-# with an admin token, and fails on any server error or any response its schema does not allow.
+# hub with its fleet runs, schemathesis sends generated and mutated requests to every operation,
+# once with an admin token and once with a customer's (minted by the demo's identity provider),
+# and fails on any server error or any response its schema does not allow.
 #   scripts/api-fuzz.sh                 # 100 examples per operation
 #   API_FUZZ_EXAMPLES=1000 scripts/api-fuzz.sh
 # The schemathesis virtualenv is kept in target/schemathesis-venv.
@@ -26,16 +27,23 @@ for _ in $(seq 1 120); do
 done
 url=$(awk '$1 == "hub" {print $2; exit}' "$out")
 token=$(awk '$1 == "admin" && $2 == "token" {print $3; exit}' "$out")
-[ -n "$url" ] && [ -n "$token" ] || { echo "no hub address or token in the demo's output"; cat "$out"; exit 1; }
-echo "fuzzing $url"
+customer=$(awk '$1 == "customer" && $2 == "token" {print $3; exit}' "$out")
+[ -n "$url" ] && [ -n "$token" ] && [ -n "$customer" ] || { echo "no hub address or tokens in the demo's output"; cat "$out"; exit 1; }
 
 # The event feed is an endless stream (its own tests cover it); every other operation is fuzzed.
-"$venv/bin/schemathesis" --config-file scripts/schemathesis.toml run "$url/openapi.json" \
-    --url "$url" \
-    --header "Authorization: Bearer $token" \
-    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
-    --exclude-path '/v1/regions/{r}/events' \
-    --max-examples "${API_FUZZ_EXAMPLES:-100}" \
-    --workers 1 \
-    --request-timeout 10 \
-    --seed 1
+fuzz() {
+    "$venv/bin/schemathesis" --config-file scripts/schemathesis.toml run "$url/openapi.json" \
+        --url "$url" \
+        --header "Authorization: Bearer $1" \
+        --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+        --exclude-path '/v1/regions/{r}/events' \
+        --max-examples "$2" \
+        --workers 1 \
+        --request-timeout 10 \
+        --seed 1
+}
+examples=${API_FUZZ_EXAMPLES:-100}
+echo "fuzzing $url with an admin token"
+fuzz "$token" "$examples"
+echo "fuzzing $url with a customer's token"
+fuzz "$customer" "$(( (examples + 1) / 2 ))"

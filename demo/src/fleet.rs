@@ -70,6 +70,9 @@ struct Tally {
     errors: u64,
 }
 
+/// The customer whose token the demo mints.
+pub const DEMO_CUSTOMER: &str = "alice";
+
 /// Runs the demo; `Ok(false)` if the final check failed.
 ///
 /// One piece: the demo's script from start to final check, read as the README tells it.
@@ -78,11 +81,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     let mut token_bytes = [0u8; 16];
     getrandom::fill(&mut token_bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
     let admin_token = hex::encode(token_bytes);
+    // Customers log in with a stand-in identity provider; the demo mints one customer's token.
+    let idp = crate::idp::Idp::start(crate::idp::KeyKind::Ed25519).await?;
+    let customer_token = idp.token_for(DEMO_CUSTOMER, 12 * 3600)?;
     let hub = start_hub(
         &tmp.path().join("hub"),
         opts.fridges,
         &larder_hub::http::token_sha256(&admin_token),
         seeded_key(opts.seed, "hub"),
+        Some(idp.customers_config()),
     )
     .await?;
     let region_id = RegionId::new(REGION)?;
@@ -158,6 +165,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<bool> {
     );
     println!(
         "  try          curl -H 'Authorization: Bearer {admin_token}' http://{}/v1/regions/{REGION}/fridges",
+        hub.http_addr
+    );
+    println!(
+        "  customer     {DEMO_CUSTOMER} (identity provider {})",
+        idp.issuer
+    );
+    println!("  customer token {customer_token}");
+    println!(
+        "  shop         curl -H 'Authorization: Bearer {customer_token}' http://{}/v1/regions/{REGION}/shop/fridges",
         hub.http_addr
     );
     for d in &fleet {

@@ -18,6 +18,7 @@ use larder_shared::{FridgeId, PublicKey, RegionId, SecretKey, SiteId, Sku};
 use sha2::Digest;
 
 pub mod fleet;
+pub mod idp;
 
 use larder_hub::HubHandle;
 use larder_hub::config::{
@@ -77,6 +78,8 @@ pub fn hub_config(
                 site: SiteId::new(format!("site-{i}"))?,
                 low_stock_units: 2,
                 par_levels: Default::default(),
+                location: Some(format!("Lobby, {i} Market Street")),
+                opening_hours: None,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -111,6 +114,7 @@ pub fn hub_config(
             role: TokenRole::Admin,
             regions: vec!["*".into()],
         }],
+        customers: None,
     })
 }
 
@@ -135,17 +139,20 @@ pub fn agent_config(
     Ok(c)
 }
 
-/// Starts a hub on a free broker port, retrying if the port was taken meanwhile.
+/// Starts a hub on a free broker port, retrying if the port was taken meanwhile; customers'
+/// tokens come from `customers`' provider, if given.
 pub async fn start_hub(
     dir: &Path,
     fridges: u32,
     admin_token_sha256: &str,
     key: SecretKey,
+    customers: Option<larder_hub::identity::CustomersConfig>,
 ) -> anyhow::Result<HubHandle> {
     let mut last = None;
     for _ in 0..5 {
         let port = larder_hub::mqtt::free_port()?;
-        let config = hub_config(dir, port, fridges, admin_token_sha256.to_owned())?;
+        let mut config = hub_config(dir, port, fridges, admin_token_sha256.to_owned())?;
+        config.customers = customers.clone();
         match larder_hub::start(config, key.clone()).await {
             Ok(h) => return Ok(h),
             Err(e @ larder_hub::StartError::Broker(_)) => last = Some(e),

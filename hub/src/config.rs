@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use larder_shared::catalog::CatalogItem;
 use larder_shared::envelope::MAX_MESSAGE_BYTES_DEFAULT;
-use larder_shared::{DeviceId, FridgeId, RegionId, SiteId};
+use larder_shared::{DeviceId, FridgeId, RegionId};
 use serde::{Deserialize, Serialize};
 
 /// `[http]`, with the hub's defaults.
@@ -47,6 +47,9 @@ pub struct HubConfig {
     pub regions: Vec<RegionConfig>,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// Customers' identity provider; without it, no customer token is taken.
+    #[serde(default)]
+    pub customers: Option<crate::identity::CustomersConfig>,
 }
 
 /// Embedded broker, or an external one.
@@ -298,23 +301,6 @@ impl RegionConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FridgeConfig {
-    pub id: FridgeId,
-    pub site: SiteId,
-    /// Units per sku under which the fridge counts as low on stock.
-    #[serde(default = "default_low_stock")]
-    pub low_stock_units: u32,
-    /// Par levels of this fridge by sku, where they differ from the region's default.
-    #[serde(default)]
-    pub par_levels: std::collections::BTreeMap<String, u32>,
-}
-
-fn default_low_stock() -> u32 {
-    2
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct CatalogConfig {
     pub currency: String,
     #[serde(deserialize_with = "larder_shared::catalog::written_items")]
@@ -345,6 +331,9 @@ fn default_data_dir() -> PathBuf {
 }
 
 pub use larder_runtime::config::Problem;
+
+mod fridge;
+pub use fridge::FridgeConfig;
 
 impl HubConfig {
     pub fn load(path: &Path) -> Result<Self, Vec<Problem>> {
@@ -397,6 +386,9 @@ impl HubConfig {
         if self.regions.is_empty() {
             p.push(Problem("regions: a hub owns at least one region".into()));
         }
+        if let Some(c) = &self.customers {
+            p.extend(c.problems().into_iter().map(Problem));
+        }
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.regions {
             if !seen.insert(&r.id) {
@@ -404,6 +396,18 @@ impl HubConfig {
             }
             let mut fridges = std::collections::BTreeSet::new();
             for f in &r.fridges {
+                if let Err(e) = f.hours() {
+                    p.push(Problem(format!(
+                        "regions.{}.fridges.{}.opening_hours: {e}",
+                        r.id, f.id
+                    )));
+                }
+                if f.location.as_ref().is_some_and(|l| l.len() > 200) {
+                    p.push(Problem(format!(
+                        "regions.{}.fridges.{}.location: at most 200 bytes",
+                        r.id, f.id
+                    )));
+                }
                 if !fridges.insert(&f.id) {
                     p.push(Problem(format!(
                         "regions.{}.fridges: {} is listed twice",

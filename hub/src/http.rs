@@ -34,15 +34,21 @@ use crate::metrics::HubMetrics;
 use crate::region::{Outcome, RegionCommand, RegionError, Reply};
 use crate::store::DeviceRecord;
 
+mod caller;
 mod catalog;
 mod kitchen;
 mod openapi;
 mod orders;
+mod shop;
+
+pub(crate) use caller::{Caller, caller};
 
 #[derive(Debug, Clone)]
 pub struct HubState {
     pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
     pub tokens: Arc<Vec<TokenConfig>>,
+    /// Verifies customers' tokens (`[customers]`); `None` takes none.
+    pub customers: Option<Arc<crate::identity::Customers>>,
     pub metrics: Arc<HubMetrics>,
     /// `compaction.archive_after_hours`, the default age of a compaction asked for by API.
     pub archive_after: std::time::Duration,
@@ -108,14 +114,17 @@ pub fn token_sha256(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// The caller's token, checked for role and region: 401 without a valid token, 403 otherwise.
-fn authorize<'a>(
-    s: &'a HubState,
-    headers: &HeaderMap,
-    region: Option<&str>,
-    roles: &[TokenRole],
-) -> Result<&'a TokenConfig, ApiError> {
-    let token = headers
+/// The configured token `token` is, if it is one.
+fn staff_token<'a>(s: &'a HubState, token: &str) -> Option<&'a TokenConfig> {
+    let hash = token_sha256(token.trim());
+    s.tokens
+        .iter()
+        .find(|t| t.sha256.eq_ignore_ascii_case(&hash))
+}
+
+/// The bearer token of a request: 401 without one.
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -125,13 +134,33 @@ fn authorize<'a>(
                 "unauthorized",
                 "a bearer token is required",
             )
-        })?;
-    let hash = token_sha256(token.trim());
-    let t = s
-        .tokens
-        .iter()
-        .find(|t| t.sha256.eq_ignore_ascii_case(&hash))
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))?;
+        })
+}
+
+/// The caller's token, checked for role and region: 401 without a valid token, 403 otherwise.
+fn authorize<'a>(
+    s: &'a HubState,
+    headers: &HeaderMap,
+    region: Option<&str>,
+    roles: &[TokenRole],
+) -> Result<&'a TokenConfig, ApiError> {
+    let token = bearer(headers)?;
+    let t = staff_token(s, token).ok_or_else(|| {
+        if s.customers.is_some() && caller::jwt_shaped(token) {
+            caller::customer_forbidden()
+        } else {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")
+        }
+    })?;
+    permit(t, region, roles)
+}
+
+/// A configured token checked for role and region: 403 when it may not.
+fn permit<'a>(
+    t: &'a TokenConfig,
+    region: Option<&str>,
+    roles: &[TokenRole],
+) -> Result<&'a TokenConfig, ApiError> {
     if !roles.contains(&t.role) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -184,6 +213,8 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .routes(routes!(kitchen::delete_subscription))
         .routes(routes!(kitchen::refill_plan))
         .routes(routes!(kitchen::prepare_report))
+        .routes(routes!(shop::fridges))
+        .routes(routes!(shop::my_orders))
         .routes(routes!(orders::conflicts))
         .routes(routes!(orders::resolve))
         .routes(routes!(catalog::get_catalog, catalog::put_catalog))
@@ -291,7 +322,7 @@ async fn metrics(State(s): State<HubState>, headers: HeaderMap) -> Result<Respon
     get,
     path = "/v1/regions",
     tag = "regions",
-    summary = "The regions this hub owns that the token may touch",
+    summary = "The regions this hub owns that the token may touch (a customer's: those customers may use)",
     responses((status = 200, description = "Regions", body = AnyObject), Errors),
     security(("bearer" = []))
 )]
@@ -299,16 +330,21 @@ async fn regions(
     State(s): State<HubState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let t = authorize(
+    let who = caller(
         &s,
         &headers,
         None,
         &[TokenRole::Admin, TokenRole::Kitchen, TokenRole::App],
-    )?;
+    )
+    .await?;
+    let may = |r: &str| match &who {
+        Caller::Staff(t) => t.regions.iter().any(|x| x == "*" || x == r),
+        Caller::Customer(_) => s.customers.as_ref().is_some_and(|c| c.config().serves(r)),
+    };
     let list: Vec<_> = s
         .regions
         .iter()
-        .filter(|(id, _)| t.regions.iter().any(|r| r == "*" || r == id.as_str()))
+        .filter(|(id, _)| may(id.as_str()))
         .map(|(id, h)| json!({"region": id, "fridges": h.config.fridges.len(), "catalog_version": h.catalog.borrow().version}))
         .collect();
     Ok(Json(json!({"regions": list})))

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod identity;
 pub mod import;
 pub mod metrics;
 pub mod mqtt;
@@ -326,6 +327,12 @@ pub async fn start_with_clock(
     let state = http::HubState {
         regions: Arc::new(regions.clone()),
         tokens: Arc::new(config.tokens.clone()),
+        customers: match &config.customers {
+            Some(c) => Some(Arc::new(
+                identity::Customers::new(c.clone()).map_err(StartError::Config)?,
+            )),
+            None => None,
+        },
         metrics: metrics.clone(),
         archive_after: std::time::Duration::from_secs(config.compaction.archive_after_hours * 3600),
         shutdown: shutdown_rx.clone(),

@@ -689,6 +689,28 @@ impl RegionStore {
 mod tests {
     use super::*;
 
+    /// A customer's order history is read through its index, not a scan of every order.
+    #[test]
+    fn customer_orders_are_read_through_their_index() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = RegionStore::open(&dir.path().join("region.db")).expect("store");
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", reads::CUSTOMER_ORDERS))
+            .and_then(|mut q| {
+                q.query_map(rusqlite::params!["alice", 0, i64::MAX, "", 20], |r| {
+                    r.get(3)
+                })?
+                .collect()
+            })
+            .expect("plan");
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("USING INDEX orders_customer")),
+            "{plan:?}"
+        );
+    }
+
     /// Stored answers to idempotent requests go once older than the cut given, not before.
     #[test]
     fn prune_deletes_answers_past_their_retention() {

@@ -67,6 +67,7 @@ pub async fn start_hub(dir: &Path, fridges: u32) -> Result<HubHandle> {
         fridges,
         &larder_hub::http::token_sha256(ADMIN_TOKEN),
         seeded_key(7, "hub"),
+        None,
     )
     .await
 }

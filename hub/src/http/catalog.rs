@@ -35,7 +35,7 @@ const WATCHERS: [TokenRole; 2] = [TokenRole::Admin, TokenRole::Kitchen];
     get,
     path = "/v1/regions/{r}/catalog",
     tag = "catalog",
-    summary = "The current catalog version, each item with its rating",
+    summary = "The current catalog version, each item with its rating (customers too)",
     params(("r" = String, Path, description = "Region id")),
     responses((status = 200, description = "The catalog", body = AnyObject), Errors),
     security(("bearer" = []))
@@ -45,7 +45,7 @@ pub(super) async fn get_catalog(
     ApiPath(r): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &READERS)?;
+    super::caller(&s, &headers, Some(&r), &READERS).await?;
     let h = region(&s, &r)?;
     let catalog = h.catalog.borrow().clone();
     let reads = h.reads.clone();
@@ -145,8 +145,11 @@ pub(super) async fn put_catalog(
 struct RatingBody {
     #[schema(minimum = 1, maximum = 5)]
     stars: u8,
-    /// Who rates: a customer rates a sku once (409 `already_rated` after).
-    customer_id: String,
+    /// Who rates: required with an app or admin token; left out with a customer's token,
+    /// whose subject is the customer (422 if given). A customer rates a sku once (409
+    /// `already_rated` after).
+    #[serde(default)]
+    customer_id: Option<String>,
 }
 
 /// `POST /v1/regions/{r}/catalog/{sku}/ratings`: 201 with the sku's new average and count.
@@ -154,7 +157,7 @@ struct RatingBody {
     post,
     path = "/v1/regions/{r}/catalog/{sku}/ratings",
     tag = "catalog",
-    summary = "Rates a meal 1 to 5; answers the sku's new average and count; honours Idempotency-Key",
+    summary = "Rates a meal 1 to 5 (a customer's token rates as that customer); answers the sku's new average and count; honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id"), ("sku" = String, Path, description = "Sku")),
     request_body(content = RatingBody, content_type = "application/json"),
     responses((status = 201, description = "Counted; a retry with the same Idempotency-Key gets this first answer again", body = AnyObject), Errors),
@@ -166,7 +169,7 @@ pub(super) async fn rate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &RATERS)?;
+    let who = super::caller(&s, &headers, Some(&r), &RATERS).await?;
     let h = region(&s, &r)?;
     let sku = Sku::new(sku.as_str()).map_err(|e| {
         ApiError::new(
@@ -176,7 +179,8 @@ pub(super) async fn rate(
         )
     })?;
     let (b, bytes): (RatingBody, _) = parse_body(body)?;
-    let idem = larder_runtime::http::idempotency(
+    let customer_id = super::orders::customer_of(&who, b.customer_id)?;
+    let idem = who.idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/catalog/{sku}/ratings"),
         &bytes,
@@ -185,7 +189,7 @@ pub(super) async fn rate(
         rating: RatingRequest {
             sku,
             stars: b.stars,
-            customer_id: Some(b.customer_id),
+            customer_id: Some(customer_id),
         },
         idem,
         reply,

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::openapi::{AnyObject, Errors};
-use super::{ApiPath, ApiQuery, HubState, ask_writer, authorize, internal, region};
+use super::{ApiPath, ApiQuery, HubState, ask_writer, authorize, caller, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
 use crate::region::{RegionCommand, SubscriptionOp};
@@ -42,7 +42,10 @@ async fn submit(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscriptionBody {
-    customer_id: String,
+    /// Who subscribes: required with an app, kitchen or admin token; left out with a
+    /// customer's token, whose subject is the customer (422 if given).
+    #[serde(default)]
+    customer_id: Option<String>,
     #[schema(value_type = String)]
     fridge_id: FridgeId,
     lines: Vec<LineBody>,
@@ -86,11 +89,12 @@ pub(super) async fn create_subscription(
     ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let who = caller(&s, &headers, Some(&r), &SUBSCRIBERS).await?;
     let h = region(&s, &r)?.clone();
     let (req, bytes): (SubscriptionBody, _) = parse_body(body)?;
+    let customer_id = super::orders::customer_of(&who, req.customer_id)?;
     // A retry with the same Idempotency-Key answers the first answer and creates nothing.
-    let idem = larder_runtime::http::idempotency(
+    let idem = who.idempotency(
         &headers,
         &format!("POST /v1/regions/{r}/subscriptions"),
         &bytes,
@@ -107,8 +111,7 @@ pub(super) async fn create_subscription(
         .map_err(internal)?
         .to_zoned(jiff::tz::TimeZone::UTC)
         .date();
-    larder_shared::limits::customer_id(&req.customer_id)
-        .and_then(|()| larder_shared::limits::subscription(&lines, &req.weekdays))
+    larder_shared::limits::subscription(&lines, &req.weekdays)
         .and_then(|()| {
             larder_shared::limits::subscription_dates(
                 epoch_day(req.start_date),
@@ -132,7 +135,7 @@ pub(super) async fn create_subscription(
             larder_shared::limits::SUBSCRIPTION_ID_PREFIX,
             hex::encode(id)
         ),
-        customer_id: req.customer_id,
+        customer_id,
         fridge_id: req.fridge_id,
         lines,
         weekdays: req.weekdays,
@@ -148,7 +151,7 @@ pub(super) async fn create_subscription(
     get,
     path = "/v1/regions/{r}/subscriptions",
     tag = "subscriptions",
-    summary = "Subscriptions of the region",
+    summary = "Subscriptions of the region (a customer's token: only theirs)",
     params(("r" = String, Path, description = "Region id")),
     responses((status = 200, description = "Subscriptions", body = AnyObject), Errors),
     security(("bearer" = []))
@@ -158,12 +161,13 @@ pub(super) async fn list_subscriptions(
     headers: HeaderMap,
     ApiPath(r): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let who = caller(&s, &headers, Some(&r), &SUBSCRIBERS).await?;
     let h = region(&s, &r)?;
     let reads = h.reads.clone();
-    let list = tokio::task::spawn_blocking(move || reads.subscriptions())
+    let mut list = tokio::task::spawn_blocking(move || reads.subscriptions())
         .await
         .map_err(internal)??;
+    list.retain(|sub| who.owns(Some(&sub.customer_id)));
     Ok(Json(json!({ "subscriptions": list })).into_response())
 }
 
@@ -181,7 +185,7 @@ pub(super) struct DateQuery {
     delete,
     path = "/v1/regions/{r}/subscriptions/{id}",
     tag = "subscriptions",
-    summary = "Ends a subscription, or with `date` cancels that one occurrence (409 `past_cutoff` after its cut-off)",
+    summary = "Ends a subscription, or with `date` cancels that one occurrence (409 `past_cutoff` after its cut-off); a customer's token, only their own (another's is 404)",
     params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Subscription id"), DateQuery),
     responses((status = 200, description = "Ended or skipped", body = AnyObject), Errors),
     security(("bearer" = []))
@@ -192,11 +196,12 @@ pub(super) async fn delete_subscription(
     ApiPath((r, id)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<DateQuery>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &SUBSCRIBERS)?;
+    let who = caller(&s, &headers, Some(&r), &SUBSCRIBERS).await?;
     let h = region(&s, &r)?.clone();
+    let customer = who.customer().map(str::to_owned);
     let op = match q.date {
-        Some(date) => SubscriptionOp::Skip { id, date },
-        None => SubscriptionOp::End { id },
+        Some(date) => SubscriptionOp::Skip { id, date, customer },
+        None => SubscriptionOp::End { id, customer },
     };
     submit(&h, op, None).await
 }

@@ -69,7 +69,10 @@ impl IntoResponses for Errors {
     fn responses() -> std::collections::BTreeMap<String, RefOr<Response>> {
         let answers = [
             ("400", "Malformed body, JSON, query or idempotency key"),
-            ("401", "No bearer token, or an unknown one"),
+            (
+                "401",
+                "No bearer token, an unknown one, or a customer's token the identity provider's keys do not verify (expired, another issuer or audience)",
+            ),
             ("403", "The token's role or regions do not allow this"),
             (
                 "408",
@@ -90,7 +93,10 @@ impl IntoResponses for Errors {
                 "429",
                 "Too many live event streams open (http.event_streams_max, per token or in all)",
             ),
-            ("503", "The region's store is busy or unavailable"),
+            (
+                "503",
+                "The region's store is busy or unavailable, or the identity provider's keys cannot be fetched (`identity_unavailable`)",
+            ),
         ];
         let mut responses = ResponsesBuilder::new();
         for (status, description) in answers {
@@ -130,8 +136,11 @@ impl Modify for BearerAuth {
     info(
         title = "Larder hub API",
         description = "Regions, fridges, stock, orders, subscriptions, refill plans, conflicts, \
-                       catalog, ratings, devices and the live event feed of a Larder hub. \
-                       Every `/v1` route takes `Authorization: Bearer TOKEN`; errors are \
+                       catalog, ratings, devices, the shop and the live event feed of a Larder \
+                       hub. Every `/v1` route takes `Authorization: Bearer TOKEN`: a token of \
+                       the hub's config (admin, kitchen, app), or on the routes that say so a \
+                       customer's JWT from the identity provider (`[customers]`), which reaches \
+                       only that customer's things. Errors are \
                        `{\"error\": {\"code\", \"message\"}}`. Writes that say so honour \
                        `Idempotency-Key`."
     ),

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::openapi::{AnyObject, Errors};
-use super::{ApiPath, ApiQuery, HubState, ask_writer, authorize, internal, region};
+use super::{ApiPath, ApiQuery, Caller, HubState, ask_writer, authorize, caller, internal, region};
 use crate::RegionHandle;
 use crate::config::TokenRole;
 use crate::region::{OrderAction, RegionCommand};
@@ -55,7 +55,10 @@ fn unknown_fridge(f: &str, r: &str) -> ApiError {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceBody {
-    customer_id: String,
+    /// Who orders: required with an app or admin token; left out with a customer's token,
+    /// whose subject is the customer (422 if given).
+    #[serde(default)]
+    customer_id: Option<String>,
     fridge_id: String,
     lines: Vec<LineBody>,
     /// The client's own id for the order (generated when absent). It may not begin with an
@@ -72,6 +75,30 @@ struct LineBody {
     #[schema(value_type = String)]
     sku: Sku,
     quantity: u32,
+}
+
+/// The customer a request acts for: a customer's token's subject (a body naming anyone is
+/// 422), or the body's `customer_id` for staff (required, 1 to 128 bytes).
+pub(super) fn customer_of(who: &Caller<'_>, named: Option<String>) -> Result<String, ApiError> {
+    match (who.customer(), named) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "customer_id comes from a customer's token: leave it out",
+        )),
+        (Some(c), None) => Ok(c.to_owned()),
+        (None, None) => Err(ApiError::invalid("customer_id is required")),
+        (None, Some(c)) => {
+            larder_shared::limits::customer_id(&c).map_err(|e| ApiError::invalid(e.to_string()))?;
+            Ok(c)
+        }
+    }
+}
+
+fn unknown_order() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_order",
+        "no such order in this region",
+    )
 }
 
 /// A fresh order id: `app-` and 16 random hex digits.
@@ -115,7 +142,7 @@ fn fridge_online(h: &RegionHandle, fridge: &FridgeId) -> Result<bool, ApiError> 
     post,
     path = "/v1/regions/{r}/orders",
     tag = "orders",
-    summary = "Places an app order; honours Idempotency-Key",
+    summary = "Places an app order (a customer's token orders as that customer); honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id")),
     request_body(content = PlaceBody, content_type = "application/json"),
     responses((status = 201, description = "Placed (or refused: see its status); a retry with the same Idempotency-Key gets this first answer again", body = AnyObject), Errors),
@@ -127,21 +154,15 @@ pub(super) async fn place(
     ApiPath(r): ApiPath<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
+    let who = caller(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App]).await?;
     let h = region(&s, &r)?.clone();
     let (req, bytes): (PlaceBody, _) = parse_body(body)?;
-    if req.customer_id.is_empty() || req.customer_id.len() > 128 {
-        return Err(ApiError::invalid("customer_id must be 1 to 128 bytes"));
-    }
+    let customer_id = customer_of(&who, req.customer_id)?;
     let fridge = FridgeId::new(req.fridge_id.as_str())
         .ok()
         .filter(|f| h.config.fridges.iter().any(|c| &c.id == f))
         .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
-    let idem = larder_runtime::http::idempotency(
-        &headers,
-        &format!("POST /v1/regions/{r}/orders"),
-        &bytes,
-    )?;
+    let idem = who.idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
     if let Some(id) = &req.order_id {
         larder_shared::limits::client_order_id(id).map_err(|e| ApiError::invalid(e.to_string()))?;
     }
@@ -173,7 +194,7 @@ pub(super) async fn place(
     }
     let order = AppOrder {
         order_id,
-        customer_id: req.customer_id,
+        customer_id,
         channel: Channel::App,
         lines: req
             .lines
@@ -202,7 +223,7 @@ pub(super) async fn place(
     get,
     path = "/v1/regions/{r}/orders/{id}",
     tag = "orders",
-    summary = "One order, from the live ledger or the archive",
+    summary = "One order, from the live ledger or the archive (a customer, only their own: another's is 404)",
     params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
     responses((status = 200, description = "The order", body = AnyObject), Errors),
     security(("bearer" = []))
@@ -212,66 +233,66 @@ pub(super) async fn get_order(
     headers: HeaderMap,
     ApiPath((r, id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &ANYONE)?;
+    let who = caller(&s, &headers, Some(&r), &ANYONE).await?;
     let h = region(&s, &r)?;
-    let reads = h.reads.clone();
-    let found = tokio::task::spawn_blocking(move || reads.order(&id))
-        .await
-        .map_err(internal)??;
-    match found {
-        Some(view) => Ok(Json(view).into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_order",
-            "no such order in this region",
-        )),
-    }
+    Ok(Json(order_of(h, &id, &who).await?).into_response())
 }
 
-/// The fridge holding an order, from the projection: 404 if the region has no such order.
-async fn fridge_of(h: &RegionHandle, id: &str) -> Result<(OrderId, FridgeId), ApiError> {
+/// An order the caller may see, from the projection: 404 if the region has no such order, or
+/// it is another customer's.
+async fn order_of(
+    h: &RegionHandle,
+    id: &str,
+    who: &Caller<'_>,
+) -> Result<larder_shared::domain::OrderView, ApiError> {
     let reads = h.reads.clone();
     let key = id.to_owned();
     let found = tokio::task::spawn_blocking(move || reads.order(&key))
         .await
         .map_err(internal)??;
-    let view = found.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_order",
-            "no such order in this region",
-        )
-    })?;
-    Ok((view.record.order_id, view.record.fridge_id))
+    found
+        .filter(|v| who.owns(v.record.customer_id.as_deref()))
+        .ok_or_else(unknown_order)
 }
 
-/// A bodiless action on one order (`cancel`, `dispatch`): authorized for `roles`, idempotent
-/// by key, carried out by the region writer.
+/// A bodiless action on one order (`cancel`, `dispatch`): authorized for `roles` (and the
+/// order's own customer when `customers_may`), idempotent by key, carried out by the region
+/// writer.
 async fn order_route(
     s: &HubState,
     headers: &HeaderMap,
     (r, id): (String, String),
     body: Result<Bytes, BytesRejection>,
-    roles: &[TokenRole],
+    (roles, customers_may): (&[TokenRole], bool),
     (name, action): (&str, OrderAction),
 ) -> Result<Response, ApiError> {
-    authorize(s, headers, Some(&r), roles)?;
+    let who = caller(s, headers, Some(&r), roles).await?;
+    if who.customer().is_some() && !customers_may {
+        return Err(super::caller::customer_forbidden());
+    }
     let h = region(s, &r)?.clone();
     let bytes = larder_runtime::http::body_bytes(body)?;
-    let idem = larder_runtime::http::idempotency(
+    let idem = who.idempotency(
         headers,
         &format!("POST /v1/regions/{r}/orders/{id}/{name}"),
         &bytes,
     )?;
-    let (order, fridge) = fridge_of(&h, &id).await?;
-    submit(&h, Some(fridge), Some(order), action, idem).await
+    let view = order_of(&h, &id, &who).await?;
+    submit(
+        &h,
+        Some(view.record.fridge_id),
+        Some(view.record.order_id),
+        action,
+        idem,
+    )
+    .await
 }
 
 #[utoipa::path(
     post,
     path = "/v1/regions/{r}/orders/{id}/cancel",
     tag = "orders",
-    summary = "Cancels an app order; honours Idempotency-Key",
+    summary = "Cancels an app order (a customer, only their own: another's is 404); honours Idempotency-Key",
     params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
     responses((status = 200, description = "The order after the cancel", body = AnyObject), Errors),
     security(("bearer" = []))
@@ -288,7 +309,7 @@ pub(super) async fn cancel(
         &headers,
         path,
         body,
-        &roles,
+        (&roles, true),
         ("cancel", OrderAction::Cancel),
     )
     .await
@@ -316,7 +337,7 @@ pub(super) async fn dispatch(
         &headers,
         path,
         body,
-        &roles,
+        (&roles, false),
         ("dispatch", OrderAction::Dispatch),
     )
     .await
@@ -345,7 +366,7 @@ pub(super) async fn payment(
     ApiPath((r, id)): ApiPath<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
+    let token = authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
     let h = region(&s, &r)?.clone();
     let (req, bytes): (PaymentBody, _) = parse_body(body)?;
     let idem = larder_runtime::http::idempotency(
@@ -353,11 +374,11 @@ pub(super) async fn payment(
         &format!("POST /v1/regions/{r}/orders/{id}/payment"),
         &bytes,
     )?;
-    let (order, fridge) = fridge_of(&h, &id).await?;
+    let view = order_of(&h, &id, &super::Caller::Staff(token)).await?;
     submit(
         &h,
-        Some(fridge),
-        Some(order),
+        Some(view.record.fridge_id),
+        Some(view.record.order_id),
         OrderAction::Payment(req.outcome),
         idem,
     )

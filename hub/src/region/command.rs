@@ -210,6 +210,15 @@ pub enum OrderAction {
 #[derive(Debug)]
 pub enum SubscriptionOp {
     Create(Box<crate::subscriptions::Subscription>),
-    End { id: String },
-    Skip { id: String, date: jiff::civil::Date },
+    /// Ends subscription `id`; with `customer`, only if it is that customer's.
+    End {
+        id: String,
+        customer: Option<String>,
+    },
+    /// Cancels one occurrence; with `customer`, only of that customer's subscription.
+    Skip {
+        id: String,
+        date: jiff::civil::Date,
+        customer: Option<String>,
+    },
 }

@@ -59,16 +59,20 @@ impl RegionWriter {
         // As this group left it: created or ended earlier in the group, or as stored.
         let find = |store: &RegionStore,
                     staged: &[crate::subscriptions::Subscription],
-                    id: &str|
+                    id: &str,
+                    customer: Option<&str>|
          -> Result<crate::subscriptions::Subscription, RegionError> {
-            if let Some(s) = staged.iter().rev().find(|s| s.subscription_id == id) {
-                return Ok(s.clone());
-            }
-            store
-                .subscriptions()
-                .map_err(storage)?
-                .into_iter()
-                .find(|s| s.subscription_id == id)
+            let found = match staged.iter().rev().find(|s| s.subscription_id == id) {
+                Some(s) => Some(s.clone()),
+                None => store
+                    .subscriptions()
+                    .map_err(storage)?
+                    .into_iter()
+                    .find(|s| s.subscription_id == id),
+            };
+            // Another customer's subscription answers as one that does not exist.
+            found
+                .filter(|s| customer.is_none_or(|c| s.customer_id == c))
                 .ok_or_else(|| RegionError::UnknownSubscription(id.to_owned()))
         };
         match op {
@@ -84,16 +88,16 @@ impl RegionWriter {
                 batch.subscriptions.push((*sub).clone());
                 Ok(Outcome::SubscriptionCreated(sub))
             }
-            SubscriptionOp::End { id } => {
-                let mut sub = find(&self.store, &batch.subscriptions, &id)?;
+            SubscriptionOp::End { id, customer } => {
+                let mut sub = find(&self.store, &batch.subscriptions, &id, customer.as_deref())?;
                 if sub.ended_at_ms.is_none() {
                     sub.ended_at_ms = Some(now);
                     batch.subscriptions.push(sub.clone());
                 }
                 Ok(Outcome::SubscriptionEnded(Box::new(sub)))
             }
-            SubscriptionOp::Skip { id, date } => {
-                let sub = find(&self.store, &batch.subscriptions, &id)?;
+            SubscriptionOp::Skip { id, date, customer } => {
+                let sub = find(&self.store, &batch.subscriptions, &id, customer.as_deref())?;
                 if !sub.occurs_on(date) {
                     return Err(RegionError::NoOccurrence { id, date });
                 }

@@ -336,6 +336,7 @@ fn a_tick_sees_the_subscriptions_and_skips_of_its_own_group() {
             super::SubscriptionOp::Skip {
                 id: "skipped".into(),
                 date: tomorrow,
+                customer: None,
             },
         ],
     );

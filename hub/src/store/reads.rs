@@ -4,6 +4,13 @@
 use super::queries::entry_from_row;
 use super::*;
 
+/// A customer's orders since a time, before a page position, newest first. The customer
+/// expression is the one the `orders_customer` index is on.
+pub(super) const CUSTOMER_ORDERS: &str = "SELECT view FROM orders
+    WHERE json_extract(view, '$.customer_id') = ?1 AND created_at_ms >= ?2
+      AND (created_at_ms < ?3 OR (created_at_ms = ?3 AND ?4 <> '' AND order_id < ?4))
+    ORDER BY created_at_ms DESC, order_id DESC LIMIT ?5";
+
 /// Read connections of one region.
 #[derive(Debug)]
 pub struct RegionReads {
@@ -186,6 +193,32 @@ impl RegionReads {
             )
             .optional()
             .map(|v| v.and_then(|json| serde_json::from_str(&json).ok()))
+        })
+    }
+
+    /// Customer `customer`'s orders created at or after `since_ms`, newest first, after the
+    /// position `before` (`created_at_ms`, `order_id`) of the last one a page ended with.
+    pub fn customer_orders(
+        &self,
+        customer: &str,
+        since_ms: i64,
+        before: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        let (before_ms, before_id) = before.unwrap_or((i64::MAX, ""));
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(CUSTOMER_ORDERS)?;
+            let rows = stmt.query_map(
+                rusqlite::params![customer, since_ms, before_ms, before_id, limit],
+                |r| r.get::<_, String>(0),
+            )?;
+            let mut out = Vec::new();
+            for json in rows {
+                if let Ok(v) = serde_json::from_str(&json?) {
+                    out.push(v);
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS rating_totals (
     sku TEXT PRIMARY KEY, stars_sum INTEGER NOT NULL, count INTEGER NOT NULL) WITHOUT ROWID;
 ";
 
+/// Each customer's orders, newest first: an index on the customer the order's view names (the
+/// projection's `orders` table is the agent's too, which has no customers to look up).
+/// `RegionReads::customer_orders` queries by this very expression.
+const CUSTOMER_ORDERS_INDEX: &str = "
+CREATE INDEX IF NOT EXISTS orders_customer
+    ON orders (json_extract(view, '$.customer_id'), created_at_ms, order_id)
+    WHERE json_extract(view, '$.customer_id') IS NOT NULL;
+";
+
 /// A region store's schema: one migration per change, appended only (see
 /// `larder_runtime::sqlite::migrate`).
 pub const REGION_SCHEMA: Schema = Schema {
@@ -86,6 +95,10 @@ pub const REGION_SCHEMA: Schema = Schema {
             name: "the hub's signature of each change it makes, for devices to give back to a \
                    restored store",
             apply: |tx| add_column(tx, "changes", "hub_sig", "BLOB"),
+        },
+        Migration {
+            name: "each customer's orders by time, for their order history",
+            apply: |tx| tx.execute_batch(CUSTOMER_ORDERS_INDEX),
         },
     ],
 };

@@ -134,7 +134,9 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
     const KITCHEN: &[&str] = &["admin", "kitchen"];
     const APP: &[&str] = &["admin", "app"];
     const ADMIN: &[&str] = &["admin"];
-    let routes: [(&str, &str, &[&str]); 24] = [
+    // A customer's own: no configured token's role may (customers' tokens: e2e `customers::`).
+    const CUSTOMER: &[&str] = &[];
+    let routes: [(&str, &str, &[&str]); 26] = [
         ("GET", "/v1/regions/{r}/fridges", KITCHEN),
         ("GET", "/v1/regions/{r}/fridges/{f}/stock", KITCHEN),
         ("GET", "/v1/regions/{r}/orders", KITCHEN),
@@ -150,6 +152,8 @@ async fn hub_checks_tokens_roles_and_regions() -> anyhow::Result<()> {
         ("GET", "/v1/regions/{r}/prepare-report", KITCHEN),
         ("GET", "/v1/regions/{r}/conflicts", KITCHEN),
         ("POST", "/v1/regions/{r}/conflicts/{id}/resolve", KITCHEN),
+        ("GET", "/v1/regions/{r}/shop/fridges", ALL),
+        ("GET", "/v1/regions/{r}/me/orders", CUSTOMER),
         ("GET", "/v1/regions/{r}/catalog", ALL),
         ("PUT", "/v1/regions/{r}/catalog", ADMIN),
         ("POST", "/v1/regions/{r}/catalog/{sku}/ratings", APP),

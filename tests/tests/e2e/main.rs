@@ -11,6 +11,7 @@ mod concurrent_edits;
 mod config_check;
 mod conflicts;
 mod crash;
+mod customers;
 mod downlink_memory;
 mod escrow;
 mod flapping;
