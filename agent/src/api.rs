@@ -64,6 +64,7 @@ impl From<CommandError> for ApiError {
             }
             CommandError::OutboxFull { .. } => (S::INSUFFICIENT_STORAGE, "outbox_full"),
             CommandError::OfflineLimitReached { .. } => (S::CONFLICT, "offline_limit_reached"),
+            CommandError::OfflinePaymentTooOld { .. } => (S::CONFLICT, "offline_payment_too_old"),
             CommandError::Ledger(l) => larder_runtime::http::ledger_error_status(l),
         };
         ApiError::new(status, code, message)
@@ -120,6 +121,13 @@ async fn health(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "disk_free_bytes": s.shared.disk_free_bytes.load(Ordering::Relaxed),
         "storage_low": s.shared.storage_low.load(Ordering::Relaxed),
         "catalog_version": s.shared.catalog_version.load(Ordering::Relaxed),
+        "offline_payments": {
+            "hours_max": s.shared.offline_hours_max.load(Ordering::Relaxed),
+            "oldest_age_seconds": match s.shared.oldest_offline_payment_ms.load(Ordering::Relaxed) {
+                0 => None,
+                at => Some(s.clock.now_ms().saturating_sub(at).max(0) / 1000),
+            },
+        },
         "time": s.clock.trusted(),
     }))
 }

@@ -225,6 +225,44 @@ fn run_agent(path: PathBuf) -> ExitCode {
     })
 }
 
+/// GETs a JSON document over plain HTTP/1.1 (the agent's own API, on loopback).
+async fn get_json(url: &str) -> Result<serde_json::Value, String> {
+    use http_body_util::BodyExt;
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("{e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("the agent's API is plain http://".into());
+    }
+    let host = uri.host().ok_or("no host in the URL")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get(uri.path())
+        .header("host", format!("{host}:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 fn status(url: &str) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -234,13 +272,7 @@ fn status(url: &str) -> ExitCode {
         }
     };
     let url = format!("{}/v1/health", url.trim_end_matches('/'));
-    let result = rt.block_on(async {
-        reqwest::get(&url)
-            .await?
-            .error_for_status()?
-            .json::<serde_json::Value>()
-            .await
-    });
+    let result = rt.block_on(get_json(&url));
     match result {
         Ok(h) => {
             let field = |k: &str| match &h[k] {
@@ -276,6 +308,15 @@ fn status(url: &str) -> ExitCode {
                 }
             );
             println!("catalog version  {}", field("catalog_version"));
+            let offline = &h["offline_payments"];
+            match offline["oldest_age_seconds"].as_i64() {
+                Some(age) => println!(
+                    "offline cards    the oldest waits {} h for its capture (at most {} h)",
+                    age / 3600,
+                    offline["hours_max"]
+                ),
+                None => println!("offline cards    none waiting for capture"),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -45,7 +45,27 @@ pub struct AgentConfig {
     #[serde(default)]
     pub orders: OrdersConfig,
     #[serde(default)]
+    pub payments: PaymentsConfig,
+    #[serde(default)]
     pub temperature: TemperatureConfig,
+}
+
+/// Card payments taken offline: how long one may wait for its capture.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// Once a card payment taken offline has waited longer than this for its capture, card
+    /// sales taken offline get 409 `offline_payment_too_old` until it is captured (the
+    /// device is online again); cash still works. 1 to 168.
+    pub offline_hours_max: u64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        Self {
+            offline_hours_max: 24,
+        }
+    }
 }
 
 /// When a fridge's units are quarantined for warmth.
@@ -322,7 +342,7 @@ impl AgentConfig {
         if let Some(problem) = self.orders.simulated_payments.problem() {
             p.push(Problem(format!("orders.simulated_payments: {problem}")));
         }
-        let ranges: [(&str, u64, u64, u64); 16] = [
+        let ranges: [(&str, u64, u64, u64); 17] = [
             (
                 "temperature.excursion_minutes",
                 self.temperature.excursion_minutes,
@@ -340,6 +360,12 @@ impl AgentConfig {
                 self.orders.offline_card_payments_max,
                 0,
                 100_000,
+            ),
+            (
+                "payments.offline_hours_max",
+                self.payments.offline_hours_max,
+                1,
+                168,
             ),
             (
                 "orders.offline_card_total_minor_max",

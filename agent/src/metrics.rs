@@ -45,6 +45,10 @@ pub struct Metrics {
     /// 1 while the hub does not read this agent's protocol version (it sent a notice): upgrade
     /// the agent. Its outbox is kept meanwhile.
     pub protocol_refused: Gauge,
+    /// When the oldest card payment taken offline and not yet captured was taken, Unix
+    /// seconds (0: none); with `offline_payment_hours_max`, alert on `time() - this`.
+    pub offline_payment_oldest_seconds: Gauge,
+    pub offline_payment_hours_max: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,9 +78,21 @@ impl Default for Metrics {
             changes_reoffered: Counter::default(),
             hub_changes_given_back: Counter::default(),
             protocol_refused: Gauge::default(),
+            offline_payment_oldest_seconds: Gauge::default(),
+            offline_payment_hours_max: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sales", "Sales committed", m.sales.clone());
+        registry.register(
+            "offline_payment_oldest_taken_timestamp_seconds",
+            "When the oldest card payment taken offline and not yet captured was taken (0: none)",
+            m.offline_payment_oldest_seconds.clone(),
+        );
+        registry.register(
+            "offline_payment_hours_max",
+            "How long a card payment taken offline may wait for its capture (payments.offline_hours_max)",
+            m.offline_payment_hours_max.clone(),
+        );
         registry.register(
             "pending_changes",
             "Local changes not yet acknowledged by the hub",
@@ -217,4 +233,8 @@ pub struct Shared {
     pub storage_low: AtomicBool,
     /// The outbox cap (`store.outbox_max_changes`).
     pub outbox_limit: AtomicU64,
+    /// When the oldest card payment taken offline and not yet captured was taken (0: none).
+    pub oldest_offline_payment_ms: AtomicI64,
+    /// `payments.offline_hours_max`.
+    pub offline_hours_max: AtomicU64,
 }

@@ -119,6 +119,7 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     outbox_head_tx: watch::Sender<u64>,
     orders: crate::config::OrdersConfig,
+    payments: crate::config::PaymentsConfig,
     temperature: crate::config::TemperatureConfig,
     /// Ongoing temperature excursions per fridge: since when, the peak, whether its units
     /// were quarantined already, and the last reading's time. Kept in memory: after a restart
@@ -156,6 +157,12 @@ impl Writer {
             .metrics
             .outbox_limit
             .set(limits.outbox_max_changes as i64);
+        let hours_max = agent.payments.offline_hours_max;
+        shared.offline_hours_max.store(hours_max, Ordering::Relaxed);
+        shared
+            .metrics
+            .offline_payment_hours_max
+            .set(i64::try_from(hours_max).unwrap_or(i64::MAX));
         let catalog = store.catalog()?;
         let counters = Counters {
             outbox_head: store.outbox_head()?,
@@ -186,6 +193,7 @@ impl Writer {
             shared,
             outbox_head_tx,
             orders: agent.orders.clone(),
+            payments: agent.payments.clone(),
             temperature: agent.temperature.clone(),
             excursions: HashMap::new(),
             uncaptured: BTreeMap::new(),
@@ -218,6 +226,7 @@ impl Writer {
                         order: r.order_id,
                         amount_minor: r.total_minor,
                         currency: r.payment.currency,
+                        taken_at_ms: r.created_at_ms,
                     },
                 );
             }
@@ -233,6 +242,12 @@ impl Writer {
         s.up_acked.store(self.counters.up_acked, Ordering::Relaxed);
         s.catalog_version
             .store(self.catalog.version, Ordering::Relaxed);
+        let oldest = self.uncaptured.values().map(|c| c.taken_at_ms).min();
+        s.oldest_offline_payment_ms
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
+        s.metrics
+            .offline_payment_oldest_seconds
+            .set(oldest.map_or(0, |ms| ms / 1000));
         s.metrics.pending_changes.set(
             (self.counters.outbox_head - self.counters.up_acked.min(self.counters.outbox_head))
                 as i64,

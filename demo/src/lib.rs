@@ -19,6 +19,7 @@ use sha2::Digest;
 
 pub mod fleet;
 pub mod idp;
+pub mod provider;
 
 use larder_hub::HubHandle;
 use larder_hub::config::{
@@ -115,6 +116,7 @@ pub fn hub_config(
             regions: vec!["*".into()],
         }],
         customers: None,
+        payments: None,
     })
 }
 

@@ -50,6 +50,9 @@ pub struct HubConfig {
     /// Customers' identity provider; without it, no customer token is taken.
     #[serde(default)]
     pub customers: Option<crate::identity::CustomersConfig>,
+    /// The payment provider (`orders.payment_provider = "external"`).
+    #[serde(default)]
+    pub payments: Option<crate::payments::PaymentsConfig>,
 }
 
 /// Embedded broker, or an external one.
@@ -155,7 +158,8 @@ impl Default for CompactionConfig {
 pub enum PaymentProviderMode {
     /// The hub asks the simulated provider after each grace window.
     Simulated,
-    /// A payment service posts outcomes to `POST /v1/regions/{r}/orders/{id}/payment`.
+    /// A payment provider (`[payments]`): the hub asks its API to capture, and takes
+    /// outcomes from its signed webhook.
     External,
 }
 
@@ -355,6 +359,12 @@ impl HubConfig {
         for f in tls.chain([&mut config.key_file]).flatten() {
             resolve(base, f);
         }
+        if let Some(p) = &mut config.payments {
+            resolve(base, &mut p.webhook_secret_file);
+            if let Some(f) = &mut p.api_key_file {
+                resolve(base, f);
+            }
+        }
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -388,6 +398,15 @@ impl HubConfig {
         }
         if let Some(c) = &self.customers {
             p.extend(c.problems().into_iter().map(Problem));
+        }
+        match (&self.payments, self.orders.payment_provider) {
+            (Some(pay), _) => p.extend(pay.problems().into_iter().map(Problem)),
+            (None, PaymentProviderMode::External) => p.push(Problem(
+                "payments: orders.payment_provider = \"external\" needs a [payments] section \
+                 (the provider's webhook secret)"
+                    .into(),
+            )),
+            (None, PaymentProviderMode::Simulated) => {}
         }
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.regions {

@@ -39,6 +39,7 @@ mod catalog;
 mod kitchen;
 mod openapi;
 mod orders;
+mod payments;
 mod shop;
 
 pub(crate) use caller::{Caller, caller};
@@ -47,6 +48,11 @@ pub(crate) use caller::{Caller, caller};
 pub struct HubState {
     pub regions: Arc<BTreeMap<RegionId, RegionHandle>>,
     pub tokens: Arc<Vec<TokenConfig>>,
+    /// The hub's clock (the webhook's tolerance window is judged by it).
+    pub clock: larder_runtime::Clock,
+    /// The external payment provider's webhook secret (`[payments]`); `None` with the
+    /// simulated provider.
+    pub payments: Option<Arc<crate::payments::Payments>>,
     /// Verifies customers' tokens (`[customers]`); `None` takes none.
     pub customers: Option<Arc<crate::identity::Customers>>,
     pub metrics: Arc<HubMetrics>,
@@ -204,7 +210,7 @@ pub fn router(state: HubState, body_bytes_max: usize) -> Router {
         .routes(routes!(list_orders, orders::place))
         .routes(routes!(orders::get_order))
         .routes(routes!(orders::cancel))
-        .routes(routes!(orders::payment))
+        .routes(routes!(payments::webhook))
         .routes(routes!(orders::dispatch))
         .routes(routes!(
             kitchen::list_subscriptions,

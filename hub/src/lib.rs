@@ -20,6 +20,7 @@ pub mod identity;
 pub mod import;
 pub mod metrics;
 pub mod mqtt;
+pub mod payments;
 pub mod region;
 pub mod store;
 pub mod subscriptions;
@@ -202,6 +203,9 @@ pub async fn start_with_clock(
 ) -> Result<HubHandle, StartError> {
     larder_runtime::config::create_data_dir(&config.data_dir)?;
     let metrics = Arc::new(HubMetrics::default());
+    let payments = payments::Payments::start(&config)
+        .map_err(StartError::Config)?
+        .map(Arc::new);
     let mut regions = BTreeMap::new();
     let mut writer_threads = Vec::new();
     for rc in &config.regions {
@@ -232,6 +236,9 @@ pub async fn start_with_clock(
             key.clone(),
         )
         .map_err(store_err)?;
+        if let Some(p) = &payments {
+            writer.capture_through(p.captures.clone());
+        }
         match &rc.catalog {
             Some(c) => writer.ensure_catalog(&c.currency, &c.items),
             None => writer.ensure_catalog("EUR", &[]),
@@ -327,6 +334,8 @@ pub async fn start_with_clock(
     let state = http::HubState {
         regions: Arc::new(regions.clone()),
         tokens: Arc::new(config.tokens.clone()),
+        payments,
+        clock: clock.clone(),
         customers: match &config.customers {
             Some(c) => Some(Arc::new(
                 identity::Customers::new(c.clone()).map_err(StartError::Config)?,

@@ -117,7 +117,7 @@ pub struct RegionWriter {
     catalog: Catalog,
     orders: crate::config::OrdersConfig,
     clock: larder_runtime::Clock,
-    provider: Box<dyn larder_shared::payments::PaymentProvider>,
+    provider: crate::payments::Capturer,
     /// App orders whose capture the provider did not answer (they time out).
     unanswered: std::collections::HashSet<larder_shared::OrderId>,
     /// Captures to be reported failed later: when, the ledger, the order.
@@ -218,13 +218,7 @@ impl RegionWriter {
         let generated_through = store
             .meta(META_GENERATED_THROUGH)?
             .and_then(|d| d.parse().ok());
-        let provider = Box::new(larder_shared::payments::SimulatedProvider::new(
-            region
-                .as_str()
-                .bytes()
-                .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))),
-            orders.simulated_payments,
-        ));
+        let provider = crate::payments::Capturer::simulated(&region, orders.simulated_payments);
         let (group_commit_max, snapshot_every_changes) =
             (sync.group_commit_max, sync.snapshot_every_changes);
         let (head_tx, head_rx) = watch::channel(store.head()?);

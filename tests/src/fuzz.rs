@@ -310,7 +310,7 @@ pub fn hub_request(data: &[u8]) {
         4 => ("POST", format!("{r}/orders")),
         5 => ("POST", format!("{r}/orders/{segment}/cancel")),
         6 => ("POST", format!("{r}/orders/{segment}/dispatch")),
-        7 => ("POST", format!("{r}/orders/{segment}/payment")),
+        7 => ("POST", "/v1/payments/webhook".to_owned()),
         8 => ("POST", format!("{r}/conflicts/{segment}/resolve")),
         9 => ("POST", format!("{r}/devices")),
         10 => ("GET", format!("{r}/refill-plan?{segment}")),

@@ -76,6 +76,12 @@ pub enum CommandError {
          device's offline limit: take cash, or wait until the device is online"
     )]
     OfflineLimitReached { count: u64, total_minor: i64 },
+    #[error(
+        "a card payment taken offline has waited {age_hours} h for its capture, past this \
+         device's limit of {hours_max} h (payments.offline_hours_max): take cash, or wait \
+         until the device is online and has captured it"
+    )]
+    OfflinePaymentTooOld { age_hours: i64, hours_max: u64 },
 }
 
 pub(super) type Reply = oneshot::Sender<Result<Outcome, CommandError>>;
@@ -173,6 +179,8 @@ pub(crate) struct PendingCapture {
     pub order: OrderId,
     pub amount_minor: i64,
     pub currency: String,
+    /// When the payment was taken (the sale's time).
+    pub taken_at_ms: i64,
 }
 
 /// A conflict as the agent lists it.

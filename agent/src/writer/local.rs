@@ -258,6 +258,17 @@ impl Writer {
                     total_minor: total,
                 });
             }
+            let hours_max = self.payments.offline_hours_max;
+            let oldest = self.uncaptured.values().map(|c| c.taken_at_ms).min();
+            if let Some(oldest) = oldest
+                && now.saturating_sub(oldest) > (hours_max * 3_600_000) as i64
+            {
+                self.refuse("offline_payment_too_old");
+                return Err(CommandError::OfflinePaymentTooOld {
+                    age_hours: now.saturating_sub(oldest) / 3_600_000,
+                    hours_max,
+                });
+            }
         }
         let ledger = ledger_in(&mut self.ledgers, fridge)?;
         let sale = Sale {
@@ -276,6 +287,7 @@ impl Writer {
                     order: view.record.order_id.clone(),
                     amount_minor: view.record.total_minor,
                     currency: view.record.payment.currency.clone(),
+                    taken_at_ms: view.record.created_at_ms,
                 },
             );
         }

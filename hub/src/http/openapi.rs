@@ -49,10 +49,6 @@ fn one_of(values: &[&str]) -> Object {
         .build()
 }
 
-pub(crate) fn payment_outcome() -> Object {
-    one_of(&["captured", "refused"])
-}
-
 pub(crate) fn resolution_action() -> Object {
     one_of(&["refund", "substitute", "dismiss"])
 }
@@ -127,6 +123,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "provider_signature",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "Larder-Signature",
+                    "The payment provider's signature: t=UNIX_SECONDS,v1=hex HMAC-SHA256 of \"{t}.{raw body}\" with the webhook secret",
+                ),
+            )),
         );
     }
 }

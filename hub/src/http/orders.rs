@@ -12,7 +12,6 @@ use larder_runtime::http::{ApiError, parse_body};
 use larder_shared::domain::{
     AppOrder, AppOrderLine, Channel, ConflictView, Resolution, ResolutionAction, Role,
 };
-use larder_shared::ledger::PaymentOutcome;
 use larder_shared::{DeviceId, FridgeId, OrderId, Sku};
 use serde::Deserialize;
 use serde_json::json;
@@ -339,48 +338,6 @@ pub(super) async fn dispatch(
         body,
         (&roles, false),
         ("dispatch", OrderAction::Dispatch),
-    )
-    .await
-}
-
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-struct PaymentBody {
-    #[schema(schema_with = super::openapi::payment_outcome)]
-    outcome: PaymentOutcome,
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/regions/{r}/orders/{id}/payment",
-    tag = "orders",
-    summary = "The payment provider's answer for an app order; honours Idempotency-Key",
-    params(("r" = String, Path, description = "Region id"), ("id" = String, Path, description = "Order id")),
-    request_body(content = PaymentBody, content_type = "application/json"),
-    responses((status = 200, description = "The order after the payment", body = AnyObject), Errors),
-    security(("bearer" = []))
-)]
-pub(super) async fn payment(
-    State(s): State<HubState>,
-    headers: HeaderMap,
-    ApiPath((r, id)): ApiPath<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let token = authorize(&s, &headers, Some(&r), &[TokenRole::Admin, TokenRole::App])?;
-    let h = region(&s, &r)?.clone();
-    let (req, bytes): (PaymentBody, _) = parse_body(body)?;
-    let idem = larder_runtime::http::idempotency(
-        &headers,
-        &format!("POST /v1/regions/{r}/orders/{id}/payment"),
-        &bytes,
-    )?;
-    let view = order_of(&h, &id, &super::Caller::Staff(token)).await?;
-    submit(
-        &h,
-        Some(view.record.fridge_id),
-        Some(view.record.order_id),
-        OrderAction::Payment(req.outcome),
-        idem,
     )
     .await
 }

@@ -129,6 +129,7 @@ impl RegionWriter {
             OrderAction::Payment(paid) => {
                 let order = order.ok_or(RegionError::UnknownOrder)?;
                 let change = ledger.record_payment(&order, paid, &policy, now)?;
+                self.unanswered.remove(&order);
                 (Some(change), order_now(ledger, &order))
             }
             OrderAction::Resolve {
@@ -220,6 +221,18 @@ impl RegionWriter {
         list.first().map(|s| s.granted.clone()).unwrap_or_default()
     }
 
+    /// Captures go to the provider's API through `requests` (`[payments] url`), or, with
+    /// `None`, are left to the provider; outcomes come back by webhook either way.
+    pub fn capture_through(
+        &mut self,
+        requests: Option<tokio::sync::mpsc::Sender<crate::payments::CaptureRequest>>,
+    ) {
+        self.provider = match requests {
+            Some(tx) => crate::payments::Capturer::Provider(tx),
+            None => crate::payments::Capturer::None,
+        };
+    }
+
     /// Applies what time has made due in every ledger.
     ///
     /// One piece: the tick's passes over every ledger (captures, timeouts, no-shows,
@@ -228,8 +241,7 @@ impl RegionWriter {
         self.generate_subscription_orders(batch, now);
         use larder_shared::payments::CaptureResult;
         let policy = self.orders.policy();
-        let simulated =
-            self.orders.payment_provider == crate::config::PaymentProviderMode::Simulated;
+        let captures = self.provider.captures();
         let fail_after = (self.orders.fail_later_after_seconds * 1000) as i64;
         let mut changes = Vec::new();
         let mut transitions: Vec<&'static str> = Vec::new();
@@ -244,7 +256,7 @@ impl RegionWriter {
                 let unanswered = &self.unanswered;
                 self.due.insert(
                     f,
-                    l.next_due_with(&policy, simulated, &|o| unanswered.contains(o)),
+                    l.next_due_with(&policy, captures, &|o| unanswered.contains(o)),
                 );
             }
         }
@@ -257,7 +269,7 @@ impl RegionWriter {
             .collect();
         for (fridge, ledger) in self.ledgers.iter_mut().filter(|(f, _)| visit.contains(*f)) {
             let mut result: Result<(), larder_shared::ledger::LedgerError> = Ok(());
-            if simulated {
+            if captures {
                 for (o, record, status, _) in ledger.holding_orders() {
                     if status != larder_shared::domain::OrderStatus::Reserved
                         || record.channel != larder_shared::domain::Channel::App
@@ -266,23 +278,40 @@ impl RegionWriter {
                     {
                         continue;
                     }
-                    let outcome = match self.provider.capture(
-                        &o,
-                        record.total_minor,
-                        &record.payment.currency,
-                    ) {
-                        CaptureResult::Captured => ledger::PaymentOutcome::Captured,
-                        CaptureResult::Refused => ledger::PaymentOutcome::Refused,
-                        CaptureResult::NoAnswer => {
-                            self.unanswered.insert(o);
+                    let provider = match &self.provider {
+                        crate::payments::Capturer::Provider(requests) => {
+                            // The outcome comes back by webhook; until then the order waits
+                            // for it as an unanswered one (its payment timeout).
+                            let asked = requests.try_send(crate::payments::CaptureRequest {
+                                region: self.region.clone(),
+                                order_id: o.clone(),
+                                amount_minor: record.total_minor,
+                                currency: record.payment.currency.clone(),
+                            });
+                            if asked.is_ok() {
+                                self.unanswered.insert(o);
+                            }
                             continue;
                         }
-                        CaptureResult::CapturedThenFails => {
-                            self.fail_later
-                                .push((now + fail_after, fridge.clone(), o.clone()));
-                            ledger::PaymentOutcome::Captured
-                        }
+                        other => match other.simulated_provider() {
+                            Some(p) => p,
+                            None => continue,
+                        },
                     };
+                    let outcome =
+                        match provider.capture(&o, record.total_minor, &record.payment.currency) {
+                            CaptureResult::Captured => ledger::PaymentOutcome::Captured,
+                            CaptureResult::Refused => ledger::PaymentOutcome::Refused,
+                            CaptureResult::NoAnswer => {
+                                self.unanswered.insert(o);
+                                continue;
+                            }
+                            CaptureResult::CapturedThenFails => {
+                                self.fail_later
+                                    .push((now + fail_after, fridge.clone(), o.clone()));
+                                ledger::PaymentOutcome::Captured
+                            }
+                        };
                     match ledger.record_payment(&o, outcome, &policy, now) {
                         Ok(c) => {
                             let status = match outcome {

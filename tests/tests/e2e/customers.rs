@@ -193,7 +193,7 @@ async fn customer_tokens_are_verified_against_the_providers_keys() -> anyhow::Re
     let (_, all) = s.get_as(ADMIN_TOKEN, &s.url("/orders")).await?;
     assert_eq!(all["orders"], json!([]), "a refused token placed nothing");
 
-    // A customer's token reaches no staff route, and not the old payment route.
+    // A customer's token reaches no staff route.
     for path in [
         "/fridges",
         "/devices",
@@ -206,18 +206,6 @@ async fn customer_tokens_are_verified_against_the_providers_keys() -> anyhow::Re
     }
     let (status, body) = s.get_as(&alice, &format!("{}/metrics", s.hub_http)).await?;
     assert_eq!(status, 403, "{body}");
-    let (status, placed) = s.order(&alice, "alice-1").await?;
-    assert_eq!(status, 201, "{placed}");
-    let id = placed["order_id"].as_str().unwrap_or_default();
-    let (status, body) = s
-        .post_as(
-            &alice,
-            &s.url(&format!("/orders/{id}/payment")),
-            "pay",
-            &json!({"outcome": "captured"}),
-        )
-        .await?;
-    assert_eq!((status, code(&body)), (403, "forbidden"), "{body}");
     Ok(())
 }
 

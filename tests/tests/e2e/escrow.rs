@@ -313,3 +313,118 @@ async fn units_past_expiry_leave_sellable_stock_offline() -> anyhow::Result<()> 
     assert_eq!(resp.status().as_u16(), 409);
     Ok(())
 }
+
+/// A card payment taken offline may wait `payments.offline_hours_max` for its capture: past it
+/// the device takes no more card payments offline (cash still works) until it has captured
+/// it; the limit and the oldest payment's age are in its health and metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_card_payments_have_an_age_limit() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let offset = Arc::new(AtomicI64::new(0));
+    let pos = start_agent_with(
+        dir.path(),
+        &hub,
+        "pos-1",
+        Role::Pos,
+        &["fridge-1"],
+        |c| {
+            c.payments.offline_hours_max = 24;
+            c.orders.capture_interval_ms = 20;
+        },
+        Clock::offset(offset.clone()),
+    )
+    .await?;
+    let url = format!("http://{}", pos.http_addr);
+    synced(&url, WAIT).await?;
+    refill(&url, "fridge-1", "u", SKU, 5).await?;
+    let health = health(&url).await?;
+    assert_eq!(
+        health["offline_payments"],
+        json!({"hours_max": 24, "oldest_age_seconds": null})
+    );
+    cut_off(&pos).await?;
+    let client = http();
+    let sale = |method: &str, key: &str| {
+        let req = client
+            .post(format!("{url}/v1/sales"))
+            .header("Idempotency-Key", key)
+            .json(
+                &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
+                "payment": {"method": method, "amount_minor": price(SKU), "currency": "EUR"}}),
+            );
+        async move {
+            let resp = req.send().await?;
+            let status = resp.status().as_u16();
+            anyhow::Ok((status, resp.json::<Value>().await?))
+        }
+    };
+    let (status, first) = sale("card", "card-1").await?;
+    assert_eq!(status, 201, "{first}");
+
+    // 23 hours on, still within the limit; 25 hours on, past it.
+    offset.store(23 * 3_600_000, Ordering::SeqCst);
+    assert_eq!(sale("card", "card-2").await?.0, 201);
+    offset.store(25 * 3_600_000, Ordering::SeqCst);
+    let (status, body) = sale("card", "card-3").await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("offline_payment_too_old")),
+        "{body}"
+    );
+    assert_eq!(sale("cash", "cash-1").await?.0, 201, "cash still works");
+    let health = larder_tests::health(&url).await?;
+    let age = health["offline_payments"]["oldest_age_seconds"]
+        .as_i64()
+        .unwrap_or(0);
+    assert!((25 * 3600..26 * 3600).contains(&age), "{health}");
+    let metrics = metrics_text(&url).await?;
+    assert!(
+        metrics.contains("larder_agent_offline_payment_hours_max 24"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("larder_agent_offline_payment_oldest_taken_timestamp_seconds 0\n"));
+
+    // Online again, the payments are captured, and card sales are taken again.
+    pos.set_network(true);
+    eventually(WAIT, "the offline payments captured", || async {
+        let h = larder_tests::health(&url).await.ok()?;
+        h["offline_payments"]["oldest_age_seconds"]
+            .is_null()
+            .then_some(())
+    })
+    .await?;
+    let order = agent_order(&url, first["order_id"].as_str().unwrap_or_default()).await;
+    let history = order.map(|o| o["history"].to_string()).unwrap_or_default();
+    assert!(history.contains("payment_captured"), "{history}");
+    cut_off(&pos).await?;
+    assert_eq!(sale("card", "card-4").await?.0, 201);
+    Ok(())
+}
+
+/// `larder-agent status` reads a running agent's health over its local HTTP API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_a_running_agents_health() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hub = start_hub(&dir.path().join("hub"), 1).await?;
+    let pos = start_agent(dir.path(), &hub, "pos-1", Role::Pos, &["fridge-1"]).await?;
+    let url = format!("http://{}", pos.http_addr);
+    synced(&url, WAIT).await?;
+    let exe = env!("CARGO_BIN_EXE_agent-node");
+    let (ok, out) = run_to_end(exe, &["status", "--url", &url]).await?;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("device           pos-1 (pos, region demo)"),
+        "{out}"
+    );
+    assert!(out.contains("online           true"), "{out}");
+    assert!(
+        out.contains("offline cards    none waiting for capture"),
+        "{out}"
+    );
+    // Nothing listens there: a clear error and exit code 1.
+    let gone = format!("http://127.0.0.1:{}", larder_hub::mqtt::free_port()?);
+    let (ok, out) = run_to_end(exe, &["status", "--url", &gone]).await?;
+    assert!(!ok && out.contains("cannot reach the agent"), "{out}");
+    Ok(())
+}

@@ -25,6 +25,7 @@ mod link;
 mod offline_pos;
 mod orders;
 mod oversized;
+mod payments;
 mod protocol_versions;
 mod rejections;
 mod restart;

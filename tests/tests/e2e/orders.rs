@@ -250,36 +250,6 @@ async fn app_orders_through_grace_payment_pickup_and_no_show() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_payment_outcome_posted_by_the_provider_is_taken_after_the_grace_window()
--> anyhow::Result<()> {
-    let s = Scene::new().await?;
-    assert_eq!(s.place("p-noanswer", 1).await?.0, 201);
-    let url = format!(
-        "{}/v1/regions/{REGION}/orders/p-noanswer/payment",
-        s.hub_http
-    );
-    let (status, body) = post(&url, "pay-early", &json!({"outcome": "captured"})).await?;
-    assert_eq!(
-        (status, &body["error"]["code"]),
-        (409, &json!("wrong_status")),
-        "{body}"
-    );
-    s.advance(11_000);
-    let (status, body) = post(&url, "pay", &json!({"outcome": "captured"})).await?;
-    assert_eq!(
-        (status, &body["status"]),
-        (200, &json!("available_for_picking")),
-        "{body}"
-    );
-    let (status, _) = post(&url, "pay-twice", &json!({"outcome": "refused"})).await?;
-    assert_eq!(status, 409);
-    let (status, _) = post(&url, "pay-bad", &json!({"outcome": "maybe"})).await?;
-    assert_eq!(status, 422);
-    s.everywhere("p-noanswer", "available_for_picking").await?;
-    Ok(())
-}
-
 /// Devices number their own orders `{device}-{n}`. The hub refuses an app order whose chosen
 /// id is in an enrolled device's namespace, since that device would one day be refused its own
 /// sale (`order_exists`) for good; and it refuses to enroll a device whose namespace an order

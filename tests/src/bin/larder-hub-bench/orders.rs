@@ -34,7 +34,16 @@ pub(super) async fn orders() -> Result<()> {
         })
         .collect();
     let catalog_items = items.clone();
+    // An external provider that captures on its own: orders stay reserved, as the bench wants.
+    let secret_file = dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, "whsec-bench-0123456789")?;
     let tweak = move |c: &mut larder_hub::config::HubConfig| {
+        c.payments = Some(larder_hub::payments::PaymentsConfig {
+            url: None,
+            api_key_file: None,
+            webhook_secret_file: secret_file.clone(),
+            webhook_tolerance_seconds: 300,
+        });
         c.regions[0].catalog = Some(larder_hub::config::CatalogConfig {
             currency: "EUR".into(),
             items: catalog_items.clone(),
