@@ -272,7 +272,11 @@ fn status(url: &str) -> ExitCode {
         }
     };
     let url = format!("{}/v1/health", url.trim_end_matches('/'));
-    let result = rt.block_on(get_json(&url));
+    let result = rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), get_json(&url))
+            .await
+            .unwrap_or_else(|_| Err("no answer within 10 s".into()))
+    });
     match result {
         Ok(h) => {
             let field = |k: &str| match &h[k] {

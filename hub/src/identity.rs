@@ -131,7 +131,9 @@ struct Claims {
 pub struct Customers {
     config: CustomersConfig,
     client: ureq::Agent,
-    cache: tokio::sync::Mutex<Cache>,
+    cache: std::sync::Mutex<Cache>,
+    /// Held while the set is fetched: one fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Customers {
@@ -156,7 +158,8 @@ impl Customers {
         Ok(Self {
             config,
             client,
-            cache: tokio::sync::Mutex::new(Cache::default()),
+            cache: std::sync::Mutex::new(Cache::default()),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -165,7 +168,7 @@ impl Customers {
     }
 
     /// The customer a token names, once its signature, issuer, audience and lifetime check.
-    pub async fn verify(&self, token: &str) -> Result<String, TokenError> {
+    pub async fn verify(self: &Arc<Self>, token: &str) -> Result<String, TokenError> {
         let refused = |e: &dyn std::fmt::Display| TokenError::Refused(e.to_string());
         let header = jsonwebtoken::decode_header(token).map_err(|e| refused(&e))?;
         if !ALGORITHMS.contains(&header.alg) {
@@ -187,44 +190,89 @@ impl Customers {
         Ok(sub)
     }
 
-    /// The key a token names: from the cache, or from the set fetched again when the cache
-    /// is stale or lacks it.
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key a token names. A stale set is still used while a fresh one is fetched in the
+    /// background; a key the set lacks is fetched for at once, one fetch at a time and at most
+    /// every [`UNKNOWN_KEY_REFETCH_MIN`]. No lock is held across a fetch: requests whose key
+    /// is cached never wait for the provider.
     async fn key_for(
-        &self,
+        self: &Arc<Self>,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Arc<DecodingKey>, TokenError> {
-        let mut cache = self.cache.lock().await;
-        let refresh = Duration::from_secs(self.config.jwks_refresh_seconds);
-        let stale = cache.fetched_at.is_none_or(|t| t.elapsed() >= refresh);
-        let found = find(&cache.keys, kid, alg);
-        let may_retry = cache
-            .tried_at
-            .is_none_or(|t| t.elapsed() >= UNKNOWN_KEY_REFETCH_MIN);
-        if (stale || found.is_none()) && may_retry {
-            cache.tried_at = Some(Instant::now());
-            match self.fetch().await {
-                Ok(keys) => {
-                    tracing::info!(keys = keys.len(), url = %self.config.jwks_url, "fetched the identity provider's keys");
-                    cache.keys = keys;
-                    cache.fetched_at = Some(Instant::now());
-                }
-                Err(e) if cache.fetched_at.is_some() => {
-                    tracing::warn!(error = %e, "could not fetch the identity provider's keys; using those cached");
-                }
-                Err(e) => return Err(TokenError::KeysUnavailable(e)),
-            }
-        } else if cache.fetched_at.is_none() {
-            return Err(TokenError::KeysUnavailable(
-                "the last fetch failed; trying again shortly".into(),
-            ));
-        }
-        find(&cache.keys, kid, alg).ok_or_else(|| {
+        let no_key = || {
             TokenError::Refused(match kid {
                 Some(k) => format!("no key {k:?} in the identity provider's set"),
                 None => "no key for the token's algorithm in the provider's set".into(),
             })
-        })
+        };
+        let refresh = Duration::from_secs(self.config.jwks_refresh_seconds);
+        let (found, stale) = {
+            let c = self.cache();
+            let stale = c.fetched_at.is_none_or(|t| t.elapsed() >= refresh);
+            (find(&c.keys, kid, alg), stale)
+        };
+        if let Some(key) = found {
+            if stale && self.may_fetch() {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let _one = this.fetching.lock().await;
+                    let _ = this.fetch_into_cache().await;
+                });
+            }
+            return Ok(key);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(key) = find(&self.cache().keys, kid, alg) {
+            // Another request fetched the set while this one waited.
+            return Ok(key);
+        }
+        if !self.may_fetch() {
+            return Err(if self.cache().fetched_at.is_none() {
+                TokenError::KeysUnavailable("the last fetch failed; trying again shortly".into())
+            } else {
+                no_key()
+            });
+        }
+        if let Err(e) = self.fetch_into_cache().await
+            && self.cache().fetched_at.is_none()
+        {
+            return Err(TokenError::KeysUnavailable(e));
+        }
+        find(&self.cache().keys, kid, alg).ok_or_else(no_key)
+    }
+
+    /// Whether a fetch may start now (none started within [`UNKNOWN_KEY_REFETCH_MIN`]); if so,
+    /// it is marked started.
+    fn may_fetch(&self) -> bool {
+        let mut c = self.cache();
+        let may = c
+            .tried_at
+            .is_none_or(|t| t.elapsed() >= UNKNOWN_KEY_REFETCH_MIN);
+        if may {
+            c.tried_at = Some(Instant::now());
+        }
+        may
+    }
+
+    /// Fetches the set and keeps it; on failure the cached keys stay.
+    async fn fetch_into_cache(&self) -> Result<(), String> {
+        match self.fetch().await {
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), url = %self.config.jwks_url, "fetched the identity provider's keys");
+                let mut c = self.cache();
+                c.keys = keys;
+                c.fetched_at = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fetch the identity provider's keys; those cached, if any, stay in use");
+                Err(e)
+            }
+        }
     }
 
     /// The provider's key set, fetched over HTTP(S) (blocking IO, off the async workers).
@@ -270,11 +318,16 @@ fn parse_jwks(body: &[u8]) -> Result<Vec<Key>, String> {
         })
         .filter_map(|jwk| {
             let key = DecodingKey::from_jwk(&jwk).ok()?;
-            let alg = jwk
-                .common
-                .key_algorithm
-                .and_then(|a| serde_json::to_value(a).ok())
-                .and_then(|v| serde_json::from_value::<Algorithm>(v).ok());
+            // A key declaring an algorithm that is not a signature's (RSA-OAEP…) is no
+            // signing key: left out, never taken as fit for any algorithm.
+            let alg = match jwk.common.key_algorithm {
+                Some(a) => Some(
+                    serde_json::to_value(a)
+                        .ok()
+                        .and_then(|v| serde_json::from_value::<Algorithm>(v).ok())?,
+                ),
+                None => None,
+            };
             Some(Key {
                 kid: jwk.common.key_id,
                 alg,
@@ -315,6 +368,7 @@ mod tests {
         let jwks = br#"{"keys": [
             {"kty": "RSA", "use": "enc", "kid": "enc", "alg": "RSA-OAEP", "n": "sXch", "e": "AQAB"},
             {"kty": "oct", "kid": "secret", "k": "c2VjcmV0"},
+            {"kty": "RSA", "kid": "oaep", "alg": "RSA-OAEP", "n": "sXch", "e": "AQAB"},
             {"kty": "OKP", "crv": "Ed25519", "kid": "sig", "alg": "EdDSA", "use": "sig",
              "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
             {"kty": "XYZ", "kid": "unknown"}

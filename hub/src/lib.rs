@@ -203,7 +203,7 @@ pub async fn start_with_clock(
 ) -> Result<HubHandle, StartError> {
     larder_runtime::config::create_data_dir(&config.data_dir)?;
     let metrics = Arc::new(HubMetrics::default());
-    let payments = payments::Payments::start(&config)
+    let payments = payments::Payments::start(&config, clock.clone())
         .map_err(StartError::Config)?
         .map(Arc::new);
     let mut regions = BTreeMap::new();

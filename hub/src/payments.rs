@@ -16,6 +16,10 @@ use tokio::sync::mpsc;
 
 /// The header a webhook's signature travels in: `t=UNIX_SECONDS,v1=HEX[,v1=HEX…]`.
 pub const SIGNATURE_HEADER: &str = "larder-signature";
+/// `v1` signatures a header may carry (one per secret while secrets rotate).
+const SIGNATURES_MAX: usize = 4;
+/// Capture requests sent to the provider at once.
+const CAPTURES_IN_FLIGHT: usize = 16;
 /// Capture requests waiting for the provider's API, per hub.
 pub const CAPTURE_QUEUE_MAX: usize = 4096;
 /// Tries of one capture request before the order is left to its payment timeout.
@@ -98,7 +102,10 @@ impl std::fmt::Debug for Payments {
 impl Payments {
     /// The provider of `orders.payment_provider = "external"`, its secrets read and its
     /// capture task started; `None` for the simulated provider.
-    pub fn start(config: &crate::config::HubConfig) -> Result<Option<Self>, String> {
+    pub fn start(
+        config: &crate::config::HubConfig,
+        clock: larder_runtime::Clock,
+    ) -> Result<Option<Self>, String> {
         if config.orders.payment_provider != crate::config::PaymentProviderMode::External {
             return Ok(None);
         }
@@ -108,7 +115,7 @@ impl Payments {
             .ok_or("orders.payment_provider = \"external\" needs a [payments] section")?;
         let secret = read_secret(&p.webhook_secret_file)?.into_bytes();
         let captures = match (&p.url, &p.api_key_file) {
-            (Some(url), Some(key)) => Some(spawn_captures(url.clone(), read_secret(key)?)),
+            (Some(url), Some(key)) => Some(spawn_captures(url.clone(), read_secret(key)?, clock)),
             _ => None,
         };
         Ok(Some(Self {
@@ -126,6 +133,10 @@ pub struct CaptureRequest {
     pub order_id: OrderId,
     pub amount_minor: i64,
     pub currency: String,
+    /// The order's payment timeout (Unix ms): a request not sent by then is dropped, since
+    /// the order is released then and a capture after it would take money for nothing.
+    #[serde(skip)]
+    pub deadline_ms: i64,
 }
 
 /// How a region writer captures an app order once its grace window is over.
@@ -165,12 +176,19 @@ impl Capturer {
 
 /// Starts the task that posts capture requests to the provider's API, each with an
 /// Idempotency-Key of its region and order (a request sent twice, after a restart too, is
-/// one capture). A request the API does not take after a few tries is dropped: the order
-/// then times out as one the provider never answered.
-pub fn spawn_captures(url: String, api_key: String) -> mpsc::Sender<CaptureRequest> {
+/// one capture), up to [`CAPTURES_IN_FLIGHT`] at once. A request is tried again with backoff
+/// while the provider fails (5xx, 429, no answer), never past the order's payment timeout; a
+/// request the provider refuses (4xx) is not tried again. Either way the order then times out
+/// as one the provider never answered.
+pub fn spawn_captures(
+    url: String,
+    api_key: String,
+    clock: larder_runtime::Clock,
+) -> mpsc::Sender<CaptureRequest> {
     let (tx, mut rx) = mpsc::channel::<CaptureRequest>(CAPTURE_QUEUE_MAX);
     let client: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(CAPTURE_TIMEOUT))
+        .http_status_as_error(false)
         .tls_config(
             ureq::tls::TlsConfig::builder()
                 .root_certs(ureq::tls::RootCerts::PlatformVerifier)
@@ -178,48 +196,83 @@ pub fn spawn_captures(url: String, api_key: String) -> mpsc::Sender<CaptureReque
         )
         .build()
         .into();
-    let endpoint = format!("{}/captures", url.trim_end_matches('/'));
+    let endpoint = std::sync::Arc::new(format!("{}/captures", url.trim_end_matches('/')));
+    let api_key = std::sync::Arc::new(api_key);
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(CAPTURES_IN_FLIGHT));
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {
-            let key = format!("capture:{}:{}", req.region, req.order_id);
-            let mut wait = Duration::from_millis(500);
-            for attempt in 1..=CAPTURE_TRIES {
-                let (client, endpoint, api_key, key, body) = (
-                    client.clone(),
-                    endpoint.clone(),
-                    api_key.clone(),
-                    key.clone(),
-                    req.clone(),
-                );
-                let sent = tokio::task::spawn_blocking(move || {
-                    client
-                        .post(&endpoint)
-                        .header("authorization", &format!("Bearer {api_key}"))
-                        .header("idempotency-key", &key)
-                        .header("content-type", "application/json")
-                        .send(serde_json::to_vec(&body).unwrap_or_default().as_slice())
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-                match sent {
-                    Ok(()) => break,
-                    Err(e) if attempt == CAPTURE_TRIES => {
-                        tracing::warn!(region = %req.region, order = %req.order_id, error = %e, "the payment provider did not take a capture; the order will time out");
-                    }
-                    Err(e) => {
-                        tracing::info!(region = %req.region, order = %req.order_id, error = %e, attempt, "capture request failed; trying again");
-                        // Backing off between tries of a request the provider refused or
-                        // did not answer: the wait is the point.
-                        tokio::time::sleep(wait).await;
-                        wait *= 2;
-                    }
-                }
-            }
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let (client, endpoint, api_key, clock) = (
+                client.clone(),
+                endpoint.clone(),
+                api_key.clone(),
+                clock.clone(),
+            );
+            tokio::spawn(async move {
+                let _permit = permit;
+                capture(&client, &endpoint, &api_key, &clock, req).await;
+            });
         }
     });
     tx
+}
+
+/// Sends one capture request, trying again while the provider fails, until its deadline.
+async fn capture(
+    client: &ureq::Agent,
+    endpoint: &str,
+    api_key: &str,
+    clock: &larder_runtime::Clock,
+    req: CaptureRequest,
+) {
+    let key = format!("capture:{}:{}", req.region, req.order_id);
+    let body = serde_json::to_vec(&req).unwrap_or_default();
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1..=CAPTURE_TRIES {
+        if clock.now_ms() >= req.deadline_ms {
+            tracing::warn!(region = %req.region, order = %req.order_id, "a capture request reached its order's payment timeout unsent; dropped");
+            return;
+        }
+        let (client, endpoint, auth, key, body) = (
+            client.clone(),
+            endpoint.to_owned(),
+            format!("Bearer {api_key}"),
+            key.clone(),
+            body.clone(),
+        );
+        let sent = tokio::task::spawn_blocking(move || {
+            client
+                .post(&endpoint)
+                .header("authorization", &auth)
+                .header("idempotency-key", &key)
+                .header("content-type", "application/json")
+                .send(body.as_slice())
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let retry = match sent {
+            Ok(s) if (200..300).contains(&s) => return,
+            Ok(s) if s == 429 || s >= 500 => format!("HTTP {s}"),
+            Ok(s) => {
+                tracing::warn!(region = %req.region, order = %req.order_id, status = s, "the payment provider refused a capture; the order will time out");
+                return;
+            }
+            Err(e) => e,
+        };
+        if attempt == CAPTURE_TRIES {
+            tracing::warn!(region = %req.region, order = %req.order_id, error = %retry, "the payment provider did not take a capture; the order will time out");
+            return;
+        }
+        tracing::info!(region = %req.region, order = %req.order_id, error = %retry, attempt, "capture request failed; trying again");
+        // Backing off between tries of a request the provider did not take: the wait is the
+        // point.
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
 }
 
 /// Why a webhook was refused.
@@ -264,6 +317,9 @@ pub fn verify_webhook(
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = Some(v.parse::<i64>().map_err(|_| WebhookError::Malformed)?),
+            Some(("v1", _)) if sigs.len() == SIGNATURES_MAX => {
+                return Err(WebhookError::Malformed);
+            }
             Some(("v1", v)) => sigs.push(hex::decode(v).map_err(|_| WebhookError::Malformed)?),
             Some(_) => {}
             None => return Err(WebhookError::Malformed),
@@ -277,15 +333,18 @@ pub fn verify_webhook(
     if skew.unsigned_abs() > tolerance_s {
         return Err(WebhookError::Stale(skew));
     }
+    // The body is hashed once; each signature is checked (in constant time) against a copy of
+    // that state.
+    let hashed = mac(secret, t, body);
     sigs.iter()
-        .any(|s| mac(secret, t, body).verify_slice(s).is_ok())
+        .any(|s| hashed.clone().verify_slice(s).is_ok())
         .then_some(())
         .ok_or(WebhookError::Mismatch)
 }
 
 /// A webhook event as the provider sends it.
+/// Fields the hub does not read are ignored: providers add to their events.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct WebhookEvent {
     /// The provider's id of the event: each is taken once.
     pub id: String,
@@ -299,7 +358,6 @@ pub struct WebhookEvent {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct WebhookData {
     pub region: String,
     pub order_id: String,
@@ -360,6 +418,12 @@ mod tests {
             sign_webhook(SECRET, 1000, body)
         );
         assert_eq!(verify_webhook(SECRET, Some(&two), body, 1000, 300), Ok(()));
+        // At most four signatures: a header of many is refused unread.
+        let many = format!("t=1000{}", ",v1=00".repeat(5));
+        assert_eq!(
+            verify_webhook(SECRET, Some(&many), body, 1000, 300),
+            Err(WebhookError::Malformed)
+        );
         assert_eq!(
             verify_webhook(SECRET, Some(&good), body, 1301, 300),
             Err(WebhookError::Stale(301))

@@ -77,9 +77,10 @@ pub enum CommandError {
     )]
     OfflineLimitReached { count: u64, total_minor: i64 },
     #[error(
-        "a card payment taken offline has waited {age_hours} h for its capture, past this \
-         device's limit of {hours_max} h (payments.offline_hours_max): take cash, or wait \
-         until the device is online and has captured it"
+        "a card payment taken offline has waited {age_hours} h for its capture (negative: \
+         the clock is behind it), outside this device's limit of {hours_max} h \
+         (payments.offline_hours_max): take cash, or wait until the device is online and has \
+         captured it"
     )]
     OfflinePaymentTooOld { age_hours: i64, hours_max: u64 },
 }

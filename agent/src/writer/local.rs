@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How far behind a card payment taken offline the clock may be (NTP steps, skew) before the
+/// payment's age is unknown and card payments offline are refused.
+const CLOCK_BACK_TOLERANCE_MS: i64 = 5 * 60_000;
+
 /// The ledger of `fridge` among the device's, or 404 `unknown_fridge`. A function of the map
 /// alone, so that the writer's other fields (its catalog, its device id) stay borrowable beside
 /// it.
@@ -260,12 +264,15 @@ impl Writer {
             }
             let hours_max = self.payments.offline_hours_max;
             let oldest = self.uncaptured.values().map(|c| c.taken_at_ms).min();
-            if let Some(oldest) = oldest
-                && now.saturating_sub(oldest) > (hours_max * 3_600_000) as i64
+            // A clock now well behind a payment it stamped (set back, or reset by a reboot
+            // offline) cannot say how long the payment has waited: refused too.
+            let age = oldest.map(|o| now.saturating_sub(o));
+            if let Some(age) = age
+                && (age > (hours_max * 3_600_000) as i64 || age < -CLOCK_BACK_TOLERANCE_MS)
             {
                 self.refuse("offline_payment_too_old");
                 return Err(CommandError::OfflinePaymentTooOld {
-                    age_hours: now.saturating_sub(oldest) / 3_600_000,
+                    age_hours: age / 3_600_000,
                     hours_max,
                 });
             }

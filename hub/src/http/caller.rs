@@ -47,7 +47,9 @@ impl Caller<'_> {
         Ok(match self {
             Caller::Staff(_) => idem,
             Caller::Customer(c) => idem.map(|i| Idem {
-                key: format!("customer:{}:{}", super::token_sha256(c), i.key),
+                // A separator no Idempotency-Key header can carry: no other caller's key is
+                // a customer's.
+                key: format!("customer\u{1f}{}\u{1f}{}", super::token_sha256(c), i.key),
                 request_sha256: i.request_sha256,
             }),
         })

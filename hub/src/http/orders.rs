@@ -60,8 +60,9 @@ struct PlaceBody {
     customer_id: Option<String>,
     fridge_id: String,
     lines: Vec<LineBody>,
-    /// The client's own id for the order (generated when absent). It may not begin with an
-    /// enrolled device's id and `-`, where devices number their own sales (422).
+    /// The client's own id for the order (generated when absent; a customer's token may not
+    /// choose one, 422). It may not begin with an enrolled device's id and `-`, where devices
+    /// number their own sales (422).
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     order_id: Option<OrderId>,
@@ -162,6 +163,11 @@ pub(super) async fn place(
         .filter(|f| h.config.fridges.iter().any(|c| &c.id == f))
         .ok_or_else(|| unknown_fridge(&req.fridge_id, &r))?;
     let idem = who.idempotency(&headers, &format!("POST /v1/regions/{r}/orders"), &bytes)?;
+    if who.customer().is_some() && req.order_id.is_some() {
+        return Err(ApiError::invalid(
+            "order_id is the hub's to choose for a customer's order: leave it out",
+        ));
+    }
     if let Some(id) = &req.order_id {
         larder_shared::limits::client_order_id(id).map_err(|e| ApiError::invalid(e.to_string()))?;
     }

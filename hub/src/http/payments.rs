@@ -64,18 +64,49 @@ pub(super) async fn webhook(
             ));
         }
     };
-    let h = region(&s, &event.data.region)?.clone();
+    let Ok(h) = region(&s, &event.data.region).cloned() else {
+        // Retrying would not help: the provider sends this hub another hub's event.
+        tracing::warn!(event = %event.id, region = %event.data.region, "a payment event names a region this hub does not own");
+        return Ok(not_applied(&event, "this hub does not own the region"));
+    };
     let reads = h.reads.clone();
     let id = event.data.order_id.clone();
-    let Some(view) = tokio::task::spawn_blocking(move || reads.order(&id))
+    // No such order (yet: the provider may be ahead of the hub's store) is 404, which the
+    // provider retries.
+    let view = tokio::task::spawn_blocking(move || reads.order(&id))
         .await
         .map_err(internal)??
-    else {
-        tracing::warn!(event = %event.id, order = %event.data.order_id, "a payment event names no order of the region");
-        return Ok(not_applied(&event, "no such order in the region"));
-    };
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_order",
+                "no such order in this region",
+            )
+        })?;
+    let r = &view.record;
+    if outcome == PaymentOutcome::Captured
+        && (event.data.amount_minor != Some(r.total_minor)
+            || event.data.currency.as_deref() != Some(r.payment.currency.as_str()))
+    {
+        tracing::warn!(event = %event.id, order = %r.order_id, "a capture's amount is not the order's: not applied (refund it)");
+        return Ok(not_applied(
+            &event,
+            "the captured amount or currency is not the order's",
+        ));
+    }
+    if view.status == larder_shared::domain::OrderStatus::Reserved
+        && r.grace_until_ms.is_some_and(|g| s.clock.now_ms() < g)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "payment_too_early",
+            "the order is in its grace window (free to cancel) and takes its payment after it: \
+             send the event again later",
+        ));
+    }
     let idem = Idem {
-        key: format!("payment-event:{}", event.id),
+        // A separator no Idempotency-Key header can carry: no client's key is an event's.
+        key: format!("payment-event\u{1f}{}", event.id),
         request_sha256: hex::encode(Sha256::digest(&bytes)),
     };
     let (reply, rx) = oneshot::channel();
@@ -94,7 +125,12 @@ pub(super) async fn webhook(
         )
             .into_response()),
         // The order no longer takes a payment (timed out, cancelled, paid): taken, not applied.
-        Err(RegionError::Ledger(e)) => Ok(not_applied(&event, &e.to_string())),
+        Err(RegionError::Ledger(e)) => {
+            if outcome == PaymentOutcome::Captured {
+                tracing::warn!(event = %event.id, order = %event.data.order_id, error = %e, "a capture came for an order that no longer takes one: not applied (refund it)");
+            }
+            Ok(not_applied(&event, &e.to_string()))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -281,12 +281,19 @@ impl RegionWriter {
                     let provider = match &self.provider {
                         crate::payments::Capturer::Provider(requests) => {
                             // The outcome comes back by webhook; until then the order waits
-                            // for it as an unanswered one (its payment timeout).
+                            // for it as an unanswered one (its payment timeout). Past that
+                            // timeout (the hub was down) it is released below, not captured.
+                            let deadline_ms =
+                                ledger::grace_end(&record, &policy) + policy.payment_timeout_ms;
+                            if now >= deadline_ms {
+                                continue;
+                            }
                             let asked = requests.try_send(crate::payments::CaptureRequest {
                                 region: self.region.clone(),
                                 order_id: o.clone(),
                                 amount_minor: record.total_minor,
                                 currency: record.payment.currency.clone(),
+                                deadline_ms,
                             });
                             if asked.is_ok() {
                                 self.unanswered.insert(o);

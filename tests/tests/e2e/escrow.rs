@@ -383,7 +383,19 @@ async fn offline_card_payments_have_an_age_limit() -> anyhow::Result<()> {
         metrics.contains("larder_agent_offline_payment_hours_max 24"),
         "{metrics}"
     );
-    assert!(!metrics.contains("larder_agent_offline_payment_oldest_taken_timestamp_seconds 0\n"));
+    let taken = jiff::Timestamp::now().as_second();
+    let oldest: i64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("larder_agent_offline_payment_oldest_taken_timestamp_seconds ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // The first payment's time: the test's start, give or take the test's own run.
+    assert!(
+        (taken - 120..=taken).contains(&oldest),
+        "{oldest} vs {taken}"
+    );
 
     // Online again, the payments are captured, and card sales are taken again.
     pos.set_network(true);
@@ -399,6 +411,15 @@ async fn offline_card_payments_have_an_age_limit() -> anyhow::Result<()> {
     assert!(history.contains("payment_captured"), "{history}");
     cut_off(&pos).await?;
     assert_eq!(sale("card", "card-4").await?.0, 201);
+    // The clock set back a day behind that payment: how long it has waited is unknown, so no
+    // more card payments offline.
+    offset.store(0, Ordering::SeqCst);
+    let (status, body) = sale("card", "card-5").await?;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("offline_payment_too_old")),
+        "{body}"
+    );
     Ok(())
 }
 

@@ -118,19 +118,33 @@ async fn outcomes_come_only_from_the_providers_signed_webhook() -> anyhow::Resul
     s.place("p-3").await?;
 
     // Before the grace window ends, no capture is asked, and an authentic event for the order
-    // is taken but not applied (the order does not take a payment yet).
+    // is answered 409 (the provider sends it again later).
     let now = jiff::Timestamp::now().as_second();
-    let early = json!({"id": "evt-early", "type": "payment.captured",
-        "data": {"region": REGION, "order_id": "p-3"}})
-    .to_string();
-    let (status, body) = s
-        .webhook(
-            early.as_bytes(),
-            Some(&s.provider.signature(now, early.as_bytes())),
-        )
-        .await?;
-    assert_eq!((status, &body["applied"]), (200, &json!(false)), "{body}");
+    let event = |id: &str, kind: &str, region: &str, order: &str, amount: i64| {
+        json!({"id": id, "type": kind, "extra": "ignored",
+            "data": {"region": region, "order_id": order, "amount_minor": amount, "currency": "EUR"}})
+        .to_string()
+    };
+    let scene = &s;
+    let send = |body: String| async move {
+        let signature = scene.provider.signature(now, body.as_bytes());
+        scene.webhook(body.as_bytes(), Some(&signature)).await
+    };
+    let early = event("evt-early", "payment.captured", REGION, "p-3", price(SKU));
+    let (status, body) = send(early).await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("payment_too_early")),
+        "{body}"
+    );
     assert!(s.provider.captures().is_empty());
+    // An event for another hub's region is taken and not applied; one for an order the region
+    // does not have (yet) is 404, for the provider to send again; a capture of another amount
+    // is not applied.
+    let (status, body) = send(event("evt-x", "payment.captured", "elsewhere", "p-3", 1)).await?;
+    assert_eq!((status, &body["applied"]), (200, &json!(false)), "{body}");
+    let (status, _) = send(event("evt-y", "payment.captured", REGION, "p-none", 1)).await?;
+    assert_eq!(status, 404);
 
     // Past the grace window the hub asks the provider, once per order, with its key; the
     // provider's signed webhooks move the orders on, at the hub and at the fridge.
@@ -153,6 +167,9 @@ async fn outcomes_come_only_from_the_providers_signed_webhook() -> anyhow::Resul
     assert_eq!(captures.get(&key).map(|c| c.0), Some(1), "{captures:?}");
     assert_eq!(captures[&key].1["amount_minor"], price(SKU));
     assert_eq!(captures[&key].1["currency"], "EUR");
+
+    let (status, body) = send(event("evt-z", "payment.captured", REGION, "p-3", 1)).await?;
+    assert_eq!((status, &body["applied"]), (200, &json!(false)), "{body}");
 
     // A replay of a delivered event is answered and changes nothing.
     let delivered = s
