@@ -151,6 +151,27 @@ async fn a_grant_is_usable_only_once_every_pos_of_the_fridge_has_it() -> anyhow:
     Ok(())
 }
 
+/// Sells one unit of [`SKU`] at fridge-1 through the agent at `url`, paid by `method`; the
+/// answer's status and body.
+async fn sell_one(
+    client: &reqwest::Client,
+    url: &str,
+    method: &str,
+    key: String,
+) -> anyhow::Result<(u16, Value)> {
+    let resp = client
+        .post(format!("{url}/v1/sales"))
+        .header("Idempotency-Key", key)
+        .json(
+            &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
+            "payment": {"method": method, "amount_minor": price(SKU), "currency": "EUR"}}),
+        )
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json::<Value>().await?))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_card_payments_are_capped_and_captured_once_online() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -196,36 +217,22 @@ async fn offline_card_payments_are_capped_and_captured_once_online() -> anyhow::
         cut_off(pos).await?;
     }
     let client = http();
-    let sale = |url: &str, method: &str, key: String| {
-        let req = client
-            .post(format!("{url}/v1/sales"))
-            .header("Idempotency-Key", key)
-            .json(
-                &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
-                "payment": {"method": method, "amount_minor": price(SKU), "currency": "EUR"}}),
-            );
-        async move {
-            let resp = req.send().await?;
-            let status = resp.status().as_u16();
-            anyhow::Ok((status, resp.json::<Value>().await?))
-        }
-    };
     let mut card_orders = Vec::new();
     for (n, url) in urls.iter().enumerate() {
         for i in 0..2 {
-            let (status, body) = sale(url, "card", format!("card-{n}-{i}")).await?;
+            let (status, body) = sell_one(&client, url, "card", format!("card-{n}-{i}")).await?;
             assert_eq!(status, 201, "{body}");
             card_orders.push((
                 url.clone(),
                 body["order_id"].as_str().expect("id").to_owned(),
             ));
         }
-        let (status, body) = sale(url, "card", format!("card-{n}-over")).await?;
+        let (status, body) = sell_one(&client, url, "card", format!("card-{n}-over")).await?;
         assert_eq!(
             (status, &body["error"]["code"]),
             (409, &json!("offline_limit_reached"))
         );
-        let (status, _) = sale(url, "cash", format!("cash-{n}")).await?;
+        let (status, _) = sell_one(&client, url, "cash", format!("cash-{n}")).await?;
         assert_eq!(status, 201, "cash still works");
     }
     for pos in &tills {
@@ -249,7 +256,7 @@ async fn offline_card_payments_are_capped_and_captured_once_online() -> anyhow::
     }
     // Settled: the budget is free again.
     cut_off(&tills[1]).await?;
-    let (status, _) = sale(&urls[1], "card", "card-again".into()).await?;
+    let (status, _) = sell_one(&client, &urls[1], "card", "card-again".into()).await?;
     assert_eq!(status, 201);
     Ok(())
 }
@@ -345,34 +352,27 @@ async fn offline_card_payments_have_an_age_limit() -> anyhow::Result<()> {
     );
     cut_off(&pos).await?;
     let client = http();
-    let sale = |method: &str, key: &str| {
-        let req = client
-            .post(format!("{url}/v1/sales"))
-            .header("Idempotency-Key", key)
-            .json(
-                &json!({"fridge_id": "fridge-1", "lines": [{"sku": SKU, "quantity": 1}],
-                "payment": {"method": method, "amount_minor": price(SKU), "currency": "EUR"}}),
-            );
-        async move {
-            let resp = req.send().await?;
-            let status = resp.status().as_u16();
-            anyhow::Ok((status, resp.json::<Value>().await?))
-        }
-    };
-    let (status, first) = sale("card", "card-1").await?;
+    let (status, first) = sell_one(&client, &url, "card", "card-1".into()).await?;
     assert_eq!(status, 201, "{first}");
 
     // 23 hours on, still within the limit; 25 hours on, past it.
     offset.store(23 * 3_600_000, Ordering::SeqCst);
-    assert_eq!(sale("card", "card-2").await?.0, 201);
+    assert_eq!(
+        sell_one(&client, &url, "card", "card-2".into()).await?.0,
+        201
+    );
     offset.store(25 * 3_600_000, Ordering::SeqCst);
-    let (status, body) = sale("card", "card-3").await?;
+    let (status, body) = sell_one(&client, &url, "card", "card-3".into()).await?;
     assert_eq!(
         (status, &body["error"]["code"]),
         (409, &json!("offline_payment_too_old")),
         "{body}"
     );
-    assert_eq!(sale("cash", "cash-1").await?.0, 201, "cash still works");
+    assert_eq!(
+        sell_one(&client, &url, "cash", "cash-1".into()).await?.0,
+        201,
+        "cash still works"
+    );
     let health = larder_tests::health(&url).await?;
     let age = health["offline_payments"]["oldest_age_seconds"]
         .as_i64()
@@ -410,11 +410,14 @@ async fn offline_card_payments_have_an_age_limit() -> anyhow::Result<()> {
     let history = order.map(|o| o["history"].to_string()).unwrap_or_default();
     assert!(history.contains("payment_captured"), "{history}");
     cut_off(&pos).await?;
-    assert_eq!(sale("card", "card-4").await?.0, 201);
+    assert_eq!(
+        sell_one(&client, &url, "card", "card-4".into()).await?.0,
+        201
+    );
     // The clock set back a day behind that payment: how long it has waited is unknown, so no
     // more card payments offline.
     offset.store(0, Ordering::SeqCst);
-    let (status, body) = sale("card", "card-5").await?;
+    let (status, body) = sell_one(&client, &url, "card", "card-5".into()).await?;
     assert_eq!(
         (status, &body["error"]["code"]),
         (409, &json!("offline_payment_too_old")),
